@@ -1,0 +1,3 @@
+from clip_hpc.cli import main
+
+raise SystemExit(main())

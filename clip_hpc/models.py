@@ -1,0 +1,209 @@
+"""open_clip loading by name plus pretrained tag, local checkpoint or `none`, without ever surprising a
+compute node with a download: missing weights become a one-line error that says how to prefetch them."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k"}
+RANDOM_SEED = 0  # random weights are seeded so that every rank builds the same model
+
+
+class ModelError(ValueError):
+    """The model cannot be loaded; the message is one line the user can act on."""
+
+
+def _register_configs() -> None:
+    import open_clip
+
+    if "clip-hpc-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def bundled_checkpoint(name: str) -> Path | None:
+    """Models trained by this project ship their weights inside the package (see scripts/train_demo_model.py)."""
+    for ext in (".safetensors", ".pt"):
+        path = WEIGHTS_DIR / f"{name}{ext}"
+        if path.exists():
+            return path
+    return None
+
+
+def resolve_pretrained(name: str, pretrained: str | None) -> str:
+    """`None` means the model's natural default: its bundled weights, its well-known tag, else random."""
+    if pretrained not in (None, "", "default"):
+        return str(pretrained)
+    bundled = bundled_checkpoint(name)
+    if bundled is not None:
+        return str(bundled)
+    return DEFAULT_PRETRAINED.get(name, "none")
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` picks the GPU of this local rank, so that N ranks on a node use N GPUs."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError("--device cuda was asked for, but torch sees no CUDA device")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in table:
+        raise ModelError(f"unknown precision {precision!r}: choose auto, fp32, fp16 or bf16")
+    return table[precision]
+
+
+@dataclass
+class LoadedModel:
+    """A CLIP model ready for inference, with the matching preprocessing and tokenizer."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+    pretrained: str
+    dim: int
+    image_size: int
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """Preprocessed pixels in, L2-normalised float32 embeddings out."""
+        with self._autocast():
+            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return _normalise(feats)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        with self._autocast():
+            feats = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+        return _normalise(feats)
+
+
+def _normalise(feats: torch.Tensor) -> np.ndarray:
+    feats = feats.float()
+    return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state_dict, `{'state_dict': ...}` with DDP `module.` prefixes, or safetensors."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"checkpoint {path} holds no state_dict of tensors")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def fetch_hint(name: str, tag: str) -> str:
+    return (f"on a node with internet run: clip-hpc fetch-model {name} {tag} [--cache-dir DIR], "
+            f"then set HF_HOME (or pass the same --cache-dir via HF_HUB_CACHE) and HF_HUB_OFFLINE=1 on compute nodes")
+
+
+def _create(name: str) -> torch.nn.Module:
+    import open_clip
+
+    _register_configs()
+    if name not in open_clip.list_models():
+        raise ModelError(f"unknown model {name!r}; known: clip-hpc-tiny, clip-hpc-demo, ViT-B-32, ... "
+                         f"(python -c 'import open_clip; print(open_clip.list_models())')")
+    torch.manual_seed(RANDOM_SEED)
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns on random init
+    return open_clip.create_model(name, pretrained=None)
+
+
+def _load_tag(model: torch.nn.Module, name: str, tag: str) -> None:
+    import open_clip
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ModelError(f"{tag!r} is neither a file nor a pretrained tag of {name} (tags: {', '.join(tags) or 'none'}; "
+                         f"or use --pretrained none)")
+    try:
+        path = download_pretrained(cfg, cache_dir=os.environ.get("CLIP_HPC_CACHE_DIR"))
+    except Exception as exc:
+        raise ModelError(f"weights {name}/{tag} are not in the local cache and cannot be downloaded "
+                         f"({type(exc).__name__}); {fetch_hint(name, tag)}") from None
+    if not path:
+        raise ModelError(f"weights {name}/{tag} not found; {fetch_hint(name, tag)}")
+    open_clip.load_checkpoint(model, path)
+
+
+def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: str = "auto",
+               precision: str = "auto", local_rank: int = 0) -> LoadedModel:
+    """Build the model and load its weights from a tag, a file, or nowhere (`none`, seeded random)."""
+    import open_clip
+
+    pretrained = resolve_pretrained(name, pretrained)
+    dev = resolve_device(device, local_rank)
+    dtype = resolve_precision(precision, dev)
+    model = _create(name)
+    if pretrained.lower() != "none":
+        path = Path(pretrained).expanduser()
+        if path.exists() or os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+            if not path.is_file():
+                raise ModelError(f"checkpoint file {path} does not exist")
+            state = read_checkpoint(path)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise ModelError(f"checkpoint {path} does not fit model {name}: "
+                                 f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}")
+        else:
+            _load_tag(model, name, pretrained)
+    model.eval().to(dev)
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    tokenizer = open_clip.get_tokenizer(name)
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
+        else int(model.encode_text(tokenizer(["x"])).shape[-1])
+    return LoadedModel(model, preprocess, tokenizer, dev, dtype, name, pretrained, dim, image_size)
+
+
+def fetch_model(name: str, tag: str, cache_dir: str | None = None) -> str:
+    """Download weights once (login node, with internet) so that compute nodes can load them offline."""
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    _register_configs()
+    cfg = get_pretrained_cfg(name, tag)
+    if not cfg:
+        raise ModelError(f"{name}/{tag} is not a known open_clip pretrained tag")
+    try:
+        return str(download_pretrained(cfg, cache_dir=cache_dir))
+    except Exception as exc:
+        raise ModelError(f"download of {name}/{tag} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")

@@ -1,0 +1,246 @@
+"""The HDF5 shard format: one file per work unit, written atomically, validated before it is trusted.
+
+A shard is the unit of resume: if `validate_shard` passes, the unit is done and never recomputed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+FORMAT = "clip-hpc-shard"
+VERSION = 1
+SHARD_DIR = "shards"
+INPUTS_FILE = "inputs.txt"
+MANIFEST_FILE = "manifest.json"
+_STR = h5py.string_dtype(encoding="utf-8")
+
+
+class ShardError(ValueError):
+    """A shard or shard set that cannot be trusted; the message says which file and why."""
+
+
+@dataclass
+class Shard:
+    """One unit's results, as read back from disk."""
+
+    unit: int
+    embeddings: np.ndarray
+    ids: np.ndarray
+    paths: list[str]
+    failed_ids: np.ndarray
+    failed_paths: list[str]
+    failed_reasons: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def shard_path(emb_dir: str | os.PathLike, unit: int) -> Path:
+    return Path(emb_dir) / SHARD_DIR / f"shard-{unit:06d}.h5"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name in the same directory, fsync, rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("clip-hpc", "torch", "open_clip_torch", "h5py", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_shard(
+    path: str | os.PathLike,
+    *,
+    embeddings: np.ndarray,
+    ids: Sequence[int],
+    paths: Sequence[str],
+    failed_ids: Sequence[int] = (),
+    failed_paths: Sequence[str] = (),
+    failed_reasons: Sequence[str] = (),
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write one shard under a temporary name and rename it, so a killed writer leaves no valid-looking file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(ids) or len(ids) != len(paths):
+        raise ShardError(f"{path}: embeddings {embeddings.shape}, {len(ids)} ids and {len(paths)} paths disagree")
+    if not (len(failed_ids) == len(failed_paths) == len(failed_reasons)):
+        raise ShardError(f"{path}: failed_ids, failed_paths and failed_reasons differ in length")
+    order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dim": int(embeddings.shape[1]),
+        "n": int(len(ids)),
+        "n_failed": int(len(failed_ids)),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "library_versions": json.dumps(library_versions()),
+    }
+    meta.update(attrs or {})
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("embeddings", data=embeddings[order])
+        f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64)[order])
+        f.create_dataset("paths", data=np.asarray([paths[i] for i in order], dtype=object), dtype=_STR)
+        f.create_dataset("failed_ids", data=np.asarray(failed_ids, dtype=np.int64))
+        f.create_dataset("failed_paths", data=np.asarray(list(failed_paths), dtype=object), dtype=_STR)
+        f.create_dataset("failed_reasons", data=np.asarray(list(failed_reasons), dtype=object), dtype=_STR)
+        for key, value in meta.items():
+            f.attrs[key] = value
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _decode(values: np.ndarray) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shard:
+    """Read and validate a shard; raises ShardError with the reason when it cannot be trusted."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+            if attrs.get("format") != FORMAT:
+                raise ShardError(f"{path}: not a clip-hpc shard (format={attrs.get('format')!r})")
+            if int(attrs.get("version", -1)) != VERSION:
+                raise ShardError(f"{path}: unsupported shard version {attrs.get('version')!r}")
+            for name in ("embeddings", "ids", "paths", "failed_ids", "failed_paths", "failed_reasons"):
+                if name not in f:
+                    raise ShardError(f"{path}: dataset {name!r} is missing")
+            emb = f["embeddings"][...] if with_embeddings else np.empty((f["embeddings"].shape[0], 0), np.float16)
+            ids = f["ids"][...]
+            shard = Shard(
+                unit=int(attrs.get("unit", -1)),
+                embeddings=emb,
+                ids=ids,
+                paths=_decode(f["paths"][...]),
+                failed_ids=f["failed_ids"][...],
+                failed_paths=_decode(f["failed_paths"][...]),
+                failed_reasons=_decode(f["failed_reasons"][...]),
+                attrs=attrs,
+            )
+            n, dim = f["embeddings"].shape
+    except ShardError:
+        raise
+    except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on truncated files
+        raise ShardError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
+    if n != len(ids) or n != len(shard.paths) or n != int(attrs.get("n", n)):
+        raise ShardError(f"{path}: {n} embeddings but {len(ids)} ids and {len(shard.paths)} paths")
+    if dim != int(attrs.get("dim", dim)):
+        raise ShardError(f"{path}: embeddings have dim {dim}, attrs say {attrs.get('dim')}")
+    if len(ids) and np.any(np.diff(ids) <= 0):
+        raise ShardError(f"{path}: ids are not strictly ascending")
+    if not (len(shard.failed_ids) == len(shard.failed_paths) == len(shard.failed_reasons)):
+        raise ShardError(f"{path}: failed_* datasets differ in length")
+    return shard
+
+
+def validate_shard(path: str | os.PathLike, *, unit: int | None = None, unit_size: int | None = None) -> str | None:
+    """None if the shard is whole and (optionally) holds exactly unit `unit`; else the reason it is not."""
+    try:
+        shard = read_shard(path, with_embeddings=False)
+    except ShardError as exc:
+        return str(exc)
+    if unit is not None and shard.unit != unit:
+        return f"{path}: holds unit {shard.unit}, expected {unit}"
+    if unit is not None and unit_size is not None:
+        lo, hi = unit * unit_size, (unit + 1) * unit_size
+        all_ids = np.concatenate([shard.ids, shard.failed_ids])
+        if len(all_ids) and (all_ids.min() < lo or all_ids.max() >= hi):
+            return f"{path}: ids outside unit {unit} range [{lo}, {hi})"
+    return None
+
+
+def list_shard_files(emb_dir: str | os.PathLike) -> list[Path]:
+    return sorted((Path(emb_dir) / SHARD_DIR).glob("shard-*.h5"))
+
+
+def iter_shards(emb_dir: str | os.PathLike, *, with_embeddings: bool = True) -> Iterator[Shard]:
+    """Stream shards in unit order, hence in id order, one file in memory at a time."""
+    for path in list_shard_files(emb_dir):
+        yield read_shard(path, with_embeddings=with_embeddings)
+
+
+def read_inputs(emb_dir: str | os.PathLike) -> list[str]:
+    path = Path(emb_dir) / INPUTS_FILE
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(emb_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(emb_dir) / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_shard_set(emb_dir: str | os.PathLike) -> dict[str, Any]:
+    """Validate a whole EMB_DIR before indexing: every unit present and whole, one model, one dim.
+
+    Returns a summary (model, pretrained, dim, n, units); raises ShardError naming the first problem.
+    """
+    emb_dir = Path(emb_dir)
+    if not emb_dir.is_dir():
+        raise ShardError(f"{emb_dir}: no such embedding directory")
+    n_inputs = len(read_inputs(emb_dir))
+    files = list_shard_files(emb_dir)
+    if not files:
+        raise ShardError(f"{emb_dir}: holds no shards (run clip-hpc embed first)")
+    first = read_shard(files[0], with_embeddings=False).attrs
+    unit_size = int(first.get("unit_size", 0))
+    n_units = -(-n_inputs // unit_size) if unit_size and n_inputs else len(files)
+    present = {}
+    models, dims, n = set(), set(), 0
+    for path in files:
+        shard = read_shard(path, with_embeddings=False)
+        present[shard.unit] = path
+        models.add((str(shard.attrs.get("model")), str(shard.attrs.get("pretrained"))))
+        dims.add(int(shard.attrs["dim"]))
+        n += len(shard.ids)
+        if int(shard.attrs.get("unit_size", unit_size)) != unit_size:
+            raise ShardError(f"{path}: unit_size {shard.attrs.get('unit_size')} differs from {unit_size}")
+    if len(models) > 1:
+        raise ShardError(f"{emb_dir}: shards mix models {sorted(models)}")
+    if len(dims) > 1:
+        raise ShardError(f"{emb_dir}: shards mix embedding dims {sorted(dims)}")
+    missing = sorted(set(range(n_units)) - set(present))
+    if missing:
+        raise ShardError(f"{emb_dir}: missing units {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    (model, pretrained), = models
+    return {"model": model, "pretrained": pretrained, "dim": dims.pop(), "n": n, "units": n_units,
+            "unit_size": unit_size, "files": [str(present[u]) for u in sorted(present)]}
