@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from clip_hpc.errors import UserError
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "ViT-B-32"
@@ -19,7 +21,7 @@ DEFAULT_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k"}
 RANDOM_SEED = 0  # random weights are seeded so that every rank builds the same model
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """The model cannot be loaded; the message is one line the user can act on."""
 
 

@@ -16,6 +16,8 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
+from clip_hpc.errors import UserError
+
 FORMAT = "clip-hpc-shard"
 VERSION = 1
 SHARD_DIR = "shards"
@@ -24,7 +26,7 @@ MANIFEST_FILE = "manifest.json"
 _STR = h5py.string_dtype(encoding="utf-8")
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard or shard set that cannot be trusted; the message says which file and why."""
 
 
