@@ -167,8 +167,13 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
     return shard
 
 
-def validate_shard(path: str | os.PathLike, *, unit: int | None = None, unit_size: int | None = None) -> str | None:
-    """None if the shard is whole and (optionally) holds exactly unit `unit`; else the reason it is not."""
+def validate_shard(path: str | os.PathLike, *, unit: int | None = None, unit_size: int | None = None,
+                   n_ids: int | None = None) -> str | None:
+    """None if the shard is whole and (optionally) covers exactly unit `unit`; else the reason it is not.
+
+    With `unit`, `unit_size` and `n_ids` the check is exact: ids plus failed_ids are the unit's whole id range,
+    so a shard written before an `--append` grew its unit is redone rather than trusted.
+    """
     try:
         shard = read_shard(path, with_embeddings=False)
     except ShardError as exc:
@@ -176,10 +181,13 @@ def validate_shard(path: str | os.PathLike, *, unit: int | None = None, unit_siz
     if unit is not None and shard.unit != unit:
         return f"{path}: holds unit {shard.unit}, expected {unit}"
     if unit is not None and unit_size is not None:
-        lo, hi = unit * unit_size, (unit + 1) * unit_size
-        all_ids = np.concatenate([shard.ids, shard.failed_ids])
-        if len(all_ids) and (all_ids.min() < lo or all_ids.max() >= hi):
+        lo = unit * unit_size
+        hi = lo + (unit_size if n_ids is None else n_ids)
+        all_ids = np.sort(np.concatenate([shard.ids, shard.failed_ids]))
+        if len(all_ids) and (all_ids[0] < lo or all_ids[-1] >= hi):
             return f"{path}: ids outside unit {unit} range [{lo}, {hi})"
+        if n_ids is not None and not np.array_equal(all_ids, np.arange(lo, hi)):
+            return f"{path}: covers {len(all_ids)} of the {n_ids} ids of unit {unit}"
     return None
 
 
@@ -246,3 +254,54 @@ def check_shard_set(emb_dir: str | os.PathLike) -> dict[str, Any]:
     (model, pretrained), = models
     return {"model": model, "pretrained": pretrained, "dim": dims.pop(), "n": n, "units": n_units,
             "unit_size": unit_size, "files": [str(present[u]) for u in sorted(present)]}
+
+
+def summarise_shards(emb_dir: str | os.PathLike, n_units: int, unit_size: int) -> dict[str, Any]:
+    """Counts, failures by reason and missing units, from the shards alone (for the manifest and `info`)."""
+    emb_dir = Path(emb_dir)
+    n_inputs = len(read_inputs(emb_dir))
+    entries, missing, invalid = [], [], []
+    reasons: dict[str, int] = {}
+    model = pretrained = dtype = None
+    dim = None
+    for unit in range(n_units):
+        path = shard_path(emb_dir, unit)
+        n_ids = min(unit_size, n_inputs - unit * unit_size)
+        if not path.exists():
+            missing.append(unit)
+            continue
+        problem = validate_shard(path, unit=unit, unit_size=unit_size, n_ids=n_ids)
+        if problem:
+            invalid.append(problem)
+            continue
+        shard = read_shard(path, with_embeddings=False)
+        model, pretrained = shard.attrs.get("model"), shard.attrs.get("pretrained")
+        dim, dtype = int(shard.attrs["dim"]), shard.attrs.get("dtype")
+        for r in shard.failed_reasons:
+            key = r.split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        entries.append({"file": path.name, "unit": unit, "n": len(shard.ids), "n_failed": len(shard.failed_ids)})
+    return {
+        "model": model, "pretrained": pretrained, "dim": dim, "dtype": dtype, "n_inputs": n_inputs,
+        "unit_size": unit_size, "n_units": n_units,
+        "n_embedded": sum(e["n"] for e in entries), "n_failed": sum(e["n_failed"] for e in entries),
+        "failed_by_reason": reasons, "shards": entries, "missing_units": missing, "invalid_shards": invalid,
+    }
+
+
+def write_manifest(emb_dir: str | os.PathLike, n_units: int, unit_size: int) -> dict[str, Any] | None:
+    """Write manifest.json when, and only when, every unit has a valid shard; else remove a stale one."""
+    emb_dir = Path(emb_dir)
+    summary = summarise_shards(emb_dir, n_units, unit_size)
+    manifest_path = emb_dir / MANIFEST_FILE
+    if summary["missing_units"] or summary["invalid_shards"]:
+        manifest_path.unlink(missing_ok=True)
+        return None
+    for stale in (emb_dir / SHARD_DIR).glob(".shard-*.tmp.*"):  # left by killed writers; all units are done
+        stale.unlink(missing_ok=True)
+    manifest = {k: v for k, v in summary.items() if k not in ("missing_units", "invalid_shards")}
+    manifest.update(format=FORMAT + "-manifest", version=VERSION,
+                    inputs_sha256=file_sha256(emb_dir / INPUTS_FILE),
+                    created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    atomic_write_json(manifest_path, manifest)
+    return manifest

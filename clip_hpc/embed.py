@@ -1,0 +1,239 @@
+"""The per-rank embedding loop: read (DataLoader workers decode), map (batched inference), write (one shard per unit).
+
+Every unit is independent and written atomically, so a killed or requeued job redoes at most one unit per rank,
+and a re-run may use another world size.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from clip_hpc import shards
+from clip_hpc.dist import World, world
+from clip_hpc.errors import UserError
+from clip_hpc.images import DEFAULT_MAX_PIXELS, decode_image
+from clip_hpc.sources import WorkUnit, list_images, plan_work_units, reconcile_inputs, units_for_rank
+
+
+@dataclass
+class EmbedConfig:
+    inputs: Sequence[str] = ()
+    out: str = "emb"
+    file_list: str | None = None
+    model: str = "ViT-B-32"
+    pretrained: str | None = None
+    batch_size: int = 64
+    workers: int | None = None
+    shard_size: int = 10000
+    precision: str = "auto"
+    device: str = "auto"
+    append: bool = False
+    dtype: str = "float16"
+    max_pixels: int | None = None
+    progress: bool = True
+    extra_attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class ImageDataset(Dataset):
+    """Item i -> (global id, pixels or None, failure reason); decoding happens in the worker processes."""
+
+    def __init__(self, ids: Sequence[int], paths: Sequence[str], preprocess: Callable, min_size: int,
+                 max_pixels: int) -> None:
+        self.ids, self.paths, self.preprocess = list(ids), list(paths), preprocess
+        self.min_size, self.max_pixels = min_size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        img = decode_image(self.paths[i], min_size=self.min_size, max_pixels=self.max_pixels)
+        if not hasattr(img, "size"):
+            return self.ids[i], None, str(img)
+        try:
+            return self.ids[i], self.preprocess(img), ""
+        except Exception as exc:  # e.g. a 1x1 image the transform cannot crop
+            return self.ids[i], None, f"preprocess error: {type(exc).__name__}: {str(exc)[:120]}"
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
+    good = [(i, t) for i, t, _ in items if t is not None]
+    return {
+        "ids": [i for i, _ in good],
+        "pixels": torch.stack([t for _, t in good]) if good else None,
+        "failed": [(i, reason) for i, t, reason in items if t is None],
+    }
+
+
+class UnitBatchSampler(Sampler[list[int]]):
+    """Batches never straddle units, so a unit is finished (and written) as soon as its last batch is."""
+
+    def __init__(self, unit_lengths: Sequence[int], batch_size: int) -> None:
+        self.batches: list[tuple[int, list[int]]] = []
+        offset = 0
+        for u, length in enumerate(unit_lengths):
+            for s in range(0, length, batch_size):
+                self.batches.append((u, list(range(offset + s, offset + min(s + batch_size, length)))))
+            offset += length
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (positions for _, positions in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def default_workers() -> int:
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit():
+        return max(0, int(cpus) - 1)
+    return 2
+
+
+def prepare_inputs(cfg: EmbedConfig, w: World) -> list[str]:
+    """Rank 0 lists and saves inputs.txt; the others get the same list, so ids agree across the job."""
+    out = Path(cfg.out)
+    result: list[str] | UserError
+    if w.is_root or not w.coordinated:
+        try:
+            listed = list_images(cfg.inputs, cfg.file_list)
+            paths = reconcile_inputs(shards.read_inputs(out), listed, cfg.append)
+            if w.is_root:
+                out.mkdir(parents=True, exist_ok=True)
+                if paths != shards.read_inputs(out):
+                    shards.atomic_write_bytes(out / shards.INPUTS_FILE, ("\n".join(paths) + "\n").encode())
+            result = paths
+        except UserError as exc:
+            result = exc
+    if w.comm is not None:
+        result = w.bcast(result if w.is_root else None)
+    if isinstance(result, UserError):
+        raise result
+    return result
+
+
+def pending_units(out: Path, units: Sequence[WorkUnit], unit_size: int, model: str, pretrained: str) -> list[WorkUnit]:
+    """Units whose shard is missing, does not validate, or was made by another model."""
+    todo = []
+    for unit in units:
+        path = shards.shard_path(out, unit.index)
+        if path.exists() and shards.validate_shard(path, unit=unit.index, unit_size=unit_size,
+                                                   n_ids=len(unit.ids)) is None:
+            attrs = shards.read_shard(path, with_embeddings=False).attrs
+            if (attrs.get("model"), attrs.get("pretrained")) == (model, pretrained):
+                continue
+        todo.append(unit)
+    return todo
+
+
+def run_units(cfg: EmbedConfig, w: World, paths: Sequence[str], todo: Sequence[WorkUnit]) -> dict[str, Any]:
+    """Embed `todo` and write one shard per unit; returns this rank's counts and timings."""
+    from clip_hpc.models import load_model
+
+    stats: dict[str, Any] = {"rank": w.rank, "host": os.uname().nodename, "embedded": 0, "failed": 0,
+                             "units": len(todo), "seconds": 0.0, "reasons": Counter()}
+    if not todo:
+        return stats
+    loaded = load_model(cfg.model, cfg.pretrained, cfg.device, cfg.precision, w.local_rank)
+    if loaded.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // w.local_size))
+    ids = [i for u in todo for i in u.ids]
+    dataset = ImageDataset(ids, [paths[i] for i in ids], loaded.preprocess, loaded.image_size,
+                           cfg.max_pixels or DEFAULT_MAX_PIXELS)
+    sampler = UnitBatchSampler([len(u.ids) for u in todo], cfg.batch_size)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                        pin_memory=loaded.device.type == "cuda", prefetch_factor=4 if workers else None)
+    out_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    bar = tqdm(total=len(ids), unit="img", desc=f"embed rank {w.rank}", disable=not (cfg.progress and w.is_root),
+               file=sys.stderr, smoothing=0.1)
+    acc: dict[str, list] = {"emb": [], "ids": [], "failed": []}
+    t0 = time.perf_counter()
+    for (u, _), batch in zip(sampler.batches, loader):
+        if batch["pixels"] is not None:
+            acc["emb"].append(loaded.encode_images(batch["pixels"]).astype(out_dtype))
+            acc["ids"].extend(batch["ids"])
+        acc["failed"].extend(batch["failed"])
+        bar.update(len(batch["ids"]) + len(batch["failed"]))
+        unit = todo[u]
+        if len(acc["ids"]) + len(acc["failed"]) == len(unit.ids):
+            write_unit(cfg, w, loaded, unit, paths, acc, out_dtype)
+            stats["embedded"] += len(acc["ids"])
+            stats["failed"] += len(acc["failed"])
+            stats["reasons"].update(r.split(":")[0] for _, r in acc["failed"])
+            acc = {"emb": [], "ids": [], "failed": []}
+    bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def write_unit(cfg: EmbedConfig, w: World, loaded: Any, unit: WorkUnit, paths: Sequence[str],
+               acc: dict[str, list], out_dtype: type) -> None:
+    emb = np.concatenate(acc["emb"]) if acc["emb"] else np.zeros((0, loaded.dim), out_dtype)
+    shards.write_shard(
+        shards.shard_path(cfg.out, unit.index), embeddings=emb, ids=acc["ids"], paths=[paths[i] for i in acc["ids"]],
+        failed_ids=[i for i, _ in acc["failed"]], failed_paths=[paths[i] for i, _ in acc["failed"]],
+        failed_reasons=[r for _, r in acc["failed"]],
+        attrs={"model": loaded.name, "pretrained": loaded.pretrained, "unit": unit.index,
+               "unit_size": cfg.shard_size, "unit_start": unit.start, "unit_stop": unit.stop, "rank": w.rank,
+               "dtype": cfg.dtype, **cfg.extra_attrs})
+
+
+def format_summary(manifest: dict[str, Any] | None, per_rank: list[dict[str, Any]], wall: float) -> str:
+    """The end-of-run report: what was embedded, what failed and why, and the speed overall and per rank."""
+    done = sum(s["embedded"] + s["failed"] for s in per_rank)
+    lines = []
+    if manifest is not None:
+        lines.append(f"embedded {manifest['n_embedded']} of {manifest['n_inputs']} images into "
+                     f"{len(manifest['shards'])} shards, {manifest['n_failed']} failed")
+        for reason, count in sorted(manifest["failed_by_reason"].items()):
+            lines.append(f"  failed ({reason}): {count}")
+    lines.append(f"this run: {done} images in {wall:.1f} s = {done / wall if wall else 0:.1f} img/s overall")
+    for s in per_rank:
+        rate = (s["embedded"] + s["failed"]) / s["seconds"] if s["seconds"] else 0.0
+        lines.append(f"  rank {s['rank']} ({s['host']}): {s['units']} units, {s['embedded']} embedded, "
+                     f"{s['failed']} failed, {rate:.1f} img/s")
+    return "\n".join(lines)
+
+
+def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
+    """Embed this rank's share of the inputs, then (rank 0) write manifest.json once every unit is done."""
+    from clip_hpc.models import resolve_pretrained
+
+    w = w or world()
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    paths = prepare_inputs(cfg, w)
+    units = plan_work_units(len(paths), cfg.shard_size)
+    pretrained = resolve_pretrained(cfg.model, cfg.pretrained)
+    mine = units_for_rank(units, w.rank, w.size)
+    todo = pending_units(out, mine, cfg.shard_size, cfg.model, pretrained)
+    if w.is_root:
+        print(f"clip-hpc embed: {len(paths)} inputs, {len(units)} units of {cfg.shard_size}, {w.size} rank(s) "
+              f"[{w.backend}]; rank 0 has {len(todo)} of its {len(mine)} units to do", file=sys.stderr, flush=True)
+    stats = run_units(cfg, w, paths, todo)
+    per_rank = w.gather(stats)
+    w.barrier()
+    manifest = None
+    if w.is_root or not w.coordinated:
+        manifest = shards.write_manifest(out, len(units), cfg.shard_size)
+    summary = {"manifest": manifest, "per_rank": per_rank, "complete": manifest is not None}
+    if w.is_root and per_rank is not None:
+        print(format_summary(manifest, per_rank, time.perf_counter() - t0), flush=True)
+        if manifest is None:
+            print("clip-hpc embed: some units are not done yet (other ranks still running or failed); "
+                  "re-run the same command to finish", file=sys.stderr)
+    return summary

@@ -1,0 +1,82 @@
+"""Robust image decoding shared by embedding, uploads and thumbnails.
+
+Real collections hold CMYK scans, 16-bit PNGs, palette images with transparency, rotated phone photos, truncated
+files and decompression bombs; each either becomes a sane RGB image or a short reason, never an exception.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding, with our own limit
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb threshold
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    """Why an image could not be used; `kind` groups failures in summaries."""
+
+    kind: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}" if self.detail else self.kind
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Flatten any mode to 8-bit RGB; transparency goes onto white, 16-bit data is scaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | DecodeFailure:
+    """Open, bound, draft-decode, EXIF-rotate and convert to RGB.
+
+    `min_size` lets JPEG decode at a reduced scale (Image.draft) that still covers the model's input: decoding,
+    not inference, is the bottleneck of CLIP embedding on every real system.
+    """
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                return DecodeFailure("empty file")
+            source = io.BytesIO(source)
+        elif isinstance(source, (str, os.PathLike)):
+            if not os.path.exists(source):
+                return DecodeFailure("missing file")
+            if os.path.getsize(source) == 0:
+                return DecodeFailure("empty file")
+        with Image.open(source) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                return DecodeFailure("too many pixels", f"{w}x{h} > {max_pixels}")
+            if min_size and img.format == "JPEG":
+                img.draft("RGB", (min_size, min_size))
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
+    except UnidentifiedImageError:
+        return DecodeFailure("not an image")
+    except Image.DecompressionBombError as exc:
+        return DecodeFailure("too many pixels", str(exc)[:120])
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc)
+        kind = "truncated" if "truncated" in text or isinstance(exc, EOFError) else "decode error"
+        return DecodeFailure(kind, text[:160])
+    except Exception as exc:  # a decoder bug must cost one image, not the run
+        return DecodeFailure("decode error", f"{type(exc).__name__}: {str(exc)[:120]}")
