@@ -31,7 +31,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         inputs=args.inputs, out=args.out, file_list=args.file_list, model=args.model, pretrained=args.pretrained,
         batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, precision=args.precision,
         device=args.device, append=args.append, dtype=args.dtype, max_pixels=args.max_pixels))
-    return 0 if summary is None or summary.get("complete", True) else 1
+    # Rank 0 speaks for an MPI job (only it gathers per_rank and writes the manifest); other ranks exit 0.
+    if summary is None or summary.get("per_rank") is None:
+        return 0
+    return 0 if summary.get("complete", True) else 1
 
 
 def add_embed(sub: argparse._SubParsersAction) -> None:
