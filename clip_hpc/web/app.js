@@ -1,0 +1,169 @@
+// The gallery: plain JS, no build step. The query lives in the URL (?q=, ?like=, ?random, &k=) so that a search
+// can be bookmarked, shared with the token stripped, and driven by a headless browser in the tests.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+// The server turned ?token= into an HttpOnly cookie; we also keep it for fetch() and drop it from the address bar.
+const token = params.get("token");
+params.delete("token");
+const selected = new Map(); // id -> score of the results ticked for export
+let shown = [];
+
+function setUrl(state) {
+  const p = new URLSearchParams(state);
+  p.set("k", $("k").value);
+  history.replaceState(null, "", "?" + p.toString());
+}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (token) headers["Authorization"] = "Bearer " + token;
+  const response = await fetch(path, Object.assign({}, options, { headers, credentials: "same-origin" }));
+  if (!response.ok) {
+    let message = response.status + " " + response.statusText;
+    try { message = (await response.json()).error || message; } catch (e) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return response;
+}
+
+function status(text, isError = false) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function card(hit) {
+  const item = document.createElement("figure");
+  item.className = "result";
+  item.dataset.id = hit.id;
+  const box = document.createElement("input");
+  box.type = "checkbox";
+  box.title = "select for download";
+  box.checked = selected.has(hit.id);
+  box.addEventListener("change", () => toggle(hit, box.checked, item));
+  const img = document.createElement("img");
+  img.src = hit.thumb;
+  img.alt = hit.path;
+  img.loading = "lazy";
+  img.title = "more like this";
+  img.addEventListener("click", () => run({ like: hit.id }));
+  const meta = document.createElement("figcaption");
+  meta.className = "meta";
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = hit.score === null ? "" : hit.score.toFixed(3);
+  const link = document.createElement("a");
+  link.className = "path";
+  link.href = hit.url;
+  link.target = "_blank";
+  link.title = hit.path;
+  link.textContent = hit.path.split("/").pop();
+  meta.append(score, link);
+  item.append(box, img, meta);
+  if (box.checked) item.classList.add("selected");
+  return item;
+}
+
+function toggle(hit, on, item) {
+  if (on) selected.set(hit.id, hit.score); else selected.delete(hit.id);
+  item.classList.toggle("selected", on);
+  $("n-selected").textContent = selected.size;
+  $("export").disabled = selected.size === 0;
+}
+
+function render(data, what) {
+  shown = data.results;
+  $("results").replaceChildren(...shown.map(card));
+  status(`${shown.length} results for ${what} in ${data.took_ms.toFixed(1)} ms`);
+  document.body.dataset.state = "done";
+}
+
+async function run(state) {
+  const k = $("k").value;
+  document.body.dataset.state = "loading";
+  setUrl(state);
+  try {
+    let data, what;
+    if (state.q) {
+      $("q").value = state.q;
+      data = await (await api(`/api/search?q=${encodeURIComponent(state.q)}&k=${k}`)).json();
+      what = `"${state.q}"`;
+    } else if (state.like !== undefined) {
+      data = await (await api("/api/search", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ image_id: Number(state.like), k: Number(k) }),
+      })).json();
+      what = `images like #${state.like}`;
+    } else {
+      data = await (await api(`/api/random?k=${k}`)).json();
+      what = "a random draw";
+    }
+    render(data, what);
+  } catch (err) {
+    status(err.message, true);
+    document.body.dataset.state = "error";
+  }
+}
+
+async function upload(file) {
+  const form = new FormData();
+  form.append("file", file);
+  document.body.dataset.state = "loading";
+  try {
+    const data = await (await api(`/api/search/image?k=${$("k").value}`, { method: "POST", body: form })).json();
+    render(data, file.name);
+  } catch (err) {
+    status(err.message, true);
+    document.body.dataset.state = "error";
+  }
+}
+
+async function exportZip() {
+  const ids = [...selected.keys()];
+  status(`packing ${ids.length} images…`);
+  try {
+    const response = await api("/api/export", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ ids, scores: ids.map((id) => selected.get(id)) }),
+    });
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(await response.blob());
+    link.download = "clip-hpc-export.zip";
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+    status(`downloaded ${ids.length} images`);
+  } catch (err) {
+    status(err.message, true);
+  }
+}
+
+function selectAll(on) {
+  document.querySelectorAll(".result").forEach((item, i) => {
+    item.querySelector("input").checked = on;
+    toggle(shown[i], on, item);
+  });
+}
+
+$("search-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const q = $("q").value.trim();
+  if (q) run({ q });
+});
+$("k").addEventListener("input", () => { $("k-value").textContent = $("k").value; });
+$("k").addEventListener("change", () => {
+  const state = Object.fromEntries(new URLSearchParams(location.search));
+  delete state.k;
+  if (Object.keys(state).length) run(state);
+});
+$("upload").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
+$("random").addEventListener("click", () => run({ random: "1" }));
+$("export").addEventListener("click", exportZip);
+$("select-all").addEventListener("click", () => selectAll(true));
+$("clear").addEventListener("click", () => selectAll(false));
+
+if (params.has("k")) { $("k").value = params.get("k"); $("k-value").textContent = $("k").value; }
+if (params.get("q")) run({ q: params.get("q") });
+else if (params.has("like")) run({ like: params.get("like") });
+else if (params.has("random")) run({ random: "1" });
+else history.replaceState(null, "", location.pathname);
