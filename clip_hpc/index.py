@@ -1,0 +1,393 @@
+"""Building an INDEX_DIR from an EMB_DIR: choose the index, train on a sample, stream the adds, measure recall.
+
+Nothing is held whole in RAM: shards stream one at a time into `vectors.npy` (a memory map), the training set is
+a random sample, and the adds go in batches. Everything is written into a temporary directory renamed at the end,
+so an INDEX_DIR is either absent, the old one, or the new one, never half of either.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import faiss
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from clip_hpc.errors import UserError
+from clip_hpc.metadata import MetadataStore
+from clip_hpc.search import (INDEX_FILE, INDEX_FORMAT, INFO_FILE, META_FILE, VECTORS_FILE, load_info,
+                             normalise_rows, search_index, set_nprobe)
+from clip_hpc.shards import Shard, atomic_write_json, check_shard_set, read_shard
+
+FLAT_BELOW = 10_000
+TARGET_RECALL = 0.95
+RECALL_K = 10
+RECALL_QUERIES = 200
+REFINE_FACTORS = (10, 25, 50, 100)  # candidates per result re-ranked exactly; grown only when needed
+ADD_BATCH = 65_536
+ROW_LAYOUT = "global_id"  # vectors.npy row i is global id i; rows of failed (never embedded) ids are zero
+
+
+# --- the pure core ---------------------------------------------------------------------------------------------
+def choose_index_key(n: int, dim: int) -> str:
+    """Flat below ~10k vectors; else IVF with K = the smallest power of two >= 4·√N (<= 16·√N) and PQ with
+    M = d/8 sub-quantizers of 4 bits (fast-scan), so the codes take d/16 bytes and the file stays under 80 B/vector."""
+    if n < FLAT_BELOW:
+        return "Flat"
+    nlist = 1 << math.ceil(math.log2(4 * math.sqrt(n)))
+    m = dim // 8 if dim % 8 == 0 and dim >= 16 else 0
+    if not m or m % 2:
+        return f"IVF{nlist},Flat"
+    return f"IVF{nlist},PQ{m}x4fs"
+
+
+def ivf_lists(index_key: str) -> int | None:
+    match = re.search(r"IVF(\d+)", index_key)
+    return int(match.group(1)) if match else None
+
+
+def choose_train_size(n: int, index_key: str, requested: int | None = None) -> int:
+    """40·K by default (FAISS asks for 39·K points), capped at 256·K and at N; 0 for Flat, which needs no training."""
+    nlist = ivf_lists(index_key)
+    if nlist is None:
+        return 0 if index_key.strip().endswith("Flat") and "PQ" not in index_key else min(n, requested or 65_536)
+    if requested:
+        return min(n, int(requested))
+    return min(n, 40 * nlist, 256 * nlist)
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = RECALL_K) -> float:
+    """Mean fraction of the exact top-k found in the approximate top-k."""
+    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist()) - {-1}) for a, e in zip(approx_ids, exact_ids)]
+    return float(np.mean(hits) / k) if hits else 0.0
+
+
+def off_distribution_queries(queries: np.ndarray, rng: np.random.Generator, offset_norm: float = 1.0,
+                             noise: float = 0.3) -> np.ndarray:
+    """A stand-in for text queries against image vectors: one constant offset (the "modality gap") plus noise."""
+    dim = queries.shape[1]
+    offset = normalise_rows(rng.standard_normal(dim))[None, :] * offset_norm
+    jitter = rng.standard_normal(queries.shape).astype(np.float32) * (noise / math.sqrt(dim))
+    return normalise_rows(queries + offset + jitter)
+
+
+def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = ADD_BATCH) -> np.ndarray:
+    """Exact inner-product top-k over a (memory-mapped) matrix, chunk by chunk; all-zero rows never match."""
+    queries = np.asarray(queries, dtype=np.float32)
+    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(queries), 0), dtype=np.int64)
+    for start in range(0, len(vectors), chunk):
+        block = np.asarray(vectors[start:start + chunk], dtype=np.float32)
+        scores = queries @ block.T
+        scores[:, ~block.any(axis=1)] = -np.inf
+        all_s = np.concatenate([best_s, scores], axis=1)
+        all_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(block)), scores.shape)], axis=1)
+        top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
+    return np.where(np.isfinite(best_s), best_i, -1)
+
+
+def tune_nprobe(measure: Callable[[int], float], nlist: int, target: float = TARGET_RECALL) -> tuple[int, dict[int, float]]:
+    """The smallest power-of-two nprobe whose recall reaches `target` (autofaiss-style); else the best one tried."""
+    table: dict[int, float] = {}
+    nprobe = 1
+    while True:
+        table[nprobe] = measure(nprobe)
+        if table[nprobe] >= target or nprobe >= nlist:
+            break
+        nprobe = min(2 * nprobe, nlist)
+    best = next((p for p in table if table[p] >= target), max(table, key=lambda p: (table[p], -p)))
+    return best, table
+
+
+# --- FAISS objects ---------------------------------------------------------------------------------------------
+def make_index(index_key: str, dim: int) -> faiss.Index:
+    """The factory index, inner product, wrapped in an IDMap when it cannot take ids itself (Flat, HNSW, ...)."""
+    try:
+        index = faiss.index_factory(dim, index_key, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1][:160]
+        raise UserError(f"--index-key {index_key!r} is not a valid FAISS factory string for dim {dim} ({reason})") from None
+    if faiss.try_extract_index_ivf(index) is None and not isinstance(index, faiss.IndexIDMap):
+        index = faiss.IndexIDMap(index)
+    return index
+
+
+def gpu_index(index: faiss.Index) -> faiss.Index | None:
+    """A GPU copy for training and adding when FAISS sees GPUs; None when it does not (or the type has no GPU
+    version, e.g. fast-scan PQ, where only the k-means of the coarse quantizer moves to the GPU)."""
+    if faiss.get_num_gpus() == 0:
+        return None
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError):
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+        return None
+
+
+# --- I/O: the build ---------------------------------------------------------------------------------------------
+def _bar(progress: bool, **kw: Any) -> tqdm:
+    return tqdm(disable=not progress, unit="vec", unit_scale=True, dynamic_ncols=True, **kw)
+
+
+def _fresh_dir(out: Path) -> Path:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished directory into place; an old INDEX_DIR is moved aside first and removed after."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _shards(files: Iterable[str], *, with_embeddings: bool = True) -> Iterable[Shard]:
+    for path in files:
+        yield read_shard(path, with_embeddings=with_embeddings)
+
+
+def _n_rows(files: list[str]) -> int:
+    """One row per global id up to the largest one (embedded or failed) in the last unit."""
+    last = read_shard(files[-1], with_embeddings=False)
+    ids = np.concatenate([last.ids, last.failed_ids])
+    return int(ids.max()) + 1 if len(ids) else 0
+
+
+def _write_vectors(path: Path, files: list[str], n_rows: int, dim: int, old: Path | None, meta: MetadataStore,
+                   progress: bool) -> None:
+    """Stream the shards into a float16 memory map (old rows copied first on --update) and their paths into SQLite."""
+    vectors = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n_rows, dim))
+    if old is not None:
+        previous = np.load(old, mmap_mode="r")
+        for start in range(0, len(previous), ADD_BATCH):
+            vectors[start:start + ADD_BATCH] = previous[start:start + ADD_BATCH]
+    with _bar(progress, desc="vectors") as bar:
+        for shard in _shards(files):
+            vectors[shard.ids] = shard.embeddings.astype(np.float16)
+            meta.add(shard.ids, shard.paths)
+            bar.update(len(shard.ids))
+    vectors.flush()
+    del vectors
+
+
+def _shard_ids(path: str) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f["ids"][...]
+
+
+def _unit_of(path: str) -> int:
+    return int(Path(path).stem.split("-")[-1])
+
+
+def _sample_ids(files: list[str], size: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniform random sample of the embedded ids, drawn shard by shard so no id list is ever whole."""
+    counts = [len(_shard_ids(f)) for f in files]
+    picks = np.sort(rng.choice(sum(counts), size=min(size, sum(counts)), replace=False))
+    chosen, offset = [], 0
+    for path, count in zip(files, counts):
+        mine = picks[(picks >= offset) & (picks < offset + count)] - offset
+        if len(mine):
+            chosen.append(_shard_ids(path)[mine])
+        offset += count
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def _train_and_add(index: faiss.Index, sample: np.ndarray | None, files: list[str], progress: bool,
+                   timings: dict[str, float]) -> faiss.Index:
+    """Train (unless already trained: --update never retrains) and add every shard in batches; CPU index back."""
+    gpu = gpu_index(index)
+    target = gpu if gpu is not None else index
+    start = time.perf_counter()
+    if sample is not None and not target.is_trained:
+        with _bar(progress, desc="train", total=len(sample)) as bar:
+            target.train(np.ascontiguousarray(sample, dtype=np.float32))
+            bar.update(len(sample))
+    timings["train_s"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    with _bar(progress, desc="add") as bar:
+        for shard in _shards(files):
+            for lo in range(0, len(shard.ids), ADD_BATCH):
+                batch = np.ascontiguousarray(shard.embeddings[lo:lo + ADD_BATCH], dtype=np.float32)
+                target.add_with_ids(batch, np.ascontiguousarray(shard.ids[lo:lo + ADD_BATCH]))
+                bar.update(len(batch))
+    timings["add_s"] = round(time.perf_counter() - start, 3)
+    return faiss.index_gpu_to_cpu(gpu) if gpu is not None else index
+
+
+def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *, refine_factor: int | None,
+               refine: bool, nprobe: int | None, seed: int = 0) -> tuple[int, dict[str, Any]]:
+    """Recall@10 of the served configuration against exact search, for indexed vectors used as queries and for
+    off-distribution ones. Unless given, nprobe is tuned to the smallest reaching TARGET_RECALL on both; when no
+    nprobe does (very lossy codes), the refine factor grows through REFINE_FACTORS."""
+    fixed_nprobe, fixed_factor = bool(nprobe), bool(refine_factor)
+    refine_factor = refine_factor or REFINE_FACTORS[0]
+    rng = np.random.default_rng(seed + 1)
+    sets = {"in_distribution": normalise_rows(np.asarray(vectors[np.sort(query_ids)], dtype=np.float32))}
+    sets["off_distribution"] = off_distribution_queries(sets["in_distribution"], rng)
+    truth = {name: exact_top_k(q, vectors, RECALL_K) for name, q in sets.items()}
+
+    def measure(probe: int, factor: int, name: str | None = None) -> float:
+        set_nprobe(index, probe)
+        names = [name] if name else list(sets)
+        return min(recall_at_k(search_index(index, vectors, sets[n], RECALL_K, refine_factor=factor)[1], truth[n])
+                   for n in names)
+
+    ivf = faiss.try_extract_index_ivf(index)
+    tuning: dict[str, float] = {}
+    for factor in REFINE_FACTORS if refine and not fixed_factor else [refine_factor]:
+        refine_factor = factor
+        if ivf is None:
+            nprobe, recall = 1, measure(1, factor if refine else 0)
+            tuning[f"refine{factor}"] = round(recall, 4)
+        elif not fixed_nprobe:
+            nprobe, table = tune_nprobe(lambda p: measure(p, factor if refine else 0), ivf.nlist)
+            tuning.update({f"nprobe{p},refine{factor if refine else 0}": round(r, 4) for p, r in table.items()})
+            recall = table[nprobe]
+        else:
+            recall = measure(nprobe, factor if refine else 0)
+        if recall >= TARGET_RECALL:
+            break
+    report: dict[str, Any] = {"k": RECALL_K, "queries": len(query_ids), "nprobe": nprobe, "target": TARGET_RECALL,
+                              "refine_factor": refine_factor, "tuning": tuning}
+    for name in sets:
+        report[name] = {"refine": round(measure(nprobe, refine_factor, name), 4),
+                        "no_refine": round(measure(nprobe, 0, name), 4)}
+    report["served"] = round(min(report[n]["refine" if refine else "no_refine"] for n in sets), 4)
+    report["target_met"] = report["served"] >= TARGET_RECALL
+    set_nprobe(index, nprobe)
+    return nprobe, report
+
+
+def _finish(tmp: Path, out: Path, index: faiss.Index, info: dict[str, Any], query_ids: np.ndarray,
+            nprobe: int | None, timings: dict[str, float], started: float) -> dict[str, Any]:
+    """Self-check, save the index and index.json into `tmp`, then swap `tmp` in as `out`."""
+    start = time.perf_counter()
+    vectors = np.load(tmp / VECTORS_FILE, mmap_mode="r")
+    info["nprobe"], info["recall"] = self_check(index, vectors, query_ids, refine_factor=info.get("refine_factor"),
+                                                refine=info["refine"], nprobe=nprobe, seed=info.get("seed", 0))
+    info["refine_factor"] = info["recall"]["refine_factor"]
+    timings["recall_s"] = round(time.perf_counter() - start, 3)
+    del vectors
+    faiss.write_index(index, str(tmp / INDEX_FILE))
+    info["n"] = int(index.ntotal)
+    info["index_bytes"] = (tmp / INDEX_FILE).stat().st_size
+    info["bytes_per_vector"] = round(info["index_bytes"] / max(1, info["n"]), 2)
+    timings["total_s"] = round(time.perf_counter() - started, 3)
+    info["faiss_version"] = faiss.__version__
+    atomic_write_json(tmp / INFO_FILE, info)
+    _swap_in(tmp, out)
+    return info
+
+
+def _checked_set(emb_dir: str | os.PathLike) -> dict[str, Any]:
+    summary = check_shard_set(emb_dir)
+    if summary["n"] == 0:
+        raise UserError(f"{emb_dir}: the shards hold no embedded images; nothing to index")
+    return summary
+
+
+def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key: str = "auto",
+                train_size: int | None = None, refine: bool | None = None, nprobe: int | None = None,
+                refine_factor: int | None = None, update: bool = False, seed: int = 0,
+                progress: bool = True) -> dict[str, Any]:
+    """EMB_DIR -> INDEX_DIR (see the module docstring); returns the index.json contents."""
+    if update:
+        return update_index(emb_dir, out, nprobe=nprobe, refine=refine, progress=progress)
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists; remove it first, or pass --update to add new units to it")
+    if (nprobe is not None and nprobe < 1) or (refine_factor is not None and refine_factor < 1):
+        raise UserError("--nprobe and the refine factor must be at least 1")
+    summary = _checked_set(emb_dir)
+    n, dim, files = summary["n"], int(summary["dim"]), summary["files"]
+    key = choose_index_key(n, dim) if index_key in (None, "", "auto") else index_key
+    index = make_index(key, dim)
+    nlist = ivf_lists(key)
+    if nlist and n < nlist:
+        raise UserError(f"{key} needs at least {nlist} vectors to train, the shards hold {n}; use --index-key auto")
+    refine = (key.split(",")[-1].strip() != "Flat") if refine is None else refine
+    info: dict[str, Any] = {
+        "format": INDEX_FORMAT, "version": 1, "index_key": key, "dim": dim, "model": summary["model"],
+        "pretrained": summary["pretrained"], "refine": bool(refine), "refine_factor": refine_factor,
+        "row_layout": ROW_LAYOUT, "n_rows": _n_rows(files), "units": sorted(_unit_of(f) for f in files),
+        "unit_size": summary["unit_size"], "emb_dir": str(Path(emb_dir).resolve()), "seed": seed,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "updates": [],
+    }
+    rng = np.random.default_rng(seed)
+    info["train_size"] = choose_train_size(n, key, train_size) if not index.is_trained else 0
+    timings: dict[str, float] = {}
+    info["timings"] = timings
+    tmp = _fresh_dir(out)
+    try:
+        start = time.perf_counter()
+        with MetadataStore(tmp / META_FILE) as meta:
+            _write_vectors(tmp / VECTORS_FILE, files, info["n_rows"], dim, None, meta, progress)
+        timings["vectors_s"] = round(time.perf_counter() - start, 3)
+        vectors = np.load(tmp / VECTORS_FILE, mmap_mode="r")
+        sample_ids = _sample_ids(files, max(info["train_size"], RECALL_QUERIES), rng)
+        sample = np.asarray(vectors[np.sort(sample_ids[:info["train_size"]])], dtype=np.float32) \
+            if info["train_size"] else None
+        del vectors
+        index = _train_and_add(index, sample, files, progress, timings)
+        del sample
+        return _finish(tmp, out, index, info, sample_ids[:RECALL_QUERIES], nprobe, timings, started)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: int | None = None,
+                 refine: bool | None = None, progress: bool = True) -> dict[str, Any]:
+    """Add the units of EMB_DIR not yet in INDEX_DIR to its trained index (no retraining), atomically."""
+    started = time.perf_counter()
+    out = Path(out)
+    info = load_info(out)
+    summary = _checked_set(emb_dir)
+    if (summary["model"], summary["pretrained"], int(summary["dim"])) != (info["model"], info["pretrained"], info["dim"]):
+        raise UserError(f"{emb_dir} holds {summary['model']}/{summary['pretrained']} {summary['dim']}-d vectors, "
+                        f"{out} indexes {info['model']}/{info['pretrained']} {info['dim']}-d; build a new index")
+    indexed = set(info["units"])
+    new_files = [f for f in summary["files"] if _unit_of(f) not in indexed]
+    if not new_files:
+        return info
+    if refine is not None:
+        info["refine"] = bool(refine)
+    timings: dict[str, float] = {}
+    tmp = _fresh_dir(out)
+    try:
+        shutil.copy2(out / META_FILE, tmp / META_FILE)
+        start = time.perf_counter()
+        info["n_rows"] = max(int(info["n_rows"]), _n_rows(summary["files"]))
+        with MetadataStore(tmp / META_FILE) as meta:
+            _write_vectors(tmp / VECTORS_FILE, new_files, info["n_rows"], info["dim"], out / VECTORS_FILE, meta,
+                           progress)
+        timings["vectors_s"] = round(time.perf_counter() - start, 3)
+        index = faiss.read_index(str(out / INDEX_FILE))
+        n_before = int(index.ntotal)
+        index = _train_and_add(index, None, new_files, progress, timings)
+        new_units = sorted(_unit_of(f) for f in new_files)
+        info["units"] = sorted(indexed | set(new_units))
+        info["updates"] = info.get("updates", []) + [{
+            "units": new_units, "added": int(index.ntotal) - n_before, "timings": timings,
+            "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}]
+        query_ids = _sample_ids(summary["files"], RECALL_QUERIES, np.random.default_rng(info.get("seed", 0)))
+        return _finish(tmp, out, index, info, query_ids, nprobe or info["nprobe"], timings, started)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,345 @@
+"""Loading an INDEX_DIR and answering queries: by text, image, id, raw vector, or a weighted combination of them.
+
+IVF-PQ finds candidates cheaply; `refine` re-ranks k×factor of them by exact dot product with the float16
+vectors in `vectors.npy`, which wins back the recall PQ loses on off-distribution (text) queries.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+
+from clip_hpc.errors import UserError
+from clip_hpc.metadata import MetadataStore
+
+INDEX_FILE = "index.faiss"
+VECTORS_FILE = "vectors.npy"
+META_FILE = "meta.sqlite"
+INFO_FILE = "index.json"
+INDEX_FORMAT = "clip-hpc-index"
+MAX_K = 10_000
+PREFILTER_LIMIT = 50_000  # a path_prefix matching fewer ids is searched exactly over just those rows
+DEFAULT_WEIGHTS = {"text": 1.0, "image": 1.0, "vector": 1.0, "positive": 0.75, "negative": 0.25}  # Rocchio-like
+
+
+class UnknownIdError(UserError, KeyError):
+    """An image id that is not in the index; a UserError for the CLI, a KeyError for code that maps it to 404."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown image id"
+
+
+@dataclass
+class Hit:
+    id: int
+    score: float
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- the pure core: numpy in, numpy out ------------------------------------------------------------------------
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def rerank(queries: np.ndarray, cand_ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact re-rank of candidate ids (-1 = none) by dot product with their full vectors; returns (scores, ids)."""
+    m = len(queries)
+    scores = np.full((m, k), -np.inf, dtype=np.float32)
+    ids = np.full((m, k), -1, dtype=np.int64)
+    for i in range(m):
+        cand = np.unique(cand_ids[i][cand_ids[i] >= 0])  # sorted: friendlier to the memory map
+        if not len(cand):
+            continue
+        exact = np.asarray(vectors[cand], dtype=np.float32) @ queries[i].astype(np.float32)
+        top = np.argsort(-exact, kind="stable")[:k]
+        scores[i, :len(top)], ids[i, :len(top)] = exact[top], cand[top]
+    return scores, ids
+
+
+def mmr(query: np.ndarray, cand_vectors: np.ndarray, k: int, diversity: float) -> list[int]:
+    """Maximal marginal relevance: indices into the candidates, trading relevance for novelty by `diversity`."""
+    relevance = cand_vectors @ query
+    similarity = cand_vectors @ cand_vectors.T
+    chosen: list[int] = []
+    redundancy = np.full(len(cand_vectors), -np.inf, dtype=np.float32)
+    remaining = np.ones(len(cand_vectors), dtype=bool)
+    for _ in range(min(k, len(cand_vectors))):
+        penalty = np.where(np.isfinite(redundancy), redundancy, 0.0)
+        gain = np.where(remaining, (1.0 - diversity) * relevance - diversity * penalty, -np.inf)
+        best = int(np.argmax(gain))
+        chosen.append(best)
+        remaining[best] = False
+        redundancy = np.maximum(redundancy, similarity[best])
+    return chosen
+
+
+def combine_parts(parts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """Weighted sum of the normalised query parts, `negative` subtracted (Rocchio), renormalised."""
+    total = np.zeros_like(next(iter(parts.values())), dtype=np.float32)
+    for name, vector in parts.items():
+        sign = -1.0 if name == "negative" else 1.0
+        total += sign * float(weights.get(name, DEFAULT_WEIGHTS.get(name, 1.0))) * normalise_rows(vector)
+    norm = float(np.linalg.norm(total))
+    if not np.isfinite(norm) or norm < 1e-6:
+        raise UserError("the query parts cancel out (weights or negatives remove everything); change the weights")
+    return total / norm
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Through any wrapper (IDMap, PreTransform); a no-op for indexes without inverted lists."""
+    if faiss.try_extract_index_ivf(index) is not None:
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+
+
+def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.ndarray, k: int, *,
+                 refine_factor: int = 0, selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The served search: k×refine_factor candidates from FAISS, re-ranked exactly when refine_factor > 0."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n_cand = k * refine_factor if refine_factor and vectors is not None else k
+    n_cand = max(k, min(n_cand, max(index.ntotal, 1)))
+    params = None
+    if selector is not None:
+        ivf = faiss.try_extract_index_ivf(index)
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None \
+            else faiss.SearchParameters(sel=selector)
+    scores, ids = index.search(queries, n_cand, params=params)
+    if refine_factor and vectors is not None:
+        return rerank(queries, ids, vectors, k)
+    return scores[:, :k], ids[:, :k]
+
+
+# --- the engine: I/O at the edges ------------------------------------------------------------------------------
+def read_index(path: Path) -> faiss.Index:
+    """Memory-mapped where the index type allows it (RAM holds only the pages queries touch), else read whole."""
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        return faiss.read_index(str(path))
+
+
+def load_info(index_dir: str | Path) -> dict[str, Any]:
+    path = Path(index_dir) / INFO_FILE
+    if not path.is_file():
+        raise UserError(f"{index_dir}: not an index directory (no {INFO_FILE}); build one with clip-hpc index")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); rebuild the index") from None
+    if info.get("format") != INDEX_FORMAT:
+        raise UserError(f"{path}: not a clip-hpc index (format={info.get('format')!r})")
+    return info
+
+
+class SearchEngine:
+    """One INDEX_DIR ready for queries; thread-safe for concurrent searches (the model loads once, lazily)."""
+
+    def __init__(self, index_dir: str | Path, *, model: Any = None, model_name: str | None = None,
+                 pretrained: str | None = None, device: str = "auto", nprobe: int | None = None,
+                 refine: bool | None = None) -> None:
+        self.index_dir = Path(index_dir)
+        self.info = load_info(self.index_dir)
+        for name in (INDEX_FILE, VECTORS_FILE, META_FILE):
+            if not (self.index_dir / name).is_file():
+                raise UserError(f"{self.index_dir}: {name} is missing; rebuild the index")
+        self.n, self.dim = int(self.info["n"]), int(self.info["dim"])
+        self.index = read_index(self.index_dir / INDEX_FILE)
+        self.vectors = np.load(self.index_dir / VECTORS_FILE, mmap_mode="r")
+        self.meta = MetadataStore(self.index_dir / META_FILE, readonly=True)
+        self.nprobe = int(nprobe or self.info.get("nprobe") or 1)
+        if nprobe is not None and nprobe < 1:
+            raise UserError("--nprobe must be at least 1")
+        set_nprobe(self.index, self.nprobe)
+        self.refine = bool(self.info.get("refine", True)) if refine is None else bool(refine)
+        self.refine_factor = int(self.info.get("refine_factor", 10)) if self.refine else 0
+        self._model = model
+        self._model_args = (model_name or self.info.get("model"), pretrained or self.info.get("pretrained"), device)
+        self._model_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.meta.close()
+
+    # --- encoders ---
+    @property
+    def model(self) -> Any:
+        with self._model_lock:
+            if self._model is None:
+                from clip_hpc.models import load_model
+
+                name, pretrained, device = self._model_args
+                self._model = load_model(name, pretrained, device=device)
+            if int(self._model.dim) != self.dim:
+                raise UserError(f"model {self._model.name} gives {self._model.dim}-d vectors, the index holds {self.dim}-d")
+            return self._model
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        return self.model.encode_text(list(texts))
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
+        import torch
+
+        model = self.model
+        pixels = torch.stack([model.preprocess(image.convert("RGB")) for image in images])
+        return model.encode_images(pixels)
+
+    # --- ids ---
+    def path_of(self, id: int) -> str | None:
+        return self.meta.path_of(int(id))
+
+    def contains(self, id: int) -> bool:
+        return self.path_of(id) is not None
+
+    def random_ids(self, k: int) -> list[int]:
+        return self.meta.random_ids(max(0, int(k)))
+
+    def vectors_for_ids(self, ids: Sequence[int]) -> np.ndarray:
+        ids = [int(i) for i in ids]
+        known = self.meta.paths_of(ids)
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise UnknownIdError(f"unknown image id{'s' if len(unknown) > 1 else ''} {unknown[:10]}")
+        return np.asarray(self.vectors[ids], dtype=np.float32)
+
+    # --- searches ---
+    def search_vectors(self, queries: np.ndarray, k: int = 10, *, path_prefix: str | None = None,
+                       min_score: float | None = None) -> list[list[Hit]]:
+        queries = self._check_queries(queries)
+        k = self._check_k(k)
+        if path_prefix:
+            scores, ids = self._search_prefix(queries, k, path_prefix)
+        else:
+            scores, ids = search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor)
+        return self._hits(scores, ids, min_score)
+
+    def search_text(self, text: str, k: int = 10, **filters: Any) -> list[Hit]:
+        if not text or not text.strip():
+            raise UserError("the text query is empty")
+        return self.search_vectors(self.encode_text([text]), k, **filters)[0]
+
+    def search_image(self, image: Any, k: int = 10, **filters: Any) -> list[Hit]:
+        return self.search_vectors(self.encode_images([open_image(image)]), k, **filters)[0]
+
+    def search_ids(self, ids: Sequence[int], k: int = 10, **filters: Any) -> list[Hit]:
+        if not len(ids):
+            raise UserError("no image ids given")
+        query = normalise_rows(self.vectors_for_ids(ids).mean(axis=0, keepdims=True))
+        return self.search_vectors(query, k, **filters)[0]
+
+    def query(self, *, text: str | None = None, image_ids: Sequence[int] = (), images: Sequence[Any] = (),
+              vector: Sequence[float] | None = None, positive_ids: Sequence[int] = (),
+              negative_ids: Sequence[int] = (), weights: dict[str, float] | None = None, k: int = 10,
+              min_score: float | None = None, diversity: float = 0.0, path_prefix: str | None = None) -> list[Hit]:
+        """Any combination of parts; see `combine_parts`. `diversity` in [0, 1] re-orders the results by MMR."""
+        parts = self._query_parts(text, image_ids, images, vector, positive_ids, negative_ids)
+        unknown_weights = set(weights or {}) - set(DEFAULT_WEIGHTS)
+        if unknown_weights:
+            raise UserError(f"unknown weight keys {sorted(unknown_weights)}; use {sorted(DEFAULT_WEIGHTS)}")
+        if not 0.0 <= float(diversity) <= 1.0:
+            raise UserError("diversity must be between 0 and 1")
+        combined = combine_parts(parts, weights or {})[None, :]
+        k = self._check_k(k)
+        if diversity <= 0:
+            return self.search_vectors(combined, k, path_prefix=path_prefix, min_score=min_score)[0]
+        pool = self.search_vectors(combined, min(MAX_K, max(4 * k, 50)), path_prefix=path_prefix,
+                                   min_score=min_score)[0]
+        if not pool:
+            return []
+        order = mmr(combined[0], np.asarray(self.vectors[[h.id for h in pool]], dtype=np.float32), k, diversity)
+        return [pool[i] for i in order]
+
+    # --- helpers ---
+    def _query_parts(self, text: str | None, image_ids: Sequence[int], images: Sequence[Any],
+                     vector: Sequence[float] | None, positive_ids: Sequence[int],
+                     negative_ids: Sequence[int]) -> dict[str, np.ndarray]:
+        parts: dict[str, np.ndarray] = {}
+        if text is not None and text.strip():
+            parts["text"] = self.encode_text([text])[0]
+        image_vectors = []
+        if len(image_ids):
+            image_vectors.append(self.vectors_for_ids(image_ids))
+        if len(images):
+            image_vectors.append(self.encode_images([open_image(image) for image in images]))
+        if image_vectors:
+            parts["image"] = normalise_rows(np.concatenate(image_vectors)).mean(axis=0)
+        if vector is not None:
+            parts["vector"] = self._check_queries(np.asarray(vector, dtype=np.float32)[None, :])[0]
+        if len(positive_ids):
+            parts["positive"] = self.vectors_for_ids(positive_ids).mean(axis=0)
+        if not parts:
+            raise UserError("empty query: give text, an image, image ids, a vector or positive ids")
+        if len(negative_ids):
+            parts["negative"] = self.vectors_for_ids(negative_ids).mean(axis=0)
+        return parts
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        try:
+            queries = np.asarray(queries, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise UserError("the query vector must be a list of numbers") from None
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise UserError(f"query vectors must have length {self.dim}, got shape {list(queries.shape)}")
+        if not np.all(np.isfinite(queries)):
+            raise UserError("the query vector holds NaN or infinite values")
+        return queries
+
+    @staticmethod
+    def _check_k(k: int) -> int:
+        if not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_K:
+            raise UserError(f"k must be an integer between 1 and {MAX_K}")
+        return int(k)
+
+    def _search_prefix(self, queries: np.ndarray, k: int, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        """Few matching ids: exact search over just them. Many: the ANN search restricted by an id selector."""
+        allowed = np.asarray(self.meta.ids_with_prefix(prefix, limit=PREFILTER_LIMIT + 1), dtype=np.int64)
+        if len(allowed) <= PREFILTER_LIMIT:
+            cand = np.broadcast_to(allowed, (len(queries), len(allowed)))
+            return rerank(queries, cand, self.vectors, k)
+        selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_with_prefix(prefix), dtype=np.int64))
+        return search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
+                            selector=selector)
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray, min_score: float | None) -> list[list[Hit]]:
+        paths = self.meta.paths_of(int(i) for i in np.unique(ids) if i >= 0)
+        out = []
+        for row_scores, row_ids in zip(scores, ids):
+            out.append([Hit(int(i), float(s), paths.get(int(i), "")) for s, i in zip(row_scores, row_ids)
+                        if i >= 0 and np.isfinite(s) and (min_score is None or s >= min_score)])
+        return out
+
+
+def open_image(image: Any) -> Any:
+    """A PIL image as is; a path opened, with a one-line error for a missing or undecodable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise UserError(f"cannot read image {image}: {exc}") from None
+
+
+def search_local(index_dir: str | Path, *, text: str | None = None, image: str | None = None, k: int = 10,
+                 nprobe: int | None = None, device: str = "auto") -> list[Hit]:
+    """What `clip-hpc search INDEX_DIR TEXT [--image PATH]` does in local mode: text, image, or both combined."""
+    if not text and not image:
+        raise UserError("give a text query, --image PATH, or both")
+    engine = SearchEngine(index_dir, nprobe=nprobe, device=device)
+    try:
+        if text and image:
+            return engine.query(text=text, images=[open_image(image)], k=k)
+        return engine.search_text(text, k) if text else engine.search_image(image, k)
+    finally:
+        engine.close()
