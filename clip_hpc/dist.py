@@ -36,6 +36,11 @@ class World:
             return self.comm.gather(obj, root=0)
         return [obj]
 
+    def allgather(self, obj: Any) -> list[Any]:
+        if self.comm is not None:
+            return self.comm.allgather(obj)
+        return [obj]
+
     def bcast(self, obj: Any) -> Any:
         if self.comm is not None:
             return self.comm.bcast(obj, root=0)
@@ -86,6 +91,11 @@ def _mpi_world() -> World | None:
 
 
 _WORLD: World | None = None
+
+
+def speaks_for_job() -> bool:
+    """Whether this process should print job-wide messages: rank 0, or any rank when ranks cannot talk."""
+    return _WORLD is None or _WORLD.is_root or not _WORLD.coordinated
 
 
 def world() -> World:

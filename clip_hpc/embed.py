@@ -135,15 +135,13 @@ def pending_units(out: Path, units: Sequence[WorkUnit], unit_size: int, model: s
     return todo
 
 
-def run_units(cfg: EmbedConfig, w: World, paths: Sequence[str], todo: Sequence[WorkUnit]) -> dict[str, Any]:
+def run_units(cfg: EmbedConfig, w: World, loaded: Any, paths: Sequence[str],
+              todo: Sequence[WorkUnit]) -> dict[str, Any]:
     """Embed `todo` and write one shard per unit; returns this rank's counts and timings."""
-    from clip_hpc.models import load_model
-
     stats: dict[str, Any] = {"rank": w.rank, "host": os.uname().nodename, "embedded": 0, "failed": 0,
                              "units": len(todo), "seconds": 0.0, "reasons": Counter()}
     if not todo:
         return stats
-    loaded = load_model(cfg.model, cfg.pretrained, cfg.device, cfg.precision, w.local_rank)
     if loaded.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // w.local_size))
     ids = [i for u in todo for i in u.ids]
@@ -207,7 +205,7 @@ def format_summary(manifest: dict[str, Any] | None, per_rank: list[dict[str, Any
 
 def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     """Embed this rank's share of the inputs, then (rank 0) write manifest.json once every unit is done."""
-    from clip_hpc.models import resolve_pretrained
+    from clip_hpc.models import load_model, resolve_pretrained
 
     w = w or world()
     t0 = time.perf_counter()
@@ -221,10 +219,18 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     pretrained = resolve_pretrained(cfg.model, cfg.pretrained)
     mine = units_for_rank(units, w.rank, w.size)
     todo = pending_units(out, mine, cfg.shard_size, cfg.model, pretrained)
+    try:  # every rank must learn of a failure on any rank, or the others would wait forever
+        loaded = load_model(cfg.model, cfg.pretrained, cfg.device, cfg.precision, w.local_rank) if todo else None
+        problem = None
+    except UserError as exc:
+        loaded, problem = None, f"rank {w.rank}: {exc}" if w.size > 1 else str(exc)
+    problems = [p for p in w.allgather(problem) if p]
+    if problems:
+        raise UserError(problems[0])
     if w.is_root:
         print(f"clip-hpc embed: {len(paths)} inputs, {len(units)} units of {cfg.shard_size}, {w.size} rank(s) "
               f"[{w.backend}]; rank 0 has {len(todo)} of its {len(mine)} units to do", file=sys.stderr, flush=True)
-    stats = run_units(cfg, w, paths, todo)
+    stats = run_units(cfg, w, loaded, paths, todo)
     per_rank = w.gather(stats)
     w.barrier()
     manifest = None

@@ -133,18 +133,16 @@ def fetch_hint(name: str, tag: str) -> str:
 
 
 def _create(name: str) -> torch.nn.Module:
+    """Seeded construction: with `--pretrained none` every rank must build the same random model."""
     import open_clip
 
-    _register_configs()
-    if name not in open_clip.list_models():
-        raise ModelError(f"unknown model {name!r}; known: clip-hpc-tiny, clip-hpc-demo, ViT-B-32, ... "
-                         f"(python -c 'import open_clip; print(open_clip.list_models())')")
     torch.manual_seed(RANDOM_SEED)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns on random init
     return open_clip.create_model(name, pretrained=None)
 
 
-def _load_tag(model: torch.nn.Module, name: str, tag: str) -> None:
+def _cached_tag_path(name: str, tag: str) -> str:
+    """Find (or, with internet, fetch) the weights of a pretrained tag before building anything."""
     import open_clip
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
@@ -160,7 +158,7 @@ def _load_tag(model: torch.nn.Module, name: str, tag: str) -> None:
                          f"({type(exc).__name__}); {fetch_hint(name, tag)}") from None
     if not path:
         raise ModelError(f"weights {name}/{tag} not found; {fetch_hint(name, tag)}")
-    open_clip.load_checkpoint(model, path)
+    return str(path)
 
 
 def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: str = "auto",
@@ -171,20 +169,29 @@ def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device:
     pretrained = resolve_pretrained(name, pretrained)
     dev = resolve_device(device, local_rank)
     dtype = resolve_precision(precision, dev)
-    model = _create(name)
+    _register_configs()
+    if name not in open_clip.list_models():
+        raise ModelError(f"unknown model {name!r}; known: clip-hpc-tiny, clip-hpc-demo, ViT-B-32, ... "
+                         f"(python -c 'import open_clip; print(open_clip.list_models())')")
+    state, tag_path = None, None
     if pretrained.lower() != "none":
         path = Path(pretrained).expanduser()
         if path.exists() or os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
             if not path.is_file():
                 raise ModelError(f"checkpoint file {path} does not exist")
             state = read_checkpoint(path)
-            try:
-                model.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise ModelError(f"checkpoint {path} does not fit model {name}: "
-                                 f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}")
         else:
-            _load_tag(model, name, pretrained)
+            tag_path = _cached_tag_path(name, pretrained)
+    model = _create(name)
+    if state is not None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            lines = str(exc).splitlines()
+            raise ModelError(f"checkpoint {pretrained} does not fit model {name}: "
+                             f"{lines[1].strip() if len(lines) > 1 else lines[0]}"[:300])
+    elif tag_path is not None:
+        open_clip.load_checkpoint(model, tag_path)
     model.eval().to(dev)
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
