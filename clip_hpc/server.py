@@ -12,6 +12,7 @@ import binascii
 import io
 import os
 import secrets
+import signal
 import sys
 import time
 from functools import lru_cache
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -39,6 +41,7 @@ MAX_THUMB = 512
 OPEN_PATHS = {"/health"}
 
 ImageId = Annotated[int, Field(ge=0, le=2**62)]
+PathId = Annotated[int, FastAPIPath(ge=0, le=2**62)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 WeightKey = Literal["text", "image", "vector", "positive", "negative"]
 
@@ -230,11 +233,11 @@ def create_app(engine: Any, token: str, *, max_upload_bytes: int = 20 * 2**20, t
         return results([(i, None, engine.path_of(i) or "") for i in engine.random_ids(k)], start)
 
     @app.get("/api/images/{image_id}", response_class=FileResponse)
-    def image(image_id: int) -> FileResponse:
+    def image(image_id: PathId) -> FileResponse:
         return FileResponse(file_of(image_id))
 
     @app.get("/api/images/{image_id}/thumb", response_class=Response)
-    def thumb(image_id: int, size: Annotated[int, Query(ge=16, le=MAX_THUMB)] = 256) -> Response:
+    def thumb(image_id: PathId, size: Annotated[int, Query(ge=16, le=MAX_THUMB)] = 256) -> Response:
         if not engine.contains(image_id):
             raise HTTPException(404, f"image {image_id} not found")
         return Response(thumbnail(image_id, size), media_type="image/jpeg",
@@ -260,6 +263,14 @@ def create_app(engine: Any, token: str, *, max_upload_bytes: int = 20 * 2**20, t
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
+
+
+class _Stopped(Exception):
+    """SIGTERM (scancel, the end of the job's time) after a graceful shutdown: a clean exit, files cleaned up."""
+
+
+def _stop(_signum: int, _frame: Any) -> None:
+    raise _Stopped
 
 
 def resolve_token() -> str:
@@ -299,9 +310,13 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
     sys.stdout.flush()
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
                             server_header=False)
+    previous = signal.signal(signal.SIGTERM, _stop)  # uvicorn re-raises SIGTERM after its graceful shutdown
     try:
         uvicorn.Server(config).run(sockets=[sock])
+    except _Stopped:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         tunnel.remove_connection_file(conn_path)
         if uds:
             Path(uds).unlink(missing_ok=True)

@@ -1,0 +1,101 @@
+"""Fixtures for the serve-stage tests: a real INDEX_DIR built by the real pipeline (embed, then index, with the
+tiny model) and a real `clip-hpc serve` process on 127.0.0.1, stopped by its own pid."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from conftest import BIN, make_images, run_cli
+
+TOKEN = "test-token-" + "x" * 24
+N_IMAGES = 60
+
+
+@dataclass
+class Served:
+    """A running server: where it is, how to get in, what it serves."""
+
+    url: str
+    port: int | None
+    uds: str | None
+    token: str
+    connection_file: Path
+    index_dir: Path
+    proc: subprocess.Popen
+    log: Path
+
+    def client(self, *, auth: bool = True) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
+        transport = httpx.HTTPTransport(uds=self.uds) if self.uds else None
+        return httpx.Client(base_url=self.url, headers=headers, transport=transport, timeout=60, trust_env=False)
+
+
+@pytest.fixture(scope="session")
+def served_index(tmp_path_factory) -> Path:
+    """60 sample images -> clip-hpc embed -> clip-hpc index: the INDEX_DIR every serve test uses."""
+    root = tmp_path_factory.mktemp("served")
+    images = make_images(root / "images", N_IMAGES)
+    run_cli("embed", images, "--out", root / "emb", "--model", "clip-hpc-tiny", "--pretrained", "none",
+            "--shard-size", "50", "--workers", "0", check=True)
+    run_cli("index", root / "emb", "--out", root / "index", "--quiet", check=True)
+    return root / "index"
+
+
+@contextlib.contextmanager
+def start_server(index_dir: Path, workdir: Path, *extra: str, token: str = TOKEN,
+                 env: dict | None = None) -> Iterator[Served]:
+    """`clip-hpc serve INDEX --port 0 --connection-file F`; the port is read back from F; SIGTERM at the end."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    conn = workdir / "connection.json"
+    log = workdir / "serve.log"
+    conn.unlink(missing_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "clip-hpc"), "serve", str(index_dir), "--connection-file", str(conn),
+                                 *(extra or ("--port", "0"))], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "CLIP_HPC_TOKEN": token, **(env or {})})
+    try:
+        info = _wait_ready(proc, conn, log)
+        uds = info.get("uds")
+        url = "http://localhost" if uds else f"http://127.0.0.1:{info['port']}"
+        yield Served(url, info.get("port"), uds, token, conn, index_dir, proc, log)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen, conn: Path, log: Path, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"clip-hpc serve exited with {proc.returncode}:\n{log.read_text()}")
+        if conn.exists():
+            info = json.loads(conn.read_text())
+            transport = httpx.HTTPTransport(uds=info["uds"]) if info.get("uds") else None
+            base = "http://localhost" if info.get("uds") else f"http://127.0.0.1:{info['port']}"
+            with contextlib.suppress(httpx.HTTPError), httpx.Client(transport=transport, trust_env=False) as c:
+                if c.get(base + "/health", timeout=2).status_code == 200:
+                    return info
+        time.sleep(0.2)
+    raise AssertionError(f"clip-hpc serve not ready after {timeout} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def live_server(served_index: Path, tmp_path_factory) -> Iterator[Served]:
+    """One real uvicorn process on 127.0.0.1 for the session; a 1 MiB upload limit to test 413 cheaply."""
+    with start_server(served_index, tmp_path_factory.mktemp("live"), "--port", "0", "--max-upload-mb", "1") as srv:
+        yield srv
