@@ -91,7 +91,58 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
 # --- index, search, serve, check-ports, demo: registered below as their stages land -----------------------------
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_embed, add_info, add_fetch_model]
+# --- serve, check-ports ----------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from clip_hpc.server import serve
+
+    return serve(args.index_dir, host=args.host, port=args.port, uds=args.uds, connection_file=args.connection_file,
+                 model=args.model, pretrained=args.pretrained, device=args.device, nprobe=args.nprobe,
+                 max_upload_mb=args.max_upload_mb, log_level=args.log_level)
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve an INDEX_DIR over HTTP (token auth; port or 0600 unix socket)",
+                       description="The token comes from $CLIP_HPC_TOKEN, else it is random; the ssh command names "
+                                   "the login host from $CLIP_HPC_LOGIN_HOST.")
+    p.add_argument("index_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 lets the login node forward to it)")
+    p.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
+    p.add_argument("--uds", help="listen on this unix socket (mode 0600) instead of a port")
+    p.add_argument("--connection-file", help="where to write host, port, token, URL and ssh command (mode 0600; "
+                                              "default ~/.clip-hpc/connections/<host>-<pid>.json)")
+    p.add_argument("--model", default=None, help="model name (default: the one recorded in index.json)")
+    p.add_argument("--pretrained", default=None, help="weights (default: the ones recorded in index.json)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--nprobe", type=int, default=None)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger request bodies get 413")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_check_ports(args: argparse.Namespace) -> int:
+    from clip_hpc.tunnel import check_ports
+
+    steps = check_ports(connection_file=args.connection_file, port=args.port, token=args.token, host=args.host,
+                        server=args.server)
+    for step in steps:
+        print(step.line(), flush=True)
+    return 0 if all(step.ok for step in steps) else 1
+
+
+def add_check_ports(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-ports", help="diagnose the laptop -> tunnel -> server chain, one hop at a time")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--connection-file", help="the file written by clip-hpc serve (copied to the laptop)")
+    where.add_argument("--port", type=int, help="the local port of the tunnel")
+    p.add_argument("--token", help="the server's token (default: from the connection file)")
+    p.add_argument("--host", default="localhost", help="where the tunnel listens (default localhost)")
+    p.add_argument("--server", action="store_true",
+                   help="run on the node itself, against the connection file's host and port or socket")
+    p.set_defaults(func=cmd_check_ports)
+
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_embed, add_info, add_fetch_model,
+                                                                   add_serve, add_check_ports]
 
 
 def build_parser() -> argparse.ArgumentParser:
