@@ -1,0 +1,284 @@
+"""The index stage: parameter choice, the recall self-check, builds from real shards, refusals, --update."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import faiss
+import h5py
+import numpy as np
+import pytest
+
+from clip_hpc.errors import UserError
+from clip_hpc.index import (build_index, choose_index_key, choose_train_size, exact_top_k, ivf_lists,
+                            off_distribution_queries, recall_at_k, tune_nprobe)
+from clip_hpc.search import SearchEngine
+from clip_hpc.shards import shard_path, write_shard
+from conftest import make_images, run_cli
+from index_fixtures import synthetic, synthetic_emb_dir
+
+IVF_KEY = "IVF16,PQ8x4fs"
+
+
+# --- the pure core ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [10_000, 200_000, 1_000_000, 10**9])
+@pytest.mark.parametrize("dim", [512, 768])
+def test_auto_key_follows_the_contract(n, dim):
+    key = choose_index_key(n, dim)
+    nlist = ivf_lists(key)
+    assert 4 * math.sqrt(n) <= nlist <= 16 * math.sqrt(n)
+    assert re.fullmatch(rf"IVF{nlist},PQ{dim // 8}x4fs", key)
+    train = choose_train_size(n, key)
+    assert 30 * nlist <= train <= 256 * nlist or train == n
+
+
+def test_auto_key_is_flat_for_small_sets():
+    assert choose_index_key(9_999, 512) == "Flat"
+    assert choose_train_size(9_999, "Flat") == 0
+    assert choose_train_size(5_000, "IVF256,PQ8") == 5_000  # never more than there is
+
+
+def test_recall_at_k():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = np.array([[1, 2, 9, 9], [8, 7, 6, 5]])
+    assert recall_at_k(approx, exact, 4) == pytest.approx((0.5 + 1.0) / 2)
+    assert recall_at_k(np.full((2, 4), -1), exact, 4) == 0.0
+
+
+def test_tune_nprobe_takes_the_smallest_that_reaches_the_target():
+    table = {1: 0.5, 2: 0.9, 4: 0.96, 8: 0.99, 16: 1.0}
+    tried = []
+    best, seen = tune_nprobe(lambda p: tried.append(p) or table[p], nlist=16)
+    assert best == 4 and tried == [1, 2, 4] and seen == {1: 0.5, 2: 0.9, 4: 0.96}
+    best, seen = tune_nprobe(lambda p: 0.5 + p / 100, nlist=12)
+    assert best == 12 and max(seen) == 12  # never reached: the best tried, nlist included
+
+
+def test_exact_top_k_matches_brute_force_and_skips_empty_rows():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((1000, 16)).astype(np.float32)
+    vectors[::7] = 0  # failed ids leave zero rows
+    queries = rng.standard_normal((5, 16)).astype(np.float32)
+    scores = queries @ vectors.T
+    scores[:, ::7] = -np.inf
+    expected = np.argsort(-scores, axis=1)[:, :10]
+    np.testing.assert_array_equal(exact_top_k(queries, vectors, 10, chunk=64), expected)
+
+
+def test_off_distribution_queries_are_unit_vectors_moved_away():
+    rng = np.random.default_rng(0)
+    x, _ = synthetic.gaussian_mixture(200, 64, 5)
+    moved = off_distribution_queries(x, rng)
+    np.testing.assert_allclose(np.linalg.norm(moved, axis=1), 1, atol=1e-5)
+    cos = np.sum(moved * x, axis=1)
+    assert 0.3 < cos.mean() < 0.9
+
+
+# --- builds from shards ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flat_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flat")
+    emb, vectors = synthetic_emb_dir(root / "emb", 1500, failed_every=50)
+    info = build_index(emb, root / "index", progress=False)
+    return root, info, vectors
+
+
+def test_flat_build_writes_the_contracted_files(flat_index):
+    root, info, vectors = flat_index
+    index_dir = root / "index"
+    assert sorted(p.name for p in index_dir.iterdir()) == ["index.faiss", "index.json", "meta.sqlite", "vectors.npy"]
+    on_disk = json.loads((index_dir / "index.json").read_text())
+    assert on_disk == info
+    for field in ("index_key", "nprobe", "n", "dim", "model", "pretrained", "refine", "timings", "recall"):
+        assert field in info
+    assert info["index_key"] == "Flat" and info["refine"] is False
+    assert info["n"] == 1500 - 30 and info["n_rows"] == 1500 and info["row_layout"] == "global_id"
+    assert info["recall"]["served"] == 1.0
+    assert not list(root.glob(".index.tmp-*"))
+
+
+def test_vectors_npy_row_is_the_global_id(flat_index):
+    root, _, vectors = flat_index
+    stored = np.load(root / "index" / "vectors.npy", mmap_mode="r")
+    assert stored.dtype == np.float16 and stored.shape == (1500, 32)
+    ok = np.arange(1500) % 50 != 49
+    np.testing.assert_array_equal(stored[ok], vectors[ok].astype(np.float16))
+    assert not np.any(stored[~ok])
+
+
+def test_every_embedded_id_is_found_by_its_own_vector(flat_index):
+    root, _, vectors = flat_index
+    engine = SearchEngine(root / "index", nprobe=None)
+    ids = [i for i in range(1500) if i % 50 != 49]
+    hits = engine.search_vectors(vectors[ids], k=1)
+    assert [h[0].id for h in hits] == ids
+    assert all(h[0].score == pytest.approx(1.0, abs=2e-3) for h in hits)
+    assert hits[3][0].path == synthetic.synthetic_path(3, int(re.search(r"c(\d+)", hits[3][0].path).group(1)))
+    assert not engine.contains(49) and engine.contains(48)
+
+
+def test_ivf_build_tunes_nprobe_and_its_recall_is_real(tmp_path):
+    emb, vectors = synthetic_emb_dir(tmp_path / "emb", 4000, seed=3)
+    info = build_index(emb, tmp_path / "index", index_key=IVF_KEY, progress=False)
+    recall, nprobe = info["recall"], info["nprobe"]
+    assert info["refine"] is True and recall["target_met"] and recall["served"] >= 0.95
+    tuned = {int(k.split(",")[0][6:]): v for k, v in recall["tuning"].items()
+             if k.endswith(f"refine{info['refine_factor']}")}
+    assert all(v < 0.95 for p, v in tuned.items() if p < nprobe)  # the smallest that reaches the target
+    # measured again, independently, with queries the self-check never saw
+    rng = np.random.default_rng(42)
+    queries = off_distribution_queries(vectors[rng.choice(4000, 100, replace=False)], rng)
+    exact = exact_top_k(queries, vectors, 10)
+    engine = SearchEngine(tmp_path / "index")
+    approx = np.array([[h.id for h in row] for row in engine.search_vectors(queries, 10)])
+    assert recall_at_k(approx, exact, 10) >= 0.9
+    plain = SearchEngine(tmp_path / "index", refine=False)
+    approx_plain = np.array([[h.id for h in row] for row in plain.search_vectors(queries, 10)])
+    assert recall_at_k(approx_plain, exact, 10) < recall_at_k(approx, exact, 10)
+
+
+# --- refusals: a clear error and no INDEX_DIR ------------------------------------------------------------------
+def _break_dims(emb):
+    write_shard(shard_path(emb, 1), embeddings=np.ones((2, 16), np.float16), ids=[500, 501], paths=["a", "b"],
+                attrs={"model": synthetic.MODEL, "pretrained": "none", "dim": 16, "unit": 1, "unit_size": 500})
+
+
+def _break_model(emb):
+    shard = h5py.File(shard_path(emb, 1), "r+")
+    shard.attrs["model"] = "ViT-B-32"
+    shard.close()
+
+
+def _break_missing(emb):
+    shard_path(emb, 1).unlink()
+
+
+def _break_truncated(emb):
+    path = shard_path(emb, 1)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, message", [(_break_dims, "dims"), (_break_model, "models"),
+                                             (_break_missing, "missing units"), (_break_truncated, "shard")])
+def test_a_bad_shard_set_is_refused_and_nothing_is_written(tmp_path, damage, message):
+    emb, _ = synthetic_emb_dir(tmp_path / "emb", 1500)
+    damage(emb)
+    with pytest.raises(UserError, match=message):
+        build_index(emb, tmp_path / "index", progress=False)
+    assert not (tmp_path / "index").exists() and not list(tmp_path.glob(".index*"))
+    proc = run_cli("index", emb, "--out", tmp_path / "index")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("clip-hpc index: error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "index").exists()
+
+
+@pytest.mark.parametrize("key, message", [("IVF99999,PQ8", "needs at least"), ("NotAnIndex", "factory"),
+                                          ("IVF16,PQ7", "factory")])
+def test_a_bad_index_key_is_refused(tmp_path, key, message):
+    emb, _ = synthetic_emb_dir(tmp_path / "emb", 600)
+    with pytest.raises(UserError, match=message):
+        build_index(emb, tmp_path / "index", index_key=key, progress=False)
+    assert not (tmp_path / "index").exists()
+
+
+def test_an_existing_index_dir_is_not_overwritten(flat_index):
+    root, info, _ = flat_index
+    with pytest.raises(UserError, match="--update"):
+        build_index(root / "emb", root / "index", progress=False)
+    assert json.loads((root / "index" / "index.json").read_text()) == info
+
+
+# --- --update --------------------------------------------------------------------------------------------------
+def test_update_adds_new_units_without_retraining(tmp_path):
+    vectors, labels = synthetic.gaussian_mixture(3000, 32, 20, latent=8, seed=5)
+    emb = tmp_path / "emb"
+    synthetic.write_emb_dir(emb, vectors[:2000], labels[:2000], 500)
+    build_index(emb, tmp_path / "index", index_key=IVF_KEY, progress=False)
+    before = faiss.read_index(str(tmp_path / "index" / "index.faiss"))
+    old = SearchEngine(tmp_path / "index")
+    old_paths = old.meta.paths_of(range(2000))
+    old_hits = [h.id for h in old.search_ids([17], k=5)]
+    assert build_index(emb, tmp_path / "index", update=True, progress=False)["updates"] == []  # nothing new
+
+    synthetic.write_emb_dir(emb, vectors[2000:], labels[2000:], 500, first_id=2000)
+    info = build_index(emb, tmp_path / "index", update=True, progress=False)
+    after = faiss.read_index(str(tmp_path / "index" / "index.faiss"))
+    assert after.ntotal == 3000 and info["n"] == 3000 and info["updates"][0]["added"] == 1000
+    assert info["updates"][0]["units"] == [4, 5] and info["updates"][0]["timings"]["train_s"] == 0
+    np.testing.assert_array_equal(faiss.extract_index_ivf(after).quantizer.reconstruct_n(0, 16),
+                                  faiss.extract_index_ivf(before).quantizer.reconstruct_n(0, 16))
+    engine = SearchEngine(tmp_path / "index")
+    assert engine.meta.paths_of(range(2000)) == old_paths
+    new_ids = list(range(2000, 3000, 37))
+    assert [row[0].id for row in engine.search_vectors(vectors[new_ids], k=1)] == new_ids
+    assert [h.id for h in engine.search_ids([17], k=5)][0] == old_hits[0] == 17
+    assert not list(tmp_path.glob(".index*"))
+
+
+def test_update_refuses_another_model_and_keeps_the_index(tmp_path):
+    emb, _ = synthetic_emb_dir(tmp_path / "emb", 600)
+    info = build_index(emb, tmp_path / "index", progress=False)
+    other, _ = synthetic_emb_dir(tmp_path / "other", 600, dim=16)
+    with pytest.raises(UserError, match="build a new index"):
+        build_index(other, tmp_path / "index", update=True, progress=False)
+    assert json.loads((tmp_path / "index" / "index.json").read_text()) == info
+
+
+# --- the real pipeline: clip-hpc embed (tiny model) -> index -> search, then embed --append -> index --update ----
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    images = make_images(root / "images", 45)
+    run_cli("embed", images, "--out", root / "emb", "--model", "clip-hpc-tiny", "--pretrained", "none",
+            "--shard-size", "20", "--workers", "0", check=True)
+    run_cli("index", root / "emb", "--out", root / "index", "--quiet", check=True)
+    return root
+
+
+def test_every_embedded_image_is_searchable_by_id(embedded):
+    engine = SearchEngine(embedded / "index")
+    with h5py.File(shard_path(embedded / "emb", 0)) as f:
+        assert f.attrs["model"] == engine.info["model"] == "clip-hpc-tiny"
+    ids = engine.meta.all_ids()
+    assert len(ids) == engine.n >= 40
+    for i in ids:
+        top = engine.search_ids([i], k=3)[0]
+        assert top.id == i and top.score == pytest.approx(1.0, abs=2e-3) and top.path == engine.path_of(i)
+
+
+def test_search_cli_prints_ranked_paths(embedded):
+    proc = run_cli("search", embedded / "index", "a red circle", "-k", "5", check=True)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 5 and all(re.match(r"\s*\d+\s+-?\d\.\d{4}\s+/", line) for line in lines)
+    scores = [float(line.split()[1]) for line in lines]
+    assert scores == sorted(scores, reverse=True)
+    engine = SearchEngine(embedded / "index")
+    some = engine.path_of(engine.meta.all_ids()[7])
+    result = json.loads(run_cli("search", embedded / "index", "--image", some, "-k", "3", "--json",
+                                check=True).stdout)["results"]
+    assert result[0]["path"] == some and result[0]["score"] == pytest.approx(1.0, abs=1e-2)
+    bad = run_cli("search", embedded / "index")
+    assert bad.returncode == 2 and bad.stderr.startswith("clip-hpc search: error:")
+
+
+def test_update_after_embed_append(embedded, tmp_path):
+    import shutil
+
+    emb, index = tmp_path / "emb", tmp_path / "index"
+    shutil.copytree(embedded / "emb", emb)
+    shutil.copytree(embedded / "index", index)
+    old = SearchEngine(index)
+    old_ids, old_paths = old.meta.all_ids(), old.meta.paths_of(old.meta.all_ids())
+    more = make_images(tmp_path / "more", 12, seed=7)
+    run_cli("embed", embedded / "images", more, "--out", emb, "--model", "clip-hpc-tiny", "--pretrained", "none",
+            "--shard-size", "20", "--workers", "0", "--append", check=True)
+    proc = run_cli("index", emb, "--out", index, "--update", "--quiet", check=True)
+    info = json.loads((index / "index.json").read_text())
+    assert info["updates"] and info["updates"][-1]["timings"]["train_s"] == 0, proc.stdout
+    engine = SearchEngine(index)
+    assert engine.meta.paths_of(old_ids) == old_paths
+    new = [i for i in engine.meta.all_ids() if i not in set(old_ids)]
+    assert len(new) >= 10 and all(str(more) in engine.path_of(i) for i in new)
+    for i in new:
+        assert engine.search_ids([i], k=1)[0].id == i
