@@ -91,6 +91,58 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
 # --- index, search, serve, check-ports, demo: registered below as their stages land -----------------------------
 
 
+# --- index, search ----------------------------------------------------------------------------------------------
+def cmd_index(args: argparse.Namespace) -> int:
+    from clip_hpc.index import build_index
+
+    info = build_index(args.emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
+                       refine=args.refine, nprobe=args.nprobe, update=args.update, progress=not args.quiet)
+    recall = info.get("recall", {})
+    print(f"{args.out}: {info['n']} vectors, {info['index_key']}, nprobe {info['nprobe']}, "
+          f"{info.get('bytes_per_vector')} B/vector, recall@10 {recall.get('served')} "
+          f"(in {recall.get('in_distribution')}, off {recall.get('off_distribution')})")
+    return 0
+
+
+def add_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="build (or --update) a FAISS index with metadata from an EMB_DIR")
+    p.add_argument("emb_dir")
+    p.add_argument("--out", required=True, help="INDEX_DIR (written to a temporary directory, renamed at the end)")
+    p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ64x4fs")
+    p.add_argument("--train-size", type=int, default=None, help="training sample size (default 40 x lists)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-rank candidates exactly with vectors.npy (default: on for compressed indexes)")
+    p.add_argument("--nprobe", type=int, default=None, help="default nprobe (default: smallest with recall@10 >= 0.95)")
+    p.add_argument("--update", action="store_true", help="add units not yet indexed, without retraining")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_index)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from clip_hpc.search import search_local
+
+    hits = search_local(args.index_dir, text=args.text, image=args.image, k=args.k, nprobe=args.nprobe,
+                        device=args.device)
+    if args.json:
+        print(json.dumps({"results": [hit.to_dict() for hit in hits]}, indent=2))
+    else:
+        for rank, hit in enumerate(hits, 1):
+            print(f"{rank:3d}  {hit.score:.4f}  {hit.path}")
+    return 0
+
+
+def add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="query an INDEX_DIR by text or image; prints ranked paths and scores")
+    p.add_argument("index_dir")
+    p.add_argument("text", nargs="?", default=None, help="the text query")
+    p.add_argument("--image", help="an image file to search by")
+    p.add_argument("-k", type=int, default=10, help="number of results")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--nprobe", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_search)  # client mode (--url/--token/--connection-file) plugs in here
+
+
 # --- serve, check-ports ----------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from clip_hpc.server import serve
@@ -142,6 +194,7 @@ def add_check_ports(sub: argparse._SubParsersAction) -> None:
 
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_embed, add_info, add_fetch_model,
+                                                                   add_index, add_search,
                                                                    add_serve, add_check_ports]
 
 
