@@ -193,9 +193,26 @@ def add_check_ports(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_check_ports)
 
 
+# --- demo ------------------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from clip_hpc.demo import run_demo
+
+    return run_demo(args.out, n_images=args.images, ranks=args.ranks, index_key=args.index_key, wait=not args.no_wait)
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end demo: images, mpiexec embed, index, serve, queries")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--ranks", type=int, default=2, help="MPI ranks for the embed step (mpiexec -n)")
+    p.add_argument("--index-key", default="IVF32,PQ16x4fs", help="FAISS factory string or 'auto'")
+    p.add_argument("--no-wait", action="store_true", help="stop the server after the example queries")
+    p.set_defaults(func=cmd_demo)
+
+
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_embed, add_info, add_fetch_model,
                                                                    add_index, add_search,
-                                                                   add_serve, add_check_ports]
+                                                                   add_serve, add_check_ports, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"clip-hpc {args.command}: error: {exc}", file=sys.stderr)
+        from clip_hpc.dist import speaks_for_job
+
+        if speaks_for_job():  # under MPI every rank raises the same error; say it once
+            print(f"clip-hpc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"clip-hpc {args.command}: interrupted", file=sys.stderr)

@@ -1,0 +1,33 @@
+# The two quick-start commands:  `make demo`  and  `make test`  (CI runs `make test` via .ci/run).
+# Everything is installed by these targets; nothing relies on something installed by hand.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.clip-hpc-installed
+
+.PHONY: setup demo test test-fast clean
+
+# torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml: the one pair whose torchvision imports here.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/clip-hpc demo --out demo-out
+
+# System services for the integration tests (slurm, munge, sshd, chromium) are installed here, then every
+# test group runs: unit, mpi, slurm, ssh, browser.
+test: setup
+	bash scripts/install_test_services.sh
+	$(BIN)/python -m pytest -v -rs --timeout=900 --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slurm and not ssh and not browser and not slow"
+
+clean:
+	rm -rf $(VENV) demo-out test-artifacts .pytest_cache

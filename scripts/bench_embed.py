@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Embedding throughput: end to end with 1 and 2 MPI ranks, plus decode-only and model-only rates, so that the
+bottleneck is visible. Prints a JSON document, then a table.
+
+    python scripts/bench_embed.py [--images 256] [--models clip-hpc-tiny,ViT-B-32] [--ranks 1,2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_ranks(images: Path, model: str, ranks: int, n: int, batch: int, workers: int, tmp: Path) -> dict:
+    """One fresh `clip-hpc embed` under mpiexec; the rate counts images over the slowest rank's loop time."""
+    out = tmp / f"emb-{model}-{ranks}"
+    code = ("import json, sys; from clip_hpc.embed import EmbedConfig, embed; "
+            "s = embed(EmbedConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], pretrained='none', "
+            "batch_size=int(sys.argv[4]), workers=int(sys.argv[5]), shard_size=int(sys.argv[6]), progress=False)); "
+            "print('BENCH' + json.dumps(s['per_rank'], default=str)) if s['per_rank'] else None")
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-c", code, str(images), str(out),
+                           model, str(batch), str(workers), str(max(1, n // (4 * ranks)))], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    per_rank = json.loads(next(line[5:] for line in proc.stdout.splitlines() if line.startswith("BENCH")))
+    loop = max(r["seconds"] for r in per_rank)
+    return {"model": model, "ranks": ranks, "images": n, "img_per_s": n / loop, "wall_s_with_startup": wall,
+            "per_rank_img_per_s": [(r["embedded"] + r["failed"]) / r["seconds"] for r in per_rank if r["seconds"]]}
+
+
+def decode_rate(images: Path, model: str, workers: int, batch: int) -> float:
+    """The reader alone: DataLoader workers decode and preprocess, nothing runs the model."""
+    from torch.utils.data import DataLoader
+
+    from clip_hpc.embed import ImageDataset, collate
+    from clip_hpc.models import load_model
+    from clip_hpc.sources import list_images
+
+    loaded = load_model(model, "none", device="cpu")
+    paths = list_images([images])
+    ds = ImageDataset(range(len(paths)), paths, loaded.preprocess, loaded.image_size, 10**9)
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
+    t0 = time.perf_counter()
+    n = sum(len(b["ids"]) for b in loader)
+    return n / (time.perf_counter() - t0)
+
+
+def model_rate(model: str, batch: int, seconds: float = 8.0) -> float:
+    """The mapper alone: inference on ready tensors, all cores to one process."""
+    from clip_hpc.models import load_model
+
+    loaded = load_model(model, "none", device="auto")
+    x = torch.randn(batch, 3, loaded.image_size, loaded.image_size)
+    loaded.encode_images(x)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        loaded.encode_images(x)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--big-model-images", type=int, default=64, help="fewer images for ViT-B-32 on a CPU")
+    ap.add_argument("--models", default="clip-hpc-tiny,ViT-B-32")
+    ap.add_argument("--ranks", default="1,2")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    results = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                           "torch": torch.__version__}, "runs": [], "decode_only": {}, "model_only": {}}
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        for model in args.models.split(","):
+            n = args.images if model == "clip-hpc-tiny" else args.big_model_images
+            images = tmp / f"images-{n}"
+            if not images.exists():
+                subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_images.py"), str(images),
+                                "-n", str(n)], check=True, capture_output=True)
+            for ranks in map(int, args.ranks.split(",")):
+                results["runs"].append(run_ranks(images, model, ranks, n, args.batch_size, args.workers, tmp))
+            results["decode_only"][model] = decode_rate(images, model, max(1, args.workers), args.batch_size)
+            results["model_only"][model] = model_rate(model, args.batch_size)
+    print(json.dumps(results, indent=2))
+    print(f"\n| model | ranks | end-to-end img/s | decode-only img/s | model-only img/s |\n|---|---|---|---|---|")
+    for r in results["runs"]:
+        print(f"| {r['model']} | {r['ranks']} | {r['img_per_s']:.1f} | {results['decode_only'][r['model']]:.1f} | "
+              f"{results['model_only'][r['model']]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
