@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -119,28 +120,53 @@ def add_index(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    if args.url or args.connection_file:
+        return cmd_search_remote(args)
+    if not args.index_dir:
+        raise UserError("give INDEX_DIR (or --url URL / --connection-file F to ask a running server)")
     from clip_hpc.search import search_local
 
     hits = search_local(args.index_dir, text=args.text, image=args.image, k=args.k, nprobe=args.nprobe,
                         device=args.device)
-    if args.json:
-        print(json.dumps({"results": [hit.to_dict() for hit in hits]}, indent=2))
+    print_hits([hit.to_dict() for hit in hits], args.json)
+    return 0
+
+
+def cmd_search_remote(args: argparse.Namespace) -> int:
+    """Client mode: `clip-hpc search --url URL --token T TEXT`; the lone positional is the text, not a directory."""
+    from clip_hpc.tunnel import remote_search, resolve_endpoint
+
+    if args.index_dir and args.text:
+        raise UserError("with --url or --connection-file give only the text query, not INDEX_DIR")
+    text = args.text or args.index_dir
+    base, uds, token = resolve_endpoint(url=args.url, token=args.token or os.environ.get("CLIP_HPC_TOKEN"),
+                                        connection_file=args.connection_file, server=args.server)
+    print_hits(remote_search(base, text, image=args.image, token=token, uds=uds, k=args.k)["results"], args.json)
+    return 0
+
+
+def print_hits(hits: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"results": hits}, indent=2))
     else:
         for rank, hit in enumerate(hits, 1):
-            print(f"{rank:3d}  {hit.score:.4f}  {hit.path}")
-    return 0
+            print(f"{rank:3d}  {hit['score']:.4f}  {hit['path']}")
 
 
 def add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="query an INDEX_DIR by text or image; prints ranked paths and scores")
-    p.add_argument("index_dir")
+    p.add_argument("index_dir", nargs="?", default=None, help="the INDEX_DIR (not in client mode)")
     p.add_argument("text", nargs="?", default=None, help="the text query")
     p.add_argument("--image", help="an image file to search by")
+    p.add_argument("--url", help="client mode: ask the server at this URL (the tunnel's http://localhost:PORT)")
+    p.add_argument("--token", help="client mode: the server's token (default $CLIP_HPC_TOKEN or the connection file)")
+    p.add_argument("--connection-file", help="client mode: the file written by clip-hpc serve")
+    p.add_argument("--server", action="store_true", help="client mode on the node itself (port or unix socket)")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--json", action="store_true")
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.set_defaults(func=cmd_search)  # client mode (--url/--token/--connection-file) plugs in here
+    p.set_defaults(func=cmd_search)
 
 
 # --- serve, check-ports ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ The chain is browser -> laptop port -> ssh tunnel -> node port or unix socket ->
 """
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import errno
 import json
@@ -187,11 +188,26 @@ def resolve_endpoint(*, url: str | None = None, token: str | None = None, connec
     return url.split("?")[0].rstrip("/") or url, None, token
 
 
-def remote_search(base_url: str, text: str, *, token: str | None, uds: str | None = None, k: int = 10) -> dict:
-    """The CLI's client mode: the same query as the gallery's search box."""
+def remote_search(base_url: str, text: str | None = None, *, image: str | None = None, token: str | None,
+                  uds: str | None = None, k: int = 10) -> dict:
+    """The CLI's client mode: text (GET /api/search), an image (upload), or both (POST /api/search)."""
+    if not text and not image:
+        raise UserError("give a text query, --image PATH, or both")
+    data = None
+    if image:
+        try:
+            data = Path(image).read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read {image}: {exc.strerror}")
     with make_client(base_url, uds=uds, token=token) as client:
         try:
-            resp = client.get("/api/search", params={"q": text, "k": k})
+            if data is not None and text:
+                payload = {"text": text, "image_b64": base64.b64encode(data).decode(), "k": k}
+                resp = client.post("/api/search", json=payload)
+            elif data is not None:
+                resp = client.post("/api/search/image", params={"k": k}, files={"file": (Path(image).name, data)})
+            else:
+                resp = client.get("/api/search", params={"q": text, "k": k})
         except httpx.HTTPError as exc:
             raise UserError(f"cannot reach {base_url}: {exc}; run clip-hpc check-ports to find the broken hop")
     if resp.status_code != 200:
