@@ -1,0 +1,200 @@
+"""Ports, the connection file, the ssh command, `check-ports` and the CLI client, against real sockets and a real
+`clip-hpc serve` process. (The same checks through a real sshd tunnel live with the ssh tests.)"""
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from clip_hpc import tunnel
+from clip_hpc.errors import UserError
+from conftest import run_cli
+from server_fixtures import TOKEN, start_server
+
+
+# --- pieces ------------------------------------------------------------------------------------------------------
+def test_ssh_command_ends_where_the_server_listens(monkeypatch):
+    monkeypatch.setenv(tunnel.LOGIN_HOST_ENV, "me@login1")
+    assert tunnel.ssh_command("nid001", port=9000) == "ssh -N -L 9000:localhost:9000 -J me@login1 nid001"
+    assert tunnel.ssh_command("nid001", port=9000, bind_host="0.0.0.0", local_port=8000) == \
+        "ssh -N -L 8000:nid001:9000 me@login1"
+    assert tunnel.ssh_command("nid001", uds="/home/me/s.sock") == "ssh -N -L 8765:/home/me/s.sock -J me@login1 nid001"
+    monkeypatch.delenv(tunnel.LOGIN_HOST_ENV)
+    assert tunnel.ssh_command("nid001", port=1, bind_host="0.0.0.0").endswith(" <login-node>")
+
+
+def test_connection_file_is_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o000)
+    try:
+        info = tunnel.connection_info(token="t0k", port=1234)
+        path = tunnel.write_connection_file(tmp_path / "deep" / "c.json", info)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    back = tunnel.read_connection_file(path)
+    assert back["token"] == "t0k" and back["port"] == 1234 and back["pid"] == os.getpid()
+    assert back["url"] == "http://localhost:1234/?token=t0k" and "1234" in back["ssh_command"]
+    assert [p.name for p in path.parent.iterdir()] == ["c.json"]  # no temporary left behind
+    tunnel.remove_connection_file(path)
+    assert not path.exists()
+
+
+def test_someone_elses_connection_file_is_left_alone(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"token": "x", "port": 1, "pid": os.getpid() + 1}))
+    tunnel.remove_connection_file(path)
+    assert path.exists()
+
+
+@pytest.mark.parametrize("content,message", [(None, "does not exist"), ("{not json", "cannot read"),
+                                             ('{"port": 1}', "not a clip-hpc connection file")])
+def test_bad_connection_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "c.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        tunnel.read_connection_file(path)
+
+
+def test_ports_and_sockets(tmp_path):
+    with tunnel.bind_tcp("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"port {port} .* is taken"):
+            tunnel.bind_tcp("127.0.0.1", port)
+    assert 1024 <= tunnel.free_port() <= 65535
+
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("x")
+    with pytest.raises(UserError, match="not a socket"):
+        tunnel.bind_unix(not_a_socket)
+    path = tmp_path / "live.sock"
+    with tunnel.bind_unix(path) as live:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with pytest.raises(UserError, match="already listens"):
+            tunnel.bind_unix(path)
+    with tunnel.bind_unix(path):  # a stale socket (its server gone) is replaced
+        assert path.is_socket()
+
+
+# --- check-ports -------------------------------------------------------------------------------------------------
+def check_ports(*args: str) -> tuple[int, list[str]]:
+    proc = run_cli("check-ports", *args, timeout=120)
+    assert not proc.stderr.strip() or proc.returncode == 2, proc.stderr
+    return proc.returncode, proc.stdout.splitlines()
+
+
+def test_check_ports_passes_against_a_live_server(live_server):
+    for args in (("--connection-file", str(live_server.connection_file)),
+                 ("--connection-file", str(live_server.connection_file), "--server"),
+                 ("--port", str(live_server.port), "--token", TOKEN)):
+        rc, lines = check_ports(*args)
+        assert rc == 0 and len(lines) == 4 and all(line.startswith("PASS") for line in lines), lines
+
+
+def test_check_ports_names_a_wrong_or_missing_token(live_server):
+    rc, lines = check_ports("--port", str(live_server.port), "--token", "wrong")
+    assert rc == 1 and lines[0].startswith("PASS") and lines[1].startswith("PASS")
+    assert lines[2].startswith("FAIL") and "token rejected: copy it from the connection file" in lines[2]
+    assert lines[3].startswith("SKIP")
+    rc, lines = check_ports("--port", str(live_server.port))
+    assert rc == 1 and lines[2].startswith("FAIL") and "no token given" in lines[2]
+
+
+def test_check_ports_without_tunnel_prints_the_ssh_command(live_server, tmp_path):
+    info = json.loads(live_server.connection_file.read_text())
+    info["local_port"] = tunnel.free_port()  # the laptop side: nothing listens there
+    copy = tmp_path / "laptop-copy.json"
+    copy.write_text(json.dumps(info))
+    rc, lines = check_ports("--connection-file", str(copy))
+    assert rc == 1 and lines[0].startswith("FAIL")
+    assert f"nothing listens on localhost:{info['local_port']}: is the tunnel up? run: {info['ssh_command']}" \
+        in lines[0]
+    assert all(line.startswith("SKIP") for line in lines[1:])
+
+
+@contextlib.contextmanager
+def foreign_http_server():
+    """Another program holding the port: any HTTP server that is not clip-hpc."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def dead_end_tunnel():
+    """What `ssh -L` does when the far end is gone: it accepts, then closes without a byte."""
+    listener = tunnel.bind_tcp("127.0.0.1", 0)
+    stop = threading.Event()
+
+    def accept_and_close() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                conn.close()
+
+    thread = threading.Thread(target=accept_and_close, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def test_check_ports_spots_another_program_on_the_port():
+    with foreign_http_server() as port:
+        rc, lines = check_ports("--port", str(port), "--token", TOKEN)
+    assert rc == 1 and lines[0].startswith("PASS") and lines[1].startswith("FAIL")
+    assert f"port {port} answers (HTTP 404) but is not clip-hpc: another program holds it, pick another local port" \
+        in lines[1]
+
+
+def test_check_ports_spots_a_tunnel_with_nothing_behind_it():
+    with dead_end_tunnel() as port:
+        rc, lines = check_ports("--port", str(port), "--token", TOKEN)
+    assert rc == 1 and lines[0].startswith("PASS") and lines[1].startswith("FAIL")
+    assert "is up but nothing answers behind it" in lines[1] and "squeue" in lines[1]
+
+
+def test_check_ports_needs_a_port_or_a_file():
+    proc = run_cli("check-ports")
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        "clip-hpc check-ports: error: give --port P or --connection-file PATH"
+
+
+# --- the CLI client ----------------------------------------------------------------------------------------------
+def test_cli_client_by_url_and_by_connection_file(live_server):
+    with live_server.client() as c:
+        expected = [h["path"] for h in c.get("/api/search", params={"q": "yellow", "k": 4}).json()["results"]]
+    by_url = run_cli("search", "--url", live_server.url, "--token", TOKEN, "yellow", "-k", "4", "--json", check=True)
+    assert [h["path"] for h in json.loads(by_url.stdout)["results"]] == expected
+    by_file = run_cli("search", "--connection-file", live_server.connection_file, "yellow", "-k", "4", check=True)
+    assert [line.split()[-1] for line in by_file.stdout.splitlines()] == expected
+    image = run_cli("search", "--connection-file", live_server.connection_file, "--image", expected[0], "-k", "1",
+                    check=True)
+    assert image.stdout.split()[-1] == expected[0]
+    denied = run_cli("search", "--url", live_server.url, "--token", "wrong", "yellow")
+    assert denied.returncode == 2 and denied.stderr.startswith("clip-hpc search: error: server answered 401")
+
+
+def test_server_mode_over_a_unix_socket(served_index, tmp_path):
+    with start_server(served_index, tmp_path, "--uds", str(tmp_path / "clip.sock")) as srv:
+        rc, lines = check_ports("--connection-file", str(srv.connection_file), "--server")
+        assert rc == 0 and all(line.startswith("PASS") for line in lines), lines
+        assert str(tmp_path / "clip.sock") in lines[0]
+        found = run_cli("search", "--connection-file", srv.connection_file, "--server", "red", "-k", "2",
+                        check=True)
+        assert len(found.stdout.splitlines()) == 2
