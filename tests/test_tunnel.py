@@ -6,15 +6,16 @@ import contextlib
 import http.server
 import json
 import os
-import socket
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from clip_hpc import tunnel
 from clip_hpc.errors import UserError
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from server_fixtures import TOKEN, start_server
 
 
@@ -198,3 +199,10 @@ def test_server_mode_over_a_unix_socket(served_index, tmp_path):
         found = run_cli("search", "--connection-file", srv.connection_file, "--server", "red", "-k", "2",
                         check=True)
         assert len(found.stdout.splitlines()) == 2
+
+
+def test_check_ports_script_is_the_same_command():
+    port = tunnel.free_port()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_ports.py"), "--port", str(port), "--token",
+                           "t"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout.startswith(f"FAIL  1 something listens on localhost:{port}")
