@@ -12,6 +12,8 @@ import errno
 import json
 import os
 import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -169,6 +171,27 @@ def make_client(base_url: str | None = None, *, uds: str | None = None, token: s
     transport = httpx.HTTPTransport(uds=uds) if uds else None
     return httpx.Client(base_url=base_url or "http://localhost", headers=headers, transport=transport,
                         timeout=timeout, trust_env=False)
+
+
+def wait_for_server(connection_file: str | os.PathLike, proc: subprocess.Popen | None = None,
+                    timeout: float = 300) -> dict[str, Any]:
+    """For scripts that start `clip-hpc serve`: its connection file once /health answers (port or socket)."""
+    deadline = time.monotonic() + timeout
+    path = Path(connection_file)
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise UserError(f"clip-hpc serve exited early (exit {proc.returncode}); see its output")
+        if path.exists():
+            info = read_connection_file(path)
+            base = "http://localhost" if info.get("uds") else f"http://127.0.0.1:{info['port']}"
+            with make_client(base, uds=info.get("uds"), timeout=2) as client:
+                try:
+                    if client.get("/health").status_code == 200:
+                        return info
+                except httpx.HTTPError:
+                    pass
+        time.sleep(0.2)
+    raise UserError(f"clip-hpc serve was not ready within {timeout:.0f} s ({path})")
 
 
 def resolve_endpoint(*, url: str | None = None, token: str | None = None, connection_file: str | None = None,

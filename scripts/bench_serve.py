@@ -29,6 +29,8 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_synthetic_vectors import gaussian_mixture, write_emb_dir  # noqa: E402
 
+from clip_hpc.tunnel import wait_for_server  # noqa: E402
+
 DIMS = {"clip-hpc-tiny": 128, "ViT-B-32": 512}
 TOKEN = "bench-" + "t" * 32
 
@@ -54,17 +56,8 @@ class Server:
         self.proc = subprocess.Popen([str(BIN / "clip-hpc"), "serve", str(index), "--port", "0", "--connection-file",
                                       str(self.conn)], stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "CLIP_HPC_TOKEN": TOKEN})
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if self.conn.exists():
-                self.url = f"http://127.0.0.1:{json.loads(self.conn.read_text())['port']}"
-                try:
-                    if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.3)
-        raise SystemExit(f"serve did not start; see {self.log.name}")
+        info = wait_for_server(self.conn, self.proc, timeout=300)
+        self.url = f"http://127.0.0.1:{info['port']}"
 
     def stop(self) -> None:
         os.kill(self.proc.pid, signal.SIGTERM)

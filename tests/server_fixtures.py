@@ -3,11 +3,9 @@ tiny model) and a real `clip-hpc serve` process on 127.0.0.1, stopped by its own
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +13,8 @@ from typing import Iterator
 import httpx
 import pytest
 
+from clip_hpc.errors import UserError
+from clip_hpc.tunnel import wait_for_server
 from conftest import BIN, make_images, run_cli
 
 TOKEN = "test-token-" + "x" * 24
@@ -64,7 +64,10 @@ def start_server(index_dir: Path, workdir: Path, *extra: str, token: str = TOKEN
                                  *(extra or ("--port", "0"))], stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "CLIP_HPC_TOKEN": token, **(env or {})})
     try:
-        info = _wait_ready(proc, conn, log)
+        try:
+            info = wait_for_server(conn, proc, timeout=180)
+        except UserError as exc:
+            raise AssertionError(f"{exc}:\n{log.read_text()}") from None
         uds = info.get("uds")
         url = "http://localhost" if uds else f"http://127.0.0.1:{info['port']}"
         yield Served(url, info.get("port"), uds, token, conn, index_dir, proc, log)
@@ -76,22 +79,6 @@ def start_server(index_dir: Path, workdir: Path, *extra: str, token: str = TOKEN
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
-
-
-def _wait_ready(proc: subprocess.Popen, conn: Path, log: Path, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"clip-hpc serve exited with {proc.returncode}:\n{log.read_text()}")
-        if conn.exists():
-            info = json.loads(conn.read_text())
-            transport = httpx.HTTPTransport(uds=info["uds"]) if info.get("uds") else None
-            base = "http://localhost" if info.get("uds") else f"http://127.0.0.1:{info['port']}"
-            with contextlib.suppress(httpx.HTTPError), httpx.Client(transport=transport, trust_env=False) as c:
-                if c.get(base + "/health", timeout=2).status_code == 200:
-                    return info
-        time.sleep(0.2)
-    raise AssertionError(f"clip-hpc serve not ready after {timeout} s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="session")
