@@ -25,8 +25,8 @@ die() { log "error: $*"; exit 1; }
 pidfile() { echo "$STATE/$1.pid"; }
 running() { local f; f=$(pidfile "$1"); [ -s "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND until it succeeds
-    local deadline=$((SECONDS + $1)) what=$2; shift 2
+wait_for() {  # wait_for SECONDS COMMAND...: poll COMMAND until it succeeds; fails after SECONDS
+    local deadline=$((SECONDS + $1)); shift
     until "$@" >/dev/null 2>&1; do
         [ $SECONDS -lt $deadline ] || return 1
         sleep 0.5
@@ -88,7 +88,7 @@ start_munged() {
     # world-writable /tmp (sticky bit), which munged would otherwise reject.
     runuser -u munge -- munged --force --socket="$MUNGE_SOCKET" --key-file="$MUNGE_DIR/munge.key" \
         --pid-file="$(pidfile munged)" --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed"
-    wait_for 20 "munged" test -S "$MUNGE_SOCKET" || die "munged did not start; see $MUNGE_DIR/munged.log"
+    wait_for 20 test -S "$MUNGE_SOCKET" || die "munged did not start; see $MUNGE_DIR/munged.log"
     chmod 0755 "$MUNGE_DIR"   # clients (sbatch as any user) must reach the socket
 }
 
@@ -108,12 +108,12 @@ up() {
         start_munged
         slurmctld -c -f "$CONF"          # -c: start from a clean state (no jobs from a previous cluster)
         slurmd -N localhost -f "$CONF"
-        wait_for 30 "slurmctld" running slurmctld || die "slurmctld did not start; see $STATE/log/slurmctld.log"
-        wait_for 30 "slurmd" running slurmd || die "slurmd did not start; see $STATE/log/slurmd.log"
+        wait_for 30 running slurmctld || die "slurmctld did not start; see $STATE/log/slurmctld.log"
+        wait_for 30 running slurmd || die "slurmd did not start; see $STATE/log/slurmd.log"
     fi
     export SLURM_CONF=$CONF
     node_idle() { [ "$(sinfo -h -N -n localhost -o %t 2>/dev/null)" = "idle" ]; }
-    wait_for 60 "node idle" node_idle || { sinfo -N -l >&2 || true; die "node never became idle; see $STATE/log/"; }
+    wait_for 60 node_idle || { sinfo -N -l >&2 || true; die "node never became idle; see $STATE/log/"; }
     log "up: node localhost idle, $NODE_CPUS CPUs, state in $STATE"
     echo "export SLURM_CONF=$CONF"
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Submit the whole pipeline: embed, then index once the embed succeeded, then (with --serve) the server.
-#   slurm/pipeline.sh [--serve] [--sbatch "OPTS"] [--index-args "ARGS"] [--serve-args "ARGS"] \
+# Usage: slurm/pipeline.sh [--serve] [--sbatch "OPTS"] [--index-args "ARGS"] [--serve-args "ARGS"] \
 #                     WORK_DIR INPUT... [-- EMBED_OPTIONS...]
 # Writes WORK_DIR/emb (shards), WORK_DIR/index and WORK_DIR/logs (job logs); a relative WORK_DIR lies under
 # the profile's CLIP_HPC_DATA (generic: the current directory; perlmutter: $SCRATCH/clip-hpc).

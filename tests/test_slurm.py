@@ -6,6 +6,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,6 @@ from clip_hpc import shards
 from conftest import BIN, ROOT, make_images
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 TINY = ("--model", "clip-hpc-tiny", "--pretrained", "none")
 TWO_TASKS = ("--ntasks=2", "--cpus-per-task=1")
@@ -26,6 +26,43 @@ TWO_TASKS = ("--ntasks=2", "--cpus-per-task=1")
 @pytest.fixture(scope="module")
 def images_120(tmp_path_factory) -> Path:
     return make_images(tmp_path_factory.mktemp("slurm") / "images", 120, seed=3)
+
+
+def profile_vars(profile: str, *names: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Source hpc/PROFILE.sh the way the sbatch scripts do (no module system, no job) and read variables back."""
+    script = f'source "$CLIP_HPC_HOME/hpc/{profile}.sh" && ' + " && ".join(f'echo "{n}=${{{n}:-}}"' for n in names)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SBATCH_", "CLIP_HPC_", "SLURM_"))}
+    proc = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, timeout=30,
+                          env={**clean, "CLIP_HPC_HOME": str(ROOT), "SCRATCH": "/scratch/u", **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines())
+
+
+def test_profiles_set_what_the_scripts_need() -> None:
+    names = ("CLIP_HPC_VENV", "CLIP_HPC_SRUN_MPI", "CLIP_HPC_GPUS_PER_NODE", "CLIP_HPC_EMBED_SBATCH",
+             "CLIP_HPC_LOGIN_HOST", "CLIP_HPC_DATA", "SBATCH_CONSTRAINT", "SBATCH_QOS", "SBATCH_ACCOUNT", "PATH")
+    generic = profile_vars("generic", *names)
+    assert generic["CLIP_HPC_VENV"] == str(ROOT / ".venv") and generic["CLIP_HPC_SRUN_MPI"] == "pmi2"
+    assert generic["PATH"].split(":")[0] == str(ROOT / ".venv" / "bin")
+    assert generic["SBATCH_CONSTRAINT"] == "" and generic["CLIP_HPC_GPUS_PER_NODE"] == "0"
+    local = profile_vars("local", "SLURM_CONF", *names, env={"CLIP_HPC_SLURM_DIR": "/tmp/x"})
+    assert local["SLURM_CONF"] == "/tmp/x/slurm.conf" and "--ntasks=2" in local["CLIP_HPC_EMBED_SBATCH"]
+    pm = profile_vars("perlmutter", *names, env={"CLIP_HPC_ACCOUNT": "m1234"})
+    assert (pm["SBATCH_CONSTRAINT"], pm["SBATCH_QOS"], pm["SBATCH_ACCOUNT"]) == ("gpu", "regular", "m1234")
+    assert pm["CLIP_HPC_GPUS_PER_NODE"] == "4" and "--ntasks-per-node=4" in pm["CLIP_HPC_EMBED_SBATCH"]
+    assert "--gpus-per-task=1" in pm["CLIP_HPC_EMBED_SBATCH"] and pm["CLIP_HPC_DATA"] == "/scratch/u/clip-hpc"
+    assert pm["CLIP_HPC_LOGIN_HOST"].endswith("@perlmutter.nersc.gov")
+    assert profile_vars("perlmutter", "SBATCH_ACCOUNT")["SBATCH_ACCOUNT"] == "", "no empty --account for sbatch"
+
+
+def test_unknown_profile_and_bad_pipeline_use_fail_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "CLIP_HPC_PROFILE": "nosuchcluster", "CLIP_HPC_HOME": str(ROOT)}
+    proc = subprocess.run(["bash", ROOT / "slurm" / "embed.sbatch", "x", "--out", tmp_path], capture_output=True,
+                          text=True, env=env, timeout=30)
+    assert proc.returncode == 2 and "no profile 'nosuchcluster'" in proc.stderr
+    assert all(p in proc.stderr for p in ("generic", "local", "perlmutter")), "the error lists the profiles"
+    proc = subprocess.run([ROOT / "slurm" / "pipeline.sh", tmp_path], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage" in proc.stderr.lower()
 
 
 def id_counts(emb_dir: Path) -> Counter:
@@ -43,12 +80,16 @@ def assert_covers_once(emb_dir: Path, n: int) -> None:
     assert max(counts.values()) == 1, f"ids in more than one shard: {[i for i, c in counts.items() if c > 1][:10]}"
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_srun_starts_two_mpi_ranks(slurm_cluster: SlurmCluster) -> None:
     code = "from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.Get_rank(), c.Get_size())"
     out = slurm_cluster.run("srun", "-n", "2", "--mpi=pmi2", BIN / "python", "-c", code).stdout
     assert sorted(out.split("\n")[:2]) == ["0 2", "1 2"], out
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_embed_sbatch_two_tasks_covers_every_id_once(slurm_cluster: SlurmCluster, images_120: Path,
                                                      tmp_path: Path) -> None:
     emb, log = tmp_path / "emb", tmp_path / "embed.log"
@@ -78,9 +119,11 @@ def shard_stamps(emb_dir: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.list_shard_files(emb_dir)}
 
 
-def test_requeued_embed_resumes_without_recomputing(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    n, unit = 200, 10
-    images = make_images(tmp_path / "images", n, seed=4)
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_requeued_embed_resumes_without_recomputing(slurm_cluster: SlurmCluster, images_120: Path,
+                                                    tmp_path: Path) -> None:
+    n, unit, images = 120, 10, images_120
     emb, log = tmp_path / "emb", tmp_path / "embed.log"
     # Small batches and no DataLoader workers: slow enough to catch the job between its first and last shard.
     job = slurm_cluster.sbatch(*TWO_TASKS, f"--output={log}", ROOT / "slurm" / "embed.sbatch", images,
@@ -108,6 +151,8 @@ def test_requeued_embed_resumes_without_recomputing(slurm_cluster: SlurmCluster,
     assert json.loads((emb / "manifest.json").read_text())["n_embedded"] == n
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_pipeline_embed_index_serve_answers_a_query(slurm_cluster: SlurmCluster, images_120: Path,
                                                     tmp_path: Path) -> None:
     conn = tmp_path / "connection.json"
