@@ -13,7 +13,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import faiss
 import h5py
@@ -22,15 +22,11 @@ from tqdm import tqdm
 
 from clip_hpc.errors import UserError
 from clip_hpc.metadata import MetadataStore
-from clip_hpc.search import (INDEX_FILE, INDEX_FORMAT, INFO_FILE, META_FILE, VECTORS_FILE, load_info,
-                             normalise_rows, search_index, set_nprobe)
+from clip_hpc.recall import RECALL_QUERIES, self_check
+from clip_hpc.search import INDEX_FILE, INDEX_FORMAT, INFO_FILE, META_FILE, VECTORS_FILE, load_info
 from clip_hpc.shards import Shard, atomic_write_json, check_shard_set, read_shard
 
 FLAT_BELOW = 10_000
-TARGET_RECALL = 0.95
-RECALL_K = 10
-RECALL_QUERIES = 200
-REFINE_FACTORS = (10, 25, 50, 100)  # candidates per result re-ranked exactly; grown only when needed
 ADD_BATCH = 65_536
 TRAIN_PER_LIST = 30  # training vectors per inverted list (the contract allows 30 to 256)
 ROW_LAYOUT = "global_id"  # vectors.npy row i is global id i; rows of failed (never embedded) ids are zero
@@ -63,52 +59,6 @@ def choose_train_size(n: int, index_key: str, requested: int | None = None) -> i
     if requested:
         return min(n, int(requested))
     return min(n, max(TRAIN_PER_LIST * nlist, min(256 * nlist, 65_536)))
-
-
-def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = RECALL_K) -> float:
-    """Mean fraction of the exact top-k found in the approximate top-k."""
-    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist()) - {-1}) for a, e in zip(approx_ids, exact_ids)]
-    return float(np.mean(hits) / k) if hits else 0.0
-
-
-def off_distribution_queries(queries: np.ndarray, rng: np.random.Generator, offset_norm: float = 1.0,
-                             noise: float = 0.3) -> np.ndarray:
-    """A stand-in for text queries against image vectors: one constant offset (the "modality gap") plus noise."""
-    dim = queries.shape[1]
-    offset = normalise_rows(rng.standard_normal(dim))[None, :] * offset_norm
-    jitter = rng.standard_normal(queries.shape).astype(np.float32) * (noise / math.sqrt(dim))
-    return normalise_rows(queries + offset + jitter)
-
-
-def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = ADD_BATCH) -> np.ndarray:
-    """Exact inner-product top-k over a (memory-mapped) matrix, chunk by chunk; all-zero rows never match."""
-    queries = np.asarray(queries, dtype=np.float32)
-    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(queries), 0), dtype=np.int64)
-    for start in range(0, len(vectors), chunk):
-        block = np.asarray(vectors[start:start + chunk], dtype=np.float32)
-        scores = queries @ block.T
-        scores[:, ~block.any(axis=1)] = -np.inf
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if scores.shape[1] > k else \
-            np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-        all_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
-        all_i = np.concatenate([best_i, top + start], axis=1)
-        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_i, order, 1)
-    return np.where(np.isfinite(best_s), best_i, -1)
-
-
-def tune_nprobe(measure: Callable[[int], float], nlist: int, target: float = TARGET_RECALL) -> tuple[int, dict[int, float]]:
-    """The smallest power-of-two nprobe whose recall reaches `target` (autofaiss-style); else the best one tried."""
-    table: dict[int, float] = {}
-    nprobe = 1
-    while True:
-        table[nprobe] = measure(nprobe)
-        if table[nprobe] >= target or nprobe >= nlist:
-            break
-        nprobe = min(2 * nprobe, nlist)
-    best = next((p for p in table if table[p] >= target), max(table, key=lambda p: (table[p], -p)))
-    return best, table
 
 
 # --- FAISS objects ---------------------------------------------------------------------------------------------
@@ -246,50 +196,6 @@ def _train_and_add(index: faiss.Index, sample: np.ndarray | None, files: list[st
                 bar.update(len(batch))
     timings["add_s"] = round(time.perf_counter() - start, 3)
     return faiss.index_gpu_to_cpu(gpu) if gpu is not None else index
-
-
-def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *, refine_factor: int | None,
-               refine: bool, nprobe: int | None, seed: int = 0) -> tuple[int, dict[str, Any]]:
-    """Recall@10 of the served configuration against exact search, for indexed vectors used as queries and for
-    off-distribution ones. Unless given, nprobe is tuned to the smallest reaching TARGET_RECALL on both; when no
-    nprobe does (very lossy codes), the refine factor grows through REFINE_FACTORS."""
-    fixed_nprobe, fixed_factor = bool(nprobe), bool(refine_factor)
-    refine_factor = refine_factor or REFINE_FACTORS[0]
-    rng = np.random.default_rng(seed + 1)
-    sets = {"in_distribution": normalise_rows(np.asarray(vectors[np.sort(query_ids)], dtype=np.float32))}
-    sets["off_distribution"] = off_distribution_queries(sets["in_distribution"], rng)
-    truth = {name: exact_top_k(q, vectors, RECALL_K) for name, q in sets.items()}
-
-    def measure(probe: int, factor: int, name: str | None = None) -> float:
-        set_nprobe(index, probe)
-        names = [name] if name else list(sets)
-        return min(recall_at_k(search_index(index, vectors, sets[n], RECALL_K, refine_factor=factor)[1], truth[n])
-                   for n in names)
-
-    ivf = faiss.try_extract_index_ivf(index)
-    tuning: dict[str, float] = {}
-    for factor in REFINE_FACTORS if refine and not fixed_factor else [refine_factor]:
-        refine_factor = factor
-        if ivf is None:
-            nprobe, recall = 1, measure(1, factor if refine else 0)
-            tuning[f"refine{factor}"] = round(recall, 4)
-        elif not fixed_nprobe:
-            nprobe, table = tune_nprobe(lambda p: measure(p, factor if refine else 0), ivf.nlist)
-            tuning.update({f"nprobe{p},refine{factor if refine else 0}": round(r, 4) for p, r in table.items()})
-            recall = table[nprobe]
-        else:
-            recall = measure(nprobe, factor if refine else 0)
-        if recall >= TARGET_RECALL:
-            break
-    report: dict[str, Any] = {"k": RECALL_K, "queries": len(query_ids), "nprobe": nprobe, "target": TARGET_RECALL,
-                              "refine_factor": refine_factor, "tuning": tuning}
-    for name in sets:
-        report[name] = {"refine": round(measure(nprobe, refine_factor, name), 4),
-                        "no_refine": round(measure(nprobe, 0, name), 4)}
-    report["served"] = round(min(report[n]["refine" if refine else "no_refine"] for n in sets), 4)
-    report["target_met"] = report["served"] >= TARGET_RECALL
-    set_nprobe(index, nprobe)
-    return nprobe, report
 
 
 def _finish(tmp: Path, out: Path, index: faiss.Index, info: dict[str, Any], query_ids: np.ndarray,

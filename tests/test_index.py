@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from clip_hpc.errors import UserError
-from clip_hpc.index import (build_index, choose_index_key, choose_train_size, exact_top_k, ivf_lists,
-                            off_distribution_queries, recall_at_k, tune_nprobe)
+from clip_hpc.index import build_index, choose_index_key, choose_train_size, ivf_lists
+from clip_hpc.recall import exact_top_k, off_distribution_queries, recall_at_k
 from clip_hpc.search import SearchEngine
 from clip_hpc.shards import shard_path, write_shard
 from conftest import make_images, run_cli
@@ -37,42 +37,6 @@ def test_auto_key_is_flat_for_small_sets():
     assert choose_index_key(9_999, 512) == "Flat"
     assert choose_train_size(9_999, "Flat") == 0
     assert choose_train_size(5_000, "IVF256,PQ8") == 5_000  # never more than there is
-
-
-def test_recall_at_k():
-    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
-    approx = np.array([[1, 2, 9, 9], [8, 7, 6, 5]])
-    assert recall_at_k(approx, exact, 4) == pytest.approx((0.5 + 1.0) / 2)
-    assert recall_at_k(np.full((2, 4), -1), exact, 4) == 0.0
-
-
-def test_tune_nprobe_takes_the_smallest_that_reaches_the_target():
-    table = {1: 0.5, 2: 0.9, 4: 0.96, 8: 0.99, 16: 1.0}
-    tried = []
-    best, seen = tune_nprobe(lambda p: tried.append(p) or table[p], nlist=16)
-    assert best == 4 and tried == [1, 2, 4] and seen == {1: 0.5, 2: 0.9, 4: 0.96}
-    best, seen = tune_nprobe(lambda p: 0.5 + p / 100, nlist=12)
-    assert best == 12 and max(seen) == 12  # never reached: the best tried, nlist included
-
-
-def test_exact_top_k_matches_brute_force_and_skips_empty_rows():
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((1000, 16)).astype(np.float32)
-    vectors[::7] = 0  # failed ids leave zero rows
-    queries = rng.standard_normal((5, 16)).astype(np.float32)
-    scores = queries @ vectors.T
-    scores[:, ::7] = -np.inf
-    expected = np.argsort(-scores, axis=1)[:, :10]
-    np.testing.assert_array_equal(exact_top_k(queries, vectors, 10, chunk=64), expected)
-
-
-def test_off_distribution_queries_are_unit_vectors_moved_away():
-    rng = np.random.default_rng(0)
-    x, _ = synthetic.gaussian_mixture(200, 64, 5)
-    moved = off_distribution_queries(x, rng)
-    np.testing.assert_allclose(np.linalg.norm(moved, axis=1), 1, atol=1e-5)
-    cos = np.sum(moved * x, axis=1)
-    assert 0.3 < cos.mean() < 0.9
 
 
 # --- builds from shards ----------------------------------------------------------------------------------------
@@ -123,7 +87,7 @@ def test_ivf_build_tunes_nprobe_and_its_recall_is_real(tmp_path):
     info = build_index(emb, tmp_path / "index", index_key=IVF_KEY, progress=False)
     recall, nprobe = info["recall"], info["nprobe"]
     assert info["refine"] is True and recall["target_met"] and recall["served"] >= 0.95
-    tuned = {int(k.split(",")[0][6:]): v for k, v in recall["tuning"].items()
+    tuned = {int(k.split(",")[0][6:]): v for k, v in recall["tuning_lower_bounds"].items()
              if k.endswith(f"refine{info['refine_factor']}")}
     assert all(v < 0.95 for p, v in tuned.items() if p < nprobe)  # the smallest that reaches the target
     # measured again, independently, with queries the self-check never saw
@@ -282,3 +246,28 @@ def test_update_after_embed_append(embedded, tmp_path):
     assert len(new) >= 10 and all(str(more) in engine.path_of(i) for i in new)
     for i in new:
         assert engine.search_ids([i], k=1)[0].id == i
+
+
+# --- the acceptance run: 200k clustered 512-d vectors ----------------------------------------------------------
+@pytest.mark.slow
+def test_200k_mixture_auto_ivf_pq_fits_80_bytes_and_refine_wins_back_recall(tmp_path):
+    n, dim = 200_000, 512
+    vectors, labels = synthetic.gaussian_mixture(n, dim, 1000, seed=11)
+    synthetic.write_emb_dir(tmp_path / "emb", vectors, labels, 50_000)
+    vectors = vectors.astype(np.float16).astype(np.float32)
+    info = build_index(tmp_path / "emb", tmp_path / "index", progress=False)
+    assert "IVF" in info["index_key"] and "PQ" in info["index_key"]
+    assert (tmp_path / "index" / "index.faiss").stat().st_size / n <= 80
+    assert info["recall"]["target_met"]
+    rng = np.random.default_rng(99)  # fresh queries, not the self-check's
+    queries = {"in": vectors[rng.choice(n, 200, replace=False)]}
+    queries["off"] = off_distribution_queries(queries["in"], rng)
+    recall = {}
+    for refine in (True, False):
+        engine = SearchEngine(tmp_path / "index", refine=refine)
+        for name, q in queries.items():
+            approx = np.array([[h.id for h in row] for row in engine.search_vectors(q, 10)])
+            recall[name, refine] = recall_at_k(approx, exact_top_k(q, vectors, 10), 10)
+    print(f"\n200k {info['index_key']} nprobe {info['nprobe']}: recall@10 {recall}; self-check {info['recall']}")
+    assert recall["in", True] >= 0.95 and recall["off", True] >= 0.95
+    assert recall["off", False] < recall["off", True]
