@@ -32,10 +32,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         inputs=args.inputs, out=args.out, file_list=args.file_list, model=args.model, pretrained=args.pretrained,
         batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, precision=args.precision,
         device=args.device, append=args.append, dtype=args.dtype, max_pixels=args.max_pixels))
-    # Rank 0 speaks for an MPI job (only it gathers per_rank and writes the manifest); other ranks exit 0.
-    if summary is None or summary.get("per_rank") is None:
-        return 0
-    return 0 if summary.get("complete", True) else 1
+    return 0 if summary["complete"] else 1  # rank 0 decides for an MPI job and tells every rank
 
 
 def add_embed(sub: argparse._SubParsersAction) -> None:

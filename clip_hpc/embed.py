@@ -236,7 +236,11 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     manifest = None
     if w.is_root or not w.coordinated:
         manifest = shards.write_manifest(out, len(units), cfg.shard_size)
-    summary = {"manifest": manifest, "per_rank": per_rank, "complete": manifest is not None}
+    if w.comm is not None:
+        complete = w.bcast(manifest is not None)
+    else:  # uncoordinated ranks each did their share; the last one to finish writes the manifest
+        complete = manifest is not None or not w.coordinated
+    summary = {"manifest": manifest, "per_rank": per_rank, "complete": complete}
     if w.is_root and per_rank is not None:
         print(format_summary(manifest, per_rank, time.perf_counter() - t0), flush=True)
         if manifest is None:
