@@ -141,9 +141,12 @@ class ModelGuard:
         self.metrics.cache_event("miss", len(missing))
         if missing:
             with self.lock:
-                vectors = np.asarray(self._encode_text(missing), dtype=np.float32)
+                with self.cache_lock:  # a thread that waited here may find its text computed meanwhile
+                    found.update({t: self.cache[t] for t in missing if t in self.cache})
+                todo = [t for t in missing if t not in found]
+                vectors = np.asarray(self._encode_text(todo), dtype=np.float32) if todo else []
             with self.cache_lock:
-                for t, v in zip(missing, vectors):
+                for t, v in zip(todo, vectors):
                     v.setflags(write=False)
                     self.cache[t] = found[t] = v
                 while len(self.cache) > self.cache_size:

@@ -350,3 +350,35 @@ def test_no_input_gives_a_5xx(live_server, mode):
     assert len(seen) >= 50
     if mode == GenerationMode.POSITIVE:
         assert 200 in seen
+
+
+# --- the model guard (in-process: its concurrency logic, with a slow stand-in for the model) ---------------------
+def test_concurrent_misses_for_one_text_encode_it_once():
+    import threading
+    import time
+
+    from clip_hpc.server_support import Metrics, ModelGuard
+
+    calls: list[list[str]] = []
+
+    class SlowEncoder:
+        def encode_text(self, texts):
+            calls.append(list(texts))
+            time.sleep(0.3)  # long enough for every other thread to queue up behind the model lock
+            return np.ones((len(texts), 4), np.float32)
+
+        def encode_images(self, images):
+            raise AssertionError("not used")
+
+    encoder = SlowEncoder()
+    metrics = Metrics(index_vectors=0)
+    ModelGuard(encoder, cache_size=2, metrics=metrics)
+    threads = [threading.Thread(target=encoder.encode_text, args=(["same text"],)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [["same text"]]
+    encoder.encode_text(["b", "c", "same text"])  # the cache holds 2: "same text" is evicted...
+    encoder.encode_text(["same text"])  # ...and computed again
+    assert calls[1:] == [["b", "c"], ["same text"]]
