@@ -119,13 +119,15 @@ def checkpoint_bytes(model: torch.nn.Module, recipe: dict) -> bytes:
     """fp16 weights (half the size; the fp32 model reloads them exactly) plus the recipe as metadata."""
     from safetensors.torch import save
 
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    return save(state, metadata={"model": MODEL_NAME, "recipe": json.dumps(recipe, sort_keys=True)})
+    state = {k: (v.half() if v.is_floating_point() else v).detach().contiguous()
+             for k, v in model.state_dict().items()}
+    # one metadata key: safetensors writes several in hash order, which would break byte-for-byte reproducibility
+    return save(state, metadata={"clip_hpc": json.dumps({"model": MODEL_NAME, **recipe}, sort_keys=True)})
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--train-size", type=int, default=40000, help="images, generated once and kept in memory")
     ap.add_argument("--lr", type=float, default=1e-3)
