@@ -22,7 +22,8 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_hpc.index import build_index, exact_top_k, off_distribution_queries, recall_at_k  # noqa: E402
+from clip_hpc.index import build_index  # noqa: E402
+from clip_hpc.recall import exact_top_k, off_distribution_queries, recall_at_k  # noqa: E402
 from clip_hpc.search import SearchEngine  # noqa: E402
 from make_synthetic_vectors import gaussian_mixture, write_emb_dir  # noqa: E402
 
