@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 from clip_hpc.errors import UserError
+from clip_hpc.tunnel import stop_server, wait_for_server
 
 DEMO_QUERIES = ("a red circle", "two yellow squares", "a blue star", "a green triangle on a white background")
 
@@ -41,19 +40,6 @@ def demo_model() -> tuple[str, str | None]:
     from clip_hpc.models import bundled_checkpoint
 
     return ("clip-hpc-demo", None) if bundled_checkpoint("clip-hpc-demo") else ("clip-hpc-tiny", "none")
-
-
-def wait_for_connection_file(path: Path, server: subprocess.Popen, timeout: float = 300) -> dict:
-    from clip_hpc.tunnel import read_connection_file
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise UserError(f"the server exited early (exit {server.returncode}); see its output above")
-        if path.exists():
-            return read_connection_file(path)
-        time.sleep(0.2)
-    raise UserError(f"the server wrote no connection file within {timeout:.0f} s")
 
 
 def read_captions(images: Path) -> dict[str, str]:
@@ -103,10 +89,9 @@ def run_demo(out: str | os.PathLike = "demo-out", *, n_images: int = 2000, ranks
     conn = out / "connection.json"
     conn.unlink(missing_ok=True)
     print(f"\n$ clip-hpc serve {index} --port 0 --connection-file {conn}", flush=True)
-    server = subprocess.Popen(_cli("serve", str(index), "--port", "0", "--connection-file", str(conn)),
-                              start_new_session=True)
+    server = subprocess.Popen(_cli("serve", str(index), "--port", "0", "--connection-file", str(conn)))
     try:
-        info = wait_for_connection_file(conn, server)
+        info = wait_for_server(conn, server)
         base = f"http://127.0.0.1:{info['port']}"
         print_queries(base, info["token"], queries, read_captions(images))
         print(f"\nopen the gallery: {base}/?token={info['token']}")
@@ -116,10 +101,5 @@ def run_demo(out: str | os.PathLike = "demo-out", *, n_images: int = 2000, ranks
     except KeyboardInterrupt:
         pass
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        stop_server(server)
     return 0

@@ -11,6 +11,7 @@ import datetime as _dt
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -192,6 +193,18 @@ def wait_for_server(connection_file: str | os.PathLike, proc: subprocess.Popen |
                     pass
         time.sleep(0.2)
     raise UserError(f"clip-hpc serve was not ready within {timeout:.0f} s ({path})")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a `clip-hpc serve` started by a script, by its own PID: SIGTERM first, so it removes its files."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def resolve_endpoint(*, url: str | None = None, token: str | None = None, connection_file: str | None = None,

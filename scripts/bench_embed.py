@@ -95,7 +95,7 @@ def main() -> None:
             results["decode_only"][model] = decode_rate(images, model, max(1, args.workers), args.batch_size)
             results["model_only"][model] = model_rate(model, args.batch_size)
     print(json.dumps(results, indent=2))
-    print(f"\n| model | ranks | end-to-end img/s | decode-only img/s | model-only img/s |\n|---|---|---|---|---|")
+    print("\n| model | ranks | end-to-end img/s | decode-only img/s | model-only img/s |\n|---|---|---|---|---|")
     for r in results["runs"]:
         print(f"| {r['model']} | {r['ranks']} | {r['img_per_s']:.1f} | {results['decode_only'][r['model']]:.1f} | "
               f"{results['model_only'][r['model']]:.1f} |")

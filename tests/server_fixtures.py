@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from clip_hpc.errors import UserError
-from clip_hpc.tunnel import wait_for_server
+from clip_hpc.tunnel import stop_server, wait_for_server
 from conftest import BIN, make_images, run_cli
 
 TOKEN = "test-token-" + "x" * 24
@@ -72,13 +71,7 @@ def start_server(index_dir: Path, workdir: Path, *extra: str, token: str = TOKEN
         url = "http://localhost" if uds else f"http://127.0.0.1:{info['port']}"
         yield Served(url, info.get("port"), uds, token, conn, index_dir, proc, log)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,7 @@ def test_ports_and_sockets(tmp_path):
     with pytest.raises(UserError, match="not a socket"):
         tunnel.bind_unix(not_a_socket)
     path = tmp_path / "live.sock"
-    with tunnel.bind_unix(path) as live:
+    with tunnel.bind_unix(path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         with pytest.raises(UserError, match="already listens"):
             tunnel.bind_unix(path)
