@@ -10,7 +10,6 @@ checkpoint bytes. The checkpoint is the fp16 state_dict in safetensors, loaded b
 from __future__ import annotations
 
 import argparse
-import logging
 import json
 import math
 import sys

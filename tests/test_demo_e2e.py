@@ -64,6 +64,7 @@ def test_served_ivfpq_recall_matches_exact_search_on_the_same_embeddings(demo_in
     with start_server(root / "index", tmp_path / "serve") as served, served.client() as client:
         server = cs.retrieval_metrics(_server_ranking(client, names), relevant)
 
+    print(f"\ndemo e2e, {len(QUERIES)} queries: server {server}, exact {exact}")
     assert len(QUERIES) >= 20
     assert server["R@10"] >= 0.5, (server, exact)
     assert abs(server["R@10"] - exact["R@10"]) <= 0.02, (server, exact)

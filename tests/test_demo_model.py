@@ -14,9 +14,11 @@ from clip_hpc.models import WEIGHTS_DIR, load_model
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SHIPPED = WEIGHTS_DIR / "clip-hpc-demo.safetensors"
-# The shipped model measured R@10 = 1.000 on the first 200 held-out images (scripts/eval_demo_model.py -n 200);
-# the bar sits well below, so that only a broken or untrained checkpoint fails, not a rounding difference.
-MIN_HELDOUT_R10 = 0.8
+# Measured for the shipped model on the first 200 held-out images (scripts/eval_demo_model.py -n 200): R@1 0.975,
+# R@10 1.000; random weights: R@1 0.017, R@10 0.258; a 300-step model: R@1 0.17, R@10 0.94. R@10 is the issue's
+# figure; R@1 is the one that tells a trained model from an under-trained one. Both bars leave room for rounding.
+MIN_HELDOUT_R10 = 0.9
+MIN_HELDOUT_R1 = 0.8
 
 
 def _script(name: str):
@@ -39,13 +41,13 @@ def test_shipped_checkpoint_is_small_and_loads_by_name():
 def test_shipped_model_finds_heldout_shapes_by_colour_and_shape():
     metrics = _script("eval_demo_model").evaluate(None, n=200)
     assert metrics["queries"] == 120
-    assert metrics["R@10"] >= MIN_HELDOUT_R10, metrics
+    assert metrics["R@10"] >= MIN_HELDOUT_R10 and metrics["R@1"] >= MIN_HELDOUT_R1, metrics
 
 
 def test_random_weights_do_not_pass_the_same_bar():
     """The bar must be able to fail: the same architecture untrained is far below it."""
     metrics = _script("eval_demo_model").evaluate("none", n=200)
-    assert metrics["R@10"] < MIN_HELDOUT_R10, metrics
+    assert metrics["R@10"] < MIN_HELDOUT_R10 and metrics["R@1"] < MIN_HELDOUT_R1, metrics
 
 
 @pytest.fixture(scope="module")
