@@ -29,7 +29,8 @@ def _mpiexec() -> str:
 
 
 def _run(cmd: Sequence[str], what: str) -> None:
-    print(f"\n$ {' '.join(cmd[2:] if cmd[:2] == _cli()[:2] else cmd)}", flush=True)
+    shown = ["clip-hpc", *cmd[3:]] if list(cmd[:3]) == _cli() else list(cmd)
+    print(f"\n$ {' '.join(shown)}", flush=True)
     proc = subprocess.run(list(cmd))
     if proc.returncode != 0:
         raise UserError(f"demo step '{what}' failed (exit {proc.returncode}); see its output above")
