@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clip_hpc.recall import exact_top_k, off_distribution_queries, recall_at_k, recall_lower_bound, tune_nprobe
+from clip_hpc.recall import (exact_top_k, off_distribution_groups, off_distribution_queries, recall_at_k,
+                             recall_lower_bound, recall_prediction_bound, tune_jointly, tune_nprobe)
 from index_fixtures import synthetic
 
 
@@ -48,3 +49,35 @@ def test_off_distribution_queries_are_unit_vectors_moved_away():
     np.testing.assert_allclose(np.linalg.norm(moved, axis=1), 1, atol=1e-5)
     cos = np.sum(moved * x, axis=1)
     assert 0.3 < cos.mean() < 0.9
+
+
+def test_prediction_bound_is_set_by_the_spread_between_groups():
+    steady, spread = np.array([0.97] * 8), np.array([0.99, 0.95, 0.99, 0.95, 0.99, 0.95, 0.99, 0.95])
+    assert recall_prediction_bound(steady) == pytest.approx(0.97)
+    assert recall_prediction_bound(spread) < 0.95 < spread.mean()  # a fresh direction may land below the target
+
+
+def test_off_distribution_groups_use_one_direction_each():
+    rng = np.random.default_rng(0)
+    x, _ = synthetic.gaussian_mixture(400, 64, 5)
+    groups = off_distribution_groups(x, rng, directions=8)
+    assert [len(g) for g in groups] == [50] * 8
+    shifts = np.stack([(g - x[i * 50:(i + 1) * 50]).mean(axis=0) for i, g in enumerate(groups)])
+    cos = (shifts @ shifts.T) / np.outer(np.linalg.norm(shifts, axis=1), np.linalg.norm(shifts, axis=1))
+    assert np.all(np.abs(cos[~np.eye(8, dtype=bool)]) < 0.5)  # eight different offsets, not one
+
+
+def test_tune_jointly_takes_the_cheapest_pair_and_skips_dearer_searches():
+    recall = {10: lambda p: 0.90 + p / 1000, 25: lambda p: 0.93 + p / 1000, 50: lambda p: 0.93 + p / 1000}
+    tried = []
+
+    def measure(p, f):
+        tried.append((p, f))
+        return recall[f](p)
+
+    best, seen = tune_jointly(measure, [10, 25, 50], 64, cost=lambda p, f: p + f)
+    assert best == (32, 25)  # 64+10 and 32+50 cost more
+    assert all(p + f < 32 + 25 for p, f in tried if f == 50)  # never searched past the best cost
+    assert seen[(64, 10)] == pytest.approx(0.964)
+    best, _ = tune_jointly(lambda p, f: 0.5, [10, 25], 4, cost=lambda p, f: p + f)
+    assert best == (1, 10)  # none reaches the target: the best recall, then the cheapest
