@@ -126,11 +126,12 @@ def pending_units(out: Path, units: Sequence[WorkUnit], unit_size: int, model: s
     todo = []
     for unit in units:
         path = shards.shard_path(out, unit.index)
-        if path.exists() and shards.validate_shard(path, unit=unit.index, unit_size=unit_size,
-                                                   n_ids=len(unit.ids)) is None:
-            attrs = shards.read_shard(path, with_embeddings=False).attrs
+        try:
+            attrs = shards.read_unit_shard(path, unit=unit.index, unit_size=unit_size, n_ids=len(unit.ids)).attrs
             if (attrs.get("model"), attrs.get("pretrained")) == (model, pretrained):
                 continue
+        except shards.ShardError:  # missing, partial or foreign: redo the unit
+            pass
         todo.append(unit)
     return todo
 

@@ -167,27 +167,34 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
     return shard
 
 
-def validate_shard(path: str | os.PathLike, *, unit: int | None = None, unit_size: int | None = None,
-                   n_ids: int | None = None) -> str | None:
-    """None if the shard is whole and (optionally) covers exactly unit `unit`; else the reason it is not.
+def read_unit_shard(path: str | os.PathLike, *, unit: int | None = None, unit_size: int | None = None,
+                    n_ids: int | None = None) -> Shard:
+    """Read a shard (without embeddings) and check it is whole and, optionally, covers exactly unit `unit`.
 
     With `unit`, `unit_size` and `n_ids` the check is exact: ids plus failed_ids are the unit's whole id range,
     so a shard written before an `--append` grew its unit is redone rather than trusted.
     """
-    try:
-        shard = read_shard(path, with_embeddings=False)
-    except ShardError as exc:
-        return str(exc)
+    shard = read_shard(path, with_embeddings=False)
     if unit is not None and shard.unit != unit:
-        return f"{path}: holds unit {shard.unit}, expected {unit}"
+        raise ShardError(f"{path}: holds unit {shard.unit}, expected {unit}")
     if unit is not None and unit_size is not None:
         lo = unit * unit_size
         hi = lo + (unit_size if n_ids is None else n_ids)
         all_ids = np.sort(np.concatenate([shard.ids, shard.failed_ids]))
         if len(all_ids) and (all_ids[0] < lo or all_ids[-1] >= hi):
-            return f"{path}: ids outside unit {unit} range [{lo}, {hi})"
+            raise ShardError(f"{path}: ids outside unit {unit} range [{lo}, {hi})")
         if n_ids is not None and not np.array_equal(all_ids, np.arange(lo, hi)):
-            return f"{path}: covers {len(all_ids)} of the {n_ids} ids of unit {unit}"
+            raise ShardError(f"{path}: covers {len(all_ids)} of the {n_ids} ids of unit {unit}")
+    return shard
+
+
+def validate_shard(path: str | os.PathLike, *, unit: int | None = None, unit_size: int | None = None,
+                   n_ids: int | None = None) -> str | None:
+    """None if `read_unit_shard` accepts the file, else the reason it does not."""
+    try:
+        read_unit_shard(path, unit=unit, unit_size=unit_size, n_ids=n_ids)
+    except ShardError as exc:
+        return str(exc)
     return None
 
 
@@ -270,11 +277,11 @@ def summarise_shards(emb_dir: str | os.PathLike, n_units: int, unit_size: int) -
         if not path.exists():
             missing.append(unit)
             continue
-        problem = validate_shard(path, unit=unit, unit_size=unit_size, n_ids=n_ids)
-        if problem:
-            invalid.append(problem)
+        try:
+            shard = read_unit_shard(path, unit=unit, unit_size=unit_size, n_ids=n_ids)
+        except ShardError as exc:
+            invalid.append(str(exc))
             continue
-        shard = read_shard(path, with_embeddings=False)
         model, pretrained = shard.attrs.get("model"), shard.attrs.get("pretrained")
         dim, dtype = int(shard.attrs["dim"]), shard.attrs.get("dtype")
         for r in shard.failed_reasons:
