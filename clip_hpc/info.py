@@ -11,18 +11,11 @@ from clip_hpc.errors import UserError
 
 def describe_embeddings(emb_dir: Path) -> dict[str, Any]:
     """Counts, model, dim, failures by reason and missing units, whether or not the run has finished."""
-    files = shards.list_shard_files(emb_dir)
     n_inputs = len(shards.read_inputs(emb_dir))
-    unit_size = None
-    for path in files:
-        try:
-            unit_size = int(shards.read_shard(path, with_embeddings=False).attrs["unit_size"])
-            break
-        except (shards.ShardError, KeyError):
-            continue
+    unit_size = shards.detect_unit_size(emb_dir)
     if unit_size is None:
-        return {"kind": "embeddings", "path": str(emb_dir), "n_inputs": n_inputs, "shards": len(files),
-                "complete": False, "note": "no valid shard yet"}
+        return {"kind": "embeddings", "path": str(emb_dir), "n_inputs": n_inputs,
+                "shards": len(shards.list_shard_files(emb_dir)), "complete": False, "note": "no valid shard yet"}
     n_units = -(-n_inputs // unit_size)
     summary = shards.summarise_shards(emb_dir, n_units, unit_size)
     info = {"kind": "embeddings", "path": str(emb_dir), "complete": not summary["missing_units"]

@@ -167,24 +167,32 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
     return shard
 
 
-def read_unit_shard(path: str | os.PathLike, *, unit: int | None = None, unit_size: int | None = None,
-                    n_ids: int | None = None) -> Shard:
-    """Read a shard (without embeddings) and check it is whole and, optionally, covers exactly unit `unit`.
+def unit_coverage_problem(shard: Shard, path: str | os.PathLike, *, unit: int | None = None,
+                          unit_size: int | None = None, n_ids: int | None = None) -> str | None:
+    """Pure check that a shard holds unit `unit` and, with `n_ids`, exactly its whole id range.
 
-    With `unit`, `unit_size` and `n_ids` the check is exact: ids plus failed_ids are the unit's whole id range,
-    so a shard written before an `--append` grew its unit is redone rather than trusted.
+    Exactness matters: a shard written before an `--append` grew its unit must be redone, not trusted.
     """
-    shard = read_shard(path, with_embeddings=False)
     if unit is not None and shard.unit != unit:
-        raise ShardError(f"{path}: holds unit {shard.unit}, expected {unit}")
+        return f"{path}: holds unit {shard.unit}, expected {unit}"
     if unit is not None and unit_size is not None:
         lo = unit * unit_size
         hi = lo + (unit_size if n_ids is None else n_ids)
         all_ids = np.sort(np.concatenate([shard.ids, shard.failed_ids]))
         if len(all_ids) and (all_ids[0] < lo or all_ids[-1] >= hi):
-            raise ShardError(f"{path}: ids outside unit {unit} range [{lo}, {hi})")
+            return f"{path}: ids outside unit {unit} range [{lo}, {hi})"
         if n_ids is not None and not np.array_equal(all_ids, np.arange(lo, hi)):
-            raise ShardError(f"{path}: covers {len(all_ids)} of the {n_ids} ids of unit {unit}")
+            return f"{path}: covers {len(all_ids)} of the {n_ids} ids of unit {unit}"
+    return None
+
+
+def read_unit_shard(path: str | os.PathLike, *, unit: int | None = None, unit_size: int | None = None,
+                    n_ids: int | None = None) -> Shard:
+    """Read a shard (without embeddings) that must be whole and cover its unit; ShardError says why not."""
+    shard = read_shard(path, with_embeddings=False)
+    problem = unit_coverage_problem(shard, path, unit=unit, unit_size=unit_size, n_ids=n_ids)
+    if problem:
+        raise ShardError(problem)
     return shard
 
 
@@ -226,41 +234,40 @@ def load_manifest(emb_dir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_shard_set(emb_dir: str | os.PathLike) -> dict[str, Any]:
-    """Validate a whole EMB_DIR before indexing: every unit present and whole, one model, one dim.
+def detect_unit_size(emb_dir: str | os.PathLike) -> int | None:
+    """The unit size recorded in the first readable shard; every shard of an EMB_DIR shares it."""
+    for path in list_shard_files(emb_dir):
+        try:
+            return int(read_shard(path, with_embeddings=False).attrs["unit_size"])
+        except (ShardError, KeyError, ValueError):
+            continue
+    return None
 
-    Returns a summary (model, pretrained, dim, n, units); raises ShardError naming the first problem.
+
+def check_shard_set(emb_dir: str | os.PathLike) -> dict[str, Any]:
+    """Validate a whole EMB_DIR before indexing: one model, one dim, every unit present and whole.
+
+    Returns the summary plus `n` and the shard `files` in unit order; raises ShardError naming the first problem.
     """
     emb_dir = Path(emb_dir)
     if not emb_dir.is_dir():
         raise ShardError(f"{emb_dir}: no such embedding directory")
-    n_inputs = len(read_inputs(emb_dir))
-    files = list_shard_files(emb_dir)
-    if not files:
-        raise ShardError(f"{emb_dir}: holds no shards (run clip-hpc embed first)")
-    first = read_shard(files[0], with_embeddings=False).attrs
-    unit_size = int(first.get("unit_size", 0))
-    n_units = -(-n_inputs // unit_size) if unit_size and n_inputs else len(files)
-    present = {}
-    models, dims, n = set(), set(), 0
-    for path in files:
-        shard = read_shard(path, with_embeddings=False)
-        present[shard.unit] = path
-        models.add((str(shard.attrs.get("model")), str(shard.attrs.get("pretrained"))))
-        dims.add(int(shard.attrs["dim"]))
-        n += len(shard.ids)
-        if int(shard.attrs.get("unit_size", unit_size)) != unit_size:
-            raise ShardError(f"{path}: unit_size {shard.attrs.get('unit_size')} differs from {unit_size}")
-    if len(models) > 1:
-        raise ShardError(f"{emb_dir}: shards mix models {sorted(models)}")
-    if len(dims) > 1:
-        raise ShardError(f"{emb_dir}: shards mix embedding dims {sorted(dims)}")
-    missing = sorted(set(range(n_units)) - set(present))
+    unit_size = detect_unit_size(emb_dir)
+    if unit_size is None:
+        raise ShardError(f"{emb_dir}: holds no readable shards (run clip-hpc embed first)")
+    n_units = -(-len(read_inputs(emb_dir)) // unit_size)
+    summary = summarise_shards(emb_dir, n_units, unit_size)
+    if len(summary["models"]) > 1:
+        raise ShardError(f"{emb_dir}: shards mix models {summary['models']}")
+    if len(summary["dims"]) > 1:
+        raise ShardError(f"{emb_dir}: shards mix embedding dims {summary['dims']}")
+    if summary["invalid_shards"]:
+        raise ShardError(summary["invalid_shards"][0])
+    missing = summary["missing_units"]
     if missing:
         raise ShardError(f"{emb_dir}: missing units {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    (model, pretrained), = models
-    return {"model": model, "pretrained": pretrained, "dim": dims.pop(), "n": n, "units": n_units,
-            "unit_size": unit_size, "files": [str(present[u]) for u in sorted(present)]}
+    files = [str(shard_path(emb_dir, e["unit"])) for e in summary["shards"]]
+    return {**summary, "n": summary["n_embedded"], "units": n_units, "files": files}
 
 
 def summarise_shards(emb_dir: str | os.PathLike, n_units: int, unit_size: int) -> dict[str, Any]:
@@ -269,6 +276,8 @@ def summarise_shards(emb_dir: str | os.PathLike, n_units: int, unit_size: int) -
     n_inputs = len(read_inputs(emb_dir))
     entries, missing, invalid = [], [], []
     reasons: dict[str, int] = {}
+    models: set[tuple[str, str]] = set()
+    dims: set[int] = set()
     model = pretrained = dtype = None
     dim = None
     for unit in range(n_units):
@@ -278,12 +287,20 @@ def summarise_shards(emb_dir: str | os.PathLike, n_units: int, unit_size: int) -
             missing.append(unit)
             continue
         try:
-            shard = read_unit_shard(path, unit=unit, unit_size=unit_size, n_ids=n_ids)
+            shard = read_shard(path, with_embeddings=False)
         except ShardError as exc:
             invalid.append(str(exc))
             continue
         model, pretrained = shard.attrs.get("model"), shard.attrs.get("pretrained")
         dim, dtype = int(shard.attrs["dim"]), shard.attrs.get("dtype")
+        models.add((str(model), str(pretrained)))
+        dims.add(dim)
+        problem = unit_coverage_problem(shard, path, unit=unit, unit_size=unit_size, n_ids=n_ids)
+        if problem is None and int(shard.attrs.get("unit_size", unit_size)) != unit_size:
+            problem = f"{path}: unit_size {shard.attrs.get('unit_size')} differs from {unit_size}"
+        if problem:
+            invalid.append(problem)
+            continue
         for r in shard.failed_reasons:
             key = r.split(":")[0]
             reasons[key] = reasons.get(key, 0) + 1
@@ -293,6 +310,7 @@ def summarise_shards(emb_dir: str | os.PathLike, n_units: int, unit_size: int) -
         "unit_size": unit_size, "n_units": n_units,
         "n_embedded": sum(e["n"] for e in entries), "n_failed": sum(e["n_failed"] for e in entries),
         "failed_by_reason": reasons, "shards": entries, "missing_units": missing, "invalid_shards": invalid,
+        "models": sorted(models), "dims": sorted(dims),
     }
 
 
@@ -306,7 +324,7 @@ def write_manifest(emb_dir: str | os.PathLike, n_units: int, unit_size: int) -> 
         return None
     for stale in (emb_dir / SHARD_DIR).glob(".shard-*.tmp.*"):  # left by killed writers; all units are done
         stale.unlink(missing_ok=True)
-    manifest = {k: v for k, v in summary.items() if k not in ("missing_units", "invalid_shards")}
+    manifest = {k: v for k, v in summary.items() if k not in ("missing_units", "invalid_shards", "models", "dims")}
     manifest.update(format=FORMAT + "-manifest", version=VERSION,
                     inputs_sha256=file_sha256(emb_dir / INPUTS_FILE),
                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

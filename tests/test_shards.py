@@ -60,3 +60,16 @@ def test_shard_set_check_rejects_mixed_models(tmp_path):
     write(tmp_path, unit=1, start=5, model="other")
     with pytest.raises(shards.ShardError, match="mix models"):
         shards.check_shard_set(tmp_path)
+
+
+def test_shard_set_check_rejects_a_shard_that_does_not_cover_its_unit(tmp_path):
+    (tmp_path / "inputs.txt").write_text("\n".join(f"/img/{i}.jpg" for i in range(12)) + "\n")
+    write(tmp_path, unit=0)
+    write(tmp_path, unit=1, start=5)  # the inputs grew (--append): unit 1 now spans ids 5..9, unit 2 is 10..11
+    with pytest.raises(shards.ShardError, match="missing units \\[2\\]"):
+        shards.check_shard_set(tmp_path)
+    (tmp_path / "inputs.txt").write_text("\n".join(f"/img/{i}.jpg" for i in range(8)) + "\n")
+    with pytest.raises(shards.ShardError, match="ids outside unit 1"):
+        shards.check_shard_set(tmp_path)
+    (tmp_path / "inputs.txt").write_text("\n".join(f"/img/{i}.jpg" for i in range(10)) + "\n")
+    assert shards.check_shard_set(tmp_path)["n"] == 10
