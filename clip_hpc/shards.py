@@ -255,7 +255,10 @@ def check_shard_set(emb_dir: str | os.PathLike) -> dict[str, Any]:
     unit_size = detect_unit_size(emb_dir)
     if unit_size is None:
         raise ShardError(f"{emb_dir}: holds no readable shards (run clip-hpc embed first)")
-    n_units = -(-len(read_inputs(emb_dir)) // unit_size)
+    n_inputs = len(read_inputs(emb_dir))
+    if not n_inputs:
+        raise ShardError(f"{emb_dir}: {INPUTS_FILE} is missing or empty, so the units cannot be checked")
+    n_units = -(-n_inputs // unit_size)
     summary = summarise_shards(emb_dir, n_units, unit_size)
     if len(summary["models"]) > 1:
         raise ShardError(f"{emb_dir}: shards mix models {summary['models']}")

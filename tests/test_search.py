@@ -154,6 +154,7 @@ def tiny_engine(tmp_path_factory):
     write_shard(shard_path(root / "emb", 0), embeddings=real.astype(np.float16), ids=range(24),
                 paths=[f"/img/{i}.png" for i in range(24)],
                 attrs={"model": "clip-hpc-tiny", "pretrained": "none", "dim": model.dim, "unit": 0, "unit_size": 24})
+    (root / "emb" / "inputs.txt").write_text("".join(f"/img/{i}.png\n" for i in range(24)))
     build_index(root / "emb", root / "index", progress=False)
     return SearchEngine(root / "index", device="cpu"), images, model
 
