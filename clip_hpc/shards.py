@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from clip_hpc.errors import UserError
+from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 
 FORMAT = "clip-hpc-shard"
 VERSION = 1
@@ -46,21 +47,6 @@ class Shard:
 
 def shard_path(emb_dir: str | os.PathLike, unit: int) -> Path:
     return Path(emb_dir) / SHARD_DIR / f"shard-{unit:06d}.h5"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def library_versions() -> dict[str, str]:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import httpx
 
 from clip_hpc.errors import UserError
-from clip_hpc.shards import atomic_write_bytes
+from clip_hpc.formats.atomic import atomic_write_bytes
 
 DEFAULT_LOCAL_PORT = 8765  # what the laptop side of a unix-socket tunnel listens on
 LOGIN_HOST_ENV = "CLIP_HPC_LOGIN_HOST"
