@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clip_hpc.shards import atomic_write_bytes
+from clip_hpc.formats.atomic import atomic_write_bytes
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 225), "yellow": (245, 225, 30),

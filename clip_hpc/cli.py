@@ -95,9 +95,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     info = build_index(args.emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
                        refine=args.refine, nprobe=args.nprobe, update=args.update, progress=not args.quiet)
-    recall = info.get("recall", {})
-    print(f"{args.out}: {info['n']} vectors, {info['index_key']}, nprobe {info['nprobe']}, "
-          f"{info.get('bytes_per_vector')} B/vector, recall@10 {recall.get('served')} "
+    recall = info.recall
+    print(f"{args.out}: {info.n} vectors, {info.index_key}, nprobe {info.nprobe}, "
+          f"{info.bytes_per_vector} B/vector, recall@10 {recall.get('served')} "
           f"(in {recall.get('in_distribution')}, off {recall.get('off_distribution')})")
     return 0
 

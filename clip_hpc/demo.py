@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from clip_hpc.errors import UserError
+from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.tunnel import stop_server, wait_for_server
 
 DEMO_QUERIES = ("a red circle", "two yellow squares", "a blue star", "a green triangle on a white background")
@@ -85,7 +86,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, n_images: int = 2000, ranks
             raise UserError("demo step 'embed' failed; see its output above")
     else:
         _run(embed_cmd, "embed")
-    if not (index / "index.json").exists():
+    if not IndexDir(index).looks_like_one():
         _run(_cli("index", str(emb), "--out", str(index), "--index-key", index_key, "--quiet"), "index")
     conn = out / "connection.json"
     conn.unlink(missing_ok=True)

@@ -10,7 +10,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -18,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from clip_hpc import shards
 from clip_hpc.dist import World, world
 from clip_hpc.errors import UserError
+from clip_hpc.formats.emb_dir import EmbDir, Manifest
 from clip_hpc.images import DEFAULT_MAX_PIXELS, decode_image
 from clip_hpc.sources import WorkUnit, list_images, plan_work_units, reconcile_inputs, units_for_rank
 
@@ -101,16 +100,17 @@ def default_workers() -> int:
 
 def prepare_inputs(cfg: EmbedConfig, w: World) -> list[str]:
     """Rank 0 lists and saves inputs.txt; the others get the same list, so ids agree across the job."""
-    out = Path(cfg.out)
+    out = EmbDir(cfg.out)
     result: list[str] | UserError
     if w.is_root or not w.coordinated:
         try:
             listed = list_images(cfg.inputs, cfg.file_list)
-            paths = reconcile_inputs(shards.read_inputs(out), listed, cfg.append)
+            saved = out.read_inputs()
+            paths = reconcile_inputs(saved, listed, cfg.append)
             if w.is_root:
-                out.mkdir(parents=True, exist_ok=True)
-                if paths != shards.read_inputs(out):
-                    shards.atomic_write_bytes(out / shards.INPUTS_FILE, ("\n".join(paths) + "\n").encode())
+                out.root.mkdir(parents=True, exist_ok=True)
+                if paths != saved:
+                    out.write_inputs(paths)
             result = paths
         except UserError as exc:
             result = exc
@@ -121,17 +121,16 @@ def prepare_inputs(cfg: EmbedConfig, w: World) -> list[str]:
     return result
 
 
-def pending_units(out: Path, units: Sequence[WorkUnit], unit_size: int, model: str, pretrained: str) -> list[WorkUnit]:
-    """Units whose shard is missing, does not validate, or was made by another model."""
+def pending_units(out: EmbDir, units: Sequence[WorkUnit], unit_size: int, model: str,
+                  pretrained: str) -> list[WorkUnit]:
+    """Units whose shard is missing, does not validate (`EmbDir.check_unit`), or was made by another model."""
     todo = []
     for unit in units:
-        path = shards.shard_path(out, unit.index)
-        try:
-            attrs = shards.read_unit_shard(path, unit=unit.index, unit_size=unit_size, n_ids=len(unit.ids)).attrs
+        check = out.check_unit(unit.index, unit_size, len(unit.ids))
+        if check.ok and check.shard is not None:
+            attrs = check.shard.attrs
             if (attrs.get("model"), attrs.get("pretrained")) == (model, pretrained):
                 continue
-        except shards.ShardError:  # missing, partial or foreign: redo the unit
-            pass
         todo.append(unit)
     return todo
 
@@ -178,8 +177,8 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, paths: Sequence[str],
 def write_unit(cfg: EmbedConfig, w: World, loaded: Any, unit: WorkUnit, paths: Sequence[str],
                acc: dict[str, list], out_dtype: type) -> None:
     emb = np.concatenate(acc["emb"]) if acc["emb"] else np.zeros((0, loaded.dim), out_dtype)
-    shards.write_shard(
-        shards.shard_path(cfg.out, unit.index), embeddings=emb, ids=acc["ids"], paths=[paths[i] for i in acc["ids"]],
+    EmbDir(cfg.out).write_shard(
+        unit.index, embeddings=emb, ids=acc["ids"], paths=[paths[i] for i in acc["ids"]],
         failed_ids=[i for i, _ in acc["failed"]], failed_paths=[paths[i] for i, _ in acc["failed"]],
         failed_reasons=[r for _, r in acc["failed"]],
         attrs={"model": loaded.name, "pretrained": loaded.pretrained, "unit": unit.index,
@@ -187,14 +186,14 @@ def write_unit(cfg: EmbedConfig, w: World, loaded: Any, unit: WorkUnit, paths: S
                "dtype": cfg.dtype, **cfg.extra_attrs})
 
 
-def format_summary(manifest: dict[str, Any] | None, per_rank: list[dict[str, Any]], wall: float) -> str:
+def format_summary(manifest: Manifest | None, per_rank: list[dict[str, Any]], wall: float) -> str:
     """The end-of-run report: what was embedded, what failed and why, and the speed overall and per rank."""
     done = sum(s["embedded"] + s["failed"] for s in per_rank)
     lines = []
     if manifest is not None:
-        lines.append(f"embedded {manifest['n_embedded']} of {manifest['n_inputs']} images into "
-                     f"{len(manifest['shards'])} shards, {manifest['n_failed']} failed")
-        for reason, count in sorted(manifest["failed_by_reason"].items()):
+        lines.append(f"embedded {manifest.n_embedded} of {manifest.n_inputs} images into "
+                     f"{len(manifest.shards)} shards, {manifest.n_failed} failed")
+        for reason, count in sorted(manifest.failed_by_reason.items()):
             lines.append(f"  failed ({reason}): {count}")
     lines.append(f"this run: {done} images in {wall:.1f} s = {done / wall if wall else 0:.1f} img/s overall")
     for s in per_rank:
@@ -210,9 +209,9 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
 
     w = w or world()
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    out = EmbDir(cfg.out)
+    if out.root.exists() and not out.root.is_dir():
+        raise UserError(f"--out {out.root} exists and is not a directory")
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
     paths = prepare_inputs(cfg, w)
@@ -236,7 +235,7 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     w.barrier()
     manifest = None
     if w.is_root or not w.coordinated:
-        manifest = shards.write_manifest(out, len(units), cfg.shard_size)
+        manifest = out.write_manifest(len(units), cfg.shard_size)
     if w.comm is not None:
         complete = w.bcast(manifest is not None)
     else:  # uncoordinated ranks each did their share; the last one to finish writes the manifest

@@ -10,26 +10,24 @@ import datetime as _dt
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import faiss
-import h5py
 import numpy as np
 from tqdm import tqdm
 
 from clip_hpc.errors import UserError
+from clip_hpc.formats.emb_dir import EmbDir, EmbSummary, ShardEntry
+from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
+from clip_hpc.formats.shard import Shard
 from clip_hpc.metadata import MetadataStore
 from clip_hpc.recall import RECALL_QUERIES, self_check
-from clip_hpc.search import INDEX_FILE, INDEX_FORMAT, INFO_FILE, META_FILE, VECTORS_FILE, load_info
-from clip_hpc.shards import Shard, atomic_write_json, check_shard_set, read_shard
 
 FLAT_BELOW = 10_000
 ADD_BATCH = 65_536
 TRAIN_PER_LIST = 30  # training vectors per inverted list (the contract allows 30 to 256)
-ROW_LAYOUT = "global_id"  # vectors.npy row i is global id i; rows of failed (never embedded) ids are zero
 
 
 # --- the pure core ---------------------------------------------------------------------------------------------
@@ -96,27 +94,14 @@ def _bar(progress: bool, **kw: Any) -> tqdm:
     return tqdm(disable=not progress, unit="vec", unit_scale=True, dynamic_ncols=True, **kw)
 
 
-def _fresh_dir(out: Path) -> Path:
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished directory into place; an old INDEX_DIR is moved aside first and removed after."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _shards(files: Iterable[str], known: MetadataStore | None = None) -> Iterable[Shard]:
+def _shards(emb: EmbDir, units: Iterable[int], known: MetadataStore | None = None) -> Iterable[Shard]:
     """Shards in unit order, one in memory at a time; with `known`, only the ids it lacks (what --update adds)."""
-    for path in files:
-        shard = read_shard(path)
+    for unit in units:
+        shard = emb.read_shard(unit)
         if known is not None:
             keep = ~np.isin(shard.ids, np.fromiter(known.paths_of(shard.ids), dtype=np.int64))
             shard.embeddings, shard.ids = shard.embeddings[keep], shard.ids[keep]
@@ -124,24 +109,29 @@ def _shards(files: Iterable[str], known: MetadataStore | None = None) -> Iterabl
         yield shard
 
 
-def _n_rows(files: list[str]) -> int:
-    """One row per global id up to the largest one (embedded or failed) in the last unit."""
-    last = read_shard(files[-1], with_embeddings=False)
-    ids = np.concatenate([last.ids, last.failed_ids])
-    return int(ids.max()) + 1 if len(ids) else 0
+def _n_rows(summary: EmbSummary) -> int:
+    """One row per global id, embedded or failed: `check_set` proved the last unit covers its ids exactly, so
+    the largest id is the last input's."""
+    return summary.n_inputs
 
 
-def _write_vectors(path: Path, files: list[str], n_rows: int, dim: int, meta: MetadataStore, progress: bool,
-                   old: Path | None = None, known: MetadataStore | None = None) -> None:
+def _unit_counts(entries: Sequence[ShardEntry]) -> dict[str, int]:
+    """What index.json records as indexed: embedded ids per unit (a refilled unit shows up as a changed count)."""
+    return {str(e.unit): e.n for e in entries}
+
+
+def _write_vectors(target: IndexDir, emb: EmbDir, units: Sequence[int], n_rows: int, dim: int,
+                   meta: MetadataStore, progress: bool, old: IndexDir | None = None,
+                   known: MetadataStore | None = None) -> None:
     """Stream the shards into a float16 memory map (old rows copied first on --update) and their paths into SQLite."""
-    vectors = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n_rows, dim))
+    vectors = target.create_vectors(n_rows, dim)
     if old is not None:
-        previous = np.load(old, mmap_mode="r")
+        previous = old.open_vectors()
         for lo in range(0, len(previous), ADD_BATCH):
             hi = min(lo + ADD_BATCH, len(previous))
             vectors[lo:hi] = previous[lo:hi]
     with _bar(progress, desc="vectors") as bar:
-        for shard in _shards(files, known):
+        for shard in _shards(emb, units, known):
             vectors[shard.ids] = shard.embeddings.astype(np.float16)
             meta.add(shard.ids, shard.paths)
             bar.update(len(shard.ids))
@@ -149,35 +139,8 @@ def _write_vectors(path: Path, files: list[str], n_rows: int, dim: int, meta: Me
     del vectors
 
 
-def _shard_ids(path: str) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        return f["ids"][...]
-
-
-def _unit_of(path: str) -> int:
-    return int(Path(path).stem.split("-")[-1])
-
-
-def _unit_counts(files: list[str]) -> dict[str, int]:
-    """What index.json records as indexed: embedded ids per unit (a refilled unit shows up as a changed count)."""
-    return {str(_unit_of(f)): int(len(_shard_ids(f))) for f in files}
-
-
-def _sample_ids(files: list[str], size: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniform random sample of the embedded ids, drawn shard by shard so no id list is ever whole."""
-    counts = [len(_shard_ids(f)) for f in files]
-    picks = np.sort(rng.choice(sum(counts), size=min(size, sum(counts)), replace=False))
-    chosen, offset = [], 0
-    for path, count in zip(files, counts):
-        mine = picks[(picks >= offset) & (picks < offset + count)] - offset
-        if len(mine):
-            chosen.append(_shard_ids(path)[mine])
-        offset += count
-    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
-
-
-def _train_and_add(index: faiss.Index, sample: np.ndarray | None, files: list[str], progress: bool,
-                   timings: dict[str, float], known: MetadataStore | None = None) -> faiss.Index:
+def _train_and_add(index: faiss.Index, sample: np.ndarray | None, emb: EmbDir, units: Sequence[int],
+                   progress: bool, timings: dict[str, float], known: MetadataStore | None = None) -> faiss.Index:
     """Train (unless already trained: --update never retrains) and add every shard in batches; CPU index back."""
     gpu = gpu_index(index)
     target = gpu if gpu is not None else index
@@ -189,7 +152,7 @@ def _train_and_add(index: faiss.Index, sample: np.ndarray | None, files: list[st
     timings["train_s"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     with _bar(progress, desc="add") as bar:
-        for shard in _shards(files, known):
+        for shard in _shards(emb, units, known):
             for lo in range(0, len(shard.ids), ADD_BATCH):
                 batch = np.ascontiguousarray(shard.embeddings[lo:lo + ADD_BATCH], dtype=np.float32)
                 target.add_with_ids(batch, np.ascontiguousarray(shard.ids[lo:lo + ADD_BATCH]))
@@ -198,39 +161,38 @@ def _train_and_add(index: faiss.Index, sample: np.ndarray | None, files: list[st
     return faiss.index_gpu_to_cpu(gpu) if gpu is not None else index
 
 
-def _finish(tmp: Path, out: Path, index: faiss.Index, info: dict[str, Any], query_ids: np.ndarray,
-            nprobe: int | None, timings: dict[str, float], started: float) -> dict[str, Any]:
+def _finish(tmp: IndexDir, out: Path, index: faiss.Index, info: IndexInfo, query_ids: np.ndarray,
+            nprobe: int | None, timings: dict[str, float], started: float) -> IndexInfo:
     """Self-check, save the index and index.json into `tmp`, then swap `tmp` in as `out`."""
     start = time.perf_counter()
-    vectors = np.load(tmp / VECTORS_FILE, mmap_mode="r")
-    info["nprobe"], info["recall"] = self_check(index, vectors, query_ids, refine_factor=info.get("refine_factor"),
-                                                refine=info["refine"], nprobe=nprobe, seed=info.get("seed", 0))
-    info["refine_factor"] = info["recall"]["refine_factor"]
+    vectors = tmp.open_vectors()
+    info.nprobe, info.recall = self_check(index, vectors, query_ids, refine_factor=info.refine_factor,
+                                          refine=info.refine, nprobe=nprobe, seed=info.seed)
+    info.refine_factor = info.recall["refine_factor"]
     timings["recall_s"] = round(time.perf_counter() - start, 3)
     del vectors
-    faiss.write_index(index, str(tmp / INDEX_FILE))
-    info["n"] = int(index.ntotal)
-    info["index_bytes"] = (tmp / INDEX_FILE).stat().st_size
-    info["bytes_per_vector"] = round(info["index_bytes"] / max(1, info["n"]), 2)
+    info.index_bytes = tmp.write_index(index)
+    info.n = int(index.ntotal)
+    info.bytes_per_vector = round(info.index_bytes / max(1, info.n), 2)
     timings["total_s"] = round(time.perf_counter() - started, 3)
-    info["faiss_version"] = faiss.__version__
-    atomic_write_json(tmp / INFO_FILE, info)
-    _swap_in(tmp, out)
+    info.faiss_version = faiss.__version__
+    tmp.write_info(info)
+    tmp.swap_in(out)
     return info
 
 
-def _checked_set(emb_dir: str | os.PathLike) -> dict[str, Any]:
-    summary = check_shard_set(emb_dir)
-    if summary["n"] == 0:
-        raise UserError(f"{emb_dir}: the shards hold no embedded images; nothing to index")
+def _checked_set(emb: EmbDir) -> EmbSummary:
+    summary = emb.check_set()
+    if summary.n_embedded == 0:
+        raise UserError(f"{emb.root}: the shards hold no embedded images; nothing to index")
     return summary
 
 
 def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key: str = "auto",
                 train_size: int | None = None, refine: bool | None = None, nprobe: int | None = None,
                 refine_factor: int | None = None, update: bool = False, seed: int = 0,
-                progress: bool = True) -> dict[str, Any]:
-    """EMB_DIR -> INDEX_DIR (see the module docstring); returns the index.json contents."""
+                progress: bool = True) -> IndexInfo:
+    """EMB_DIR -> INDEX_DIR (see the module docstring); returns what index.json holds."""
     if update:
         return update_index(emb_dir, out, nprobe=nprobe, refine=refine, progress=progress)
     started = time.perf_counter()
@@ -239,80 +201,70 @@ def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key
         raise UserError(f"{out} already exists; remove it first, or pass --update to add new units to it")
     if (nprobe is not None and nprobe < 1) or (refine_factor is not None and refine_factor < 1):
         raise UserError("--nprobe and the refine factor must be at least 1")
-    summary = _checked_set(emb_dir)
-    n, dim, files = summary["n"], int(summary["dim"]), summary["files"]
+    emb = EmbDir(emb_dir)
+    summary = _checked_set(emb)
+    n, dim, units = summary.n_embedded, int(summary.dim or 0), [e.unit for e in summary.shards]
     key = choose_index_key(n, dim) if index_key in (None, "", "auto") else index_key
     index = make_index(key, dim)
     nlist = ivf_lists(key)
     if nlist and n < nlist:
         raise UserError(f"{key} needs at least {nlist} vectors to train, the shards hold {n}; use --index-key auto")
     refine = (key.split(",")[-1].strip() != "Flat") if refine is None else refine
-    info: dict[str, Any] = {
-        "format": INDEX_FORMAT, "version": 1, "index_key": key, "dim": dim, "model": summary["model"],
-        "pretrained": summary["pretrained"], "refine": bool(refine), "refine_factor": refine_factor,
-        "row_layout": ROW_LAYOUT, "n_rows": _n_rows(files), "unit_counts": _unit_counts(files),
-        "unit_size": summary["unit_size"], "emb_dir": str(Path(emb_dir).resolve()), "seed": seed,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "updates": [],
-    }
-    rng = np.random.default_rng(seed)
-    info["train_size"] = choose_train_size(n, key, train_size) if not index.is_trained else 0
     timings: dict[str, float] = {}
-    info["timings"] = timings
-    tmp = _fresh_dir(out)
-    try:
+    info = IndexInfo(
+        index_key=key, dim=dim, model=summary.model, pretrained=summary.pretrained, refine=bool(refine),
+        refine_factor=refine_factor, row_layout=ROW_LAYOUT, n_rows=_n_rows(summary),
+        unit_counts=_unit_counts(summary.shards), unit_size=summary.unit_size,
+        emb_dir=str(Path(emb_dir).resolve()), seed=seed, created=_now(), updates=[],
+        train_size=choose_train_size(n, key, train_size) if not index.is_trained else 0, timings=timings)
+    rng = np.random.default_rng(seed)
+    with IndexDir.build_beside(out) as tmp:
         start = time.perf_counter()
-        with MetadataStore(tmp / META_FILE) as meta:
-            _write_vectors(tmp / VECTORS_FILE, files, info["n_rows"], dim, meta, progress)
+        with tmp.open_metadata(readonly=False) as meta:
+            _write_vectors(tmp, emb, units, info.n_rows, dim, meta, progress)
         timings["vectors_s"] = round(time.perf_counter() - start, 3)
-        vectors = np.load(tmp / VECTORS_FILE, mmap_mode="r")
-        sample_ids = _sample_ids(files, max(info["train_size"], RECALL_QUERIES), rng)
-        sample = np.asarray(vectors[np.sort(sample_ids[:info["train_size"]])], dtype=np.float32) \
-            if info["train_size"] else None
+        vectors = tmp.open_vectors()
+        sample_ids = emb.sample_ids(summary.shards, max(info.train_size, RECALL_QUERIES), rng)
+        sample = np.asarray(vectors[np.sort(sample_ids[:info.train_size])], dtype=np.float32) \
+            if info.train_size else None
         del vectors
-        index = _train_and_add(index, sample, files, progress, timings)
+        index = _train_and_add(index, sample, emb, units, progress, timings)
         del sample
         return _finish(tmp, out, index, info, sample_ids[:RECALL_QUERIES], nprobe, timings, started)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: int | None = None,
-                 refine: bool | None = None, progress: bool = True) -> dict[str, Any]:
+                 refine: bool | None = None, progress: bool = True) -> IndexInfo:
     """Add the ids of EMB_DIR not yet in INDEX_DIR (new units, or a last unit that `embed --append` refilled) to
     its trained index, without retraining; the new INDEX_DIR replaces the old one whole."""
     started = time.perf_counter()
     out = Path(out)
-    info = load_info(out)
-    summary = _checked_set(emb_dir)
-    if (summary["model"], summary["pretrained"], int(summary["dim"])) != (info["model"], info["pretrained"], info["dim"]):
-        raise UserError(f"{emb_dir} holds {summary['model']}/{summary['pretrained']} {summary['dim']}-d vectors, "
-                        f"{out} indexes {info['model']}/{info['pretrained']} {info['dim']}-d; build a new index")
-    counts = _unit_counts(summary["files"])
-    changed = [f for f in summary["files"] if info["unit_counts"].get(str(_unit_of(f))) != counts[str(_unit_of(f))]]
+    current = IndexDir(out)
+    info = current.load_info()
+    emb = EmbDir(emb_dir)
+    summary = _checked_set(emb)
+    if (summary.model, summary.pretrained, int(summary.dim or 0)) != (info.model, info.pretrained, info.dim):
+        raise UserError(f"{emb_dir} holds {summary.model}/{summary.pretrained} {summary.dim}-d vectors, "
+                        f"{out} indexes {info.model}/{info.pretrained} {info.dim}-d; build a new index")
+    counts = _unit_counts(summary.shards)
+    changed = [e.unit for e in summary.shards if info.unit_counts.get(str(e.unit)) != counts[str(e.unit)]]
     if not changed:
         return info
     if refine is not None:
-        info["refine"] = bool(refine)
+        info.refine = bool(refine)
     timings: dict[str, float] = {}
-    tmp = _fresh_dir(out)
-    try:
-        shutil.copy2(out / META_FILE, tmp / META_FILE)
+    with IndexDir.build_beside(out) as tmp:
+        tmp.copy_metadata_from(current)
         start = time.perf_counter()
-        info["n_rows"] = max(int(info["n_rows"]), _n_rows(summary["files"]))
-        with MetadataStore(tmp / META_FILE) as meta, MetadataStore(out / META_FILE, readonly=True) as known:
-            _write_vectors(tmp / VECTORS_FILE, changed, info["n_rows"], info["dim"], meta, progress,
-                           old=out / VECTORS_FILE, known=known)
+        info.n_rows = max(int(info.n_rows), _n_rows(summary))
+        with tmp.open_metadata(readonly=False) as meta, current.open_metadata() as known:
+            _write_vectors(tmp, emb, changed, info.n_rows, info.dim, meta, progress, old=current, known=known)
             timings["vectors_s"] = round(time.perf_counter() - start, 3)
-            index = faiss.read_index(str(out / INDEX_FILE))
+            index = current.open_index(writable=True)
             n_before = int(index.ntotal)
-            index = _train_and_add(index, None, changed, progress, timings, known=known)
-        info["unit_counts"] = counts
-        info["updates"] = info.get("updates", []) + [{
-            "units": sorted(_unit_of(f) for f in changed), "added": int(index.ntotal) - n_before,
-            "timings": timings, "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}]
-        query_ids = _sample_ids(summary["files"], RECALL_QUERIES, np.random.default_rng(info.get("seed", 0)))
-        return _finish(tmp, out, index, info, query_ids, nprobe or info["nprobe"], timings, started)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            index = _train_and_add(index, None, emb, changed, progress, timings, known=known)
+        info.unit_counts = counts
+        info.updates = info.updates + [{
+            "units": sorted(changed), "added": int(index.ntotal) - n_before, "timings": timings, "at": _now()}]
+        query_ids = emb.sample_ids(summary.shards, RECALL_QUERIES, np.random.default_rng(info.seed))
+        return _finish(tmp, out, index, info, query_ids, nprobe or info.nprobe, timings, started)

@@ -1,38 +1,38 @@
 """`clip-hpc info`: what an EMB_DIR or INDEX_DIR holds, read from its files alone."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from clip_hpc import shards
 from clip_hpc.errors import UserError
+from clip_hpc.formats.emb_dir import INPUTS_FILE, SHARD_DIR, EmbDir
+from clip_hpc.formats.index_dir import INFO_FILE, IndexDir
+
+EMB_KEYS = ("model", "pretrained", "dim", "dtype", "n_inputs", "n_embedded", "n_failed", "unit_size", "n_units",
+            "failed_by_reason", "missing_units", "invalid_shards")
 
 
-def describe_embeddings(emb_dir: Path) -> dict[str, Any]:
+def describe_embeddings(emb: EmbDir) -> dict[str, Any]:
     """Counts, model, dim, failures by reason and missing units, whether or not the run has finished."""
-    n_inputs = len(shards.read_inputs(emb_dir))
-    unit_size = shards.detect_unit_size(emb_dir)
-    if unit_size is None:
-        return {"kind": "embeddings", "path": str(emb_dir), "n_inputs": n_inputs,
-                "shards": len(shards.list_shard_files(emb_dir)), "complete": False, "note": "no valid shard yet"}
-    n_units = -(-n_inputs // unit_size)
-    summary = shards.summarise_shards(emb_dir, n_units, unit_size)
-    info = {"kind": "embeddings", "path": str(emb_dir), "complete": not summary["missing_units"]
-            and not summary["invalid_shards"], "manifest": (emb_dir / shards.MANIFEST_FILE).exists()}
-    info.update({k: summary[k] for k in ("model", "pretrained", "dim", "dtype", "n_inputs", "n_embedded", "n_failed",
-                                         "unit_size", "n_units", "failed_by_reason", "missing_units",
-                                         "invalid_shards")})
+    summary = emb.summarise_found()
+    if summary is None:
+        return {"kind": "embeddings", "path": str(emb.root), "n_inputs": len(emb.read_inputs()),
+                "shards": len(emb.shard_files()), "complete": False, "note": "no valid shard yet"}
+    info: dict[str, Any] = {"kind": "embeddings", "path": str(emb.root), "complete": summary.complete,
+                            "manifest": emb.manifest_path.exists()}
+    info.update({key: getattr(summary, key) for key in EMB_KEYS})
     return info
 
 
 def describe(path: str | Path) -> dict[str, Any]:
+    """The printable description `clip-hpc info` shows (its keys are the command's output contract)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path} is not a directory")
-    if (path / "index.json").exists():
-        info = json.loads((path / "index.json").read_text())
-        return {"kind": "index", "path": str(path), **info}
-    if (path / shards.INPUTS_FILE).exists() or (path / shards.SHARD_DIR).is_dir():
-        return describe_embeddings(path)
-    raise UserError(f"{path} is neither an embedding directory (inputs.txt, shards/) nor an index (index.json)")
+    index, emb = IndexDir(path), EmbDir(path)
+    if index.looks_like_one():
+        return {"kind": "index", "path": str(path), **index.load_info().to_dict()}
+    if emb.looks_like_one():
+        return describe_embeddings(emb)
+    raise UserError(f"{path} is neither an embedding directory ({INPUTS_FILE}, {SHARD_DIR}/) "
+                    f"nor an index ({INFO_FILE})")

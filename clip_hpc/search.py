@@ -5,7 +5,6 @@ vectors in `vectors.npy`, which wins back the recall PQ loses on off-distributio
 """
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,13 +14,8 @@ import faiss
 import numpy as np
 
 from clip_hpc.errors import UserError
-from clip_hpc.metadata import MetadataStore
+from clip_hpc.formats.index_dir import IndexDir
 
-INDEX_FILE = "index.faiss"
-VECTORS_FILE = "vectors.npy"
-META_FILE = "meta.sqlite"
-INFO_FILE = "index.json"
-INDEX_FORMAT = "clip-hpc-index"
 MAX_K = 10_000
 MIN_RERANK_K = 10
 PREFILTER_LIMIT = 50_000  # a path_prefix matching fewer ids is searched exactly over just those rows
@@ -121,27 +115,6 @@ def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.nda
 
 
 # --- the engine: I/O at the edges ------------------------------------------------------------------------------
-def read_index(path: Path) -> faiss.Index:
-    """Memory-mapped where the index type allows it (RAM holds only the pages queries touch), else read whole."""
-    try:
-        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
-        return faiss.read_index(str(path))
-
-
-def load_info(index_dir: str | Path) -> dict[str, Any]:
-    path = Path(index_dir) / INFO_FILE
-    if not path.is_file():
-        raise UserError(f"{index_dir}: not an index directory (no {INFO_FILE}); build one with clip-hpc index")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable ({exc}); rebuild the index") from None
-    if info.get("format") != INDEX_FORMAT:
-        raise UserError(f"{path}: not a clip-hpc index (format={info.get('format')!r})")
-    return info
-
-
 class SearchEngine:
     """One INDEX_DIR ready for queries; thread-safe for concurrent searches (the model loads once, lazily)."""
 
@@ -149,14 +122,13 @@ class SearchEngine:
                  pretrained: str | None = None, device: str = "auto", nprobe: int | None = None,
                  refine: bool | None = None) -> None:
         self.index_dir = Path(index_dir)
-        self.info = load_info(self.index_dir)
-        for name in (INDEX_FILE, VECTORS_FILE, META_FILE):
-            if not (self.index_dir / name).is_file():
-                raise UserError(f"{self.index_dir}: {name} is missing; rebuild the index")
+        files = IndexDir(self.index_dir)
+        self.info = files.load_info().to_dict()  # index.json as the server reports it
+        files.check_complete()
         self.n, self.dim = int(self.info["n"]), int(self.info["dim"])
-        self.index = read_index(self.index_dir / INDEX_FILE)
-        self.vectors = np.load(self.index_dir / VECTORS_FILE, mmap_mode="r")
-        self.meta = MetadataStore(self.index_dir / META_FILE, readonly=True)
+        self.index = files.open_index()
+        self.vectors = files.open_vectors()
+        self.meta = files.open_metadata()
         self.nprobe = int(nprobe or self.info.get("nprobe") or 1)
         if nprobe is not None and nprobe < 1:
             raise UserError("--nprobe must be at least 1")

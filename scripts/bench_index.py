@@ -62,7 +62,7 @@ def bench_size(n: int, dim: int, n_queries: int, batch: int, work: Path) -> list
     exact = exact_top_k(queries, vectors, 10)
     info = build_index(emb, work / f"index-{n}", progress=False)
     size = {"n": n, "dim": dim}
-    build = {"train_s": info["timings"]["train_s"], "add_s": info["timings"]["add_s"]}
+    build = {"train_s": info.timings["train_s"], "add_s": info.timings["add_s"]}
     rows = []
     for refine in (True, False):
         engine = SearchEngine(work / f"index-{n}", refine=refine)
@@ -70,9 +70,9 @@ def bench_size(n: int, dim: int, n_queries: int, batch: int, work: Path) -> list
         def ann(q: np.ndarray, k: int, engine: SearchEngine = engine) -> np.ndarray:
             return np.array([[h.id for h in row] for row in engine.search_vectors(q, k)])
 
-        rows.append(measure(f"{info['index_key']} nprobe={info['nprobe']}" + (" + refine" if refine else ""),
+        rows.append(measure(f"{info.index_key} nprobe={info.nprobe}" + (" + refine" if refine else ""),
                             ann, queries, exact, batch, **size, **build,
-                            bytes_per_vector=info["bytes_per_vector"]))
+                            bytes_per_vector=info.bytes_per_vector))
     start = time.perf_counter()
     flat = faiss.IndexFlatIP(dim)
     flat.add(vectors)

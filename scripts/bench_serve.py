@@ -43,8 +43,8 @@ def build(tmp: Path, model: str, n: int, index_key: str) -> tuple[Path, dict]:
     emb = write_emb_dir(tmp / f"emb-{model}", vectors, labels, shard_size=50_000, model=model, pretrained="none")
     t0 = time.perf_counter()
     info = build_index(emb, tmp / f"index-{model}", index_key=index_key, progress=False)
-    return tmp / f"index-{model}", {"index_key": info["index_key"], "nprobe": info["nprobe"],
-                                    "refine": info.get("refine"), "build_s": round(time.perf_counter() - t0, 1)}
+    return tmp / f"index-{model}", {"index_key": info.index_key, "nprobe": info.nprobe,
+                                    "refine": info.refine, "build_s": round(time.perf_counter() - t0, 1)}
 
 
 class Server:

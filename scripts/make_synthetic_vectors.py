@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_hpc.shards import INPUTS_FILE, atomic_write_bytes, shard_path, write_shard  # noqa: E402
+from clip_hpc.formats.emb_dir import EmbDir  # noqa: E402
 
 MODEL = "synthetic-mixture"
 
@@ -47,17 +47,16 @@ def synthetic_path(i: int, label: int) -> str:
 def write_emb_dir(out: Path, vectors: np.ndarray, labels: np.ndarray, shard_size: int, *, first_id: int = 0,
                   model: str = MODEL, pretrained: str = "none", failed_every: int = 0) -> Path:
     """Shards in the `clip-hpc embed` format plus inputs.txt; every `failed_every`-th id is recorded as failed."""
-    out.mkdir(parents=True, exist_ok=True)
+    emb = EmbDir(out)
     n, dim = vectors.shape
     paths = [synthetic_path(first_id + i, int(labels[i])) for i in range(n)]
-    inputs = out / INPUTS_FILE
-    old = inputs.read_text().splitlines() if first_id and inputs.exists() else []
-    atomic_write_bytes(inputs, ("\n".join(old + paths) + "\n").encode())
+    old = emb.read_inputs() if first_id else []
+    emb.write_inputs(old + paths)
     for start in range(0, n, shard_size):
         ids = np.arange(first_id + start, first_id + min(n, start + shard_size))
         ok = np.ones(len(ids), dtype=bool) if not failed_every else (ids % failed_every != failed_every - 1)
         local = ids - first_id
-        write_shard(shard_path(out, int(ids[0]) // shard_size), embeddings=vectors[local[ok]].astype(np.float16),
+        emb.write_shard(int(ids[0]) // shard_size, embeddings=vectors[local[ok]].astype(np.float16),
                     ids=ids[ok], paths=[paths[i] for i in local[ok]], failed_ids=ids[~ok],
                     failed_paths=[paths[i] for i in local[~ok]], failed_reasons=["synthetic failure"] * int((~ok).sum()),
                     attrs={"model": model, "pretrained": pretrained, "dim": dim, "unit": int(ids[0]) // shard_size,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from clip_hpc import captioned_shapes as cs  # noqa: E402
 from clip_hpc.models import WEIGHTS_DIR, _register_configs  # noqa: E402
-from clip_hpc.shards import atomic_write_bytes  # noqa: E402
+from clip_hpc.formats.atomic import atomic_write_bytes  # noqa: E402
 
 MODEL_NAME = "clip-hpc-demo"
 DEFAULT_OUT = WEIGHTS_DIR / f"{MODEL_NAME}.safetensors"

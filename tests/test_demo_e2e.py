@@ -10,7 +10,7 @@ import pytest
 
 from clip_hpc import captioned_shapes as cs
 from clip_hpc.models import load_model
-from clip_hpc.shards import iter_shards
+from clip_hpc.formats.emb_dir import EmbDir
 from conftest import BIN, run_cli
 from server_fixtures import start_server
 
@@ -53,7 +53,7 @@ def _server_ranking(client, names: list[str]) -> np.ndarray:
 def test_served_ivfpq_recall_matches_exact_search_on_the_same_embeddings(demo_index, tmp_path):
     root, attrs = demo_index
     by_name = _attrs_by_name(attrs)
-    shards = list(iter_shards(root / "emb"))
+    shards = list(EmbDir(root / "emb").iter_shards())
     embeddings = np.concatenate([s.embeddings for s in shards]).astype(np.float32)
     names = [Path(p).name for s in shards for p in s.paths]
     assert len(names) == N_IMAGES and sum(len(s.failed_ids) for s in shards) == 0

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clip_hpc import shards
+from clip_hpc.formats.emb_dir import EmbDir, file_sha256
+from clip_hpc.formats.shard import read_shard
 from conftest import BIN, ROOT, run_cli
 
 TINY = ["--model", "clip-hpc-tiny", "--pretrained", "none"]
@@ -23,7 +24,7 @@ def mpi_embed(n: int, *args, **kw) -> subprocess.CompletedProcess:
 def coverage(emb_dir: Path) -> tuple[np.ndarray, list[str]]:
     """All ids (embedded and failed) across shards, and the embedded paths in id order."""
     ids, failed, paths = [], [], []
-    for shard in shards.iter_shards(emb_dir, with_embeddings=False):
+    for shard in EmbDir(emb_dir).iter_shards(with_embeddings=False):
         ids.append(shard.ids)
         failed.append(shard.failed_ids)
         paths.extend(shard.paths)
@@ -31,7 +32,7 @@ def coverage(emb_dir: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def load_all(emb_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    parts = list(shards.iter_shards(emb_dir))
+    parts = list(EmbDir(emb_dir).iter_shards())
     return np.concatenate([s.ids for s in parts]), np.concatenate([s.embeddings for s in parts]).astype(np.float32)
 
 
@@ -46,16 +47,16 @@ def two_rank_run(sample_images, tmp_path_factory):
 @pytest.mark.mpi
 def test_two_ranks_cover_every_id_once_and_match_single_process(two_rank_run, sample_images, tmp_path):
     out, proc = two_rank_run
-    inputs = shards.read_inputs(out)
+    inputs = EmbDir(out).read_inputs()
     assert len(inputs) >= 300
     ids, paths = coverage(out)
     assert np.array_equal(ids, np.arange(len(inputs)))
     assert paths == inputs  # sample images are all good: every one embedded, in id order
-    manifest = shards.load_manifest(out)
-    assert manifest["n_embedded"] == len(inputs) and manifest["n_failed"] == 0
-    assert manifest["inputs_sha256"] == shards.file_sha256(out / "inputs.txt")
+    manifest = EmbDir(out).load_manifest()
+    assert manifest.n_embedded == len(inputs) and manifest.n_failed == 0
+    assert manifest.inputs_sha256 == file_sha256(out / "inputs.txt")
     assert "rank 1" in proc.stdout and "img/s" in proc.stdout
-    ranks = {shards.read_shard(p, with_embeddings=False).attrs["rank"] for p in shards.list_shard_files(out)}
+    ranks = {read_shard(p, with_embeddings=False).attrs["rank"] for p in EmbDir(out).shard_files()}
     assert ranks == {0, 1}
 
     single = tmp_path / "single"
@@ -69,11 +70,11 @@ def test_two_ranks_cover_every_id_once_and_match_single_process(two_rank_run, sa
 @pytest.mark.mpi
 def test_rerun_skips_every_valid_shard(two_rank_run, sample_images):
     out, _ = two_rank_run
-    before = {p.name: p.stat().st_mtime_ns for p in shards.list_shard_files(out)}
+    before = {p.name: p.stat().st_mtime_ns for p in EmbDir(out).shard_files()}
     proc = run_cli("embed", sample_images, "--out", out, *TINY, "--shard-size", 50)
     assert proc.returncode == 0, proc.stderr
     assert "has 0 of its" in proc.stderr
-    assert {p.name: p.stat().st_mtime_ns for p in shards.list_shard_files(out)} == before
+    assert {p.name: p.stat().st_mtime_ns for p in EmbDir(out).shard_files()} == before
 
 
 @pytest.mark.mpi
@@ -84,22 +85,22 @@ def test_sigkill_then_resume_with_another_world_size(sample_images, tmp_path):
            *TINY, "--shard-size", "10", "--batch-size", "2", "--workers", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while len(shards.list_shard_files(out)) < 3 and time.time() < deadline and proc.poll() is None:
+    while len(EmbDir(out).shard_files()) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    survivors = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in shards.list_shard_files(out)}
-    n_units = -(-len(shards.read_inputs(out)) // 10)
+    survivors = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in EmbDir(out).shard_files()}
+    n_units = -(-len(EmbDir(out).read_inputs()) // 10)
     assert 3 <= len(survivors) < n_units, "the run must be killed part-way"
     assert not (out / "manifest.json").exists()
 
     resumed = mpi_embed(3, sample_images, "--out", out, *TINY, "--shard-size", 10, "--workers", 0)
     assert resumed.returncode == 0, resumed.stderr
-    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in shards.list_shard_files(out)}
+    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in EmbDir(out).shard_files()}
     assert all(after[name] == stamp for name, stamp in survivors.items()), "a finished shard was recomputed"
     ids, _ = coverage(out)
-    assert np.array_equal(ids, np.arange(len(shards.read_inputs(out))))
-    assert shards.load_manifest(out)["n_units"] == n_units
+    assert np.array_equal(ids, np.arange(len(EmbDir(out).read_inputs())))
+    assert EmbDir(out).load_manifest().n_units == n_units
     assert not list((out / "shards").glob(".*tmp*"))
 
 
@@ -112,7 +113,7 @@ def test_bad_images_are_recorded_not_fatal(tmp_path):
     proc = run_cli("embed", tmp_path / "bad", "--out", out, *TINY, "--shard-size", 4, "--workers", 1)
     assert proc.returncode == 0, proc.stderr
     failed, embedded = {}, set()
-    for shard in shards.iter_shards(out):
+    for shard in EmbDir(out).iter_shards():
         embedded.update(Path(p).name for p in shard.paths)
         failed.update({Path(p).name: r for p, r in zip(shard.failed_paths, shard.failed_reasons)})
         assert np.isfinite(shard.embeddings.astype(np.float32)).all()

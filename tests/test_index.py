@@ -14,7 +14,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.index import build_index, choose_index_key, choose_train_size, ivf_lists
 from clip_hpc.recall import exact_top_k, off_distribution_queries, recall_at_k
 from clip_hpc.search import SearchEngine
-from clip_hpc.shards import shard_path, write_shard
+from clip_hpc.formats.emb_dir import EmbDir
 from conftest import make_images, run_cli
 from index_fixtures import synthetic, synthetic_emb_dir
 
@@ -53,12 +53,12 @@ def test_flat_build_writes_the_contracted_files(flat_index):
     index_dir = root / "index"
     assert sorted(p.name for p in index_dir.iterdir()) == ["index.faiss", "index.json", "meta.sqlite", "vectors.npy"]
     on_disk = json.loads((index_dir / "index.json").read_text())
-    assert on_disk == info
+    assert on_disk == info.to_dict()
     for field in ("index_key", "nprobe", "n", "dim", "model", "pretrained", "refine", "timings", "recall"):
-        assert field in info
-    assert info["index_key"] == "Flat" and info["refine"] is False
-    assert info["n"] == 1500 - 30 and info["n_rows"] == 1500 and info["row_layout"] == "global_id"
-    assert info["recall"]["served"] == 1.0
+        assert field in on_disk
+    assert info.index_key == "Flat" and info.refine is False
+    assert info.n == 1500 - 30 and info.n_rows == 1500 and info.row_layout == "global_id"
+    assert info.recall["served"] == 1.0
     assert not list(root.glob(".index.tmp-*"))
 
 
@@ -85,10 +85,10 @@ def test_every_embedded_id_is_found_by_its_own_vector(flat_index):
 def test_ivf_build_tunes_nprobe_and_its_recall_is_real(tmp_path):
     emb, vectors = synthetic_emb_dir(tmp_path / "emb", 4000, seed=3)
     info = build_index(emb, tmp_path / "index", index_key=IVF_KEY, progress=False)
-    recall, nprobe = info["recall"], info["nprobe"]
-    assert info["refine"] is True and recall["target_met"] and recall["served"] >= 0.95
+    recall, nprobe = info.recall, info.nprobe
+    assert info.refine is True and recall["target_met"] and recall["served"] >= 0.95
     tuned = {int(k.split(",")[0][6:]): v for k, v in recall["tuning_lower_bounds"].items()
-             if k.endswith(f"refine{info['refine_factor']}")}
+             if k.endswith(f"refine{info.refine_factor}")}
     assert all(v < 0.95 for p, v in tuned.items() if p < nprobe)  # the smallest that reaches the target
     # measured again, independently, with queries the self-check never saw
     rng = np.random.default_rng(42)
@@ -104,22 +104,22 @@ def test_ivf_build_tunes_nprobe_and_its_recall_is_real(tmp_path):
 
 # --- refusals: a clear error and no INDEX_DIR ------------------------------------------------------------------
 def _break_dims(emb):
-    write_shard(shard_path(emb, 1), embeddings=np.ones((2, 16), np.float16), ids=[500, 501], paths=["a", "b"],
+    EmbDir(emb).write_shard(1, embeddings=np.ones((2, 16), np.float16), ids=[500, 501], paths=["a", "b"],
                 attrs={"model": synthetic.MODEL, "pretrained": "none", "dim": 16, "unit": 1, "unit_size": 500})
 
 
 def _break_model(emb):
-    shard = h5py.File(shard_path(emb, 1), "r+")
+    shard = h5py.File(EmbDir(emb).shard_path(1), "r+")
     shard.attrs["model"] = "ViT-B-32"
     shard.close()
 
 
 def _break_missing(emb):
-    shard_path(emb, 1).unlink()
+    EmbDir(emb).shard_path(1).unlink()
 
 
 def _break_truncated(emb):
-    path = shard_path(emb, 1)
+    path = EmbDir(emb).shard_path(1)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
@@ -150,7 +150,7 @@ def test_an_existing_index_dir_is_not_overwritten(flat_index):
     root, info, _ = flat_index
     with pytest.raises(UserError, match="--update"):
         build_index(root / "emb", root / "index", progress=False)
-    assert json.loads((root / "index" / "index.json").read_text()) == info
+    assert json.loads((root / "index" / "index.json").read_text()) == info.to_dict()
 
 
 # --- --update --------------------------------------------------------------------------------------------------
@@ -163,13 +163,13 @@ def test_update_adds_new_units_without_retraining(tmp_path):
     old = SearchEngine(tmp_path / "index")
     old_paths = old.meta.paths_of(range(2000))
     old_hits = [h.id for h in old.search_ids([17], k=5)]
-    assert build_index(emb, tmp_path / "index", update=True, progress=False)["updates"] == []  # nothing new
+    assert build_index(emb, tmp_path / "index", update=True, progress=False).updates == []  # nothing new
 
     synthetic.write_emb_dir(emb, vectors[2000:], labels[2000:], 500, first_id=2000)
     info = build_index(emb, tmp_path / "index", update=True, progress=False)
     after = faiss.read_index(str(tmp_path / "index" / "index.faiss"))
-    assert after.ntotal == 3000 and info["n"] == 3000 and info["updates"][0]["added"] == 1000
-    assert info["updates"][0]["units"] == [4, 5] and info["updates"][0]["timings"]["train_s"] == 0
+    assert after.ntotal == 3000 and info.n == 3000 and info.updates[0]["added"] == 1000
+    assert info.updates[0]["units"] == [4, 5] and info.updates[0]["timings"]["train_s"] == 0
     np.testing.assert_array_equal(faiss.extract_index_ivf(after).quantizer.reconstruct_n(0, 16),
                                   faiss.extract_index_ivf(before).quantizer.reconstruct_n(0, 16))
     engine = SearchEngine(tmp_path / "index")
@@ -186,7 +186,7 @@ def test_update_refuses_another_model_and_keeps_the_index(tmp_path):
     other, _ = synthetic_emb_dir(tmp_path / "other", 600, dim=16)
     with pytest.raises(UserError, match="build a new index"):
         build_index(other, tmp_path / "index", update=True, progress=False)
-    assert json.loads((tmp_path / "index" / "index.json").read_text()) == info
+    assert json.loads((tmp_path / "index" / "index.json").read_text()) == info.to_dict()
 
 
 # --- the real pipeline: clip-hpc embed (tiny model) -> index -> search, then embed --append -> index --update ----
@@ -202,8 +202,8 @@ def embedded(tmp_path_factory):
 
 def test_every_embedded_image_is_searchable_by_id(embedded):
     engine = SearchEngine(embedded / "index")
-    with h5py.File(shard_path(embedded / "emb", 0)) as f:
-        assert f.attrs["model"] == engine.info["model"] == "clip-hpc-tiny"
+    assert EmbDir(embedded / "emb").read_shard(0, with_embeddings=False).attrs["model"] == engine.info["model"] \
+        == "clip-hpc-tiny"
     ids = engine.meta.all_ids()
     assert len(ids) == engine.n >= 40
     for i in ids:
@@ -256,9 +256,9 @@ def test_200k_mixture_auto_ivf_pq_fits_80_bytes_and_refine_wins_back_recall(tmp_
     synthetic.write_emb_dir(tmp_path / "emb", vectors, labels, 50_000)
     vectors = vectors.astype(np.float16).astype(np.float32)
     info = build_index(tmp_path / "emb", tmp_path / "index", progress=False)
-    assert "IVF" in info["index_key"] and "PQ" in info["index_key"]
+    assert "IVF" in info.index_key and "PQ" in info.index_key
     assert (tmp_path / "index" / "index.faiss").stat().st_size / n <= 80
-    assert info["recall"]["target_met"]
+    assert info.recall["target_met"]
     rng = np.random.default_rng(99)  # fresh queries, not the self-check's
     queries = {"in": vectors[rng.choice(n, 200, replace=False)]}
     queries["off"] = off_distribution_queries(queries["in"], rng)
@@ -268,6 +268,6 @@ def test_200k_mixture_auto_ivf_pq_fits_80_bytes_and_refine_wins_back_recall(tmp_
         for name, q in queries.items():
             approx = np.array([[h.id for h in row] for row in engine.search_vectors(q, 10)])
             recall[name, refine] = recall_at_k(approx, exact_top_k(q, vectors, 10), 10)
-    print(f"\n200k {info['index_key']} nprobe {info['nprobe']}: recall@10 {recall}; self-check {info['recall']}")
+    print(f"\n200k {info.index_key} nprobe {info.nprobe}: recall@10 {recall}; self-check {info.recall}")
     assert recall["in", True] >= 0.95 and recall["off", True] >= 0.95
     assert recall["off", False] < recall["off", True]

@@ -145,15 +145,15 @@ def tiny_engine(tmp_path_factory):
     import torch
 
     from clip_hpc.models import load_model
-    from clip_hpc.shards import shard_path, write_shard
+    from clip_hpc.formats.emb_dir import EmbDir
 
     model = load_model("clip-hpc-tiny", "none", device="cpu")
     root = tmp_path_factory.mktemp("tiny")
     images = [Image.new("RGB", (64, 64), ((i * 40) % 256, (i * 90) % 256, (i * 15) % 256)) for i in range(24)]
     real = model.encode_images(torch.stack([model.preprocess(im) for im in images]))
-    write_shard(shard_path(root / "emb", 0), embeddings=real.astype(np.float16), ids=range(24),
-                paths=[f"/img/{i}.png" for i in range(24)],
-                attrs={"model": "clip-hpc-tiny", "pretrained": "none", "dim": model.dim, "unit": 0, "unit_size": 24})
+    EmbDir(root / "emb").write_shard(0, embeddings=real.astype(np.float16), ids=range(24),
+                                     paths=[f"/img/{i}.png" for i in range(24)],
+                                     attrs={"model": "clip-hpc-tiny", "pretrained": "none", "dim": model.dim, "unit": 0, "unit_size": 24})
     (root / "emb" / "inputs.txt").write_text("".join(f"/img/{i}.png\n" for i in range(24)))
     build_index(root / "emb", root / "index", progress=False)
     return SearchEngine(root / "index", device="cpu"), images, model

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clip_hpc import shards
+from clip_hpc.formats.emb_dir import EmbDir
 from conftest import BIN, ROOT, make_images
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
@@ -68,7 +68,7 @@ def test_unknown_profile_and_bad_pipeline_use_fail_with_one_line(tmp_path: Path)
 def id_counts(emb_dir: Path) -> Counter:
     """How often each global id (embedded or failed) appears across the shards."""
     counts: Counter = Counter()
-    for shard in shards.iter_shards(emb_dir, with_embeddings=False):
+    for shard in EmbDir(emb_dir).iter_shards(with_embeddings=False):
         counts.update(int(i) for i in shard.ids)
         counts.update(int(i) for i in shard.failed_ids)
     return counts
@@ -100,7 +100,7 @@ def test_embed_sbatch_two_tasks_covers_every_id_once(slurm_cluster: SlurmCluster
     manifest = json.loads((emb / "manifest.json").read_text())
     assert manifest["n_inputs"] == 120 and len(manifest["shards"]) == 6
     assert_covers_once(emb, 120)
-    ranks = {shard.attrs["rank"] for shard in shards.iter_shards(emb, with_embeddings=False)}
+    ranks = {shard.attrs["rank"] for shard in EmbDir(emb).iter_shards(with_embeddings=False)}
     assert ranks == {0, 1}, "both srun tasks should have written shards, as ranks of one MPI world"
     assert "2 rank(s) [mpi]" in log.read_text()
 
@@ -116,7 +116,7 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
 
 
 def shard_stamps(emb_dir: Path) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.list_shard_files(emb_dir)}
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in EmbDir(emb_dir).shard_files()}
 
 
 @pytest.mark.slurm
@@ -128,7 +128,7 @@ def test_requeued_embed_resumes_without_recomputing(slurm_cluster: SlurmCluster,
     # Small batches and no DataLoader workers: slow enough to catch the job between its first and last shard.
     job = slurm_cluster.sbatch(*TWO_TASKS, f"--output={log}", ROOT / "slurm" / "embed.sbatch", images,
                                "--out", emb, *TINY, "--shard-size", str(unit), "--batch-size", "2", "--workers", "0")
-    wait_for(lambda: shards.list_shard_files(emb) if (emb / "shards").is_dir() else [], 240, "the first shard")
+    wait_for(lambda: EmbDir(emb).shard_files() if (emb / "shards").is_dir() else [], 240, "the first shard")
     slurm_cluster.run("scontrol", "requeue", str(job))
     # Once the killed run's processes are gone the job waits to start again: what is on disk now is its work.
     wait_for(lambda: slurm_cluster.state_of(job) == "PENDING", 60, "the requeued job to be pending", poll=0.2)

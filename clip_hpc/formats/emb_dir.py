@@ -1,0 +1,289 @@
+"""EMB_DIR, owned in one place: inputs.txt, shards/shard-{u:06d}.h5 (one per work unit) and manifest.json.
+
+Every question about a shard (resume, `info`, the manifest, indexing) goes through `EmbDir.check_unit`, so the
+whole project agrees on what a good unit is. Summaries are typed (`EmbSummary`, `Manifest`), not loose dicts.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json
+from clip_hpc.formats.shard import (FORMAT, VERSION, Shard, ShardCheck, ShardError, read_shard, read_shard_ids,
+                                    shard_check, write_shard)
+
+INPUTS_FILE = "inputs.txt"
+MANIFEST_FILE = "manifest.json"
+SHARD_DIR = "shards"
+MANIFEST_FORMAT = FORMAT + "-manifest"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unit_length(unit: int, unit_size: int, n_inputs: int) -> int:
+    """How many ids unit `unit` spans: `unit_size`, except for a shorter last unit."""
+    return min(unit_size, n_inputs - unit * unit_size)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One whole unit as the manifest lists it."""
+
+    file: str
+    unit: int
+    n: int
+    n_failed: int
+
+
+@dataclass
+class UnitCounts:
+    """What the shards hold, counted; the part of a summary the manifest records."""
+
+    model: str | None
+    pretrained: str | None
+    dim: int | None
+    dtype: str | None
+    n_inputs: int
+    unit_size: int
+    n_units: int
+    n_embedded: int
+    n_failed: int
+    failed_by_reason: dict[str, int]
+    shards: list[ShardEntry]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EmbSummary(UnitCounts):
+    """The counts plus what is not (yet) right: for `info`, the manifest and the index's refusal messages."""
+
+    missing_units: list[int] = field(default_factory=list)
+    invalid_shards: list[str] = field(default_factory=list)
+    models: list[tuple[str, str]] = field(default_factory=list)
+    dims: list[int] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_units and not self.invalid_shards
+
+    def counts(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(UnitCounts)}
+
+
+@dataclass
+class Manifest(UnitCounts):
+    """manifest.json: written once every unit is whole; `to_dict` is exactly the file's JSON."""
+
+    format: str = MANIFEST_FORMAT
+    version: int = VERSION
+    inputs_sha256: str = ""
+    created: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["shards"] = [ShardEntry(**entry) for entry in data.get("shards", [])]
+        return cls(**values)
+
+
+class EmbDir:
+    """An embedding directory: its paths, its shards and their one validity check, its summary and manifest."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"EmbDir({str(self.root)!r})"
+
+    # --- paths ---
+    @property
+    def inputs_path(self) -> Path:
+        return self.root / INPUTS_FILE
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.root / SHARD_DIR
+
+    def shard_path(self, unit: int) -> Path:
+        return self.shard_dir / f"shard-{unit:06d}.h5"
+
+    @staticmethod
+    def unit_of(path: str | os.PathLike) -> int:
+        """The unit a shard file name stands for (`shard-000012.h5` -> 12)."""
+        return int(Path(path).stem.split("-")[-1])
+
+    def looks_like_one(self) -> bool:
+        """Whether `root` has the layout of an EMB_DIR (for `info`, which must tell the two directory kinds apart)."""
+        return self.inputs_path.exists() or self.shard_dir.is_dir()
+
+    def shard_files(self) -> list[Path]:
+        return sorted(self.shard_dir.glob("shard-*.h5"))
+
+    # --- inputs.txt ---
+    def read_inputs(self) -> list[str]:
+        return self.inputs_path.read_text(encoding="utf-8").splitlines() if self.inputs_path.exists() else []
+
+    def write_inputs(self, paths: Sequence[str]) -> None:
+        """Atomically: a reader (another rank, `info`) sees the old list or the new one."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.inputs_path, ("\n".join(paths) + "\n").encode())
+
+    def inputs_sha256(self) -> str:
+        return file_sha256(self.inputs_path)
+
+    # --- shards ---
+    def write_shard(self, unit: int, **kwargs: Any) -> Path:
+        """`shard.write_shard` at the unit's path; the unit is recorded in the attrs unless they say otherwise."""
+        kwargs["attrs"] = {"unit": unit, **(kwargs.get("attrs") or {})}
+        return write_shard(self.shard_path(unit), **kwargs)
+
+    def read_shard(self, unit: int, *, with_embeddings: bool = True) -> Shard:
+        return read_shard(self.shard_path(unit), with_embeddings=with_embeddings)
+
+    def iter_shards(self, *, with_embeddings: bool = True) -> Iterator[Shard]:
+        """Stream shards in unit order, hence in id order, one file in memory at a time."""
+        for path in self.shard_files():
+            yield read_shard(path, with_embeddings=with_embeddings)
+
+    def check_unit(self, unit: int, unit_size: int, n_ids: int) -> ShardCheck:
+        """The one judgement of a unit's shard; see `shard.shard_check`."""
+        return shard_check(self.shard_path(unit), unit, unit_size, n_ids)
+
+    def detect_unit_size(self) -> int | None:
+        """The unit size recorded in the first readable shard; every shard of an EMB_DIR shares it."""
+        for path in self.shard_files():
+            try:
+                return int(read_shard(path, with_embeddings=False).attrs["unit_size"])
+            except (ShardError, KeyError, ValueError):
+                continue
+        return None
+
+    def remove_stale_temp_files(self) -> None:
+        """Temporary shards left by killed writers; only safe once every unit is done."""
+        for stale in self.shard_dir.glob(".shard-*.tmp.*"):
+            stale.unlink(missing_ok=True)
+
+    # --- what the index build reads ---
+    def shard_ids(self, unit: int) -> np.ndarray:
+        return read_shard_ids(self.shard_path(unit))
+
+    def sample_ids(self, entries: Sequence[ShardEntry], size: int, rng: np.random.Generator) -> np.ndarray:
+        """A uniform random sample of the embedded ids, drawn shard by shard so no id list is ever whole."""
+        counts = [e.n for e in entries]
+        picks = np.sort(rng.choice(sum(counts), size=min(size, sum(counts)), replace=False))
+        chosen, offset = [], 0
+        for entry, count in zip(entries, counts):
+            mine = picks[(picks >= offset) & (picks < offset + count)] - offset
+            if len(mine):
+                chosen.append(self.shard_ids(entry.unit)[mine])
+            offset += count
+        return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+    # --- summaries ---
+    def summarise(self, n_units: int, unit_size: int) -> EmbSummary:
+        """Counts, failures by reason and missing or invalid units, from the shards alone."""
+        n_inputs = len(self.read_inputs())
+        entries: list[ShardEntry] = []
+        missing: list[int] = []
+        invalid: list[str] = []
+        reasons: dict[str, int] = {}
+        models: set[tuple[str, str]] = set()
+        dims: set[int] = set()
+        model = pretrained = dtype = None
+        dim = None
+        for unit in range(n_units):
+            check = self.check_unit(unit, unit_size, unit_length(unit, unit_size, n_inputs))
+            if check.missing:
+                missing.append(unit)
+                continue
+            if check.shard is not None:  # sound, even if it misses its unit: its model still counts
+                attrs = check.shard.attrs
+                model, pretrained = attrs.get("model"), attrs.get("pretrained")
+                dim, dtype = int(attrs["dim"]), attrs.get("dtype")
+                models.add((str(model), str(pretrained)))
+                dims.add(dim)
+            if not check.ok:
+                invalid.append(str(check.problem))
+                continue
+            shard = check.shard
+            for r in shard.failed_reasons:
+                key = r.split(":")[0]
+                reasons[key] = reasons.get(key, 0) + 1
+            entries.append(ShardEntry(check.path.name, unit, len(shard.ids), len(shard.failed_ids)))
+        return EmbSummary(
+            model=model, pretrained=pretrained, dim=dim, dtype=dtype, n_inputs=n_inputs, unit_size=unit_size,
+            n_units=n_units, n_embedded=sum(e.n for e in entries), n_failed=sum(e.n_failed for e in entries),
+            failed_by_reason=reasons, shards=entries, missing_units=missing, invalid_shards=invalid,
+            models=sorted(models), dims=sorted(dims))
+
+    def summarise_found(self) -> EmbSummary | None:
+        """The summary for the unit size the shards record; None before any shard is readable."""
+        unit_size = self.detect_unit_size()
+        if unit_size is None:
+            return None
+        return self.summarise(-(-len(self.read_inputs()) // unit_size), unit_size)
+
+    def check_set(self) -> EmbSummary:
+        """Validate the whole EMB_DIR before indexing: one model, one dim, every unit present and whole.
+
+        Raises ShardError naming the first problem."""
+        if not self.root.is_dir():
+            raise ShardError(f"{self.root}: no such embedding directory")
+        unit_size = self.detect_unit_size()
+        if unit_size is None:
+            raise ShardError(f"{self.root}: holds no readable shards (run clip-hpc embed first)")
+        n_inputs = len(self.read_inputs())
+        if not n_inputs:
+            raise ShardError(f"{self.root}: {INPUTS_FILE} is missing or empty, so the units cannot be checked")
+        summary = self.summarise(-(-n_inputs // unit_size), unit_size)
+        if len(summary.models) > 1:
+            raise ShardError(f"{self.root}: shards mix models {summary.models}")
+        if len(summary.dims) > 1:
+            raise ShardError(f"{self.root}: shards mix embedding dims {summary.dims}")
+        if summary.invalid_shards:
+            raise ShardError(summary.invalid_shards[0])
+        missing = summary.missing_units
+        if missing:
+            raise ShardError(f"{self.root}: missing units {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        return summary
+
+    # --- manifest.json ---
+    def write_manifest(self, n_units: int, unit_size: int) -> Manifest | None:
+        """Write manifest.json when, and only when, every unit has a valid shard; else remove a stale one."""
+        summary = self.summarise(n_units, unit_size)
+        if not summary.complete:
+            self.manifest_path.unlink(missing_ok=True)
+            return None
+        self.remove_stale_temp_files()
+        manifest = Manifest(**summary.counts(), inputs_sha256=self.inputs_sha256(), created=_now())
+        atomic_write_json(self.manifest_path, manifest.to_dict())
+        return manifest
+
+    def load_manifest(self) -> Manifest | None:
+        if not self.manifest_path.exists():
+            return None
+        return Manifest.from_dict(json.loads(self.manifest_path.read_text()))

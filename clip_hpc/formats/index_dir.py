@@ -1,0 +1,202 @@
+"""INDEX_DIR, owned in one place: its file names, index.json as a typed `IndexInfo`, opening its files, and
+building a new one beside it that is swapped in whole (an INDEX_DIR is absent, the old one or the new one).
+
+FAISS loads only inside the methods that read or write the index, so `info` and the laptop side stay light.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from clip_hpc.errors import UserError
+from clip_hpc.formats.atomic import atomic_write_json
+from clip_hpc.metadata import MetadataStore
+
+if TYPE_CHECKING:
+    import faiss
+
+INDEX_FILE = "index.faiss"
+VECTORS_FILE = "vectors.npy"
+META_FILE = "meta.sqlite"
+INFO_FILE = "index.json"
+INDEX_FORMAT = "clip-hpc-index"
+ROW_LAYOUT = "global_id"  # vectors.npy row i is global id i; rows of failed (never embedded) ids are zero
+
+
+@dataclass
+class IndexInfo:
+    """index.json. Known fields are typed; unknown keys ride along in `extra`, and a key an older index.json
+    lacked stays absent until it is set, so `to_dict` gives back exactly what `from_dict` read."""
+
+    index_key: str
+    dim: int
+    n: int = 0
+    format: str = INDEX_FORMAT
+    version: int = 1
+    model: str | None = None
+    pretrained: str | None = None
+    nprobe: int | None = None
+    refine: bool = True
+    refine_factor: int | None = None
+    row_layout: str = ROW_LAYOUT
+    n_rows: int = 0
+    unit_counts: dict[str, int] = field(default_factory=dict)
+    unit_size: int | None = None
+    emb_dir: str | None = None
+    seed: int = 0
+    created: str | None = None
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    train_size: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    recall: dict[str, Any] = field(default_factory=dict)
+    index_bytes: int | None = None
+    bytes_per_vector: float | None = None
+    faiss_version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    absent: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("extra", "absent") or (f.name in self.absent and value == _default(f)):
+                continue
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IndexInfo":
+        known = {f.name for f in fields(cls)} - {"extra", "absent"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known}, absent=frozenset(known - set(data)))
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+class IndexDir:
+    """An index directory: index.faiss, vectors.npy, meta.sqlite and index.json, and nothing else names them."""
+
+    FILES = (INDEX_FILE, VECTORS_FILE, META_FILE)
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"IndexDir({str(self.root)!r})"
+
+    # --- paths ---
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_FILE
+
+    @property
+    def vectors_path(self) -> Path:
+        return self.root / VECTORS_FILE
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / META_FILE
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / INFO_FILE
+
+    def looks_like_one(self) -> bool:
+        """Whether `root` has an index.json (`info` and the demo tell an INDEX_DIR by it)."""
+        return self.info_path.exists()
+
+    # --- index.json ---
+    def load_info(self) -> IndexInfo:
+        """index.json, typed; a UserError that says what to do when it is missing, unreadable or foreign."""
+        path = self.info_path
+        if not path.is_file():
+            raise UserError(f"{self.root}: not an index directory (no {INFO_FILE}); build one with clip-hpc index")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: unreadable ({exc}); rebuild the index") from None
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise UserError(f"{path}: not a clip-hpc index (format={found!r})")
+        try:
+            return IndexInfo.from_dict(data)
+        except TypeError as exc:
+            raise UserError(f"{path}: unreadable ({exc}); rebuild the index") from None
+
+    def write_info(self, info: IndexInfo) -> None:
+        atomic_write_json(self.info_path, info.to_dict())
+
+    def check_complete(self) -> None:
+        """Every data file present, or a UserError naming the first one missing."""
+        for name in self.FILES:
+            if not (self.root / name).is_file():
+                raise UserError(f"{self.root}: {name} is missing; rebuild the index")
+
+    # --- opening the files ---
+    def open_index(self, *, writable: bool = False) -> "faiss.Index":
+        """Read-only: memory-mapped where the index type allows it (RAM holds only the pages queries touch),
+        else read whole. Writable (to add to it): read whole."""
+        import faiss
+
+        if not writable:
+            try:
+                return faiss.read_index(str(self.index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            except RuntimeError:
+                pass
+        return faiss.read_index(str(self.index_path))
+
+    def write_index(self, index: "faiss.Index") -> int:
+        """Save the index; returns its size in bytes (index.json records it)."""
+        import faiss
+
+        faiss.write_index(index, str(self.index_path))
+        return self.index_path.stat().st_size
+
+    def open_vectors(self) -> np.ndarray:
+        """vectors.npy as a read-only memory map."""
+        return np.load(self.vectors_path, mmap_mode="r")
+
+    def create_vectors(self, n_rows: int, dim: int) -> np.ndarray:
+        """A new float16 vectors.npy of `n_rows` zero rows, memory-mapped for writing."""
+        return np.lib.format.open_memmap(self.vectors_path, mode="w+", dtype=np.float16, shape=(n_rows, dim))
+
+    def open_metadata(self, *, readonly: bool = True) -> MetadataStore:
+        return MetadataStore(self.meta_path, readonly=readonly)
+
+    def copy_metadata_from(self, other: "IndexDir") -> None:
+        shutil.copy2(other.meta_path, self.meta_path)
+
+    # --- building a new one ---
+    @classmethod
+    @contextmanager
+    def build_beside(cls, out: str | os.PathLike) -> Iterator["IndexDir"]:
+        """A fresh temporary directory beside `out`, removed if the build fails; call `swap_in(out)` to finish."""
+        out = Path(out)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            yield cls(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def swap_in(self, out: str | os.PathLike) -> "IndexDir":
+        """Rename this finished directory into place; an old INDEX_DIR is moved aside first and removed after."""
+        out = Path(out)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(self.root, out)
+        shutil.rmtree(old, ignore_errors=True)
+        return IndexDir(out)

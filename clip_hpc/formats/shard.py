@@ -1,0 +1,202 @@
+"""One HDF5 shard file: written atomically, read back, and judged by one function (`shard_check`).
+
+A shard is the unit of resume: if `shard_check` finds nothing wrong, the unit is done and never recomputed.
+`EmbDir` (emb_dir.py) is the only user; it knows where the files live, this module only what is in one.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from clip_hpc.errors import UserError
+
+FORMAT = "clip-hpc-shard"
+VERSION = 1
+DATASETS = ("embeddings", "ids", "paths", "failed_ids", "failed_paths", "failed_reasons")
+_STR = h5py.string_dtype(encoding="utf-8")
+
+
+class ShardError(UserError):
+    """A shard or shard set that cannot be trusted; the message says which file and why."""
+
+
+@dataclass
+class Shard:
+    """One unit's results, as read back from disk."""
+
+    unit: int
+    embeddings: np.ndarray
+    ids: np.ndarray
+    paths: list[str]
+    failed_ids: np.ndarray
+    failed_paths: list[str]
+    failed_reasons: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    """What `shard_check` found: the shard (when it could be read) and what is wrong with it (None: nothing)."""
+
+    path: Path
+    shard: Shard | None
+    problem: str | None
+    missing: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("clip-hpc", "torch", "open_clip_torch", "h5py", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_shard(
+    path: str | os.PathLike,
+    *,
+    embeddings: np.ndarray,
+    ids: Sequence[int],
+    paths: Sequence[str],
+    failed_ids: Sequence[int] = (),
+    failed_paths: Sequence[str] = (),
+    failed_reasons: Sequence[str] = (),
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write one shard under a temporary name and rename it, so a killed writer leaves no valid-looking file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(ids) or len(ids) != len(paths):
+        raise ShardError(f"{path}: embeddings {embeddings.shape}, {len(ids)} ids and {len(paths)} paths disagree")
+    if not (len(failed_ids) == len(failed_paths) == len(failed_reasons)):
+        raise ShardError(f"{path}: failed_ids, failed_paths and failed_reasons differ in length")
+    order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dim": int(embeddings.shape[1]),
+        "n": int(len(ids)),
+        "n_failed": int(len(failed_ids)),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "library_versions": json.dumps(library_versions()),
+    }
+    meta.update(attrs or {})
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("embeddings", data=embeddings[order])
+        f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64)[order])
+        f.create_dataset("paths", data=np.asarray([paths[i] for i in order], dtype=object), dtype=_STR)
+        f.create_dataset("failed_ids", data=np.asarray(failed_ids, dtype=np.int64))
+        f.create_dataset("failed_paths", data=np.asarray(list(failed_paths), dtype=object), dtype=_STR)
+        f.create_dataset("failed_reasons", data=np.asarray(list(failed_reasons), dtype=object), dtype=_STR)
+        for key, value in meta.items():
+            f.attrs[key] = value
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _decode(values: np.ndarray) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shard:
+    """Read a shard whose file is sound (format, version, datasets, lengths, ascending ids); ShardError says why not.
+
+    Whether it covers its unit is `shard_check`'s question, which needs the unit plan this file does not know."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+            if attrs.get("format") != FORMAT:
+                raise ShardError(f"{path}: not a clip-hpc shard (format={attrs.get('format')!r})")
+            if int(attrs.get("version", -1)) != VERSION:
+                raise ShardError(f"{path}: unsupported shard version {attrs.get('version')!r}")
+            for name in DATASETS:
+                if name not in f:
+                    raise ShardError(f"{path}: dataset {name!r} is missing")
+            emb = f["embeddings"][...] if with_embeddings else np.empty((f["embeddings"].shape[0], 0), np.float16)
+            ids = f["ids"][...]
+            shard = Shard(
+                unit=int(attrs.get("unit", -1)),
+                embeddings=emb,
+                ids=ids,
+                paths=_decode(f["paths"][...]),
+                failed_ids=f["failed_ids"][...],
+                failed_paths=_decode(f["failed_paths"][...]),
+                failed_reasons=_decode(f["failed_reasons"][...]),
+                attrs=attrs,
+            )
+            n, dim = f["embeddings"].shape
+    except ShardError:
+        raise
+    except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on truncated files
+        raise ShardError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
+    if n != len(ids) or n != len(shard.paths) or n != int(attrs.get("n", n)):
+        raise ShardError(f"{path}: {n} embeddings but {len(ids)} ids and {len(shard.paths)} paths")
+    if dim != int(attrs.get("dim", dim)):
+        raise ShardError(f"{path}: embeddings have dim {dim}, attrs say {attrs.get('dim')}")
+    if len(ids) and np.any(np.diff(ids) <= 0):
+        raise ShardError(f"{path}: ids are not strictly ascending")
+    if not (len(shard.failed_ids) == len(shard.failed_paths) == len(shard.failed_reasons)):
+        raise ShardError(f"{path}: failed_* datasets differ in length")
+    return shard
+
+
+def read_shard_ids(path: str | os.PathLike) -> np.ndarray:
+    """Only the embedded ids of a shard `shard_check` has accepted: what index sampling needs, nothing more."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f["ids"][...]
+    except Exception as exc:
+        raise ShardError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
+
+
+def unit_problem(shard: Shard, path: str | os.PathLike, unit: int, unit_size: int, n_ids: int) -> str | None:
+    """Pure: does a sound shard hold unit `unit`, written with `unit_size`, covering exactly its `n_ids` ids?
+
+    Exactness matters: a shard written before an `--append` grew its unit must be redone, not trusted."""
+    if shard.unit != unit:
+        return f"{path}: holds unit {shard.unit}, expected {unit}"
+    lo = unit * unit_size
+    hi = lo + n_ids
+    all_ids = np.sort(np.concatenate([shard.ids, shard.failed_ids]))
+    if len(all_ids) and (all_ids[0] < lo or all_ids[-1] >= hi):
+        return f"{path}: ids outside unit {unit} range [{lo}, {hi})"
+    if not np.array_equal(all_ids, np.arange(lo, hi)):
+        return f"{path}: covers {len(all_ids)} of the {n_ids} ids of unit {unit}"
+    if int(shard.attrs.get("unit_size", unit_size)) != unit_size:
+        return f"{path}: unit_size {shard.attrs.get('unit_size')} differs from {unit_size}"
+    return None
+
+
+def shard_check(path: str | os.PathLike, unit: int, unit_size: int, n_ids: int) -> ShardCheck:
+    """THE judgement of one unit's shard (resume, manifest, `info` and indexing all ask this): missing, unsound
+    (see `read_shard`) or not covering its unit (see `unit_problem`); read without embeddings."""
+    path = Path(path)
+    if not path.exists():
+        return ShardCheck(path, None, f"{path}: missing", missing=True)
+    try:
+        shard = read_shard(path, with_embeddings=False)
+    except ShardError as exc:
+        return ShardCheck(path, None, str(exc))
+    return ShardCheck(path, shard, unit_problem(shard, path, unit, unit_size, n_ids))
