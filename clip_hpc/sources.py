@@ -17,7 +17,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Unit `index` holds the global ids [start, stop); it becomes shard-{index:06d}.h5."""
+    """Unit `index` holds the global ids [start, stop); it becomes one shard, `EmbDir.shard_path(index)`."""
 
     index: int
     start: int

@@ -155,3 +155,24 @@ def test_bad_input_gives_a_one_line_error(tmp_path):
 def test_an_error_on_every_rank_is_said_once_and_nobody_hangs(sample_images, tmp_path):
     proc = mpi_embed(2, sample_images, "--out", tmp_path / "out", "--model", "nope", "--shard-size", 50)
     assert "unknown model" in one_line_error(proc)
+
+
+def test_pending_units_redoes_exactly_what_the_shard_check_rejects(tmp_path):
+    from clip_hpc.embed import pending_units
+    from clip_hpc.sources import plan_work_units
+
+    emb = EmbDir(tmp_path)
+    units = plan_work_units(12, 5)  # units of 5, 5 and 2 ids
+    for unit, model in ((0, "m"), (1, "other"), (2, "m")):
+        ids = list(units[unit].ids)
+        emb.write_shard(unit, embeddings=np.zeros((len(ids), 4), np.float16), ids=ids, paths=[str(i) for i in ids],
+                        attrs={"model": model, "pretrained": "none", "unit_size": 5})
+    assert [u.index for u in pending_units(emb, units, 5, "m", "none")] == [1]  # another model: redone
+    path = emb.shard_path(0)
+    path.write_bytes(path.read_bytes()[:100])
+    assert not emb.check_unit(0, 5, 5).ok
+    assert [u.index for u in pending_units(emb, units, 5, "m", "none")] == [0, 1]
+    grown = plan_work_units(14, 5)  # --append: the last unit now spans 4 ids, its 2-id shard no longer covers it
+    assert [u.index for u in pending_units(emb, grown, 5, "m", "none")] == [0, 1, 2]
+    emb.shard_path(2).unlink()
+    assert [u.index for u in pending_units(emb, units, 5, "m", "none")] == [0, 1, 2]
