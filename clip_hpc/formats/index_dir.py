@@ -69,7 +69,7 @@ class IndexInfo:
             if f.name in ("extra", "absent") or (f.name in self.absent and value == _default(f)):
                 continue
             out[f.name] = value
-        return out
+        return dict(sorted(out.items()))  # the order index.json is written in
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "IndexInfo":
