@@ -131,14 +131,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_search_remote(args: argparse.Namespace) -> int:
     """Client mode: `clip-hpc search --url URL --token T TEXT`; the lone positional is the text, not a directory."""
-    from clip_hpc.tunnel import remote_search, resolve_endpoint
+    from clip_hpc.client.endpoint import resolve_endpoint
+    from clip_hpc.client.http_client import remote_search
 
     if args.index_dir and args.text:
         raise UserError("with --url or --connection-file give only the text query, not INDEX_DIR")
     text = args.text or args.index_dir
-    base, uds, token = resolve_endpoint(url=args.url, token=args.token or os.environ.get("CLIP_HPC_TOKEN"),
-                                        connection_file=args.connection_file, server=args.server)
-    print_hits(remote_search(base, text, image=args.image, token=token, uds=uds, k=args.k)["results"], args.json)
+    endpoint = resolve_endpoint(url=args.url, token=args.token or os.environ.get("CLIP_HPC_TOKEN"),
+                                connection_file=args.connection_file, server=args.server)
+    print_hits(remote_search(endpoint, text, image=args.image, k=args.k)["results"], args.json)
     return 0
 
 
@@ -195,7 +196,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_check_ports(args: argparse.Namespace) -> int:
-    from clip_hpc.tunnel import check_ports
+    from clip_hpc.client.check import check_ports
 
     steps = check_ports(connection_file=args.connection_file, port=args.port, token=args.token, host=args.host,
                         server=args.server)

@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from clip_hpc.client.endpoint import Endpoint
+from clip_hpc.client.process import stop_server, wait_for_server
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir
-from clip_hpc.tunnel import stop_server, wait_for_server
 
 DEMO_QUERIES = ("a red circle", "two yellow squares", "a blue star", "a green triangle on a white background")
 
@@ -55,11 +56,11 @@ def read_captions(images: Path) -> dict[str, str]:
     return {row["path"]: row["caption"] for row in rows}
 
 
-def print_queries(base_url: str, token: str, queries: Sequence[str], captions: dict[str, str], k: int = 5) -> None:
-    from clip_hpc.tunnel import remote_search
+def print_queries(endpoint: Endpoint, queries: Sequence[str], captions: dict[str, str], k: int = 5) -> None:
+    from clip_hpc.client.http_client import remote_search
 
     for query in queries:
-        result = remote_search(base_url, query, token=token, k=k)
+        result = remote_search(endpoint, query, k=k)
         print(f"\nquery: {query!r}  ({result.get('took_ms', 0):.1f} ms)")
         for rank, hit in enumerate(result["results"], 1):
             name = Path(hit["path"]).name
@@ -93,10 +94,9 @@ def run_demo(out: str | os.PathLike = "demo-out", *, n_images: int = 2000, ranks
     print(f"\n$ clip-hpc serve {index} --port 0 --connection-file {conn}", flush=True)
     server = subprocess.Popen(_cli("serve", str(index), "--port", "0", "--connection-file", str(conn)))
     try:
-        info = wait_for_server(conn, server)
-        base = f"http://127.0.0.1:{info['port']}"
-        print_queries(base, info["token"], queries, read_captions(images))
-        print(f"\nopen the gallery: {base}/?token={info['token']}")
+        endpoint = wait_for_server(conn, server)
+        print_queries(endpoint, queries, read_captions(images))
+        print(f"\nopen the gallery: {endpoint.base_url}/?token={endpoint.token}")
         if wait:
             print("serving; press Ctrl-C to stop", flush=True)
             server.wait()

@@ -5,7 +5,6 @@ vectors in `vectors.npy`, which wins back the recall PQ loses on off-distributio
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,10 +12,11 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
+from clip_hpc.encoders import Encoder, ModelEncoder
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir
 
-MAX_K = 10_000
+MAX_K = 10_000  # results per query, for the CLI and the HTTP API alike
 MIN_RERANK_K = 10
 PREFILTER_LIMIT = 50_000  # a path_prefix matching fewer ids is searched exactly over just those rows
 DEFAULT_WEIGHTS = {"text": 1.0, "image": 1.0, "vector": 1.0, "positive": 0.75, "negative": 0.25}  # Rocchio-like
@@ -31,8 +31,10 @@ class UnknownIdError(UserError, KeyError):
 
 @dataclass
 class Hit:
+    """One result; `score` is None only for a hit no query ranked (a random sample)."""
+
     id: int
-    score: float
+    score: float | None
     path: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,12 +117,20 @@ def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.nda
 
 
 # --- the engine: I/O at the edges ------------------------------------------------------------------------------
+def default_encoder(info: dict[str, Any], model_name: str | None = None, pretrained: str | None = None,
+                    device: str = "auto") -> ModelEncoder:
+    """The model index.json records (unless overridden), loaded on first use and checked against the index's dim."""
+    return ModelEncoder(model_name or info.get("model"), pretrained or info.get("pretrained"), device,
+                        dim=int(info["dim"]))
+
+
 class SearchEngine:
     """One INDEX_DIR ready for queries; thread-safe for concurrent searches (the model loads once, lazily)."""
 
-    def __init__(self, index_dir: str | Path, *, model: Any = None, model_name: str | None = None,
+    def __init__(self, index_dir: str | Path, *, encoder: Encoder | None = None, model_name: str | None = None,
                  pretrained: str | None = None, device: str = "auto", nprobe: int | None = None,
                  refine: bool | None = None) -> None:
+        """`encoder` defaults to the model recorded in index.json (or `model_name`/`pretrained`), loaded lazily."""
         self.index_dir = Path(index_dir)
         files = IndexDir(self.index_dir)
         self.info = files.load_info().to_dict()  # index.json as the server reports it
@@ -135,35 +145,12 @@ class SearchEngine:
         set_nprobe(self.index, self.nprobe)
         self.refine = bool(self.info.get("refine", True)) if refine is None else bool(refine)
         self.refine_factor = int(self.info.get("refine_factor", 10)) if self.refine else 0
-        self._model = model
-        self._model_args = (model_name or self.info.get("model"), pretrained or self.info.get("pretrained"), device)
-        self._model_lock = threading.Lock()
+        self.encoder = encoder or default_encoder(self.info, model_name, pretrained, device)
+        if int(self.encoder.dim) != self.dim:
+            raise UserError(f"the encoder gives {self.encoder.dim}-d vectors, the index holds {self.dim}-d")
 
     def close(self) -> None:
         self.meta.close()
-
-    # --- encoders ---
-    @property
-    def model(self) -> Any:
-        with self._model_lock:
-            if self._model is None:
-                from clip_hpc.models import load_model
-
-                name, pretrained, device = self._model_args
-                self._model = load_model(name, pretrained, device=device)
-            if int(self._model.dim) != self.dim:
-                raise UserError(f"model {self._model.name} gives {self._model.dim}-d vectors, the index holds {self.dim}-d")
-            return self._model
-
-    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
-        return self.model.encode_text(list(texts))
-
-    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
-        import torch
-
-        model = self.model
-        pixels = torch.stack([model.preprocess(image.convert("RGB")) for image in images])
-        return model.encode_images(pixels)
 
     # --- ids ---
     def path_of(self, id: int) -> str | None:
@@ -197,10 +184,10 @@ class SearchEngine:
     def search_text(self, text: str, k: int = 10, **filters: Any) -> list[Hit]:
         if not text or not text.strip():
             raise UserError("the text query is empty")
-        return self.search_vectors(self.encode_text([text]), k, **filters)[0]
+        return self.search_vectors(self.encoder.encode_text([text]), k, **filters)[0]
 
     def search_image(self, image: Any, k: int = 10, **filters: Any) -> list[Hit]:
-        return self.search_vectors(self.encode_images([open_image(image)]), k, **filters)[0]
+        return self.search_vectors(self.encoder.encode_images([open_image(image)]), k, **filters)[0]
 
     def search_ids(self, ids: Sequence[int], k: int = 10, **filters: Any) -> list[Hit]:
         if not len(ids):
@@ -236,12 +223,12 @@ class SearchEngine:
                      negative_ids: Sequence[int]) -> dict[str, np.ndarray]:
         parts: dict[str, np.ndarray] = {}
         if text is not None and text.strip():
-            parts["text"] = self.encode_text([text])[0]
+            parts["text"] = self.encoder.encode_text([text])[0]
         image_vectors = []
         if len(image_ids):
             image_vectors.append(self.vectors_for_ids(image_ids))
         if len(images):
-            image_vectors.append(self.encode_images([open_image(image) for image in images]))
+            image_vectors.append(self.encoder.encode_images([open_image(image) for image in images]))
         if image_vectors:
             parts["image"] = normalise_rows(np.concatenate(image_vectors)).mean(axis=0)
         if vector is not None:

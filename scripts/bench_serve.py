@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,12 +23,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_synthetic_vectors import gaussian_mixture, write_emb_dir  # noqa: E402
+from make_synthetic_vectors import gaussian_mixture, write_emb_dir  # beside this script, so on sys.path already
 
-from clip_hpc.tunnel import wait_for_server  # noqa: E402
+from clip_hpc.client.process import stop_server, wait_for_server
+
+BIN = Path(sys.executable).parent
 
 DIMS = {"clip-hpc-tiny": 128, "ViT-B-32": 512}
 TOKEN = "bench-" + "t" * 32
@@ -56,12 +54,10 @@ class Server:
         self.proc = subprocess.Popen([str(BIN / "clip-hpc"), "serve", str(index), "--port", "0", "--connection-file",
                                       str(self.conn)], stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "CLIP_HPC_TOKEN": TOKEN})
-        info = wait_for_server(self.conn, self.proc, timeout=300)
-        self.url = f"http://127.0.0.1:{info['port']}"
+        self.url = wait_for_server(self.conn, self.proc, timeout=300).base_url
 
     def stop(self) -> None:
-        os.kill(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=30)
+        stop_server(self.proc, timeout=30)
         self.log.close()
 
 

@@ -8,10 +8,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_hpc.cli import main  # noqa: E402
+from clip_hpc.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["check-ports", *sys.argv[1:]]))

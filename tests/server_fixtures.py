@@ -12,8 +12,9 @@ from typing import Iterator
 import httpx
 import pytest
 
+from clip_hpc.client.http_client import make_client
+from clip_hpc.client.process import stop_server, wait_for_server
 from clip_hpc.errors import UserError
-from clip_hpc.tunnel import stop_server, wait_for_server
 from conftest import BIN, make_images, run_cli
 
 TOKEN = "test-token-" + "x" * 24
@@ -34,9 +35,7 @@ class Served:
     log: Path
 
     def client(self, *, auth: bool = True) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
-        transport = httpx.HTTPTransport(uds=self.uds) if self.uds else None
-        return httpx.Client(base_url=self.url, headers=headers, transport=transport, timeout=60, trust_env=False)
+        return make_client(self.url, uds=self.uds, token=self.token if auth else None, timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -64,12 +63,10 @@ def start_server(index_dir: Path, workdir: Path, *extra: str, token: str = TOKEN
                                 env={**os.environ, "CLIP_HPC_TOKEN": token, **(env or {})})
     try:
         try:
-            info = wait_for_server(conn, proc, timeout=180)
+            endpoint = wait_for_server(conn, proc, timeout=180)
         except UserError as exc:
             raise AssertionError(f"{exc}:\n{log.read_text()}") from None
-        uds = info.get("uds")
-        url = "http://localhost" if uds else f"http://127.0.0.1:{info['port']}"
-        yield Served(url, info.get("port"), uds, token, conn, index_dir, proc, log)
+        yield Served(endpoint.base_url, endpoint.port, endpoint.uds, token, conn, index_dir, proc, log)
     finally:
         stop_server(proc)
 

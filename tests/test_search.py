@@ -164,8 +164,8 @@ def test_text_and_image_queries_use_the_recorded_model(tiny_engine):
     assert engine.info["model"] == "clip-hpc-tiny"
     hits = engine.search_text("a photo of a dog", k=5)
     assert len(hits) == 5
-    np.testing.assert_allclose(engine.encode_text(["a photo of a dog"]), model.encode_text(["a photo of a dog"]),
-                               atol=1e-5)
+    np.testing.assert_allclose(engine.encoder.encode_text(["a photo of a dog"]),
+                               model.encode_text(["a photo of a dog"]), atol=1e-5)
     assert engine.search_image(images[13], k=1)[0].id == 13
     both = engine.query(text="a photo of a dog", images=[images[13]], weights={"text": 0.0}, k=1)
     assert both[0].id == 13

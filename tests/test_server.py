@@ -352,16 +352,18 @@ def test_no_input_gives_a_5xx(live_server, mode):
         assert 200 in seen
 
 
-# --- the model guard (in-process: its concurrency logic, with a slow stand-in for the model) ---------------------
+# --- the shared encoder (in-process: its concurrency logic, with a slow stand-in for the model) -----------------
 def test_concurrent_misses_for_one_text_encode_it_once():
     import threading
     import time
 
-    from clip_hpc.server_support import Metrics, ModelGuard
+    from clip_hpc.server.shared_encoder import SharedEncoder
 
     calls: list[list[str]] = []
 
     class SlowEncoder:
+        dim = 4
+
         def encode_text(self, texts):
             calls.append(list(texts))
             time.sleep(0.3)  # long enough for every other thread to queue up behind the model lock
@@ -370,9 +372,7 @@ def test_concurrent_misses_for_one_text_encode_it_once():
         def encode_images(self, images):
             raise AssertionError("not used")
 
-    encoder = SlowEncoder()
-    metrics = Metrics(index_vectors=0)
-    ModelGuard(encoder, cache_size=2, metrics=metrics)
+    encoder = SharedEncoder(SlowEncoder(), cache_size=2)
     threads = [threading.Thread(target=encoder.encode_text, args=(["same text"],)) for _ in range(8)]
     for t in threads:
         t.start()

@@ -18,18 +18,13 @@ from typing import Iterator
 import httpx
 import pytest
 
+from clip_hpc.server.sockets import free_port
 from conftest import ROOT, run_cli
 from server_fixtures import TOKEN, Served, start_server
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow]
 
 SSHD_LOCAL = ROOT / "scripts" / "sshd-local.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accepts(port: int) -> bool:

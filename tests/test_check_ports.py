@@ -1,86 +1,17 @@
-"""Ports, the connection file, the ssh command, `check-ports` and the CLI client, against real sockets and a real
-`clip-hpc serve` process. (The same checks through a real sshd tunnel live with the ssh tests.)"""
+"""`check-ports` and the CLI client against real sockets and a real `clip-hpc serve` process. (The same checks
+through a real sshd tunnel live with the ssh tests.)"""
 from __future__ import annotations
 
 import contextlib
 import http.server
 import json
-import os
-import stat
 import subprocess
 import sys
 import threading
 
-import pytest
-
-from clip_hpc import tunnel
-from clip_hpc.errors import UserError
+from clip_hpc.server.sockets import bind_tcp, free_port
 from conftest import ROOT, run_cli
 from server_fixtures import TOKEN, start_server
-
-
-# --- pieces ------------------------------------------------------------------------------------------------------
-def test_ssh_command_ends_where_the_server_listens(monkeypatch):
-    monkeypatch.setenv(tunnel.LOGIN_HOST_ENV, "me@login1")
-    assert tunnel.ssh_command("nid001", port=9000) == "ssh -N -L 9000:localhost:9000 -J me@login1 nid001"
-    assert tunnel.ssh_command("nid001", port=9000, bind_host="0.0.0.0", local_port=8000) == \
-        "ssh -N -L 8000:nid001:9000 me@login1"
-    assert tunnel.ssh_command("nid001", uds="/home/me/s.sock") == "ssh -N -L 8765:/home/me/s.sock -J me@login1 nid001"
-    monkeypatch.delenv(tunnel.LOGIN_HOST_ENV)
-    assert tunnel.ssh_command("nid001", port=1, bind_host="0.0.0.0").endswith(" <login-node>")
-
-
-def test_connection_file_is_private_whatever_the_umask(tmp_path):
-    old = os.umask(0o000)
-    try:
-        info = tunnel.connection_info(token="t0k", port=1234)
-        path = tunnel.write_connection_file(tmp_path / "deep" / "c.json", info)
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    back = tunnel.read_connection_file(path)
-    assert back["token"] == "t0k" and back["port"] == 1234 and back["pid"] == os.getpid()
-    assert back["url"] == "http://localhost:1234/?token=t0k" and "1234" in back["ssh_command"]
-    assert [p.name for p in path.parent.iterdir()] == ["c.json"]  # no temporary left behind
-    tunnel.remove_connection_file(path)
-    assert not path.exists()
-
-
-def test_someone_elses_connection_file_is_left_alone(tmp_path):
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps({"token": "x", "port": 1, "pid": os.getpid() + 1}))
-    tunnel.remove_connection_file(path)
-    assert path.exists()
-
-
-@pytest.mark.parametrize("content,message", [(None, "does not exist"), ("{not json", "cannot read"),
-                                             ('{"port": 1}', "not a clip-hpc connection file")])
-def test_bad_connection_files_are_one_line_errors(tmp_path, content, message):
-    path = tmp_path / "c.json"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(UserError, match=message):
-        tunnel.read_connection_file(path)
-
-
-def test_ports_and_sockets(tmp_path):
-    with tunnel.bind_tcp("127.0.0.1", 0) as taken:
-        port = taken.getsockname()[1]
-        with pytest.raises(UserError, match=f"port {port} .* is taken"):
-            tunnel.bind_tcp("127.0.0.1", port)
-    assert 1024 <= tunnel.free_port() <= 65535
-
-    not_a_socket = tmp_path / "file"
-    not_a_socket.write_text("x")
-    with pytest.raises(UserError, match="not a socket"):
-        tunnel.bind_unix(not_a_socket)
-    path = tmp_path / "live.sock"
-    with tunnel.bind_unix(path):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        with pytest.raises(UserError, match="already listens"):
-            tunnel.bind_unix(path)
-    with tunnel.bind_unix(path):  # a stale socket (its server gone) is replaced
-        assert path.is_socket()
 
 
 # --- check-ports -------------------------------------------------------------------------------------------------
@@ -109,7 +40,7 @@ def test_check_ports_names_a_wrong_or_missing_token(live_server):
 
 def test_check_ports_without_tunnel_prints_the_ssh_command(live_server, tmp_path):
     info = json.loads(live_server.connection_file.read_text())
-    info["local_port"] = tunnel.free_port()  # the laptop side: nothing listens there
+    info["local_port"] = free_port()  # the laptop side: nothing listens there
     copy = tmp_path / "laptop-copy.json"
     copy.write_text(json.dumps(info))
     rc, lines = check_ports("--connection-file", str(copy))
@@ -135,7 +66,7 @@ def foreign_http_server():
 @contextlib.contextmanager
 def dead_end_tunnel():
     """What `ssh -L` does when the far end is gone: it accepts, then closes without a byte."""
-    listener = tunnel.bind_tcp("127.0.0.1", 0)
+    listener = bind_tcp("127.0.0.1", 0)
     stop = threading.Event()
 
     def accept_and_close() -> None:
@@ -202,7 +133,7 @@ def test_server_mode_over_a_unix_socket(served_index, tmp_path):
 
 
 def test_check_ports_script_is_the_same_command():
-    port = tunnel.free_port()
+    port = free_port()
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_ports.py"), "--port", str(port), "--token",
                            "t"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stdout.startswith(f"FAIL  1 something listens on localhost:{port}")

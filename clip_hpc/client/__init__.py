@@ -1,0 +1,6 @@
+"""The laptop side: the connection file, where a server is (one `resolve_endpoint`), the HTTP client, process
+control for scripts that start a server, and the check-ports diagnosis.
+
+Only the standard library, httpx and clip_hpc's light modules: a laptop command must never load torch, FAISS,
+h5py or numpy (tests/test_client_imports.py checks this).
+"""

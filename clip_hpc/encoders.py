@@ -1,0 +1,58 @@
+"""What `SearchEngine` needs from a model: the `Encoder` interface, and its default, an open_clip model that loads
+on first use. torch loads with the model, never on import: a client or an id-only query never pays for it."""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+import numpy as np
+
+from clip_hpc.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+class Encoder(Protocol):
+    """Texts or images in, one L2-normalised float32 row of length `dim` per input out."""
+
+    dim: int
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """`images` are decoded already (RGB); preprocessing (resize, crop, normalise) is the encoder's job."""
+        ...
+
+
+class ModelEncoder:
+    """The default `Encoder`: `models.load_model(name, pretrained)` on first use, checked against the index's dim."""
+
+    def __init__(self, name: str | None, pretrained: str | None, device: str = "auto", *, dim: int,
+                 model: Any = None) -> None:
+        self.name, self.pretrained, self.device = name, pretrained, device
+        self.dim = int(dim)
+        self._model = model
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                from clip_hpc.models import load_model
+
+                self._model = load_model(self.name, self.pretrained, device=self.device)
+            if int(self._model.dim) != self.dim:
+                raise UserError(f"model {self._model.name} gives {self._model.dim}-d vectors, the index holds "
+                                f"{self.dim}-d")
+            return self._model
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        return self.model.encode_text(list(texts))
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        import torch
+
+        model = self.model
+        pixels = torch.stack([model.preprocess(image.convert("RGB")) for image in images])
+        return model.encode_images(pixels)

@@ -1,0 +1,162 @@
+"""The HTTP API over one loaded `SearchEngine`: routes, the gallery, and the middleware stack (auth, upload limit).
+
+Route handlers are plain `def`s, so FastAPI runs encoding and FAISS search in its threadpool, never on the event
+loop; the engine's encoder must therefore be a `SharedEncoder` (see `serve.load_engine`).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Query, UploadFile
+from fastapi.responses import FileResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from clip_hpc.errors import UserError
+from clip_hpc.images import DecodeFailure, decode_image
+from clip_hpc.search import MAX_K, Hit, SearchEngine
+from clip_hpc.server.auth import install_auth
+from clip_hpc.server.errors import install_error_handlers
+from clip_hpc.server.export import build_zip
+from clip_hpc.server.metrics import Metrics
+from clip_hpc.server.schemas import MAX_THUMB, ExportRequest, PathId, Results, SearchRequest, ServedHit
+from clip_hpc.server.shared_encoder import SharedEncoder
+from clip_hpc.server.upload_limit import BodySizeLimit
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 * 2**20,
+               thumb_cache_size: int = 512) -> FastAPI:
+    """The whole HTTP API over `engine`; `token` guards every route but /health."""
+    if not token:
+        raise UserError("the server needs a non-empty token")
+    if not isinstance(engine.encoder, SharedEncoder):
+        raise TypeError("create_app needs an engine whose encoder is a SharedEncoder (build it with load_engine): "
+                        "request threads would otherwise call the model concurrently")
+    app = FastAPI(title="clip-hpc", version="1", description="Search an image index by text, image or example. "
+                  "Every route but /health needs the token (Authorization: Bearer, ?token= or the cookie).")
+    metrics = Metrics(index_vectors=int(engine.n), cache_counts=engine.encoder.cache_counts)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
+    install_auth(app, token, metrics)  # added last, so it runs first: no token, no 413 either
+
+    def results(hits: list[Hit], took_start: float) -> Results:
+        return Results(results=[ServedHit.of(hit) for hit in hits],
+                       took_ms=round((time.perf_counter() - took_start) * 1000, 3))
+
+    def require_ids(ids: list[int]) -> None:
+        missing = [i for i in ids if not engine.contains(i)]
+        if missing:
+            raise HTTPException(404, f"ids not in the index: {missing[:10]}")
+
+    def decoded(data: bytes) -> Image.Image:
+        image = decode_image(data)
+        if isinstance(image, DecodeFailure):
+            raise HTTPException(400, f"cannot decode the image: {image}")
+        return image
+
+    def run_query(**kw: Any) -> Results:
+        start = time.perf_counter()
+        return results(engine.query(**kw), start)
+
+    def file_of(image_id: int) -> Path:
+        """Only paths listed in the index are ever served: the id is looked up, never a path from the request."""
+        path = engine.path_of(image_id)
+        if path is None or not os.path.isfile(path):
+            raise HTTPException(404, f"image {image_id} not found" if path is None
+                                else f"image {image_id} is in the index but its file is gone")
+        return Path(path)
+
+    @lru_cache(maxsize=thumb_cache_size)
+    def thumbnail(image_id: int, size: int) -> bytes:
+        image = decode_image(file_of(image_id), min_size=size)
+        if isinstance(image, DecodeFailure):
+            raise HTTPException(404, f"image {image_id} cannot be decoded: {image}")
+        image.thumbnail((size, size))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        return out.getvalue()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        keys = ("n", "dim", "model", "pretrained", "index_key", "nprobe", "refine")
+        return {k: engine.info.get(k) for k in keys}
+
+    @app.get("/api/search", response_model=Results)
+    def search_get(q: Annotated[str, Query(max_length=2000)], k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+                   min_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+                   diversity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
+                   path_prefix: Annotated[str | None, Query(max_length=4096)] = None) -> Results:
+        return run_query(text=q, k=k, min_score=min_score, diversity=diversity, path_prefix=path_prefix)
+
+    @app.post("/api/search", response_model=Results)
+    def search_post(body: SearchRequest) -> Results:
+        image_ids = [body.image_id] if body.image_id is not None else []
+        require_ids([*image_ids, *body.positive_ids, *body.negative_ids])
+        images = []
+        if body.image_b64:
+            try:
+                images = [decoded(base64.b64decode(body.image_b64.split(",")[-1], validate=True))]
+            except (binascii.Error, ValueError):
+                raise HTTPException(400, "image_b64 is not valid base64")
+        return run_query(text=body.text, image_ids=image_ids, images=images, vector=body.vector,
+                         positive_ids=body.positive_ids, negative_ids=body.negative_ids, weights=body.weights,
+                         k=body.k, min_score=body.min_score, diversity=body.diversity,
+                         path_prefix=body.filters.path_prefix if body.filters else None)
+
+    @app.post("/api/search/image", response_model=Results)
+    def search_image(file: Annotated[UploadFile, File(description="an image file")],
+                     k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+                     path_prefix: Annotated[str | None, Query(max_length=4096)] = None) -> Results:
+        return run_query(images=[decoded(file.file.read())], k=k, path_prefix=path_prefix)
+
+    @app.get("/api/random", response_model=Results)
+    def random(k: Annotated[int, Query(ge=1, le=MAX_K)] = 20) -> Results:
+        start = time.perf_counter()
+        return results([Hit(i, None, engine.path_of(i) or "") for i in engine.random_ids(k)], start)
+
+    @app.get("/api/images/{image_id}", response_class=FileResponse)
+    def image(image_id: PathId) -> FileResponse:
+        return FileResponse(file_of(image_id))
+
+    @app.get("/api/images/{image_id}/thumb", response_class=Response)
+    def thumb(image_id: PathId, size: Annotated[int, Query(ge=16, le=MAX_THUMB)] = 256) -> Response:
+        if not engine.contains(image_id):
+            raise HTTPException(404, f"image {image_id} not found")
+        return Response(thumbnail(image_id, size), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.post("/api/export", response_class=FileResponse)
+    def export(body: ExportRequest) -> Response:
+        require_ids(body.ids)
+        if body.scores is not None and len(body.scores) != len(body.ids):
+            raise HTTPException(400, f"scores has {len(body.scores)} entries but ids has {len(body.ids)}")
+        scores = body.scores or [None] * len(body.ids)
+        zip_path = build_zip([(i, file_of(i), s) for i, s in zip(body.ids, scores)])
+        return FileResponse(zip_path, media_type="application/zip", filename="clip-hpc-export.zip",
+                            background=BackgroundTask(os.unlink, zip_path))
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    def gallery() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    return app

@@ -1,0 +1,26 @@
+"""`POST /api/export`: the chosen images and their metadata as one ZIP."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def build_zip(items: Sequence[tuple[int, Path, float | None]]) -> str:
+    """`images/<id>_<name>` plus `metadata.json` (id, path, score, file), in a temporary file the caller deletes.
+
+    Images are stored, not deflated: they are compressed already, and the ZIP may be large.
+    """
+    fd, tmp = tempfile.mkstemp(prefix="clip-hpc-export-", suffix=".zip")
+    os.close(fd)
+    metadata: list[dict[str, Any]] = []
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for image_id, path, score in items:
+            name = f"images/{image_id}_{path.name}"
+            zf.write(path, name)
+            metadata.append({"id": image_id, "path": str(path), "score": score, "file": name})
+        zf.writestr("metadata.json", json.dumps(metadata, indent=2), compress_type=zipfile.ZIP_DEFLATED)
+    return tmp

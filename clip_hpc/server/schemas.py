@@ -1,0 +1,64 @@
+"""The API's request and response bodies. A hit is the engine's `Hit` plus the two URLs the gallery needs; the
+bounds (`MAX_K`) are the engine's, so the HTTP API and the CLI accept the same queries."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import Path as FastAPIPath
+from pydantic import BaseModel, ConfigDict, Field
+
+from clip_hpc.search import MAX_K, Hit
+
+MAX_IDS = 1000
+MAX_THUMB = 512
+
+ImageId = Annotated[int, Field(ge=0, le=2**62)]
+PathId = Annotated[int, FastAPIPath(ge=0, le=2**62)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+WeightKey = Literal["text", "image", "vector", "positive", "negative"]
+
+
+class Filters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path_prefix: str | None = Field(None, max_length=4096)
+
+
+class SearchRequest(BaseModel):
+    """Any combination of parts; `weights` scales each part (negative examples subtract, Rocchio-style)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, max_length=2000)
+    image_id: ImageId | None = None
+    image_b64: str | None = None
+    vector: list[Finite] | None = Field(None, max_length=8192)
+    positive_ids: list[ImageId] = Field(default_factory=list, max_length=MAX_IDS)
+    negative_ids: list[ImageId] = Field(default_factory=list, max_length=MAX_IDS)
+    weights: dict[WeightKey, Finite] | None = None
+    k: int = Field(10, ge=1, le=MAX_K)
+    min_score: Finite | None = None
+    diversity: float = Field(0.0, ge=0.0, le=1.0)
+    filters: Filters | None = None
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ids: list[ImageId] = Field(min_length=1, max_length=MAX_IDS)
+    scores: list[Finite | None] | None = Field(None, max_length=MAX_IDS, description="parallel to ids, optional")
+
+
+@dataclass
+class ServedHit(Hit):
+    """The engine's hit, plus where the gallery fetches the image and its thumbnail."""
+
+    url: str
+    thumb: str
+
+    @classmethod
+    def of(cls, hit: Hit) -> ServedHit:
+        return cls(hit.id, hit.score, hit.path, f"/api/images/{hit.id}", f"/api/images/{hit.id}/thumb")
+
+
+class Results(BaseModel):
+    results: list[ServedHit]
+    took_ms: float

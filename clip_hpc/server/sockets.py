@@ -1,0 +1,62 @@
+"""Binding the server's listening socket before anyone is told where it is: a TCP port (port 0 picks a free one
+without a race) or a unix socket that is mode 0600 from birth."""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+from clip_hpc.errors import UserError
+
+
+def bind_tcp(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """Bind and listen before anyone is told the port: `--port 0` then cannot race another process."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is taken: pick another with --port, or --port 0 for a free one")
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}")
+    sock.listen(2048)
+    return sock
+
+
+def bind_unix(path: str | os.PathLike) -> socket.socket:
+    """A unix socket with mode 0600 from birth (umask), so no other user on the node can ever connect."""
+    path = Path(path).expanduser().absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise UserError(f"{path} exists and is not a socket: choose another --uds path")
+        if _unix_answers(path):
+            raise UserError(f"a server already listens on {path}: stop it or choose another --uds path")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(2048)
+    return sock
+
+
+def _unix_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for tests and suggestions; the server itself binds port 0)."""
+    with bind_tcp(host, 0) as sock:
+        return int(sock.getsockname()[1])

@@ -1,0 +1,96 @@
+"""The laptop side's pieces: the ssh command, the connection file (private, atomic, only our own removed, clear
+errors) and `resolve_endpoint`, the one place a connection file, URL or port becomes an endpoint."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from clip_hpc.client import connection
+from clip_hpc.client.connection import ConnectionInfo
+from clip_hpc.client.endpoint import resolve_endpoint
+from clip_hpc.errors import UserError
+
+
+def test_ssh_command_ends_where_the_server_listens(monkeypatch):
+    monkeypatch.setenv(connection.LOGIN_HOST_ENV, "me@login1")
+    assert connection.ssh_command("nid001", port=9000) == "ssh -N -L 9000:localhost:9000 -J me@login1 nid001"
+    assert connection.ssh_command("nid001", port=9000, bind_host="0.0.0.0", local_port=8000) == \
+        "ssh -N -L 8000:nid001:9000 me@login1"
+    assert connection.ssh_command("nid001", uds="/home/me/s.sock") == "ssh -N -L 8765:/home/me/s.sock -J me@login1 nid001"
+    monkeypatch.delenv(connection.LOGIN_HOST_ENV)
+    assert connection.ssh_command("nid001", port=1, bind_host="0.0.0.0").endswith(" <login-node>")
+
+
+def test_connection_file_is_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o000)
+    try:
+        info = ConnectionInfo.for_this_server(token="t0k", port=1234)
+        path = connection.write_connection_file(tmp_path / "deep" / "c.json", info)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    back = connection.read_connection_file(path)
+    assert back.token == "t0k" and back.port == 1234 and back.pid == os.getpid()
+    assert back.url == "http://localhost:1234/?token=t0k" and "1234" in back.ssh_command
+    assert [p.name for p in path.parent.iterdir()] == ["c.json"]  # no temporary left behind
+    connection.remove_connection_file(path)
+    assert not path.exists()
+
+
+def test_someone_elses_connection_file_is_left_alone(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"token": "x", "port": 1, "pid": os.getpid() + 1}))
+    connection.remove_connection_file(path)
+    assert path.exists()
+
+
+@pytest.mark.parametrize("content,message", [(None, "does not exist"), ("{not json", "cannot read"),
+                                             ('{"port": 1}', "not a clip-hpc connection file")])
+def test_bad_connection_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "c.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        connection.read_connection_file(path)
+
+
+def test_connection_file_keeps_its_json_keys(tmp_path):
+    path = connection.write_connection_file(tmp_path / "c.json", ConnectionInfo.for_this_server(token="t", uds="/s"))
+    assert list(json.loads(path.read_text())) == ["host", "bind_host", "port", "uds", "local_port", "token", "pid",
+                                                  "started", "url", "index_dir", "ssh_command"]
+
+
+def _file(tmp_path, **fields) -> str:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"token": "tok", **fields}))
+    return str(path)
+
+
+def test_endpoint_on_the_laptop_is_the_tunnel_end(tmp_path):
+    conn = _file(tmp_path, port=9000, local_port=8000, bind_host="0.0.0.0")
+    ep = resolve_endpoint(connection_file=conn)
+    assert (ep.base_url, ep.uds, ep.token, ep.where) == ("http://localhost:8000", None, "tok", "localhost:8000")
+    assert resolve_endpoint(connection_file=conn, token="mine").token == "mine"
+    assert resolve_endpoint(connection_file=conn, port=7000).base_url == "http://localhost:7000"
+
+
+def test_endpoint_on_the_node_is_the_servers_own_port_or_socket(tmp_path):
+    wildcard = resolve_endpoint(connection_file=_file(tmp_path, port=9000, local_port=8000, bind_host="0.0.0.0"),
+                                server=True)
+    assert wildcard.base_url == "http://127.0.0.1:9000" and wildcard.port == 9000
+    ep = resolve_endpoint(connection_file=_file(tmp_path, uds="/run/s.sock", port=None, local_port=8765),
+                          server=True, url="http://ignored")
+    assert (ep.base_url, ep.uds, ep.where, ep.port) == ("http://localhost", "/run/s.sock", "/run/s.sock", None)
+
+
+def test_endpoint_from_a_url_or_a_port():
+    ep = resolve_endpoint(url="http://localhost:8765/?token=abc", token="t")
+    assert (ep.base_url, ep.token, ep.info) == ("http://localhost:8765", "t", None)
+    assert resolve_endpoint(port=5, host="::1").base_url == "http://[::1]:5"
+    with pytest.raises(UserError, match=r"^give --url URL \(and --token\) or --connection-file PATH$"):
+        resolve_endpoint(token="t")
+    with pytest.raises(UserError, match="^give --port P or --connection-file PATH$"):
+        resolve_endpoint(ask_for="--port P")

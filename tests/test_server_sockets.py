@@ -1,0 +1,30 @@
+"""The server's listening sockets: a taken port is a clear error, a unix socket is private from birth and a stale
+one is replaced."""
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from clip_hpc.errors import UserError
+from clip_hpc.server import sockets
+
+
+def test_ports_and_sockets(tmp_path):
+    with sockets.bind_tcp("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"port {port} .* is taken"):
+            sockets.bind_tcp("127.0.0.1", port)
+    assert 1024 <= sockets.free_port() <= 65535
+
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("x")
+    with pytest.raises(UserError, match="not a socket"):
+        sockets.bind_unix(not_a_socket)
+    path = tmp_path / "live.sock"
+    with sockets.bind_unix(path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with pytest.raises(UserError, match="already listens"):
+            sockets.bind_unix(path)
+    with sockets.bind_unix(path):  # a stale socket (its server gone) is replaced
+        assert path.is_socket()
