@@ -132,7 +132,7 @@ def test_write_info_is_exactly_to_dict(tmp_path):
 # --- nothing outside clip_hpc/formats/ names an index or shard file or opens HDF5 ----------------------------------
 def test_only_the_formats_package_names_the_files():
     package = Path(__file__).resolve().parents[1] / "clip_hpc"
-    pattern = re.compile(r"""h5py|["'](index\.json|vectors\.npy|meta\.sqlite|index\.faiss)["']|shard-\{""")
+    pattern = re.compile(r"""(?:import|from) h5py|h5py\.|["'](index\.json|vectors\.npy|meta\.sqlite|index\.faiss)["']|shard-\{""")
     offenders = [f"{path.relative_to(package)}:{n}" for path in package.rglob("*.py")
                  if "formats" not in path.relative_to(package).parts
                  for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
