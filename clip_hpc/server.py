@@ -66,6 +66,7 @@ class SearchRequest(BaseModel):
     min_score: Finite | None = None
     diversity: float = Field(0.0, ge=0.0, le=1.0)
     filters: Filters | None = None
+    return_vector: bool = Field(False, description="add the query vector searched with to the response")
 
 
 class ExportRequest(BaseModel):
@@ -85,6 +86,12 @@ class Hit(BaseModel):
 class Results(BaseModel):
     results: list[Hit]
     took_ms: float
+
+
+class VectorResults(Results):
+    """`query_vector` appears only when asked for (`return_vector`): the unit vector that was searched with."""
+
+    query_vector: list[float] | None = None
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -163,14 +170,19 @@ def create_app(engine: Any, token: str, *, max_upload_bytes: int = 20 * 2**20, t
             raise HTTPException(404, f"ids not in the index: {missing[:10]}")
 
     def decoded(data: bytes) -> Any:
-        image = decode_image(data)
+        image = decode_image(data, min_size=engine.model.image_size)  # the pixels `clip-hpc embed` would see
         if isinstance(image, DecodeFailure):
             raise HTTPException(400, f"cannot decode the image: {image}")
         return image
 
-    def run_query(**kw: Any) -> Results:
+    def run_query(return_vector: bool = False, *, k: int, min_score: float | None = None, diversity: float = 0.0,
+                  path_prefix: str | None = None, **parts: Any) -> VectorResults:
         start = time.perf_counter()
-        return results([(h.id, h.score, h.path) for h in engine.query(**kw)], start)
+        query = engine.query_vector(**parts)
+        hits = engine.search_combined(query, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix)
+        found = results([(h.id, h.score, h.path) for h in hits], start)
+        return VectorResults(results=found.results, took_ms=found.took_ms,
+                             **({"query_vector": query.tolist()} if return_vector else {}))
 
     def file_of(image_id: int) -> Path:
         """Only paths listed in the index are ever served: the id is looked up, never a path from the request."""
@@ -206,8 +218,8 @@ def create_app(engine: Any, token: str, *, max_upload_bytes: int = 20 * 2**20, t
                    path_prefix: Annotated[str | None, Query(max_length=4096)] = None) -> Results:
         return run_query(text=q, k=k, min_score=min_score, diversity=diversity, path_prefix=path_prefix)
 
-    @app.post("/api/search", response_model=Results)
-    def search_post(body: SearchRequest) -> Results:
+    @app.post("/api/search", response_model=VectorResults, response_model_exclude_unset=True)
+    def search_post(body: SearchRequest) -> VectorResults:
         image_ids = [body.image_id] if body.image_id is not None else []
         require_ids([*image_ids, *body.positive_ids, *body.negative_ids])
         images = []
@@ -219,13 +231,16 @@ def create_app(engine: Any, token: str, *, max_upload_bytes: int = 20 * 2**20, t
         return run_query(text=body.text, image_ids=image_ids, images=images, vector=body.vector,
                          positive_ids=body.positive_ids, negative_ids=body.negative_ids, weights=body.weights,
                          k=body.k, min_score=body.min_score, diversity=body.diversity,
-                         path_prefix=body.filters.path_prefix if body.filters else None)
+                         path_prefix=body.filters.path_prefix if body.filters else None,
+                         return_vector=body.return_vector)
 
-    @app.post("/api/search/image", response_model=Results)
+    @app.post("/api/search/image", response_model=VectorResults, response_model_exclude_unset=True)
     def search_image(file: Annotated[UploadFile, File(description="an image file")],
                      k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
-                     path_prefix: Annotated[str | None, Query(max_length=4096)] = None) -> Results:
-        return run_query(images=[decoded(file.file.read())], k=k, path_prefix=path_prefix)
+                     path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
+                     return_vector: bool = False) -> VectorResults:
+        return run_query(images=[decoded(file.file.read())], k=k, path_prefix=path_prefix,
+                         return_vector=return_vector)
 
     @app.get("/api/random", response_model=Results)
     def random(k: Annotated[int, Query(ge=1, le=MAX_K)] = 20) -> Results:
