@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
 """Make N varied sample images in real formats and sizes (mostly 640x480 JPEG, some PNG, WebP and odd sizes),
-for tests, the demo and benchmarks. `--bad` also writes one file of each awkward kind a real collection holds.
+for tests, the demo and benchmarks. `write_bad_images` writes one file of each awkward kind a real collection holds.
+
+The command line is scripts/make_sample_images.py; tests and benchmarks import the writers from here.
 """
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import struct
 import zlib
 from pathlib import Path
@@ -106,21 +105,3 @@ def write_bad_images(out: Path, seed: int = 1) -> dict[str, str]:
     good.save(out / "good.jpg"); expect["good.jpg"] = "ok"
     return expect
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("-n", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--photos", action="store_true", help="mix in the real photos bundled with scikit-image")
-    ap.add_argument("--bad", action="store_true", help="also write one file of each awkward kind under OUT/bad")
-    args = ap.parse_args()
-    written = write_samples(args.out, args.n, args.seed, args.photos)
-    report = {"out": str(args.out), "written": len(written)}
-    if args.bad:
-        report["bad"] = write_bad_images(args.out / "bad")
-    print(json.dumps(report))
-
-
-if __name__ == "__main__":
-    main()

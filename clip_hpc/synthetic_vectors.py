@@ -1,23 +1,18 @@
-#!/usr/bin/env python
 """Synthetic CLIP-like vectors as an EMB_DIR, for index tests and benchmarks without embedding millions of images.
 
 A normalised Gaussian mixture: cluster centres on the sphere, each point its centre plus a low-rank Gaussian
 (a shared 32-d latent subspace, as real embeddings have low intrinsic dimension) plus a little isotropic noise.
 Purely isotropic clusters would make every neighbour equidistant, a case no real data set looks like.
 
-    make_synthetic_vectors.py OUT -n 200000 --dim 512 [--clusters 1000] [--shard-size 50000] [--seed 0]
+The command line is scripts/make_synthetic_vectors.py; the index tests and benchmarks import it from here.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_hpc.shards import INPUTS_FILE, atomic_write_bytes, shard_path, write_shard  # noqa: E402
+from clip_hpc.shards import INPUTS_FILE, atomic_write_bytes, shard_path, write_shard
 
 MODEL = "synthetic-mixture"
 
@@ -64,20 +59,3 @@ def write_emb_dir(out: Path, vectors: np.ndarray, labels: np.ndarray, shard_size
                            "unit_size": shard_size})
     return out
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
-    parser.add_argument("-n", type=int, default=200_000)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--clusters", type=int, default=1000)
-    parser.add_argument("--shard-size", type=int, default=50_000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    vectors, labels = gaussian_mixture(args.n, args.dim, args.clusters, seed=args.seed)
-    write_emb_dir(args.out, vectors, labels, args.shard_size)
-    print(json.dumps({"out": str(args.out), "n": args.n, "dim": args.dim, "clusters": args.clusters}))
-
-
-if __name__ == "__main__":
-    main()
