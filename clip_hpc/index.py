@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clip_hpc.errors import UserError
+from clip_hpc.index_defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX, TRAIN_SAMPLE_TARGET
 from clip_hpc.metadata import MetadataStore
 from clip_hpc.recall import RECALL_QUERIES, self_check
 from clip_hpc.search import INDEX_FILE, INDEX_FORMAT, INFO_FILE, META_FILE, VECTORS_FILE, load_info
@@ -28,7 +29,6 @@ from clip_hpc.shards import Shard, atomic_write_json, check_shard_set, read_shar
 
 FLAT_BELOW = 10_000
 ADD_BATCH = 65_536
-TRAIN_PER_LIST = 30  # training vectors per inverted list (the contract allows 30 to 256)
 ROW_LAYOUT = "global_id"  # vectors.npy row i is global id i; rows of failed (never embedded) ids are zero
 
 
@@ -58,7 +58,7 @@ def choose_train_size(n: int, index_key: str, requested: int | None = None) -> i
         return 0 if index_key.strip().endswith("Flat") and "PQ" not in index_key else min(n, requested or 65_536)
     if requested:
         return min(n, int(requested))
-    return min(n, max(TRAIN_PER_LIST * nlist, min(256 * nlist, 65_536)))
+    return min(n, max(TRAIN_PER_LIST * nlist, min(TRAIN_PER_LIST_MAX * nlist, TRAIN_SAMPLE_TARGET)))
 
 
 # --- FAISS objects ---------------------------------------------------------------------------------------------
