@@ -11,8 +11,10 @@ import sys
 from typing import Callable, Sequence
 
 from clip_hpc.errors import UserError
+from clip_hpc.index_defaults import train_size_help
 
 Handler = Callable[[argparse.Namespace], int]
+SIGPIPE_EXIT = 141  # what a shell reports for a process ended by SIGPIPE: the reader closed the pipe
 
 
 # --- embed -----------------------------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("emb_dir")
     p.add_argument("--out", required=True, help="INDEX_DIR (written to a temporary directory, renamed at the end)")
     p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ64x4fs")
-    p.add_argument("--train-size", type=int, default=None, help="training sample size (default 40 x lists)")
+    p.add_argument("--train-size", type=int, default=None, help=train_size_help())
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                    help="re-rank candidates exactly with vectors.npy (default: on for compressed indexes)")
     p.add_argument("--nprobe", type=int, default=None, help="default nprobe (default: smallest with recall@10 >= 0.95)")
@@ -117,15 +119,22 @@ def add_index(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    if args.with_vector and not args.json:
+        raise UserError("--with-vector adds the query vector to the JSON output: give --json too")
     if args.url or args.connection_file:
+        if args.with_vector:
+            raise UserError("--with-vector works with a local INDEX_DIR only")
         return cmd_search_remote(args)
     if not args.index_dir:
         raise UserError("give INDEX_DIR (or --url URL / --connection-file F to ask a running server)")
     from clip_hpc.search import search_local
 
-    hits = search_local(args.index_dir, text=args.text, image=args.image, k=args.k, nprobe=args.nprobe,
-                        device=args.device)
-    print_hits([hit.to_dict() for hit in hits], args.json)
+    hits, query = search_local(args.index_dir, text=args.text, image=args.image, k=args.k, nprobe=args.nprobe,
+                               device=args.device)
+    if args.with_vector:
+        print(json.dumps({"results": [hit.to_dict() for hit in hits], "query_vector": query.tolist()}, indent=2))
+    else:
+        print_hits([hit.to_dict() for hit in hits], args.json)
     return 0
 
 
@@ -162,6 +171,7 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", action="store_true", help="client mode on the node itself (port or unix socket)")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--with-vector", action="store_true", help="with --json: add the query vector searched with")
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_search)
@@ -248,13 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`clip-hpc ...`; a reader that goes away (`clip-hpc info X | head -1`) ends the command quietly."""
+    try:
+        try:
+            return run(argv)
+        finally:
+            sys.stdout.flush()  # also after --help: a closed pipe surfaces here, not as a warning at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return SIGPIPE_EXIT
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse, dispatch, and turn a `UserError` into one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        from clip_hpc.dist import speaks_for_job
+        from clip_hpc.dist import speaks_for_job, world
 
-        if speaks_for_job():  # under MPI every rank raises the same error; say it once
+        if speaks_for_job(world()):  # under MPI every rank raises the same error; say it once
             print(f"clip-hpc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ when mpi4py cannot load an MPI library (each rank then works alone on its share,
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -90,26 +91,21 @@ def _mpi_world() -> World | None:
     return World(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), "mpi", comm)
 
 
-_WORLD: World | None = None
-
-
-def speaks_for_job() -> bool:
+def speaks_for_job(w: World) -> bool:
     """Whether this process should print job-wide messages: rank 0, or any rank when ranks cannot talk."""
-    return _WORLD is None or _WORLD.is_root or not _WORLD.coordinated
+    return w.is_root or not w.coordinated
 
 
+@functools.cache
 def world() -> World:
     """Discover once per process; MPI only when a launcher hints at it, so plain runs never pay MPI start-up."""
-    global _WORLD
-    if _WORLD is None:
-        found = None
-        if any(v in os.environ for v in _MPI_HINTS) or os.environ.get("CLIP_HPC_FORCE_MPI"):
-            found = _mpi_world()
-            if found is not None and found.size == 1 and world_from_env().size > 1:
-                found = None  # e.g. srun without --mpi=pmi2: each task is an MPI singleton
-        env_world = world_from_env()
-        if found is None and env_world.size > 1 and env_world.backend == "slurm" and "PMI_FD" not in os.environ:
-            print(f"clip-hpc: rank {env_world.rank}/{env_world.size} from SLURM variables, without MPI "
-                  "(use srun --mpi=pmi2 for a coordinated job)", file=sys.stderr)
-        _WORLD = found or env_world
-    return _WORLD
+    found = None
+    if any(v in os.environ for v in _MPI_HINTS) or os.environ.get("CLIP_HPC_FORCE_MPI"):
+        found = _mpi_world()
+        if found is not None and found.size == 1 and world_from_env().size > 1:
+            found = None  # e.g. srun without --mpi=pmi2: each task is an MPI singleton
+    env_world = world_from_env()
+    if found is None and env_world.size > 1 and env_world.backend == "slurm" and "PMI_FD" not in os.environ:
+        print(f"clip-hpc: rank {env_world.rank}/{env_world.size} from SLURM variables, without MPI "
+              "(use srun --mpi=pmi2 for a coordinated job)", file=sys.stderr)
+    return found or env_world

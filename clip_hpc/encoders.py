@@ -18,6 +18,11 @@ class Encoder(Protocol):
 
     dim: int
 
+    @property
+    def image_size(self) -> int:
+        """The model's input side in pixels: queries decode JPEGs at the same draft size as `clip-hpc embed`."""
+        ...
+
     def encode_text(self, texts: Sequence[str]) -> np.ndarray: ...
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -46,6 +51,10 @@ class ModelEncoder:
                 raise UserError(f"model {self._model.name} gives {self._model.dim}-d vectors, the index holds "
                                 f"{self.dim}-d")
             return self._model
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.image_size)
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         return self.model.encode_text(list(texts))

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding, with our own limit
+from clip_hpc.errors import UserError
+
+# PIL's globals stay untouched (no import-time side effects): `max_pixels` is checked per call, before decoding,
+# and PIL's own bomb guard (an error above twice its limit) becomes the same "too many pixels" failure.
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb threshold
 
 
@@ -72,7 +74,7 @@ def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int 
             return _to_rgb(img)
     except UnidentifiedImageError:
         return DecodeFailure("not an image")
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning under -W error
         return DecodeFailure("too many pixels", str(exc)[:120])
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
@@ -80,3 +82,16 @@ def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int 
         return DecodeFailure(kind, text[:160])
     except Exception as exc:  # a decoder bug must cost one image, not the run
         return DecodeFailure("decode error", f"{type(exc).__name__}: {str(exc)[:120]}")
+
+
+def as_query_image(source: Image.Image | str | os.PathLike | bytes | BinaryIO, *, min_size: int | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A query image as the embed path would see it: an already-decoded image passes (as RGB), anything else goes
+    through `decode_image` with the same `min_size`; a failure is a one-line `UserError`, not an exception."""
+    if isinstance(source, Image.Image):
+        return source if source.mode == "RGB" else _to_rgb(source)
+    image = decode_image(source, min_size=min_size, max_pixels=max_pixels)
+    if isinstance(image, DecodeFailure):
+        name = "" if isinstance(source, (bytes, bytearray)) or hasattr(source, "read") else f" {source}"
+        raise UserError(f"cannot read image{name}: {image}")
+    return image

@@ -22,12 +22,12 @@ from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, EmbSummary, ShardEntry
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.formats.shard import Shard
+from clip_hpc.index_defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX, TRAIN_SAMPLE_TARGET
 from clip_hpc.metadata import MetadataStore
 from clip_hpc.recall import RECALL_QUERIES, self_check
 
 FLAT_BELOW = 10_000
 ADD_BATCH = 65_536
-TRAIN_PER_LIST = 30  # training vectors per inverted list (the contract allows 30 to 256)
 
 
 # --- the pure core ---------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def choose_train_size(n: int, index_key: str, requested: int | None = None) -> i
         return 0 if index_key.strip().endswith("Flat") and "PQ" not in index_key else min(n, requested or 65_536)
     if requested:
         return min(n, int(requested))
-    return min(n, max(TRAIN_PER_LIST * nlist, min(256 * nlist, 65_536)))
+    return min(n, max(TRAIN_PER_LIST * nlist, min(TRAIN_PER_LIST_MAX * nlist, TRAIN_SAMPLE_TARGET)))
 
 
 # --- FAISS objects ---------------------------------------------------------------------------------------------

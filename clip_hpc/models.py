@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ class ModelError(UserError):
     """The model cannot be loaded; the message is one line the user can act on."""
 
 
-def _register_configs() -> None:
+def register_model_configs() -> None:
+    """Make the configs shipped in the package (clip-hpc-tiny, clip-hpc-demo) known to open_clip by name."""
     import open_clip
 
     if "clip-hpc-tiny" not in open_clip.list_models():
@@ -132,12 +133,42 @@ def fetch_hint(name: str, tag: str) -> str:
             f"then set HF_HOME (or pass the same --cache-dir via HF_HUB_CACHE) and HF_HUB_OFFLINE=1 on compute nodes")
 
 
+class _FromOpenClip(logging.Filter):
+    """Drops records logged from open_clip's source files (it logs through the root logger, not its own)."""
+
+    def __init__(self, package_dir: str) -> None:
+        super().__init__()
+        self.package_dir = package_dir
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.pathname.startswith(self.package_dir)
+
+
+@contextlib.contextmanager
+def quiet_open_clip() -> Iterator[None]:
+    """Hide open_clip's chatter ("initialized randomly" for `none`, tokenizer notes) while it runs, leaving the root logger's
+    level and handlers as they were; a NullHandler stands in meanwhile so `logging.warning` cannot basicConfig."""
+    import open_clip
+
+    root = logging.getLogger()
+    quiet = _FromOpenClip(os.path.dirname(open_clip.__file__) + os.sep)
+    stand_in = logging.NullHandler() if not root.handlers else None
+    root.addFilter(quiet)
+    if stand_in is not None:
+        root.addHandler(stand_in)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        if stand_in is not None:
+            root.removeHandler(stand_in)
+
+
 def _create(name: str) -> torch.nn.Module:
     """Seeded construction: with `--pretrained none` every rank must build the same random model."""
     import open_clip
 
     torch.manual_seed(RANDOM_SEED)
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns on random init
     return open_clip.create_model(name, pretrained=None)
 
 
@@ -164,12 +195,17 @@ def _cached_tag_path(name: str, tag: str) -> str:
 def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: str = "auto",
                precision: str = "auto", local_rank: int = 0) -> LoadedModel:
     """Build the model and load its weights from a tag, a file, or nowhere (`none`, seeded random)."""
+    with quiet_open_clip():
+        return _build(name, pretrained, device, precision, local_rank)
+
+
+def _build(name: str, pretrained: str | None, device: str, precision: str, local_rank: int) -> LoadedModel:
     import open_clip
 
     pretrained = resolve_pretrained(name, pretrained)
     dev = resolve_device(device, local_rank)
     dtype = resolve_precision(precision, dev)
-    _register_configs()
+    register_model_configs()
     if name not in open_clip.list_models():
         raise ModelError(f"unknown model {name!r}; known: clip-hpc-tiny, clip-hpc-demo, ViT-B-32, ... "
                          f"(python -c 'import open_clip; print(open_clip.list_models())')")
@@ -208,7 +244,7 @@ def fetch_model(name: str, tag: str, cache_dir: str | None = None) -> str:
     """Download weights once (login node, with internet) so that compute nodes can load them offline."""
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
-    _register_configs()
+    register_model_configs()
     cfg = get_pretrained_cfg(name, tag)
     if not cfg:
         raise ModelError(f"{name}/{tag} is not a known open_clip pretrained tag")

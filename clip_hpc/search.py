@@ -15,6 +15,7 @@ import numpy as np
 from clip_hpc.encoders import Encoder, ModelEncoder
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir
+from clip_hpc.images import as_query_image
 
 MAX_K = 10_000  # results per query, for the CLI and the HTTP API alike
 MIN_RERANK_K = 10
@@ -187,7 +188,11 @@ class SearchEngine:
         return self.search_vectors(self.encoder.encode_text([text]), k, **filters)[0]
 
     def search_image(self, image: Any, k: int = 10, **filters: Any) -> list[Hit]:
-        return self.search_vectors(self.encoder.encode_images([open_image(image)]), k, **filters)[0]
+        return self.search_vectors(self.encoder.encode_images([self.query_image(image)]), k, **filters)[0]
+
+    def query_image(self, image: Any) -> Any:
+        """A decoded RGB image as is; a path or bytes decoded as `clip-hpc embed` decodes (same draft size)."""
+        return as_query_image(image, min_size=self.encoder.image_size)
 
     def search_ids(self, ids: Sequence[int], k: int = 10, **filters: Any) -> list[Hit]:
         if not len(ids):
@@ -200,13 +205,26 @@ class SearchEngine:
               negative_ids: Sequence[int] = (), weights: dict[str, float] | None = None, k: int = 10,
               min_score: float | None = None, diversity: float = 0.0, path_prefix: str | None = None) -> list[Hit]:
         """Any combination of parts; see `combine_parts`. `diversity` in [0, 1] re-orders the results by MMR."""
+        combined = self.query_vector(text=text, image_ids=image_ids, images=images, vector=vector,
+                                     positive_ids=positive_ids, negative_ids=negative_ids, weights=weights)
+        return self.search_combined(combined, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix)
+
+    def query_vector(self, *, text: str | None = None, image_ids: Sequence[int] = (), images: Sequence[Any] = (),
+                     vector: Sequence[float] | None = None, positive_ids: Sequence[int] = (),
+                     negative_ids: Sequence[int] = (), weights: dict[str, float] | None = None) -> np.ndarray:
+        """The unit vector a query searches with; callers may return it (`--with-vector`, `return_vector`)."""
         parts = self._query_parts(text, image_ids, images, vector, positive_ids, negative_ids)
         unknown_weights = set(weights or {}) - set(DEFAULT_WEIGHTS)
         if unknown_weights:
             raise UserError(f"unknown weight keys {sorted(unknown_weights)}; use {sorted(DEFAULT_WEIGHTS)}")
+        return combine_parts(parts, weights or {})
+
+    def search_combined(self, query: np.ndarray, k: int = 10, *, min_score: float | None = None,
+                        diversity: float = 0.0, path_prefix: str | None = None) -> list[Hit]:
+        """Search with a `query_vector`; `diversity` in [0, 1] re-orders the results by MMR."""
         if not 0.0 <= float(diversity) <= 1.0:
             raise UserError("diversity must be between 0 and 1")
-        combined = combine_parts(parts, weights or {})[None, :]
+        combined = np.asarray(query, dtype=np.float32)[None, :]
         k = self._check_k(k)
         if diversity <= 0:
             return self.search_vectors(combined, k, path_prefix=path_prefix, min_score=min_score)[0]
@@ -228,7 +246,7 @@ class SearchEngine:
         if len(image_ids):
             image_vectors.append(self.vectors_for_ids(image_ids))
         if len(images):
-            image_vectors.append(self.encoder.encode_images([open_image(image) for image in images]))
+            image_vectors.append(self.encoder.encode_images([self.query_image(image) for image in images]))
         if image_vectors:
             parts["image"] = normalise_rows(np.concatenate(image_vectors)).mean(axis=0)
         if vector is not None:
@@ -279,28 +297,15 @@ class SearchEngine:
         return out
 
 
-def open_image(image: Any) -> Any:
-    """A PIL image as is; a path opened, with a one-line error for a missing or undecodable file."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise UserError(f"cannot read image {image}: {exc}") from None
-
-
 def search_local(index_dir: str | Path, *, text: str | None = None, image: str | None = None, k: int = 10,
-                 nprobe: int | None = None, device: str = "auto") -> list[Hit]:
-    """What `clip-hpc search INDEX_DIR TEXT [--image PATH]` does in local mode: text, image, or both combined."""
+                 nprobe: int | None = None, device: str = "auto") -> tuple[list[Hit], np.ndarray]:
+    """What `clip-hpc search INDEX_DIR TEXT [--image PATH]` does in local mode: text, image, or both combined.
+    Returns the hits and the query vector they were found with."""
     if not text and not image:
         raise UserError("give a text query, --image PATH, or both")
     engine = SearchEngine(index_dir, nprobe=nprobe, device=device)
     try:
-        if text and image:
-            return engine.query(text=text, images=[open_image(image)], k=k)
-        return engine.search_text(text, k) if text else engine.search_image(image, k)
+        query = engine.query_vector(text=text, images=[engine.query_image(image)] if image else [])
+        return engine.search_combined(query, k), query
     finally:
         engine.close()

@@ -12,7 +12,6 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,10 @@ from typing import Callable
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_hpc.index import build_index  # noqa: E402
-from clip_hpc.recall import exact_top_k, off_distribution_queries, recall_at_k  # noqa: E402
-from clip_hpc.search import SearchEngine  # noqa: E402
-from make_synthetic_vectors import gaussian_mixture, write_emb_dir  # noqa: E402
+from clip_hpc.index import build_index
+from clip_hpc.recall import exact_top_k, off_distribution_queries, recall_at_k
+from clip_hpc.search import SearchEngine
+from clip_hpc.synthetic_vectors import gaussian_mixture, write_emb_dir
 
 Search = Callable[[np.ndarray, int], np.ndarray]  # queries, k -> ids
 

@@ -23,9 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from make_synthetic_vectors import gaussian_mixture, write_emb_dir  # beside this script, so on sys.path already
-
 from clip_hpc.client.process import stop_server, wait_for_server
+from clip_hpc.synthetic_vectors import gaussian_mixture, write_emb_dir
 
 BIN = Path(sys.executable).parent
 

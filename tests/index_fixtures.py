@@ -1,16 +1,11 @@
 """Helpers shared by the index and search tests: synthetic EMB_DIRs in the real shard format."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-from conftest import ROOT
-
-_spec = importlib.util.spec_from_file_location("make_synthetic_vectors", ROOT / "scripts" / "make_synthetic_vectors.py")
-synthetic = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(synthetic)
+from clip_hpc import synthetic_vectors as synthetic
 
 
 def synthetic_emb_dir(out: Path, n: int, dim: int = 32, *, shard_size: int = 500, seed: int = 0,

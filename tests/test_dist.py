@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from clip_hpc.dist import World, world_from_env
+from clip_hpc.dist import World, speaks_for_job, world, world_from_env
 from conftest import BIN
 
 
@@ -32,3 +32,14 @@ def test_single_process_without_launcher_never_loads_mpi():
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("PMI", "SLURM", "OMPI", "HYDRA"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["1", "False"]
+
+
+def test_who_speaks_for_the_job():
+    assert speaks_for_job(World())
+    assert speaks_for_job(World(rank=0, size=4, comm=object()))
+    assert not speaks_for_job(World(rank=1, size=4, comm=object()))
+    assert speaks_for_job(World(rank=1, size=4))  # ranks that cannot talk each speak for themselves
+
+
+def test_world_is_discovered_once_per_process():
+    assert world() is world()

@@ -2,7 +2,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from clip_hpc.formats.emb_dir import EmbDir, file_sha256
 from clip_hpc.formats.shard import read_shard
+from clip_hpc.sample_images import write_bad_images
 from conftest import BIN, ROOT, run_cli
 
 TINY = ["--model", "clip-hpc-tiny", "--pretrained", "none"]
@@ -105,9 +105,6 @@ def test_sigkill_then_resume_with_another_world_size(sample_images, tmp_path):
 
 
 def test_bad_images_are_recorded_not_fatal(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_sample_images import write_bad_images
-
     expect = write_bad_images(tmp_path / "bad")
     out = tmp_path / "emb"
     proc = run_cli("embed", tmp_path / "bad", "--out", out, *TINY, "--shard-size", 4, "--workers", 1)

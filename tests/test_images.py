@@ -1,16 +1,16 @@
+import subprocess
 import sys
+import warnings
 
 import pytest
+from PIL import Image
 
 from clip_hpc.images import DecodeFailure, decode_image
-from conftest import ROOT
+from clip_hpc.sample_images import bomb_png, write_bad_images
 
 
 @pytest.fixture(scope="module")
 def bad_dir(tmp_path_factory):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_sample_images import write_bad_images
-
     out = tmp_path_factory.mktemp("bad")
     return out, write_bad_images(out)
 
@@ -34,3 +34,25 @@ def test_exif_rotation_and_sixteen_bit_scaling(bad_dir):
     assert gray.getpixel((gray.size[0] - 1, gray.size[1] - 1))[0] > 250  # full-scale 16-bit is white, not clipped
     assert decode_image(out / "bomb.png", max_pixels=10_000_000).kind == "too many pixels"
     assert decode_image(b"").kind == "empty file"
+
+
+def test_import_leaves_pil_globals_alone():
+    """Importing the package must not change how PIL behaves for the rest of the process."""
+    code = ("from PIL import Image, ImageFile; before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES); "
+            "import clip_hpc.images, clip_hpc.embed, clip_hpc.search; "
+            "print(before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES), Image.MAX_IMAGE_PIXELS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "89478485"]
+
+
+def test_pil_bomb_guard_and_our_limit_both_become_a_failure(bad_dir):
+    out, _ = bad_dir
+    assert decode_image(out / "bomb.png").kind == "too many pixels"  # PIL's own error (> 2x its limit)
+    big = bomb_png(12_000, 8_000)  # 96 Mpx: over our default limit, under PIL's error threshold
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # even PIL's DecompressionBombWarning raised as an error is handled
+        assert decode_image(big).kind == "too many pixels"
+    with pytest.warns(Image.DecompressionBombWarning):  # PIL's own warning is left alone; the image is refused
+        assert decode_image(big).kind == "too many pixels"
+        assert decode_image(big, max_pixels=10_000).kind == "too many pixels"
+

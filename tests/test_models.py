@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -69,3 +71,21 @@ def test_default_pretrained_tags():
     assert resolve_pretrained("ViT-B-32", None) == "laion2b_s34b_b79k"
     assert resolve_pretrained("clip-hpc-tiny", None) == "none"
     assert resolve_pretrained("clip-hpc-tiny", "/x/ckpt.pt") == "/x/ckpt.pt"
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.INFO])
+def test_loading_leaves_the_root_logger_alone(level, caplog):
+    """open_clip logs through the root logger; we hide its "initialized randomly" line without touching the root
+    logger's level, filters or handlers, so the server's own and other libraries' warnings still show."""
+    root = logging.getLogger()
+    old_level, old_filters, old_handlers = root.level, list(root.filters), list(root.handlers)
+    root.setLevel(level)
+    try:
+        with caplog.at_level(level):
+            load_model("clip-hpc-tiny", "none", device="cpu")
+            logging.warning("a warning from elsewhere")
+        assert root.level == level
+        assert root.filters == old_filters and root.handlers == old_handlers
+        assert [r.getMessage() for r in caplog.records] == ["a warning from elsewhere"]
+    finally:
+        root.setLevel(old_level)

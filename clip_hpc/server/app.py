@@ -28,7 +28,7 @@ from clip_hpc.server.auth import install_auth
 from clip_hpc.server.errors import install_error_handlers
 from clip_hpc.server.export import build_zip
 from clip_hpc.server.metrics import Metrics
-from clip_hpc.server.schemas import MAX_THUMB, ExportRequest, PathId, Results, SearchRequest, ServedHit
+from clip_hpc.server.schemas import MAX_THUMB, ExportRequest, PathId, Results, SearchRequest, ServedHit, VectorResults
 from clip_hpc.server.shared_encoder import SharedEncoder
 from clip_hpc.server.upload_limit import BodySizeLimit
 
@@ -60,14 +60,19 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
             raise HTTPException(404, f"ids not in the index: {missing[:10]}")
 
     def decoded(data: bytes) -> Image.Image:
-        image = decode_image(data)
+        image = decode_image(data, min_size=engine.encoder.image_size)  # the pixels `clip-hpc embed` would see
         if isinstance(image, DecodeFailure):
             raise HTTPException(400, f"cannot decode the image: {image}")
         return image
 
-    def run_query(**kw: Any) -> Results:
+    def run_query(return_vector: bool = False, *, k: int, min_score: float | None = None, diversity: float = 0.0,
+                  path_prefix: str | None = None, **parts: Any) -> VectorResults:
         start = time.perf_counter()
-        return results(engine.query(**kw), start)
+        query = engine.query_vector(**parts)
+        hits = engine.search_combined(query, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix)
+        found = results(hits, start)
+        return VectorResults(results=found.results, took_ms=found.took_ms,
+                             **({"query_vector": query.tolist()} if return_vector else {}))
 
     def file_of(image_id: int) -> Path:
         """Only paths listed in the index are ever served: the id is looked up, never a path from the request."""
@@ -103,8 +108,8 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
                    path_prefix: Annotated[str | None, Query(max_length=4096)] = None) -> Results:
         return run_query(text=q, k=k, min_score=min_score, diversity=diversity, path_prefix=path_prefix)
 
-    @app.post("/api/search", response_model=Results)
-    def search_post(body: SearchRequest) -> Results:
+    @app.post("/api/search", response_model=VectorResults, response_model_exclude_unset=True)
+    def search_post(body: SearchRequest) -> VectorResults:
         image_ids = [body.image_id] if body.image_id is not None else []
         require_ids([*image_ids, *body.positive_ids, *body.negative_ids])
         images = []
@@ -116,13 +121,16 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
         return run_query(text=body.text, image_ids=image_ids, images=images, vector=body.vector,
                          positive_ids=body.positive_ids, negative_ids=body.negative_ids, weights=body.weights,
                          k=body.k, min_score=body.min_score, diversity=body.diversity,
-                         path_prefix=body.filters.path_prefix if body.filters else None)
+                         path_prefix=body.filters.path_prefix if body.filters else None,
+                         return_vector=body.return_vector)
 
-    @app.post("/api/search/image", response_model=Results)
+    @app.post("/api/search/image", response_model=VectorResults, response_model_exclude_unset=True)
     def search_image(file: Annotated[UploadFile, File(description="an image file")],
                      k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
-                     path_prefix: Annotated[str | None, Query(max_length=4096)] = None) -> Results:
-        return run_query(images=[decoded(file.file.read())], k=k, path_prefix=path_prefix)
+                     path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
+                     return_vector: bool = False) -> VectorResults:
+        return run_query(images=[decoded(file.file.read())], k=k, path_prefix=path_prefix,
+                         return_vector=return_vector)
 
     @app.get("/api/random", response_model=Results)
     def random(k: Annotated[int, Query(ge=1, le=MAX_K)] = 20) -> Results:

@@ -39,6 +39,7 @@ class SearchRequest(BaseModel):
     min_score: Finite | None = None
     diversity: float = Field(0.0, ge=0.0, le=1.0)
     filters: Filters | None = None
+    return_vector: bool = Field(False, description="add the query vector searched with to the response")
 
 
 class ExportRequest(BaseModel):
@@ -62,3 +63,9 @@ class ServedHit(Hit):
 class Results(BaseModel):
     results: list[ServedHit]
     took_ms: float
+
+
+class VectorResults(Results):
+    """`query_vector` appears only when asked for (`return_vector`): the unit vector that was searched with."""
+
+    query_vector: list[float] | None = None

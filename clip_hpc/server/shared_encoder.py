@@ -27,6 +27,10 @@ class SharedEncoder:
         self.cache_size = cache_size
         self.counts = {"hit": 0, "miss": 0}
 
+    @property
+    def image_size(self) -> int:
+        return self.inner.image_size
+
     def cache_counts(self) -> dict[str, int]:
         with self.cache_lock:
             return dict(self.counts)

@@ -1,0 +1,44 @@
+"""The CLI's own behaviour: a closed pipe ends a command quietly, and help text quotes the code's constants."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from clip_hpc.index_defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX
+from conftest import BIN, run_cli
+from index_fixtures import synthetic_emb_dir
+
+
+@pytest.fixture(scope="module")
+def emb_dir(tmp_path_factory) -> Path:
+    return synthetic_emb_dir(tmp_path_factory.mktemp("cli") / "emb", 600, shard_size=100)[0]
+
+
+def through_pipe(args: list[str], reader: str, stderr: Path) -> tuple[int, str]:
+    """`clip-hpc ARGS 2>STDERR | READER` in a real shell; returns clip-hpc's exit status and what the reader printed."""
+    command = " ".join(f"'{a}'" for a in [str(BIN / "clip-hpc"), *args])
+    script = f'{command} 2>"{stderr}" | {reader}; echo "rc=${{PIPESTATUS[0]}}"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300).stdout
+    printed, rc = out.rsplit("rc=", 1)
+    return int(rc), printed
+
+
+@pytest.mark.parametrize("args", [["info", "EMB"], ["info", "EMB", "--json"], ["index", "--help"], ["--help"]])
+@pytest.mark.parametrize("reader", ["head -1", "head -n 0"])  # head -n 0 closes the pipe before anything is written
+def test_a_closed_pipe_ends_quietly(emb_dir, tmp_path, args, reader):
+    stderr = tmp_path / "stderr"
+    rc, printed = through_pipe([str(emb_dir) if a == "EMB" else a for a in args], reader, stderr)
+    assert stderr.read_text() == "", stderr.read_text()  # no traceback, no "Exception ignored ... BrokenPipeError"
+    assert rc in (0, 141), rc  # 141: ended because the reader left, as a process killed by SIGPIPE reports
+    if reader == "head -1":
+        assert printed.count("\n") == 1 and printed.strip()
+        full = run_cli(*[str(emb_dir) if a == "EMB" else a for a in args], check=True).stdout
+        assert full.startswith(printed)
+
+
+def test_train_size_help_quotes_the_code():
+    text = " ".join(run_cli("index", "--help", check=True).stdout.split())
+    assert f"default {TRAIN_PER_LIST} x lists" in text and f"at most {TRAIN_PER_LIST_MAX} x lists" in text
+    assert "40 x" not in text
