@@ -99,21 +99,31 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
     try:
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
-            with tarfile.open(fileobj=f, mode="r:") as tf:
-                for info in tf:
-                    if not info.isfile():
-                        continue
-                    key, ext = _sample_key(info.name)
-                    if key not in samples:
-                        samples[key] = {}
-                        order.append(key)
-                    slot = "image" if ext in IMAGE_SUFFIXES else {".txt": "caption", ".json": "meta"}.get(ext)
-                    if slot is not None and slot not in samples[key]:
-                        samples[key][slot] = (info.name, Member(info.offset_data, info.size))
-                stop = tf.offset
-            tail_unread = stop < file_size and _unread_tail(f, stop, file_size)
-    except (tarfile.TarError, OSError) as exc:
-        raise UserError(f"cannot read tar {path}: {exc}") from None
+            tf = tarfile.open(fileobj=f, mode="r:")
+            stopped_early = False
+            while True:
+                try:
+                    info = tf.next()
+                except tarfile.TarError:  # "unexpected end of data": the tar was cut; keep what was listed
+                    stopped_early = True
+                    break
+                if info is None:
+                    break
+                if not info.isfile():
+                    continue
+                key, ext = _sample_key(info.name)
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                slot = "image" if ext in IMAGE_SUFFIXES else {".txt": "caption", ".json": "meta"}.get(ext)
+                if slot is not None and slot not in samples[key]:
+                    samples[key][slot] = (info.name, Member(info.offset_data, info.size))
+            stop = min(tf.offset, file_size)
+            tail_unread = stop < file_size and (stopped_early or _unread_tail(f, stop, file_size))
+    except tarfile.TarError as exc:  # not a tar at all (an empty or failed download): one failing line, go on
+        return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {exc}")]
+    except OSError as exc:
+        raise UserError(f"cannot read tar {path}: {exc.strerror or exc}") from None
     out = []
     for key in order:
         parts = samples[key]
@@ -127,7 +137,7 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
         if cut:
             problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
         out.append(TarSample(path, name, image and image[1], caption and caption[1], meta and meta[1], problem))
-    if tail_unread:
+    if tail_unread and not any(sample.problem.startswith("truncated") for sample in out):
         out.append(TarSample(path, f"{UNREADABLE_PREFIX}{stop}>",
                              problem=f"truncated tar: the headers after byte {stop} could not be read"))
     return out
