@@ -127,7 +127,11 @@ class MetadataStore:
         return out
 
     def record(self, id: int) -> dict | None:
-        """Every column of one row (NULL for the caption columns of an older meta.sqlite)."""
+        rows = self._rows("SELECT id, path, size, mtime FROM images WHERE id = ?", (int(id),))
+        return dict(zip(("id", "path", "size", "mtime"), rows[0])) if rows else None
+
+    def full_record(self, id: int) -> dict | None:
+        """Every column of one row, caption, key, url and offset too (None in a meta.sqlite from before them)."""
         select = ", ".join(c if c in self.columns else f"NULL AS {c}" for c in COLUMNS)
         rows = self._rows(f"SELECT {select} FROM images WHERE id = ?", (int(id),))
         return dict(zip(COLUMNS, rows[0])) if rows else None

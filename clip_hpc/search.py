@@ -163,7 +163,7 @@ class SearchEngine:
 
     def record(self, id: int) -> dict | None:
         """The id's meta.sqlite row (path, caption, key, url, and a tar member's offset and size)."""
-        return self.meta.record(int(id))
+        return self.meta.full_record(int(id))
 
     def hits_for_ids(self, ids: Sequence[int]) -> list[Hit]:
         """Unranked hits (a random sample), with their paths and captions."""

@@ -83,7 +83,7 @@ def test_index_builds_from_an_embedding_reader_folder(captioned_emb_dir):
     assert np.array_equal(np.asarray(index_dir.open_vectors()[:len(ids)], np.float32), vectors.astype(np.float32))
     with index_dir.open_metadata() as meta:
         assert meta.captions_of([0, len(ids) - 1]) == {0: f"caption {ids[0]}", len(ids) - 1: f"caption {ids[-1]}"}
-        assert meta.record(3)["key"] == f"{ids[3]:09d}"
+        assert meta.full_record(3)["key"] == f"{ids[3]:09d}"
 
 
 def test_shards_and_metadata_from_before_captions_still_read(tmp_path):
@@ -100,7 +100,7 @@ def test_shards_and_metadata_from_before_captions_still_read(tmp_path):
         conn.executescript("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, size INTEGER, mtime REAL);"
                            "INSERT INTO images VALUES (0, '/a.jpg', NULL, NULL);")
     reader = MetadataStore(old, readonly=True)
-    assert reader.captions_of([0]) == {} and reader.record(0)["caption"] is None
+    assert reader.captions_of([0]) == {} and reader.full_record(0)["caption"] is None
     reader.close()
     with MetadataStore(old) as writer:  # index --update copies an old store: it gains the columns
         writer.add([1], ["/t.tar::b.jpg"], [10], captions=["a cat"], offsets=[512])
