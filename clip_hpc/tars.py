@@ -12,7 +12,6 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from clip_hpc.errors import UserError
@@ -189,7 +188,3 @@ def meta_key_url(meta_json: str) -> tuple[str, str]:
         return "", ""
     return str(value.get("key") or ""), str(value.get("url") or "")
 
-
-def tar_of_line(line: str) -> Path | None:
-    parts = split_line(line)
-    return Path(parts[0]) if parts else None

@@ -98,7 +98,7 @@ def main() -> None:
                                 "-n", str(n)], check=True, capture_output=True)
             tars = tmp / f"tars-{n}"
             if "tar" in args.inputs and not tars.exists():
-                pack_into_tars(list_images([images]), tars, args.per_tar)
+                pack_into_tars([Path(p) for p in list_images([images])], tars, args.per_tar)
             for ranks in map(int, args.ranks.split(",")):
                 for kind in args.inputs.split(","):  # side by side, so both see the same machine load
                     source = tars if kind == "tar" else images
