@@ -39,9 +39,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed images on all ranks into HDF5 shards (resumable)")
-    p.add_argument("inputs", nargs="*", help="image files or directories (searched recursively)")
+    p.add_argument("inputs", nargs="*", help="image files, WebDataset .tar shards (or a quoted brace pattern like "
+                                             "'data/{00000..00099}.tar') or directories (searched recursively)")
     p.add_argument("--out", required=True, help="EMB_DIR: shards, inputs.txt and manifest.json go here")
-    p.add_argument("--file-list", help="a text file with one image path per line")
+    p.add_argument("--file-list", help="a text file with one image or tar path per line")
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: SLURM_CPUS_PER_TASK-1 or 2)")
@@ -93,10 +94,19 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
 
 # --- index, search ----------------------------------------------------------------------------------------------
 def cmd_index(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from clip_hpc.formats.embedding_folder import import_embedding_folder, is_embedding_folder
     from clip_hpc.index import build_index
 
-    info = build_index(args.emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
-                       refine=args.refine, nprobe=args.nprobe, update=args.update, progress=not args.quiet)
+    with tempfile.TemporaryDirectory(prefix=".clip-hpc-import-", dir=os.path.dirname(os.path.abspath(args.out))) \
+            as scratch:
+        emb_dir = args.emb_dir
+        if is_embedding_folder(emb_dir):  # clip-retrieval's layout: read it into shards first
+            emb_dir = import_embedding_folder(args.emb_dir, os.path.join(scratch, "emb"), model=args.model,
+                                              pretrained=args.pretrained).root
+        info = build_index(emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
+                           refine=args.refine, nprobe=args.nprobe, update=args.update, progress=not args.quiet)
     recall = info.recall
     print(f"{args.out}: {info.n} vectors, {info.index_key}, nprobe {info.nprobe}, "
           f"{info.bytes_per_vector} B/vector, recall@10 {recall.get('served')} "
@@ -106,7 +116,10 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build (or --update) a FAISS index with metadata from an EMB_DIR")
-    p.add_argument("emb_dir")
+    p.add_argument("emb_dir", help="an EMB_DIR, or an embedding-reader folder (img_emb/, metadata/)")
+    p.add_argument("--model", default="ViT-B-32",
+                   help="for an embedding-reader folder: the model that made the vectors (recorded for serve)")
+    p.add_argument("--pretrained", default="laion2b_s34b_b79k", help="for an embedding-reader folder: its weights")
     p.add_argument("--out", required=True, help="INDEX_DIR (written to a temporary directory, renamed at the end)")
     p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ64x4fs")
     p.add_argument("--train-size", type=int, default=None, help=train_size_help())
@@ -122,15 +135,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.with_vector and not args.json:
         raise UserError("--with-vector adds the query vector to the JSON output: give --json too")
     if args.url or args.connection_file:
-        if args.with_vector:
-            raise UserError("--with-vector works with a local INDEX_DIR only")
+        if args.with_vector or args.caption:
+            raise UserError("--with-vector and --caption work with a local INDEX_DIR only")
         return cmd_search_remote(args)
     if not args.index_dir:
         raise UserError("give INDEX_DIR (or --url URL / --connection-file F to ask a running server)")
     from clip_hpc.search import search_local
 
     hits, query = search_local(args.index_dir, text=args.text, image=args.image, k=args.k, nprobe=args.nprobe,
-                               device=args.device)
+                               device=args.device, caption=args.caption)
     if args.with_vector:
         print(json.dumps({"results": [hit.to_dict() for hit in hits], "query_vector": query.tolist()}, indent=2))
     else:
@@ -157,7 +170,8 @@ def print_hits(hits: list[dict], as_json: bool) -> None:
         print(json.dumps({"results": hits}, indent=2))
     else:
         for rank, hit in enumerate(hits, 1):
-            print(f"{rank:3d}  {hit['score']:.4f}  {hit['path']}")
+            caption = f"  {hit['caption']}" if hit.get("caption") else ""
+            print(f"{rank:3d}  {hit['score']:.4f}  {hit['path']}{caption}")
 
 
 def add_search(sub: argparse._SubParsersAction) -> None:
@@ -170,11 +184,28 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connection-file", help="client mode: the file written by clip-hpc serve")
     p.add_argument("--server", action="store_true", help="client mode on the node itself (port or unix socket)")
     p.add_argument("-k", type=int, default=10, help="number of results")
+    p.add_argument("--caption", help="only images whose caption holds every word of this text (local mode)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--with-vector", action="store_true", help="with --json: add the query vector searched with")
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_search)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from clip_hpc.export import export_embeddings
+
+    done = export_embeddings(args.emb_dir, args.out, args.format)
+    print(f"{args.out}: {done['rows']} embeddings in {done['files']} img_emb/metadata file pairs")
+    return 0
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write an EMB_DIR in clip-retrieval's layout for embedding_reader/autofaiss")
+    p.add_argument("emb_dir")
+    p.add_argument("--format", default="embedding-reader", choices=["embedding-reader"])
+    p.add_argument("--out", required=True, help="folder to create: img_emb/img_emb_N.npy, metadata/metadata_N.parquet")
+    p.set_defaults(func=cmd_export)
 
 
 # --- serve, check-ports ----------------------------------------------------------------------------------------
@@ -245,7 +276,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_embed, add_info, add_fetch_model,
-                                                                   add_index, add_search,
+                                                                   add_index, add_search, add_export,
                                                                    add_serve, add_check_ports, add_demo]
 
 

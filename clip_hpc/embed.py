@@ -10,7 +10,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,21 @@ from tqdm import tqdm
 from clip_hpc.dist import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, Manifest
-from clip_hpc.images import DEFAULT_MAX_PIXELS, decode_image
-from clip_hpc.sources import WorkUnit, list_images, plan_work_units, reconcile_inputs, units_for_rank
+from clip_hpc.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
+from clip_hpc.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
+from clip_hpc.tars import MAX_SIDECAR_BYTES, TarSample, decode_caption, decode_meta, read_member, sample_meta
+
+
+class Extras(NamedTuple):
+    """What a shard stores beside an embedding: the caption, the metadata JSON, and a tar member's offset/size."""
+
+    caption: str
+    meta: str
+    offset: int
+    size: int
+
+
+NO_EXTRAS = Extras("", "", -1, -1)
 
 
 @dataclass
@@ -44,32 +57,71 @@ class EmbedConfig:
 
 
 class ImageDataset(Dataset):
-    """Item i -> (global id, pixels or None, failure reason); decoding happens in the worker processes."""
+    """Item i -> (global id, pixels or None, failure reason, `Extras`); decoding happens in the worker processes.
+
+    Tar members (`tar_samples`) are read by offset through one open handle per worker: a unit's members are
+    contiguous, so each worker reads its tar sequentially and never from the start."""
 
     def __init__(self, ids: Sequence[int], paths: Sequence[str], preprocess: Callable, min_size: int,
-                 max_pixels: int) -> None:
+                 max_pixels: int, tar_samples: dict[str, TarSample] | None = None) -> None:
         self.ids, self.paths, self.preprocess = list(ids), list(paths), preprocess
         self.min_size, self.max_pixels = min_size, max_pixels
+        self.tar_samples = tar_samples or {}
+        self._handle: tuple[str, BinaryIO] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        img = decode_image(self.paths[i], min_size=self.min_size, max_pixels=self.max_pixels)
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, Extras]:
+        source, extras = self._source(self.paths[i])
+        if isinstance(source, DecodeFailure):
+            return self.ids[i], None, str(source), extras
+        img = decode_image(source, min_size=self.min_size, max_pixels=self.max_pixels)
         if not hasattr(img, "size"):
-            return self.ids[i], None, str(img)
+            return self.ids[i], None, str(img), extras
         try:
-            return self.ids[i], self.preprocess(img), ""
+            return self.ids[i], self.preprocess(img), "", extras
         except Exception as exc:  # e.g. a 1x1 image the transform cannot crop
-            return self.ids[i], None, f"preprocess error: {type(exc).__name__}: {str(exc)[:120]}"
+            return self.ids[i], None, f"preprocess error: {type(exc).__name__}: {str(exc)[:120]}", extras
+
+    def _source(self, path: str) -> tuple[str | bytes | DecodeFailure, Extras]:
+        """A loose file's path, or a tar member's bytes plus its caption and metadata."""
+        sample = self.tar_samples.get(path)
+        if sample is None:
+            return path, NO_EXTRAS
+        if sample.problem or sample.image is None:
+            return DecodeFailure(sample.problem.split(":")[0], sample.problem.partition(": ")[2]), NO_EXTRAS
+        try:
+            handle = self._tar_handle(sample.tar)
+            data = read_member(sample.tar, sample.image, handle)
+            caption = decode_caption(read_member(sample.tar, sample.caption, handle)) \
+                if sample.caption and sample.caption.size <= MAX_SIDECAR_BYTES else ""
+            meta = decode_meta(read_member(sample.tar, sample.meta, handle)) \
+                if sample.meta and sample.meta.size <= MAX_SIDECAR_BYTES else {}
+        except OSError as exc:
+            return DecodeFailure("truncated tar" if "truncated" in str(exc) else "read error", str(exc)[:160]), \
+                NO_EXTRAS
+        caption = caption or str(meta.get("caption") or "")
+        return data, Extras(caption, sample_meta(sample, caption, meta), sample.image.offset, sample.image.size)
+
+    def _tar_handle(self, tar: str) -> BinaryIO:
+        if self._handle is None or self._handle[0] != tar:
+            if self._handle is not None:
+                self._handle[1].close()
+            self._handle = (tar, open(tar, "rb"))
+        return self._handle[1]
+
+    def __getstate__(self) -> dict[str, Any]:  # an open file does not travel to the worker processes
+        return {**self.__dict__, "_handle": None}
 
 
-def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
-    good = [(i, t) for i, t, _ in items if t is not None]
+def collate(items: list[tuple[int, torch.Tensor | None, str, Extras]]) -> dict[str, Any]:
+    good = [(i, t, x) for i, t, _, x in items if t is not None]
     return {
-        "ids": [i for i, _ in good],
-        "pixels": torch.stack([t for _, t in good]) if good else None,
-        "failed": [(i, reason) for i, t, reason in items if t is None],
+        "ids": [i for i, _, _ in good],
+        "pixels": torch.stack([t for _, t, _ in good]) if good else None,
+        "extras": [x for _, _, x in good],
+        "failed": [(i, reason) for i, t, reason, _ in items if t is None],
     }
 
 
@@ -98,20 +150,21 @@ def default_workers() -> int:
     return 2
 
 
-def prepare_inputs(cfg: EmbedConfig, w: World) -> list[str]:
-    """Rank 0 lists and saves inputs.txt; the others get the same list, so ids agree across the job."""
+def prepare_inputs(cfg: EmbedConfig, w: World) -> Listing:
+    """Rank 0 lists and saves inputs.txt; the others get the same list (and the tars' member offsets, which the
+    listing found once), so ids agree across the job."""
     out = EmbDir(cfg.out)
-    result: list[str] | UserError
+    result: Listing | UserError
     if w.is_root or not w.coordinated:
         try:
-            listed = list_images(cfg.inputs, cfg.file_list)
+            listed = list_inputs(cfg.inputs, cfg.file_list)
             saved = out.read_inputs()
-            paths = reconcile_inputs(saved, listed, cfg.append)
+            paths = reconcile_inputs(saved, listed.lines, cfg.append)
             if w.is_root:
                 out.root.mkdir(parents=True, exist_ok=True)
                 if paths != saved:
                     out.write_inputs(paths)
-            result = paths
+            result = Listing(paths, listed.tar_samples)
         except UserError as exc:
             result = exc
     if w.comm is not None:
@@ -135,7 +188,7 @@ def pending_units(out: EmbDir, units: Sequence[WorkUnit], unit_size: int, model:
     return todo
 
 
-def run_units(cfg: EmbedConfig, w: World, loaded: Any, paths: Sequence[str],
+def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing,
               todo: Sequence[WorkUnit]) -> dict[str, Any]:
     """Embed `todo` and write one shard per unit; returns this rank's counts and timings."""
     stats: dict[str, Any] = {"rank": w.rank, "host": os.uname().nodename, "embedded": 0, "failed": 0,
@@ -145,8 +198,9 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, paths: Sequence[str],
     if loaded.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // w.local_size))
     ids = [i for u in todo for i in u.ids]
+    paths = listing.lines
     dataset = ImageDataset(ids, [paths[i] for i in ids], loaded.preprocess, loaded.image_size,
-                           cfg.max_pixels or DEFAULT_MAX_PIXELS)
+                           cfg.max_pixels or DEFAULT_MAX_PIXELS, listing.tar_samples)
     sampler = UnitBatchSampler([len(u.ids) for u in todo], cfg.batch_size)
     workers = default_workers() if cfg.workers is None else cfg.workers
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
@@ -154,12 +208,13 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, paths: Sequence[str],
     out_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     bar = tqdm(total=len(ids), unit="img", desc=f"embed rank {w.rank}", disable=not (cfg.progress and w.is_root),
                file=sys.stderr, smoothing=0.1)
-    acc: dict[str, list] = {"emb": [], "ids": [], "failed": []}
+    acc: dict[str, list] = {"emb": [], "ids": [], "extras": [], "failed": []}
     t0 = time.perf_counter()
     for (u, _), batch in zip(sampler.batches, loader):
         if batch["pixels"] is not None:
             acc["emb"].append(loaded.encode_images(batch["pixels"]).astype(out_dtype))
             acc["ids"].extend(batch["ids"])
+            acc["extras"].extend(batch["extras"])
         acc["failed"].extend(batch["failed"])
         bar.update(len(batch["ids"]) + len(batch["failed"]))
         unit = todo[u]
@@ -168,7 +223,7 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, paths: Sequence[str],
             stats["embedded"] += len(acc["ids"])
             stats["failed"] += len(acc["failed"])
             stats["reasons"].update(r.split(":")[0] for _, r in acc["failed"])
-            acc = {"emb": [], "ids": [], "failed": []}
+            acc = {"emb": [], "ids": [], "extras": [], "failed": []}
     bar.close()
     stats["seconds"] = time.perf_counter() - t0
     return stats
@@ -179,6 +234,8 @@ def write_unit(cfg: EmbedConfig, w: World, loaded: Any, unit: WorkUnit, paths: S
     emb = np.concatenate(acc["emb"]) if acc["emb"] else np.zeros((0, loaded.dim), out_dtype)
     EmbDir(cfg.out).write_shard(
         unit.index, embeddings=emb, ids=acc["ids"], paths=[paths[i] for i in acc["ids"]],
+        captions=[x.caption for x in acc["extras"]], meta=[x.meta for x in acc["extras"]],
+        offsets=[x.offset for x in acc["extras"]], sizes=[x.size for x in acc["extras"]],
         failed_ids=[i for i, _ in acc["failed"]], failed_paths=[paths[i] for i, _ in acc["failed"]],
         failed_reasons=[r for _, r in acc["failed"]],
         attrs={"model": loaded.name, "pretrained": loaded.pretrained, "unit": unit.index,
@@ -214,7 +271,8 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
         raise UserError(f"--out {out.root} exists and is not a directory")
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
-    paths = prepare_inputs(cfg, w)
+    listing = prepare_inputs(cfg, w)
+    paths = listing.lines
     units = plan_work_units(len(paths), cfg.shard_size)
     pretrained = resolve_pretrained(cfg.model, cfg.pretrained)
     mine = units_for_rank(units, w.rank, w.size)
@@ -230,7 +288,7 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     if w.is_root:
         print(f"clip-hpc embed: {len(paths)} inputs, {len(units)} units of {cfg.shard_size}, {w.size} rank(s) "
               f"[{w.backend}]; rank 0 has {len(todo)} of its {len(mine)} units to do", file=sys.stderr, flush=True)
-    stats = run_units(cfg, w, loaded, paths, todo)
+    stats = run_units(cfg, w, loaded, listing, todo)
     per_rank = w.gather(stats)
     w.barrier()
     manifest = None

@@ -25,6 +25,7 @@ from clip_hpc.formats.shard import Shard
 from clip_hpc.index_defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX, TRAIN_SAMPLE_TARGET
 from clip_hpc.metadata import MetadataStore
 from clip_hpc.recall import RECALL_QUERIES, self_check
+from clip_hpc.tars import meta_key_url
 
 FLAT_BELOW = 10_000
 ADD_BATCH = 65_536
@@ -103,10 +104,15 @@ def _shards(emb: EmbDir, units: Iterable[int], known: MetadataStore | None = Non
     for unit in units:
         shard = emb.read_shard(unit)
         if known is not None:
-            keep = ~np.isin(shard.ids, np.fromiter(known.paths_of(shard.ids), dtype=np.int64))
-            shard.embeddings, shard.ids = shard.embeddings[keep], shard.ids[keep]
-            shard.paths = [p for p, kept in zip(shard.paths, keep) if kept]
+            shard.select(~np.isin(shard.ids, np.fromiter(known.paths_of(shard.ids), dtype=np.int64)))
         yield shard
+
+
+def _add_metadata(meta: MetadataStore, shard: Shard) -> None:
+    """A shard's rows into meta.sqlite: path, caption, key and url, and a tar member's offset and size."""
+    keys, urls = zip(*map(meta_key_url, shard.meta)) if shard.meta else ((), ())
+    meta.add(shard.ids, shard.paths, shard.sizes, captions=shard.captions, keys=keys, urls=urls,
+             offsets=shard.offsets)
 
 
 def _n_rows(summary: EmbSummary) -> int:
@@ -133,7 +139,7 @@ def _write_vectors(target: IndexDir, emb: EmbDir, units: Sequence[int], n_rows: 
     with _bar(progress, desc="vectors") as bar:
         for shard in _shards(emb, units, known):
             vectors[shard.ids] = shard.embeddings.astype(np.float16)
-            meta.add(shard.ids, shard.paths)
+            _add_metadata(meta, shard)
             bar.update(len(shard.ids))
     vectors.flush()
     del vectors

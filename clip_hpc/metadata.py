@@ -1,10 +1,12 @@
 """The id -> path store of an INDEX_DIR, in SQLite: one file, no server, safe to read from many processes.
 
-FAISS only knows integer ids; everything a user sees (paths, prefix filters, exports) goes through this table.
+FAISS only knows integer ids; everything a user sees (paths, captions, prefix and caption filters, exports) goes
+through this table. Captions are also in an FTS5 table (`captions`, rowid = id) for the full-text filter.
 """
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -15,10 +17,26 @@ CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL,
     size INTEGER,
-    mtime REAL
+    mtime REAL,
+    caption TEXT,
+    key TEXT,
+    url TEXT,
+    offset INTEGER
 );
 CREATE INDEX IF NOT EXISTS images_path ON images(path);
+CREATE VIRTUAL TABLE IF NOT EXISTS captions USING fts5(caption);
 """
+COLUMNS = ("id", "path", "size", "mtime", "caption", "key", "url", "offset")
+
+
+def fts_query(text: str) -> str:
+    """Free text -> an FTS5 query matching rows holding every word (each quoted, so no FTS syntax leaks in)."""
+    words = re.findall(r"\w+", text)
+    if not words:
+        from clip_hpc.errors import UserError
+
+        raise UserError("the caption filter holds no words")
+    return " ".join(f'"{w}"' for w in words)
 
 
 def prefix_upper_bound(prefix: str) -> str:
@@ -27,7 +45,8 @@ def prefix_upper_bound(prefix: str) -> str:
 
 
 class MetadataStore:
-    """`images(id INTEGER PRIMARY KEY, path TEXT, size INTEGER, mtime REAL)`; size and mtime may be NULL."""
+    """`images(id INTEGER PRIMARY KEY, path TEXT, size INTEGER, mtime REAL, caption, key, url, offset)`; all but
+    the path may be NULL. For a tar member, `path` is `TARPATH::MEMBER` and `offset`/`size` locate its bytes."""
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -36,7 +55,20 @@ class MetadataStore:
             self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
         else:
             self.conn = sqlite3.connect(str(self.path), check_same_thread=False)
+            self._add_new_columns()
             self.conn.executescript(SCHEMA)
+        have = {row[1] for row in self.conn.execute("PRAGMA table_info(images)")}
+        self.columns = tuple(c for c in COLUMNS if c in have)
+        self.has_fts = bool(self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'captions' AND type = 'table'").fetchall())
+
+    def _add_new_columns(self) -> None:
+        """An older meta.sqlite (copied by `index --update`) gains the caption columns, empty."""
+        have = {row[1] for row in self.conn.execute("PRAGMA table_info(images)")}
+        if have:
+            for name, kind in (("caption", "TEXT"), ("key", "TEXT"), ("url", "TEXT"), ("offset", "INTEGER")):
+                if name not in have:
+                    self.conn.execute(f"ALTER TABLE images ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self.conn.close()
@@ -48,13 +80,25 @@ class MetadataStore:
         self.close()
 
     def add(self, ids: Sequence[int], paths: Sequence[str], sizes: Sequence[int | None] | None = None,
-            mtimes: Sequence[float | None] | None = None) -> None:
-        """Insert one batch in one transaction (a shard at a time keeps memory flat)."""
-        sizes = sizes if sizes is not None else [None] * len(ids)
-        mtimes = mtimes if mtimes is not None else [None] * len(ids)
-        rows = zip((int(i) for i in ids), paths, sizes, mtimes)
+            mtimes: Sequence[float | None] | None = None, *, captions: Sequence[str] | None = None,
+            keys: Sequence[str] | None = None, urls: Sequence[str] | None = None,
+            offsets: Sequence[int | None] | None = None) -> None:
+        """Insert one batch in one transaction (a shard at a time keeps memory flat); "" and -1 are stored as NULL."""
+        def column(values: Sequence | None, empty: object) -> list:
+            if values is None:
+                return [None] * len(ids)
+            return [None if v == empty else (int(v) if empty == -1 else v) for v in values]
+
+        ids = [int(i) for i in ids]
+        caps = column(captions, "")
+        rows = zip(ids, paths, column(sizes, -1), mtimes if mtimes is not None else [None] * len(ids), caps,
+                   column(keys, ""), column(urls, ""), column(offsets, -1))
         with self.conn:
-            self.conn.executemany("INSERT OR REPLACE INTO images(id, path, size, mtime) VALUES (?, ?, ?, ?)", rows)
+            self.conn.executemany("INSERT OR REPLACE INTO images(id, path, size, mtime, caption, key, url, offset) "
+                                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.conn.executemany("DELETE FROM captions WHERE rowid = ?", ((i,) for i in ids))
+            self.conn.executemany("INSERT INTO captions(rowid, caption) VALUES (?, ?)",
+                                  ((i, c) for i, c in zip(ids, caps) if c))
 
     def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         with self._lock:
@@ -69,25 +113,53 @@ class MetadataStore:
 
     def paths_of(self, ids: Iterable[int]) -> dict[int, str]:
         """One query per 500 ids (SQLite's parameter limit), so a page of results costs one round trip."""
+        return self._column_of("path", ids)
+
+    def _column_of(self, column: str, ids: Iterable[int]) -> dict[int, object]:
+        """id -> `column` for the `ids` present where it is not NULL, one query per 500 ids."""
         ids = [int(i) for i in ids]
-        out: dict[int, str] = {}
+        out: dict[int, object] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            out.update(self._rows(f"SELECT id, path FROM images WHERE id IN ({marks})", chunk))
+            out.update(self._rows(f"SELECT id, {column} FROM images WHERE id IN ({marks}) AND {column} IS NOT NULL",
+                                  chunk))
         return out
 
     def record(self, id: int) -> dict | None:
         rows = self._rows("SELECT id, path, size, mtime FROM images WHERE id = ?", (int(id),))
         return dict(zip(("id", "path", "size", "mtime"), rows[0])) if rows else None
 
+    def full_record(self, id: int) -> dict | None:
+        """Every column of one row, caption, key, url and offset too (None in a meta.sqlite from before them)."""
+        select = ", ".join(c if c in self.columns else f"NULL AS {c}" for c in COLUMNS)
+        rows = self._rows(f"SELECT {select} FROM images WHERE id = ?", (int(id),))
+        return dict(zip(COLUMNS, rows[0])) if rows else None
+
+    def captions_of(self, ids: Iterable[int]) -> dict[int, str]:
+        """The non-empty captions of `ids` ({} for a meta.sqlite written before captions)."""
+        return self._column_of("caption", ids) if "caption" in self.columns else {}
+
     def ids_with_prefix(self, prefix: str, limit: int | None = None) -> list[int]:
         """Ids whose path starts with `prefix`, by a range scan on the path index (no LIKE escaping issues)."""
+        return self.ids_matching(path_prefix=prefix, limit=limit)
+
+    def ids_matching(self, *, path_prefix: str | None = None, caption: str | None = None,
+                     limit: int | None = None) -> list[int]:
+        """Ids passing every filter given: a path prefix (range scan on the path index) and a caption full-text
+        match (FTS5: every word of `caption`, any order)."""
         sql = "SELECT id FROM images WHERE path >= ?"
-        params: list[object] = [prefix]
-        if prefix:
+        params: list[object] = [path_prefix or ""]
+        if path_prefix:
             sql += " AND path < ?"
-            params.append(prefix_upper_bound(prefix))
+            params.append(prefix_upper_bound(path_prefix))
+        if caption is not None:
+            if not self.has_fts:
+                from clip_hpc.errors import UserError
+
+                raise UserError("this index has no caption table (built before captions); rebuild it to filter")
+            sql += " AND id IN (SELECT rowid FROM captions WHERE captions MATCH ?)"
+            params.append(fts_query(caption))
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))

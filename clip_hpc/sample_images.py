@@ -105,3 +105,53 @@ def write_bad_images(out: Path, seed: int = 1) -> dict[str, str]:
     good.save(out / "good.jpg"); expect["good.jpg"] = "ok"
     return expect
 
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A WebDataset tar in img2dataset's layout (`KEY.EXT` members, a sample's members together), written under a
+    temporary name and renamed."""
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tf.addfile(info, io.BytesIO(data))
+    tmp.replace(path)
+    return path
+
+
+def captioned_samples(n: int, start: int = 0, seed: int = 0, size: int = 128) -> list[tuple[str, dict[str, bytes]]]:
+    """`n` captioned shape images as img2dataset samples: `jpg`, `txt` (the caption) and `json` (key, url, size)."""
+    import json
+
+    from clip_hpc.captioned_shapes import make_example
+
+    samples = []
+    for i in range(start, start + n):
+        pixels, captions, _ = make_example(seed, i, size=size)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+        key = f"{i:09d}"
+        meta = {"key": key, "url": f"https://example.org/shapes/{key}.jpg", "width": size, "height": size,
+                "caption": captions[0], "status": "success"}
+        samples.append((key, {"jpg": buf.getvalue(), "txt": captions[0].encode(), "json": json.dumps(meta).encode()}))
+    return samples
+
+
+def write_sample_tars(out: Path, n_tars: int, per_tar: int, seed: int = 0) -> list[Path]:
+    """`out/{00000..}.tar`, each with `per_tar` captioned samples: what img2dataset would have downloaded."""
+    return [write_tar(out / f"{t:05d}.tar", captioned_samples(per_tar, t * per_tar, seed)) for t in range(n_tars)]
+
+
+def pack_into_tars(paths: list[Path], out: Path, per_tar: int) -> list[Path]:
+    """The same image files, byte for byte, as tars of `per_tar` samples (keys in the given order)."""
+    tars = []
+    for t, lo in enumerate(range(0, len(paths), per_tar)):
+        samples = [(f"{i:09d}", {p.suffix.lstrip(".").lower(): p.read_bytes()})
+                   for i, p in enumerate(paths[lo:lo + per_tar], lo)]
+        tars.append(write_tar(out / f"{t:05d}.tar", samples))
+    return tars

@@ -19,7 +19,7 @@ from clip_hpc.images import as_query_image
 
 MAX_K = 10_000  # results per query, for the CLI and the HTTP API alike
 MIN_RERANK_K = 10
-PREFILTER_LIMIT = 50_000  # a path_prefix matching fewer ids is searched exactly over just those rows
+PREFILTER_LIMIT = 50_000  # a filter (path_prefix, caption) matching fewer ids is searched exactly over just those
 DEFAULT_WEIGHTS = {"text": 1.0, "image": 1.0, "vector": 1.0, "positive": 0.75, "negative": 0.25}  # Rocchio-like
 
 
@@ -32,11 +32,12 @@ class UnknownIdError(UserError, KeyError):
 
 @dataclass
 class Hit:
-    """One result; `score` is None only for a hit no query ranked (a random sample)."""
+    """One result; `score` is None only for a hit no query ranked (a random sample); `caption` is "" if none."""
 
     id: int
     score: float | None
     path: str
+    caption: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +161,15 @@ class SearchEngine:
     def contains(self, id: int) -> bool:
         return self.path_of(id) is not None
 
+    def record(self, id: int) -> dict | None:
+        """The id's meta.sqlite row (path, caption, key, url, and a tar member's offset and size)."""
+        return self.meta.full_record(int(id))
+
+    def hits_for_ids(self, ids: Sequence[int]) -> list[Hit]:
+        """Unranked hits (a random sample), with their paths and captions."""
+        paths, captions = self.meta.paths_of(ids), self.meta.captions_of(ids)
+        return [Hit(int(i), None, paths.get(int(i), ""), captions.get(int(i), "")) for i in ids]
+
     def random_ids(self, k: int) -> list[int]:
         return self.meta.random_ids(max(0, int(k)))
 
@@ -173,11 +183,12 @@ class SearchEngine:
 
     # --- searches ---
     def search_vectors(self, queries: np.ndarray, k: int = 10, *, path_prefix: str | None = None,
-                       min_score: float | None = None) -> list[list[Hit]]:
+                       min_score: float | None = None, caption: str | None = None) -> list[list[Hit]]:
+        """`path_prefix` and `caption` (full text: every word) restrict the results to the rows matching both."""
         queries = self._check_queries(queries)
         k = self._check_k(k)
-        if path_prefix:
-            scores, ids = self._search_prefix(queries, k, path_prefix)
+        if path_prefix or caption:
+            scores, ids = self._search_filtered(queries, k, path_prefix or None, caption or None)
         else:
             scores, ids = search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor)
         return self._hits(scores, ids, min_score)
@@ -203,11 +214,13 @@ class SearchEngine:
     def query(self, *, text: str | None = None, image_ids: Sequence[int] = (), images: Sequence[Any] = (),
               vector: Sequence[float] | None = None, positive_ids: Sequence[int] = (),
               negative_ids: Sequence[int] = (), weights: dict[str, float] | None = None, k: int = 10,
-              min_score: float | None = None, diversity: float = 0.0, path_prefix: str | None = None) -> list[Hit]:
+              min_score: float | None = None, diversity: float = 0.0, path_prefix: str | None = None,
+              caption: str | None = None) -> list[Hit]:
         """Any combination of parts; see `combine_parts`. `diversity` in [0, 1] re-orders the results by MMR."""
         combined = self.query_vector(text=text, image_ids=image_ids, images=images, vector=vector,
                                      positive_ids=positive_ids, negative_ids=negative_ids, weights=weights)
-        return self.search_combined(combined, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix)
+        return self.search_combined(combined, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix,
+                                    caption=caption)
 
     def query_vector(self, *, text: str | None = None, image_ids: Sequence[int] = (), images: Sequence[Any] = (),
                      vector: Sequence[float] | None = None, positive_ids: Sequence[int] = (),
@@ -220,16 +233,18 @@ class SearchEngine:
         return combine_parts(parts, weights or {})
 
     def search_combined(self, query: np.ndarray, k: int = 10, *, min_score: float | None = None,
-                        diversity: float = 0.0, path_prefix: str | None = None) -> list[Hit]:
+                        diversity: float = 0.0, path_prefix: str | None = None,
+                        caption: str | None = None) -> list[Hit]:
         """Search with a `query_vector`; `diversity` in [0, 1] re-orders the results by MMR."""
         if not 0.0 <= float(diversity) <= 1.0:
             raise UserError("diversity must be between 0 and 1")
         combined = np.asarray(query, dtype=np.float32)[None, :]
         k = self._check_k(k)
         if diversity <= 0:
-            return self.search_vectors(combined, k, path_prefix=path_prefix, min_score=min_score)[0]
+            return self.search_vectors(combined, k, path_prefix=path_prefix, min_score=min_score,
+                                       caption=caption)[0]
         pool = self.search_vectors(combined, min(MAX_K, max(4 * k, 50)), path_prefix=path_prefix,
-                                   min_score=min_score)[0]
+                                   min_score=min_score, caption=caption)[0]
         if not pool:
             return []
         order = mmr(combined[0], np.asarray(self.vectors[[h.id for h in pool]], dtype=np.float32), k, diversity)
@@ -278,27 +293,33 @@ class SearchEngine:
             raise UserError(f"k must be an integer between 1 and {MAX_K}")
         return int(k)
 
-    def _search_prefix(self, queries: np.ndarray, k: int, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    def _search_filtered(self, queries: np.ndarray, k: int, prefix: str | None,
+                         caption: str | None) -> tuple[np.ndarray, np.ndarray]:
         """Few matching ids: exact search over just them. Many: the ANN search restricted by an id selector."""
-        allowed = np.asarray(self.meta.ids_with_prefix(prefix, limit=PREFILTER_LIMIT + 1), dtype=np.int64)
+        allowed = np.asarray(self.meta.ids_matching(path_prefix=prefix, caption=caption, limit=PREFILTER_LIMIT + 1),
+                             dtype=np.int64)
         if len(allowed) <= PREFILTER_LIMIT:
             cand = np.broadcast_to(allowed, (len(queries), len(allowed)))
             return rerank(queries, cand, self.vectors, k)
-        selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_with_prefix(prefix), dtype=np.int64))
+        selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_matching(path_prefix=prefix, caption=caption),
+                                                    dtype=np.int64))
         return search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
                             selector=selector)
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray, min_score: float | None) -> list[list[Hit]]:
-        paths = self.meta.paths_of(int(i) for i in np.unique(ids) if i >= 0)
+        found = [int(i) for i in np.unique(ids) if i >= 0]
+        paths, captions = self.meta.paths_of(found), self.meta.captions_of(found)
         out = []
         for row_scores, row_ids in zip(scores, ids):
-            out.append([Hit(int(i), float(s), paths.get(int(i), "")) for s, i in zip(row_scores, row_ids)
+            out.append([Hit(int(i), float(s), paths.get(int(i), ""), captions.get(int(i), ""))
+                        for s, i in zip(row_scores, row_ids)
                         if i >= 0 and np.isfinite(s) and (min_score is None or s >= min_score)])
         return out
 
 
 def search_local(index_dir: str | Path, *, text: str | None = None, image: str | None = None, k: int = 10,
-                 nprobe: int | None = None, device: str = "auto") -> tuple[list[Hit], np.ndarray]:
+                 nprobe: int | None = None, device: str = "auto",
+                 caption: str | None = None) -> tuple[list[Hit], np.ndarray]:
     """What `clip-hpc search INDEX_DIR TEXT [--image PATH]` does in local mode: text, image, or both combined.
     Returns the hits and the query vector they were found with."""
     if not text and not image:
@@ -306,6 +327,6 @@ def search_local(index_dir: str | Path, *, text: str | None = None, image: str |
     engine = SearchEngine(index_dir, nprobe=nprobe, device=device)
     try:
         query = engine.query_vector(text=text, images=[engine.query_image(image)] if image else [])
-        return engine.search_combined(query, k), query
+        return engine.search_combined(query, k, caption=caption), query
     finally:
         engine.close()

@@ -11,8 +11,17 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from clip_hpc.errors import UserError
+from clip_hpc.tars import TarSample, expand_braces, index_tar, is_tar_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass
+class Listing:
+    """The input lines in id order, and for each line that is a tar member where its bytes lie."""
+
+    lines: list[str]
+    tar_samples: dict[str, TarSample]
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,7 @@ def _walk(root: Path) -> Iterable[str]:
         for e in entries:
             if e.is_dir(follow_symlinks=True):
                 stack.append(Path(e.path))
-            elif is_image_path(e.name):
+            elif is_image_path(e.name) or is_tar_path(e.name):
                 yield os.path.abspath(e.path)
 
 
@@ -56,13 +65,22 @@ def read_file_list(file_list: str | os.PathLike) -> list[str]:
     return [os.path.abspath(line) for line in lines if line and not line.startswith("#")]
 
 
-def list_images(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.PathLike | None = None) -> list[str]:
-    """Directories recursively, files as given, plus a file list: absolute, sorted, de-duplicated."""
-    if not inputs and file_list is None:
-        raise UserError("no inputs: give image files or directories, or --file-list")
-    found: set[str] = set()
+def _expanded(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """A quoted brace pattern (`data/{00000..00099}.tar`) that names no file is expanded as the shell would."""
+    out = []
     for item in inputs:
-        path = Path(item)
+        text = str(item)
+        out.extend(map(Path, expand_braces(text)) if "{" in text and not os.path.exists(text) else [Path(text)])
+    return out
+
+
+def list_images(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.PathLike | None = None) -> list[str]:
+    """Directories recursively, files as given, plus a file list: absolute, sorted, de-duplicated. Tar shards
+    (`.tar`) are listed as files here; `list_inputs` expands them into their members."""
+    if not inputs and file_list is None:
+        raise UserError("no inputs: give image files, tar shards or directories, or --file-list")
+    found: set[str] = set()
+    for path in _expanded(inputs):
         if path.is_dir():
             found.update(_walk(path))
         elif path.is_file():
@@ -77,6 +95,22 @@ def list_images(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.Pa
     if any("\n" in p or "\r" in p for p in found):
         raise UserError("an input path contains a newline, which inputs.txt cannot hold; rename it")
     return sorted(found)
+
+
+def list_inputs(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.PathLike | None = None) -> Listing:
+    """`list_images`, with each tar replaced in place by its members in the tar's order (`TARPATH::MEMBER`)."""
+    lines: list[str] = []
+    samples: dict[str, TarSample] = {}
+    for path in list_images(inputs, file_list):
+        if not is_tar_path(path):
+            lines.append(path)
+            continue
+        for sample in index_tar(path):
+            lines.append(sample.line)
+            samples[sample.line] = sample
+    if not lines:
+        raise UserError("the tar shards given hold no members")
+    return Listing(lines, samples)
 
 
 def reconcile_inputs(saved: Sequence[str], listed: Sequence[str], append: bool) -> list[str]:

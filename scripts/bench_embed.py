@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Embedding throughput: end to end with 1 and 2 MPI ranks, plus decode-only and model-only rates, so that the
-bottleneck is visible. Prints a JSON document, then a table.
+bottleneck is visible; each end-to-end run twice, on loose files and on the same files packed into WebDataset tars
+(`--inputs loose,tar`). Prints a JSON document, then a table.
 
-    python scripts/bench_embed.py [--images 256] [--models clip-hpc-tiny,ViT-B-32] [--ranks 1,2]
+    python scripts/bench_embed.py [--images 256] [--models clip-hpc-tiny,ViT-B-32] [--ranks 1,2] [--inputs loose,tar]
 """
 from __future__ import annotations
 
@@ -18,13 +19,17 @@ from pathlib import Path
 
 import torch
 
+from clip_hpc.sample_images import pack_into_tars
+from clip_hpc.sources import list_images
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def run_ranks(images: Path, model: str, ranks: int, n: int, batch: int, workers: int, tmp: Path) -> dict:
+def run_ranks(images: Path, model: str, ranks: int, n: int, batch: int, workers: int, tmp: Path,
+              inputs: str = "loose") -> dict:
     """One fresh `clip-hpc embed` under mpiexec; the rate counts images over the slowest rank's loop time."""
-    out = tmp / f"emb-{model}-{ranks}"
+    out = tmp / f"emb-{model}-{ranks}-{inputs}"
     code = ("import json, sys; from clip_hpc.embed import EmbedConfig, embed; "
             "s = embed(EmbedConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], pretrained='none', "
             "batch_size=int(sys.argv[4]), workers=int(sys.argv[5]), shard_size=int(sys.argv[6]), progress=False)); "
@@ -35,7 +40,8 @@ def run_ranks(images: Path, model: str, ranks: int, n: int, batch: int, workers:
     wall = time.perf_counter() - t0
     per_rank = json.loads(next(line[5:] for line in proc.stdout.splitlines() if line.startswith("BENCH")))
     loop = max(r["seconds"] for r in per_rank)
-    return {"model": model, "ranks": ranks, "images": n, "img_per_s": n / loop, "wall_s_with_startup": wall,
+    return {"model": model, "inputs": inputs, "ranks": ranks, "images": n, "img_per_s": n / loop,
+            "wall_s_with_startup": wall,
             "per_rank_img_per_s": [(r["embedded"] + r["failed"]) / r["seconds"] for r in per_rank if r["seconds"]]}
 
 
@@ -45,8 +51,6 @@ def decode_rate(images: Path, model: str, workers: int, batch: int) -> float:
 
     from clip_hpc.embed import ImageDataset, collate
     from clip_hpc.models import load_model
-    from clip_hpc.sources import list_images
-
     loaded = load_model(model, "none", device="cpu")
     paths = list_images([images])
     ds = ImageDataset(range(len(paths)), paths, loaded.preprocess, loaded.image_size, 10**9)
@@ -78,6 +82,8 @@ def main() -> None:
     ap.add_argument("--ranks", default="1,2")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--inputs", default="loose,tar", help="loose files, and/or the same files packed into tars")
+    ap.add_argument("--per-tar", type=int, default=64, help="samples per tar for the tar runs")
     args = ap.parse_args()
     results = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -90,14 +96,23 @@ def main() -> None:
             if not images.exists():
                 subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_images.py"), str(images),
                                 "-n", str(n)], check=True, capture_output=True)
+            tars = tmp / f"tars-{n}"
+            if "tar" in args.inputs and not tars.exists():
+                pack_into_tars([Path(p) for p in list_images([images])], tars, args.per_tar)
             for ranks in map(int, args.ranks.split(",")):
-                results["runs"].append(run_ranks(images, model, ranks, n, args.batch_size, args.workers, tmp))
+                for kind in args.inputs.split(","):  # side by side, so both see the same machine load
+                    source = tars if kind == "tar" else images
+                    results["runs"].append(run_ranks(source, model, ranks, n, args.batch_size, args.workers, tmp,
+                                                     kind))
             results["decode_only"][model] = decode_rate(images, model, max(1, args.workers), args.batch_size)
             results["model_only"][model] = model_rate(model, args.batch_size)
     print(json.dumps(results, indent=2))
-    print("\n| model | ranks | end-to-end img/s | decode-only img/s | model-only img/s |\n|---|---|---|---|---|")
+    print("\n| model | inputs | ranks | end-to-end img/s | with start-up and listing img/s | decode-only img/s | "
+          "model-only img/s |\n|---|---|---|---|---|---|---|")
     for r in results["runs"]:
-        print(f"| {r['model']} | {r['ranks']} | {r['img_per_s']:.1f} | {results['decode_only'][r['model']]:.1f} | "
+        print(f"| {r['model']} | {r['inputs']} | {r['ranks']} | {r['img_per_s']:.1f} | "
+              f"{r['images'] / r['wall_s_with_startup']:.1f} | "
+              f"{results['decode_only'][r['model']]:.1f} | "
               f"{results['model_only'][r['model']]:.1f} |")
 
 

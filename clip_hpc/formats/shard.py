@@ -21,6 +21,9 @@ from clip_hpc.errors import UserError
 FORMAT = "clip-hpc-shard"
 VERSION = 1
 DATASETS = ("embeddings", "ids", "paths", "failed_ids", "failed_paths", "failed_reasons")
+# Per embedded image, beside `paths`; absent in shards written before tar inputs, read as "" and -1 then.
+TEXT_EXTRAS = ("captions", "meta")
+INT_EXTRAS = ("offsets", "sizes")
 _STR = h5py.string_dtype(encoding="utf-8")
 
 
@@ -40,6 +43,17 @@ class Shard:
     failed_paths: list[str]
     failed_reasons: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
+    captions: list[str] = field(default_factory=list)
+    meta: list[str] = field(default_factory=list)
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def select(self, keep: np.ndarray) -> None:
+        """Keep only the embedded rows where `keep` is true (index --update adds only ids it lacks)."""
+        self.embeddings, self.ids = self.embeddings[keep], self.ids[keep]
+        self.offsets, self.sizes = self.offsets[keep], self.sizes[keep]
+        self.paths, self.captions, self.meta = ([v for v, kept in zip(values, keep) if kept]
+                                                for values in (self.paths, self.captions, self.meta))
 
 
 @dataclass(frozen=True)
@@ -78,8 +92,14 @@ def write_shard(
     failed_paths: Sequence[str] = (),
     failed_reasons: Sequence[str] = (),
     attrs: dict[str, Any] | None = None,
+    captions: Sequence[str] | None = None,
+    meta: Sequence[str] | None = None,
+    offsets: Sequence[int] | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> Path:
-    """Write one shard under a temporary name and rename it, so a killed writer leaves no valid-looking file."""
+    """Write one shard under a temporary name and rename it, so a killed writer leaves no valid-looking file.
+
+    `captions`, `meta` (a JSON string per image), `offsets` and `sizes` (of a tar member) default to "" and -1."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     embeddings = np.asarray(embeddings)
@@ -87,6 +107,10 @@ def write_shard(
         raise ShardError(f"{path}: embeddings {embeddings.shape}, {len(ids)} ids and {len(paths)} paths disagree")
     if not (len(failed_ids) == len(failed_paths) == len(failed_reasons)):
         raise ShardError(f"{path}: failed_ids, failed_paths and failed_reasons differ in length")
+    extras = {"captions": captions, "meta": meta, "offsets": offsets, "sizes": sizes}
+    for name, values in extras.items():
+        if values is not None and len(values) != len(ids):
+            raise ShardError(f"{path}: {len(values)} {name} for {len(ids)} ids")
     order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     meta = {
@@ -107,6 +131,12 @@ def write_shard(
         f.create_dataset("failed_ids", data=np.asarray(failed_ids, dtype=np.int64))
         f.create_dataset("failed_paths", data=np.asarray(list(failed_paths), dtype=object), dtype=_STR)
         f.create_dataset("failed_reasons", data=np.asarray(list(failed_reasons), dtype=object), dtype=_STR)
+        for name in TEXT_EXTRAS:
+            values = extras[name] if extras[name] is not None else [""] * len(ids)
+            f.create_dataset(name, data=np.asarray([values[i] for i in order], dtype=object), dtype=_STR)
+        for name in INT_EXTRAS:
+            values = np.asarray(extras[name] if extras[name] is not None else [-1] * len(ids), dtype=np.int64)
+            f.create_dataset(name, data=values[order] if len(values) else values)
         for key, value in meta.items():
             f.attrs[key] = value
     with open(tmp, "rb+") as f:
@@ -146,6 +176,10 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
                 failed_reasons=_decode(f["failed_reasons"][...]),
                 attrs=attrs,
             )
+            for name in TEXT_EXTRAS:
+                setattr(shard, name, _decode(f[name][...]) if name in f else [""] * len(ids))
+            for name in INT_EXTRAS:
+                setattr(shard, name, f[name][...] if name in f else np.full(len(ids), -1, np.int64))
             n, dim = f["embeddings"].shape
     except ShardError:
         raise
@@ -153,6 +187,8 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
         raise ShardError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
     if n != len(ids) or n != len(shard.paths) or n != int(attrs.get("n", n)):
         raise ShardError(f"{path}: {n} embeddings but {len(ids)} ids and {len(shard.paths)} paths")
+    if any(len(getattr(shard, name)) != n for name in TEXT_EXTRAS + INT_EXTRAS):
+        raise ShardError(f"{path}: captions, meta, offsets or sizes do not have one entry per embedding")
     if dim != int(attrs.get("dim", dim)):
         raise ShardError(f"{path}: embeddings have dim {dim}, attrs say {attrs.get('dim')}")
     if len(ids) and np.any(np.diff(ids) <= 0):

@@ -27,6 +27,7 @@ from clip_hpc.search import MAX_K, Hit, SearchEngine
 from clip_hpc.server.auth import install_auth
 from clip_hpc.server.errors import install_error_handlers
 from clip_hpc.server.export import build_zip
+from clip_hpc.server.image_source import ImageSource, locate
 from clip_hpc.server.metrics import Metrics
 from clip_hpc.server.schemas import MAX_THUMB, ExportRequest, PathId, Results, SearchRequest, ServedHit, VectorResults
 from clip_hpc.server.shared_encoder import SharedEncoder
@@ -66,25 +67,26 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
         return image
 
     def run_query(return_vector: bool = False, *, k: int, min_score: float | None = None, diversity: float = 0.0,
-                  path_prefix: str | None = None, **parts: Any) -> VectorResults:
+                  path_prefix: str | None = None, caption: str | None = None, **parts: Any) -> VectorResults:
         start = time.perf_counter()
         query = engine.query_vector(**parts)
-        hits = engine.search_combined(query, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix)
+        hits = engine.search_combined(query, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix,
+                                      caption=caption)
         found = results(hits, start)
         return VectorResults(results=found.results, took_ms=found.took_ms,
                              **({"query_vector": query.tolist()} if return_vector else {}))
 
-    def file_of(image_id: int) -> Path:
-        """Only paths listed in the index are ever served: the id is looked up, never a path from the request."""
-        path = engine.path_of(image_id)
-        if path is None or not os.path.isfile(path):
-            raise HTTPException(404, f"image {image_id} not found" if path is None
+    def source_of(image_id: int) -> ImageSource:
+        """Only images listed in the index are ever served: the id is looked up, never a path from the request."""
+        source = locate(engine.record(image_id))
+        if source is None or not source.available():
+            raise HTTPException(404, f"image {image_id} not found" if source is None
                                 else f"image {image_id} is in the index but its file is gone")
-        return Path(path)
+        return source
 
     @lru_cache(maxsize=thumb_cache_size)
     def thumbnail(image_id: int, size: int) -> bytes:
-        image = decode_image(file_of(image_id), min_size=size)
+        image = decode_image(source_of(image_id).decodable(), min_size=size)
         if isinstance(image, DecodeFailure):
             raise HTTPException(404, f"image {image_id} cannot be decoded: {image}")
         image.thumbnail((size, size))
@@ -105,8 +107,10 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
     def search_get(q: Annotated[str, Query(max_length=2000)], k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
                    min_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
                    diversity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
-                   path_prefix: Annotated[str | None, Query(max_length=4096)] = None) -> Results:
-        return run_query(text=q, k=k, min_score=min_score, diversity=diversity, path_prefix=path_prefix)
+                   path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
+                   caption: Annotated[str | None, Query(max_length=2000)] = None) -> Results:
+        return run_query(text=q, k=k, min_score=min_score, diversity=diversity, path_prefix=path_prefix,
+                         caption=caption)
 
     @app.post("/api/search", response_model=VectorResults, response_model_exclude_unset=True)
     def search_post(body: SearchRequest) -> VectorResults:
@@ -122,6 +126,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
                          positive_ids=body.positive_ids, negative_ids=body.negative_ids, weights=body.weights,
                          k=body.k, min_score=body.min_score, diversity=body.diversity,
                          path_prefix=body.filters.path_prefix if body.filters else None,
+                         caption=body.filters.caption if body.filters else None,
                          return_vector=body.return_vector)
 
     @app.post("/api/search/image", response_model=VectorResults, response_model_exclude_unset=True)
@@ -135,11 +140,14 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
     @app.get("/api/random", response_model=Results)
     def random(k: Annotated[int, Query(ge=1, le=MAX_K)] = 20) -> Results:
         start = time.perf_counter()
-        return results([Hit(i, None, engine.path_of(i) or "") for i in engine.random_ids(k)], start)
+        return results(engine.hits_for_ids(engine.random_ids(k)), start)
 
     @app.get("/api/images/{image_id}", response_class=FileResponse)
-    def image(image_id: PathId) -> FileResponse:
-        return FileResponse(file_of(image_id))
+    def image(image_id: PathId) -> Response:
+        source = source_of(image_id)
+        if source.member is None:
+            return FileResponse(source.path)
+        return Response(source.read_bytes(), media_type=source.media_type)
 
     @app.get("/api/images/{image_id}/thumb", response_class=Response)
     def thumb(image_id: PathId, size: Annotated[int, Query(ge=16, le=MAX_THUMB)] = 256) -> Response:
@@ -154,7 +162,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
         if body.scores is not None and len(body.scores) != len(body.ids):
             raise HTTPException(400, f"scores has {len(body.scores)} entries but ids has {len(body.ids)}")
         scores = body.scores or [None] * len(body.ids)
-        zip_path = build_zip([(i, file_of(i), s) for i, s in zip(body.ids, scores)])
+        zip_path = build_zip([(i, source_of(i), s) for i, s in zip(body.ids, scores)])
         return FileResponse(zip_path, media_type="application/zip", filename="clip-hpc-export.zip",
                             background=BackgroundTask(os.unlink, zip_path))
 

@@ -5,12 +5,14 @@ import json
 import os
 import tempfile
 import zipfile
-from pathlib import Path
 from typing import Any, Sequence
 
+from clip_hpc.server.image_source import ImageSource
 
-def build_zip(items: Sequence[tuple[int, Path, float | None]]) -> str:
+
+def build_zip(items: Sequence[tuple[int, ImageSource, float | None]]) -> str:
     """`images/<id>_<name>` plus `metadata.json` (id, path, score, file), in a temporary file the caller deletes.
+    A tar member's bytes are read by offset (`ImageSource`), exactly as stored in the tar.
 
     Images are stored, not deflated: they are compressed already, and the ZIP may be large.
     """
@@ -18,9 +20,12 @@ def build_zip(items: Sequence[tuple[int, Path, float | None]]) -> str:
     os.close(fd)
     metadata: list[dict[str, Any]] = []
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for image_id, path, score in items:
-            name = f"images/{image_id}_{path.name}"
-            zf.write(path, name)
-            metadata.append({"id": image_id, "path": str(path), "score": score, "file": name})
+        for image_id, source, score in items:
+            name = f"images/{image_id}_{source.name}"
+            if source.member is None:
+                zf.write(source.path, name)
+            else:
+                zf.writestr(name, source.read_bytes())
+            metadata.append({"id": image_id, "path": str(source.path), "score": score, "file": name})
         zf.writestr("metadata.json", json.dumps(metadata, indent=2), compress_type=zipfile.ZIP_DEFLATED)
     return tmp

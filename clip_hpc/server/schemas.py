@@ -22,6 +22,7 @@ WeightKey = Literal["text", "image", "vector", "positive", "negative"]
 class Filters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path_prefix: str | None = Field(None, max_length=4096)
+    caption: str | None = Field(None, max_length=2000, description="full-text filter: captions holding every word")
 
 
 class SearchRequest(BaseModel):
@@ -52,12 +53,13 @@ class ExportRequest(BaseModel):
 class ServedHit(Hit):
     """The engine's hit, plus where the gallery fetches the image and its thumbnail."""
 
-    url: str
-    thumb: str
+    url: str = ""
+    thumb: str = ""
 
     @classmethod
     def of(cls, hit: Hit) -> ServedHit:
-        return cls(hit.id, hit.score, hit.path, f"/api/images/{hit.id}", f"/api/images/{hit.id}/thumb")
+        return cls(hit.id, hit.score, hit.path, hit.caption, url=f"/api/images/{hit.id}",
+                   thumb=f"/api/images/{hit.id}/thumb")
 
 
 class Results(BaseModel):

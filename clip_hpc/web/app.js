@@ -1,4 +1,4 @@
-// The gallery: plain JS, no build step. The query lives in the URL (?q=, ?like=, ?random, &k=) so that a search
+// The gallery: plain JS, no build step. The query lives in the URL (?q=, ?like=, ?random, &k=, &caption=) so that a search
 // can be bookmarked, shared with the token stripped, and driven by a headless browser in the tests.
 "use strict";
 
@@ -61,6 +61,13 @@ function card(hit) {
   link.textContent = hit.path.split("/").pop();
   meta.append(score, link);
   item.append(box, img, meta);
+  if (hit.caption) {
+    const caption = document.createElement("p");
+    caption.className = "caption";
+    caption.textContent = hit.caption;
+    caption.title = hit.caption;
+    item.append(caption);
+  }
   if (box.checked) item.classList.add("selected");
   return item;
 }
@@ -87,8 +94,9 @@ async function run(state) {
     let data, what;
     if (state.q) {
       $("q").value = state.q;
-      data = await (await api(`/api/search?q=${encodeURIComponent(state.q)}&k=${k}`)).json();
-      what = `"${state.q}"`;
+      const filter = state.caption ? `&caption=${encodeURIComponent(state.caption)}` : "";
+      data = await (await api(`/api/search?q=${encodeURIComponent(state.q)}&k=${k}${filter}`)).json();
+      what = `"${state.q}"` + (state.caption ? ` with captions matching "${state.caption}"` : "");
     } else if (state.like !== undefined) {
       data = await (await api("/api/search", {
         method: "POST", headers: { "Content-Type": "application/json" },
@@ -163,7 +171,7 @@ $("select-all").addEventListener("click", () => selectAll(true));
 $("clear").addEventListener("click", () => selectAll(false));
 
 if (params.has("k")) { $("k").value = params.get("k"); $("k-value").textContent = $("k").value; }
-if (params.get("q")) run({ q: params.get("q") });
+if (params.get("q")) run(params.get("caption") ? { q: params.get("q"), caption: params.get("caption") } : { q: params.get("q") });
 else if (params.has("like")) run({ like: params.get("like") });
 else if (params.has("random")) run({ random: "1" });
 else history.replaceState(null, "", location.pathname);

@@ -1,0 +1,57 @@
+"""Where the bytes of an indexed image are: a whole file, or a tar member at its stored offset and size.
+
+The one place the server turns a meta.sqlite row into bytes (the image route, thumbnails and the ZIP export all ask
+here), so a tar member is served by one seek and one read, never by scanning its tar.
+"""
+from __future__ import annotations
+
+import mimetypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clip_hpc.tars import Member, read_member, split_line
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """An indexed image's bytes: the file `path`, or `member` (offset, size) inside the tar `path`."""
+
+    path: Path
+    name: str
+    member: Member | None = None
+
+    @property
+    def media_type(self) -> str:
+        return mimetypes.guess_type(self.name)[0] or "application/octet-stream"
+
+    def available(self) -> bool:
+        """The file is there (for a member: the tar is, and is long enough to hold it)."""
+        try:
+            if self.member is None:
+                return self.path.is_file()
+            return self.path.stat().st_size >= self.member.offset + self.member.size
+        except OSError:
+            return False
+
+    def read_bytes(self) -> bytes:
+        """Exactly the image's bytes (OSError if they cannot be read)."""
+        return self.path.read_bytes() if self.member is None else read_member(self.path, self.member)
+
+    def decodable(self) -> str | Path | bytes:
+        """What `images.decode_image` takes: the path of a file (decoded lazily), the bytes of a member."""
+        return self.path if self.member is None else self.read_bytes()
+
+
+def locate(record: dict[str, Any] | None) -> ImageSource | None:
+    """Pure: a meta.sqlite row (`MetadataStore.record`) -> where its bytes are; None for an unknown id."""
+    if record is None:
+        return None
+    path = str(record["path"])
+    tar_member = split_line(path)
+    offset, size = record.get("offset"), record.get("size")
+    if tar_member is None or offset is None or size is None or offset < 0:
+        return ImageSource(Path(path), os.path.basename(path))
+    tar, member = tar_member
+    return ImageSource(Path(tar), os.path.basename(member), Member(int(offset), int(size)))

@@ -1,0 +1,67 @@
+"""Tar listing without embedding (sub-second): member order, offsets that read back exactly, bad members and cut
+tars as input lines with their reason, brace patterns, loose files and tars side by side."""
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from clip_hpc.errors import UserError
+from clip_hpc.sample_images import captioned_samples, write_sample_tars, write_tar
+from clip_hpc.sources import list_inputs
+from clip_hpc.tars import expand_braces, index_tar, read_member, split_line
+
+
+def test_expand_braces_like_the_shell():
+    assert expand_braces("d/{00008..00011}.tar") == ["d/00008.tar", "d/00009.tar", "d/00010.tar", "d/00011.tar"]
+    assert expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_index_keeps_tar_order_and_offsets_read_back_exactly(tmp_path):
+    samples = captioned_samples(6)
+    samples.reverse()  # not sorted: the tar's order must win
+    tar = write_tar(tmp_path / "x.tar", samples)
+    listed = index_tar(tar)
+    assert [s.name for s in listed] == [f"{key}.jpg" for key, _ in samples]
+    with tarfile.open(tar) as tf:
+        for sample in listed:
+            assert read_member(tar, sample.image) == tf.extractfile(sample.name).read()
+            assert read_member(tar, sample.caption) == tf.extractfile(sample.name[:-3] + "txt").read()
+    assert split_line(listed[0].line) == (str(tar), listed[0].name)
+
+
+def test_sidecars_without_image_and_cut_tars_become_failing_lines(tmp_path):
+    good = captioned_samples(3)
+    tar = write_tar(tmp_path / "a.tar", [good[0], ("lonely", {"txt": b"no picture"}), good[1],
+                                         ("other", {"cls": b"3"})])
+    problems = [s.problem.split(":")[0] for s in index_tar(tar)]
+    assert problems == ["", "no image", ""]  # a member of no known kind is no input at all
+    whole = write_tar(tmp_path / "b.tar", good).read_bytes()
+    in_data = tmp_path / "cut-in-data.tar"
+    in_data.write_bytes(whole[:whole.rindex(good[2][1]["jpg"][:64]) + 100])
+    assert [s.problem.split(":")[0] for s in index_tar(in_data)] == ["", "", "truncated tar"]
+    header_at = whole.index(b"000000002.jpg")
+    in_header = tmp_path / "cut-in-header.tar"
+    in_header.write_bytes(whole[:header_at + 300])  # the third sample's header is cut half-way
+    listed = index_tar(in_header)
+    assert [s.problem.split(":")[0] for s in listed] == ["", "", "truncated tar"]
+    assert listed[-1].name.startswith("<unreadable after byte")
+
+
+def test_list_inputs_mixes_loose_files_and_tars_and_expands_patterns(tmp_path):
+    tars = write_sample_tars(tmp_path / "shards", 3, 2)
+    loose = tmp_path / "shards" / "z.jpg"
+    loose.write_bytes(captioned_samples(1)[0][1]["jpg"])
+    listing = list_inputs([str(tmp_path / "shards" / "{00000..00001}.tar"), loose])
+    assert listing.lines == [f"{tars[t]}::{i:09d}.jpg" for t in (0, 1) for i in (2 * t, 2 * t + 1)] + [str(loose)]
+    assert set(listing.tar_samples) == set(listing.lines[:4])
+    assert len(list_inputs([tmp_path / "shards"]).lines) == 7  # a directory: its tars and its loose images
+    not_a_tar = tmp_path / "junk.tar"
+    not_a_tar.write_bytes(b"x" * 1000)
+    listed = list_inputs([not_a_tar])  # an empty or failed download: one failing line, the run goes on
+    assert [s.problem.split(":")[0] for s in listed.tar_samples.values()] == ["not a tar"]
+    not_a_tar.chmod(0)
+    if not os.access(not_a_tar, os.R_OK):  # root reads anything
+        with pytest.raises(UserError, match="cannot read tar"):
+            list_inputs([not_a_tar])
