@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The LAION tool chain our export is tested against pins numpy<2 but runs on numpy 2: no deps, ours are in dev.
+	$(BIN)/python -m pip install -q --no-deps 'embedding-reader>=1.8' 'autofaiss>=2.18'
 	touch $@
 
 setup: $(STAMP)
