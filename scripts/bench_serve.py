@@ -106,26 +106,39 @@ async def load(url: str, clients: int, texts: list[str], duration_s: float = 0.0
             "qps": round(len(latencies) / wall, 1)}
 
 
-def encoder_floor(model: str, texts: list[str]) -> tuple[dict, object]:
-    """Median ms of one batch-1 text encode at the full context (the floor the old design cannot beat) and short."""
-    from dataclasses import replace
+class EncoderFloor:
+    """Batch-1 text encodes in this process, full context (the floor the old design cannot beat) and short, timed
+    in rounds between the server runs (other jobs share the cores): the figure is the median over all rounds."""
 
-    from clip_hpc.models import load_model
-    from clip_hpc.server.threads import use_job_cpus
+    def __init__(self, model: str) -> None:
+        from dataclasses import replace
 
-    use_job_cpus()  # the threads the server uses
-    short = load_model(model, "none", device="cpu")
-    full = replace(short, text_context=replace(short.text_context, short=False))
-    out = {"text_context": short.text_context.describe()}
-    for name, loaded in (("full", full), ("short", short)):
-        loaded.encode_text(["warm up"])
-        times = []
-        for text in texts:
-            t0 = time.perf_counter()
-            loaded.encode_text([text])
-            times.append(time.perf_counter() - t0)
-        out[f"encode_{name}_b1_ms"] = round(float(np.median(times)) * 1000, 1)
-    return out, full
+        from clip_hpc.models import load_model
+        from clip_hpc.server.threads import use_job_cpus
+
+        use_job_cpus()  # the threads the server uses
+        self.short = load_model(model, "none", device="cpu")
+        self.full = replace(self.short, text_context=replace(self.short.text_context, short=False))
+        self.times: dict[str, list[float]] = {"full": [], "short": []}
+        self.rounds: dict[str, list[float]] = {"full": [], "short": []}
+
+    def measure(self, texts: list[str]) -> None:
+        for name, loaded in (("full", self.full), ("short", self.short)):
+            loaded.encode_text(["warm up"])
+            times = []
+            for text in texts:
+                t0 = time.perf_counter()
+                loaded.encode_text([text])
+                times.append(time.perf_counter() - t0)
+            self.times[name] += times
+            self.rounds[name].append(round(float(np.median(times)) * 1000, 1))
+
+    def summary(self) -> dict:
+        out: dict = {"text_context": self.short.text_context.describe()}
+        for name in ("full", "short"):
+            out[f"encode_{name}_b1_ms"] = round(float(np.median(self.times[name])) * 1000, 1)
+            out[f"encode_{name}_b1_round_medians_ms"] = self.rounds[name]
+        return out
 
 
 def served_equals_full_context(url: str, index: Path, full_model, texts: list[str]) -> dict:
@@ -148,6 +161,23 @@ def served_equals_full_context(url: str, index: Path, full_model, texts: list[st
     return {"texts": len(texts), "max_abs_vector_diff": worst, "same_top10_ids": bool(same_ids)}
 
 
+def batch_sizes(url: str) -> dict[str, tuple[float, float]]:
+    """(items, batches) so far per micro-batch stage, from /metrics."""
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False).text
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        for field, slot in (("clip_hpc_batch_size_sum", 0), ("clip_hpc_batch_size_count", 1)):
+            if line.startswith(field + "{"):
+                stage = line.split('stage="')[1].split('"')[0]
+                out.setdefault(stage, [0.0, 0.0])[slot] = float(line.rsplit(" ", 1)[1])
+    return {stage: (items, batches) for stage, (items, batches) in out.items()}
+
+
+def mean_batch(before: dict, after: dict) -> dict[str, float]:
+    return {stage: round((items - before.get(stage, (0, 0))[0]) / max(1.0, batches - before.get(stage, (0, 0))[1]), 2)
+            for stage, (items, batches) in after.items() if stage in ("text", "search")}
+
+
 def run_design(index: Path, tmp: Path, name: str, args: argparse.Namespace, floor_model) -> tuple[list[dict], dict]:
     server = Server(index, tmp, name, DESIGNS[name])
     rows, extra = [], {}
@@ -155,8 +185,9 @@ def run_design(index: Path, tmp: Path, name: str, args: argparse.Namespace, floo
         asyncio.run(load(server.url, 4, query_texts(16, seed=999)))  # warm: threads, connections, caches
         for clients in args.clients:
             texts = query_texts(args.requests, seed=clients)
+            before = batch_sizes(server.url)
             row = asyncio.run(load(server.url, clients, texts))
-            rows.append({"design": name, **row})
+            rows.append({"design": name, **row, "mean_batch": mean_batch(before, batch_sizes(server.url))})
         if name == "new":
             extra["correctness"] = served_equals_full_context(server.url, index, floor_model,
                                                               query_texts(10, seed=12345))
@@ -185,11 +216,15 @@ def table(result: dict) -> str:
     lines = [f"Machine: {result['machine']}", f"Index: {result['n']} vectors, {result['index']}",
              f"Encoder floor ({result['model']}, batch 1): full context {f['encode_full_b1_ms']} ms, "
              f"short context {f['encode_short_b1_ms']} ms ({f['text_context']})", "",
-             "| design | clients | requests | errors | p50 ms | p99 ms | queries/s |", "|---|---|---|---|---|---|---|"]
+             f"  (medians of the rounds between server runs: full {f['encode_full_b1_round_medians_ms']}, "
+             f"short {f['encode_short_b1_round_medians_ms']})", "",
+             "| design | clients | requests | errors | p50 ms | p99 ms | queries/s | mean batch (text, search) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["results"] + ([result["soak"]] if "soak" in result else []):
         label = "old (--no-batching --full-context)" if r["design"] == "old" else "new (defaults)"
         lines.append(f"| {label} | {r['clients']}{' (%ss)' % r['wall_s'] if r is result.get('soak') else ''} | "
-                     f"{r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} |")
+                     f"{r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} | "
+                     f"{', '.join(map(str, r.get('mean_batch', {}).values())) or '-'} |")
     lines += ["", "Ratios: " + ", ".join(f"{k} = {v}" for k, v in result["ratios"].items()),
               "Served = full-context encoder: " + json.dumps(result.get("correctness"))]
     return "\n".join(lines)
@@ -204,7 +239,9 @@ def main() -> None:
     parser.add_argument("--soak-s", type=float, default=60.0, help="then the new design at the most clients this long")
     parser.add_argument("--designs", default="old,new")
     parser.add_argument("--index-key", default="auto")
+    parser.add_argument("--new-switches", default="", help="extra `clip-hpc serve` switches for the new design")
     args = parser.parse_args()
+    DESIGNS["new"] = args.new_switches.split()
     args.clients = [int(c) for c in args.clients.split(",")]
     import torch
 
@@ -215,15 +252,19 @@ def main() -> None:
                f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         index, index_info = build(Path(tmp), args.model, args.n, args.index_key)
-        floor, full_model = encoder_floor(args.model, query_texts(30, seed=4242))
-        result: dict = {"machine": machine, "model": args.model, "n": args.n, "floor": floor,
+        floor = EncoderFloor(args.model)
+        floor_texts = query_texts(20, seed=4242)
+        floor.measure(floor_texts)
+        result: dict = {"machine": machine, "model": args.model, "n": args.n,
                         "index": f"{index_info['index_key']} (nprobe {index_info['nprobe']}, refine "
                                  f"{index_info['refine']}, built in {index_info['build_s']} s)", "results": []}
         for name in args.designs.split(","):
-            rows, extra = run_design(index, Path(tmp), name, args, full_model)
+            rows, extra = run_design(index, Path(tmp), name, args, floor.full)
             result["results"] += rows
             result.update(extra)
-    result["ratios"] = ratios(result["results"], floor)
+            floor.measure(floor_texts)
+    result["floor"] = floor.summary()
+    result["ratios"] = ratios(result["results"], result["floor"])
     print(json.dumps(result, indent=2))
     print(table(result))
 

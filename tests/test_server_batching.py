@@ -13,7 +13,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.index import build_index
 from clip_hpc.search import SearchEngine
 from clip_hpc.server.batching import BatchSettings, MicroBatcher
-from clip_hpc.server.threads import job_cpus
+from clip_hpc.server.threads import job_cpus, serving_threads
 from index_fixtures import synthetic_emb_dir
 from server_fixtures import start_server
 
@@ -100,6 +100,8 @@ def test_thread_counts_follow_the_job_not_the_node():
     assert job_cpus({"OMP_NUM_THREADS": "2", "SLURM_CPUS_PER_TASK": "4"}, set(range(8)), node) == 2
     assert job_cpus({"SLURM_CPUS_PER_TASK": "junk"}, None, node) == node
     assert job_cpus({}, None, None) == 1
+    assert serving_threads(8, encoder_on_gpu=False) == (8, 1)  # FAISS's pool would fight torch's for the cores
+    assert serving_threads(8, encoder_on_gpu=True) == (8, 8)
 
 
 # --- a real server -----------------------------------------------------------------------------------------------

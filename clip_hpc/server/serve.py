@@ -32,8 +32,8 @@ def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | N
                 batching: BatchSettings | None = BatchSettings(), full_context: bool = False) -> SearchEngine:
     """The engine with its model loaded now (not on the first user's query), shared by every request thread;
     torch and FAISS use as many threads as this job has CPUs. `batching=None`, `full_context`: the old design."""
-    use_job_cpus()
     encoder = default_encoder(IndexDir(index_dir).load_info().to_dict(), model, pretrained, device)
+    use_job_cpus(encoder_on_gpu=encoder.model.device.type == "cuda")
     encoder.full_context = full_context
     engine = SearchEngine(index_dir, encoder=SharedEncoder(encoder, text_cache_size, batching), nprobe=nprobe)
     encoder.encode_text(["warm up"])  # past the cache: the first user's query is a miss like any other

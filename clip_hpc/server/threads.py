@@ -22,12 +22,19 @@ def this_job_cpus() -> int:
     return job_cpus(os.environ, affinity, os.cpu_count())
 
 
-def use_job_cpus() -> int:
-    """Set torch's and FAISS's thread counts to this job's CPUs; returns the count."""
+def serving_threads(cpus: int, encoder_on_gpu: bool) -> tuple[int, int]:
+    """(torch, FAISS) threads. With the model on the CPU, FAISS gets one: torch and FAISS each bring their own
+    OpenMP pool, and FAISS's threads spinning after a search steal the cores torch's next batch needs, while a
+    micro-batch's search (a few queries, a few lists each) gains little from more threads."""
+    return cpus, (cpus if encoder_on_gpu else 1)
+
+
+def use_job_cpus(encoder_on_gpu: bool = False) -> tuple[int, int]:
+    """Set torch's and FAISS's thread counts from this job's CPUs; returns them."""
     import faiss
     import torch
 
-    threads = this_job_cpus()
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-    return threads
+    torch_threads, faiss_threads = serving_threads(this_job_cpus(), encoder_on_gpu)
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
+    return torch_threads, faiss_threads
