@@ -48,7 +48,9 @@ class InFlight:
 
 
 class CountInFlight:
-    """ASGI middleware: counts requests on the batched routes from their arrival to their last byte."""
+    """ASGI middleware: counts requests on the batched routes from their arrival until their last body chunk is
+    handed to the socket (not after: a client's next request may arrive before this task resumes, and a stale
+    count would make a lone client's query wait out the window)."""
 
     def __init__(self, app: Any, in_flight: InFlight) -> None:
         self.app, self.in_flight = app, in_flight
@@ -56,11 +58,21 @@ class CountInFlight:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(BATCHED_ROUTES):
             return await self.app(scope, receive, send)
+        counted = True
         self.in_flight.count += 1
+
+        async def send_and_uncount(message: dict) -> None:
+            nonlocal counted
+            if counted and message["type"] == "http.response.body" and not message.get("more_body", False):
+                counted = False
+                self.in_flight.count -= 1
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_and_uncount)
         finally:
-            self.in_flight.count -= 1
+            if counted:
+                self.in_flight.count -= 1
 
 
 class MicroBatcher(Generic[Item, Result]):
