@@ -211,10 +211,13 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 # --- serve, check-ports ----------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from clip_hpc.server import serve
+    from clip_hpc.server.batching import BatchSettings
 
+    batching = None if args.no_batching else BatchSettings(args.batch_window_ms, args.max_batch)
     return serve(args.index_dir, host=args.host, port=args.port, uds=args.uds, connection_file=args.connection_file,
                  model=args.model, pretrained=args.pretrained, device=args.device, nprobe=args.nprobe,
-                 max_upload_mb=args.max_upload_mb, log_level=args.log_level)
+                 max_upload_mb=args.max_upload_mb, log_level=args.log_level, batching=batching,
+                 full_context=args.full_context)
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -233,6 +236,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger request bodies get 413")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="concurrent queries wait at most this long to share one model call and one FAISS search")
+    p.add_argument("--max-batch", type=int, default=32, help="the most queries in one micro-batch")
+    p.add_argument("--no-batching", action="store_true", help="encode and search each query alone (old design)")
+    p.add_argument("--full-context", action="store_true",
+                   help="encode text at the model's full context even where the short one is exact (old design)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -34,8 +34,9 @@ class ModelEncoder:
     """The default `Encoder`: `models.load_model(name, pretrained)` on first use, checked against the index's dim."""
 
     def __init__(self, name: str | None, pretrained: str | None, device: str = "auto", *, dim: int,
-                 model: Any = None) -> None:
+                 model: Any = None, full_context: bool = False) -> None:
         self.name, self.pretrained, self.device = name, pretrained, device
+        self.full_context = full_context  # text at the model's full context even where the short one is exact
         self.dim = int(dim)
         self._model = model
         self._lock = threading.Lock()
@@ -46,7 +47,8 @@ class ModelEncoder:
             if self._model is None:
                 from clip_hpc.models import load_model
 
-                self._model = load_model(self.name, self.pretrained, device=self.device)
+                self._model = load_model(self.name, self.pretrained, device=self.device,
+                                         full_context=self.full_context)
             if int(self._model.dim) != self.dim:
                 raise UserError(f"model {self._model.name} gives {self._model.dim}-d vectors, the index holds "
                                 f"{self.dim}-d")
@@ -55,6 +57,11 @@ class ModelEncoder:
     @property
     def image_size(self) -> int:
         return int(self.model.image_size)
+
+    @property
+    def text_context(self) -> str:
+        """How text is encoded: "short (...)" where that is exact, else "full (why)"; see text_context.py."""
+        return self.model.text_context.describe()
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         return self.model.encode_text(list(texts))

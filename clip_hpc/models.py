@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from clip_hpc.errors import UserError
+from clip_hpc.text_context import TextContext, choose_text_context, encode_text_short
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -85,6 +86,7 @@ class LoadedModel:
     pretrained: str
     dim: int
     image_size: int
+    text_context: TextContext = TextContext(False, "not checked")  # short (exact) or full context for text
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -100,8 +102,9 @@ class LoadedModel:
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        tokens = self.tokenizer(list(texts)).to(self.device)
         with self._autocast():
-            feats = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+            feats = encode_text_short(self.model, tokens) if self.text_context.short else self.model.encode_text(tokens)
         return _normalise(feats)
 
 
@@ -193,13 +196,15 @@ def _cached_tag_path(name: str, tag: str) -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: str = "auto",
-               precision: str = "auto", local_rank: int = 0) -> LoadedModel:
-    """Build the model and load its weights from a tag, a file, or nowhere (`none`, seeded random)."""
+               precision: str = "auto", local_rank: int = 0, *, full_context: bool = False) -> LoadedModel:
+    """Build the model and load its weights from a tag, a file, or nowhere (`none`, seeded random).
+    Text is encoded at the short context where that is exact (see text_context.py), unless `full_context`."""
     with quiet_open_clip():
-        return _build(name, pretrained, device, precision, local_rank)
+        return _build(name, pretrained, device, precision, local_rank, full_context)
 
 
-def _build(name: str, pretrained: str | None, device: str, precision: str, local_rank: int) -> LoadedModel:
+def _build(name: str, pretrained: str | None, device: str, precision: str, local_rank: int,
+           full_context: bool = False) -> LoadedModel:
     import open_clip
 
     pretrained = resolve_pretrained(name, pretrained)
@@ -237,7 +242,9 @@ def _build(name: str, pretrained: str | None, device: str, precision: str, local
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
     dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
         else int(model.encode_text(tokenizer(["x"])).shape[-1])
-    return LoadedModel(model, preprocess, tokenizer, dev, dtype, name, pretrained, dim, image_size)
+    context = TextContext(False, "full context asked for") if full_context \
+        else choose_text_context(model, tokenizer, dev)
+    return LoadedModel(model, preprocess, tokenizer, dev, dtype, name, pretrained, dim, image_size, context)
 
 
 def fetch_model(name: str, tag: str, cache_dir: str | None = None) -> str:

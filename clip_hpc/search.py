@@ -193,6 +193,23 @@ class SearchEngine:
             scores, ids = search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor)
         return self._hits(scores, ids, min_score)
 
+    def search_batch(self, queries: np.ndarray, ks: Sequence[int],
+                     min_scores: Sequence[float | None] | None = None) -> list[list[Hit]]:
+        """Several unfiltered queries (the server's micro-batches): one FAISS call per distinct k, and row i gets
+        exactly what `search_vectors(queries[i], ks[i], min_score=min_scores[i])` gives."""
+        queries = self._check_queries(queries)
+        ks = [self._check_k(k) for k in ks]
+        min_scores = list(min_scores) if min_scores is not None else [None] * len(ks)
+        if not len(ks) == len(min_scores) == len(queries):
+            raise ValueError("search_batch needs one k and one min_score per query")
+        out: list[list[Hit]] = [[] for _ in ks]
+        for k in sorted(set(ks)):  # k decides how many candidates are re-ranked: a k of its own, a call of its own
+            rows = [i for i, row_k in enumerate(ks) if row_k == k]
+            scores, ids = search_index(self.index, self.vectors, queries[rows], k, refine_factor=self.refine_factor)
+            for i, hits in zip(rows, self._hits(scores, ids, None)):
+                out[i] = [hit for hit in hits if min_scores[i] is None or hit.score >= min_scores[i]]
+        return out
+
     def search_text(self, text: str, k: int = 10, **filters: Any) -> list[Hit]:
         if not text or not text.strip():
             raise UserError("the text query is empty")

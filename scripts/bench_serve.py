@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Server latency and throughput: text queries against a real `clip-hpc serve` on 127.0.0.1, with 1, 8 and 32
-concurrent clients, on a 100k-vector index (synthetic vectors, indexed by index.py), per model (random weights).
+"""Serving latency and throughput, old design against new, side by side in one run: a real `clip-hpc serve` on
+127.0.0.1 over a 100k-vector index (synthetic vectors recorded as ViT-B-32 with random weights; time does not
+depend on the weights), with 1, 8 and 32 concurrent clients sending distinct (cache-miss) text queries.
 
-Every query text is distinct, so the text-embedding cache never answers: these are cold-query figures. One extra
-row per model repeats a single query (cache hits), to show what the cache saves. Prints JSON, then a table.
+- old: `clip-hpc serve --no-batching --full-context` (each query encoded alone at the 77-token context);
+- new: the defaults (exact short-context text encoding, micro-batched encoding and FAISS search).
+Also timed in the same run: the raw encoder floor (one full-context batch-1 text encode, and the short one), and
+checked: the served query vector and top-10 ids for a text equal the full-context encoder's. Prints JSON, then a
+table. Both designs have Nagle off (the socket fix is not switchable).
 
-    python scripts/bench_serve.py [--n 100000] [--models clip-hpc-tiny,ViT-B-32] [--clients 1,8,32] [--requests 200]
+    python scripts/bench_serve.py [--n 100000] [--model ViT-B-32] [--clients 1,8,32] [--requests 160] [--soak-s 60]
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -27,31 +32,39 @@ from clip_hpc.client.process import stop_server, wait_for_server
 from clip_hpc.synthetic_vectors import gaussian_mixture, write_emb_dir
 
 BIN = Path(sys.executable).parent
-
-DIMS = {"clip-hpc-tiny": 128, "ViT-B-32": 512}
+DIMS = {"clip-hpc-tiny": 128, "clip-hpc-demo": 128, "ViT-B-32": 512}
 TOKEN = "bench-" + "t" * 32
+DESIGNS = {"old": ["--no-batching", "--full-context"], "new": []}
+WORDS = ("red blue green small large old new wooden metal striped shiny dark bright cat dog car house tree boat "
+         "bird flower mountain river street city beach table chair lamp bicycle horse train window garden night "
+         "morning snow rain sunset portrait close-up aerial view painting photo sketch of a the in on with near").split()
+
+
+def query_texts(n: int, seed: int) -> list[str]:
+    """Distinct texts of 2 to 14 words (so lengths vary like real queries); no two alike, so no cache hits."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(2, 14))) + f" {seed}-{i}" for i in range(n)]
 
 
 def build(tmp: Path, model: str, n: int, index_key: str) -> tuple[Path, dict]:
-    """Synthetic shards recorded as `model` with random weights, so that serve loads that model for text."""
     from clip_hpc.index import build_index
 
     vectors, labels = gaussian_mixture(n, DIMS[model], clusters=max(10, n // 100))
-    emb = write_emb_dir(tmp / f"emb-{model}", vectors, labels, shard_size=50_000, model=model, pretrained="none")
+    emb = write_emb_dir(tmp / "emb", vectors, labels, shard_size=50_000, model=model, pretrained="none")
     t0 = time.perf_counter()
-    info = build_index(emb, tmp / f"index-{model}", index_key=index_key, progress=False)
-    return tmp / f"index-{model}", {"index_key": info.index_key, "nprobe": info.nprobe,
-                                    "refine": info.refine, "build_s": round(time.perf_counter() - t0, 1)}
+    info = build_index(emb, tmp / "index", index_key=index_key, progress=False)
+    return tmp / "index", {"index_key": info.index_key, "nprobe": info.nprobe, "refine": info.refine,
+                           "build_s": round(time.perf_counter() - t0, 1)}
 
 
 class Server:
-    """`clip-hpc serve INDEX --port 0`, ready when /health answers; stopped by its own pid."""
+    """`clip-hpc serve INDEX --port 0 [switches]`, ready when /health answers; stopped by its own pid."""
 
-    def __init__(self, index: Path, workdir: Path) -> None:
-        self.conn = workdir / f"{index.name}.json"
-        self.log = open(workdir / f"{index.name}.log", "w")
+    def __init__(self, index: Path, workdir: Path, name: str, switches: list[str]) -> None:
+        self.conn = workdir / f"{name}.json"
+        self.log = open(workdir / f"{name}.log", "w")
         self.proc = subprocess.Popen([str(BIN / "clip-hpc"), "serve", str(index), "--port", "0", "--connection-file",
-                                      str(self.conn)], stdout=self.log, stderr=subprocess.STDOUT,
+                                      str(self.conn), *switches], stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "CLIP_HPC_TOKEN": TOKEN})
         self.url = wait_for_server(self.conn, self.proc, timeout=300).base_url
 
@@ -60,20 +73,27 @@ class Server:
         self.log.close()
 
 
-async def load(url: str, clients: int, requests: int, texts: list[str]) -> dict:
-    """`clients` workers share `requests` queries; latency per request, throughput over the whole run."""
+async def load(url: str, clients: int, texts: list[str], duration_s: float = 0.0) -> dict:
+    """`clients` workers send the texts in turn (each once), or keep going for `duration_s`; one keep-alive
+    connection per worker. Latency per request, throughput over the whole run."""
     latencies: list[float] = []
     errors = 0
-    queue = iter(range(requests))
+    counter = iter(range(10**9))
     headers = {"Authorization": f"Bearer {TOKEN}"}
+    stop_at = time.perf_counter() + duration_s
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal errors
-        for i in queue:
+        for i in counter:
+            if (duration_s and time.perf_counter() > stop_at) or (not duration_s and i >= len(texts)):
+                return
             t0 = time.perf_counter()
-            resp = await client.get("/api/search", params={"q": texts[i % len(texts)], "k": 10})
+            try:
+                resp = await client.get("/api/search", params={"q": texts[i % len(texts)] + f" {i}", "k": 10})
+                errors += resp.status_code != 200
+            except httpx.HTTPError:
+                errors += 1
             latencies.append(time.perf_counter() - t0)
-            errors += resp.status_code != 200
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=120, trust_env=False) as c:
@@ -81,57 +101,172 @@ async def load(url: str, clients: int, requests: int, texts: list[str]) -> dict:
         await asyncio.gather(*(worker(c) for _ in range(clients)))
         wall = time.perf_counter() - t0
     ms = np.array(latencies) * 1000
-    return {"clients": clients, "requests": requests, "errors": errors, "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1), "qps": round(requests / wall, 1)}
+    return {"clients": clients, "requests": len(latencies), "errors": errors, "wall_s": round(wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            "qps": round(len(latencies) / wall, 1)}
 
 
-def bench_model(tmp: Path, model: str, args: argparse.Namespace) -> list[dict]:
-    index, info = build(tmp, model, args.n, args.index_key)
-    server = Server(index, tmp)
-    rows = []
+class EncoderFloor:
+    """Batch-1 text encodes in this process, full context (the floor the old design cannot beat) and short, timed
+    in rounds between the server runs (other jobs share the cores): the figure is the median over all rounds."""
+
+    def __init__(self, model: str) -> None:
+        from dataclasses import replace
+
+        from clip_hpc.models import load_model
+        from clip_hpc.server.threads import use_job_cpus
+
+        use_job_cpus()  # the threads the server uses
+        self.short = load_model(model, "none", device="cpu")
+        self.full = replace(self.short, text_context=replace(self.short.text_context, short=False))
+        self.times: dict[str, list[float]] = {"full": [], "short": []}
+        self.rounds: dict[str, list[float]] = {"full": [], "short": []}
+
+    def measure(self, texts: list[str]) -> None:
+        for name, loaded in (("full", self.full), ("short", self.short)):
+            loaded.encode_text(["warm up"])
+            times = []
+            for text in texts:
+                t0 = time.perf_counter()
+                loaded.encode_text([text])
+                times.append(time.perf_counter() - t0)
+            self.times[name] += times
+            self.rounds[name].append(round(float(np.median(times)) * 1000, 1))
+
+    def summary(self) -> dict:
+        out: dict = {"text_context": self.short.text_context.describe()}
+        for name in ("full", "short"):
+            out[f"encode_{name}_b1_ms"] = round(float(np.median(self.times[name])) * 1000, 1)
+            out[f"encode_{name}_b1_round_medians_ms"] = self.rounds[name]
+        return out
+
+
+def served_equals_full_context(url: str, index: Path, full_model, texts: list[str]) -> dict:
+    """The served query vector and top-10 ids against the full-context encoder's vector searched in-process."""
+    from clip_hpc.search import SearchEngine
+
+    engine = SearchEngine(index, encoder=None)
+    worst, same_ids = 0.0, True
     try:
-        asyncio.run(load(server.url, 4, 20, [f"warm up {i}" for i in range(20)]))
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False,
+                          timeout=60) as c:
+            for text in texts:
+                served = c.post("/api/search", json={"text": text, "k": 10, "return_vector": True}).json()
+                reference = full_model.encode_text([text])
+                worst = max(worst, float(np.abs(np.asarray(served["query_vector"]) - reference[0]).max()))
+                local = engine.search_vectors(reference, 10)[0]
+                same_ids &= [h["id"] for h in served["results"]] == [h.id for h in local]
+    finally:
+        engine.close()
+    return {"texts": len(texts), "max_abs_vector_diff": worst, "same_top10_ids": bool(same_ids)}
+
+
+def batch_sizes(url: str) -> dict[str, tuple[float, float]]:
+    """(items, batches) so far per micro-batch stage, from /metrics."""
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False).text
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        for field, slot in (("clip_hpc_batch_size_sum", 0), ("clip_hpc_batch_size_count", 1)):
+            if line.startswith(field + "{"):
+                stage = line.split('stage="')[1].split('"')[0]
+                out.setdefault(stage, [0.0, 0.0])[slot] = float(line.rsplit(" ", 1)[1])
+    return {stage: (items, batches) for stage, (items, batches) in out.items()}
+
+
+def mean_batch(before: dict, after: dict) -> dict[str, float]:
+    return {stage: round((items - before.get(stage, (0, 0))[0]) / max(1.0, batches - before.get(stage, (0, 0))[1]), 2)
+            for stage, (items, batches) in after.items() if stage in ("text", "search")}
+
+
+def run_design(index: Path, tmp: Path, name: str, args: argparse.Namespace, floor_model) -> tuple[list[dict], dict]:
+    server = Server(index, tmp, name, DESIGNS[name])
+    rows, extra = [], {}
+    try:
+        asyncio.run(load(server.url, 4, query_texts(16, seed=999)))  # warm: threads, connections, caches
         for clients in args.clients:
-            texts = [f"a photo of object {clients}-{i} on a table" for i in range(args.requests)]
-            rows.append({"model": model, "cache": "cold", **info, **asyncio.run(load(server.url, clients, args.requests,
-                                                                                   texts))})
-        rows.append({"model": model, "cache": "hit", **info,
-                     **asyncio.run(load(server.url, max(args.clients), args.requests, ["one repeated query"]))})
+            texts = query_texts(args.requests, seed=clients)
+            before = batch_sizes(server.url)
+            row = asyncio.run(load(server.url, clients, texts))
+            rows.append({"design": name, **row, "mean_batch": mean_batch(before, batch_sizes(server.url))})
+        if name == "new":
+            extra["correctness"] = served_equals_full_context(server.url, index, floor_model,
+                                                              query_texts(10, seed=12345))
+            if args.soak_s:
+                extra["soak"] = {"design": name, **asyncio.run(load(server.url, max(args.clients),
+                                                                    query_texts(4096, seed=7), args.soak_s))}
     finally:
         server.stop()
-    return rows
+    return rows, extra
 
 
-def table(rows: list[dict], machine: str) -> str:
-    lines = [f"Machine: {machine}", "",
-             "| model | index | queries | clients | p50 ms | p99 ms | queries/s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['index_key']} (nprobe {r['nprobe']}) | "
-                     f"{'distinct (cache miss)' if r['cache'] == 'cold' else 'repeated (cache hit)'} | "
-                     f"{r['clients']} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} |")
+def ratios(rows: list[dict], floor: dict) -> dict:
+    by = {(r["design"], r["clients"]): r for r in rows}
+    out = {}
+    if ("new", 1) in by:
+        out["new_1_client_p50_over_full_b1_encode"] = round(by["new", 1]["p50_ms"] / floor["encode_full_b1_ms"], 2)
+    if ("new", 8) in by and ("old", 8) in by:
+        out["new_over_old_qps_8_clients"] = round(by["new", 8]["qps"] / by["old", 8]["qps"], 2)
+    if ("new", 8) in by and ("new", 1) in by:
+        out["new_8_client_p99_over_new_1_client_p50"] = round(by["new", 8]["p99_ms"] / by["new", 1]["p50_ms"], 2)
+    return out
+
+
+def table(result: dict) -> str:
+    f = result["floor"]
+    lines = [f"Machine: {result['machine']}", f"Index: {result['n']} vectors, {result['index']}",
+             f"Encoder floor ({result['model']}, batch 1): full context {f['encode_full_b1_ms']} ms, "
+             f"short context {f['encode_short_b1_ms']} ms ({f['text_context']})", "",
+             f"  (medians of the rounds between server runs: full {f['encode_full_b1_round_medians_ms']}, "
+             f"short {f['encode_short_b1_round_medians_ms']})", "",
+             "| design | clients | requests | errors | p50 ms | p99 ms | queries/s | mean batch (text, search) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["results"] + ([result["soak"]] if "soak" in result else []):
+        label = "old (--no-batching --full-context)" if r["design"] == "old" else "new (defaults)"
+        lines.append(f"| {label} | {r['clients']}{' (%ss)' % r['wall_s'] if r is result.get('soak') else ''} | "
+                     f"{r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} | "
+                     f"{', '.join(map(str, r.get('mean_batch', {}).values())) or '-'} |")
+    lines += ["", "Ratios: " + ", ".join(f"{k} = {v}" for k, v in result["ratios"].items()),
+              "Served = full-context encoder: " + json.dumps(result.get("correctness"))]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000, help="vectors in the index")
-    parser.add_argument("--models", default="clip-hpc-tiny,ViT-B-32")
+    parser.add_argument("--model", default="ViT-B-32", choices=sorted(DIMS))
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=160, help="distinct requests per concurrency level")
+    parser.add_argument("--soak-s", type=float, default=60.0, help="then the new design at the most clients this long")
+    parser.add_argument("--designs", default="old,new")
     parser.add_argument("--index-key", default="auto")
+    parser.add_argument("--new-switches", default="", help="extra `clip-hpc serve` switches for the new design")
     args = parser.parse_args()
+    DESIGNS["new"] = args.new_switches.split()
     args.clients = [int(c) for c in args.clients.split(",")]
     import torch
 
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads), {'CUDA' if torch.cuda.is_available() else 'no GPU'}")
-    rows: list[dict] = []
+    from clip_hpc.server.threads import this_job_cpus
+
+    machine = (f"{platform.processor() or platform.machine()}, {this_job_cpus()} CPUs for the job "
+               f"({os.cpu_count()} on the node), torch {torch.__version__}, "
+               f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        for model in args.models.split(","):
-            rows += bench_model(Path(tmp), model, args)
-    print(json.dumps({"machine": machine, "n": args.n, "results": rows}, indent=2))
-    print(table(rows, machine))
+        index, index_info = build(Path(tmp), args.model, args.n, args.index_key)
+        floor = EncoderFloor(args.model)
+        floor_texts = query_texts(20, seed=4242)
+        floor.measure(floor_texts)
+        result: dict = {"machine": machine, "model": args.model, "n": args.n,
+                        "index": f"{index_info['index_key']} (nprobe {index_info['nprobe']}, refine "
+                                 f"{index_info['refine']}, built in {index_info['build_s']} s)", "results": []}
+        for name in args.designs.split(","):
+            rows, extra = run_design(index, Path(tmp), name, args, floor.full)
+            result["results"] += rows
+            result.update(extra)
+            floor.measure(floor_texts)
+    result["floor"] = floor.summary()
+    result["ratios"] = ratios(result["results"], result["floor"])
+    print(json.dumps(result, indent=2))
+    print(table(result))
 
 
 if __name__ == "__main__":

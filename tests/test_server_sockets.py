@@ -28,3 +28,30 @@ def test_ports_and_sockets(tmp_path):
             sockets.bind_unix(path)
     with sockets.bind_unix(path):  # a stale socket (its server gone) is replaced
         assert path.is_socket()
+
+
+def test_tcp_connections_have_nagle_off():
+    """asyncio (hence uvicorn) sets TCP_NODELAY on accepted connections only when the listening socket says TCP;
+    with Nagle on, each response on a kept-alive connection waits ~40 ms for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    listener = sockets.bind_tcp("127.0.0.1", 0)
+    assert listener.proto == socket.IPPROTO_TCP
+    assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+    async def accepted_side_nodelay() -> int:
+        seen: list[int] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=listener)
+        async with server:
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            await reader.read()  # EOF once the server side has looked and closed
+            writer.close()
+        return seen[0]
+
+    assert asyncio.run(accepted_side_nodelay())

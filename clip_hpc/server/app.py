@@ -25,6 +25,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.images import DecodeFailure, decode_image
 from clip_hpc.search import MAX_K, Hit, SearchEngine
 from clip_hpc.server.auth import install_auth
+from clip_hpc.server.batching import BatchedSearch, CountInFlight, batch_metric_lines
 from clip_hpc.server.errors import install_error_handlers
 from clip_hpc.server.export import build_zip
 from clip_hpc.server.image_source import ImageSource, locate
@@ -46,8 +47,12 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
                         "request threads would otherwise call the model concurrently")
     app = FastAPI(title="clip-hpc", version="1", description="Search an image index by text, image or example. "
                   "Every route but /health needs the token (Authorization: Bearer, ?token= or the cookie).")
-    metrics = Metrics(index_vectors=int(engine.n), cache_counts=engine.encoder.cache_counts)
+    encoder = engine.encoder
+    searcher = BatchedSearch(engine, encoder.batching, lambda: encoder.in_flight.count)
+    metrics = Metrics(index_vectors=int(engine.n), cache_counts=encoder.cache_counts,
+                      extra=lambda: batch_metric_lines([*encoder.stages(), searcher.stage]))
     install_error_handlers(app)
+    app.add_middleware(CountInFlight, in_flight=encoder.in_flight)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
     install_auth(app, token, metrics)  # added last, so it runs first: no token, no 413 either
 
@@ -70,8 +75,8 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
                   path_prefix: str | None = None, caption: str | None = None, **parts: Any) -> VectorResults:
         start = time.perf_counter()
         query = engine.query_vector(**parts)
-        hits = engine.search_combined(query, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix,
-                                      caption=caption)
+        hits = searcher.search_combined(query, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix,
+                                        caption=caption)
         found = results(hits, start)
         return VectorResults(results=found.results, took_ms=found.took_ms,
                              **({"query_vector": query.tolist()} if return_vector else {}))
@@ -101,7 +106,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         keys = ("n", "dim", "model", "pretrained", "index_key", "nprobe", "refine")
-        return {k: engine.info.get(k) for k in keys}
+        return {**{k: engine.info.get(k) for k in keys}, "text_context": encoder.text_context}
 
     @app.get("/api/search", response_model=Results)
     def search_get(q: Annotated[str, Query(max_length=2000)], k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,

@@ -12,9 +12,11 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class Metrics:
     """Request counters and latencies, observed by the auth middleware; `cache_counts` is read at render time."""
 
-    def __init__(self, index_vectors: int, cache_counts: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(self, index_vectors: int, cache_counts: Callable[[], Mapping[str, int]],
+                 extra: Callable[[], list[str]] = list) -> None:
         self.index_vectors = index_vectors
         self.cache_counts = cache_counts
+        self.extra = extra  # more metric lines, rendered last (the micro-batch sizes)
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
         self.latency: dict[str, list[float]] = {}
@@ -48,4 +50,5 @@ class Metrics:
         lines += ["# HELP clip_hpc_text_cache_total Text embedding cache lookups.",
                   "# TYPE clip_hpc_text_cache_total counter"]
         lines += [f'clip_hpc_text_cache_total{{result="{k}"}} {v}' for k, v in cache.items()]
+        lines += self.extra()
         return "\n".join(lines) + "\n"

@@ -13,8 +13,10 @@ from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.search import SearchEngine, default_encoder
 from clip_hpc.server.app import create_app
 from clip_hpc.server.auth import resolve_token
+from clip_hpc.server.batching import BatchSettings
 from clip_hpc.server.shared_encoder import SharedEncoder
 from clip_hpc.server.sockets import bind_tcp, bind_unix
+from clip_hpc.server.threads import use_job_cpus
 
 
 class _Stopped(Exception):
@@ -26,10 +28,14 @@ def _stop(_signum: int, _frame: Any) -> None:
 
 
 def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | None = None, device: str = "auto",
-                nprobe: int | None = None, text_cache_size: int = 1024) -> SearchEngine:
-    """The engine with its model loaded now (not on the first user's query), shared by every request thread."""
+                nprobe: int | None = None, text_cache_size: int = 1024,
+                batching: BatchSettings | None = BatchSettings(), full_context: bool = False) -> SearchEngine:
+    """The engine with its model loaded now (not on the first user's query), shared by every request thread;
+    torch and FAISS use as many threads as this job has CPUs. `batching=None`, `full_context`: the old design."""
     encoder = default_encoder(IndexDir(index_dir).load_info().to_dict(), model, pretrained, device)
-    engine = SearchEngine(index_dir, encoder=SharedEncoder(encoder, text_cache_size), nprobe=nprobe)
+    use_job_cpus(encoder_on_gpu=encoder.model.device.type == "cuda")
+    encoder.full_context = full_context
+    engine = SearchEngine(index_dir, encoder=SharedEncoder(encoder, text_cache_size, batching), nprobe=nprobe)
     encoder.encode_text(["warm up"])  # past the cache: the first user's query is a miss like any other
     return engine
 
@@ -37,11 +43,13 @@ def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | N
 def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | None = None,
           connection_file: str | None = None, model: str | None = None, pretrained: str | None = None,
           device: str = "auto", nprobe: int | None = None, max_upload_mb: float = 20.0,
-          log_level: str = "warning") -> int:
+          log_level: str = "warning", batching: BatchSettings | None = BatchSettings(),
+          full_context: bool = False) -> int:
     """Load once, bind, announce (connection file, ssh command, URL), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
-    engine = load_engine(index_dir, model=model, pretrained=pretrained, device=device, nprobe=nprobe)
+    engine = load_engine(index_dir, model=model, pretrained=pretrained, device=device, nprobe=nprobe,
+                         batching=batching, full_context=full_context)
     token = resolve_token()
     app = create_app(engine, token, max_upload_bytes=int(max_upload_mb * 2**20))
     sock = bind_unix(uds) if uds else bind_tcp(host, port)

@@ -1,35 +1,52 @@
 """`SharedEncoder`: the server's wrapper around the engine's encoder, so that many request threads share one model.
 
-One model call at a time (threads would only fight over the same cores or GPU) and an LRU cache of text
-embeddings in front of it. It is itself an `Encoder`, handed to `SearchEngine` at construction.
+One model call at a time (threads would only fight over the same cores or GPU), an LRU cache of text embeddings in
+front of it, and a text being encoded for one request is waited for, not encoded again, by the others. With
+`batching` (the default) the texts and images that concurrent requests miss are gathered into one model call per
+micro-batch (see batching.py); without it each request's call runs alone behind the lock (the old design, kept for
+`clip-hpc serve --no-batching` and the benchmark). It is itself an `Encoder`, handed to `SearchEngine`.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from clip_hpc.encoders import Encoder
+from clip_hpc.server.batching import BatchSettings, InFlight, MicroBatcher
 
 
 class SharedEncoder:
     """An `Encoder` safe to call from many threads, with a text cache and its hit/miss counts."""
 
-    def __init__(self, inner: Encoder, cache_size: int = 1024) -> None:
+    def __init__(self, inner: Encoder, cache_size: int = 1024, batching: BatchSettings | None = BatchSettings()) -> None:
         self.inner = inner
         self.dim = inner.dim
         self.model_lock = threading.Lock()
         self.cache_lock = threading.Lock()
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.pending: dict[str, Future] = {}  # texts some thread is encoding right now
         self.cache_size = cache_size
         self.counts = {"hit": 0, "miss": 0}
+        self.batching = batching
+        self.in_flight = InFlight()  # counted by the app's middleware; tells the stages whether to wait
+        self.text_stage = self.image_stage = None
+        if batching is not None:
+            expected = lambda: self.in_flight.count  # noqa: E731
+            self.text_stage = MicroBatcher("text", self._encode_text_batch, batching, expected)
+            self.image_stage = MicroBatcher("image", self._encode_image_batch, batching, expected)
 
     @property
     def image_size(self) -> int:
         return self.inner.image_size
+
+    @property
+    def text_context(self) -> str:
+        return str(getattr(self.inner, "text_context", "unknown (not an open_clip model)"))
 
     def cache_counts(self) -> dict[str, int]:
         with self.cache_lock:
@@ -44,20 +61,56 @@ class SharedEncoder:
             missing = list(dict.fromkeys(t for t in texts if t not in found))
             self.counts["hit"] += len(texts) - len(missing)
             self.counts["miss"] += len(missing)
-        if missing:
-            with self.model_lock:
-                with self.cache_lock:  # a thread that waited here may find its text computed meanwhile
-                    found.update({t: self.cache[t] for t in missing if t in self.cache})
-                todo = [t for t in missing if t not in found]
-                vectors = np.asarray(self.inner.encode_text(todo), dtype=np.float32) if todo else []
-            with self.cache_lock:
-                for t, v in zip(todo, vectors):
-                    v.setflags(write=False)
-                    self.cache[t] = found[t] = v
-                while len(self.cache) > self.cache_size:
-                    self.cache.popitem(last=False)
+            mine = [t for t in missing if t not in self.pending]
+            for t in mine:
+                self.pending[t] = Future()
+            futures = {t: self.pending[t] for t in missing}
+        if mine:
+            self._encode_mine(mine)
+        for t in missing:  # mine are resolved now; the others when the thread that claimed them is done
+            found[t] = futures[t].result()
         return np.stack([found[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
+    def _encode_mine(self, mine: list[str]) -> None:
+        """Encode the texts this thread claimed, publish them (cache + pending futures), or publish the error."""
+        try:
+            if self.text_stage is not None:
+                vectors = self.text_stage.submit(mine)
+            else:
+                with self.model_lock:
+                    vectors = np.asarray(self.inner.encode_text(mine), dtype=np.float32)
+        except BaseException as exc:
+            with self.cache_lock:
+                for t in mine:
+                    self.pending.pop(t).set_exception(exc)
+            raise
+        with self.cache_lock:
+            for t, v in zip(mine, vectors):
+                v.setflags(write=False)
+                self.cache[t] = v
+                self.pending.pop(t).set_result(v)
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+
+    def _encode_text_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
+        """The text stage: every request's texts in one model call, split back per request."""
+        flat = [t for texts in requests for t in texts]
+        with self.model_lock:
+            vectors = np.asarray(self.inner.encode_text(flat), dtype=np.float32)
+        return np.split(vectors, np.cumsum([len(texts) for texts in requests])[:-1])
+
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if self.image_stage is not None:
+            return self.image_stage.submit(list(images))
         with self.model_lock:
             return self.inner.encode_images(images)
+
+    def _encode_image_batch(self, requests: list[list[Image.Image]]) -> list[np.ndarray]:
+        """The image stage: every request's (decoded) images in one model call, split back per request."""
+        flat = [image for images in requests for image in images]
+        with self.model_lock:
+            vectors = np.asarray(self.inner.encode_images(flat), dtype=np.float32)
+        return np.split(vectors, np.cumsum([len(images) for images in requests])[:-1])
+
+    def stages(self) -> list[MicroBatcher | None]:
+        return [self.text_stage, self.image_stage]

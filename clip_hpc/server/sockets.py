@@ -11,10 +11,14 @@ from clip_hpc.errors import UserError
 
 
 def bind_tcp(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """Bind and listen before anyone is told the port: `--port 0` then cannot race another process."""
+    """Bind and listen before anyone is told the port: `--port 0` then cannot race another process.
+
+    The protocol is spelled IPPROTO_TCP (not 0): asyncio turns TCP_NODELAY on for accepted connections only when
+    `sock.proto` says TCP, and without it every response on a reused connection waits ~40 ms for Nagle."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Linux hands it on to accepted sockets too
     try:
         sock.bind((host, port))
     except OSError as exc:

@@ -1,0 +1,179 @@
+"""Micro-batching for the server: concurrent requests' model calls and FAISS searches are gathered for at most a
+few milliseconds (or up to a batch size) and run as one call, because on a CPU a batch of 8 texts costs little more
+than one (the weights are read once), and FAISS answers several queries in one pass.
+
+A stage (`MicroBatcher`) runs on its own thread. It waits for more items only while more requests are in flight
+on the search routes than it holds (`InFlight`, counted by an ASGI middleware), so a lone client never waits for a
+window, and nobody waits longer than the window for an unrelated request. A batch that fails is re-run item by
+item, so one bad request gets its own error and the others their results.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Generic, Sequence, TypeVar
+
+import numpy as np
+
+from clip_hpc.errors import UserError
+
+if TYPE_CHECKING:
+    from clip_hpc.search import Hit, SearchEngine
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+BATCHED_ROUTES = ("/api/search",)  # the prefix of the routes whose requests a stage may wait for
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """`window_ms`: the longest a batch waits for more requests; `max_batch`: the most items in one call."""
+
+    window_ms: float = 5.0
+    max_batch: int = 32
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.window_ms <= 10_000 and self.max_batch >= 1):
+            raise UserError("--batch-window-ms must be between 0 and 10000 and --max-batch at least 1")
+
+
+class InFlight:
+    """How many requests on the batched routes the server holds right now (updated on the event loop only)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class CountInFlight:
+    """ASGI middleware: counts requests on the batched routes from their arrival until their last body chunk is
+    handed to the socket (not after: a client's next request may arrive before this task resumes, and a stale
+    count would make a lone client's query wait out the window)."""
+
+    def __init__(self, app: Any, in_flight: InFlight) -> None:
+        self.app, self.in_flight = app, in_flight
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(BATCHED_ROUTES):
+            return await self.app(scope, receive, send)
+        counted = True
+        self.in_flight.count += 1
+
+        async def send_and_uncount(message: dict) -> None:
+            nonlocal counted
+            if counted and message["type"] == "http.response.body" and not message.get("more_body", False):
+                counted = False
+                self.in_flight.count -= 1
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_uncount)
+        finally:
+            if counted:
+                self.in_flight.count -= 1
+
+
+class MicroBatcher(Generic[Item, Result]):
+    """`submit(item)` from any thread blocks until `run_batch([..., item, ...])` has produced that item's result."""
+
+    def __init__(self, name: str, run_batch: Callable[[list[Item]], Sequence[Result]], settings: BatchSettings,
+                 expected: Callable[[], int] = lambda: 0) -> None:
+        self.name, self.run_batch, self.settings, self.expected = name, run_batch, settings, expected
+        self.cond = threading.Condition()
+        self.queue: list[tuple[Item, Future]] = []
+        self.worker: threading.Thread | None = None
+        self.size_counts = [0] * (len(SIZE_BUCKETS) + 1)
+        self.items = 0
+
+    def submit(self, item: Item) -> Result:
+        future: Future = Future()
+        with self.cond:
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._loop, name=f"batch-{self.name}", daemon=True)
+                self.worker.start()
+            self.queue.append((item, future))
+            self.cond.notify_all()
+        return future.result()
+
+    def _next_batch(self) -> list[tuple[Item, Future]]:
+        """The first item, plus whatever arrives before the window closes, while more requests are on their way."""
+        with self.cond:
+            while not self.queue:
+                self.cond.wait()
+            deadline = time.monotonic() + self.settings.window_ms / 1000
+            while len(self.queue) < min(self.settings.max_batch, self.expected()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            batch, self.queue[:] = self.queue[:self.settings.max_batch], self.queue[self.settings.max_batch:]
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            self._count(len(batch))
+            self._run([item for item, _ in batch], [future for _, future in batch])
+
+    def _run(self, items: list[Item], futures: list[Future]) -> None:
+        try:
+            results = list(self.run_batch(items))
+            if len(results) != len(items):
+                raise RuntimeError(f"batch stage {self.name} returned {len(results)} results for {len(items)} items")
+        except Exception as exc:
+            if len(items) == 1:
+                futures[0].set_exception(exc)
+            else:  # one bad item must not fail the others: each alone, with its own error
+                for item, future in zip(items, futures):
+                    self._run([item], [future])
+            return
+        for future, result in zip(futures, results):
+            future.set_result(result)
+
+    def _count(self, size: int) -> None:
+        with self.cond:
+            self.items += size
+            self.size_counts[next((i for i, b in enumerate(SIZE_BUCKETS) if size <= b), len(SIZE_BUCKETS))] += 1
+
+    def metric_lines(self) -> list[str]:
+        """Prometheus histogram lines of this stage's batch sizes."""
+        with self.cond:
+            counts, items = list(self.size_counts), self.items
+        lines, total = [], 0
+        for bound, count in zip([*map(str, SIZE_BUCKETS), "+Inf"], counts):
+            total += count
+            lines.append(f'clip_hpc_batch_size_bucket{{stage="{self.name}",le="{bound}"}} {total}')
+        return lines + [f'clip_hpc_batch_size_sum{{stage="{self.name}"}} {items}',
+                        f'clip_hpc_batch_size_count{{stage="{self.name}"}} {total}']
+
+
+class BatchedSearch:
+    """The app's `search_combined`: plain queries (no path prefix, caption filter or diversity) share one FAISS call
+    per batch; filtered or diversified ones run alone in their own request thread, so they hold nobody up."""
+
+    def __init__(self, engine: SearchEngine, settings: BatchSettings | None,
+                 expected: Callable[[], int] = lambda: 0) -> None:
+        self.engine = engine
+        self.stage = MicroBatcher("search", self._run, settings, expected) if settings is not None else None
+
+    def search_combined(self, query: np.ndarray, k: int = 10, *, min_score: float | None = None,
+                        diversity: float = 0.0, path_prefix: str | None = None,
+                        caption: str | None = None) -> list[Hit]:
+        if self.stage is None or diversity != 0 or path_prefix or caption:
+            return self.engine.search_combined(query, k, min_score=min_score, diversity=diversity,
+                                               path_prefix=path_prefix, caption=caption)
+        return self.stage.submit((np.asarray(query, dtype=np.float32), k, min_score))
+
+    def _run(self, items: list[tuple[np.ndarray, int, float | None]]) -> list[list[Hit]]:
+        return self.engine.search_batch(np.stack([query for query, _, _ in items]), [k for _, k, _ in items],
+                                        [min_score for _, _, min_score in items])
+
+
+def batch_metric_lines(stages: Sequence[MicroBatcher | None]) -> list[str]:
+    lines = ["# HELP clip_hpc_batch_size Items per micro-batch, by stage.", "# TYPE clip_hpc_batch_size histogram"]
+    for stage in stages:
+        if stage is not None:
+            lines += stage.metric_lines()
+    return lines

@@ -1,0 +1,98 @@
+"""Exact short-context text encoding for open_clip's causal text towers.
+
+CLIP's text transformer is causal: the feature pooled at the end-of-text token depends only on the tokens before
+it. Running the transformer on `tokens[:, :L]` (L = the last pooled position in the batch + 1) with
+`positional_embedding[:L]` and `attn_mask[:L, :L]` therefore gives the same features as the full 77-token context
+(up to float summation order, ~1e-6), in a fraction of the time. Any model where that cannot be proven from its
+structure (and then confirmed on a probe) is encoded at its full context, and `TextContext.describe` says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PROBE_TOLERANCE = 1e-4  # largest difference from the full context accepted on the probe (float32: ~1e-6 seen)
+PROBE_TEXTS = ("a photo of a cat", "two dogs playing in the snow on a bright winter morning near the lake", "x")
+EXACT_POOLS = ("argmax", "eos", "first")  # pools whose position lies inside the kept prefix
+
+
+@dataclass(frozen=True)
+class TextContext:
+    """Whether this model's text is encoded at the short context, and why (or why not)."""
+
+    short: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"{'short' if self.short else 'full'} ({self.reason})"
+
+
+def structural_check(model: torch.nn.Module) -> TextContext:
+    """The conditions under which truncation is exact, read off the model; the first one that fails is the reason."""
+    from open_clip.model import CLIP
+    from open_clip.transformer import ResidualAttentionBlock, Transformer
+
+    if type(model).encode_text is not CLIP.encode_text:
+        return TextContext(False, f"custom text tower ({type(model).__name__}): truncation not proven exact")
+    mask = getattr(model, "attn_mask", None)
+    if mask is None or not is_causal_mask(mask):
+        return TextContext(False, "the text tower is not causal (no causal attention mask)")
+    if model.text_pool_type not in EXACT_POOLS:
+        return TextContext(False, f"text pooling {model.text_pool_type!r} reads past the end-of-text token")
+    if type(model.transformer) is not Transformer or \
+            not all(type(block) is ResidualAttentionBlock for block in model.transformer.resblocks):
+        return TextContext(False, "non-standard transformer blocks: truncation not proven exact")
+    return TextContext(True, "causal text tower, exact")
+
+
+def is_causal_mask(mask: torch.Tensor) -> bool:
+    """-inf strictly above the diagonal, 0 on and below it: position i sees positions <= i only."""
+    if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    above = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    return bool(torch.all(torch.isneginf(mask[above]))) and bool(torch.all(mask[~above] == 0))
+
+
+def needed_length(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """The shortest prefix that holds every row's pooled position (argmax = EOT for CLIP's tokenizer)."""
+    pool = model.text_pool_type
+    if pool == "first":
+        return 1
+    if pool == "eos":
+        position = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    else:
+        position = tokens.argmax(dim=-1)
+    return int(position.max()) + 1 if len(tokens) else 1
+
+
+def encode_text_short(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's `CLIP.encode_text` on the needed prefix of the context only (unnormalised features)."""
+    from open_clip.model import text_global_pool
+
+    length = needed_length(model, tokens)
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
+
+
+@torch.inference_mode()
+def choose_text_context(model: torch.nn.Module, tokenizer, device: torch.device) -> TextContext:
+    """The structural check, then a probe (texts of mixed lengths) that must match the full context."""
+    context = structural_check(model)
+    if not context.short:
+        return context
+    tokens = tokenizer(list(PROBE_TEXTS)).to(device)
+    full = model.encode_text(tokens).float()
+    short = encode_text_short(model, tokens).float()
+    gap = float((full - short).abs().max())
+    if not gap <= PROBE_TOLERANCE * max(1.0, float(full.abs().max())):
+        return TextContext(False, f"probe differs from the full context by {gap:.1e}")
+    return context

@@ -1,0 +1,160 @@
+"""Micro-batching: the batch stage's logic in-process (who waits for whom, one bad item fails alone), the engine's
+batched search against its one-at-a-time search, the thread counts, and a real `clip-hpc serve` where concurrent
+queries get the same answers as sequential ones. About 20 s, most of it the server's start."""
+from __future__ import annotations
+
+import base64
+import threading
+
+import numpy as np
+import pytest
+
+from clip_hpc.errors import UserError
+from clip_hpc.index import build_index
+from clip_hpc.search import SearchEngine
+from clip_hpc.server.batching import BatchSettings, MicroBatcher
+from clip_hpc.server.threads import job_cpus, serving_threads
+from index_fixtures import synthetic_emb_dir
+from server_fixtures import start_server
+
+LONG_WINDOW = BatchSettings(window_ms=10_000, max_batch=8)  # a stage that waited it out fails `run_threads`
+
+
+def run_threads(target, args_list, timeout=5.0):
+    """One thread per argument; returns each thread's result or exception, in order."""
+    out: list = [None] * len(args_list)
+
+    def call(i, arg):
+        try:
+            out[i] = target(arg)
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
+            out[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i, a)) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+        assert not t.is_alive(), "a submit did not return: the stage waited for requests that were not coming"
+    return out
+
+
+# --- the batch stage ---------------------------------------------------------------------------------------------
+def test_a_stage_gathers_the_expected_requests_and_a_bad_one_fails_alone():
+    calls: list[list[int]] = []
+
+    def square(items):
+        calls.append(list(items))
+        if 13 in items:
+            raise UserError("13 is unlucky")
+        return [i * i for i in items]
+
+    stage = MicroBatcher("test", square, LONG_WINDOW, expected=lambda: 4)
+    results = run_threads(stage.submit, [2, 3, 13, 5])
+    assert results[:2] == [4, 9] and results[3] == 25
+    assert isinstance(results[2], UserError) and "unlucky" in str(results[2])
+    assert sorted(calls[0]) == [2, 3, 5, 13]  # one call for the four, then each alone
+    assert sorted(map(tuple, calls[1:])) == [(2,), (3,), (5,), (13,)]
+    lines = stage.metric_lines()
+    assert 'clip_hpc_batch_size_bucket{stage="test",le="2"} 0' in lines  # one batch of four (its re-runs
+    assert 'clip_hpc_batch_size_bucket{stage="test",le="4"} 1' in lines  # one by one are not new batches)
+
+
+def test_a_lone_request_does_not_wait_for_the_window():
+    calls: list[list[int]] = []
+    stage = MicroBatcher("alone", lambda items: calls.append(list(items)) or items, LONG_WINDOW, expected=lambda: 1)
+    assert run_threads(stage.submit, [7]) == [7]
+    assert [stage.submit(i) for i in (1, 2)] == [1, 2] and calls == [[7], [1], [2]]
+
+
+def test_a_batch_is_never_larger_than_max_batch():
+    sizes: list[int] = []
+    stage = MicroBatcher("max", lambda items: sizes.append(len(items)) or items,
+                         BatchSettings(window_ms=200, max_batch=3), expected=lambda: 10)
+    assert run_threads(stage.submit, list(range(10))) == list(range(10))
+    assert max(sizes) <= 3 and sum(sizes) == 10
+
+
+def test_batched_search_equals_one_query_at_a_time(tmp_path):
+    _, vectors = synthetic_emb_dir(tmp_path / "emb", 2000, clusters=30)
+    build_index(tmp_path / "emb", tmp_path / "index", index_key="IVF16,PQ8x4", progress=False)  # refined PQ
+    engine = SearchEngine(tmp_path / "index", encoder=None, model_name="clip-hpc-tiny", pretrained="none")
+    try:
+        queries = vectors[[5, 50, 500, 1500, 1999]] + np.float32(0.01)
+        ks, floors = [10, 3, 10, 25, 10], [None, None, 0.5, None, 2.0]
+        batched = engine.search_batch(queries, ks, floors)
+        for query, k, floor, hits in zip(queries, ks, floors, batched):
+            assert hits == engine.search_vectors(query[None], k, min_score=floor)[0]
+        assert len(batched[0]) == 10 and len(batched[1]) == 3 and batched[4] == []
+        with pytest.raises(UserError, match="k must be"):
+            engine.search_batch(queries[:1], [0])
+    finally:
+        engine.close()
+
+
+def test_thread_counts_follow_the_job_not_the_node():
+    node = 64
+    assert job_cpus({}, set(range(8)), node) == 8  # the affinity mask (cgroup / srun binding)
+    assert job_cpus({"SLURM_CPUS_PER_TASK": "4"}, set(range(8)), node) == 4
+    assert job_cpus({"SLURM_CPUS_PER_TASK": "16"}, set(range(8)), node) == 8  # never more than we may run on
+    assert job_cpus({"OMP_NUM_THREADS": "2", "SLURM_CPUS_PER_TASK": "4"}, set(range(8)), node) == 2
+    assert job_cpus({"SLURM_CPUS_PER_TASK": "junk"}, None, node) == node
+    assert job_cpus({}, None, None) == 1
+    assert serving_threads(8, encoder_on_gpu=False) == (8, 1)  # FAISS's pool would fight torch's for the cores
+    assert serving_threads(8, encoder_on_gpu=True) == (8, 8)
+
+
+# --- a real server -----------------------------------------------------------------------------------------------
+def _batch_counts(metrics: str, stage: str) -> tuple[float, float]:
+    """(batches, batches of exactly one) of a stage so far."""
+    def value(prefix):
+        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix))
+    return (value(f'clip_hpc_batch_size_count{{stage="{stage}"}}'),
+            value(f'clip_hpc_batch_size_bucket{{stage="{stage}",le="1"}}'))
+
+
+def _same_results(a: dict, b: dict) -> None:
+    assert [h["id"] for h in a["results"]] == [h["id"] for h in b["results"]]
+    assert np.allclose([h["score"] for h in a["results"]], [h["score"] for h in b["results"]], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def batching_server(served_index, tmp_path_factory):
+    """A window long enough that concurrent requests surely meet (a lone one still never waits for it)."""
+    with start_server(served_index, tmp_path_factory.mktemp("batching"), "--port", "0",
+                      "--batch-window-ms", "500") as srv:
+        yield srv
+
+
+def test_concurrent_queries_get_what_sequential_ones_get(batching_server):
+    texts = [f"a {colour} {shape} on grey" for colour in ("red", "green", "blue", "yellow")
+             for shape in ("circle", "square")]
+    with batching_server.client() as c:
+        sequential = [c.get("/api/search", params={"q": t, "k": 5}).json() for t in texts]
+        before = c.get("/metrics").text
+    with batching_server.client() as c:  # fresh texts (no cache hits), sent all at once
+        concurrent = run_threads(lambda t: c.get("/api/search", params={"q": t + " ", "k": 5}), texts, 60)  # same tokens
+        after = c.get("/metrics").text
+    for one, many in zip(sequential, concurrent):
+        assert many.status_code == 200
+        _same_results(one, many.json())
+    for stage in ("text", "search"):
+        batches, singles = np.subtract(_batch_counts(after, stage), _batch_counts(before, stage))
+        assert 0 < batches < len(texts) and singles < batches, (stage, batches, singles)
+
+
+def test_a_bad_request_in_a_batch_fails_alone(batching_server):
+    good = [{"text": f"a photo number {i}", "k": 4} for i in range(5)]
+    bad = [({"text": "fine text", "vector": [1.0, 2.0]}, 400),  # wrong length, after its text was encoded
+           ({"text": "fine text 2", "positive_ids": [10**9]}, 404),
+           ({"text": "fine text 3", "image_b64": base64.b64encode(b"not an image").decode()}, 400)]
+    with batching_server.client() as c:
+        expected = [c.post("/api/search", json=body).json() for body in good]
+        bodies = [{**body, "text": body["text"] + " "} for body in good]  # same tokens, not in the cache
+        answers = run_threads(lambda body: c.post("/api/search", json=body),
+                              [*bodies[:2], *[b for b, _ in bad], *bodies[2:]], 60)
+    for want, got in zip(expected, [*answers[:2], *answers[5:]]):
+        assert got.status_code == 200
+        _same_results(want, got.json())
+    for (_, status), got in zip(bad, answers[2:5]):
+        assert got.status_code == status and "error" in got.json()

@@ -1,0 +1,69 @@
+"""Short-context text encoding is exact where it is used, and falls back to the full context where it cannot be
+proven: the same features (within 1e-5) for batches of mixed lengths, on the shipped configs and on ViT-B-32."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from clip_hpc import text_context
+from clip_hpc.models import load_model
+
+MIXED = ["a", "a photo of a dog on a red sofa in the morning sun", "zebra", "",
+         " ".join(["a very long caption that runs past the context"] * 12), "two cats and a bird"]
+
+
+def full_context(loaded):
+    return dataclasses.replace(loaded, text_context=text_context.TextContext(False, "test"))
+
+
+@pytest.mark.parametrize("name", ["clip-hpc-tiny", "clip-hpc-demo", "ViT-B-32"])
+def test_short_context_matches_the_full_context(name):
+    """~1 s for ViT-B-32 (random weights; building it needs no network)."""
+    loaded = load_model(name, "none", device="cpu")
+    assert loaded.text_context.short, loaded.text_context.describe()
+    tokens = loaded.tokenizer(MIXED)
+    assert 1 < text_context.needed_length(loaded.model, tokens[[0, 2]]) < tokens.shape[1]  # really shorter
+    short, full = loaded.encode_text(MIXED), full_context(loaded).encode_text(MIXED)
+    assert np.abs(short - full).max() <= 1e-5
+    for i, text in enumerate(MIXED):  # each alone, at its own (shorter) length, too
+        assert np.abs(loaded.encode_text([text])[0] - full[i]).max() <= 1e-5
+
+
+def test_full_context_on_request():
+    loaded = load_model("clip-hpc-tiny", "none", device="cpu", full_context=True)
+    assert not loaded.text_context.short and "asked for" in loaded.text_context.describe()
+
+
+def _tiny_clip(**text_overrides):
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, **text_overrides}
+    return CLIP(16, {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16}, text_cfg).eval()
+
+
+def test_models_that_cannot_be_proven_exact_fall_back():
+    non_causal = text_context.structural_check(_tiny_clip(no_causal_mask=True))
+    assert not non_causal.short and "not causal" in non_causal.describe()
+    last_pool = text_context.structural_check(_tiny_clip(pool_type="last"))
+    assert not last_pool.short and "'last'" in last_pool.reason
+
+    class CustomTower(type(_tiny_clip())):
+        def encode_text(self, text, normalize=False):
+            return super().encode_text(text, normalize)
+
+    custom = _tiny_clip()
+    custom.__class__ = CustomTower
+    assert "custom text tower" in text_context.structural_check(custom).reason
+    assert text_context.structural_check(_tiny_clip()).short
+
+
+def test_a_probe_mismatch_falls_back(monkeypatch):
+    monkeypatch.setattr(text_context, "encode_text_short", lambda model, tokens: torch.zeros(len(tokens), 16))
+    import open_clip
+
+    chosen = text_context.choose_text_context(_tiny_clip(), open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"))
+    assert not chosen.short and "probe differs" in chosen.reason
