@@ -81,8 +81,15 @@ def mmr(query: np.ndarray, cand_vectors: np.ndarray, k: int, diversity: float) -
     return chosen
 
 
+MAX_WEIGHT = 1e6  # weights are relative; beyond this the weighted sum could overflow float32
+
+
 def combine_parts(parts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
     """Weighted sum of the normalised query parts, `negative` subtracted (Rocchio), renormalised."""
+    for name, weight in weights.items():
+        if not np.isfinite(float(weight)) or abs(float(weight)) > MAX_WEIGHT:
+            raise UserError(f"weight {name!r} = {weight} would overflow: weights are relative, keep them finite and "
+                            f"at most {MAX_WEIGHT:g} in size")
     total = np.zeros_like(next(iter(parts.values())), dtype=np.float32)
     for name, vector in parts.items():
         sign = -1.0 if name == "negative" else 1.0
@@ -112,9 +119,22 @@ def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.nda
         params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None \
             else faiss.SearchParameters(sel=selector)
     scores, ids = index.search(queries, n_cand, params=params)
+    scores, ids = _widen_if_short(index, queries, n_cand, min(k, index.ntotal), selector, scores, ids)
     if refine_factor and vectors is not None:
         return rerank(queries, ids, vectors, k)
     return scores[:, :k], ids[:, :k]
+
+
+def _widen_if_short(index: faiss.Index, queries: np.ndarray, n_cand: int, wanted: int,
+                    selector: faiss.IDSelector | None, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IVF returns fewer than k when the probed lists run dry (k=1000 of 2,000 vectors gave 536): search again
+    over every list, so a query gets min(k, n) results whenever filters leave that many."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or ivf.nprobe >= ivf.nlist or int((ids >= 0).sum(axis=1).min(initial=wanted)) >= wanted:
+        return scores, ids
+    params = faiss.SearchParametersIVF(sel=selector, nprobe=int(ivf.nlist)) if selector is not None \
+        else faiss.SearchParametersIVF(nprobe=int(ivf.nlist))
+    return index.search(queries, n_cand, params=params)
 
 
 # --- the engine: I/O at the edges ------------------------------------------------------------------------------

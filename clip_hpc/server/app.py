@@ -9,6 +9,7 @@ import base64
 import binascii
 import io
 import os
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +28,7 @@ from clip_hpc.search import MAX_K, Hit, SearchEngine
 from clip_hpc.server.auth import install_auth
 from clip_hpc.server.errors import install_error_handlers
 from clip_hpc.server.export import build_zip
+from clip_hpc.server.files import Servable, embedded_root, servable_file
 from clip_hpc.server.metrics import Metrics
 from clip_hpc.server.schemas import MAX_THUMB, ExportRequest, PathId, Results, SearchRequest, ServedHit, VectorResults
 from clip_hpc.server.shared_encoder import SharedEncoder
@@ -36,7 +38,7 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
 def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 * 2**20,
-               thumb_cache_size: int = 512) -> FastAPI:
+               thumb_cache_size: int = 512, max_decodes: int = 2) -> FastAPI:
     """The whole HTTP API over `engine`; `token` guards every route but /health."""
     if not token:
         raise UserError("the server needs a non-empty token")
@@ -45,6 +47,8 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
                         "request threads would otherwise call the model concurrently")
     app = FastAPI(title="clip-hpc", version="1", description="Search an image index by text, image or example. "
                   "Every route but /health needs the token (Authorization: Bearer, ?token= or the cookie).")
+    root = embedded_root(engine.meta.path_bounds())
+    decode_slots = threading.BoundedSemaphore(max_decodes)  # a full-size decode can take hundreds of MB
     metrics = Metrics(index_vectors=int(engine.n), cache_counts=engine.encoder.cache_counts)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
@@ -60,7 +64,8 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
             raise HTTPException(404, f"ids not in the index: {missing[:10]}")
 
     def decoded(data: bytes) -> Image.Image:
-        image = decode_image(data, min_size=engine.encoder.image_size)  # the pixels `clip-hpc embed` would see
+        with decode_slots:
+            image = decode_image(data, min_size=engine.encoder.image_size)  # the pixels `clip-hpc embed` would see
         if isinstance(image, DecodeFailure):
             raise HTTPException(400, f"cannot decode the image: {image}")
         return image
@@ -74,19 +79,28 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
         return VectorResults(results=found.results, took_ms=found.took_ms,
                              **({"query_vector": query.tolist()} if return_vector else {}))
 
-    def file_of(image_id: int) -> Path:
-        """Only paths listed in the index are ever served: the id is looked up, never a path from the request."""
+    def file_of(image_id: int) -> Servable:
+        """Only paths listed in the index are ever served (the id is looked up, never a path from the request),
+        and only when `servable_file` allows it (regular, readable, under the indexed tree)."""
         path = engine.path_of(image_id)
-        if path is None or not os.path.isfile(path):
-            raise HTTPException(404, f"image {image_id} not found" if path is None
-                                else f"image {image_id} is in the index but its file is gone")
-        return Path(path)
+        if path is None:
+            raise HTTPException(404, f"image {image_id} not found")
+        found = servable_file(path, root)
+        if isinstance(found, str):
+            raise HTTPException(404, f"image {image_id} {found}")
+        return found
+
+    def thumbnail(image_id: int, size: int) -> bytes:
+        """Cached by the file's identity (inode, size, mtime): a replaced or deleted file is never served stale."""
+        found = file_of(image_id)
+        return cached_thumbnail(found.path, found.identity, size)
 
     @lru_cache(maxsize=thumb_cache_size)
-    def thumbnail(image_id: int, size: int) -> bytes:
-        image = decode_image(file_of(image_id), min_size=size)
+    def cached_thumbnail(path: Path, _identity: tuple, size: int) -> bytes:
+        with decode_slots:
+            image = decode_image(path, min_size=size)
         if isinstance(image, DecodeFailure):
-            raise HTTPException(404, f"image {image_id} cannot be decoded: {image}")
+            raise HTTPException(404, f"image {path.name} cannot be decoded: {image}")
         image.thumbnail((size, size))
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85)
@@ -137,9 +151,10 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
         start = time.perf_counter()
         return results([Hit(i, None, engine.path_of(i) or "") for i in engine.random_ids(k)], start)
 
-    @app.get("/api/images/{image_id}", response_class=FileResponse)
+    @app.api_route("/api/images/{image_id}", methods=["GET", "HEAD"], response_class=FileResponse)
     def image(image_id: PathId) -> FileResponse:
-        return FileResponse(file_of(image_id))
+        found = file_of(image_id)
+        return FileResponse(found.path, stat_result=found.stat)
 
     @app.get("/api/images/{image_id}/thumb", response_class=Response)
     def thumb(image_id: PathId, size: Annotated[int, Query(ge=16, le=MAX_THUMB)] = 256) -> Response:
@@ -154,7 +169,8 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
         if body.scores is not None and len(body.scores) != len(body.ids):
             raise HTTPException(400, f"scores has {len(body.scores)} entries but ids has {len(body.ids)}")
         scores = body.scores or [None] * len(body.ids)
-        zip_path = build_zip([(i, file_of(i), s) for i, s in zip(body.ids, scores)])
+        chosen = dict(zip(reversed(body.ids), reversed(scores)))  # one copy per id, its first score
+        zip_path = build_zip([(i, file_of(i).path, chosen[i]) for i in dict.fromkeys(body.ids)])
         return FileResponse(zip_path, media_type="application/zip", filename="clip-hpc-export.zip",
                             background=BackgroundTask(os.unlink, zip_path))
 
@@ -162,7 +178,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def gallery() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-store"})
 

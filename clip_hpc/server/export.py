@@ -8,6 +8,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from starlette.exceptions import HTTPException
+
 
 def build_zip(items: Sequence[tuple[int, Path, float | None]]) -> str:
     """`images/<id>_<name>` plus `metadata.json` (id, path, score, file), in a temporary file the caller deletes.
@@ -17,10 +19,17 @@ def build_zip(items: Sequence[tuple[int, Path, float | None]]) -> str:
     fd, tmp = tempfile.mkstemp(prefix="clip-hpc-export-", suffix=".zip")
     os.close(fd)
     metadata: list[dict[str, Any]] = []
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for image_id, path, score in items:
-            name = f"images/{image_id}_{path.name}"
-            zf.write(path, name)
-            metadata.append({"id": image_id, "path": str(path), "score": score, "file": name})
-        zf.writestr("metadata.json", json.dumps(metadata, indent=2), compress_type=zipfile.ZIP_DEFLATED)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for image_id, path, score in items:
+                name = f"images/{image_id}_{path.name}"
+                try:
+                    zf.write(path, name)
+                except OSError as exc:  # vanished or unreadable since it was judged servable
+                    raise HTTPException(404, f"image {image_id} cannot be read ({exc.strerror or exc})") from None
+                metadata.append({"id": image_id, "path": str(path), "score": score, "file": name})
+            zf.writestr("metadata.json", json.dumps(metadata, indent=2), compress_type=zipfile.ZIP_DEFLATED)
+    except BaseException:
+        os.unlink(tmp)  # no half-written export left in /tmp, whatever went wrong
+        raise
     return tmp
