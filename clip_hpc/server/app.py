@@ -151,10 +151,12 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
         start = time.perf_counter()
         return results([Hit(i, None, engine.path_of(i) or "") for i in engine.random_ids(k)], start)
 
-    @app.api_route("/api/images/{image_id}", methods=["GET", "HEAD"], response_class=FileResponse)
+    @app.get("/api/images/{image_id}", response_class=FileResponse)
     def image(image_id: PathId) -> FileResponse:
         found = file_of(image_id)
         return FileResponse(found.path, stat_result=found.stat)
+
+    app.add_api_route("/api/images/{image_id}", image, methods=["HEAD"], include_in_schema=False)  # HEAD = GET
 
     @app.get("/api/images/{image_id}/thumb", response_class=Response)
     def thumb(image_id: PathId, size: Annotated[int, Query(ge=16, le=MAX_THUMB)] = 256) -> Response:

@@ -20,13 +20,15 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 1024
 FD_RESERVE = 64  # descriptors kept for the index, the metadata store, uploads and exports
+ACCEPT_BATCH = 16  # connections asyncio accepts per wake-up (uvicorn's `backlog`) before the cap can act
+ACCEPT_SLACK = 4 * ACCEPT_BATCH  # accepted while closed ones are still being torn down
 
 
 def connection_cap(requested: int | None = None) -> int:
     """The most connections this process can hold without running out of descriptors (RLIMIT_NOFILE)."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 32
-    room = (soft if soft != resource.RLIM_INFINITY else 1 << 20) - in_use - FD_RESERVE
+    room = (soft if soft != resource.RLIM_INFINITY else 1 << 20) - in_use - FD_RESERVE - ACCEPT_SLACK
     return max(8, min(requested or DEFAULT_MAX_CONNECTIONS, room))
 
 
@@ -98,7 +100,7 @@ class RateLimitedLog(logging.Filter):
     """At most `per_minute` records per logger and message kind each minute, then one line saying how many were
     dropped: a flood of refused connections cannot fill the disk with the job's log."""
 
-    def __init__(self, per_minute: int = 20) -> None:
+    def __init__(self, per_minute: int = 10) -> None:
         super().__init__()
         self.per_minute = per_minute
         self.window_start = time.monotonic()

@@ -14,7 +14,7 @@ from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.search import SearchEngine, default_encoder
 from clip_hpc.server.app import create_app
 from clip_hpc.server.auth import resolve_token
-from clip_hpc.server.guard import DEFAULT_HEADER_TIMEOUT, guarded_protocol, install_log_rate_limit
+from clip_hpc.server.guard import ACCEPT_BATCH, DEFAULT_HEADER_TIMEOUT, guarded_protocol, install_log_rate_limit
 from clip_hpc.server.shared_encoder import SharedEncoder
 from clip_hpc.server.sockets import bind_tcp, bind_unix
 
@@ -82,7 +82,8 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
     info = ConnectionInfo.for_this_server(token=token, port=bound_port, uds=uds, bind_host=host,
                                           index_dir=str(Path(index_dir).absolute()))
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
-                            server_header=False, http=guarded_protocol(header_timeout, max_connections))
+                            server_header=False, http=guarded_protocol(header_timeout, max_connections),
+                            backlog=ACCEPT_BATCH)
     server = uvicorn.Server(config)
     install_log_rate_limit()
 
