@@ -83,8 +83,9 @@ def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int 
             if min_size and img.format == "JPEG":
                 img.draft("RGB", (min_size, min_size))
             img.load()
+            img = _reduced(img, min_size)  # before exif_transpose, which copies the image
             img = ImageOps.exif_transpose(img) or img
-            return _reduced(_to_rgb(_reduced(img, min_size)), min_size)
+            return _reduced(_to_rgb(img), min_size)
     except UnidentifiedImageError:
         return DecodeFailure("not an image")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning under -W error

@@ -20,7 +20,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 1024
 FD_RESERVE = 64  # descriptors kept for the index, the metadata store, uploads and exports
-ACCEPT_BATCH = 16  # connections asyncio accepts per wake-up (uvicorn's `backlog`) before the cap can act
+ACCEPT_BATCH = 8  # connections asyncio accepts per wake-up (uvicorn's `backlog`) before the cap can act
 ACCEPT_SLACK = 4 * ACCEPT_BATCH  # accepted while closed ones are still being torn down
 
 
@@ -41,7 +41,7 @@ class GuardedProtocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_deadline()
-        if len(self.connections) > self.max_connections:
+        if sum(not c.transport.is_closing() for c in self.connections) > self.max_connections:
             self._evict_one()
 
     def data_received(self, data: bytes) -> None:
@@ -84,7 +84,8 @@ class GuardedProtocol(H11Protocol):
 
     def _evict_one(self) -> None:
         """Close the connection that has waited longest for its headers; if every one is busy, the newest."""
-        waiting = [c for c in self.connections if getattr(c, "_waiting_since", None) is not None and not c._busy()]
+        waiting = [c for c in self.connections if getattr(c, "_waiting_since", None) is not None and not c._busy()
+                   and not c.transport.is_closing()]
         victim = min(waiting, key=lambda c: c._waiting_since) if waiting else self
         RATE_LIMITED.note(f"at the connection cap ({self.max_connections}): closed idle connections")
         victim.transport.close()
