@@ -107,8 +107,10 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 
 def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.ndarray, k: int, *,
-                 refine_factor: int = 0, selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The served search: k×refine_factor candidates from FAISS, re-ranked exactly when refine_factor > 0."""
+                 refine_factor: int = 0, selector: faiss.IDSelector | None = None,
+                 widen: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The served search: k×refine_factor candidates from FAISS, re-ranked exactly when refine_factor > 0.
+    `widen` (the engine, not the recall self-check, which measures nprobe as it is) fills short result lists."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     # k < 10 still re-ranks as many candidates as k = 10 does, so the self-measured recall@10 holds for it too
     n_cand = max(k, MIN_RERANK_K) * refine_factor if refine_factor and vectors is not None else k
@@ -119,7 +121,8 @@ def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.nda
         params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None \
             else faiss.SearchParameters(sel=selector)
     scores, ids = index.search(queries, n_cand, params=params)
-    scores, ids = _widen_if_short(index, queries, n_cand, min(k, index.ntotal), selector, scores, ids)
+    if widen:
+        scores, ids = _widen_if_short(index, queries, n_cand, min(k, index.ntotal), selector, scores, ids)
     if refine_factor and vectors is not None:
         return rerank(queries, ids, vectors, k)
     return scores[:, :k], ids[:, :k]
@@ -199,7 +202,8 @@ class SearchEngine:
         if path_prefix:
             scores, ids = self._search_prefix(queries, k, path_prefix)
         else:
-            scores, ids = search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor)
+            scores, ids = search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
+                                       widen=True)
         return self._hits(scores, ids, min_score)
 
     def search_text(self, text: str, k: int = 10, **filters: Any) -> list[Hit]:
@@ -306,7 +310,7 @@ class SearchEngine:
             return rerank(queries, cand, self.vectors, k)
         selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_with_prefix(prefix), dtype=np.int64))
         return search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
-                            selector=selector)
+                            selector=selector, widen=True)
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray, min_score: float | None) -> list[list[Hit]]:
         paths = self.meta.paths_of(int(i) for i in np.unique(ids) if i >= 0)
