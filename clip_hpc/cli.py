@@ -310,16 +310,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Parse, dispatch, and turn a `UserError` into one line on stderr and exit code 2."""
+    """Parse, dispatch, and turn a `UserError` or an OSError (full disk, read-only mount) into one line on stderr
+    and exit code 2. Under MPI an unexpected exception aborts the whole job rather than leave ranks waiting."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        from clip_hpc.dist import speaks_for_job, world
+        return _fail(args.command, str(exc))
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        from clip_hpc.errors import os_error_message
 
-        if speaks_for_job(world()):  # under MPI every rank raises the same error; say it once
-            print(f"clip-hpc {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args.command, os_error_message(exc))
     except KeyboardInterrupt:
         print(f"clip-hpc {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        _abort_mpi_job()
+        raise
+
+
+def _fail(command: str, message: str) -> int:
+    from clip_hpc.dist import speaks_for_job, world
+
+    if speaks_for_job(world()):  # under MPI every rank raises the same error; say it once
+        print(f"clip-hpc {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _abort_mpi_job() -> None:
+    """A bug on one rank of an MPI job: print it and abort every rank (exit 2), instead of a hang in a collective."""
+    if "mpi4py" not in sys.modules:
+        return
+    from clip_hpc.dist import world
+
+    w = world()
+    if w.comm is not None and w.size > 1:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        w.comm.Abort(2)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from clip_hpc.client.endpoint import Endpoint
-from clip_hpc.client.process import stop_server, wait_for_server
+from clip_hpc.client.process import run_child, start_child, stop_process, stop_signals_raise, wait_for_server
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir
 
@@ -33,9 +32,9 @@ def _mpiexec() -> str:
 def _run(cmd: Sequence[str], what: str) -> None:
     shown = ["clip-hpc", *cmd[3:]] if list(cmd[:3]) == _cli() else list(cmd)
     print(f"\n$ {' '.join(shown)}", flush=True)
-    proc = subprocess.run(list(cmd))
-    if proc.returncode != 0:
-        raise UserError(f"demo step '{what}' failed (exit {proc.returncode}); see its output above")
+    code = run_child(cmd)
+    if code != 0:
+        raise UserError(f"demo step '{what}' failed (exit {code}); see its output above")
 
 
 def demo_model() -> tuple[str, str | None]:
@@ -69,9 +68,19 @@ def print_queries(endpoint: Endpoint, queries: Sequence[str], captions: dict[str
 
 def run_demo(out: str | os.PathLike = "demo-out", *, n_images: int = 2000, ranks: int = 2, index_key: str = "IVF32,PQ16x4fs",
              wait: bool = True, queries: Sequence[str] = DEMO_QUERIES) -> int:
+    """The demo's steps; SIGTERM or SIGHUP stop it as Ctrl-C does, and every child (mpiexec, the server) goes
+    with it: they also die with this process if it is killed outright (see client/process.py)."""
+    try:
+        with stop_signals_raise():
+            return _run_steps(Path(out).resolve(), n_images, ranks, index_key, wait, queries)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the children are stopped by now
+        print("\nclip-hpc demo: stopped", file=sys.stderr, flush=True)
+        return 130
+
+
+def _run_steps(out: Path, n_images: int, ranks: int, index_key: str, wait: bool, queries: Sequence[str]) -> int:
     from clip_hpc.captioned_shapes import write_demo_images
 
-    out = Path(out).resolve()
     images, emb, index = out / "images", out / "embeddings", out / "index"
     model, pretrained = demo_model()
     model_args = ["--model", model] + (["--pretrained", pretrained] if pretrained else [])
@@ -83,7 +92,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, n_images: int = 2000, ranks
                      "--batch-size", "64", "--workers", "1")
     if mpiexec and ranks > 1:
         print(f"\n$ mpiexec -n {ranks} clip-hpc embed ...", flush=True)
-        if subprocess.run([mpiexec, "-n", str(ranks), *embed_cmd]).returncode != 0:
+        if run_child([mpiexec, "-n", str(ranks), *embed_cmd]) != 0:
             raise UserError("demo step 'embed' failed; see its output above")
     else:
         _run(embed_cmd, "embed")
@@ -92,7 +101,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, n_images: int = 2000, ranks
     conn = out / "connection.json"
     conn.unlink(missing_ok=True)
     print(f"\n$ clip-hpc serve {index} --port 0 --connection-file {conn}", flush=True)
-    server = subprocess.Popen(_cli("serve", str(index), "--port", "0", "--connection-file", str(conn)))
+    server = start_child(_cli("serve", str(index), "--port", "0", "--connection-file", str(conn)))
     try:
         endpoint = wait_for_server(conn, server)
         print_queries(endpoint, queries, read_captions(images))
@@ -100,8 +109,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, n_images: int = 2000, ranks
         if wait:
             print("serving; press Ctrl-C to stop", flush=True)
             server.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while serving: the way a demo ends
         pass
     finally:
-        stop_server(server)
+        stop_process(server)
     return 0

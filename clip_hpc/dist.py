@@ -8,9 +8,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+from clip_hpc.errors import UserError, os_error_message
+
+T = TypeVar("T")
 
 _MPI_HINTS = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
               "HYDRA_CONTROL_FD", "MPICH_INTERFACE_HOSTNAME")
@@ -46,6 +51,30 @@ class World:
         if self.comm is not None:
             return self.comm.bcast(obj, root=0)
         return obj
+
+    def all_or_none(self, step: Callable[[], T]) -> T:
+        """Run `step` on this rank; if it fails on ANY rank, every rank raises the same one-line UserError.
+
+        Every rank calls this at the same point, so no rank is left waiting in a collective for one that died
+        (a read-only --out, a full disk, a bug). A bug's traceback is printed by the rank it happened on."""
+        result: Any = None
+        try:
+            result, problem = step(), None
+        except UserError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = os_error_message(exc)
+        except Exception as exc:
+            if self.size == 1:
+                raise
+            traceback.print_exc()
+            problem = f"{type(exc).__name__}: {exc}"
+        if self.size > 1 and problem:
+            problem = f"rank {self.rank}: {problem}"
+        problems = [p for p in self.allgather(problem) if p]
+        if problems:
+            raise UserError(problems[0])
+        return result
 
     @property
     def is_root(self) -> bool:

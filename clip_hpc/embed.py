@@ -152,26 +152,22 @@ def default_workers() -> int:
 
 def prepare_inputs(cfg: EmbedConfig, w: World) -> Listing:
     """Rank 0 lists and saves inputs.txt; the others get the same list (and the tars' member offsets, which the
-    listing found once), so ids agree across the job."""
+    listing found once), so ids agree across the job. A failure on rank 0 (bad input, a read-only --out) reaches
+    every rank instead of leaving them waiting."""
     out = EmbDir(cfg.out)
-    result: Listing | UserError
-    if w.is_root or not w.coordinated:
-        try:
-            listed = list_inputs(cfg.inputs, cfg.file_list)
-            saved = out.read_inputs()
-            paths = reconcile_inputs(saved, listed.lines, cfg.append)
-            if w.is_root:
-                out.root.mkdir(parents=True, exist_ok=True)
-                if paths != saved:
-                    out.write_inputs(paths)
-            result = Listing(paths, listed.tar_samples)
-        except UserError as exc:
-            result = exc
-    if w.comm is not None:
-        result = w.bcast(result if w.is_root else None)
-    if isinstance(result, UserError):
-        raise result
-    return result
+
+    def listed() -> Listing:
+        found = list_inputs(cfg.inputs, cfg.file_list)
+        saved = out.read_inputs()
+        paths = reconcile_inputs(saved, found.lines, cfg.append)
+        if w.is_root:
+            out.root.mkdir(parents=True, exist_ok=True)
+            if paths != saved:
+                out.write_inputs(paths)
+        return Listing(paths, found.tar_samples)
+
+    result = w.all_or_none(listed if w.is_root or not w.coordinated else lambda: None)
+    return w.bcast(result) if w.comm is not None else result
 
 
 def pending_units(out: EmbDir, units: Sequence[WorkUnit], unit_size: int, model: str,
@@ -277,23 +273,17 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     pretrained = resolve_pretrained(cfg.model, cfg.pretrained)
     mine = units_for_rank(units, w.rank, w.size)
     todo = pending_units(out, mine, cfg.shard_size, cfg.model, pretrained)
-    try:  # every rank must learn of a failure on any rank, or the others would wait forever
-        loaded = load_model(cfg.model, cfg.pretrained, cfg.device, cfg.precision, w.local_rank) if todo else None
-        problem = None
-    except UserError as exc:
-        loaded, problem = None, f"rank {w.rank}: {exc}" if w.size > 1 else str(exc)
-    problems = [p for p in w.allgather(problem) if p]
-    if problems:
-        raise UserError(problems[0])
+    # every rank must learn of a failure on any rank, or the others would wait forever (all_or_none)
+    loaded = w.all_or_none(lambda: load_model(cfg.model, cfg.pretrained, cfg.device, cfg.precision, w.local_rank)
+                           if todo else None)
     if w.is_root:
         print(f"clip-hpc embed: {len(paths)} inputs, {len(units)} units of {cfg.shard_size}, {w.size} rank(s) "
               f"[{w.backend}]; rank 0 has {len(todo)} of its {len(mine)} units to do", file=sys.stderr, flush=True)
-    stats = run_units(cfg, w, loaded, listing, todo)
+    stats = w.all_or_none(lambda: run_units(cfg, w, loaded, listing, todo))
     per_rank = w.gather(stats)
     w.barrier()
-    manifest = None
-    if w.is_root or not w.coordinated:
-        manifest = out.write_manifest(len(units), cfg.shard_size)
+    manifest = w.all_or_none(lambda: out.write_manifest(len(units), cfg.shard_size)
+                             if w.is_root or not w.coordinated else None)
     if w.comm is not None:
         complete = w.bcast(manifest is not None)
     else:  # uncoordinated ranks each did their share; the last one to finish writes the manifest

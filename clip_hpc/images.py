@@ -46,6 +46,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def _reduced(img: Image.Image, min_size: int | None) -> Image.Image:
+    """Shrunk by a whole factor while the short side stays >= `min_size`: what draft does for JPEG, for every
+    format, so a 9400x9400 PNG is neither converted to RGB nor kept at full size. A mode PIL cannot reduce
+    (palette) is returned as is, and reduced after its RGB conversion."""
+    factor = min(img.size) // min_size if min_size else 1
+    if factor < 2:
+        return img
+    try:
+        return img.reduce(factor)
+    except (ValueError, NotImplementedError):
+        return img
+
+
 def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | DecodeFailure:
     """Open, bound, draft-decode, EXIF-rotate and convert to RGB.
@@ -70,8 +83,9 @@ def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int 
             if min_size and img.format == "JPEG":
                 img.draft("RGB", (min_size, min_size))
             img.load()
+            img = _reduced(img, min_size)  # before exif_transpose, which copies the image
             img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
+            return _reduced(_to_rgb(img), min_size)
     except UnidentifiedImageError:
         return DecodeFailure("not an image")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning under -W error

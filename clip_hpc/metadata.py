@@ -165,6 +165,11 @@ class MetadataStore:
             params.append(int(limit))
         return [r[0] for r in self._rows(sql, params)]
 
+    def path_bounds(self) -> tuple[str, str] | None:
+        """The lowest and highest path (two index lookups): their common prefix is every path's."""
+        row = self._rows("SELECT MIN(path), MAX(path) FROM images")[0]
+        return None if row[0] is None else (row[0], row[1])
+
     def all_ids(self) -> list[int]:
         return [r[0] for r in self._rows("SELECT id FROM images ORDER BY id")]
 

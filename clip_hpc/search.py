@@ -82,8 +82,15 @@ def mmr(query: np.ndarray, cand_vectors: np.ndarray, k: int, diversity: float) -
     return chosen
 
 
+MAX_WEIGHT = 1e6  # weights are relative; beyond this the weighted sum could overflow float32
+
+
 def combine_parts(parts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
     """Weighted sum of the normalised query parts, `negative` subtracted (Rocchio), renormalised."""
+    for name, weight in weights.items():
+        if not np.isfinite(float(weight)) or abs(float(weight)) > MAX_WEIGHT:
+            raise UserError(f"weight {name!r} = {weight} would overflow: weights are relative, keep them finite and "
+                            f"at most {MAX_WEIGHT:g} in size")
     total = np.zeros_like(next(iter(parts.values())), dtype=np.float32)
     for name, vector in parts.items():
         sign = -1.0 if name == "negative" else 1.0
@@ -101,8 +108,10 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 
 def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.ndarray, k: int, *,
-                 refine_factor: int = 0, selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The served search: k×refine_factor candidates from FAISS, re-ranked exactly when refine_factor > 0."""
+                 refine_factor: int = 0, selector: faiss.IDSelector | None = None,
+                 widen: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The served search: k×refine_factor candidates from FAISS, re-ranked exactly when refine_factor > 0.
+    `widen` (the engine, not the recall self-check, which measures nprobe as it is) fills short result lists."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     # k < 10 still re-ranks as many candidates as k = 10 does, so the self-measured recall@10 holds for it too
     n_cand = max(k, MIN_RERANK_K) * refine_factor if refine_factor and vectors is not None else k
@@ -113,9 +122,23 @@ def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.nda
         params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None \
             else faiss.SearchParameters(sel=selector)
     scores, ids = index.search(queries, n_cand, params=params)
+    if widen:
+        scores, ids = _widen_if_short(index, queries, n_cand, min(k, index.ntotal), selector, scores, ids)
     if refine_factor and vectors is not None:
         return rerank(queries, ids, vectors, k)
     return scores[:, :k], ids[:, :k]
+
+
+def _widen_if_short(index: faiss.Index, queries: np.ndarray, n_cand: int, wanted: int,
+                    selector: faiss.IDSelector | None, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IVF returns fewer than k when the probed lists run dry (k=1000 of 2,000 vectors gave 536): search again
+    over every list, so a query gets min(k, n) results whenever filters leave that many."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or ivf.nprobe >= ivf.nlist or int((ids >= 0).sum(axis=1).min(initial=wanted)) >= wanted:
+        return scores, ids
+    params = faiss.SearchParametersIVF(sel=selector, nprobe=int(ivf.nlist)) if selector is not None \
+        else faiss.SearchParametersIVF(nprobe=int(ivf.nlist))
+    return index.search(queries, n_cand, params=params)
 
 
 # --- the engine: I/O at the edges ------------------------------------------------------------------------------
@@ -190,7 +213,8 @@ class SearchEngine:
         if path_prefix or caption:
             scores, ids = self._search_filtered(queries, k, path_prefix or None, caption or None)
         else:
-            scores, ids = search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor)
+            scores, ids = search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
+                                       widen=True)
         return self._hits(scores, ids, min_score)
 
     def search_batch(self, queries: np.ndarray, ks: Sequence[int],
@@ -321,7 +345,7 @@ class SearchEngine:
         selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_matching(path_prefix=prefix, caption=caption),
                                                     dtype=np.int64))
         return search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
-                            selector=selector)
+                            selector=selector, widen=True)
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray, min_score: float | None) -> list[list[Hit]]:
         found = [int(i) for i in np.unique(ids) if i >= 0]

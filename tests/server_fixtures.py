@@ -7,13 +7,13 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import pytest
 
 from clip_hpc.client.http_client import make_client
-from clip_hpc.client.process import stop_server, wait_for_server
+from clip_hpc.client.process import start_child, stop_server, wait_for_server
 from clip_hpc.errors import UserError
 from conftest import BIN, make_images, run_cli
 
@@ -50,17 +50,18 @@ def served_index(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def start_server(index_dir: Path, workdir: Path, *extra: str, token: str = TOKEN,
-                 env: dict | None = None) -> Iterator[Served]:
-    """`clip-hpc serve INDEX --port 0 --connection-file F`; the port is read back from F; SIGTERM at the end."""
+def start_server(index_dir: Path, workdir: Path, *extra: str, token: str = TOKEN, env: dict | None = None,
+                 preexec: Callable[[], None] | None = None) -> Iterator[Served]:
+    """`clip-hpc serve INDEX --port 0 --connection-file F`; the port is read back from F; SIGTERM at the end.
+    The server dies with the test process (start_child); `preexec` runs in it first (e.g. a lower fd limit)."""
     workdir.mkdir(parents=True, exist_ok=True)
     conn = workdir / "connection.json"
     log = workdir / "serve.log"
     conn.unlink(missing_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "clip-hpc"), "serve", str(index_dir), "--connection-file", str(conn),
-                                 *(extra or ("--port", "0"))], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "CLIP_HPC_TOKEN": token, **(env or {})})
+        proc = start_child([str(BIN / "clip-hpc"), "serve", str(index_dir), "--connection-file", str(conn),
+                            *(extra or ("--port", "0"))], stdout=out, stderr=subprocess.STDOUT, preexec=preexec,
+                           env={**os.environ, "CLIP_HPC_TOKEN": token, **(env or {})})
     try:
         try:
             endpoint = wait_for_server(conn, proc, timeout=180)

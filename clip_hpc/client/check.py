@@ -37,7 +37,8 @@ def check_ports(*, connection_file: str | os.PathLike | None = None, port: int |
     remedy = _Remedies(where=endpoint.where, ssh=ssh, server=server,
                        connection_file=str(connection_file) if connection_file else None, port=endpoint.port)
     checks: list[tuple[str, Callable[[httpx.Client], str | None]]] = [
-        ("1 something listens on " + endpoint.where, lambda _c: None if _listens(endpoint) else remedy.listen()),
+        ("1 something listens on " + endpoint.where,
+         lambda _c: None if _listens(endpoint) else remedy.listen(info.stale_reason() if info else None)),
         ("2 it is a clip-hpc server (/health)", remedy.health),
         ("3 the token is accepted", lambda c: remedy.token(c, endpoint.token)),
         ("4 a test query answers", remedy.query),
@@ -76,7 +77,9 @@ class _Remedies:
     connection_file: str | None
     port: int | None
 
-    def listen(self) -> str:
+    def listen(self, stale: str | None = None) -> str:
+        if stale:
+            return f"nothing listens on {self.where}; {stale}"
         if self.server:
             return (f"nothing listens on {self.where} on this node: the server is not running; look at the job's "
                     f"log, then start it again (clip-hpc serve INDEX_DIR --port 0 --connection-file FILE)")

@@ -13,6 +13,7 @@ from typing import Any
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_bytes
+from clip_hpc.procs import pid_alive
 
 DEFAULT_LOCAL_PORT = 8765  # what the laptop side of a unix-socket tunnel listens on
 LOGIN_HOST_ENV = "CLIP_HPC_LOGIN_HOST"
@@ -88,8 +89,30 @@ class ConnectionInfo:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def stale_reason(self) -> str | None:
+        """Why this file cannot be trusted, if we can tell: on its own node, a server pid that is gone (kill -9,
+        a node reboot) leaves the file behind; None when the server may be alive (or runs on another node)."""
+        if self.host == socket.gethostname() and self.pid and not pid_alive(self.pid):
+            return f"the server that wrote it (pid {self.pid}) is gone: the file is stale, start the server again"
+        return None
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def claim_connection_file(path: str | os.PathLike) -> Path:
+    """Refuse a connection file that names a live server on this node (two servers on one file would leave it
+    pointing at whichever wrote last); a stale one (its server is gone) is taken over."""
+    path = Path(path).expanduser()
+    try:
+        current = ConnectionInfo.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return path
+    if current is not None and current.host == socket.gethostname() and current.pid != os.getpid() \
+            and pid_alive(current.pid):
+        raise UserError(f"{path} belongs to a running server (pid {current.pid}): stop it first, or give this "
+                        f"server another --connection-file")
+    return path
 
 
 def write_connection_file(path: str | os.PathLike, info: ConnectionInfo) -> Path:

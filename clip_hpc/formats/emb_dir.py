@@ -16,8 +16,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json
-from clip_hpc.formats.shard import (FORMAT, VERSION, Shard, ShardCheck, ShardError, read_shard, read_shard_ids,
-                                    shard_check, write_shard)
+from clip_hpc.formats.shard import (FORMAT, VERSION, Shard, ShardCheck, ShardError, read_shard, read_shard_for_index,
+                                    read_shard_ids, shard_check, write_shard)
 
 INPUTS_FILE = "inputs.txt"
 MANIFEST_FILE = "manifest.json"
@@ -162,7 +162,10 @@ class EmbDir:
         return write_shard(self.shard_path(unit), **kwargs)
 
     def read_shard(self, unit: int, *, with_embeddings: bool = True) -> Shard:
-        return read_shard(self.shard_path(unit), with_embeddings=with_embeddings)
+        """With embeddings (what indexing reads) they are checked too: finite, unit norm (`embedding_problem`)."""
+        if with_embeddings:
+            return read_shard_for_index(self.shard_path(unit))
+        return read_shard(self.shard_path(unit), with_embeddings=False)
 
     def iter_shards(self, *, with_embeddings: bool = True) -> Iterator[Shard]:
         """Stream shards in unit order, hence in id order, one file in memory at a time."""

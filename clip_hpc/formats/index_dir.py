@@ -5,9 +5,12 @@ FAISS loads only inside the methods that read or write the index, so `info` and 
 """
 from __future__ import annotations
 
+import ctypes
+import glob
 import json
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -18,6 +21,7 @@ import numpy as np
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_json
 from clip_hpc.metadata import MetadataStore
+from clip_hpc.procs import pid_alive
 
 if TYPE_CHECKING:
     import faiss
@@ -118,6 +122,8 @@ class IndexDir:
     def load_info(self) -> IndexInfo:
         """index.json, typed; a UserError that says what to do when it is missing, unreadable or foreign."""
         path = self.info_path
+        if not self.root.exists():
+            recover_interrupted(self.root)  # a build killed between moving the old index aside and renaming
         if not path.is_file():
             raise UserError(f"{self.root}: not an index directory (no {INFO_FILE}); build one with clip-hpc index")
         try:
@@ -179,12 +185,15 @@ class IndexDir:
     @classmethod
     @contextmanager
     def build_beside(cls, out: str | os.PathLike) -> Iterator["IndexDir"]:
-        """A fresh temporary directory beside `out`, removed if the build fails; call `swap_in(out)` to finish."""
+        """A fresh temporary directory beside `out`, removed if the build fails; call `swap_in(out)` to finish.
+        Leftovers of killed builds (kill -9, a node crash) are cleaned up first (`recover_interrupted`)."""
         out = Path(out)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        recover_interrupted(out)
+        tmp = _beside(out, "tmp", os.getpid())
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        (tmp / OWNER_FILE).write_text(socket.gethostname())
         try:
             yield cls(tmp)
         except BaseException:
@@ -192,11 +201,55 @@ class IndexDir:
             raise
 
     def swap_in(self, out: str | os.PathLike) -> "IndexDir":
-        """Rename this finished directory into place; an old INDEX_DIR is moved aside first and removed after."""
+        """Put this finished directory in place of `out`: one atomic exchange where the filesystem supports it
+        (there is never a moment without an INDEX_DIR), else old aside + rename (`recover_interrupted` puts the
+        old one back if a kill lands in between)."""
         out = Path(out)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        (self.root / OWNER_FILE).unlink(missing_ok=True)
+        if out.exists() and _exchange(self.root, out):
+            shutil.rmtree(self.root, ignore_errors=True)  # now holds the old index
+            return IndexDir(out)
+        old = _beside(out, "old", os.getpid())
         if out.exists():
             os.replace(out, old)
         os.replace(self.root, out)
         shutil.rmtree(old, ignore_errors=True)
         return IndexDir(out)
+
+
+OWNER_FILE = ".building-host"  # a temporary build directory names the node its pid lives on
+
+
+def _beside(out: Path, kind: str, pid: int) -> Path:
+    return out.parent / f".{out.name}.{kind}-{pid}"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """renameat2(RENAME_EXCHANGE): swap two paths atomically (Linux >= 3.15, local filesystems); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+    except (OSError, AttributeError):
+        return False
+
+
+def recover_interrupted(out: str | os.PathLike) -> list[Path]:
+    """Clean up after builds of `out` that were killed: `.OUT.tmp-PID/` of a dead pid on this node is removed (it
+    never was an index); `.OUT.old-PID/` is the previous index, put back if `out` is missing, else removed.
+    Returns what it touched."""
+    out = Path(out)
+    touched = []
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        kind, _, pid = leftover.name[len(out.name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        owner = leftover / OWNER_FILE
+        host = owner.read_text().strip() if owner.is_file() else socket.gethostname()
+        if host != socket.gethostname() or pid_alive(int(pid)):
+            continue  # a build that may still be running (here, or on another node)
+        if kind == "old" and not out.exists():
+            os.replace(leftover, out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+        touched.append(leftover)
+    return touched

@@ -6,6 +6,7 @@ A shard is the unit of resume: if `shard_check` finds nothing wrong, the unit is
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import h5py
 import numpy as np
 
 from clip_hpc.errors import UserError
+from clip_hpc.formats.atomic import atomic_write_bytes
 
 FORMAT = "clip-hpc-shard"
 VERSION = 1
@@ -99,7 +101,10 @@ def write_shard(
 ) -> Path:
     """Write one shard under a temporary name and rename it, so a killed writer leaves no valid-looking file.
 
-    `captions`, `meta` (a JSON string per image), `offsets` and `sizes` (of a tar member) default to "" and -1."""
+    `captions`, `meta` (a JSON string per image), `offsets` and `sizes` (of a tar member) default to "" and -1.
+
+    The HDF5 file is built in memory and written with plain file I/O (`atomic_write_bytes`): a full disk is then
+    an ordinary OSError with the temporary file removed, never an HDF5 error inside a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     embeddings = np.asarray(embeddings)
@@ -112,7 +117,6 @@ def write_shard(
         if values is not None and len(values) != len(ids):
             raise ShardError(f"{path}: {len(values)} {name} for {len(ids)} ids")
     order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -124,7 +128,8 @@ def write_shard(
         "library_versions": json.dumps(library_versions()),
     }
     meta.update(attrs or {})
-    with h5py.File(tmp, "w") as f:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
         f.create_dataset("embeddings", data=embeddings[order])
         f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64)[order])
         f.create_dataset("paths", data=np.asarray([paths[i] for i in order], dtype=object), dtype=_STR)
@@ -139,9 +144,7 @@ def write_shard(
             f.create_dataset(name, data=values[order] if len(values) else values)
         for key, value in meta.items():
             f.attrs[key] = value
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getbuffer())
     return path
 
 
@@ -195,6 +198,35 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
         raise ShardError(f"{path}: ids are not strictly ascending")
     if not (len(shard.failed_ids) == len(shard.failed_paths) == len(shard.failed_reasons)):
         raise ShardError(f"{path}: failed_* datasets differ in length")
+    return shard
+
+
+NORM_TOLERANCE = 0.02  # float16 storage rounds a unit vector's norm by well under 1e-2
+
+
+def embedding_problem(embeddings: np.ndarray) -> str | None:
+    """Pure: what is wrong with stored embeddings (bit-rot, a bad writer), or None: finite and unit norm."""
+    if not len(embeddings):
+        return None
+    rows = np.asarray(embeddings, dtype=np.float32)
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        return f"{int((~finite).sum())} embeddings hold NaN or infinite values (first row {int(np.argmin(finite))})"
+    norms = np.linalg.norm(rows, axis=1)
+    off = np.abs(norms - 1.0) > NORM_TOLERANCE
+    if off.any():
+        first = int(np.argmax(off))
+        return f"{int(off.sum())} embeddings are not unit length (row {first} has norm {norms[first]:.4g})"
+    return None
+
+
+def read_shard_for_index(path: str | os.PathLike) -> Shard:
+    """`read_shard` plus the embeddings' own check: what indexing reads, so a corrupted shard is named, not
+    passed on to FAISS."""
+    shard = read_shard(path)
+    problem = embedding_problem(shard.embeddings)
+    if problem:
+        raise ShardError(f"{path}: {problem}; re-embed this unit (delete the file and re-run clip-hpc embed)")
     return shard
 
 

@@ -9,7 +9,9 @@ import base64
 import binascii
 import io
 import os
+import threading
 import time
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,6 +30,7 @@ from clip_hpc.server.auth import install_auth
 from clip_hpc.server.batching import BatchedSearch, CountInFlight, batch_metric_lines
 from clip_hpc.server.errors import install_error_handlers
 from clip_hpc.server.export import build_zip
+from clip_hpc.server.files import Servable, embedded_root, servable_file
 from clip_hpc.server.image_source import ImageSource, locate
 from clip_hpc.server.metrics import Metrics
 from clip_hpc.server.schemas import MAX_THUMB, ExportRequest, PathId, Results, SearchRequest, ServedHit, VectorResults
@@ -38,7 +41,7 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
 def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 * 2**20,
-               thumb_cache_size: int = 512) -> FastAPI:
+               thumb_cache_size: int = 512, max_decodes: int = 2) -> FastAPI:
     """The whole HTTP API over `engine`; `token` guards every route but /health."""
     if not token:
         raise UserError("the server needs a non-empty token")
@@ -49,6 +52,8 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
                   "Every route but /health needs the token (Authorization: Bearer, ?token= or the cookie).")
     encoder = engine.encoder
     searcher = BatchedSearch(engine, encoder.batching, lambda: encoder.in_flight.count)
+    root = embedded_root(engine.meta.path_bounds())
+    decode_slots = threading.BoundedSemaphore(max_decodes)  # a full-size decode can take hundreds of MB
     metrics = Metrics(index_vectors=int(engine.n), cache_counts=encoder.cache_counts,
                       extra=lambda: batch_metric_lines([*encoder.stages(), searcher.stage]))
     install_error_handlers(app)
@@ -66,7 +71,8 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
             raise HTTPException(404, f"ids not in the index: {missing[:10]}")
 
     def decoded(data: bytes) -> Image.Image:
-        image = decode_image(data, min_size=engine.encoder.image_size)  # the pixels `clip-hpc embed` would see
+        with decode_slots:
+            image = decode_image(data, min_size=engine.encoder.image_size)  # the pixels `clip-hpc embed` would see
         if isinstance(image, DecodeFailure):
             raise HTTPException(400, f"cannot decode the image: {image}")
         return image
@@ -81,17 +87,37 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
         return VectorResults(results=found.results, took_ms=found.took_ms,
                              **({"query_vector": query.tolist()} if return_vector else {}))
 
-    def source_of(image_id: int) -> ImageSource:
-        """Only images listed in the index are ever served: the id is looked up, never a path from the request."""
+    def source_of(image_id: int) -> tuple[ImageSource, Servable]:
+        """Only images listed in the index are ever served (the id is looked up, never a path from the request),
+        and only when `servable_file` allows the file that holds them (regular, readable, under the indexed tree);
+        a tar member is then read from that checked file by its stored offset."""
         source = locate(engine.record(image_id))
-        if source is None or not source.available():
-            raise HTTPException(404, f"image {image_id} not found" if source is None
-                                else f"image {image_id} is in the index but its file is gone")
-        return source
+        if source is None:
+            raise HTTPException(404, f"image {image_id} not found")
+        found = servable_file(str(source.path), root)
+        if isinstance(found, str):
+            raise HTTPException(404, f"image {image_id} {found}")
+        source = replace(source, path=found.path)
+        if not source.available():
+            raise HTTPException(404, f"image {image_id} is in the index but its bytes are gone (a shorter tar?)")
+        return source, found
+
+    def read_source(image_id: int, source: ImageSource) -> bytes:
+        try:
+            return source.read_bytes()
+        except OSError as exc:  # vanished or unreadable since it was judged servable
+            raise HTTPException(404, f"image {image_id} cannot be read ({exc.strerror or exc})") from None
+
+    def thumbnail(image_id: int, size: int) -> bytes:
+        """Cached by the file's identity (inode, size, mtime): a replaced or deleted file is never served stale."""
+        source, found = source_of(image_id)
+        return cached_thumbnail(image_id, source, found.identity, size)
 
     @lru_cache(maxsize=thumb_cache_size)
-    def thumbnail(image_id: int, size: int) -> bytes:
-        image = decode_image(source_of(image_id).decodable(), min_size=size)
+    def cached_thumbnail(image_id: int, source: ImageSource, _identity: tuple, size: int) -> bytes:
+        data = source.path if source.member is None else read_source(image_id, source)
+        with decode_slots:
+            image = decode_image(data, min_size=size)
         if isinstance(image, DecodeFailure):
             raise HTTPException(404, f"image {image_id} cannot be decoded: {image}")
         image.thumbnail((size, size))
@@ -149,10 +175,12 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
 
     @app.get("/api/images/{image_id}", response_class=FileResponse)
     def image(image_id: PathId) -> Response:
-        source = source_of(image_id)
+        source, found = source_of(image_id)
         if source.member is None:
-            return FileResponse(source.path)
-        return Response(source.read_bytes(), media_type=source.media_type)
+            return FileResponse(found.path, stat_result=found.stat)
+        return Response(read_source(image_id, source), media_type=source.media_type)
+
+    app.add_api_route("/api/images/{image_id}", image, methods=["HEAD"], include_in_schema=False)  # HEAD = GET
 
     @app.get("/api/images/{image_id}/thumb", response_class=Response)
     def thumb(image_id: PathId, size: Annotated[int, Query(ge=16, le=MAX_THUMB)] = 256) -> Response:
@@ -167,7 +195,8 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
         if body.scores is not None and len(body.scores) != len(body.ids):
             raise HTTPException(400, f"scores has {len(body.scores)} entries but ids has {len(body.ids)}")
         scores = body.scores or [None] * len(body.ids)
-        zip_path = build_zip([(i, source_of(i), s) for i, s in zip(body.ids, scores)])
+        chosen = dict(zip(reversed(body.ids), reversed(scores)))  # one copy per id, its first score
+        zip_path = build_zip([(i, source_of(i)[0], chosen[i]) for i in dict.fromkeys(body.ids)])
         return FileResponse(zip_path, media_type="application/zip", filename="clip-hpc-export.zip",
                             background=BackgroundTask(os.unlink, zip_path))
 
@@ -175,7 +204,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def gallery() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-store"})
 

@@ -7,6 +7,8 @@ import tempfile
 import zipfile
 from typing import Any, Sequence
 
+from starlette.exceptions import HTTPException
+
 from clip_hpc.server.image_source import ImageSource
 
 
@@ -19,13 +21,20 @@ def build_zip(items: Sequence[tuple[int, ImageSource, float | None]]) -> str:
     fd, tmp = tempfile.mkstemp(prefix="clip-hpc-export-", suffix=".zip")
     os.close(fd)
     metadata: list[dict[str, Any]] = []
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for image_id, source, score in items:
-            name = f"images/{image_id}_{source.name}"
-            if source.member is None:
-                zf.write(source.path, name)
-            else:
-                zf.writestr(name, source.read_bytes())
-            metadata.append({"id": image_id, "path": str(source.path), "score": score, "file": name})
-        zf.writestr("metadata.json", json.dumps(metadata, indent=2), compress_type=zipfile.ZIP_DEFLATED)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for image_id, source, score in items:
+                name = f"images/{image_id}_{source.name}"
+                try:
+                    if source.member is None:
+                        zf.write(source.path, name)
+                    else:
+                        zf.writestr(name, source.read_bytes())
+                except OSError as exc:  # vanished or unreadable since it was judged servable
+                    raise HTTPException(404, f"image {image_id} cannot be read ({exc.strerror or exc})") from None
+                metadata.append({"id": image_id, "path": str(source.path), "score": score, "file": name})
+            zf.writestr("metadata.json", json.dumps(metadata, indent=2), compress_type=zipfile.ZIP_DEFLATED)
+    except BaseException:
+        os.unlink(tmp)  # no half-written export left in /tmp, whatever went wrong
+        raise
     return tmp

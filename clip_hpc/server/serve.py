@@ -1,5 +1,6 @@
 """`clip-hpc serve`: load the model and index once, bind a port or a 0600 unix socket, announce the server
-(connection file, ssh command, URL), then run uvicorn until SIGINT or SIGTERM and clean up after itself."""
+(connection file, ssh command, URL), then run uvicorn until SIGINT, SIGTERM, SIGHUP or SIGUSR1 and clean up after
+itself (the connection file holds the token: no clean exit leaves it behind)."""
 from __future__ import annotations
 
 import signal
@@ -7,13 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clip_hpc.client.connection import (LOOPBACK, ConnectionInfo, default_connection_path, remove_connection_file,
-                                        ssh_command, write_connection_file)
+from clip_hpc.client.connection import (LOOPBACK, ConnectionInfo, claim_connection_file, default_connection_path,
+                                        remove_connection_file, ssh_command, write_connection_file)
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.search import SearchEngine, default_encoder
 from clip_hpc.server.app import create_app
 from clip_hpc.server.auth import resolve_token
 from clip_hpc.server.batching import BatchSettings
+from clip_hpc.server.guard import ACCEPT_BATCH, DEFAULT_HEADER_TIMEOUT, guarded_protocol, install_log_rate_limit
 from clip_hpc.server.shared_encoder import SharedEncoder
 from clip_hpc.server.sockets import bind_tcp, bind_unix
 from clip_hpc.server.threads import use_job_cpus
@@ -25,6 +27,20 @@ class _Stopped(Exception):
 
 def _stop(_signum: int, _frame: Any) -> None:
     raise _Stopped
+
+
+EXTRA_STOP_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)  # uvicorn itself handles SIGINT and SIGTERM
+
+
+def _release_memory_eagerly() -> None:
+    """glibc keeps freed blocks of a few MB (decoded uploads) in per-thread arenas unless they are mmapped: a
+    fixed mmap threshold hands them back to the system when freed."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
 
 
 def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | None = None, device: str = "auto",
@@ -40,14 +56,30 @@ def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | N
     return engine
 
 
+def announce(n: int, info: ConnectionInfo, conn_path: Path, where: str, loopback_port: int | None) -> None:
+    """What the job log shows: where the server listens, the connection file, the ssh command and the URL."""
+    print(f"clip-hpc serve: {n} images, listening on {where} (node {info.host})\n"
+          f"  connection file: {conn_path}\n"
+          f"  on your laptop:  {info.ssh_command}\n"
+          f"  then open:       {info.url}", flush=True)
+    if loopback_port is not None:
+        print("  (if compute nodes refuse ssh, restart with --host 0.0.0.0 and tunnel through the login node: "
+              f"{ssh_command(info.host, port=loopback_port, bind_host='0.0.0.0')}; the token still guards it)",
+              flush=True)
+    sys.stdout.flush()
+
+
 def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | None = None,
           connection_file: str | None = None, model: str | None = None, pretrained: str | None = None,
           device: str = "auto", nprobe: int | None = None, max_upload_mb: float = 20.0,
           log_level: str = "warning", batching: BatchSettings | None = BatchSettings(),
-          full_context: bool = False) -> int:
-    """Load once, bind, announce (connection file, ssh command, URL), then serve until SIGINT/SIGTERM."""
+          full_context: bool = False, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+          max_connections: int | None = None) -> int:
+    """Load once, bind, announce (connection file, ssh command, URL), then serve until a stop signal."""
     import uvicorn
 
+    conn_path = claim_connection_file(connection_file or default_connection_path())
+    _release_memory_eagerly()
     engine = load_engine(index_dir, model=model, pretrained=pretrained, device=device, nprobe=nprobe,
                          batching=batching, full_context=full_context)
     token = resolve_token()
@@ -57,26 +89,28 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
     bound_port = None if uds else int(sock.getsockname()[1])
     info = ConnectionInfo.for_this_server(token=token, port=bound_port, uds=uds, bind_host=host,
                                           index_dir=str(Path(index_dir).absolute()))
-    conn_path = write_connection_file(connection_file or default_connection_path(), info)
-    where = uds or f"{host}:{bound_port}"
-    print(f"clip-hpc serve: {engine.n} images, listening on {where} (node {info.host})\n"
-          f"  connection file: {conn_path}\n"
-          f"  on your laptop:  {info.ssh_command}\n"
-          f"  then open:       {info.url}", flush=True)
-    if not uds and host in LOOPBACK:
-        print("  (if compute nodes refuse ssh, restart with --host 0.0.0.0 and tunnel through the login node: "
-              f"{ssh_command(info.host, port=bound_port, bind_host='0.0.0.0')}; the token still guards it)",
-              flush=True)
-    sys.stdout.flush()
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
-                            server_header=False)
-    previous = signal.signal(signal.SIGTERM, _stop)  # uvicorn re-raises SIGTERM after its graceful shutdown
+                            server_header=False, http=guarded_protocol(header_timeout, max_connections),
+                            backlog=ACCEPT_BATCH)
+    server = uvicorn.Server(config)
+    install_log_rate_limit()
+
+    def _graceful(_signum: int, _frame: Any) -> None:
+        server.should_exit = True
+
+    # from before the file exists until it is removed, every stop signal ends in the `finally` below
+    previous = {sig: signal.signal(sig, _graceful) for sig in EXTRA_STOP_SIGNALS}
+    previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _stop)  # uvicorn re-raises it after shutting down
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        conn_path = write_connection_file(conn_path, info)
+        announce(engine.n, info, conn_path, uds or f"{host}:{bound_port}",
+                 None if uds or host not in LOOPBACK else bound_port)
+        server.run(sockets=[sock])
     except _Stopped:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         remove_connection_file(conn_path)
         if uds:
             Path(uds).unlink(missing_ok=True)

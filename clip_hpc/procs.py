@@ -1,0 +1,38 @@
+"""Processes, standard library only (the laptop side and formats/ use it too): is a pid alive, and tie a child to
+its parent so that no command we start can outlive us."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists on this machine (a zombie counts as gone)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In a child (a preexec_fn): the kernel sends `sig` when the parent dies, however it dies (kill -9 too).
+    Linux only; elsewhere a no-op (signal forwarding still covers a clean parent exit)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)

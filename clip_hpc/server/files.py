@@ -1,0 +1,62 @@
+"""May this file be served? The one answer every route that sends an image's bytes asks for.
+
+An indexed path is only a name: by serving time it may be a symlink to /etc/passwd, a FIFO, or unreadable.
+A file is served only if, with symlinks resolved, it is a readable regular file under the directory tree the
+index was built from (the common root of its paths), and never from /proc, /sys or /dev.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+NEVER_SERVED = ("/proc", "/sys", "/dev")
+TAR_MEMBER_SEPARATOR = "::"  # `TARPATH::MEMBER` inputs: the file on disk is the tar
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def embedded_root(bounds: tuple[str, str] | None) -> str | None:
+    """The deepest directory holding every indexed path (from the lowest and highest path), symlinks resolved."""
+    if bounds is None:
+        return None
+    low, high = (b.split(TAR_MEMBER_SEPARATOR)[0] for b in bounds)
+    common = os.path.commonpath([os.path.dirname(low) or "/", os.path.dirname(high) or "/"])
+    return os.path.realpath(common)
+
+
+@dataclass(frozen=True)
+class Servable:
+    """A file that may be sent: its resolved path and the stat result it was judged by (also its identity)."""
+
+    path: Path
+    stat: os.stat_result
+
+    @property
+    def identity(self) -> tuple[int, int, int, int]:
+        """Changes when the file is replaced or rewritten: a cache keyed by it never serves stale bytes."""
+        return (self.stat.st_dev, self.stat.st_ino, self.stat.st_size, self.stat.st_mtime_ns)
+
+
+def servable_file(path: str, root: str | None) -> Servable | str:
+    """The file to send for an indexed `path`, or why not (a short reason for a 404)."""
+    real = os.path.realpath(path)
+    if any(_within(real, forbidden) for forbidden in NEVER_SERVED):
+        return "is not served (a system path)"
+    if root is not None and not _within(real, root):
+        return "now points outside the indexed directories"
+    try:
+        st = os.stat(real)
+    except OSError:
+        return "is in the index but its file is gone"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    os.close(fd)
+    return Servable(Path(real), st)
