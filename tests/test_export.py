@@ -28,7 +28,8 @@ def captioned_emb_dir(tmp_path_factory):
     for unit, lo in enumerate(range(0, n, size)):
         ids = [i for i in range(lo, min(lo + size, n)) if not (unit == 1 and i % 7 == 0) and unit != 2]
         failed = sorted(set(range(lo, min(lo + size, n))) - set(ids))
-        vectors = rng.normal(size=(len(ids), DIM)).astype(np.float16)
+        vectors = rng.normal(size=(len(ids), DIM))
+        vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)  # as embed writes
         emb.write_shard(unit, embeddings=vectors, ids=ids, paths=[f"/data/x::{i}.jpg" for i in ids],
                         captions=[f"caption {i}" for i in ids],
                         meta=[json.dumps({"key": f"{i:09d}", "url": f"https://e/{i}"}) for i in ids],
