@@ -89,7 +89,7 @@ def test_index_builds_from_an_embedding_reader_folder(captioned_emb_dir):
 
 def test_shards_and_metadata_from_before_captions_still_read(tmp_path):
     emb = EmbDir(tmp_path / "emb")
-    emb.write_shard(0, embeddings=np.zeros((2, 4), np.float16), ids=[0, 1], paths=["/a.jpg", "/b.jpg"],
+    emb.write_shard(0, embeddings=np.eye(2, 4, dtype=np.float16), ids=[0, 1], paths=["/a.jpg", "/b.jpg"],
                     attrs={"unit_size": 2})
     with h5py.File(emb.shard_path(0), "a") as f:
         for name in ("captions", "meta", "offsets", "sizes"):
