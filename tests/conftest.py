@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,18 @@ def run_cli(*args: str, check: bool = False, timeout: float = 600, env: dict | N
     if check and proc.returncode != 0:
         raise AssertionError(f"clip-hpc {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def kill_after_shards(cmd: list[str], out: Path, shards: int = 3, timeout: float = 300) -> None:
+    """Start `cmd` in its own session and SIGKILL its whole group once `shards` shards exist: a pre-emption."""
+    from clip_hpc.formats.emb_dir import EmbDir
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while len(EmbDir(out).shard_files()) < shards and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def make_images(out: Path, n: int, seed: int = 0, extra: str = "") -> Path:

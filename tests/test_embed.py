@@ -1,8 +1,5 @@
 """The embed stage end to end through the real CLI: MPI ranks, resume after SIGKILL, bad images, clear errors."""
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +8,7 @@ import pytest
 from clip_hpc.formats.emb_dir import EmbDir, file_sha256
 from clip_hpc.formats.shard import read_shard
 from clip_hpc.sample_images import write_bad_images
-from conftest import BIN, ROOT, run_cli
+from conftest import BIN, ROOT, kill_after_shards, run_cli
 
 TINY = ["--model", "clip-hpc-tiny", "--pretrained", "none"]
 
@@ -83,12 +80,7 @@ def test_sigkill_then_resume_with_another_world_size(sample_images, tmp_path):
     out = tmp_path / "emb"
     cmd = [str(BIN / "mpiexec"), "-n", "2", str(BIN / "clip-hpc"), "embed", str(sample_images), "--out", str(out),
            *TINY, "--shard-size", "10", "--batch-size", "2", "--workers", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while len(EmbDir(out).shard_files()) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_shards(cmd, out)
     survivors = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in EmbDir(out).shard_files()}
     n_units = -(-len(EmbDir(out).read_inputs()) // 10)
     assert 3 <= len(survivors) < n_units, "the run must be killed part-way"

@@ -1,10 +1,6 @@
 """Embedding WebDataset tars end to end through the real CLI: every member embedded or failed exactly once with 1
 and 2 ranks and after a SIGKILL, the same vectors as the same images given as loose files, captions and offsets in
 the shards. About 25 s on 2 cores (the SIGKILL test, marked slow, another 15 s)."""
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +8,7 @@ import pytest
 
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.tars import Member, read_member
-from conftest import BIN, make_images, run_cli
+from conftest import BIN, kill_after_shards, make_images, run_cli
 from tar_fixtures import write_bad_tars, write_wds_tars
 from test_embed import TINY, coverage, load_all, mpi_embed
 
@@ -94,12 +90,7 @@ def test_sigkill_then_resume_tars(tar_set, one_rank, tmp_path):
     out = tmp_path / "emb"
     cmd = [str(BIN / "mpiexec"), "-n", "2", str(BIN / "clip-hpc"), "embed", str(root / "tars"), "--out", str(out),
            *TINY, "--shard-size", "4", "--batch-size", "1", "--workers", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while len(EmbDir(out).shard_files()) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_shards(cmd, out)
     survivors = {p.name: p.stat().st_mtime_ns for p in EmbDir(out).shard_files()}
     n_units = -(-len(EmbDir(out).read_inputs()) // 4)
     assert 3 <= len(survivors) < n_units, "the run must be killed part-way"

@@ -8,7 +8,6 @@ import contextlib
 import ctypes
 import io
 import json
-import os
 import resource
 import socket
 import threading

@@ -2,7 +2,6 @@
 tars as input lines with their reason, brace patterns, loose files and tars side by side."""
 import os
 import tarfile
-from pathlib import Path
 
 import pytest
 

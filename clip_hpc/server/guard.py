@@ -13,7 +13,6 @@ import logging
 import os
 import resource
 import time
-from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
