@@ -93,13 +93,17 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
 
 # --- index, search ----------------------------------------------------------------------------------------------
 def cmd_index(args: argparse.Namespace) -> int:
+    from clip_hpc.dist import world
     from clip_hpc.index import build_index
 
     info = build_index(args.emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
-                       refine=args.refine, nprobe=args.nprobe, update=args.update, progress=not args.quiet)
+                       refine=args.refine, nprobe=args.nprobe, update=args.update, lists=args.lists,
+                       progress=not args.quiet)
     recall = info.recall
+    if not world().is_root:  # every rank built it; one reports
+        return 0
     print(f"{args.out}: {info.n} vectors, {info.index_key}, nprobe {info.nprobe}, "
-          f"{info.bytes_per_vector} B/vector, recall@10 {recall.get('served')} "
+          f"{info.bytes_per_vector} B/vector, {info.ranks} rank(s), recall@10 {recall.get('served')} "
           f"(in {recall.get('in_distribution')}, off {recall.get('off_distribution')})")
     return 0
 
@@ -108,12 +112,15 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build (or --update) a FAISS index with metadata from an EMB_DIR")
     p.add_argument("emb_dir")
     p.add_argument("--out", required=True, help="INDEX_DIR (written to a temporary directory, renamed at the end)")
-    p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ64x4fs")
+    p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ32")
     p.add_argument("--train-size", type=int, default=None, help=train_size_help())
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                    help="re-rank candidates exactly with vectors.npy (default: on for compressed indexes)")
     p.add_argument("--nprobe", type=int, default=None, help="default nprobe (default: smallest with recall@10 >= 0.95)")
     p.add_argument("--update", action="store_true", help="add units not yet indexed, without retraining")
+    p.add_argument("--lists", choices=("auto", "memory", "disk"), default="auto",
+                   help="where a many-rank build merges the inverted lists: in index.faiss (memory) or an on-disk "
+                        "lists.ivfdata the server memory-maps (disk); auto: disk above 4 GiB of codes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_index)
 
