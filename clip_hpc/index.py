@@ -80,9 +80,9 @@ def make_index(index_key: str, dim: int) -> faiss.Index:
         index = faiss.IndexIDMap(index)
     elif ivf is not None:
         ivf.cp.min_points_per_centroid = TRAIN_PER_LIST  # k-means warns below 39·K points otherwise
-        pq = getattr(faiss.try_extract_index_ivf(index), "pq", None)
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
         if pq is not None:
-            pq.cp.max_points_per_centroid = PQ_TRAIN_PER_CENTROID  # 4x faster codebooks, same recall (measured)
+            pq.cp.max_points_per_centroid = PQ_TRAIN_PER_CENTROID  # 4x fewer residuals for the codebooks (recall not yet compared with the default)
     return index
 
 
