@@ -96,7 +96,7 @@ def merge_in_memory(own: faiss.Index, parts: Sequence[Path]) -> faiss.Index:
     """Rank 0's index with the other ranks' lists appended, list by list (ids are global already)."""
     target = faiss.extract_index_ivf(own)
     for path in parts:
-        other = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        other = faiss.read_index(str(path))  # read whole: merge_from empties the source lists it took
         target.merge_from(faiss.extract_index_ivf(other), 0)
         own.ntotal = target.ntotal
     return own

@@ -80,14 +80,15 @@ def test_on_disk_lists_load_in_search_engine_and_in_serve(tiny_model_vectors, tm
 
 
 @pytest.mark.mpi
-def test_mpiexec_two_ranks_build_the_same_index_merged_on_disk(tiny_model_vectors, tmp_path):
+@pytest.mark.parametrize("lists", ["disk", "memory"])
+def test_mpiexec_two_ranks_build_the_same_index(tiny_model_vectors, tmp_path, lists):
     root, vectors = tiny_model_vectors
     one = _mpiexec_index(1, root / "emb", tmp_path / "one")
-    two = _mpiexec_index(2, root / "emb", tmp_path / "two", "--lists", "disk")
+    two = _mpiexec_index(2, root / "emb", tmp_path / "two", "--lists", lists)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     assert sum(" vectors, " in line for line in two.stdout.splitlines()) == 1  # one rank reports
     info_one, info_two = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("one", "two"))
-    assert info_one["ranks"] == 1 and info_two["ranks"] == 2 and info_two["lists"] == "disk"
+    assert info_one["ranks"] == 1 and info_two["ranks"] == 2 and info_two["lists"] == lists
     assert len(info_two["timings"]["add_s_per_rank"]) == 2
     np.testing.assert_array_equal(_index_ids(tmp_path / "one"), _index_ids(tmp_path / "two"))
     assert abs(_recall(tmp_path / "one", vectors) - _recall(tmp_path / "two", vectors)) <= 0.01
