@@ -7,6 +7,7 @@ writes its lists; rank 0 merges them, in memory when they are small, else into o
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -19,6 +20,17 @@ from clip_hpc.errors import UserError
 T = TypeVar("T")
 LISTS_MODES = ("auto", "memory", "disk")
 MEMORY_MERGE_LIMIT = 4 << 30  # bytes of codes and ids: above this the merge goes to disk
+IDLE_POLL_S = 0.05  # how often a waiting rank looks whether the others have arrived
+
+
+def wait_for_all(world: World) -> None:
+    """A barrier that sleeps while it waits: MPI's blocking collectives spin a core, so ranks idle while rank 0
+    trains (FAISS on every core of the node) would slow it down."""
+    if world.comm is None or world.size == 1:
+        return
+    request = world.comm.Ibarrier()
+    while not request.Test():
+        time.sleep(IDLE_POLL_S)
 
 
 class RankFailed(UserError):
@@ -38,6 +50,7 @@ def from_root(world: World, work: Callable[[], T]) -> T:
             outcome = (True, work())
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others were told
             outcome = (False, exc)
+    wait_for_all(world)
     shared = world.bcast(outcome if not world.is_root or outcome[0] else (False, _describe(outcome[1], 0)))
     if world.is_root and not outcome[0]:
         raise outcome[1]
@@ -55,6 +68,7 @@ def on_every_rank(world: World, work: Callable[[], T]) -> list[T]:
         result = work()
     except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others were told
         error = exc
+    wait_for_all(world)
     gathered = world.allgather((None if error is None else _describe(error, world.rank), result))
     if error is not None:
         raise error
