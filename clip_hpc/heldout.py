@@ -73,7 +73,7 @@ def evaluate(index_dir: str | Path, n_queries: int = 400, seed: int = 2024, grou
     info = files.load_info()
     vectors = files.open_vectors()
     sets = heldout_queries(vectors, n_queries, seed, groups)
-    engine = SearchEngine(index_dir, encoder=_NoEncoder(info.dim))
+    engine = SearchEngine(index_dir, encoder=VectorQueriesOnly(info.dim))
     try:
         results: dict[str, Any] = {"n": info.n, "index_key": info.index_key, "nprobe": engine.nprobe,
                                    "refine_factor": engine.refine_factor, "groups": sets["params"]}
@@ -98,7 +98,7 @@ def evaluate(index_dir: str | Path, n_queries: int = 400, seed: int = 2024, grou
         engine.close()
 
 
-class _NoEncoder:
+class VectorQueriesOnly:
     """Vector queries only: the held-out check never encodes text or images."""
 
     image_size = 224

@@ -35,20 +35,26 @@ FLAT_BELOW = 10_000
 ADD_BATCH = 65_536
 HNSW_QUANTIZER_FROM = 65_536  # lists: from here a flat coarse quantizer's K·d per add dominates the build
 PQ_TRAIN_PER_CENTROID = 64  # 8-bit PQ codebooks train on at most 256 x this many residuals (FAISS default 256)
+OPQ_FROM = 50_000  # vectors: below, scanning every list is cheap and a larger refine factor does OPQ's job
+OPQ_ITERATIONS = 25  # FAISS default 50 on 65,536 points took ~8 min at d=512 on 2 cores; 20 on 16k points ranked
+OPQ_TRAIN_POINTS = 16_384  # as well as 10 on 65k (held-out text-like, 100k) in a fifth of the time
 
 
 # --- the pure core ---------------------------------------------------------------------------------------------
 def choose_index_key(n: int, dim: int) -> str:
-    """Flat below ~10k vectors; else IVF with K = the smallest power of two >= 2·√N (< 4·√N), PQ with d/16
-    bytes of 8-bit codes, and an HNSW coarse quantizer from K = 65,536 on. Measured at d=512: 66 B/vector at
-    100k, 45 at 1M (the centroid table is 4·d·K bytes, the codes d/16 + 8 for the id); plain 8-bit PQ instead of
-    fast-scan 4-bit has no block padding, better recall per byte, and on-disk and memory-mapped lists."""
+    """Flat below ~10k vectors; else an OPQ rotation, IVF with K = the smallest power of two >= 2·√N (< 4·√N),
+    PQ with d/16 bytes of 8-bit codes, and an HNSW coarse quantizer from K = 65,536 on (OPQ from 50k vectors). Bytes at d=512: the codes
+    d/16 + 8 for the id, the centroid table 4·d·K, the rotation 4·d² (77 B/vector at 100k, ~45 at 1M). OPQ
+    ranks the candidates of text-like queries far better (held-out, 100k, all lists probed, 500 candidates:
+    true top-10 found 0.87 without, 0.95 with); plain 8-bit PQ instead of fast-scan 4-bit keeps on-disk and
+    memory-mapped lists (fast-scan's block lists cannot be merged on disk)."""
     if n < FLAT_BELOW:
         return "Flat"
     nlist = 1 << math.ceil(math.log2(2 * math.sqrt(n)))
     m = dim // 16 if dim % 16 == 0 and dim >= 32 else 0
     coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
-    return f"{coarse},PQ{m}" if m else f"{coarse},Flat"
+    rotation = f"OPQ{m}," if m and n >= OPQ_FROM else ""
+    return f"{rotation}{coarse},PQ{m}" if m else f"{coarse},Flat"
 
 
 def ivf_lists(index_key: str) -> int | None:
@@ -83,7 +89,18 @@ def make_index(index_key: str, dim: int) -> faiss.Index:
         pq = getattr(faiss.downcast_index(ivf), "pq", None)
         if pq is not None:
             pq.cp.max_points_per_centroid = PQ_TRAIN_PER_CENTROID  # 4x fewer residuals for the codebooks (recall not yet compared with the default)
+        _limit_opq_training(index)
     return index
+
+
+def _limit_opq_training(index: faiss.Index) -> None:
+    """Fewer iterations and points for an OPQ rotation in the chain (see OPQ_ITERATIONS)."""
+    if not isinstance(index, faiss.IndexPreTransform):
+        return
+    for i in range(index.chain.size()):
+        transform = faiss.downcast_VectorTransform(index.chain.at(i))
+        if isinstance(transform, faiss.OPQMatrix):
+            transform.niter, transform.max_train_points = OPQ_ITERATIONS, OPQ_TRAIN_POINTS
 
 
 def gpu_index(index: faiss.Index, local_rank: int = 0) -> faiss.Index | None:

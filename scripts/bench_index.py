@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 
-from clip_hpc.heldout import evaluate, heldout_queries
+from clip_hpc.heldout import VectorQueriesOnly, evaluate, heldout_queries
 from clip_hpc.index import build_index
 from clip_hpc.recall import exact_top_k, off_distribution_queries, recall_at_k
 from clip_hpc.search import SearchEngine
@@ -107,11 +107,16 @@ def bench_ranks(emb: Path, n: int, work: Path) -> list[dict]:
         info = json.loads((out / "index.json").read_text())
         held = evaluate(out)
         t = info["timings"]
+        engine = SearchEngine(out, encoder=VectorQueriesOnly(info["dim"]))
+        queries = np.concatenate(heldout_queries(engine.vectors, 100, 11)["text_like"])
+        p50, p99 = latency_ms(lambda q, k: engine.search_vectors(q, k), queries)
+        engine.close()
         rows.append({"n": n, "method": f"clip-hpc {ranks} rank(s) {info['index_key']} nprobe={info['nprobe']} "
                                        f"refine x{info['refine_factor']}",
                      **{k: t.get(k, 0.0) for k in ("vectors_s", "train_s", "add_s", "merge_s", "recall_s",
                                                   "total_s")},
-                     "bytes_per_vector": info["bytes_per_vector"], "recall_text_like": held["text_like"],
+                     "bytes_per_vector": info["bytes_per_vector"], "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
+                     "recall_text_like": held["text_like"],
                      "recall_in_distribution": held["in_distribution"], "claimed": held["claimed"]})
     return rows
 

@@ -26,12 +26,14 @@ IVF_KEY = "IVF16,PQ8x4fs"
 @pytest.mark.parametrize("dim", [512, 768])
 def test_auto_key_follows_the_contract(n, dim):
     # issue 10 moved K from [4·√N, 16·√N] to [2·√N, 4·√N) and the codes from PQ{d/8}x4fs to PQ{d/16} (8-bit):
-    # the same d/16 bytes, no fast-scan padding, on-disk lists; fewer centroids keep 1M under 48 B/vector
+    # the same d/16 bytes, no fast-scan padding, on-disk lists; fewer centroids keep 1M under 48 B/vector;
+    # an OPQ rotation ranks text-like queries' candidates better
     key = choose_index_key(n, dim)
     nlist = ivf_lists(key)
     assert 2 * math.sqrt(n) <= nlist < 4 * math.sqrt(n)
     hnsw = "_HNSW32" if nlist >= 65_536 else ""
-    assert re.fullmatch(rf"IVF{nlist}{hnsw},PQ{dim // 16}", key)
+    rotation = f"OPQ{dim // 16}," if n >= 50_000 else ""
+    assert re.fullmatch(rf"{rotation}IVF{nlist}{hnsw},PQ{dim // 16}", key)
     train = choose_train_size(n, key)
     assert 30 * nlist <= train <= 256 * nlist or train == n
 
