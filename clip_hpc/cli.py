@@ -96,6 +96,7 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     import tempfile
 
+    from clip_hpc.dist import world
     from clip_hpc.formats.embedding_folder import import_embedding_folder, is_embedding_folder
     from clip_hpc.index import build_index
 
@@ -103,13 +104,19 @@ def cmd_index(args: argparse.Namespace) -> int:
             as scratch:
         emb_dir = args.emb_dir
         if is_embedding_folder(emb_dir):  # clip-retrieval's layout: read it into shards first
+            if world().size > 1:
+                raise UserError(f"{emb_dir} is an embedding-reader folder, which one rank indexes: run clip-hpc "
+                                "index without mpiexec/srun")
             emb_dir = import_embedding_folder(args.emb_dir, os.path.join(scratch, "emb"), model=args.model,
                                               pretrained=args.pretrained).root
         info = build_index(emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
-                           refine=args.refine, nprobe=args.nprobe, update=args.update, progress=not args.quiet)
+                           refine=args.refine, nprobe=args.nprobe, update=args.update, lists=args.lists,
+                           progress=not args.quiet)
     recall = info.recall
+    if not world().is_root:  # every rank built it; one reports
+        return 0
     print(f"{args.out}: {info.n} vectors, {info.index_key}, nprobe {info.nprobe}, "
-          f"{info.bytes_per_vector} B/vector, recall@10 {recall.get('served')} "
+          f"{info.bytes_per_vector} B/vector, {info.ranks} rank(s), recall@10 {recall.get('served')} "
           f"(in {recall.get('in_distribution')}, off {recall.get('off_distribution')})")
     return 0
 
@@ -121,12 +128,15 @@ def add_index(sub: argparse._SubParsersAction) -> None:
                    help="for an embedding-reader folder: the model that made the vectors (recorded for serve)")
     p.add_argument("--pretrained", default="laion2b_s34b_b79k", help="for an embedding-reader folder: its weights")
     p.add_argument("--out", required=True, help="INDEX_DIR (written to a temporary directory, renamed at the end)")
-    p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ64x4fs")
+    p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ32")
     p.add_argument("--train-size", type=int, default=None, help=train_size_help())
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                    help="re-rank candidates exactly with vectors.npy (default: on for compressed indexes)")
     p.add_argument("--nprobe", type=int, default=None, help="default nprobe (default: smallest with recall@10 >= 0.95)")
     p.add_argument("--update", action="store_true", help="add units not yet indexed, without retraining")
+    p.add_argument("--lists", choices=("auto", "memory", "disk"), default="auto",
+                   help="where a many-rank build merges the inverted lists: in index.faiss (memory) or an on-disk "
+                        "lists.ivfdata the server memory-maps (disk); auto: disk above 4 GiB of codes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_index)
 

@@ -4,7 +4,7 @@
 #   CLIP_HPC_VENV            the venv to put first on PATH (default: $CLIP_HPC_HOME/.venv)
 #   CLIP_HPC_SRUN_MPI        srun --mpi=... for the embed ranks (pmi2 for the pip MPICH that mpi4py uses)
 #   CLIP_HPC_GPUS_PER_NODE   GPUs per node; the embed job runs one task per GPU
-#   CLIP_HPC_EMBED_SBATCH, CLIP_HPC_INDEX_SBATCH, CLIP_HPC_SERVE_SBATCH
+#   CLIP_HPC_EMBED_SBATCH, CLIP_HPC_INDEX_SBATCH, CLIP_HPC_SERVE_SBATCH  (--ntasks in the index options = index ranks)
 #                            default sbatch options that slurm/pipeline.sh gives each job
 #   CLIP_HPC_DATA            where slurm/pipeline.sh puts EMB_DIR and INDEX_DIR when given a relative work dir
 #   CLIP_HPC_LOGIN_HOST      the [user@]host a laptop ssh-es to; printed in the serve job's tunnel command

@@ -21,7 +21,9 @@ export SBATCH_CONSTRAINT SBATCH_QOS ${SBATCH_ACCOUNT:+SBATCH_ACCOUNT}
 : "${CLIP_HPC_SRUN_MPI:=cray_shasta}"
 # One task per GPU, a quarter of the node's hardware threads each (DataLoader workers = cpus-per-task - 1).
 : "${CLIP_HPC_EMBED_SBATCH:=--ntasks-per-node=4 --gpus-per-task=1 --cpus-per-task=32 --time=02:00:00}"
-: "${CLIP_HPC_INDEX_SBATCH:=--qos=shared --gpus=1 --cpus-per-task=32 --time=02:00:00}"
+# The index job: one task per GPU of a node (rank 0 trains on its GPU, every rank adds its shards); more nodes
+# with -N. slurm/index.sbatch runs srun over all of the job's tasks.
+: "${CLIP_HPC_INDEX_SBATCH:=--ntasks-per-node=4 --gpus-per-task=1 --cpus-per-task=32 --time=02:00:00}"
 # The server needs no GPU: a shared CPU slot for a working day.
 : "${CLIP_HPC_SERVE_SBATCH:=--constraint=cpu --qos=shared --cpus-per-task=8 --time=08:00:00}"
 : "${CLIP_HPC_DATA:=${SCRATCH:-$HOME}/clip-hpc}"

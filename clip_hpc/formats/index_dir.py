@@ -30,6 +30,8 @@ INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.npy"
 META_FILE = "meta.sqlite"
 INFO_FILE = "index.json"
+IVFDATA_FILE = "lists.ivfdata"  # on-disk inverted lists (a many-rank build's merge), memory-mapped when served
+PARTS_DIR = "parts"  # a many-rank build's per-rank lists, only inside the build directory
 INDEX_FORMAT = "clip-hpc-index"
 ROW_LAYOUT = "global_id"  # vectors.npy row i is global id i; rows of failed (never embedded) ids are zero
 
@@ -63,6 +65,8 @@ class IndexInfo:
     index_bytes: int | None = None
     bytes_per_vector: float | None = None
     faiss_version: str | None = None
+    ranks: int = 1  # processes that added vectors (a many-rank build merges their lists)
+    lists: str = "memory"  # inverted lists in index.faiss ("memory") or in lists.ivfdata ("disk")
     extra: dict[str, Any] = field(default_factory=dict)
     absent: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -82,12 +86,25 @@ class IndexInfo:
                    extra={k: v for k, v in data.items() if k not in known}, absent=frozenset(known - set(data)))
 
 
+def _lists_into_memory(index: "faiss.Index") -> "faiss.Index":
+    """Swap memory-mapped on-disk lists for in-memory ones, so adds never write into the served file."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    lists.merge_from(ivf.invlists, 0)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()
+    return index
+
+
 def _default(f: Any) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 class IndexDir:
-    """An index directory: index.faiss, vectors.npy, meta.sqlite and index.json, and nothing else names them."""
+    """An index directory: index.faiss (plus lists.ivfdata when merged on disk), vectors.npy, meta.sqlite and
+    index.json, and nothing else names them."""
 
     FILES = (INDEX_FILE, VECTORS_FILE, META_FILE)
 
@@ -113,6 +130,17 @@ class IndexDir:
     @property
     def info_path(self) -> Path:
         return self.root / INFO_FILE
+
+    @property
+    def ivfdata_path(self) -> Path:
+        return self.root / IVFDATA_FILE
+
+    def has_ondisk_lists(self) -> bool:
+        return self.ivfdata_path.is_file()
+
+    def part_path(self, rank: int) -> Path:
+        """Rank `rank`'s inverted lists before the merge (the parts folder is removed before the swap-in)."""
+        return self.root / PARTS_DIR / f"rank-{rank:05d}.faiss"
 
     def looks_like_one(self) -> bool:
         """Whether `root` has an index.json (`info` and the demo tell an INDEX_DIR by it)."""
@@ -150,9 +178,14 @@ class IndexDir:
     # --- opening the files ---
     def open_index(self, *, writable: bool = False) -> "faiss.Index":
         """Read-only: memory-mapped where the index type allows it (RAM holds only the pages queries touch),
-        else read whole. Writable (to add to it): read whole."""
+        else read whole; on-disk lists are always memory-mapped, found beside index.faiss wherever the directory
+        moved. Writable (to add to it): read whole, on-disk lists copied into memory."""
         import faiss
 
+        if self.has_ondisk_lists():
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (0 if writable else faiss.IO_FLAG_READ_ONLY)
+            index = faiss.read_index(str(self.index_path), flags)
+            return _lists_into_memory(index) if writable else index
         if not writable:
             try:
                 return faiss.read_index(str(self.index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
@@ -161,11 +194,23 @@ class IndexDir:
         return faiss.read_index(str(self.index_path))
 
     def write_index(self, index: "faiss.Index") -> int:
-        """Save the index; returns its size in bytes (index.json records it)."""
+        """Save the index; returns its size in bytes, on-disk lists included (index.json records it)."""
         import faiss
 
         faiss.write_index(index, str(self.index_path))
-        return self.index_path.stat().st_size
+        shutil.rmtree(self.root / PARTS_DIR, ignore_errors=True)
+        return self.index_path.stat().st_size + (self.ivfdata_path.stat().st_size if self.has_ondisk_lists() else 0)
+
+    def write_part(self, index: "faiss.Index", rank: int) -> Path:
+        """One rank's index (its own adds) for the merge; written under a temporary name, then renamed."""
+        import faiss
+
+        path = self.part_path(rank)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, path)
+        return path
 
     def open_vectors(self) -> np.ndarray:
         """vectors.npy as a read-only memory map."""
