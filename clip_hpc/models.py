@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from clip_hpc.errors import UserError
-from clip_hpc.text_context import TextContext, choose_text_context, encode_text_short
+from clip_hpc.text_context import TextContext, choose_text_context
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -104,7 +104,7 @@ class LoadedModel:
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         tokens = self.tokenizer(list(texts)).to(self.device)
         with self._autocast():
-            feats = encode_text_short(self.model, tokens) if self.text_context.short else self.model.encode_text(tokens)
+            feats = self.text_context.encode(self.model, tokens)
         return _normalise(feats)
 
 
@@ -243,7 +243,7 @@ def _build(name: str, pretrained: str | None, device: str, precision: str, local
     dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
         else int(model.encode_text(tokenizer(["x"])).shape[-1])
     context = TextContext(False, "full context asked for") if full_context \
-        else choose_text_context(model, tokenizer, dev)
+        else choose_text_context(model, tokenizer, dev, dtype)
     return LoadedModel(model, preprocess, tokenizer, dev, dtype, name, pretrained, dim, image_size, context)
 
 

@@ -8,9 +8,13 @@ structure (and then confirmed on a probe) is encoded at its full context, and `T
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from clip_hpc.text_packed import PackedTextTower
 
 PROBE_TOLERANCE = 1e-4  # largest difference from the full context accepted on the probe (float32: ~1e-6 seen)
 PROBE_TEXTS = ("a photo of a cat", "two dogs playing in the snow on a bright winter morning near the lake", "x")
@@ -23,9 +27,18 @@ class TextContext:
 
     short: bool
     reason: str
+    packed: PackedTextTower | None = field(default=None, compare=False)  # the faster exact path, where it fits
+    packed_note: str = ""  # how the short context runs: packed, or why not
 
     def describe(self) -> str:
-        return f"{'short' if self.short else 'full'} ({self.reason})"
+        note = f"; {self.packed_note}" if self.short and self.packed_note else ""
+        return f"{'short' if self.short else 'full'} ({self.reason}{note})"
+
+    def encode(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text features: packed, else the short prefix, else open_clip's own full context."""
+        if not self.short:
+            return model.encode_text(tokens)
+        return self.packed.encode(tokens) if self.packed is not None else encode_text_short(model, tokens)
 
 
 def structural_check(model: torch.nn.Module) -> TextContext:
@@ -54,16 +67,19 @@ def is_causal_mask(mask: torch.Tensor) -> bool:
     return bool(torch.all(torch.isneginf(mask[above]))) and bool(torch.all(mask[~above] == 0))
 
 
-def needed_length(model: torch.nn.Module, tokens: torch.Tensor) -> int:
-    """The shortest prefix that holds every row's pooled position (argmax = EOT for CLIP's tokenizer)."""
+def pooled_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Each row's pooled position (argmax = EOT for CLIP's tokenizer)."""
     pool = model.text_pool_type
     if pool == "first":
-        return 1
+        return torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
     if pool == "eos":
-        position = (tokens == model.text_eos_id).int().argmax(dim=-1)
-    else:
-        position = tokens.argmax(dim=-1)
-    return int(position.max()) + 1 if len(tokens) else 1
+        return (tokens == model.text_eos_id).int().argmax(dim=-1)
+    return tokens.argmax(dim=-1)
+
+
+def needed_length(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """The shortest prefix that holds every row's pooled position."""
+    return int(pooled_positions(model, tokens).max()) + 1 if len(tokens) else 1
 
 
 def encode_text_short(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -83,16 +99,32 @@ def encode_text_short(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Ten
     return x
 
 
+def probe_gap(full: torch.Tensor, other: torch.Tensor) -> float | None:
+    """The largest difference from the full context's features, or None when it is within PROBE_TOLERANCE."""
+    gap = float((full - other.float()).abs().max())
+    return None if gap <= PROBE_TOLERANCE * max(1.0, float(full.abs().max())) else gap
+
+
 @torch.inference_mode()
-def choose_text_context(model: torch.nn.Module, tokenizer, device: torch.device) -> TextContext:
-    """The structural check, then a probe (texts of mixed lengths) that must match the full context."""
+def choose_text_context(model: torch.nn.Module, tokenizer, device: torch.device, dtype: torch.dtype) -> TextContext:
+    """The structural check, then a probe (texts of mixed lengths) that must match the full context; then the
+    packed path (text_packed.py), kept only when it matches too."""
+    from clip_hpc.text_packed import PackedTextTower, cannot_pack, prepack_available
+
     context = structural_check(model)
     if not context.short:
         return context
     tokens = tokenizer(list(PROBE_TEXTS)).to(device)
     full = model.encode_text(tokens).float()
-    short = encode_text_short(model, tokens).float()
-    gap = float((full - short).abs().max())
-    if not gap <= PROBE_TOLERANCE * max(1.0, float(full.abs().max())):
+    gap = probe_gap(full, encode_text_short(model, tokens))
+    if gap is not None:
         return TextContext(False, f"probe differs from the full context by {gap:.1e}")
-    return context
+    why_not = cannot_pack(model)
+    if why_not is not None:
+        return TextContext(True, context.reason, packed_note=f"not packed: {why_not}")
+    tower = PackedTextTower(model, prepack=prepack_available(device, dtype))
+    alone = torch.cat([tower.encode(tokens[i:i + 1]) for i in range(len(tokens))])  # one text: no mask
+    gap = probe_gap(full, tower.encode(tokens)) or probe_gap(full, alone)
+    if gap is not None:
+        return TextContext(True, context.reason, packed_note=f"not packed: the packed probe differs by {gap:.1e}")
+    return TextContext(True, context.reason, tower, tower.describe())

@@ -12,7 +12,8 @@ import pytest
 from clip_hpc.errors import UserError
 from clip_hpc.index import build_index
 from clip_hpc.search import SearchEngine
-from clip_hpc.server.batching import BatchSettings, MicroBatcher
+from clip_hpc.server.batching import BatchedSearch, BatchSettings, MicroBatcher
+from clip_hpc.server.serve import load_engine
 from clip_hpc.server.threads import job_cpus, serving_threads
 from index_fixtures import synthetic_emb_dir
 from server_fixtures import start_server
@@ -102,6 +103,42 @@ def test_thread_counts_follow_the_job_not_the_node():
     assert job_cpus({}, None, None) == 1
     assert serving_threads(8, encoder_on_gpu=False) == (8, 1)  # FAISS's pool would fight torch's for the cores
     assert serving_threads(8, encoder_on_gpu=True) == (8, 8)
+
+
+def test_model_calls_and_batched_searches_run_on_the_one_compute_thread(served_index):
+    """Torch slows down once a second thread has called it (compute.py), so every encode and every batched FAISS
+    search of the server runs on the compute thread, whichever request thread asked."""
+    from PIL import Image
+
+    engine = load_engine(str(served_index), batching=BatchSettings(window_ms=50, max_batch=8))
+    try:
+        seen: list[str] = []
+
+        def recorded(fn):
+            return lambda *args, **kwargs: seen.append(threading.current_thread().name) or fn(*args, **kwargs)
+
+        inner = engine.encoder.inner
+        inner.encode_text, inner.encode_images = recorded(inner.encode_text), recorded(inner.encode_images)
+        engine.search_batch = recorded(engine.search_batch)
+        searcher = BatchedSearch(engine, engine.encoder.batching, engine.encoder.compute, expected=lambda: 4)
+        texts = [f"query {i}" for i in range(4)]
+        hits = run_threads(lambda t: searcher.search_combined(engine.encoder.encode_text([t])[0], 5), texts, 60)
+        images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "green", "blue")]
+        vectors = run_threads(lambda image: engine.encoder.encode_images([image]), images, 60)
+        assert all(len(h) == 5 for h in hits) and all(v.shape == (1, engine.encoder.dim) for v in vectors)
+        assert len(seen) >= 3 and set(seen) == {engine.encoder.compute.thread.name}, seen
+    finally:
+        engine.close()
+
+
+def test_the_old_design_really_encodes_at_the_full_context(served_index):
+    """`serve --full-context` (the benchmark's old design) must not load a short-context model."""
+    for full, expected in ((True, "full"), (False, "short")):
+        engine = load_engine(str(served_index), batching=None, full_context=full)
+        try:
+            assert engine.encoder.text_context.startswith(expected), engine.encoder.text_context
+        finally:
+            engine.close()
 
 
 # --- a real server -----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ def test_short_context_matches_the_full_context(name):
     """~1 s for ViT-B-32 (random weights; building it needs no network)."""
     loaded = load_model(name, "none", device="cpu")
     assert loaded.text_context.short, loaded.text_context.describe()
+    assert "packed sequences, weights prepacked" in loaded.text_context.describe()  # the fast path is the one tested
     tokens = loaded.tokenizer(MIXED)
     assert 1 < text_context.needed_length(loaded.model, tokens[[0, 2]]) < tokens.shape[1]  # really shorter
     short, full = loaded.encode_text(MIXED), full_context(loaded).encode_text(MIXED)
@@ -65,5 +66,38 @@ def test_a_probe_mismatch_falls_back(monkeypatch):
     monkeypatch.setattr(text_context, "encode_text_short", lambda model, tokens: torch.zeros(len(tokens), 16))
     import open_clip
 
-    chosen = text_context.choose_text_context(_tiny_clip(), open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"))
+    chosen = text_context.choose_text_context(_tiny_clip(), open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"),
+                                              torch.float32)
     assert not chosen.short and "probe differs" in chosen.reason
+
+
+def test_the_prefix_path_matches_where_packing_does_not_apply():
+    """A tower packing refuses (layer scale) still runs at the short context, on the prefix path, and says why."""
+    import open_clip
+
+    model = _tiny_clip(ls_init_value=0.5)
+    chosen = text_context.choose_text_context(model, open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"),
+                                              torch.float32)
+    assert chosen.short and chosen.packed is None and "layer scale" in chosen.describe()
+    tokens = open_clip.get_tokenizer("ViT-B-32")(MIXED)
+    with torch.inference_mode():
+        assert (chosen.encode(model, tokens) - model.encode_text(tokens)).abs().max() <= 1e-5
+
+
+def test_packed_texts_see_only_their_own_earlier_tokens():
+    from clip_hpc.text_packed import block_causal_mask
+
+    mask = block_causal_mask([2, 1, 3], torch.device("cpu")).int().tolist()
+    assert mask == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                    [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+
+
+def test_a_packed_probe_mismatch_keeps_the_prefix_path(monkeypatch):
+    import open_clip
+
+    from clip_hpc import text_packed
+
+    monkeypatch.setattr(text_packed.PackedTextTower, "encode", lambda self, tokens: torch.zeros(len(tokens), 16))
+    chosen = text_context.choose_text_context(_tiny_clip(), open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"),
+                                              torch.float32)
+    assert chosen.short and chosen.packed is None and "packed probe differs" in chosen.describe()

@@ -21,6 +21,7 @@ from clip_hpc.errors import UserError
 
 if TYPE_CHECKING:
     from clip_hpc.search import Hit, SearchEngine
+    from clip_hpc.server.compute import ComputeThread
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -151,24 +152,25 @@ class MicroBatcher(Generic[Item, Result]):
 
 class BatchedSearch:
     """The app's `search_combined`: plain queries (no path prefix, caption filter or diversity) share one FAISS call
-    per batch; filtered or diversified ones run alone in their own request thread, so they hold nobody up."""
+    per batch, on the compute thread; filtered or diversified ones (and all of them without batching) run alone in
+    their own request thread, so they hold nobody up."""
 
-    def __init__(self, engine: SearchEngine, settings: BatchSettings | None,
+    def __init__(self, engine: SearchEngine, settings: BatchSettings | None, compute: ComputeThread,
                  expected: Callable[[], int] = lambda: 0) -> None:
-        self.engine = engine
+        self.engine, self.compute = engine, compute
         self.stage = MicroBatcher("search", self._run, settings, expected) if settings is not None else None
 
     def search_combined(self, query: np.ndarray, k: int = 10, *, min_score: float | None = None,
                         diversity: float = 0.0, path_prefix: str | None = None,
                         caption: str | None = None) -> list[Hit]:
         if self.stage is None or diversity != 0 or path_prefix or caption:
-            return self.engine.search_combined(query, k, min_score=min_score, diversity=diversity,
-                                               path_prefix=path_prefix, caption=caption)
+            return self.compute.search_here(self.engine.search_combined, query, k, min_score=min_score,
+                                            diversity=diversity, path_prefix=path_prefix, caption=caption)
         return self.stage.submit((np.asarray(query, dtype=np.float32), k, min_score))
 
     def _run(self, items: list[tuple[np.ndarray, int, float | None]]) -> list[list[Hit]]:
-        return self.engine.search_batch(np.stack([query for query, _, _ in items]), [k for _, k, _ in items],
-                                        [min_score for _, _, min_score in items])
+        return self.compute.run(self.engine.search_batch, np.stack([query for query, _, _ in items]),
+                                [k for _, k, _ in items], [min_score for _, _, min_score in items])
 
 
 def batch_metric_lines(stages: Sequence[MicroBatcher | None]) -> list[str]:

@@ -16,9 +16,9 @@ from clip_hpc.server.app import create_app
 from clip_hpc.server.auth import resolve_token
 from clip_hpc.server.batching import BatchSettings
 from clip_hpc.server.guard import ACCEPT_BATCH, DEFAULT_HEADER_TIMEOUT, guarded_protocol, install_log_rate_limit
+from clip_hpc.server.compute import ComputeThread
 from clip_hpc.server.shared_encoder import SharedEncoder
 from clip_hpc.server.sockets import bind_tcp, bind_unix
-from clip_hpc.server.threads import use_job_cpus
 
 
 class _Stopped(Exception):
@@ -47,12 +47,15 @@ def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | N
                 nprobe: int | None = None, text_cache_size: int = 1024,
                 batching: BatchSettings | None = BatchSettings(), full_context: bool = False) -> SearchEngine:
     """The engine with its model loaded now (not on the first user's query), shared by every request thread;
-    torch and FAISS use as many threads as this job has CPUs. `batching=None`, `full_context`: the old design."""
+    torch uses as many threads as this job has CPUs, all on one compute thread (compute.py), which also loads the
+    model. `batching=None`, `full_context`: the old design."""
     encoder = default_encoder(IndexDir(index_dir).load_info().to_dict(), model, pretrained, device)
-    use_job_cpus(encoder_on_gpu=encoder.model.device.type == "cuda")
     encoder.full_context = full_context
-    engine = SearchEngine(index_dir, encoder=SharedEncoder(encoder, text_cache_size, batching), nprobe=nprobe)
-    encoder.encode_text(["warm up"])  # past the cache: the first user's query is a miss like any other
+    compute = ComputeThread()
+    if compute.run(lambda: encoder.model.device.type) == "cuda":
+        compute.encoder_on_gpu()
+    engine = SearchEngine(index_dir, encoder=SharedEncoder(encoder, text_cache_size, batching, compute), nprobe=nprobe)
+    compute.run(encoder.encode_text, ["warm up"])  # past the cache: the first user's query is a miss like any other
     return engine
 
 

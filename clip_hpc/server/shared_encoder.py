@@ -1,7 +1,7 @@
 """`SharedEncoder`: the server's wrapper around the engine's encoder, so that many request threads share one model.
 
-One model call at a time (threads would only fight over the same cores or GPU), an LRU cache of text embeddings in
-front of it, and a text being encoded for one request is waited for, not encoded again, by the others. With
+One model call at a time, always on the server's compute thread (compute.py: threads would only fight over the same
+cores or GPU, and torch slows down once several threads have called it), an LRU cache of text embeddings in front of it, and a text being encoded for one request is waited for, not encoded again, by the others. With
 `batching` (the default) the texts and images that concurrent requests miss are gathered into one model call per
 micro-batch (see batching.py); without it each request's call runs alone behind the lock (the old design, kept for
 `clip-hpc serve --no-batching` and the benchmark). It is itself an `Encoder`, handed to `SearchEngine`.
@@ -18,15 +18,17 @@ from PIL import Image
 
 from clip_hpc.encoders import Encoder
 from clip_hpc.server.batching import BatchSettings, InFlight, MicroBatcher
+from clip_hpc.server.compute import ComputeThread
 
 
 class SharedEncoder:
     """An `Encoder` safe to call from many threads, with a text cache and its hit/miss counts."""
 
-    def __init__(self, inner: Encoder, cache_size: int = 1024, batching: BatchSettings | None = BatchSettings()) -> None:
+    def __init__(self, inner: Encoder, cache_size: int = 1024, batching: BatchSettings | None = BatchSettings(),
+                 compute: ComputeThread | None = None) -> None:
         self.inner = inner
         self.dim = inner.dim
-        self.model_lock = threading.Lock()
+        self.compute = compute or ComputeThread()
         self.cache_lock = threading.Lock()
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.pending: dict[str, Future] = {}  # texts some thread is encoding right now
@@ -77,8 +79,7 @@ class SharedEncoder:
             if self.text_stage is not None:
                 vectors = self.text_stage.submit(mine)
             else:
-                with self.model_lock:
-                    vectors = np.asarray(self.inner.encode_text(mine), dtype=np.float32)
+                vectors = np.asarray(self.compute.run(self.inner.encode_text, mine), dtype=np.float32)
         except BaseException as exc:
             with self.cache_lock:
                 for t in mine:
@@ -95,21 +96,18 @@ class SharedEncoder:
     def _encode_text_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
         """The text stage: every request's texts in one model call, split back per request."""
         flat = [t for texts in requests for t in texts]
-        with self.model_lock:
-            vectors = np.asarray(self.inner.encode_text(flat), dtype=np.float32)
+        vectors = np.asarray(self.compute.run(self.inner.encode_text, flat), dtype=np.float32)
         return np.split(vectors, np.cumsum([len(texts) for texts in requests])[:-1])
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if self.image_stage is not None:
             return self.image_stage.submit(list(images))
-        with self.model_lock:
-            return self.inner.encode_images(images)
+        return self.compute.run(self.inner.encode_images, images)
 
     def _encode_image_batch(self, requests: list[list[Image.Image]]) -> list[np.ndarray]:
         """The image stage: every request's (decoded) images in one model call, split back per request."""
         flat = [image for images in requests for image in images]
-        with self.model_lock:
-            vectors = np.asarray(self.inner.encode_images(flat), dtype=np.float32)
+        vectors = np.asarray(self.compute.run(self.inner.encode_images, flat), dtype=np.float32)
         return np.split(vectors, np.cumsum([len(images) for images in requests])[:-1])
 
     def stages(self) -> list[MicroBatcher | None]:
