@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from clip_hpc.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
 from clip_hpc.errors import UserError
 from clip_hpc.index_defaults import train_size_help
 
@@ -246,9 +247,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger request bodies get 413")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--batch-window-ms", type=float, default=5.0,
+    p.add_argument("--batch-window-ms", type=float, default=BATCH_WINDOW_MS,
                    help="concurrent queries wait at most this long to share one model call and one FAISS search")
-    p.add_argument("--max-batch", type=int, default=32, help="the most queries in one micro-batch")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="the most queries in one micro-batch")
     p.add_argument("--no-batching", action="store_true", help="encode and search each query alone (old design)")
     p.add_argument("--full-context", action="store_true",
                    help="encode text at the model's full context even where the short one is exact (old design)")

@@ -40,10 +40,19 @@ WORDS = ("red blue green small large old new wooden metal striped shiny dark bri
          "morning snow rain sunset portrait close-up aerial view painting photo sketch of a the in on with near").split()
 
 
+SENT: set[str] = set()  # every text this run has sent: no server sees a text twice, so every query is a cache miss
+
+
 def query_texts(n: int, seed: int) -> list[str]:
-    """Distinct texts of 2 to 14 words (so lengths vary like real queries); no two alike, so no cache hits."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=rng.randint(2, 14))) + f" {seed}-{i}" for i in range(n)]
+    """`n` texts of 2 to 14 words (lengths vary like real queries: 4 to 16 tokens with the start and end tokens),
+    none sent before in this run."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        text = " ".join(rng.choices(WORDS, k=rng.randint(2, 14)))
+        if text not in SENT:
+            SENT.add(text)
+            out.append(text)
+    return out
 
 
 def build(tmp: Path, model: str, n: int, index_key: str) -> tuple[Path, dict]:
@@ -74,7 +83,7 @@ class Server:
 
 
 async def load(url: str, clients: int, texts: list[str], duration_s: float = 0.0) -> dict:
-    """`clients` workers send the texts in turn (each once), or keep going for `duration_s`; one keep-alive
+    """`clients` workers send the texts in turn (each once), for at most `duration_s` if given; one keep-alive
     connection per worker. Latency per request, throughput over the whole run."""
     latencies: list[float] = []
     errors = 0
@@ -85,11 +94,11 @@ async def load(url: str, clients: int, texts: list[str], duration_s: float = 0.0
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal errors
         for i in counter:
-            if (duration_s and time.perf_counter() > stop_at) or (not duration_s and i >= len(texts)):
+            if i >= len(texts) or (duration_s and time.perf_counter() > stop_at):
                 return
             t0 = time.perf_counter()
             try:
-                resp = await client.get("/api/search", params={"q": texts[i % len(texts)] + f" {i}", "k": 10})
+                resp = await client.get("/api/search", params={"q": texts[i], "k": 10})
                 errors += resp.status_code != 200
             except httpx.HTTPError:
                 errors += 1
@@ -193,7 +202,7 @@ def run_design(index: Path, tmp: Path, name: str, args: argparse.Namespace, floo
                                                               query_texts(10, seed=12345))
             if args.soak_s:
                 extra["soak"] = {"design": name, **asyncio.run(load(server.url, max(args.clients),
-                                                                    query_texts(4096, seed=7), args.soak_s))}
+                                                                    query_texts(20_000, seed=7), args.soak_s))}
     finally:
         server.stop()
     return rows, extra

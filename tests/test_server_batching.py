@@ -76,6 +76,34 @@ def test_a_batch_is_never_larger_than_max_batch():
     assert max(sizes) <= 3 and sum(sizes) == 10
 
 
+def test_in_flight_counts_what_is_on_its_way_to_a_stage(monkeypatch):
+    """Held requests, plus kept-alive connections answered a moment ago (their clients are about to ask again),
+    less what the other stages hold (a request in the text stage reaches the search stage only after an encode)."""
+    from clip_hpc.server import batching
+
+    clock = [100.0]
+    monkeypatch.setattr(batching.time, "monotonic", lambda: clock[0])
+    flight = batching.InFlight(recent_s=0.02)
+    text = flight.stage("text", lambda items: items, LONG_WINDOW)
+    search = flight.stage("search", lambda items: items, LONG_WINDOW)
+    for conn in ("a", "b"):
+        flight.started(conn)
+    assert flight.expected() == 2
+    flight.finished("a")
+    flight.finished("b")
+    assert flight.expected() == 0  # a connection's first request says nothing about a second
+    flight.started("a")
+    flight.finished("a")
+    assert flight.expected() == 1  # kept alive and reused: its client will be back
+    clock[0] += 0.05
+    assert flight.expected() == 0  # ... but not forever
+    flight.started("a")
+    flight.started("c")
+    flight.started(None)
+    text.queue.append(("item", None))
+    assert flight.expected_for(search) == 2 and flight.expected_for(text) == 3
+
+
 def test_batched_search_equals_one_query_at_a_time(tmp_path):
     _, vectors = synthetic_emb_dir(tmp_path / "emb", 2000, clusters=30)
     build_index(tmp_path / "emb", tmp_path / "index", index_key="IVF16,PQ8x4", progress=False)  # refined PQ
@@ -120,7 +148,7 @@ def test_model_calls_and_batched_searches_run_on_the_one_compute_thread(served_i
         inner = engine.encoder.inner
         inner.encode_text, inner.encode_images = recorded(inner.encode_text), recorded(inner.encode_images)
         engine.search_batch = recorded(engine.search_batch)
-        searcher = BatchedSearch(engine, engine.encoder.batching, engine.encoder.compute, expected=lambda: 4)
+        searcher = BatchedSearch(engine, engine.encoder.batching, engine.encoder.compute, engine.encoder.in_flight)
         texts = [f"query {i}" for i in range(4)]
         hits = run_threads(lambda t: searcher.search_combined(engine.encoder.encode_text([t])[0], 5), texts, 60)
         images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "green", "blue")]

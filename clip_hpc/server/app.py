@@ -51,7 +51,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
     app = FastAPI(title="clip-hpc", version="1", description="Search an image index by text, image or example. "
                   "Every route but /health needs the token (Authorization: Bearer, ?token= or the cookie).")
     encoder = engine.encoder
-    searcher = BatchedSearch(engine, encoder.batching, encoder.compute, lambda: encoder.in_flight.count)
+    searcher = BatchedSearch(engine, encoder.batching, encoder.compute, encoder.in_flight)
     root = embedded_root(engine.meta.path_bounds())
     decode_slots = threading.BoundedSemaphore(max_decodes)  # a full-size decode can take hundreds of MB
     metrics = Metrics(index_vectors=int(engine.n), cache_counts=encoder.cache_counts,

@@ -2,21 +2,24 @@
 few milliseconds (or up to a batch size) and run as one call, because on a CPU a batch of 8 texts costs little more
 than one (the weights are read once), and FAISS answers several queries in one pass.
 
-A stage (`MicroBatcher`) runs on its own thread. It waits for more items only while more requests are in flight
-on the search routes than it holds (`InFlight`, counted by an ASGI middleware), so a lone client never waits for a
-window, and nobody waits longer than the window for an unrelated request. A batch that fails is re-run item by
+A stage (`MicroBatcher`) runs on its own thread. It waits for more items only while more requests are on their way
+to it than it holds (`InFlight`: requests on the search routes, counted by an ASGI middleware, and kept-alive
+connections just answered, less what the other stages hold), so a lone client never waits for a window, and
+nobody waits longer than the window for an unrelated request. A batch that fails is re-run item by
 item, so one bad request gets its own error and the others their results.
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
+from clip_hpc.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
 from clip_hpc.errors import UserError
 
 if TYPE_CHECKING:
@@ -33,8 +36,8 @@ BATCHED_ROUTES = ("/api/search",)  # the prefix of the routes whose requests a s
 class BatchSettings:
     """`window_ms`: the longest a batch waits for more requests; `max_batch`: the most items in one call."""
 
-    window_ms: float = 5.0
-    max_batch: int = 32
+    window_ms: float = BATCH_WINDOW_MS
+    max_batch: int = MAX_BATCH
 
     def __post_init__(self) -> None:
         if not (0 <= self.window_ms <= 10_000 and self.max_batch >= 1):
@@ -42,16 +45,60 @@ class BatchSettings:
 
 
 class InFlight:
-    """How many requests on the batched routes the server holds right now (updated on the event loop only)."""
+    """How many requests on the batched routes are on their way to a stage: those the server holds now, plus the
+    kept-alive connections answered a moment ago (`recent_s`), since a client with more to ask sends its next query
+    within a few milliseconds. Without the second part, clients settle into two groups that alternate batches: a
+    batch starts as soon as the previous group's answers leave, a moment before those clients ask again. Only a
+    connection that has carried two requests counts (one opened per request would only make the next one wait)."""
 
-    def __init__(self) -> None:
-        self.count = 0
+    def __init__(self, recent_s: float = 0.02, remembered: int = 4096) -> None:
+        self.count = 0  # updated on the event loop only
+        self.recent_s, self.remembered = recent_s, remembered
+        self.connections: OrderedDict[Any, tuple[int, float | None]] = OrderedDict()  # -> (requests, answered at)
+        self.lock = threading.Lock()
+        self.stages: list[MicroBatcher] = []
+
+    def stage(self, name: str, run_batch: Callable[[list[Item]], Sequence[Result]],
+              settings: BatchSettings) -> MicroBatcher[Item, Result]:
+        """A stage that waits for the requests on their way to it (see `expected_for`)."""
+        stage: MicroBatcher = MicroBatcher(name, run_batch, settings, lambda: self.expected_for(stage))
+        self.stages.append(stage)
+        return stage
+
+    def started(self, connection: Any) -> None:
+        self.count += 1
+        if connection is None:
+            return
+        with self.lock:
+            requests, _ = self.connections.pop(connection, (0, None))
+            self.connections[connection] = (requests + 1, None)
+            while len(self.connections) > self.remembered:
+                self.connections.popitem(last=False)
+
+    def finished(self, connection: Any) -> None:
+        self.count -= 1
+        with self.lock:
+            if connection in self.connections:
+                self.connections[connection] = (self.connections[connection][0], time.monotonic())
+
+    def expected(self) -> int:
+        """Requests held now plus reused connections answered within `recent_s`."""
+        since = time.monotonic() - self.recent_s
+        with self.lock:
+            return self.count + sum(1 for requests, answered in self.connections.values()
+                                    if requests >= 2 and answered is not None and answered >= since)
+
+    def expected_for(self, stage: MicroBatcher) -> int:
+        """`expected()` less what the other stages hold: a request queued for (or inside) the text stage reaches
+        the search stage only after a whole encode, so the search stage must not wait for it (the two stages
+        would otherwise each wait out the window for the other's requests)."""
+        return self.expected() - sum(other.held() for other in self.stages if other is not stage)
 
 
 class CountInFlight:
     """ASGI middleware: counts requests on the batched routes from their arrival until their last body chunk is
     handed to the socket (not after: a client's next request may arrive before this task resumes, and a stale
-    count would make a lone client's query wait out the window)."""
+    count would make a lone client's query wait out the window); the connection is then remembered as answered."""
 
     def __init__(self, app: Any, in_flight: InFlight) -> None:
         self.app, self.in_flight = app, in_flight
@@ -60,20 +107,21 @@ class CountInFlight:
         if scope["type"] != "http" or not scope["path"].startswith(BATCHED_ROUTES):
             return await self.app(scope, receive, send)
         counted = True
-        self.in_flight.count += 1
+        connection = tuple(scope["client"]) if scope.get("client") else None  # (host, port): one connection
+        self.in_flight.started(connection)
 
         async def send_and_uncount(message: dict) -> None:
             nonlocal counted
             if counted and message["type"] == "http.response.body" and not message.get("more_body", False):
                 counted = False
-                self.in_flight.count -= 1
+                self.in_flight.finished(connection)
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_uncount)
         finally:
             if counted:
-                self.in_flight.count -= 1
+                self.in_flight.finished(connection)
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -87,6 +135,11 @@ class MicroBatcher(Generic[Item, Result]):
         self.worker: threading.Thread | None = None
         self.size_counts = [0] * (len(SIZE_BUCKETS) + 1)
         self.items = 0
+        self.running = 0  # items of the batch being run
+
+    def held(self) -> int:
+        """Items queued here or in the batch being run."""
+        return len(self.queue) + self.running
 
     def submit(self, item: Item) -> Result:
         future: Future = Future()
@@ -110,13 +163,17 @@ class MicroBatcher(Generic[Item, Result]):
                     break
                 self.cond.wait(left)
             batch, self.queue[:] = self.queue[:self.settings.max_batch], self.queue[self.settings.max_batch:]
+            self.running = len(batch)
             return batch
 
     def _loop(self) -> None:
         while True:
             batch = self._next_batch()
             self._count(len(batch))
-            self._run([item for item, _ in batch], [future for _, future in batch])
+            try:
+                self._run([item for item, _ in batch], [future for _, future in batch])
+            finally:
+                self.running = 0
 
     def _run(self, items: list[Item], futures: list[Future]) -> None:
         try:
@@ -156,9 +213,9 @@ class BatchedSearch:
     their own request thread, so they hold nobody up."""
 
     def __init__(self, engine: SearchEngine, settings: BatchSettings | None, compute: ComputeThread,
-                 expected: Callable[[], int] = lambda: 0) -> None:
+                 in_flight: InFlight) -> None:
         self.engine, self.compute = engine, compute
-        self.stage = MicroBatcher("search", self._run, settings, expected) if settings is not None else None
+        self.stage = in_flight.stage("search", self._run, settings) if settings is not None else None
 
     def search_combined(self, query: np.ndarray, k: int = 10, *, min_score: float | None = None,
                         diversity: float = 0.0, path_prefix: str | None = None,

@@ -38,9 +38,8 @@ class SharedEncoder:
         self.in_flight = InFlight()  # counted by the app's middleware; tells the stages whether to wait
         self.text_stage = self.image_stage = None
         if batching is not None:
-            expected = lambda: self.in_flight.count  # noqa: E731
-            self.text_stage = MicroBatcher("text", self._encode_text_batch, batching, expected)
-            self.image_stage = MicroBatcher("image", self._encode_image_batch, batching, expected)
+            self.text_stage = self.in_flight.stage("text", self._encode_text_batch, batching)
+            self.image_stage = self.in_flight.stage("image", self._encode_image_batch, batching)
 
     @property
     def image_size(self) -> int:
