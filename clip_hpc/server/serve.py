@@ -3,6 +3,7 @@
 itself (the connection file holds the token: no clean exit leaves it behind)."""
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ from clip_hpc.search import SearchEngine, default_encoder
 from clip_hpc.server.app import create_app
 from clip_hpc.server.auth import resolve_token
 from clip_hpc.server.batching import BatchSettings
-from clip_hpc.server.guard import ACCEPT_BATCH, DEFAULT_HEADER_TIMEOUT, guarded_protocol, install_log_rate_limit
 from clip_hpc.server.compute import ComputeThread
+from clip_hpc.server.guard import ACCEPT_BATCH, DEFAULT_HEADER_TIMEOUT, guarded_protocol, install_log_rate_limit
 from clip_hpc.server.shared_encoder import SharedEncoder
 from clip_hpc.server.sockets import bind_tcp, bind_unix
 
@@ -59,6 +60,13 @@ def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | N
     return engine
 
 
+def freeze_loaded_objects() -> None:
+    """Keep what loading made (~430k objects with ViT-B-32: modules, tokenizer tables) out of the garbage
+    collector's sight: a full collection over them stops every thread for ~150 ms, the 8-client p99 (measured)."""
+    gc.collect()
+    gc.freeze()
+
+
 def announce(n: int, info: ConnectionInfo, conn_path: Path, where: str, loopback_port: int | None) -> None:
     """What the job log shows: where the server listens, the connection file, the ssh command and the URL."""
     print(f"clip-hpc serve: {n} images, listening on {where} (node {info.host})\n"
@@ -87,6 +95,7 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
                          batching=batching, full_context=full_context)
     token = resolve_token()
     app = create_app(engine, token, max_upload_bytes=int(max_upload_mb * 2**20))
+    freeze_loaded_objects()
     sock = bind_unix(uds) if uds else bind_tcp(host, port)
     uds = str(Path(uds).expanduser().absolute()) if uds else None
     bound_port = None if uds else int(sock.getsockname()[1])
