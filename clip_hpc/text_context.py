@@ -9,12 +9,10 @@ structure (and then confirmed on a probe) is encoded at its full context, and `T
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from clip_hpc.text_packed import PackedTextTower
+from clip_hpc.text_packed import PackedTextTower, cannot_pack, pooled_positions, prepack_available, project_text
 
 PROBE_TOLERANCE = 1e-4  # largest difference from the full context accepted on the probe (float32: ~1e-6 seen)
 PROBE_TEXTS = ("a photo of a cat", "two dogs playing in the snow on a bright winter morning near the lake", "x")
@@ -67,16 +65,6 @@ def is_causal_mask(mask: torch.Tensor) -> bool:
     return bool(torch.all(torch.isneginf(mask[above]))) and bool(torch.all(mask[~above] == 0))
 
 
-def pooled_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Each row's pooled position (argmax = EOT for CLIP's tokenizer)."""
-    pool = model.text_pool_type
-    if pool == "first":
-        return torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
-    if pool == "eos":
-        return (tokens == model.text_eos_id).int().argmax(dim=-1)
-    return tokens.argmax(dim=-1)
-
-
 def needed_length(model: torch.nn.Module, tokens: torch.Tensor) -> int:
     """The shortest prefix that holds every row's pooled position."""
     return int(pooled_positions(model, tokens).max()) + 1 if len(tokens) else 1
@@ -94,9 +82,7 @@ def encode_text_short(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Ten
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
     x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
-    return x
+    return project_text(model, x)
 
 
 def probe_gap(full: torch.Tensor, other: torch.Tensor) -> float | None:
@@ -109,8 +95,6 @@ def probe_gap(full: torch.Tensor, other: torch.Tensor) -> float | None:
 def choose_text_context(model: torch.nn.Module, tokenizer, device: torch.device, dtype: torch.dtype) -> TextContext:
     """The structural check, then a probe (texts of mixed lengths) that must match the full context; then the
     packed path (text_packed.py), kept only when it matches too."""
-    from clip_hpc.text_packed import PackedTextTower, cannot_pack, prepack_available
-
     context = structural_check(model)
     if not context.short:
         return context

@@ -33,6 +33,24 @@ def cannot_pack(model: torch.nn.Module) -> str | None:
     return None
 
 
+def pooled_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Each row's pooled position (argmax = EOT for CLIP's tokenizer)."""
+    pool = model.text_pool_type
+    if pool == "first":
+        return torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+    if pool == "eos":
+        return (tokens == model.text_eos_id).int().argmax(dim=-1)
+    return tokens.argmax(dim=-1)
+
+
+def project_text(model: torch.nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """open_clip's last text step: the projection, a matrix or a Linear (or none)."""
+    projection = model.text_projection
+    if projection is None:
+        return pooled
+    return projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
+
+
 def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN weight packing: CPU, float32, and the op present in this torch build."""
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available() and \
@@ -90,8 +108,6 @@ class PackedTextTower:
         return "packed sequences" + (", weights prepacked for oneDNN" if self.prepack else "")
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        from clip_hpc.text_context import pooled_positions
-
         model = self.model
         if self.prepack and self._weight_versions() != self.versions:
             self.blocks, self.versions = self._pack(), self._weight_versions()
@@ -105,11 +121,7 @@ class PackedTextTower:
         for block in self.blocks:
             x = block(x, mask)
         last_rows = torch.tensor(lengths, device=tokens.device).cumsum(0) - 1
-        pooled = model.ln_final(x[last_rows])
-        projection = model.text_projection
-        if projection is None:
-            return pooled
-        return projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
+        return project_text(model, model.ln_final(x[last_rows]))
 
 
 def block_causal_mask(lengths: list[int], device: torch.device) -> torch.Tensor:

@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
-from clip_hpc.server.threads import serving_threads, this_job_cpus
+from clip_hpc.server.threads import use_job_cpus
 
 T = TypeVar("T")
 
@@ -24,8 +24,7 @@ class ComputeThread:
     def __init__(self) -> None:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="clip-hpc-compute")
         self.thread = self.executor.submit(threading.current_thread).result()
-        self.torch_threads, self.faiss_threads = serving_threads(this_job_cpus(), encoder_on_gpu=False)
-        self.run(self._apply_threads)
+        _, self.faiss_threads = self.run(use_job_cpus, False)  # set on this thread: FAISS's count is per thread
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if threading.current_thread() is self.thread:
@@ -34,8 +33,7 @@ class ComputeThread:
 
     def encoder_on_gpu(self) -> None:
         """With the model on a GPU the CPU cores are FAISS's."""
-        self.torch_threads, self.faiss_threads = serving_threads(this_job_cpus(), encoder_on_gpu=True)
-        self.run(self._apply_threads)
+        _, self.faiss_threads = self.run(use_job_cpus, True)
 
     def search_here(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a FAISS search in the calling (request) thread, with the serving FAISS thread count set there."""
@@ -43,13 +41,3 @@ class ComputeThread:
 
         faiss.omp_set_num_threads(self.faiss_threads)
         return fn(*args, **kwargs)
-
-    def _apply_threads(self) -> None:
-        import faiss
-        import torch
-
-        torch.set_num_threads(self.torch_threads)
-        faiss.omp_set_num_threads(self.faiss_threads)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False)
