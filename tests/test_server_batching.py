@@ -159,6 +159,33 @@ def test_model_calls_and_batched_searches_run_on_the_one_compute_thread(served_i
         engine.close()
 
 
+def test_a_text_alone_is_encoded_and_searched_in_one_call_and_then_cached(served_index):
+    """The fused stage gives what the two-stage path gives (vector and hits), runs on the compute thread, and puts
+    the text in the cache, so that asking again is a hit that never reaches the model."""
+    engine = load_engine(str(served_index), batching=BatchSettings(window_ms=50, max_batch=8))
+    try:
+        searcher = BatchedSearch(engine, engine.encoder.batching, engine.encoder.compute, engine.encoder.in_flight)
+        calls: list[tuple[str, int]] = []
+        inner = engine.encoder.inner
+        encode = inner.encode_text
+        inner.encode_text = lambda texts: calls.append((threading.current_thread().name, len(texts))) or encode(texts)
+        texts = [f"a {colour} square on white" for colour in ("red", "green", "blue", "black", "pink")]
+        assert all(searcher.fuses(t) for t in texts)
+        fused = run_threads(lambda t: searcher.search_text(t, 6), texts, 60)
+        assert calls and {name for name, _ in calls} == {engine.encoder.compute.thread.name}
+        assert sum(n for _, n in calls) == len(texts) and len(calls) < len(texts)  # batched
+        assert engine.encoder.cache_counts() == {"hit": 0, "miss": len(texts)}
+        calls.clear()
+        for text, (query, hits) in zip(texts, fused):
+            assert not searcher.fuses(text)
+            again, again_hits = searcher.search_text(text, 6)  # from the cache, through the two-stage path
+            assert np.allclose(query, again, atol=1e-6) and [h.id for h in hits] == [h.id for h in again_hits]
+            assert np.allclose(query, engine.query_vector(text=text), atol=1e-6)
+        assert calls == [] and engine.encoder.cache_counts()["hit"] == 2 * len(texts)
+    finally:
+        engine.close()
+
+
 def test_the_old_design_really_encodes_at_the_full_context(served_index):
     """`serve --full-context` (the benchmark's old design) must not load a short-context model."""
     for full, expected in ((True, "full"), (False, "short")):
@@ -201,6 +228,23 @@ def test_concurrent_queries_get_what_sequential_ones_get(batching_server):
         concurrent = run_threads(lambda t: c.get("/api/search", params={"q": t + " ", "k": 5}), texts, 60)  # same tokens
         after = c.get("/metrics").text
     for one, many in zip(sequential, concurrent):
+        assert many.status_code == 200
+        _same_results(one, many.json())
+    batches, singles = np.subtract(_batch_counts(after, "text-search"), _batch_counts(before, "text-search"))
+    assert 0 < batches < len(texts) and singles < batches, (batches, singles)  # a text alone: encoded + searched
+    for stage in ("text", "search"):  # ... in one call, never through the two stages
+        assert _batch_counts(after, stage) == _batch_counts(before, stage), stage
+
+
+def test_concurrent_combined_queries_share_the_text_and_search_stages(batching_server):
+    texts = [f"a {colour} {shape} in a field" for colour in ("red", "green", "blue") for shape in ("circle", "star")]
+    with batching_server.client() as c:
+        alone = [c.post("/api/search", json={"text": t, "k": 5, "weights": {"text": 2.0}}).json() for t in texts]
+        before = c.get("/metrics").text
+        together = run_threads(lambda t: c.post("/api/search", json={"text": t + " ", "k": 5,
+                                                                    "weights": {"text": 2.0}}), texts, 60)
+        after = c.get("/metrics").text
+    for one, many in zip(alone, together):
         assert many.status_code == 200
         _same_results(one, many.json())
     for stage in ("text", "search"):

@@ -1,10 +1,12 @@
 """The HTTP API over one loaded `SearchEngine`: routes, the gallery, and the middleware stack (auth, upload limit).
 
 Route handlers are plain `def`s, so FastAPI runs encoding and FAISS search in its threadpool, never on the event
-loop; the engine's encoder must therefore be a `SharedEncoder` (see `serve.load_engine`).
+loop (GET /api/search awaits its micro-batch there instead: still never blocking it); the engine's encoder must
+therefore be a `SharedEncoder` (see `serve.load_engine`).
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -55,7 +58,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
     root = embedded_root(engine.meta.path_bounds())
     decode_slots = threading.BoundedSemaphore(max_decodes)  # a full-size decode can take hundreds of MB
     metrics = Metrics(index_vectors=int(engine.n), cache_counts=encoder.cache_counts,
-                      extra=lambda: batch_metric_lines([*encoder.stages(), searcher.stage]))
+                      extra=lambda: batch_metric_lines([*encoder.stages(), searcher.stage, searcher.text_stage]))
     install_error_handlers(app)
     app.add_middleware(CountInFlight, in_flight=encoder.in_flight)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
@@ -80,9 +83,13 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
     def run_query(return_vector: bool = False, *, k: int, min_score: float | None = None, diversity: float = 0.0,
                   path_prefix: str | None = None, caption: str | None = None, **parts: Any) -> VectorResults:
         start = time.perf_counter()
-        query = engine.query_vector(**parts)
-        hits = searcher.search_combined(query, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix,
-                                        caption=caption)
+        text_alone = isinstance(parts.get("text"), str) and not any(v for name, v in parts.items() if name != "text")
+        if text_alone and not (diversity or path_prefix or caption):
+            query, hits = searcher.search_text(parts["text"], k, min_score=min_score)
+        else:
+            query = engine.query_vector(**parts)
+            hits = searcher.search_combined(query, k, min_score=min_score, diversity=diversity,
+                                            path_prefix=path_prefix, caption=caption)
         found = results(hits, start)
         return VectorResults(results=found.results, took_ms=found.took_ms,
                              **({"query_vector": query.tolist()} if return_vector else {}))
@@ -135,13 +142,19 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
         return {**{k: engine.info.get(k) for k in keys}, "text_context": encoder.text_context}
 
     @app.get("/api/search", response_model=Results)
-    def search_get(q: Annotated[str, Query(max_length=2000)], k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
-                   min_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
-                   diversity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
-                   path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
-                   caption: Annotated[str | None, Query(max_length=2000)] = None) -> Results:
-        return run_query(text=q, k=k, min_score=min_score, diversity=diversity, path_prefix=path_prefix,
-                         caption=caption)
+    async def search_get(q: Annotated[str, Query(max_length=2000)], k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+                         min_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+                         diversity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
+                         path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
+                         caption: Annotated[str | None, Query(max_length=2000)] = None) -> Results:
+        """Async so that the common query (a new text, no filters) awaits its micro-batch on the event loop; any
+        other runs in the threadpool like the other routes."""
+        if not (diversity or path_prefix or caption) and searcher.fuses(q):
+            start = time.perf_counter()
+            _query, hits = await asyncio.wrap_future(searcher.search_text_future(q, k, min_score=min_score))
+            return results(hits, start)
+        return await run_in_threadpool(run_query, text=q, k=k, min_score=min_score, diversity=diversity,
+                                       path_prefix=path_prefix, caption=caption)
 
     @app.post("/api/search", response_model=VectorResults, response_model_exclude_unset=True)
     def search_post(body: SearchRequest) -> VectorResults:

@@ -86,11 +86,31 @@ class SharedEncoder:
             raise
         with self.cache_lock:
             for t, v in zip(mine, vectors):
-                v.setflags(write=False)
-                self.cache[t] = v
-                self.pending.pop(t).set_result(v)
-            while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+                self.pending.pop(t).set_result(self._keep(t, v))
+            self._trim()
+
+    def is_cached(self, text: str) -> bool:
+        """Without counting a hit: for a caller choosing between the cache and its own encode (`remember`)."""
+        with self.cache_lock:
+            return text in self.cache
+
+    def remember(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Texts the caller encoded through `inner` itself (the server's fused text search): cached, and counted as
+        misses."""
+        with self.cache_lock:
+            self.counts["miss"] += len(texts)
+            for t, v in zip(texts, vectors):
+                self._keep(t, v)
+            self._trim()
+
+    def _keep(self, text: str, vector: np.ndarray) -> np.ndarray:
+        vector.setflags(write=False)
+        self.cache[text] = vector
+        return vector
+
+    def _trim(self) -> None:
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
 
     def _encode_text_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
         """The text stage: every request's texts in one model call, split back per request."""
