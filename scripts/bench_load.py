@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clip_hpc.client.process import start_child, stop_process, wait_for_server
+from clip_hpc.client.process import serve_child
 from clip_hpc.load_bench import format_table, run_load
 from clip_hpc.metadata import MetadataStore
 from clip_hpc.sample_images import write_samples
@@ -50,16 +50,9 @@ def main() -> int:
         index = args.index or build_index(work, args.images)
         with MetadataStore(index / "meta.sqlite", readonly=True) as meta:
             ids = meta.all_ids()
-        conn = work / "connection.json"
-        log = open(work / "serve.log", "w")
-        server = start_child([str(BIN / "clip-hpc"), "serve", str(index), "--port", "0", "--connection-file",
-                              str(conn)], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            endpoint = wait_for_server(conn, server, timeout=300)
-            result = run_load(endpoint, server_pid=server.pid, ids=ids, clients=args.clients,
+        with serve_child(index, work) as server:
+            result = run_load(server.endpoint, server_pid=server.proc.pid, ids=ids, clients=args.clients,
                               seconds=args.seconds, slowloris=args.slowloris)
-        finally:
-            stop_process(server)
         summary = result.summary()
         summary["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                               "loadavg_at_end": os.getloadavg(), "index_vectors": len(ids),

@@ -19,8 +19,6 @@ import json
 import os
 import platform
 import random
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -29,10 +27,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from clip_hpc.client.process import stop_server, wait_for_server
+from clip_hpc.client.process import serve_child
 from clip_hpc.synthetic_vectors import gaussian_mixture, write_emb_dir
 
-BIN = Path(sys.executable).parent
 DIMS = {"clip-hpc-tiny": 128, "clip-hpc-demo": 128, "ViT-B-32": 512}
 TOKEN = "bench-" + "t" * 32
 DESIGNS = {"old": ["--no-batching", "--full-context"], "new": []}
@@ -65,22 +62,6 @@ def build(tmp: Path, model: str, n: int, index_key: str) -> tuple[Path, dict]:
     info = build_index(emb, tmp / "index", index_key=index_key, progress=False)
     return tmp / "index", {"index_key": info.index_key, "nprobe": info.nprobe, "refine": info.refine,
                            "build_s": round(time.perf_counter() - t0, 1)}
-
-
-class Server:
-    """`clip-hpc serve INDEX --port 0 [switches]`, ready when /health answers; stopped by its own pid."""
-
-    def __init__(self, index: Path, workdir: Path, name: str, switches: list[str]) -> None:
-        self.conn = workdir / f"{name}.json"
-        self.log = open(workdir / f"{name}.log", "w")
-        self.proc = subprocess.Popen([str(BIN / "clip-hpc"), "serve", str(index), "--port", "0", "--connection-file",
-                                      str(self.conn), *switches], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "CLIP_HPC_TOKEN": TOKEN})
-        self.url = wait_for_server(self.conn, self.proc, timeout=300).base_url
-
-    def stop(self) -> None:
-        stop_server(self.proc, timeout=30)
-        self.log.close()
 
 
 async def load(url: str, clients: int, texts: list[str], duration_s: float = 0.0) -> dict:
@@ -204,23 +185,21 @@ def mean_batch(before: dict, after: dict) -> dict[str, float]:
 
 
 def run_design(index: Path, tmp: Path, name: str, args: argparse.Namespace, floor_model) -> tuple[list[dict], dict]:
-    server = Server(index, tmp, name, DESIGNS[name])
     rows, extra = [], {}
-    try:
-        asyncio.run(load(server.url, 4, query_texts(16, seed=999)))  # warm: threads, connections, caches
+    with serve_child(index, tmp, "--port", "0", *DESIGNS[name], name=name, env={"CLIP_HPC_TOKEN": TOKEN}) as child:
+        url = child.endpoint.base_url
+        asyncio.run(load(url, 4, query_texts(16, seed=999)))  # warm: threads, connections, caches
         for clients in args.clients:
             texts = query_texts(args.requests, seed=clients)
-            before = batch_sizes(server.url)
-            row = asyncio.run(load(server.url, clients, texts))
-            rows.append({"design": name, **row, "mean_batch": mean_batch(before, batch_sizes(server.url))})
+            before = batch_sizes(url)
+            row = asyncio.run(load(url, clients, texts))
+            rows.append({"design": name, **row, "mean_batch": mean_batch(before, batch_sizes(url))})
         if name == "new":
-            extra["correctness"] = served_equals_full_context(server.url, index, floor_model,
+            extra["correctness"] = served_equals_full_context(url, index, floor_model,
                                                               query_texts(10, seed=12345))
             if args.soak_s:
-                extra["soak"] = {"design": name, **asyncio.run(load(server.url, max(args.clients),
+                extra["soak"] = {"design": name, **asyncio.run(load(url, max(args.clients),
                                                                     query_texts(20_000, seed=7), args.soak_s))}
-    finally:
-        server.stop()
     return rows, extra
 
 

@@ -3,7 +3,6 @@ tiny model) and a real `clip-hpc serve` process on 127.0.0.1, stopped by its own
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +12,8 @@ import httpx
 import pytest
 
 from clip_hpc.client.http_client import make_client
-from clip_hpc.client.process import start_child, stop_server, wait_for_server
-from clip_hpc.errors import UserError
-from conftest import BIN, make_images, run_cli
+from clip_hpc.client.process import serve_child
+from conftest import make_images, run_cli
 
 TOKEN = "test-token-" + "x" * 24
 N_IMAGES = 60
@@ -52,24 +50,12 @@ def served_index(tmp_path_factory) -> Path:
 @contextlib.contextmanager
 def start_server(index_dir: Path, workdir: Path, *extra: str, token: str = TOKEN, env: dict | None = None,
                  preexec: Callable[[], None] | None = None) -> Iterator[Served]:
-    """`clip-hpc serve INDEX --port 0 --connection-file F`; the port is read back from F; SIGTERM at the end.
-    The server dies with the test process (start_child); `preexec` runs in it first (e.g. a lower fd limit)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    conn = workdir / "connection.json"
-    log = workdir / "serve.log"
-    conn.unlink(missing_ok=True)
-    with open(log, "w") as out:
-        proc = start_child([str(BIN / "clip-hpc"), "serve", str(index_dir), "--connection-file", str(conn),
-                            *(extra or ("--port", "0"))], stdout=out, stderr=subprocess.STDOUT, preexec=preexec,
-                           env={**os.environ, "CLIP_HPC_TOKEN": token, **(env or {})})
-    try:
-        try:
-            endpoint = wait_for_server(conn, proc, timeout=180)
-        except UserError as exc:
-            raise AssertionError(f"{exc}:\n{log.read_text()}") from None
-        yield Served(endpoint.base_url, endpoint.port, endpoint.uds, token, conn, index_dir, proc, log)
-    finally:
-        stop_server(proc)
+    """`clip-hpc serve INDEX --port 0 --connection-file F` (serve_child: it dies with the test process, and a
+    server that fails to start raises with its output); `preexec` runs in it first (e.g. a lower fd limit)."""
+    with serve_child(index_dir, workdir, *extra, timeout=180, preexec=preexec,
+                     env={"CLIP_HPC_TOKEN": token, **(env or {})}) as child:
+        yield Served(child.endpoint.base_url, child.endpoint.port, child.endpoint.uds, token, child.connection_file,
+                     index_dir, child.proc, child.log)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -103,3 +105,37 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 stop_server = stop_process  # the name scripts and tests know
+
+
+@dataclass
+class ChildServer:
+    """A `clip-hpc serve` this process started (`serve_child`): where it answers, its process, its output."""
+
+    endpoint: Endpoint
+    proc: subprocess.Popen
+    log: Path
+    connection_file: Path
+
+
+@contextlib.contextmanager
+def serve_child(index_dir: str | os.PathLike, workdir: Path, *switches: str, name: str = "serve",
+                env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None,
+                timeout: float = 300) -> Iterator[ChildServer]:
+    """`clip-hpc serve INDEX --connection-file WORKDIR/NAME.json [switches: default --port 0]` as a child of this
+    process, yielded once /health answers and stopped by its pid after; its output goes to WORKDIR/NAME.log. For
+    the scripts and tests that need a real server (the demo starts its own, with its own options)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    conn, log = workdir / f"{name}.json", workdir / f"{name}.log"
+    conn.unlink(missing_ok=True)
+    with open(log, "w") as out:
+        proc = start_child([str(Path(sys.executable).parent / "clip-hpc"), "serve", str(index_dir),
+                            "--connection-file", str(conn), *(switches or ("--port", "0"))], stdout=out,
+                           stderr=subprocess.STDOUT, preexec=preexec, env={**os.environ, **(env or {})})
+    try:
+        try:
+            endpoint = wait_for_server(conn, proc, timeout=timeout)
+        except UserError as exc:
+            raise UserError(f"{exc}; its output ({log}):\n{log.read_text()[-4000:]}") from None
+        yield ChildServer(endpoint, proc, log, conn)
+    finally:
+        stop_process(proc)
