@@ -83,6 +83,15 @@ class PackedBlock:
         x = x + self.out(attended.permute(1, 0, 2).reshape(tokens, width))
         return x + self.proj(self.act(self.fc(self.ln_2(x))))
 
+    def pooled_rows(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """The block's output at `rows` only (each text's pooled token), for the last block: the other rows' outputs
+        are never read, so their attention output, projection and MLP (3/4 of the block's work) are skipped."""
+        tokens, width = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(tokens, 3, self.heads, width // self.heads).permute(1, 2, 0, 3)
+        attended = F.scaled_dot_product_attention(q[:, rows], k, v, attn_mask=None if mask is None else mask[rows])
+        y = x[rows] + self.out(attended.permute(1, 0, 2).reshape(len(rows), width))
+        return y + self.proj(self.act(self.fc(self.ln_2(y))))
+
 
 class PackedTextTower:
     """`encode(tokens)`: open_clip's `CLIP.encode_text` features (unnormalised) for padded token rows."""
@@ -117,11 +126,14 @@ class PackedTextTower:
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(flat).to(cast_dtype) + model.positional_embedding[positions].to(cast_dtype)
         lengths = [end + 1 for end in ends]
-        mask = None if len(ends) == 1 else block_causal_mask(lengths, tokens.device)
-        for block in self.blocks:
+        mask = None
+        if len(ends) > 1:  # as the additive float mask SDPA would otherwise build from the boolean one in every block
+            allowed = block_causal_mask(lengths, tokens.device)
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        last_rows = torch.tensor(lengths, device=tokens.device).cumsum(0) - 1  # each text's pooled token
+        for block in self.blocks[:-1]:
             x = block(x, mask)
-        last_rows = torch.tensor(lengths, device=tokens.device).cumsum(0) - 1
-        return project_text(model, model.ln_final(x[last_rows]))
+        return project_text(model, model.ln_final(self.blocks[-1].pooled_rows(x, mask, last_rows)))
 
 
 def block_causal_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
