@@ -79,5 +79,9 @@ def test_tune_jointly_takes_the_cheapest_pair_and_skips_dearer_searches():
     assert best == (32, 25)  # 64+10 and 32+50 cost more
     assert all(p + f < 32 + 25 for p, f in tried if f == 50)  # never searched past the best cost
     assert seen[(64, 10)] == pytest.approx(0.964)
+    tried.clear()
+    best, _ = tune_jointly(measure, [10, 25], 4, cost=lambda p, f: p + f)
+    assert best == (4, 25) and tried == [(4, 10), (4, 25)]  # none reaches the target at its widest nprobe: no
+    # narrower one is tried, and the best recall wins
     best, _ = tune_jointly(lambda p, f: 0.5, [10, 25], 4, cost=lambda p, f: p + f)
-    assert best == (1, 10)  # none reaches the target: the best recall, then the cheapest
+    assert best == (4, 10)  # ties in recall: the cheapest
