@@ -56,7 +56,8 @@ class InFlight:
     def __init__(self, recent_s: float = 0.02, remembered: int = 4096) -> None:
         self.count = 0  # updated on the event loop only
         self.recent_s, self.remembered = recent_s, remembered
-        self.connections: OrderedDict[Any, tuple[int, float | None]] = OrderedDict()  # -> (requests, answered at)
+        self.requests: OrderedDict[Any, int] = OrderedDict()  # connection -> requests it has carried
+        self.answered: dict[Any, float] = {}  # reused connections answered lately -> when (pruned by `expected`)
         self.lock = threading.Lock()
         self.stages: list[MicroBatcher] = []
 
@@ -72,23 +73,24 @@ class InFlight:
         if connection is None:
             return
         with self.lock:
-            requests, _ = self.connections.pop(connection, (0, None))
-            self.connections[connection] = (requests + 1, None)
-            while len(self.connections) > self.remembered:
-                self.connections.popitem(last=False)
+            self.answered.pop(connection, None)
+            self.requests[connection] = self.requests.pop(connection, 0) + 1
+            while len(self.requests) > self.remembered:
+                self.answered.pop(self.requests.popitem(last=False)[0], None)
 
     def finished(self, connection: Any) -> None:
         self.count -= 1
         with self.lock:
-            if connection in self.connections:
-                self.connections[connection] = (self.connections[connection][0], time.monotonic())
+            if self.requests.get(connection, 0) >= 2:
+                self.answered[connection] = time.monotonic()
 
     def expected(self) -> int:
         """Requests held now plus reused connections answered within `recent_s`."""
         since = time.monotonic() - self.recent_s
         with self.lock:
-            return self.count + sum(1 for requests, answered in self.connections.values()
-                                    if requests >= 2 and answered is not None and answered >= since)
+            for connection in [c for c, at in self.answered.items() if at < since]:
+                del self.answered[connection]
+            return self.count + len(self.answered)
 
     def expected_for(self, stage: MicroBatcher) -> int:
         """`expected()` less what the other stages hold: a request queued for (or inside) the text stage reaches
