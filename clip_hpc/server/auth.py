@@ -10,6 +10,7 @@ import hmac
 import os
 import secrets
 import time
+
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -56,8 +57,9 @@ def install_auth(app: FastAPI, token: str, metrics: Metrics) -> None:
 
 
 class TokenAuth:
-    """ASGI middleware (not `@app.middleware`, whose per-request task and streams cost ~0.3 ms of a 2-core node's
-    time under load): checks the token, answers 401 without it, sets the cookie, times each request."""
+    """Plain ASGI middleware (not `@app.middleware`, which spawns a task and memory streams for every request, CPU a
+    2-core node under load needs for the model): checks the token, answers 401 without it, sets the cookie, times
+    each request."""
 
     def __init__(self, app: ASGIApp, token: str, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
