@@ -76,21 +76,17 @@ class PackedBlock:
     act: torch.nn.Module
     proj: Callable[[torch.Tensor], torch.Tensor]
 
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output; at `rows` only when given (each text's pooled token, in the last block: the other
+        rows' outputs are never read, so their attention output, projection and MLP are skipped)."""
         tokens, width = x.shape
         q, k, v = self.qkv(self.ln_1(x)).view(tokens, 3, self.heads, width // self.heads).permute(1, 2, 0, 3)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        x = x + self.out(attended.permute(1, 0, 2).reshape(tokens, width))
+        causal = mask is None and rows is None  # one text, every row: plain causal attention
+        if rows is not None:
+            q, x, mask = q[:, rows], x[rows], None if mask is None else mask[rows]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        x = x + self.out(attended.permute(1, 0, 2).reshape(len(x), width))
         return x + self.proj(self.act(self.fc(self.ln_2(x))))
-
-    def pooled_rows(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-        """The block's output at `rows` only (each text's pooled token), for the last block: the other rows' outputs
-        are never read, so their attention output, projection and MLP (3/4 of the block's work) are skipped."""
-        tokens, width = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).view(tokens, 3, self.heads, width // self.heads).permute(1, 2, 0, 3)
-        attended = F.scaled_dot_product_attention(q[:, rows], k, v, attn_mask=None if mask is None else mask[rows])
-        y = x[rows] + self.out(attended.permute(1, 0, 2).reshape(len(rows), width))
-        return y + self.proj(self.act(self.fc(self.ln_2(y))))
 
 
 class PackedTextTower:
@@ -133,7 +129,7 @@ class PackedTextTower:
         last_rows = torch.tensor(lengths, device=tokens.device).cumsum(0) - 1  # each text's pooled token
         for block in self.blocks[:-1]:
             x = block(x, mask)
-        return project_text(model, model.ln_final(self.blocks[-1].pooled_rows(x, mask, last_rows)))
+        return project_text(model, model.ln_final(self.blocks[-1](x, mask, last_rows)))
 
 
 def block_causal_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
