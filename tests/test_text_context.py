@@ -24,7 +24,7 @@ def test_short_context_matches_the_full_context(name):
     """~1 s for ViT-B-32 (random weights; building it needs no network)."""
     loaded = load_model(name, "none", device="cpu")
     assert loaded.text_context.short, loaded.text_context.describe()
-    assert "packed sequences, weights prepacked" in loaded.text_context.describe()  # the fast path is the one tested
+    assert "packed sequences, shared first token, weights prepacked" in loaded.text_context.describe()  # the fast path
     tokens = loaded.tokenizer(MIXED)
     assert 1 < text_context.needed_length(loaded.model, tokens[[0, 2]]) < tokens.shape[1]  # really shorter
     short, full = loaded.encode_text(MIXED), full_context(loaded).encode_text(MIXED)
@@ -90,6 +90,29 @@ def test_packed_texts_see_only_their_own_earlier_tokens():
     mask = block_causal_mask([2, 1, 3], torch.device("cpu")).int().tolist()
     assert mask == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
                     [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+    shared = block_causal_mask([2, 1], torch.device("cpu"), shared_prefix=1).int().tolist()
+    assert shared == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]  # every text also sees the shared first token
+
+
+def test_the_shared_first_token_is_reused_only_where_it_is_exact():
+    """Rows that all start with the start-of-text token reuse its cached keys and values; a batch whose rows start
+    differently runs every row; weights changed in place after loading are packed again, first token included."""
+    loaded = load_model("clip-hpc-tiny", "none", device="cpu")
+    model, tower = loaded.model, loaded.text_context.packed
+    tokens = loaded.tokenizer(MIXED)
+    with torch.inference_mode():
+        assert (tower.encode(tokens) - model.encode_text(tokens)).abs().max() <= 1e-5
+        assert tower.first_token is not None and tower.first_token.token == int(tokens[0, 0])
+        mixed_start = tokens.clone()
+        mixed_start[1, 0] = mixed_start[1, 1]
+        assert tower.shared_first(mixed_start, [3, 9, 3, 1, 76, 6]) is None
+        assert (tower.encode(mixed_start) - model.encode_text(mixed_start)).abs().max() <= 1e-5
+    cached = tower.first_token
+    with torch.no_grad():
+        model.transformer.resblocks[0].mlp.c_fc.weight.mul_(1.5)
+    with torch.inference_mode():
+        assert (tower.encode(tokens) - model.encode_text(tokens)).abs().max() <= 1e-5
+    assert tower.first_token is not None and tower.first_token is not cached
 
 
 def test_a_packed_probe_mismatch_keeps_the_prefix_path(monkeypatch):
