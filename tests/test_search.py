@@ -8,7 +8,7 @@ from PIL import Image
 import clip_hpc.search as search_mod
 from clip_hpc.errors import UserError
 from clip_hpc.index import build_index
-from clip_hpc.search import SearchEngine, UnknownIdError, combine_parts, mmr, normalise_rows, rerank
+from clip_hpc.search import SearchEngine, UnknownIdError, combine_parts, ivf_search, mmr, normalise_rows, rerank
 from index_fixtures import synthetic_emb_dir
 
 N = 1200
@@ -38,6 +38,24 @@ def test_combine_parts_is_a_renormalised_weighted_rocchio_sum():
     np.testing.assert_allclose(got, normalise_rows(np.array([1.0, 0.5, -0.5])), rtol=1e-6)
     with pytest.raises(UserError, match="cancel"):
         combine_parts({"text": np.array([1.0, 0]), "negative": np.array([1.0, 0])}, {"negative": 1.0})
+
+
+def test_ivf_search_gives_what_faiss_search_gives():
+    """The served IVF search (coarse search + search_preassigned) is FAISS's own search, under OPQ too."""
+    import faiss
+
+    rng = np.random.default_rng(3)
+    data = normalise_rows(rng.standard_normal((3000, 32)).astype(np.float32))
+    queries = normalise_rows(rng.standard_normal((9, 32)).astype(np.float32))
+    for key in ("OPQ8,IVF16,PQ8", "IVF16,Flat"):
+        index = faiss.index_factory(32, key, faiss.METRIC_INNER_PRODUCT)
+        index.train(data)
+        index.add(data)
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", 5)
+        scores, ids = index.search(queries, 40)
+        got_scores, got_ids = ivf_search(index, queries, 40)
+        assert np.array_equal(got_ids, ids) and np.array_equal(got_scores, scores), key
+    assert ivf_search(faiss.IndexFlatIP(32), queries, 5) is None
 
 
 # --- the engine on a real (Flat) index -------------------------------------------------------------------------
