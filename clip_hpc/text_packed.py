@@ -95,7 +95,7 @@ class PackedBlock:
     proj: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden, residual)
 
     def attention_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Queries, keys and values, each (heads, tokens, head width)."""
+        """Queries, keys and values stacked: (3, heads, tokens, head width)."""
         tokens, width = x.shape
         return self.qkv(self.ln_1(x)).view(tokens, 3, self.heads, width // self.heads).permute(1, 2, 0, 3)
 
