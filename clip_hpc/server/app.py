@@ -30,7 +30,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.images import DecodeFailure, decode_image
 from clip_hpc.search import MAX_K, Hit, SearchEngine
 from clip_hpc.server.auth import install_auth
-from clip_hpc.server.batching import BatchedSearch, CountInFlight, batch_metric_lines
+from clip_hpc.server.batching import BatchedSearch, CountInFlight, batch_metric_lines, shares_batches
 from clip_hpc.server.errors import install_error_handlers
 from clip_hpc.server.export import build_zip
 from clip_hpc.server.files import Servable, embedded_root, servable_file
@@ -84,7 +84,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
                   path_prefix: str | None = None, caption: str | None = None, **parts: Any) -> VectorResults:
         start = time.perf_counter()
         text_alone = isinstance(parts.get("text"), str) and not any(v for name, v in parts.items() if name != "text")
-        if text_alone and not (diversity or path_prefix or caption):
+        if text_alone and shares_batches(diversity, path_prefix, caption):
             query, hits = searcher.search_text(parts["text"], k, min_score=min_score)
         else:
             query = engine.query_vector(**parts)
@@ -149,7 +149,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
                          caption: Annotated[str | None, Query(max_length=2000)] = None) -> Results:
         """Async so that the common query (a new text, no filters) awaits its micro-batch on the event loop; any
         other runs in the threadpool like the other routes."""
-        if not (diversity or path_prefix or caption) and searcher.fuses(q):
+        if shares_batches(diversity, path_prefix, caption) and searcher.fuses(q):
             start = time.perf_counter()
             _query, hits = await asyncio.wrap_future(searcher.search_text_future(q, k, min_score=min_score))
             return results(hits, start)

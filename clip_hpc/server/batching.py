@@ -215,6 +215,12 @@ class MicroBatcher(Generic[Item, Result]):
                         f'clip_hpc_batch_size_count{{stage="{self.name}"}} {total}']
 
 
+def shares_batches(diversity: float, path_prefix: str | None, caption: str | None) -> bool:
+    """Whether a search may join a shared FAISS batch (and a text the fused text-search stage): filtered or
+    diversified searches need a selector or MMR of their own, so they run alone."""
+    return not (diversity or path_prefix or caption)
+
+
 class BatchedSearch:
     """The app's searches: plain queries (no path prefix, caption filter or diversity) share one FAISS call per batch,
     on the compute thread; filtered or diversified ones (and all of them without batching) run alone in their own
@@ -248,7 +254,7 @@ class BatchedSearch:
     def search_combined(self, query: np.ndarray, k: int = 10, *, min_score: float | None = None,
                         diversity: float = 0.0, path_prefix: str | None = None,
                         caption: str | None = None) -> list[Hit]:
-        if self.stage is None or diversity != 0 or path_prefix or caption:
+        if self.stage is None or not shares_batches(diversity, path_prefix, caption):
             return self.compute.search_here(self.engine.search_combined, query, k, min_score=min_score,
                                             diversity=diversity, path_prefix=path_prefix, caption=caption)
         return self.stage.submit((np.asarray(query, dtype=np.float32), k, min_score))
