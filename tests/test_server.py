@@ -203,9 +203,13 @@ def test_image_and_thumbnail_are_the_indexed_file(live_server, meta):
 
 def _raw_get(port: int, raw_path: str) -> tuple[int, bytes]:
     """Send the path byte for byte: HTTP clients normalise '..' away before it reaches the server."""
+    return _raw_request(port, f"GET {raw_path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                              f"Connection: close\r\n\r\n".encode())
+
+
+def _raw_request(port: int, request: bytes) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(f"GET {raw_path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                  f"Connection: close\r\n\r\n".encode())
+        s.sendall(request)
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -278,6 +282,19 @@ def test_malformed_requests_get_a_message(live_server):
     for r in (wrong_type, unknown_field, bad_weight, no_query):
         assert r.status_code == 422 and r.json()["error"].startswith("invalid request")
     assert empty.status_code == 400 and "empty query" in empty.json()["error"]
+
+
+def test_a_request_the_http_parser_rejects_gets_a_json_400(live_server):
+    """It never reaches the app (uvicorn answers it), yet its error is JSON like every other (the schema fuzzer
+    found uvicorn's plain-text 'Invalid HTTP request received.')."""
+    for request in (b"GET /health HTTP/1.1\r\nHost: x\r\nno colon in this header\r\n\r\n",
+                    b"GET /api/search?q=a\x01b HTTP/1.1\r\nHost: x\r\n\r\n"):
+        status, data = _raw_request(live_server.port, request)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert status == 400 and b"application/json" in head.lower(), data
+        assert "not a valid HTTP/1.1 request" in json.loads(body)["error"]
+    with live_server.client() as c:  # and the server goes on serving
+        assert c.get("/health").status_code == 200
 
 
 # --- metrics, cache, docs ----------------------------------------------------------------------------------------

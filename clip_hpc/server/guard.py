@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import resource
@@ -61,6 +62,14 @@ class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_deadline()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser rejects never reaches the app, and uvicorn answers it in plain text; every
+        error of this API is JSON, this one too (then the connection closes, as uvicorn's does)."""
+        body = json.dumps({"error": f"{msg.rstrip('.')}: not a valid HTTP/1.1 request"}).encode()
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
 
     # --- the guard ---
     def _busy(self) -> bool:
