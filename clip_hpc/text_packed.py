@@ -147,7 +147,8 @@ class PackedTextTower:
         self.first_token: FirstToken | None = None
 
     def _weight_versions(self) -> list[int]:
-        """The text blocks' weight versions: changed in place after loading, they must be packed again."""
+        """The text blocks' weight versions: changed in place after loading, they must be packed again and the
+        cached first token recomputed (even unpacked, where the blocks read the live weights)."""
         return [p._version for p in self.model.transformer.resblocks.parameters()]
 
     def _pack(self) -> list[PackedBlock]:
@@ -177,7 +178,7 @@ class PackedTextTower:
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         model = self.model
-        if self.prepack and self._weight_versions() != self.versions:
+        if self._weight_versions() != self.versions:  # packed weights, and the first token's keys and values
             self.blocks, self.versions, self.first_token = self._pack(), self._weight_versions(), None
         ends = pooled_positions(model, tokens).tolist()  # each row's pooled token; its prefix is all it needs
         first = self.shared_first(tokens, ends)

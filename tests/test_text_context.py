@@ -107,11 +107,17 @@ def test_the_shared_first_token_is_reused_only_where_it_is_exact():
         mixed_start[1, 0] = mixed_start[1, 1]
         assert tower.shared_first(mixed_start, [3, 9, 3, 1, 76, 6]) is None
         assert (tower.encode(mixed_start) - model.encode_text(mixed_start)).abs().max() <= 1e-5
+    from clip_hpc.text_packed import PackedTextTower
+
+    unpacked = PackedTextTower(model, prepack=False)  # the blocks read the live weights; the first token is cached
+    with torch.inference_mode():
+        unpacked.encode(tokens)
     cached = tower.first_token
     with torch.no_grad():
         model.transformer.resblocks[0].mlp.c_fc.weight.mul_(1.5)
     with torch.inference_mode():
         assert (tower.encode(tokens) - model.encode_text(tokens)).abs().max() <= 1e-5
+        assert (unpacked.encode(tokens) - model.encode_text(tokens)).abs().max() <= 1e-5
     assert tower.first_token is not None and tower.first_token is not cached
 
 
