@@ -10,9 +10,9 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from clip_hpc.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
+from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
 from clip_hpc.errors import UserError
-from clip_hpc.index_defaults import train_size_help
+from clip_hpc.index.defaults import train_size_help
 
 Handler = Callable[[argparse.Namespace], int]
 SIGPIPE_EXIT = 141  # what a shell reports for a process ended by SIGPIPE: the reader closed the pipe
@@ -29,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-32") 
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from clip_hpc.embed import EmbedConfig, embed
+    from clip_hpc.ingest.embed import EmbedConfig, embed
 
     summary = embed(EmbedConfig(
         inputs=args.inputs, out=args.out, file_list=args.file_list, model=args.model, pretrained=args.pretrained,
@@ -76,7 +76,7 @@ def add_info(sub: argparse._SubParsersAction) -> None:
 
 # --- fetch-model -----------------------------------------------------------------------------------------------
 def cmd_fetch_model(args: argparse.Namespace) -> int:
-    from clip_hpc.models import fetch_model
+    from clip_hpc.model.loading import fetch_model
 
     print(fetch_model(args.name, args.tag, args.cache_dir))
     return 0
@@ -97,9 +97,9 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     import tempfile
 
-    from clip_hpc.dist import world
+    from clip_hpc.cluster.world import world
     from clip_hpc.formats.embedding_folder import import_embedding_folder, is_embedding_folder
-    from clip_hpc.index import build_index
+    from clip_hpc.index.build import build_index
 
     with tempfile.TemporaryDirectory(prefix=".clip-hpc-import-", dir=os.path.dirname(os.path.abspath(args.out))) \
             as scratch:
@@ -151,7 +151,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return cmd_search_remote(args)
     if not args.index_dir:
         raise UserError("give INDEX_DIR (or --url URL / --connection-file F to ask a running server)")
-    from clip_hpc.search import search_local
+    from clip_hpc.search.engine import search_local
 
     hits, query = search_local(args.index_dir, text=args.text, image=args.image, k=args.k, nprobe=args.nprobe,
                                device=args.device, caption=args.caption)
@@ -221,7 +221,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 # --- serve, check-ports ----------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from clip_hpc.server import serve
+    from clip_hpc.server.serve import serve
     from clip_hpc.server.batching import BatchSettings
 
     batching = None if args.no_batching else BatchSettings(args.batch_window_ms, args.max_batch)
@@ -343,7 +343,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(command: str, message: str) -> int:
-    from clip_hpc.dist import speaks_for_job, world
+    from clip_hpc.cluster.world import speaks_for_job, world
 
     if speaks_for_job(world()):  # under MPI every rank raises the same error; say it once
         print(f"clip-hpc {command}: error: {message}", file=sys.stderr)
@@ -354,7 +354,7 @@ def _abort_mpi_job() -> None:
     """A bug on one rank of an MPI job: print it and abort every rank (exit 2), instead of a hang in a collective."""
     if "mpi4py" not in sys.modules:
         return
-    from clip_hpc.dist import world
+    from clip_hpc.cluster.world import world
 
     w = world()
     if w.comm is not None and w.size > 1:

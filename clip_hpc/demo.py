@@ -39,7 +39,7 @@ def _run(cmd: Sequence[str], what: str) -> None:
 
 def demo_model() -> tuple[str, str | None]:
     """The shipped demo model when its weights are in the package, else the tiny config with random weights."""
-    from clip_hpc.models import bundled_checkpoint
+    from clip_hpc.model.loading import bundled_checkpoint
 
     return ("clip-hpc-demo", None) if bundled_checkpoint("clip-hpc-demo") else ("clip-hpc-tiny", "none")
 
@@ -79,7 +79,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, n_images: int = 2000, ranks
 
 
 def _run_steps(out: Path, n_images: int, ranks: int, index_key: str, wait: bool, queries: Sequence[str]) -> int:
-    from clip_hpc.captioned_shapes import write_demo_images
+    from clip_hpc.devdata.captioned_shapes import write_demo_images
 
     images, emb, index = out / "images", out / "embeddings", out / "index"
     model, pretrained = demo_model()

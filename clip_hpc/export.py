@@ -16,7 +16,7 @@ import numpy as np
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_bytes
 from clip_hpc.formats.emb_dir import EmbDir
-from clip_hpc.tars import meta_key_url
+from clip_hpc.ingest.tars import meta_key_url
 
 FORMATS = ("embedding-reader",)
 EMB_SUBDIR, META_SUBDIR = "img_emb", "metadata"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from clip_hpc.sample_images import pack_into_tars
-from clip_hpc.sources import list_images
+from clip_hpc.devdata.sample_images import pack_into_tars
+from clip_hpc.ingest.sources import list_images
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -30,7 +30,7 @@ def run_ranks(images: Path, model: str, ranks: int, n: int, batch: int, workers:
               inputs: str = "loose") -> dict:
     """One fresh `clip-hpc embed` under mpiexec; the rate counts images over the slowest rank's loop time."""
     out = tmp / f"emb-{model}-{ranks}-{inputs}"
-    code = ("import json, sys; from clip_hpc.embed import EmbedConfig, embed; "
+    code = ("import json, sys; from clip_hpc.ingest.embed import EmbedConfig, embed; "
             "s = embed(EmbedConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], pretrained='none', "
             "batch_size=int(sys.argv[4]), workers=int(sys.argv[5]), shard_size=int(sys.argv[6]), progress=False)); "
             "print('BENCH' + json.dumps(s['per_rank'], default=str)) if s['per_rank'] else None")
@@ -49,8 +49,8 @@ def decode_rate(images: Path, model: str, workers: int, batch: int) -> float:
     """The reader alone: DataLoader workers decode and preprocess, nothing runs the model."""
     from torch.utils.data import DataLoader
 
-    from clip_hpc.embed import ImageDataset, collate
-    from clip_hpc.models import load_model
+    from clip_hpc.ingest.embed import ImageDataset, collate
+    from clip_hpc.model.loading import load_model
     loaded = load_model(model, "none", device="cpu")
     paths = list_images([images])
     ds = ImageDataset(range(len(paths)), paths, loaded.preprocess, loaded.image_size, 10**9)
@@ -62,7 +62,7 @@ def decode_rate(images: Path, model: str, workers: int, batch: int) -> float:
 
 def model_rate(model: str, batch: int, seconds: float = 8.0) -> float:
     """The mapper alone: inference on ready tensors, all cores to one process."""
-    from clip_hpc.models import load_model
+    from clip_hpc.model.loading import load_model
 
     loaded = load_model(model, "none", device="auto")
     x = torch.randn(batch, 3, loaded.image_size, loaded.image_size)

@@ -5,7 +5,7 @@ by phase, bytes per vector, latency, recall), the same index without refine, exa
 
     bench_index.py [--sizes 100000,1000000] [--ranks 1,2] [--seed 1] [--no-autofaiss] [--work DIR]
 
-The data is clip_hpc.heldout's mixture with drawn parameters (cluster count, spread, latent rank, noise); the
+The data is clip_hpc.search.heldout's mixture with drawn parameters (cluster count, spread, latent rank, noise); the
 queries are its text-like groups (cosine 0.25-0.45 to their image, gap directions tilted into the data) and
 perturbed indexed vectors, drawn from a seed no build or self-check uses. Recall@10 is against exact search on the
 float16 vectors the index holds. autofaiss is installed for the benchmark only (`make setup` adds it).
@@ -27,10 +27,10 @@ from typing import Callable
 import faiss
 import numpy as np
 
-from clip_hpc.heldout import VectorQueriesOnly, heldout_mixture_params, heldout_queries
-from clip_hpc.recall import exact_top_k, recall_at_k
-from clip_hpc.search import SearchEngine
-from clip_hpc.synthetic_vectors import gaussian_mixture, write_emb_dir
+from clip_hpc.search.heldout import VectorQueriesOnly, heldout_mixture_params, heldout_queries
+from clip_hpc.index.selfcheck import exact_top_k, recall_at_k
+from clip_hpc.search.engine import SearchEngine
+from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
 
 BIN = Path(sys.executable).parent
 QUERY_SEED = 4049  # neither the data's seed nor the self-check's stream
@@ -181,7 +181,7 @@ def main() -> None:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, faiss "
-          f"{faiss.__version__}; held-out queries (clip_hpc.heldout), k=10\n")
+          f"{faiss.__version__}; held-out queries (clip_hpc.search.heldout), k=10\n")
     print(table(rows))
 
 

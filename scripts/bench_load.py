@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 
 from clip_hpc.client.process import serve_child
-from clip_hpc.load_bench import format_table, run_load
-from clip_hpc.metadata import MetadataStore
-from clip_hpc.sample_images import write_samples
+from clip_hpc.devdata.load_bench import format_table, run_load
+from clip_hpc.formats.metadata import MetadataStore
+from clip_hpc.devdata.sample_images import write_samples
 
 BIN = Path(sys.executable).parent
 

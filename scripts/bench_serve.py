@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 
 from clip_hpc.client.process import serve_child
-from clip_hpc.synthetic_vectors import gaussian_mixture, write_emb_dir
+from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
 
 DIMS = {"clip-hpc-tiny": 128, "clip-hpc-demo": 128, "ViT-B-32": 512}
 TOKEN = "bench-" + "t" * 32
@@ -55,7 +55,7 @@ def query_texts(n: int, seed: int) -> list[str]:
 
 
 def build(tmp: Path, model: str, n: int, index_key: str) -> tuple[Path, dict]:
-    from clip_hpc.index import build_index
+    from clip_hpc.index.build import build_index
 
     vectors, labels = gaussian_mixture(n, DIMS[model], clusters=max(10, n // 100))
     emb = write_emb_dir(tmp / "emb", vectors, labels, shard_size=50_000, model=model, pretrained="none")
@@ -120,7 +120,7 @@ class EncoderFloor:
     def __init__(self, model: str) -> None:
         from dataclasses import replace
 
-        from clip_hpc.models import load_model
+        from clip_hpc.model.loading import load_model
         from clip_hpc.server.threads import use_job_cpus
 
         use_job_cpus()  # the threads the server uses
@@ -150,7 +150,7 @@ class EncoderFloor:
 
 def served_equals_full_context(url: str, index: Path, full_model, texts: list[str]) -> dict:
     """The served query vector and top-10 ids against the full-context encoder's vector searched in-process."""
-    from clip_hpc.search import SearchEngine
+    from clip_hpc.search.engine import SearchEngine
 
     engine = SearchEngine(index, encoder=None)
     worst, same_ids = 0.0, True

@@ -3,7 +3,7 @@
 
 Queries are "a {colour} {shape}" in three templates (every colour-shape pair, 120 queries); an image is relevant
 when it shows that colour and that shape, whatever its count, size, position or background. The evaluation lives
-in clip_hpc.demo_model. Prints JSON, then a table.
+in clip_hpc.devdata.demo_model. Prints JSON, then a table.
 
     python scripts/eval_demo_model.py                 # the shipped checkpoint, 1,000 held-out images
     python scripts/eval_demo_model.py --pretrained /tmp/demo.safetensors -n 200 --image-size 128
@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from clip_hpc import captioned_shapes as cs
-from clip_hpc.demo_model import evaluate
+from clip_hpc.devdata import captioned_shapes as cs
+from clip_hpc.devdata.demo_model import evaluate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Make N varied sample images in real formats and sizes, for tests, the demo and benchmarks; `--bad` also writes
-one file of each awkward kind under OUT/bad. The writers live in clip_hpc.sample_images.
+one file of each awkward kind under OUT/bad. The writers live in clip_hpc.devdata.sample_images.
 
     make_sample_images.py OUT [-n 300] [--seed 0] [--photos] [--bad]
     make_sample_images.py OUT --tars 4 [-n 100]   # WebDataset tars of n captioned images each (jpg, txt, json)
@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from clip_hpc.sample_images import write_bad_images, write_sample_tars, write_samples
+from clip_hpc.devdata.sample_images import write_bad_images, write_sample_tars, write_samples
 
 
 def main(argv: list[str] | None = None) -> None:

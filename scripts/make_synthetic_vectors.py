@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Synthetic CLIP-like vectors as an EMB_DIR, for index tests and benchmarks (see clip_hpc.synthetic_vectors).
+"""Synthetic CLIP-like vectors as an EMB_DIR, for index tests and benchmarks (see clip_hpc.devdata.synthetic_vectors).
 
     make_synthetic_vectors.py OUT -n 200000 --dim 512 [--clusters 1000] [--shard-size 50000] [--seed 0]
 """
@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from clip_hpc.synthetic_vectors import gaussian_mixture, write_emb_dir
+from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
 
 
 def main(argv: list[str] | None = None) -> None:

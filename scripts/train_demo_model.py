@@ -2,7 +2,7 @@
 """Train `clip-hpc-demo`, the small CLIP that ships with the package, on synthetic captioned shapes.
 
 CPU only, seeded, a fixed number of steps (not wall time), so the same seed and thread count give the same
-checkpoint bytes. The recipe lives in clip_hpc.demo_model; this is its command line.
+checkpoint bytes. The recipe lives in clip_hpc.devdata.demo_model; this is its command line.
 
     python scripts/train_demo_model.py                       # the shipped model (defaults below)
     python scripts/train_demo_model.py --steps 3 --train-size 256 --out /tmp/demo.safetensors
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from clip_hpc import captioned_shapes as cs
-from clip_hpc.demo_model import DEFAULT_OUT, checkpoint_bytes, evaluate, train
+from clip_hpc.devdata import captioned_shapes as cs
+from clip_hpc.devdata.demo_model import DEFAULT_OUT, checkpoint_bytes, evaluate, train
 from clip_hpc.formats.atomic import atomic_write_bytes
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_hpc import synthetic_vectors as synthetic
+from clip_hpc.devdata import synthetic_vectors as synthetic
 
 
 def synthetic_emb_dir(out: Path, n: int, dim: int = 32, *, shard_size: int = 500, seed: int = 0,

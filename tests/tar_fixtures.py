@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clip_hpc.sample_images import write_bad_images
-from clip_hpc.sources import list_images
+from clip_hpc.devdata.sample_images import write_bad_images
+from clip_hpc.ingest.sources import list_images
 
 
 def caption_of(i: int) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_hpc import captioned_shapes as cs
+from clip_hpc.devdata import captioned_shapes as cs
 
 
 def test_same_seed_and_index_give_the_same_example_whatever_the_batch():

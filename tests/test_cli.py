@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from clip_hpc.index_defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX
+from clip_hpc.index.defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX
 from conftest import BIN, run_cli
 from index_fixtures import synthetic_emb_dir
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clip_hpc import captioned_shapes as cs
-from clip_hpc.models import load_model
+from clip_hpc.devdata import captioned_shapes as cs
+from clip_hpc.model.loading import load_model
 from clip_hpc.formats.emb_dir import EmbDir
 from conftest import BIN, run_cli
 from server_fixtures import start_server

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_hpc.demo_model import checkpoint_bytes, evaluate, train
-from clip_hpc.models import WEIGHTS_DIR, load_model
+from clip_hpc.devdata.demo_model import checkpoint_bytes, evaluate, train
+from clip_hpc.model.loading import WEIGHTS_DIR, load_model
 
 SHIPPED = WEIGHTS_DIR / "clip-hpc-demo.safetensors"
 # Measured for the shipped model on the first 200 held-out images (scripts/eval_demo_model.py -n 200): R@1 0.975,

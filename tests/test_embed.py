@@ -7,7 +7,7 @@ import pytest
 
 from clip_hpc.formats.emb_dir import EmbDir, file_sha256
 from clip_hpc.formats.shard import read_shard
-from clip_hpc.sample_images import write_bad_images
+from clip_hpc.devdata.sample_images import write_bad_images
 from conftest import BIN, ROOT, kill_after_shards, run_cli
 
 TINY = ["--model", "clip-hpc-tiny", "--pretrained", "none"]
@@ -147,8 +147,8 @@ def test_an_error_on_every_rank_is_said_once_and_nobody_hangs(sample_images, tmp
 
 
 def test_pending_units_redoes_exactly_what_the_shard_check_rejects(tmp_path):
-    from clip_hpc.embed import pending_units
-    from clip_hpc.sources import plan_work_units
+    from clip_hpc.ingest.embed import pending_units
+    from clip_hpc.ingest.sources import plan_work_units
 
     emb = EmbDir(tmp_path)
     units = plan_work_units(12, 5)  # units of 5, 5 and 2 ids

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from clip_hpc.formats.emb_dir import EmbDir
-from clip_hpc.tars import Member, read_member
+from clip_hpc.ingest.tars import Member, read_member
 from conftest import BIN, kill_after_shards, make_images, run_cli
 from tar_fixtures import write_bad_tars, write_wds_tars
 from test_embed import TINY, coverage, load_all, mpi_embed

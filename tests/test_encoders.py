@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clip_hpc.encoders import ModelEncoder
+from clip_hpc.model.encoders import ModelEncoder
 from clip_hpc.errors import UserError
-from clip_hpc.index import build_index
-from clip_hpc.search import SearchEngine
+from clip_hpc.index.build import build_index
+from clip_hpc.search.engine import SearchEngine
 from clip_hpc.server.shared_encoder import SharedEncoder
 from index_fixtures import synthetic_emb_dir
 

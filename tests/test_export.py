@@ -9,7 +9,7 @@ import pytest
 
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
-from clip_hpc.metadata import MetadataStore
+from clip_hpc.formats.metadata import MetadataStore
 from conftest import run_cli
 
 pytest.importorskip("pyarrow")

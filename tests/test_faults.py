@@ -17,11 +17,11 @@ import h5py
 import numpy as np
 import pytest
 
-from clip_hpc import synthetic_vectors as synthetic
+from clip_hpc.devdata import synthetic_vectors as synthetic
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
-from clip_hpc.search import SearchEngine
+from clip_hpc.search.engine import SearchEngine
 from conftest import BIN, make_images, run_cli
 
 MODEL_ARGS = ("--model", "clip-hpc-tiny", "--pretrained", "none", "--workers", "0")

@@ -5,8 +5,8 @@ import warnings
 import pytest
 from PIL import Image
 
-from clip_hpc.images import DecodeFailure, decode_image
-from clip_hpc.sample_images import bomb_png, write_bad_images
+from clip_hpc.ingest.images import DecodeFailure, decode_image
+from clip_hpc.devdata.sample_images import bomb_png, write_bad_images
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_exif_rotation_and_sixteen_bit_scaling(bad_dir):
 def test_import_leaves_pil_globals_alone():
     """Importing the package must not change how PIL behaves for the rest of the process."""
     code = ("from PIL import Image, ImageFile; before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES); "
-            "import clip_hpc.images, clip_hpc.embed, clip_hpc.search; "
+            "import clip_hpc.ingest.images, clip_hpc.ingest.embed, clip_hpc.search.engine; "
             "print(before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES), Image.MAX_IMAGE_PIXELS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "89478485"]

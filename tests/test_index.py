@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from clip_hpc.errors import UserError
-from clip_hpc.index import build_index, choose_index_key, choose_train_size, ivf_lists
-from clip_hpc.recall import exact_top_k, off_distribution_queries, recall_at_k
-from clip_hpc.search import SearchEngine
+from clip_hpc.index.build import build_index, choose_index_key, choose_train_size, ivf_lists
+from clip_hpc.index.selfcheck import exact_top_k, off_distribution_queries, recall_at_k
+from clip_hpc.search.engine import SearchEngine
 from clip_hpc.formats.emb_dir import EmbDir
 from conftest import make_images, run_cli
 from index_fixtures import synthetic, synthetic_emb_dir

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from clip_hpc.formats.index_dir import IndexDir
-from clip_hpc.index import build_index
-from clip_hpc.recall import exact_top_k, recall_at_k
-from clip_hpc.search import SearchEngine
+from clip_hpc.index.build import build_index
+from clip_hpc.index.selfcheck import exact_top_k, recall_at_k
+from clip_hpc.search.engine import SearchEngine
 from conftest import BIN
 from index_fixtures import synthetic
 from server_fixtures import TOKEN, start_server
@@ -98,9 +98,9 @@ def test_mpiexec_two_ranks_build_the_same_index(tiny_model_vectors, tmp_path, li
 def test_an_error_on_one_rank_stops_every_rank(tmp_path):
     """Rank 1 fails while adding: both ranks exit with an error naming it, and nobody waits forever."""
     script = (
-        "from clip_hpc.dist import world\n"
+        "from clip_hpc.cluster.world import world\n"
         "from clip_hpc.errors import UserError\n"
-        "from clip_hpc.index_ranks import from_root, on_every_rank\n"
+        "from clip_hpc.index.ranks import from_root, on_every_rank\n"
         "w = world()\n"
         "assert from_root(w, lambda: 'plan') == 'plan'\n"
         "def add():\n"

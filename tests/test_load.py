@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from clip_hpc.client.endpoint import resolve_endpoint
-from clip_hpc.load_bench import run_load
-from clip_hpc.search import SearchEngine
+from clip_hpc.devdata.load_bench import run_load
+from clip_hpc.search.engine import SearchEngine
 from server_fixtures import start_server
 
 

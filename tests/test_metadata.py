@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from clip_hpc.metadata import MetadataStore, prefix_upper_bound
+from clip_hpc.formats.metadata import MetadataStore, prefix_upper_bound
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clip_hpc.models import ModelError, load_model, read_checkpoint, resolve_pretrained
+from clip_hpc.model.loading import ModelError, load_model, read_checkpoint, resolve_pretrained
 
 TEXTS = ["a photo of a dog", "a red square"]
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_hpc.images import as_query_image
-from clip_hpc.models import load_model
+from clip_hpc.ingest.images import as_query_image
+from clip_hpc.model.loading import load_model
 from conftest import run_cli
 from server_fixtures import start_server
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clip_hpc.recall import (exact_top_k, off_distribution_groups, off_distribution_queries, recall_at_k,
+from clip_hpc.index.selfcheck import (exact_top_k, off_distribution_groups, off_distribution_queries, recall_at_k,
                              recall_lower_bound, recall_prediction_bound, tune_jointly, tune_nprobe)
 from index_fixtures import synthetic
 

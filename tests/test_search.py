@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import clip_hpc.search as search_mod
+import clip_hpc.search.engine as search_mod
 from clip_hpc.errors import UserError
-from clip_hpc.index import build_index
-from clip_hpc.search import SearchEngine, UnknownIdError, combine_parts, ivf_search, mmr, normalise_rows, rerank
+from clip_hpc.index.build import build_index
+from clip_hpc.search.core import combine_parts, ivf_search, mmr, normalise_rows, rerank
+from clip_hpc.search.engine import SearchEngine, UnknownIdError
 from index_fixtures import synthetic_emb_dir
 
 N = 1200
@@ -162,7 +163,7 @@ def test_missing_index_dir_is_a_user_error(tmp_path):
 def tiny_engine(tmp_path_factory):
     import torch
 
-    from clip_hpc.models import load_model
+    from clip_hpc.model.loading import load_model
     from clip_hpc.formats.emb_dir import EmbDir
 
     model = load_model("clip-hpc-tiny", "none", device="cpu")

@@ -18,7 +18,7 @@ from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
-from clip_hpc.metadata import MetadataStore
+from clip_hpc.formats.metadata import MetadataStore
 from server_fixtures import TOKEN, start_server
 
 VALID_ID = 0

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from clip_hpc.errors import UserError
-from clip_hpc.index import build_index
-from clip_hpc.search import SearchEngine
+from clip_hpc.index.build import build_index
+from clip_hpc.search.engine import SearchEngine
 from clip_hpc.server.batching import BatchedSearch, BatchSettings, MicroBatcher
 from clip_hpc.server.serve import load_engine
 from clip_hpc.server.threads import job_cpus, serving_threads

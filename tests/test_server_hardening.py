@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clip_hpc.search import SearchEngine
+from clip_hpc.search.engine import SearchEngine
 from conftest import make_images, run_cli
 from index_fixtures import synthetic_emb_dir
 from server_fixtures import start_server

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from clip_hpc.errors import UserError
-from clip_hpc.sources import list_images, plan_work_units, reconcile_inputs, units_for_rank
+from clip_hpc.ingest.sources import list_images, plan_work_units, reconcile_inputs, units_for_rank
 
 
 def touch(path: Path) -> Path:

@@ -6,9 +6,9 @@ import tarfile
 import pytest
 
 from clip_hpc.errors import UserError
-from clip_hpc.sample_images import captioned_samples, write_sample_tars, write_tar
-from clip_hpc.sources import list_inputs
-from clip_hpc.tars import expand_braces, index_tar, read_member, split_line
+from clip_hpc.devdata.sample_images import captioned_samples, write_sample_tars, write_tar
+from clip_hpc.ingest.sources import list_inputs
+from clip_hpc.ingest.tars import expand_braces, index_tar, read_member, split_line
 
 
 def test_expand_braces_like_the_shell():

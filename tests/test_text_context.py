@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from clip_hpc import text_context
-from clip_hpc.models import load_model
+from clip_hpc.model import text_context
+from clip_hpc.model.loading import load_model
 
 MIXED = ["a", "a photo of a dog on a red sofa in the morning sun", "zebra", "",
          " ".join(["a very long caption that runs past the context"] * 12), "two cats and a bird"]
@@ -85,7 +85,7 @@ def test_the_prefix_path_matches_where_packing_does_not_apply():
 
 
 def test_packed_texts_see_only_their_own_earlier_tokens():
-    from clip_hpc.text_packed import block_causal_mask
+    from clip_hpc.model.text_packed import block_causal_mask
 
     mask = block_causal_mask([2, 1, 3], torch.device("cpu")).int().tolist()
     assert mask == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
@@ -107,7 +107,7 @@ def test_the_shared_first_token_is_reused_only_where_it_is_exact():
         mixed_start[1, 0] = mixed_start[1, 1]
         assert tower.shared_first(mixed_start, [3, 9, 3, 1, 76, 6]) is None
         assert (tower.encode(mixed_start) - model.encode_text(mixed_start)).abs().max() <= 1e-5
-    from clip_hpc.text_packed import PackedTextTower
+    from clip_hpc.model.text_packed import PackedTextTower
 
     unpacked = PackedTextTower(model, prepack=False)  # the blocks read the live weights; the first token is cached
     with torch.inference_mode():
@@ -124,7 +124,7 @@ def test_the_shared_first_token_is_reused_only_where_it_is_exact():
 def test_a_packed_probe_mismatch_keeps_the_prefix_path(monkeypatch):
     import open_clip
 
-    from clip_hpc import text_packed
+    from clip_hpc.model import text_packed
 
     monkeypatch.setattr(text_packed.PackedTextTower, "encode", lambda self, tokens: torch.zeros(len(tokens), 16))
     chosen = text_context.choose_text_context(_tiny_clip(), open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"),

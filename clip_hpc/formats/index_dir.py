@@ -20,7 +20,7 @@ import numpy as np
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_json
-from clip_hpc.metadata import MetadataStore
+from clip_hpc.formats.metadata import MetadataStore
 from clip_hpc.procs import pid_alive
 
 if TYPE_CHECKING:

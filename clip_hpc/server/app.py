@@ -27,8 +27,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from clip_hpc.errors import UserError
-from clip_hpc.images import DecodeFailure, decode_image
-from clip_hpc.search import MAX_K, Hit, SearchEngine
+from clip_hpc.ingest.images import DecodeFailure, decode_image
+from clip_hpc.search.engine import MAX_K, Hit, SearchEngine
 from clip_hpc.server.auth import install_auth
 from clip_hpc.server.batching import BatchedSearch, CountInFlight, batch_metric_lines, shares_batches
 from clip_hpc.server.errors import install_error_handlers

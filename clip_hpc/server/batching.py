@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
-from clip_hpc.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
+from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
 from clip_hpc.errors import UserError
-from clip_hpc.search import combine_parts
+from clip_hpc.search.core import combine_parts
 
 if TYPE_CHECKING:
-    from clip_hpc.search import Hit, SearchEngine
+    from clip_hpc.search.engine import Hit, SearchEngine
     from clip_hpc.server.compute import ComputeThread
     from clip_hpc.server.shared_encoder import SharedEncoder
 

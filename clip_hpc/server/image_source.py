@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clip_hpc.tars import Member, read_member, split_line
+from clip_hpc.ingest.tars import Member, read_member, split_line
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from clip_hpc.encoders import Encoder
+from clip_hpc.model.encoders import Encoder
 from clip_hpc.server.batching import BatchSettings, InFlight, MicroBatcher
 from clip_hpc.server.compute import ComputeThread
 

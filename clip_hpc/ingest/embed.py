@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from clip_hpc.dist import World, world
+from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, Manifest
-from clip_hpc.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
-from clip_hpc.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
-from clip_hpc.tars import MAX_SIDECAR_BYTES, TarSample, decode_caption, decode_meta, read_member, sample_meta
+from clip_hpc.ingest.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
+from clip_hpc.ingest.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
+from clip_hpc.ingest.tars import MAX_SIDECAR_BYTES, TarSample, decode_caption, decode_meta, read_member, sample_meta
 
 
 class Extras(NamedTuple):
@@ -258,7 +258,7 @@ def format_summary(manifest: Manifest | None, per_rank: list[dict[str, Any]], wa
 
 def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     """Embed this rank's share of the inputs, then (rank 0) write manifest.json once every unit is done."""
-    from clip_hpc.models import load_model, resolve_pretrained
+    from clip_hpc.model.loading import load_model, resolve_pretrained
 
     w = w or world()
     t0 = time.perf_counter()

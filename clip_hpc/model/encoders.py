@@ -45,7 +45,7 @@ class ModelEncoder:
     def model(self) -> Any:
         with self._lock:
             if self._model is None:
-                from clip_hpc.models import load_model
+                from clip_hpc.model.loading import load_model
 
                 self._model = load_model(self.name, self.pretrained, device=self.device,
                                          full_context=self.full_context)

@@ -50,7 +50,7 @@ def caption_queries(model: str | None, pretrained: str | None, dim: int) -> Capt
     if not model:
         return CaptionQueries(None, "none", "index.json names no model")
     try:
-        from clip_hpc.models import load_model
+        from clip_hpc.model.loading import load_model
 
         loaded = load_model(model, pretrained, device="cpu", precision="fp32")
         vectors = np.asarray(loaded.encode_text(captions()), dtype=np.float32)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from clip_hpc.errors import UserError
-from clip_hpc.tars import TarSample, expand_braces, index_tar, is_tar_path
+from clip_hpc.ingest.tars import TarSample, expand_braces, index_tar, is_tar_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 

@@ -1,8 +1,5 @@
-"""Loading an INDEX_DIR and answering queries: by text, image, id, raw vector, or a weighted combination of them.
-
-IVF-PQ finds candidates cheaply; `refine` re-ranks k×factor of them by exact dot product with the float16
-vectors in `vectors.npy`, which wins back the recall PQ loses on off-distribution (text) queries.
-"""
+"""The serving engine: loads an INDEX_DIR (index, vectors, metadata, model) and answers queries by text, image,
+id, raw vector, or a weighted combination of them, through the pure core in `search.core`."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -12,15 +9,14 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from clip_hpc.encoders import Encoder, ModelEncoder
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir
-from clip_hpc.images import as_query_image
+from clip_hpc.ingest.images import as_query_image
+from clip_hpc.model.encoders import Encoder, ModelEncoder
+from clip_hpc.search.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
 
 MAX_K = 10_000  # results per query, for the CLI and the HTTP API alike
-MIN_RERANK_K = 10
 PREFILTER_LIMIT = 50_000  # a filter (path_prefix, caption) matching fewer ids is searched exactly over just those
-DEFAULT_WEIGHTS = {"text": 1.0, "image": 1.0, "vector": 1.0, "positive": 0.75, "negative": 0.25}  # Rocchio-like
 
 
 class UnknownIdError(UserError, KeyError):
@@ -41,122 +37,6 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# --- the pure core: numpy in, numpy out ------------------------------------------------------------------------
-def normalise_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def rerank(queries: np.ndarray, cand_ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact re-rank of candidate ids (-1 = none) by dot product with their full vectors; returns (scores, ids)."""
-    m = len(queries)
-    scores = np.full((m, k), -np.inf, dtype=np.float32)
-    ids = np.full((m, k), -1, dtype=np.int64)
-    for i in range(m):
-        cand = np.unique(cand_ids[i][cand_ids[i] >= 0])  # sorted: friendlier to the memory map
-        if not len(cand):
-            continue
-        exact = np.asarray(vectors[cand], dtype=np.float32) @ queries[i].astype(np.float32)
-        top = np.argsort(-exact, kind="stable")[:k]
-        scores[i, :len(top)], ids[i, :len(top)] = exact[top], cand[top]
-    return scores, ids
-
-
-def mmr(query: np.ndarray, cand_vectors: np.ndarray, k: int, diversity: float) -> list[int]:
-    """Maximal marginal relevance: indices into the candidates, trading relevance for novelty by `diversity`."""
-    relevance = cand_vectors @ query
-    similarity = cand_vectors @ cand_vectors.T
-    chosen: list[int] = []
-    redundancy = np.full(len(cand_vectors), -np.inf, dtype=np.float32)
-    remaining = np.ones(len(cand_vectors), dtype=bool)
-    for _ in range(min(k, len(cand_vectors))):
-        penalty = np.where(np.isfinite(redundancy), redundancy, 0.0)
-        gain = np.where(remaining, (1.0 - diversity) * relevance - diversity * penalty, -np.inf)
-        best = int(np.argmax(gain))
-        chosen.append(best)
-        remaining[best] = False
-        redundancy = np.maximum(redundancy, similarity[best])
-    return chosen
-
-
-MAX_WEIGHT = 1e6  # weights are relative; beyond this the weighted sum could overflow float32
-
-
-def combine_parts(parts: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    """Weighted sum of the normalised query parts, `negative` subtracted (Rocchio), renormalised."""
-    for name, weight in weights.items():
-        if not np.isfinite(float(weight)) or abs(float(weight)) > MAX_WEIGHT:
-            raise UserError(f"weight {name!r} = {weight} would overflow: weights are relative, keep them finite and "
-                            f"at most {MAX_WEIGHT:g} in size")
-    total = np.zeros_like(next(iter(parts.values())), dtype=np.float32)
-    for name, vector in parts.items():
-        sign = -1.0 if name == "negative" else 1.0
-        total += sign * float(weights.get(name, DEFAULT_WEIGHTS.get(name, 1.0))) * normalise_rows(vector)
-    norm = float(np.linalg.norm(total))
-    if not np.isfinite(norm) or norm < 1e-6:
-        raise UserError("the query parts cancel out (weights or negatives remove everything); change the weights")
-    return total / norm
-
-
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    """Through any wrapper (IDMap, PreTransform); a no-op for indexes without inverted lists."""
-    if faiss.try_extract_index_ivf(index) is not None:
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
-
-
-def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.ndarray, k: int, *,
-                 refine_factor: int = 0, selector: faiss.IDSelector | None = None,
-                 widen: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The served search: k×refine_factor candidates from FAISS, re-ranked exactly when refine_factor > 0.
-    `widen` (the engine, not the recall self-check, which measures nprobe as it is) fills short result lists."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    # k < 10 still re-ranks as many candidates as k = 10 does, so the self-measured recall@10 holds for it too
-    n_cand = max(k, MIN_RERANK_K) * refine_factor if refine_factor and vectors is not None else k
-    n_cand = max(k, min(n_cand, max(index.ntotal, 1)))
-    params = None
-    if selector is not None:
-        ivf = faiss.try_extract_index_ivf(index)
-        params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None \
-            else faiss.SearchParameters(sel=selector)
-    found = ivf_search(index, queries, n_cand) if params is None else None
-    scores, ids = found if found is not None else index.search(queries, n_cand, params=params)
-    if widen:
-        scores, ids = _widen_if_short(index, queries, n_cand, min(k, index.ntotal), selector, scores, ids)
-    if refine_factor and vectors is not None:
-        return rerank(queries, ids, vectors, k)
-    return scores[:, :k], ids[:, :k]
-
-
-def ivf_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """`index.search` for a CPU IVF index under optional pre-transforms (OPQ), as the coarse quantizer's search and
-    then `search_preassigned`: the same results without the thread that faiss 1.15's IndexIVF.search starts on
-    every call (traced: one query at nprobe 64, 1.6 ms -> 0.4 ms). None for any other index (Flat, GPU)."""
-    index = faiss.downcast_index(index)
-    transforms = []
-    if isinstance(index, faiss.IndexPreTransform):
-        transforms = [index.chain.at(i) for i in range(index.chain.size())]
-        index = faiss.downcast_index(index.index)
-    if not isinstance(index, faiss.IndexIVF):
-        return None
-    for transform in transforms:
-        queries = transform.apply(queries)
-    coarse_scores, lists = index.quantizer.search(queries, min(index.nprobe, index.nlist))
-    return index.search_preassigned(queries, k, lists, coarse_scores)
-
-
-def _widen_if_short(index: faiss.Index, queries: np.ndarray, n_cand: int, wanted: int,
-                    selector: faiss.IDSelector | None, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """IVF returns fewer than k when the probed lists run dry (k=1000 of 2,000 vectors gave 536): search again
-    over every list, so a query gets min(k, n) results whenever filters leave that many."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None or ivf.nprobe >= ivf.nlist or int((ids >= 0).sum(axis=1).min(initial=wanted)) >= wanted:
-        return scores, ids
-    params = faiss.SearchParametersIVF(sel=selector, nprobe=int(ivf.nlist)) if selector is not None \
-        else faiss.SearchParametersIVF(nprobe=int(ivf.nlist))
-    return index.search(queries, n_cand, params=params)
 
 
 # --- the engine: I/O at the edges ------------------------------------------------------------------------------

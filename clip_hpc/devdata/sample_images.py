@@ -128,7 +128,7 @@ def captioned_samples(n: int, start: int = 0, seed: int = 0, size: int = 128) ->
     """`n` captioned shape images as img2dataset samples: `jpg`, `txt` (the caption) and `json` (key, url, size)."""
     import json
 
-    from clip_hpc.captioned_shapes import make_example
+    from clip_hpc.devdata.captioned_shapes import make_example
 
     samples = []
     for i in range(start, start + n):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clip_hpc.text_packed import PackedTextTower, cannot_pack, pooled_positions, prepack_available, project_text
+from clip_hpc.model.text_packed import PackedTextTower, cannot_pack, pooled_positions, prepack_available, project_text
 
 PROBE_TOLERANCE = 1e-4  # largest difference from the full context accepted on the probe (float32: ~1e-6 seen)
 PROBE_TEXTS = ("a photo of a cat", "two dogs playing in the snow on a bright winter morning near the lake", "x")

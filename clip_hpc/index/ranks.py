@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import faiss
 import numpy as np
 
-from clip_hpc.dist import World
+from clip_hpc.cluster.world import World
 from clip_hpc.errors import UserError
 
 T = TypeVar("T")

@@ -19,18 +19,18 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from clip_hpc.dist import World
-from clip_hpc.dist import world as current_world
+from clip_hpc.cluster.world import World
+from clip_hpc.cluster.world import world as current_world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, EmbSummary, ShardEntry
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.formats.shard import Shard
-from clip_hpc.index_ranks import (choose_lists, deserialize, from_root, merge_in_memory, merge_on_disk, my_units,
+from clip_hpc.index.ranks import (choose_lists, deserialize, from_root, merge_in_memory, merge_on_disk, my_units,
                                   on_every_rank, serialize)
-from clip_hpc.index_defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX, TRAIN_SAMPLE_TARGET
-from clip_hpc.metadata import MetadataStore
-from clip_hpc.recall import RECALL_QUERIES, self_check
-from clip_hpc.tars import meta_key_url
+from clip_hpc.index.defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX, TRAIN_SAMPLE_TARGET
+from clip_hpc.formats.metadata import MetadataStore
+from clip_hpc.index.selfcheck import RECALL_QUERIES, self_check
+from clip_hpc.ingest.tars import meta_key_url
 
 FLAT_BELOW = 10_000
 ADD_BATCH = 65_536

@@ -1,5 +1,5 @@
 """The recall self-check of an index: recall@10 of the served configuration against exact inner-product search,
-for indexed vectors used as queries, for text-like ones (clip_hpc.text_queries: CLIP's "modality gap" puts a
+for indexed vectors used as queries, for text-like ones (clip_hpc.index.text_queries: CLIP's "modality gap" puts a
 text query at cosine ~0.25-0.45 from its best image) and for real captions through the index's own model, and
 the nprobe / refine-factor tuning built on it. Tuning and reporting use disjoint halves of every query family.
 
@@ -15,8 +15,8 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
-from clip_hpc.search import normalise_rows, search_index, set_nprobe
-from clip_hpc.text_queries import caption_queries, text_like_groups
+from clip_hpc.search.core import normalise_rows, search_index, set_nprobe
+from clip_hpc.index.text_queries import caption_queries, text_like_groups
 
 TARGET_RECALL = 0.95
 RECALL_K = 10

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from clip_hpc.errors import UserError
-from clip_hpc.text_context import TextContext, choose_text_context
+from clip_hpc.model.text_context import TextContext, choose_text_context
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k"}
 RANDOM_SEED = 0  # random weights are seeded so that every rank builds the same model

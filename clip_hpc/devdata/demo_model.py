@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_hpc import captioned_shapes as cs
-from clip_hpc.models import WEIGHTS_DIR, LoadedModel, load_model, register_model_configs
+from clip_hpc.devdata import captioned_shapes as cs
+from clip_hpc.model.loading import WEIGHTS_DIR, LoadedModel, load_model, register_model_configs
 
 MODEL_NAME = "clip-hpc-demo"
 DEFAULT_OUT = WEIGHTS_DIR / f"{MODEL_NAME}.safetensors"

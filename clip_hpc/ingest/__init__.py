@@ -1,0 +1,1 @@
+"""Reading inputs and embedding them: listing, tars, image decoding, the per-rank embedding loop."""
