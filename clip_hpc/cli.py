@@ -113,12 +113,14 @@ def cmd_index(args: argparse.Namespace) -> int:
         info = build_index(emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
                            refine=args.refine, nprobe=args.nprobe, update=args.update, lists=args.lists,
                            progress=not args.quiet)
-    recall = info.recall
     if not world().is_root:  # every rank built it; one reports
         return 0
-    print(f"{args.out}: {info.n} vectors, {info.index_key}, nprobe {info.nprobe}, "
-          f"{info.bytes_per_vector} B/vector, {info.ranks} rank(s), recall@10 {recall.get('served')} "
-          f"(in {recall.get('in_distribution')}, off {recall.get('off_distribution')})")
+    if args.json:
+        print(json.dumps({"path": str(args.out), **info.to_dict()}, indent=2))
+    else:
+        from clip_hpc.index.summary import summary_line
+
+        print(summary_line(info, str(args.out), updated=args.update))
     return 0
 
 
@@ -139,6 +141,8 @@ def add_index(sub: argparse._SubParsersAction) -> None:
                    help="where a many-rank build merges the inverted lists: in index.faiss (memory) or an on-disk "
                         "lists.ivfdata the server memory-maps (disk); auto: disk above 4 GiB of codes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the whole report (index.json, plus path) as one JSON "
+                                                        "document instead of the summary line")
     p.set_defaults(func=cmd_index)
 
 

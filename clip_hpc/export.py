@@ -1,9 +1,9 @@
-"""EMB_DIR -> the layout clip-retrieval writes (`img_emb/img_emb_{n}.npy`, `metadata/metadata_{n}.parquet`), so
+"""EMB_DIR -> the embedding folder clip-retrieval writes (its layout: formats/embedding_folder.py), so
 embedding_reader, autofaiss and clip-retrieval's other tools read our embeddings unchanged.
 
 One pair of files per shard that holds embeddings, numbered from 0 in unit order, hence in id order; parquet row i
-describes npy row i (`image_path`, `caption`, `url`, `key`, plus our global `id`). Written into a temporary
-directory beside `out` and renamed at the end, so `out` is whole or absent.
+describes npy row i (clip-retrieval's columns plus our global `id`). Written into a temporary directory beside
+`out` and renamed at the end, so `out` is whole or absent.
 """
 from __future__ import annotations
 
@@ -16,19 +16,11 @@ import numpy as np
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_bytes
 from clip_hpc.formats.emb_dir import EmbDir
+from clip_hpc.formats.embedding_folder import (EMB_SUBDIR, ID_COLUMN, META_SUBDIR, emb_file, metadata_columns,
+                                               metadata_file, require_pyarrow)
 from clip_hpc.ingest.tars import meta_key_url
 
 FORMATS = ("embedding-reader",)
-EMB_SUBDIR, META_SUBDIR = "img_emb", "metadata"
-
-
-def require_pyarrow():  # type: ignore[no-untyped-def]
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        raise UserError("writing parquet needs pyarrow: pip install pyarrow") from None
-    return pyarrow
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -45,7 +37,6 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
     pa = require_pyarrow()
-    import pyarrow.parquet as pq
 
     out = Path(out)
     if out.exists():
@@ -62,10 +53,10 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
             if not len(shard.ids):
                 continue  # a unit where every image failed: embedding_reader wants no empty files
             keys, urls = zip(*map(meta_key_url, shard.meta))
-            table = pa.table({"image_path": shard.paths, "caption": shard.captions, "url": list(urls),
-                              "key": list(keys), "id": pa.array(shard.ids, pa.int64())})
-            atomic_write_bytes(tmp / EMB_SUBDIR / f"img_emb_{n_files}.npy", _npy_bytes(shard.embeddings))
-            pq.write_table(table, tmp / META_SUBDIR / f"metadata_{n_files}.parquet")
+            table = pa.table({**metadata_columns(shard.paths, shard.captions, list(urls), list(keys)),
+                              ID_COLUMN: pa.array(shard.ids, pa.int64())})
+            atomic_write_bytes(emb_file(tmp, n_files), _npy_bytes(shard.embeddings))
+            pa.parquet.write_table(table, metadata_file(tmp, n_files))
             n_files += 1
             n_rows += len(shard.ids)
         os.replace(tmp, out)

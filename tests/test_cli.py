@@ -42,3 +42,29 @@ def test_train_size_help_quotes_the_code():
     text = " ".join(run_cli("index", "--help", check=True).stdout.split())
     assert f"default {TRAIN_PER_LIST} x lists" in text and f"at most {TRAIN_PER_LIST_MAX} x lists" in text
     assert "40 x" not in text
+
+
+def test_index_ends_with_a_summary_of_numbers_or_one_json_document(emb_dir, tmp_path):
+    """The closing line holds plain numbers (no dict reprs) that are index.json's served figures; --json prints
+    index.json (plus the path) as the only output."""
+    import json
+    import re
+
+    out = tmp_path / "plain"
+    lines = run_cli("index", emb_dir, "--out", out, "--quiet", check=True).stdout.splitlines()
+    info = json.loads((out / "index.json").read_text())
+    assert len(lines) == 1 and "{" not in lines[0], lines
+    number = r"(\d+(?:\.\d+)?)"
+    found = re.fullmatch(rf"(.+): {number} vectors, (\S+) nprobe {number}, {number} B/vector, built in {number} s on "
+                         rf"1 rank\(s\); recall@10 {number} served \(in-distribution {number}, text-like {number}"
+                         r"(?:, captions [\d.]+)?(?:, below the [\d.]+ target)?\)", lines[0])
+    assert found, lines[0]
+    label = "refine" if info["refine"] else "no_refine"
+    assert found.groups() == (str(out), str(info["n"]), info["index_key"], str(info["nprobe"]),
+                              str(info["bytes_per_vector"]), str(info["timings"]["total_s"]),
+                              f"{info['recall']['served']:.4f}", f"{info['recall']['in_distribution'][label]:.4f}",
+                              f"{info['recall']['off_distribution'][label]:.4f}")
+    as_json = run_cli("index", emb_dir, "--out", tmp_path / "json", "--quiet", "--json", check=True).stdout
+    report = json.loads(as_json)
+    assert report.pop("path") == str(tmp_path / "json")
+    assert report == json.loads((tmp_path / "json" / "index.json").read_text())

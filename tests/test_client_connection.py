@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from clip_hpc.client import connection
-from clip_hpc.client.connection import ConnectionInfo
+from clip_hpc.formats import connection
+from clip_hpc.formats.connection import ConnectionInfo
 from clip_hpc.client.endpoint import resolve_endpoint
 from clip_hpc.errors import UserError
 

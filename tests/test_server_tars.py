@@ -68,3 +68,29 @@ def test_caption_filter_narrows_results(tar_server):
         assert none == []
         bad = client.post("/api/search", json={"text": "x", "filters": {"caption": "!!!"}})
         assert bad.status_code == 400 and "no words" in bad.json()["error"]
+
+
+def test_n13_tar_under_a_directory_with_double_colon(tmp_path):
+    """N13: `d::x/00000.tar::KEY.jpg` is split at the `::` after the tar, not the first one, so every member (one
+    whose own name holds `::` too) comes back byte for byte, and the served root stays `d::x`, not its parent."""
+    import os
+
+    from clip_hpc.devdata.sample_images import captioned_samples, write_tar
+    from clip_hpc.server.files import embedded_root
+
+    samples = captioned_samples(6)
+    samples[2] = ("odd::name", samples[2][1])
+    tar = write_tar(tmp_path / "d::x" / "00000.tar", samples)
+    want = {f"{tar}::{key}.jpg": members["jpg"] for key, members in samples}
+    run_cli("embed", tar.parent, "--out", tmp_path / "emb", "--model", "clip-hpc-tiny", "--pretrained", "none",
+            "--workers", "0", check=True)
+    run_cli("index", tmp_path / "emb", "--out", tmp_path / "index", "--quiet", check=True)
+    with IndexDir(tmp_path / "index").open_metadata() as meta:
+        assert embedded_root(meta.path_bounds()) == os.path.realpath(tar.parent)
+    with start_server(tmp_path / "index", tmp_path / "serve") as served, served.client() as client:
+        hits = client.get("/api/random", params={"k": 10}).json()["results"]
+        assert sorted(h["path"] for h in hits) == sorted(want)
+        for hit in hits:
+            got = client.get(hit["url"])
+            assert got.status_code == 200, got.text
+            assert got.content == want[hit["path"]]

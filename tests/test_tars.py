@@ -8,7 +8,8 @@ import pytest
 from clip_hpc.errors import UserError
 from clip_hpc.devdata.sample_images import captioned_samples, write_sample_tars, write_tar
 from clip_hpc.ingest.sources import list_inputs
-from clip_hpc.ingest.tars import expand_braces, index_tar, read_member, split_line
+from clip_hpc.formats.tar_member import file_on_disk, split_member_line
+from clip_hpc.ingest.tars import expand_braces, index_tar, read_member
 
 
 def test_expand_braces_like_the_shell():
@@ -27,7 +28,23 @@ def test_index_keeps_tar_order_and_offsets_read_back_exactly(tmp_path):
         for sample in listed:
             assert read_member(tar, sample.image) == tf.extractfile(sample.name).read()
             assert read_member(tar, sample.caption) == tf.extractfile(sample.name[:-3] + "txt").read()
-    assert split_line(listed[0].line) == (str(tar), listed[0].name)
+    assert split_member_line(listed[0].line) == (str(tar), listed[0].name)
+
+
+def test_member_lines_split_after_the_tar_that_exists(tmp_path):
+    """The `::` after an existing `.tar` ends the tar path: not a `::` in a directory name (even `x.tar::y/`), and a
+    member's own `::` stays in the member; a loose file or a line without a tar is no member."""
+    (tmp_path / "d::x.tar::y").mkdir()
+    tar = tmp_path / "d::x.tar::y" / "a.tar"
+    tar.write_bytes(b"")
+    assert split_member_line(f"{tar}::k::v.jpg") == (str(tar), "k::v.jpg")
+    assert split_member_line(f"{tar}::sub.tar::v.jpg") == (str(tar), "sub.tar::v.jpg")
+    loose = tmp_path / "d::x.tar::y" / "b.jpg"
+    loose.write_bytes(b"")
+    assert split_member_line(str(loose)) is None and file_on_disk(str(loose)) == str(loose)
+    assert split_member_line(f"{tmp_path}/d::x/c.jpg") is None
+    gone = f"{tmp_path}/e.tar::f/g.tar::h.jpg"  # neither tar exists: the deeper guess, never a wider directory
+    assert split_member_line(gone) == (f"{tmp_path}/e.tar::f/g.tar", "h.jpg")
 
 
 def test_sidecars_without_image_and_cut_tars_become_failing_lines(tmp_path):

@@ -9,7 +9,7 @@ from typing import Callable
 
 import httpx
 
-from clip_hpc.client.connection import DEFAULT_LOCAL_PORT, ssh_command
+from clip_hpc.formats.connection import DEFAULT_LOCAL_PORT, ssh_command
 from clip_hpc.client.endpoint import Endpoint, resolve_endpoint
 from clip_hpc.client.http_client import client_for, error_text
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from clip_hpc.client.connection import ConnectionInfo, read_connection_file
+from clip_hpc.formats.connection import ConnectionInfo, read_connection_file
 from clip_hpc.errors import UserError
 
 WILDCARD = ("0.0.0.0", "::")

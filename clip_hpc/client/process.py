@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import httpx
 
-from clip_hpc.client.connection import read_connection_file
+from clip_hpc.formats.connection import read_connection_file
 from clip_hpc.client.endpoint import Endpoint, resolve_endpoint
 from clip_hpc.client.http_client import client_for
 from clip_hpc.errors import UserError

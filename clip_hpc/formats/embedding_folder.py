@@ -1,5 +1,7 @@
-"""Reading an embedding-reader folder (clip-retrieval's `img_emb/img_emb_{n}.npy` + `metadata/metadata_{n}.parquet`)
-into an EMB_DIR, so `clip-hpc index` builds from it with the same checks, sampling and metadata as from our shards.
+"""clip-retrieval's embedding folder (`img_emb/img_emb_{n}.npy` + `metadata/metadata_{n}.parquet`, parquet row i
+describing npy row i), owned here: its layout and column names for `clip-hpc export`, which writes one, and the
+reading of one into an EMB_DIR, so `clip-hpc index` builds from it with the same checks, sampling and metadata as
+from our shards.
 
 Row i of the folder (files in numeric order) becomes global id i; the parquet's `image_path`, `caption`, `url` and
 `key` become the shard's paths, captions and meta. One unit of rows is in memory at a time.
@@ -10,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -18,41 +20,70 @@ from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 
 EMB_SUBDIR, META_SUBDIR = "img_emb", "metadata"
+EMB_STEM, META_STEM = "img_emb_", "metadata_"
+META_COLUMNS = ("image_path", "caption", "url", "key")  # what clip-retrieval's tools read, row for row
+ID_COLUMN = "id"  # ours: the global id, beside clip-retrieval's columns
 UNIT_SIZE = 10_000
+
+
+def emb_file(folder: Path, n: int | str) -> Path:
+    """File `n` of the embeddings; `n` as the digits of a file found (a zero-padded number keeps its zeros)."""
+    return folder / EMB_SUBDIR / f"{EMB_STEM}{n}.npy"
+
+
+def metadata_file(folder: Path, n: int | str) -> Path:
+    """The parquet file describing `emb_file(folder, n)` row for row."""
+    return folder / META_SUBDIR / f"{META_STEM}{n}.parquet"
+
+
+def metadata_columns(paths: Sequence[str], captions: Sequence[str], urls: Sequence[str],
+                     keys: Sequence[str]) -> dict[str, Sequence[Any]]:
+    """One parquet file's columns, by name, in clip-retrieval's order."""
+    return dict(zip(META_COLUMNS, (paths, captions, urls, keys)))
+
+
+def require_pyarrow():  # type: ignore[no-untyped-def]
+    """pyarrow, or the one-line error naming the install: parquet is optional for everything else."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise UserError("parquet needs pyarrow: pip install pyarrow") from None
+    return pyarrow
 
 
 def is_embedding_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / EMB_SUBDIR).is_dir() and not EmbDir(path).looks_like_one()
 
 
-def _numbered(folder: Path, pattern: str) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in folder.glob("*") if (m := re.fullmatch(pattern, p.name))]
-    return [p for _, p in sorted(found)]
+def _numbered_emb_files(folder: Path) -> list[tuple[str, Path]]:
+    """(number as written, file) of every embeddings file, in numeric order."""
+    pattern = re.escape(EMB_STEM) + r"(\d+)\.npy"
+    found = [(m.group(1), p) for p in (folder / EMB_SUBDIR).glob("*") if (m := re.fullmatch(pattern, p.name))]
+    return sorted(found, key=lambda item: int(item[0]))
 
 
 def _rows(folder: Path) -> Iterator[tuple[np.ndarray, list[str], list[str], list[str]]]:
     """(embeddings, paths, captions, meta JSON) per npy file, its parquet's columns row for row."""
-    npys = _numbered(folder / EMB_SUBDIR, r"img_emb_(\d+)\.npy")
+    npys = _numbered_emb_files(folder)
     if not npys:
-        raise UserError(f"{folder}/{EMB_SUBDIR} holds no img_emb_N.npy files")
-    for npy in npys:
+        raise UserError(f"{folder}/{EMB_SUBDIR} holds no {EMB_STEM}N.npy files")
+    for number, npy in npys:
         emb = np.load(npy, mmap_mode="r")
         if emb.ndim != 2:
             raise UserError(f"{npy}: expected a 2-d array, found shape {emb.shape}")
         n = len(emb)
-        parquet = folder / META_SUBDIR / npy.name.replace("img_emb_", "metadata_").replace(".npy", ".parquet")
+        parquet = metadata_file(folder, number)
         columns: dict[str, list] = {}
         if parquet.exists():
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(parquet)
+            table = require_pyarrow().parquet.read_table(parquet)
             if table.num_rows != n:
                 raise UserError(f"{parquet}: {table.num_rows} rows for the {n} vectors of {npy.name}")
-            columns = {c: table.column(c).to_pylist() for c in ("image_path", "caption", "url", "key")
-                       if c in table.column_names}
-        paths = [str(p) if p else f"{npy.name}#{i}" for i, p in enumerate(columns.get("image_path", [None] * n))]
-        captions = [str(c or "") for c in columns.get("caption", [None] * n)]
-        meta = [json.dumps({k: columns[k][i] for k in ("key", "url") if k in columns and columns[k][i]})
+            columns = {c: table.column(c).to_pylist() for c in META_COLUMNS if c in table.column_names}
+        path_col, caption_col, url_col, key_col = META_COLUMNS
+        paths = [str(p) if p else f"{npy.name}#{i}" for i, p in enumerate(columns.get(path_col, [None] * n))]
+        captions = [str(c or "") for c in columns.get(caption_col, [None] * n)]
+        meta = [json.dumps({k: columns[k][i] for k in (key_col, url_col) if k in columns and columns[k][i]})
                 for i in range(n)]
         yield emb, paths, captions, meta
 

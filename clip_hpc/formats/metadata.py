@@ -12,21 +12,26 @@ import threading
 from pathlib import Path
 from typing import Iterable, Sequence
 
-SCHEMA = """
+COLUMN_TYPES = (  # the `images` table, in order; every other spelling of its columns is derived from this one
+    ("id", "INTEGER PRIMARY KEY"),
+    ("path", "TEXT NOT NULL"),
+    ("size", "INTEGER"),
+    ("mtime", "REAL"),
+    ("caption", "TEXT"),
+    ("key", "TEXT"),
+    ("url", "TEXT"),
+    ("offset", "INTEGER"),
+)
+COLUMNS = tuple(name for name, _ in COLUMN_TYPES)
+FIRST_COLUMNS = COLUMNS[:4]  # what the first meta.sqlite held; an older file gains the rest, empty
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL,
-    size INTEGER,
-    mtime REAL,
-    caption TEXT,
-    key TEXT,
-    url TEXT,
-    offset INTEGER
+    {", ".join(f"{name} {kind}" for name, kind in COLUMN_TYPES)}
 );
 CREATE INDEX IF NOT EXISTS images_path ON images(path);
 CREATE VIRTUAL TABLE IF NOT EXISTS captions USING fts5(caption);
 """
-COLUMNS = ("id", "path", "size", "mtime", "caption", "key", "url", "offset")
+INSERT = f"INSERT OR REPLACE INTO images({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
 def fts_query(text: str) -> str:
@@ -45,8 +50,8 @@ def prefix_upper_bound(prefix: str) -> str:
 
 
 class MetadataStore:
-    """`images(id INTEGER PRIMARY KEY, path TEXT, size INTEGER, mtime REAL, caption, key, url, offset)`; all but
-    the path may be NULL. For a tar member, `path` is `TARPATH::MEMBER` and `offset`/`size` locate its bytes."""
+    """The `images` table (`COLUMN_TYPES`); all but the path may be NULL. For a tar member, `path` is
+    `TARPATH::MEMBER` (formats/tar_member.py) and `offset`/`size` locate its bytes."""
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -66,8 +71,8 @@ class MetadataStore:
         """An older meta.sqlite (copied by `index --update`) gains the caption columns, empty."""
         have = {row[1] for row in self.conn.execute("PRAGMA table_info(images)")}
         if have:
-            for name, kind in (("caption", "TEXT"), ("key", "TEXT"), ("url", "TEXT"), ("offset", "INTEGER")):
-                if name not in have:
+            for name, kind in COLUMN_TYPES:
+                if name not in have and name not in FIRST_COLUMNS:
                     self.conn.execute(f"ALTER TABLE images ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
@@ -94,8 +99,7 @@ class MetadataStore:
         rows = zip(ids, paths, column(sizes, -1), mtimes if mtimes is not None else [None] * len(ids), caps,
                    column(keys, ""), column(urls, ""), column(offsets, -1))
         with self.conn:
-            self.conn.executemany("INSERT OR REPLACE INTO images(id, path, size, mtime, caption, key, url, offset) "
-                                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.conn.executemany(INSERT, rows)
             self.conn.executemany("DELETE FROM captions WHERE rowid = ?", ((i,) for i in ids))
             self.conn.executemany("INSERT INTO captions(rowid, caption) VALUES (?, ?)",
                                   ((i, c) for i, c in zip(ids, caps) if c))
@@ -127,8 +131,9 @@ class MetadataStore:
         return out
 
     def record(self, id: int) -> dict | None:
-        rows = self._rows("SELECT id, path, size, mtime FROM images WHERE id = ?", (int(id),))
-        return dict(zip(("id", "path", "size", "mtime"), rows[0])) if rows else None
+        """The columns every meta.sqlite has (`FIRST_COLUMNS`), cheaper than `full_record`."""
+        rows = self._rows(f"SELECT {', '.join(FIRST_COLUMNS)} FROM images WHERE id = ?", (int(id),))
+        return dict(zip(FIRST_COLUMNS, rows[0])) if rows else None
 
     def full_record(self, id: int) -> dict | None:
         """Every column of one row, caption, key, url and offset too (None in a meta.sqlite from before them)."""

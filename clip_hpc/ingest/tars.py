@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from clip_hpc.errors import UserError
+from clip_hpc.formats.tar_member import is_tar_path, member_line  # noqa: F401  (is_tar_path: sources.py's import)
 
-SEPARATOR = "::"
-TAR_SUFFIXES = (".tar",)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 UNREADABLE_PREFIX = "<unreadable after byte "
 MAX_SIDECAR_BYTES = 1 << 20  # a caption or json member larger than this is not read (it is not a caption)
@@ -45,17 +44,7 @@ class TarSample:
 
     @property
     def line(self) -> str:
-        return f"{self.tar}{SEPARATOR}{self.name}"
-
-
-def is_tar_path(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(TAR_SUFFIXES)
-
-
-def split_line(line: str) -> tuple[str, str] | None:
-    """`TARPATH::MEMBER` -> (tar path, member name); None for a loose file."""
-    tar, sep, member = line.partition(SEPARATOR)
-    return (tar, member) if sep and is_tar_path(tar) else None
+        return member_line(self.tar, self.name)
 
 
 def expand_braces(pattern: str) -> list[str]:

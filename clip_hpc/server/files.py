@@ -11,8 +11,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from clip_hpc.formats.tar_member import file_on_disk
+
 NEVER_SERVED = ("/proc", "/sys", "/dev")
-TAR_MEMBER_SEPARATOR = "::"  # `TARPATH::MEMBER` inputs: the file on disk is the tar
 
 
 def _within(path: str, root: str) -> bool:
@@ -20,10 +21,11 @@ def _within(path: str, root: str) -> bool:
 
 
 def embedded_root(bounds: tuple[str, str] | None) -> str | None:
-    """The deepest directory holding every indexed path (from the lowest and highest path), symlinks resolved."""
+    """The deepest directory holding every indexed file (from the lowest and highest path; a tar member's file is
+    its tar), symlinks resolved."""
     if bounds is None:
         return None
-    low, high = (b.split(TAR_MEMBER_SEPARATOR)[0] for b in bounds)
+    low, high = map(file_on_disk, bounds)
     common = os.path.commonpath([os.path.dirname(low) or "/", os.path.dirname(high) or "/"])
     return os.path.realpath(common)
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clip_hpc.ingest.tars import Member, read_member, split_line
+from clip_hpc.formats.tar_member import split_member_line
+from clip_hpc.ingest.tars import Member, read_member
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,14 @@ class ImageSource:
 
 
 def locate(record: dict[str, Any] | None) -> ImageSource | None:
-    """Pure: a meta.sqlite row (`MetadataStore.record`) -> where its bytes are; None for an unknown id."""
+    """A meta.sqlite row (`MetadataStore.full_record`) -> where its bytes are; None for an unknown id. Only a row
+    with an offset is a tar member; which `::` ends its tar path is a file-system question (`split_member_line`)."""
     if record is None:
         return None
     path = str(record["path"])
-    tar_member = split_line(path)
     offset, size = record.get("offset"), record.get("size")
-    if tar_member is None or offset is None or size is None or offset < 0:
+    tar_member = None if offset is None or size is None or offset < 0 else split_member_line(path)
+    if tar_member is None:
         return ImageSource(Path(path), os.path.basename(path))
     tar, member = tar_member
     return ImageSource(Path(tar), os.path.basename(member), Member(int(offset), int(size)))

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clip_hpc.client.connection import (LOOPBACK, ConnectionInfo, claim_connection_file, default_connection_path,
-                                        remove_connection_file, ssh_command, write_connection_file)
+from clip_hpc.formats.connection import (LOOPBACK, ConnectionInfo, claim_connection_file, default_connection_path,
+                                         remove_connection_file, ssh_command, write_connection_file)
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.search.engine import SearchEngine, default_encoder
 from clip_hpc.server.app import create_app

@@ -1,5 +1,9 @@
-"""The connection file `clip-hpc serve` writes (host, port or socket, token, URL, ssh command) and the two strings
-a user needs from it: the ssh tunnel command and the browser URL."""
+"""The connection file, owned here: `clip-hpc serve` writes it (host, port or socket, token, URL, ssh command), the
+laptop side (`client/`) reads it. The two strings it records for the user, the ssh tunnel command and the browser
+URL, are made here too, because the server writes them into the file and prints them.
+
+Standard library only (plus clip_hpc's light modules): `clip-hpc check-ports` reads this file without torch,
+FAISS, h5py or numpy."""
 from __future__ import annotations
 
 import dataclasses
