@@ -29,8 +29,11 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-32") 
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from clip_hpc.cluster.jobenv import job_env, use_threads
+    from clip_hpc.cluster.world import world
     from clip_hpc.ingest.embed import EmbedConfig, embed
 
+    use_threads(job_env().threads_per_rank(world().local_size))  # this rank's share of the node's CPUs
     summary = embed(EmbedConfig(
         inputs=args.inputs, out=args.out, file_list=args.file_list, model=args.model, pretrained=args.pretrained,
         batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, precision=args.precision,
@@ -46,7 +49,9 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--file-list", help="a text file with one image or tar path per line")
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: SLURM_CPUS_PER_TASK-1 or 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per rank (default: SLURM_CPUS_PER_TASK-1, at most the CPUs this task may "
+                        "run on, or 2)")
     p.add_argument("--shard-size", type=int, default=10000, help="images per work unit / shard")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored embedding dtype")
     p.add_argument("--max-pixels", type=int, default=None, help="skip images with more pixels (decompression bombs)")
@@ -97,10 +102,12 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     import tempfile
 
+    from clip_hpc.cluster.jobenv import job_env, use_threads
     from clip_hpc.cluster.world import world
     from clip_hpc.formats.embedding_folder import import_embedding_folder, is_embedding_folder
     from clip_hpc.index.build import build_index
 
+    use_threads(faiss_threads=job_env().cpus)  # FAISS's OpenMP would take the node's cores, not the job's
     with tempfile.TemporaryDirectory(prefix=".clip-hpc-import-", dir=os.path.dirname(os.path.abspath(args.out))) \
             as scratch:
         emb_dir = args.emb_dir

@@ -100,7 +100,7 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
     script = (
         "from clip_hpc.cluster.world import world\n"
         "from clip_hpc.errors import UserError\n"
-        "from clip_hpc.index.ranks import from_root, on_every_rank\n"
+        "from clip_hpc.cluster.collective import from_root, on_every_rank\n"
         "w = world()\n"
         "assert from_root(w, lambda: 'plan') == 'plan'\n"
         "def add():\n"

@@ -89,3 +89,16 @@ def test_loading_leaves_the_root_logger_alone(level, caplog):
         assert [r.getMessage() for r in caplog.records] == ["a warning from elsewhere"]
     finally:
         root.setLevel(old_level)
+
+
+def test_loading_leaves_the_process_rng_and_threads_as_they_were():
+    """Random weights come from a private seeded generator state, and no library call sizes the thread pool."""
+    torch.manual_seed(1234)
+    before_state, threads = torch.get_rng_state(), torch.get_num_threads()
+    first = load_model("clip-hpc-tiny", pretrained="none", device="cpu")
+    assert torch.initial_seed() == 1234 and torch.equal(torch.get_rng_state(), before_state)
+    assert torch.get_num_threads() == threads
+    torch.rand(5)  # the caller's RNG moves on; the model's weights must not depend on it
+    second = load_model("clip-hpc-tiny", pretrained="none", device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                 second.model.state_dict().values()))

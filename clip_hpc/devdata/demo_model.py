@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from clip_hpc.devdata import captioned_shapes as cs
-from clip_hpc.model.loading import WEIGHTS_DIR, LoadedModel, load_model, register_model_configs
+from clip_hpc.model.loading import WEIGHTS_DIR, LoadedModel, load_model, register_model_configs, seeded
 
 MODEL_NAME = "clip-hpc-demo"
 DEFAULT_OUT = WEIGHTS_DIR / f"{MODEL_NAME}.safetensors"
@@ -28,8 +28,8 @@ def build_model(seed: int) -> torch.nn.Module:
     import open_clip
 
     register_model_configs()
-    torch.manual_seed(seed)
-    return open_clip.create_model(MODEL_NAME, pretrained=None, output_dict=True)
+    with seeded(seed):
+        return open_clip.create_model(MODEL_NAME, pretrained=None, output_dict=True)
 
 
 def make_training_data(n: int, n_captions: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:

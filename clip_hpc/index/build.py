@@ -19,14 +19,14 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from clip_hpc.cluster.collective import from_root, on_every_rank
 from clip_hpc.cluster.world import World
 from clip_hpc.cluster.world import world as current_world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, EmbSummary, ShardEntry
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.formats.shard import Shard
-from clip_hpc.index.ranks import (choose_lists, deserialize, from_root, merge_in_memory, merge_on_disk, my_units,
-                                  on_every_rank, serialize)
+from clip_hpc.index.ranks import choose_lists, deserialize, merge_in_memory, merge_on_disk, my_units, serialize
 from clip_hpc.index.defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX, TRAIN_SAMPLE_TARGET
 from clip_hpc.formats.metadata import MetadataStore
 from clip_hpc.index.selfcheck import RECALL_QUERIES, self_check

@@ -1,5 +1,5 @@
-"""The many-rank side of `clip-hpc index`: who adds which units, the collectives that keep ranks in step (an error
-on any rank reaches every rank, so none waits forever), shipping the trained index, and merging the lists.
+"""The many-rank side of `clip-hpc index`: who adds which units, shipping the trained index, and merging the lists
+(the steps themselves run under cluster/collective.py, so an error on any rank reaches every rank).
 
 Rank 0 trains and broadcasts the trained, empty index; every rank adds its own units (u % W == r, as in embed) and
 writes its lists; rank 0 merges them, in memory when they are small, else into one on-disk `lists.ivfdata`
@@ -7,9 +7,8 @@ writes its lists; rank 0 merges them, in memory when they are small, else into o
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -17,70 +16,13 @@ import numpy as np
 from clip_hpc.cluster.world import World
 from clip_hpc.errors import UserError
 
-T = TypeVar("T")
 LISTS_MODES = ("auto", "memory", "disk")
 MEMORY_MERGE_LIMIT = 4 << 30  # bytes of codes and ids: above this the merge goes to disk
-IDLE_POLL_S = 0.05  # how often a waiting rank looks whether the others have arrived
-
-
-def wait_for_all(world: World) -> None:
-    """A barrier that sleeps while it waits: MPI's blocking collectives spin a core, so ranks idle while rank 0
-    trains (FAISS on every core of the node) would slow it down."""
-    if world.comm is None or world.size == 1:
-        return
-    request = world.comm.Ibarrier()
-    while not request.Test():
-        time.sleep(IDLE_POLL_S)
-
-
-class RankFailed(UserError):
-    """Another rank failed; this one stops too (its message names the rank and the cause)."""
 
 
 def my_units(units: Sequence[int], world: World) -> list[int]:
     """This rank's share of the units: the same round robin as `clip-hpc embed`."""
     return [u for u in units if u % world.size == world.rank]
-
-
-def from_root(world: World, work: Callable[[], T]) -> T:
-    """Rank 0 runs `work` and every rank gets its result, or every rank raises its error (none waits forever)."""
-    outcome: tuple[bool, Any] = (True, None)
-    if world.is_root:
-        try:
-            outcome = (True, work())
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others were told
-            outcome = (False, exc)
-    wait_for_all(world)
-    shared = world.bcast(outcome if not world.is_root or outcome[0] else (False, _describe(outcome[1], 0)))
-    if world.is_root and not outcome[0]:
-        raise outcome[1]
-    if not shared[0]:
-        raise RankFailed(shared[1])
-    return shared[1]
-
-
-def on_every_rank(world: World, work: Callable[[], T]) -> list[T]:
-    """Every rank runs `work`; all ranks' results, in rank order, or, if it failed anywhere, every rank raises
-    (the failing one its own error)."""
-    result: Any = None
-    error: BaseException | None = None
-    try:
-        result = work()
-    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others were told
-        error = exc
-    wait_for_all(world)
-    gathered = world.allgather((None if error is None else _describe(error, world.rank), result))
-    if error is not None:
-        raise error
-    failures = [message for message, _ in gathered if message]
-    if failures:
-        raise RankFailed(failures[0])
-    return [value for _, value in gathered]
-
-
-def _describe(error: BaseException, rank: int) -> str:
-    return f"rank {rank} failed: {error}" if isinstance(error, UserError) else \
-        f"rank {rank} failed: {type(error).__name__}: {error}"
 
 
 def serialize(index: faiss.Index) -> np.ndarray:

@@ -5,7 +5,6 @@ and a re-run may use another world size.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import Counter
@@ -17,6 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from clip_hpc.cluster.collective import all_or_none, from_root
+from clip_hpc.cluster.jobenv import job_env
 from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, Manifest
@@ -143,13 +144,6 @@ class UnitBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-def default_workers() -> int:
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and cpus.isdigit():
-        return max(0, int(cpus) - 1)
-    return 2
-
-
 def prepare_inputs(cfg: EmbedConfig, w: World) -> Listing:
     """Rank 0 lists and saves inputs.txt; the others get the same list (and the tars' member offsets, which the
     listing found once), so ids agree across the job. A failure on rank 0 (bad input, a read-only --out) reaches
@@ -166,8 +160,7 @@ def prepare_inputs(cfg: EmbedConfig, w: World) -> Listing:
                 out.write_inputs(paths)
         return Listing(paths, found.tar_samples)
 
-    result = w.all_or_none(listed if w.is_root or not w.coordinated else lambda: None)
-    return w.bcast(result) if w.comm is not None else result
+    return from_root(w, listed)
 
 
 def pending_units(out: EmbDir, units: Sequence[WorkUnit], unit_size: int, model: str,
@@ -187,18 +180,16 @@ def pending_units(out: EmbDir, units: Sequence[WorkUnit], unit_size: int, model:
 def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing,
               todo: Sequence[WorkUnit]) -> dict[str, Any]:
     """Embed `todo` and write one shard per unit; returns this rank's counts and timings."""
-    stats: dict[str, Any] = {"rank": w.rank, "host": os.uname().nodename, "embedded": 0, "failed": 0,
+    stats: dict[str, Any] = {"rank": w.rank, "host": job_env().nodename, "embedded": 0, "failed": 0,
                              "units": len(todo), "seconds": 0.0, "reasons": Counter()}
     if not todo:
         return stats
-    if loaded.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // w.local_size))
     ids = [i for u in todo for i in u.ids]
     paths = listing.lines
     dataset = ImageDataset(ids, [paths[i] for i in ids], loaded.preprocess, loaded.image_size,
                            cfg.max_pixels or DEFAULT_MAX_PIXELS, listing.tar_samples)
     sampler = UnitBatchSampler([len(u.ids) for u in todo], cfg.batch_size)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = job_env().dataloader_workers if cfg.workers is None else cfg.workers
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                         pin_memory=loaded.device.type == "cuda", prefetch_factor=4 if workers else None)
     out_dtype = np.float16 if cfg.dtype == "float16" else np.float32
@@ -273,21 +264,17 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     pretrained = resolve_pretrained(cfg.model, cfg.pretrained)
     mine = units_for_rank(units, w.rank, w.size)
     todo = pending_units(out, mine, cfg.shard_size, cfg.model, pretrained)
-    # every rank must learn of a failure on any rank, or the others would wait forever (all_or_none)
-    loaded = w.all_or_none(lambda: load_model(cfg.model, cfg.pretrained, cfg.device, cfg.precision, w.local_rank)
-                           if todo else None)
+    # every rank must learn of a failure on any rank, or the others would wait forever (cluster/collective.py)
+    loaded = all_or_none(w, lambda: load_model(cfg.model, cfg.pretrained, cfg.device, cfg.precision, w.local_rank)
+                         if todo else None)
     if w.is_root:
         print(f"clip-hpc embed: {len(paths)} inputs, {len(units)} units of {cfg.shard_size}, {w.size} rank(s) "
               f"[{w.backend}]; rank 0 has {len(todo)} of its {len(mine)} units to do", file=sys.stderr, flush=True)
-    stats = w.all_or_none(lambda: run_units(cfg, w, loaded, listing, todo))
+    stats = all_or_none(w, lambda: run_units(cfg, w, loaded, listing, todo))  # every rank has finished its units
     per_rank = w.gather(stats)
-    w.barrier()
-    manifest = w.all_or_none(lambda: out.write_manifest(len(units), cfg.shard_size)
-                             if w.is_root or not w.coordinated else None)
-    if w.comm is not None:
-        complete = w.bcast(manifest is not None)
-    else:  # uncoordinated ranks each did their share; the last one to finish writes the manifest
-        complete = manifest is not None or not w.coordinated
+    manifest = from_root(w, lambda: out.write_manifest(len(units), cfg.shard_size))
+    # uncoordinated ranks each did their share; the last one to finish writes the manifest
+    complete = manifest is not None or not w.coordinated
     summary = {"manifest": manifest, "per_rank": per_rank, "complete": complete}
     if w.is_root and per_rank is not None:
         print(format_summary(manifest, per_rank, time.perf_counter() - t0), flush=True)

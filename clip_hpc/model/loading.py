@@ -167,12 +167,21 @@ def quiet_open_clip() -> Iterator[None]:
             root.removeHandler(stand_in)
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global RNG seeded with `seed` inside, as it was outside (state and `initial_seed()`): open_clip
+    initialises weights from the global RNG, and a library call must not reseed its caller's."""
+    with torch.random.fork_rng(devices=[]):  # model construction is on the CPU: no CUDA generator to fork
+        torch.manual_seed(seed)
+        yield
+
+
 def _create(name: str) -> torch.nn.Module:
-    """Seeded construction: with `--pretrained none` every rank must build the same random model."""
+    """Seeded construction: with `--pretrained none` every rank (every process, every call) builds the same model."""
     import open_clip
 
-    torch.manual_seed(RANDOM_SEED)
-    return open_clip.create_model(name, pretrained=None)
+    with seeded(RANDOM_SEED):
+        return open_clip.create_model(name, pretrained=None)
 
 
 def _cached_tag_path(name: str, tag: str) -> str:

@@ -1,0 +1,55 @@
+"""The job environment from mappings: what SLURM, an MPI launcher, OpenMP and the affinity mask say, and the
+answers embed, index and serve derive from it (CPUs, threads, DataLoader workers, the rank fallbacks)."""
+from clip_hpc.cluster.jobenv import DEFAULT_WORKERS, JobEnv, Place, job_env
+from clip_hpc.cluster.world import World, world_from_env
+
+EIGHT = set(range(8))
+
+
+def test_nothing_set_is_a_lone_process_on_the_node():
+    env = JobEnv.from_mapping({}, None, 64, "laptop")
+    assert env.launcher_place is None and not env.mpi_launched and not env.force_mpi
+    assert (env.cpus, env.threads_per_rank(1), env.threads_per_rank(4)) == (64, 64, 16)
+    assert env.dataloader_workers == DEFAULT_WORKERS and env.nodename == "laptop"
+    assert JobEnv.from_mapping({}, None, None).cpus == 1  # nothing known: one CPU, never zero
+
+
+def test_slurm_only():
+    env = JobEnv.from_mapping({"SLURM_JOB_ID": "123", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "8",
+                               "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "6",
+                               "SLURMD_NODENAME": "nid0042"}, EIGHT, 128, "nid0042.example")
+    assert (env.slurm_job_id, env.slurm_step_id, env.nodename) == ("123", "0", "nid0042")
+    assert env.launcher_place == Place("slurm", 3, 8, 1, 4) and not env.mpi_launched
+    assert env.cpus == 6 and env.threads_per_rank(4) == 6  # stated per task: not split again between the ranks
+    assert env.dataloader_workers == 5
+    capped = JobEnv.from_mapping({"SLURM_CPUS_PER_TASK": "16"}, EIGHT, 128)
+    assert capped.cpus == 8 and capped.dataloader_workers == 7  # never more than the mask lets us run on
+    assert JobEnv.from_mapping({"SLURM_CPUS_PER_TASK": "1"}, EIGHT, 8).dataloader_workers == 0
+    assert JobEnv.from_mapping({"SLURM_PROCID": "5", "SLURM_NTASKS": "2"}).launcher_place is None  # inconsistent
+
+
+def test_mpi_launcher_only():
+    env = JobEnv.from_mapping({"PMI_RANK": "1", "PMI_SIZE": "2", "HYDRA_CONTROL_FD": "7"}, EIGHT, 8)
+    assert env.mpi_launched and env.mpi_hints == {"PMI_RANK", "PMI_SIZE", "HYDRA_CONTROL_FD"}
+    assert env.launcher_place is None  # MPI itself says who we are (cluster/world.py)
+    assert env.threads_per_rank(2) == 4  # two ranks share one unbound mask: half each
+    assert JobEnv.from_mapping({"OMPI_COMM_WORLD_SIZE": "4"}).mpi_launched
+    assert JobEnv.from_mapping({"CLIP_HPC_FORCE_MPI": "1"}).force_mpi
+
+
+def test_omp_num_threads_is_capped_by_the_affinity_mask():
+    assert JobEnv.from_mapping({"OMP_NUM_THREADS": "2", "SLURM_CPUS_PER_TASK": "4"}, EIGHT, 64).cpus == 2
+    assert JobEnv.from_mapping({"OMP_NUM_THREADS": "32"}, EIGHT, 64).cpus == 8
+    assert JobEnv.from_mapping({"OMP_NUM_THREADS": "32"}, EIGHT, 64).threads_per_rank(4) == 8
+    assert JobEnv.from_mapping({"OMP_NUM_THREADS": "0"}, EIGHT, 64).cpus == 8  # zero or junk: not said
+    assert JobEnv.from_mapping({"OMP_NUM_THREADS": "junk"}, None, 64).cpus == 64
+
+
+def test_torchrun_variables_and_the_world_fallback():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    assert JobEnv.from_mapping(env).launcher_place == Place("torchrun", 1, 2, 1, 2)
+    assert world_from_env(env) == World(1, 2, 1, 2, "torchrun")
+
+
+def test_this_process_is_read_once():
+    assert job_env() is job_env() and job_env().cpus >= 1
