@@ -233,7 +233,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 # --- serve, check-ports ----------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from clip_hpc.server.serve import serve
-    from clip_hpc.server.batching import BatchSettings
+    from clip_hpc.server.micro_batch import BatchSettings
 
     batching = None if args.no_batching else BatchSettings(args.batch_window_ms, args.max_batch)
     return serve(args.index_dir, host=args.host, port=args.port, uds=args.uds, connection_file=args.connection_file,

@@ -9,6 +9,7 @@ from clip_hpc.model.encoders import ModelEncoder
 from clip_hpc.errors import UserError
 from clip_hpc.index.build import build_index
 from clip_hpc.search.engine import SearchEngine
+from clip_hpc.server.runtime import ServingRuntime
 from clip_hpc.server.shared_encoder import SharedEncoder
 from index_fixtures import synthetic_emb_dir
 
@@ -40,7 +41,7 @@ def index_dir(tmp_path_factory):
 def test_queries_go_through_the_given_encoder(index_dir):
     path, vectors = index_dir
     encoder = RecordingEncoder(vectors[42])
-    engine = SearchEngine(path, encoder=SharedEncoder(encoder, cache_size=4))
+    engine = SearchEngine(path, encoder=SharedEncoder(encoder, ServingRuntime.start(), cache_size=4))
     try:
         assert engine.search_text("anything", k=1)[0].id == 42
         assert engine.search_text("anything", k=1)[0].id == 42  # the second time from the shared cache

@@ -207,7 +207,7 @@ def embedded(tmp_path_factory):
 
 def test_every_embedded_image_is_searchable_by_id(embedded):
     engine = SearchEngine(embedded / "index")
-    assert EmbDir(embedded / "emb").read_shard(0, with_embeddings=False).attrs["model"] == engine.info["model"] \
+    assert EmbDir(embedded / "emb").read_shard(0, with_embeddings=False).attrs["model"] == engine.info.model \
         == "clip-hpc-tiny"
     ids = engine.meta.all_ids()
     assert len(ids) == engine.n >= 40

@@ -72,7 +72,7 @@ def engine(tmp_path_factory):
 
 
 def test_loads_what_index_json_says(engine):
-    assert engine.n == N - 12 and engine.dim == 32 and engine.info["index_key"] == "Flat"
+    assert engine.n == N - 12 and engine.dim == 32 and engine.info.index_key == "Flat"
     assert engine.vectors.dtype == np.float16 and isinstance(engine.vectors, np.memmap)
 
 
@@ -180,7 +180,7 @@ def tiny_engine(tmp_path_factory):
 
 def test_text_and_image_queries_use_the_recorded_model(tiny_engine):
     engine, images, model = tiny_engine
-    assert engine.info["model"] == "clip-hpc-tiny"
+    assert engine.info.model == "clip-hpc-tiny"
     hits = engine.search_text("a photo of a dog", k=5)
     assert len(hits) == 5
     np.testing.assert_allclose(engine.encoder.encode_text(["a photo of a dog"]),

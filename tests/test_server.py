@@ -374,6 +374,7 @@ def test_concurrent_misses_for_one_text_encode_it_once():
     import threading
     import time
 
+    from clip_hpc.server.runtime import ServingRuntime
     from clip_hpc.server.shared_encoder import SharedEncoder
 
     calls: list[list[str]] = []
@@ -389,7 +390,7 @@ def test_concurrent_misses_for_one_text_encode_it_once():
         def encode_images(self, images):
             raise AssertionError("not used")
 
-    encoder = SharedEncoder(SlowEncoder(), cache_size=2)
+    encoder = SharedEncoder(SlowEncoder(), ServingRuntime.start(), cache_size=2)
     threads = [threading.Thread(target=encoder.encode_text, args=(["same text"],)) for _ in range(8)]
     for t in threads:
         t.start()

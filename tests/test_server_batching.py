@@ -12,7 +12,8 @@ import pytest
 from clip_hpc.errors import UserError
 from clip_hpc.index.build import build_index
 from clip_hpc.search.engine import SearchEngine
-from clip_hpc.server.batching import BatchedSearch, BatchSettings, MicroBatcher
+from clip_hpc.server.batched_search import BatchedSearch
+from clip_hpc.server.micro_batch import BatchSettings, MicroBatcher
 from clip_hpc.server.serve import load_engine
 from clip_hpc.server.threads import job_cpus, serving_threads
 from index_fixtures import synthetic_emb_dir
@@ -79,11 +80,11 @@ def test_a_batch_is_never_larger_than_max_batch():
 def test_in_flight_counts_what_is_on_its_way_to_a_stage(monkeypatch):
     """Held requests, plus kept-alive connections answered a moment ago (their clients are about to ask again),
     less what the other stages hold (a request in the text stage reaches the search stage only after an encode)."""
-    from clip_hpc.server import batching
+    from clip_hpc.server import in_flight
 
     clock = [100.0]
-    monkeypatch.setattr(batching.time, "monotonic", lambda: clock[0])
-    flight = batching.InFlight(recent_s=0.02)
+    monkeypatch.setattr(in_flight.time, "monotonic", lambda: clock[0])
+    flight = in_flight.InFlight(recent_s=0.02)
     text = flight.stage("text", lambda items: items, LONG_WINDOW)
     search = flight.stage("search", lambda items: items, LONG_WINDOW)
     for conn in ("a", "b"):
@@ -102,6 +103,42 @@ def test_in_flight_counts_what_is_on_its_way_to_a_stage(monkeypatch):
     flight.started(None)
     text.queue.append(("item", None))
     assert flight.expected_for(search) == 2 and flight.expected_for(text) == 3
+
+
+def test_one_runtime_serves_the_encoder_and_the_search(tmp_path):
+    """The shared encoder and the batched search make their stages on the runtime they are handed (one compute
+    thread, one in-flight count, one batch-size report); with batching off none is made; and the served bundle
+    refuses an engine that does not query through its shared encoder."""
+    from types import SimpleNamespace
+
+    from clip_hpc.server.metrics import batch_metric_lines
+    from clip_hpc.server.runtime import ServingRuntime
+    from clip_hpc.server.served_engine import ServedEngine
+    from clip_hpc.server.shared_encoder import SharedEncoder
+
+    class Ones:
+        dim = 4
+
+        def encode_text(self, texts):
+            return np.ones((len(texts), 4), np.float32)
+
+    runtime = ServingRuntime.start(BatchSettings(window_ms=5, max_batch=4))
+    encoder = SharedEncoder(Ones(), runtime)
+    searcher = BatchedSearch(SimpleNamespace(encoder=encoder), encoder, runtime)
+    assert [sizes.stage for sizes in runtime.batch_sizes()] == ["text", "image", "search", "text-search"]
+    runtime.in_flight.count = 1  # what the app's middleware counts: every stage waits on it
+    assert all(stage.expected() == 1 for stage in runtime.in_flight.stages)
+    runtime.in_flight.count = 0
+    assert encoder.encode_text(["x"]).shape == (1, 4)
+    assert 'clip_hpc_batch_size_count{stage="text"} 1' in batch_metric_lines(runtime.batch_sizes())
+    assert searcher.fuses("a new text") and not searcher.fuses("x")  # "x" is cached now
+
+    off = ServingRuntime(runtime.compute, None)
+    alone = SharedEncoder(Ones(), off)
+    assert alone.text_stage is None and off.batch_sizes() == [] and alone.encode_text(["y"]).shape == (1, 4)
+    assert not BatchedSearch(SimpleNamespace(encoder=alone), alone, off).fuses("a new text")
+    with pytest.raises(ValueError, match="shared encoder"):
+        ServedEngine(SimpleNamespace(encoder=Ones()), encoder, runtime)
 
 
 def test_batched_search_equals_one_query_at_a_time(tmp_path):
@@ -138,23 +175,24 @@ def test_model_calls_and_batched_searches_run_on_the_one_compute_thread(served_i
     search of the server runs on the compute thread, whichever request thread asked."""
     from PIL import Image
 
-    engine = load_engine(str(served_index), batching=BatchSettings(window_ms=50, max_batch=8))
+    served = load_engine(str(served_index), batching=BatchSettings(window_ms=50, max_batch=8))
+    engine, compute_thread = served.engine, served.runtime.compute.thread
     try:
         seen: list[str] = []
 
         def recorded(fn):
             return lambda *args, **kwargs: seen.append(threading.current_thread().name) or fn(*args, **kwargs)
 
-        inner = engine.encoder.inner
+        inner = served.encoder.inner
         inner.encode_text, inner.encode_images = recorded(inner.encode_text), recorded(inner.encode_images)
         engine.search_batch = recorded(engine.search_batch)
-        searcher = BatchedSearch(engine, engine.encoder.batching, engine.encoder.compute, engine.encoder.in_flight)
+        searcher = BatchedSearch(engine, served.encoder, served.runtime)
         texts = [f"query {i}" for i in range(4)]
-        hits = run_threads(lambda t: searcher.search_combined(engine.encoder.encode_text([t])[0], 5), texts, 60)
+        hits = run_threads(lambda t: searcher.search_combined(served.encoder.encode_text([t])[0], 5), texts, 60)
         images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "green", "blue")]
-        vectors = run_threads(lambda image: engine.encoder.encode_images([image]), images, 60)
-        assert all(len(h) == 5 for h in hits) and all(v.shape == (1, engine.encoder.dim) for v in vectors)
-        assert len(seen) >= 3 and set(seen) == {engine.encoder.compute.thread.name}, seen
+        vectors = run_threads(lambda image: served.encoder.encode_images([image]), images, 60)
+        assert all(len(h) == 5 for h in hits) and all(v.shape == (1, served.encoder.dim) for v in vectors)
+        assert len(seen) >= 3 and set(seen) == {compute_thread.name}, seen
     finally:
         engine.close()
 
@@ -162,26 +200,29 @@ def test_model_calls_and_batched_searches_run_on_the_one_compute_thread(served_i
 def test_a_text_alone_is_encoded_and_searched_in_one_call_and_then_cached(served_index):
     """The fused stage gives what the two-stage path gives (vector and hits), runs on the compute thread, and puts
     the text in the cache, so that asking again is a hit that never reaches the model."""
-    engine = load_engine(str(served_index), batching=BatchSettings(window_ms=50, max_batch=8))
+    served = load_engine(str(served_index), batching=BatchSettings(window_ms=50, max_batch=8))
+    engine = served.engine
     try:
-        searcher = BatchedSearch(engine, engine.encoder.batching, engine.encoder.compute, engine.encoder.in_flight)
+        searcher = BatchedSearch(engine, served.encoder, served.runtime)
         calls: list[tuple[str, int]] = []
-        inner = engine.encoder.inner
+        inner = served.encoder.inner
         encode = inner.encode_text
         inner.encode_text = lambda texts: calls.append((threading.current_thread().name, len(texts))) or encode(texts)
         texts = [f"a {colour} square on white" for colour in ("red", "green", "blue", "black", "pink")]
         assert all(searcher.fuses(t) for t in texts)
-        fused = run_threads(lambda t: searcher.search_text(t, 6), texts, 60)
-        assert calls and {name for name, _ in calls} == {engine.encoder.compute.thread.name}
+        served.runtime.in_flight.count = len(texts)  # as the app's middleware counts them: the stage waits for all
+        fused = run_threads(lambda t: searcher.search_text(t, 6), texts, 60)  # (not on the compute thread's pace)
+        served.runtime.in_flight.count = 0
+        assert calls and {name for name, _ in calls} == {served.runtime.compute.thread.name}
         assert sum(n for _, n in calls) == len(texts) and len(calls) < len(texts)  # batched
-        assert engine.encoder.cache_counts() == {"hit": 0, "miss": len(texts)}
+        assert served.encoder.cache_counts() == {"hit": 0, "miss": len(texts)}
         calls.clear()
         for text, (query, hits) in zip(texts, fused):
             assert not searcher.fuses(text)
             again, again_hits = searcher.search_text(text, 6)  # from the cache, through the two-stage path
             assert np.allclose(query, again, atol=1e-6) and [h.id for h in hits] == [h.id for h in again_hits]
             assert np.allclose(query, engine.query_vector(text=text), atol=1e-6)
-        assert calls == [] and engine.encoder.cache_counts()["hit"] == 2 * len(texts)
+        assert calls == [] and served.encoder.cache_counts()["hit"] == 2 * len(texts)
     finally:
         engine.close()
 
@@ -189,7 +230,7 @@ def test_a_text_alone_is_encoded_and_searched_in_one_call_and_then_cached(served
 def test_the_old_design_really_encodes_at_the_full_context(served_index):
     """`serve --full-context` (the benchmark's old design) must not load a short-context model."""
     for full, expected in ((True, "full"), (False, "short")):
-        engine = load_engine(str(served_index), batching=None, full_context=full)
+        engine = load_engine(str(served_index), batching=None, full_context=full).engine
         try:
             assert engine.encoder.text_context.startswith(expected), engine.encoder.text_context
         finally:

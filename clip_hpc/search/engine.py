@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 
 from clip_hpc.errors import UserError
-from clip_hpc.formats.index_dir import IndexDir
+from clip_hpc.formats.index_dir import IndexDir, IndexInfo
 from clip_hpc.ingest.images import as_query_image
 from clip_hpc.model.encoders import Encoder, ModelEncoder
 from clip_hpc.search.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
@@ -40,34 +40,35 @@ class Hit:
 
 
 # --- the engine: I/O at the edges ------------------------------------------------------------------------------
-def default_encoder(info: dict[str, Any], model_name: str | None = None, pretrained: str | None = None,
+def default_encoder(info: IndexInfo, model_name: str | None = None, pretrained: str | None = None,
                     device: str = "auto") -> ModelEncoder:
     """The model index.json records (unless overridden), loaded on first use and checked against the index's dim."""
-    return ModelEncoder(model_name or info.get("model"), pretrained or info.get("pretrained"), device,
-                        dim=int(info["dim"]))
+    return ModelEncoder(model_name or info.model, pretrained or info.pretrained, device, dim=int(info.dim))
 
 
 class SearchEngine:
     """One INDEX_DIR ready for queries; thread-safe for concurrent searches (the model loads once, lazily)."""
 
-    def __init__(self, index_dir: str | Path, *, encoder: Encoder | None = None, model_name: str | None = None,
-                 pretrained: str | None = None, device: str = "auto", nprobe: int | None = None,
-                 refine: bool | None = None) -> None:
-        """`encoder` defaults to the model recorded in index.json (or `model_name`/`pretrained`), loaded lazily."""
+    def __init__(self, index_dir: str | Path, *, info: IndexInfo | None = None, encoder: Encoder | None = None,
+                 model_name: str | None = None, pretrained: str | None = None, device: str = "auto",
+                 nprobe: int | None = None, refine: bool | None = None) -> None:
+        """`info`: index.json if the caller has read it already (`serve` does, for the model), else read here.
+        `encoder` defaults to the model recorded in index.json (or `model_name`/`pretrained`), loaded lazily."""
         self.index_dir = Path(index_dir)
         files = IndexDir(self.index_dir)
-        self.info = files.load_info().to_dict()  # index.json as the server reports it
+        self.info: IndexInfo = info if info is not None else files.load_info()
         files.check_complete()
-        self.n, self.dim = int(self.info["n"]), int(self.info["dim"])
+        self.n, self.dim = int(self.info.n), int(self.info.dim)
         self.index = files.open_index()
         self.vectors = files.open_vectors()
         self.meta = files.open_metadata()
-        self.nprobe = int(nprobe or self.info.get("nprobe") or 1)
+        self.nprobe = int(nprobe or self.info.nprobe or 1)
         if nprobe is not None and nprobe < 1:
             raise UserError("--nprobe must be at least 1")
         set_nprobe(self.index, self.nprobe)
-        self.refine = bool(self.info.get("refine", True)) if refine is None else bool(refine)
-        self.refine_factor = int(self.info.get("refine_factor", 10)) if self.refine else 0
+        self.refine = bool(self.info.refine) if refine is None else bool(refine)
+        recorded_factor = self.info.refine_factor
+        self.refine_factor = (10 if recorded_factor is None else int(recorded_factor)) if self.refine else 0
         self.encoder = encoder or default_encoder(self.info, model_name, pretrained, device)
         if int(self.encoder.dim) != self.dim:
             raise UserError(f"the encoder gives {self.encoder.dim}-d vectors, the index holds {self.dim}-d")

@@ -1,8 +1,8 @@
 """The HTTP API over one loaded `SearchEngine`: routes, the gallery, and the middleware stack (auth, upload limit).
 
 Route handlers are plain `def`s, so FastAPI runs encoding and FAISS search in its threadpool, never on the event
-loop (GET /api/search awaits its micro-batch there instead: still never blocking it); the engine's encoder must
-therefore be a `SharedEncoder` (see `serve.load_engine`).
+loop (GET /api/search awaits its micro-batch there instead: still never blocking it); it therefore serves a
+`ServedEngine` (`serve.load_engine`), whose shared encoder runs every model call on the runtime's compute thread.
 """
 from __future__ import annotations
 
@@ -28,39 +28,38 @@ from starlette.exceptions import HTTPException
 
 from clip_hpc.errors import UserError
 from clip_hpc.ingest.images import DecodeFailure, decode_image
-from clip_hpc.search.engine import MAX_K, Hit, SearchEngine
+from clip_hpc.search.engine import MAX_K, Hit
 from clip_hpc.server.auth import install_auth
-from clip_hpc.server.batching import BatchedSearch, CountInFlight, batch_metric_lines, shares_batches
+from clip_hpc.server.batched_search import BatchedSearch, shares_batches
 from clip_hpc.server.errors import install_error_handlers
 from clip_hpc.server.export import build_zip
 from clip_hpc.server.files import Servable, embedded_root, servable_file
 from clip_hpc.server.image_source import ImageSource, locate
-from clip_hpc.server.metrics import Metrics
+from clip_hpc.server.in_flight import CountInFlight
+from clip_hpc.server.metrics import Metrics, batch_metric_lines
 from clip_hpc.server.schemas import MAX_THUMB, ExportRequest, PathId, Results, SearchRequest, ServedHit, VectorResults
-from clip_hpc.server.shared_encoder import SharedEncoder
+from clip_hpc.server.served_engine import ServedEngine
 from clip_hpc.server.upload_limit import BodySizeLimit
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 * 2**20,
+def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 * 2**20,
                thumb_cache_size: int = 512, max_decodes: int = 2) -> FastAPI:
-    """The whole HTTP API over `engine`; `token` guards every route but /health."""
+    """The whole HTTP API over `served`; `token` guards every route but /health."""
     if not token:
         raise UserError("the server needs a non-empty token")
-    if not isinstance(engine.encoder, SharedEncoder):
-        raise TypeError("create_app needs an engine whose encoder is a SharedEncoder (build it with load_engine): "
-                        "request threads would otherwise call the model concurrently")
+    engine, encoder, runtime = served.engine, served.encoder, served.runtime
     app = FastAPI(title="clip-hpc", version="1", description="Search an image index by text, image or example. "
                   "Every route but /health needs the token (Authorization: Bearer, ?token= or the cookie).")
-    encoder = engine.encoder
-    searcher = BatchedSearch(engine, encoder.batching, encoder.compute, encoder.in_flight)
+    searcher = BatchedSearch(engine, encoder, runtime)
+    recorded = engine.info.to_dict()  # /api/info reports what index.json records (null for a key it lacks)
     root = embedded_root(engine.meta.path_bounds())
     decode_slots = threading.BoundedSemaphore(max_decodes)  # a full-size decode can take hundreds of MB
     metrics = Metrics(index_vectors=int(engine.n), cache_counts=encoder.cache_counts,
-                      extra=lambda: batch_metric_lines([*encoder.stages(), searcher.stage, searcher.text_stage]))
+                      extra=lambda: batch_metric_lines(runtime.batch_sizes()))
     install_error_handlers(app)
-    app.add_middleware(CountInFlight, in_flight=encoder.in_flight)
+    app.add_middleware(CountInFlight, in_flight=runtime.in_flight)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
     install_auth(app, token, metrics)  # added last, so it runs first: no token, no 413 either
 
@@ -75,7 +74,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
 
     def decoded(data: bytes) -> Image.Image:
         with decode_slots:
-            image = decode_image(data, min_size=engine.encoder.image_size)  # the pixels `clip-hpc embed` would see
+            image = decode_image(data, min_size=encoder.image_size)  # the pixels `clip-hpc embed` would see
         if isinstance(image, DecodeFailure):
             raise HTTPException(400, f"cannot decode the image: {image}")
         return image
@@ -139,7 +138,7 @@ def create_app(engine: SearchEngine, token: str, *, max_upload_bytes: int = 20 *
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         keys = ("n", "dim", "model", "pretrained", "index_key", "nprobe", "refine")
-        return {**{k: engine.info.get(k) for k in keys}, "text_context": encoder.text_context}
+        return {**{k: recorded.get(k) for k in keys}, "text_context": encoder.text_context}
 
     @app.get("/api/search", response_model=Results)
     async def search_get(q: Annotated[str, Query(max_length=2000)], k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,

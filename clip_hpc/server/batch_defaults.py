@@ -1,4 +1,4 @@
-"""Micro-batching defaults that `clip-hpc serve --help` quotes: here, not in server/batching.py, so building the
+"""Micro-batching defaults that `clip-hpc serve --help` quotes: here, not in server/micro_batch.py, so building the
 parser (also for laptop-side commands) imports no numpy."""
 from __future__ import annotations
 

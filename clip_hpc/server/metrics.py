@@ -1,12 +1,14 @@
-"""Just enough Prometheus text format for `GET /metrics`: request counts, a latency histogram per route, and the
-text-embedding cache's hits and misses (counted by the shared encoder, read here)."""
+"""Just enough Prometheus text format for `GET /metrics`: request counts, a latency histogram per route, the
+text-embedding cache's hits and misses (counted by the shared encoder, read here), and the micro-batch sizes per
+stage (counted by each stage in a `BatchSizes`, rendered here)."""
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
@@ -52,3 +54,37 @@ class Metrics:
         lines += [f'clip_hpc_text_cache_total{{result="{k}"}} {v}' for k, v in cache.items()]
         lines += self.extra()
         return "\n".join(lines) + "\n"
+
+
+class BatchSizes:
+    """One micro-batch stage's batch-size histogram: observed by the stage's own thread, read by `/metrics`."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.lock = threading.Lock()
+        self.bucket_counts = [0] * (len(SIZE_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.items = 0
+
+    def observe(self, size: int) -> None:
+        with self.lock:
+            self.items += size
+            self.bucket_counts[next((i for i, b in enumerate(SIZE_BUCKETS) if size <= b), len(SIZE_BUCKETS))] += 1
+
+    def lines(self) -> list[str]:
+        """Prometheus histogram lines of this stage's batch sizes."""
+        with self.lock:
+            counts, items = list(self.bucket_counts), self.items
+        lines, total = [], 0
+        for bound, count in zip([*map(str, SIZE_BUCKETS), "+Inf"], counts):
+            total += count
+            lines.append(f'clip_hpc_batch_size_bucket{{stage="{self.stage}",le="{bound}"}} {total}')
+        return lines + [f'clip_hpc_batch_size_sum{{stage="{self.stage}"}} {items}',
+                        f'clip_hpc_batch_size_count{{stage="{self.stage}"}} {total}']
+
+
+def batch_metric_lines(stages: Iterable[BatchSizes]) -> list[str]:
+    """The batch-size histogram of every stage, under one HELP/TYPE header (also with no stage: batching off)."""
+    lines = ["# HELP clip_hpc_batch_size Items per micro-batch, by stage.", "# TYPE clip_hpc_batch_size histogram"]
+    for sizes in stages:
+        lines += sizes.lines()
+    return lines

@@ -15,9 +15,10 @@ from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.search.engine import SearchEngine, default_encoder
 from clip_hpc.server.app import create_app
 from clip_hpc.server.auth import resolve_token
-from clip_hpc.server.batching import BatchSettings
-from clip_hpc.server.compute import ComputeThread
 from clip_hpc.server.guard import ACCEPT_BATCH, DEFAULT_HEADER_TIMEOUT, guarded_protocol, install_log_rate_limit
+from clip_hpc.server.micro_batch import BatchSettings
+from clip_hpc.server.runtime import ServingRuntime
+from clip_hpc.server.served_engine import ServedEngine
 from clip_hpc.server.shared_encoder import SharedEncoder
 from clip_hpc.server.sockets import bind_tcp, bind_unix
 
@@ -54,18 +55,20 @@ def _tune_malloc() -> None:
 
 def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | None = None, device: str = "auto",
                 nprobe: int | None = None, text_cache_size: int = 1024,
-                batching: BatchSettings | None = BatchSettings(), full_context: bool = False) -> SearchEngine:
+                batching: BatchSettings | None = BatchSettings(), full_context: bool = False) -> ServedEngine:
     """The engine with its model loaded now (not on the first user's query), shared by every request thread;
-    torch uses as many threads as this job has CPUs, all on one compute thread (compute.py), which also loads the
-    model. `batching=None`, `full_context`: the old design."""
-    encoder = default_encoder(IndexDir(index_dir).load_info().to_dict(), model, pretrained, device)
-    encoder.full_context = full_context
-    compute = ComputeThread()
-    if compute.run(lambda: encoder.model.device.type) == "cuda":
-        compute.encoder_on_gpu()
-    engine = SearchEngine(index_dir, encoder=SharedEncoder(encoder, text_cache_size, batching, compute), nprobe=nprobe)
-    compute.run(encoder.encode_text, ["warm up"])  # past the cache: the first user's query is a miss like any other
-    return engine
+    torch uses as many threads as this job has CPUs, all on the runtime's one compute thread (compute.py), which
+    also loads the model. index.json is read once, here. `batching=None`, `full_context`: the old design."""
+    info = IndexDir(index_dir).load_info()
+    model_encoder = default_encoder(info, model, pretrained, device)
+    model_encoder.full_context = full_context
+    runtime = ServingRuntime.start(batching)
+    if runtime.compute.run(lambda: model_encoder.model.device.type) == "cuda":
+        runtime.compute.encoder_on_gpu()
+    encoder = SharedEncoder(model_encoder, runtime, text_cache_size)
+    engine = SearchEngine(index_dir, info=info, encoder=encoder, nprobe=nprobe)
+    runtime.compute.run(model_encoder.encode_text, ["warm up"])  # past the cache: the first query is a miss too
+    return ServedEngine(engine, encoder, runtime)
 
 
 def freeze_loaded_objects() -> None:
@@ -99,10 +102,10 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
 
     conn_path = claim_connection_file(connection_file or default_connection_path())
     _tune_malloc()
-    engine = load_engine(index_dir, model=model, pretrained=pretrained, device=device, nprobe=nprobe,
+    served = load_engine(index_dir, model=model, pretrained=pretrained, device=device, nprobe=nprobe,
                          batching=batching, full_context=full_context)
     token = resolve_token()
-    app = create_app(engine, token, max_upload_bytes=int(max_upload_mb * 2**20))
+    app = create_app(served, token, max_upload_bytes=int(max_upload_mb * 2**20))
     freeze_loaded_objects()
     sock = bind_unix(uds) if uds else bind_tcp(host, port)
     uds = str(Path(uds).expanduser().absolute()) if uds else None
@@ -123,7 +126,7 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
     previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _stop)  # uvicorn re-raises it after shutting down
     try:
         conn_path = write_connection_file(conn_path, info)
-        announce(engine.n, info, conn_path, uds or f"{host}:{bound_port}",
+        announce(served.engine.n, info, conn_path, uds or f"{host}:{bound_port}",
                  None if uds or host not in LOOPBACK else bound_port)
         server.run(sockets=[sock])
     except _Stopped:

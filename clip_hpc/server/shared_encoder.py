@@ -1,10 +1,12 @@
 """`SharedEncoder`: the server's wrapper around the engine's encoder, so that many request threads share one model.
 
 One model call at a time, always on the server's compute thread (compute.py: threads would only fight over the same
-cores or GPU, and torch slows down once several threads have called it), an LRU cache of text embeddings in front of it, and a text being encoded for one request is waited for, not encoded again, by the others. With
-`batching` (the default) the texts and images that concurrent requests miss are gathered into one model call per
-micro-batch (see batching.py); without it each request's call runs alone behind the lock (the old design, kept for
-`clip-hpc serve --no-batching` and the benchmark). It is itself an `Encoder`, handed to `SearchEngine`.
+cores or GPU, and torch slows down once several threads have called it), an LRU cache of text embeddings in front of
+it, and a text being encoded for one request is waited for, not encoded again, by the others. With batching on (the
+default) the texts and images that concurrent requests miss are gathered into one model call per micro-batch (see
+micro_batch.py); without it each request's call runs alone (the old design, kept for `clip-hpc serve --no-batching`
+and the benchmark). The compute thread and the batch settings come from the `ServingRuntime` it is given
+(runtime.py). It is itself an `Encoder`, handed to `SearchEngine`.
 """
 from __future__ import annotations
 
@@ -17,29 +19,23 @@ import numpy as np
 from PIL import Image
 
 from clip_hpc.model.encoders import Encoder
-from clip_hpc.server.batching import BatchSettings, InFlight, MicroBatcher
-from clip_hpc.server.compute import ComputeThread
+from clip_hpc.server.runtime import ServingRuntime
 
 
 class SharedEncoder:
     """An `Encoder` safe to call from many threads, with a text cache and its hit/miss counts."""
 
-    def __init__(self, inner: Encoder, cache_size: int = 1024, batching: BatchSettings | None = BatchSettings(),
-                 compute: ComputeThread | None = None) -> None:
+    def __init__(self, inner: Encoder, runtime: ServingRuntime, cache_size: int = 1024) -> None:
         self.inner = inner
         self.dim = inner.dim
-        self.compute = compute or ComputeThread()
+        self.compute = runtime.compute
         self.cache_lock = threading.Lock()
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.pending: dict[str, Future] = {}  # texts some thread is encoding right now
         self.cache_size = cache_size
         self.counts = {"hit": 0, "miss": 0}
-        self.batching = batching
-        self.in_flight = InFlight()  # counted by the app's middleware; tells the stages whether to wait
-        self.text_stage = self.image_stage = None
-        if batching is not None:
-            self.text_stage = self.in_flight.stage("text", self._encode_text_batch, batching)
-            self.image_stage = self.in_flight.stage("image", self._encode_image_batch, batching)
+        self.text_stage = runtime.stage("text", self._encode_text_batch)
+        self.image_stage = runtime.stage("image", self._encode_image_batch)
 
     @property
     def image_size(self) -> int:
@@ -78,7 +74,7 @@ class SharedEncoder:
             if self.text_stage is not None:
                 vectors = self.text_stage.submit(mine)
             else:
-                vectors = np.asarray(self.compute.run(self.inner.encode_text, mine), dtype=np.float32)
+                vectors = self.compute.run(self.model_encode_text, mine)
         except BaseException as exc:
             with self.cache_lock:
                 for t in mine:
@@ -94,9 +90,14 @@ class SharedEncoder:
         with self.cache_lock:
             return text in self.cache
 
+    def model_encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """The model call itself, past the cache and the stages: for code already on the compute thread (the stages
+        here, the fused text-search stage), which then hands the vectors to `remember`."""
+        return np.asarray(self.inner.encode_text(texts), dtype=np.float32)
+
     def remember(self, texts: Sequence[str], vectors: np.ndarray) -> None:
-        """Texts the caller encoded through `inner` itself (the server's fused text search): cached, and counted as
-        misses."""
+        """Texts the caller encoded through `model_encode_text` (the server's fused text search): cached, and
+        counted as misses."""
         with self.cache_lock:
             self.counts["miss"] += len(texts)
             for t, v in zip(texts, vectors):
@@ -115,7 +116,7 @@ class SharedEncoder:
     def _encode_text_batch(self, requests: list[list[str]]) -> list[np.ndarray]:
         """The text stage: every request's texts in one model call, split back per request."""
         flat = [t for texts in requests for t in texts]
-        vectors = np.asarray(self.compute.run(self.inner.encode_text, flat), dtype=np.float32)
+        vectors = self.compute.run(self.model_encode_text, flat)
         return np.split(vectors, np.cumsum([len(texts) for texts in requests])[:-1])
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -128,6 +129,3 @@ class SharedEncoder:
         flat = [image for images in requests for image in images]
         vectors = np.asarray(self.compute.run(self.inner.encode_images, flat), dtype=np.float32)
         return np.split(vectors, np.cumsum([len(images) for images in requests])[:-1])
-
-    def stages(self) -> list[MicroBatcher | None]:
-        return [self.text_stage, self.image_stage]
