@@ -57,7 +57,7 @@ class SearchEngine:
         self.index_dir = Path(index_dir)
         files = IndexDir(self.index_dir)
         self.info = files.load_info().to_dict()  # index.json as the server reports it
-        files.check_complete()
+        files.check_integrity()  # a damaged file is one line here, not a SIGBUS at the first query
         self.n, self.dim = int(self.info["n"]), int(self.info["dim"])
         self.index = files.open_index()
         self.vectors = files.open_vectors()

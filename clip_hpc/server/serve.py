@@ -58,7 +58,7 @@ def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | N
     """The engine with its model loaded now (not on the first user's query), shared by every request thread;
     torch uses as many threads as this job has CPUs, all on one compute thread (compute.py), which also loads the
     model. `batching=None`, `full_context`: the old design."""
-    encoder = default_encoder(IndexDir(index_dir).load_info().to_dict(), model, pretrained, device)
+    encoder = default_encoder(IndexDir(index_dir).check_integrity().to_dict(), model, pretrained, device)
     encoder.full_context = full_context
     compute = ComputeThread()
     if compute.run(lambda: encoder.model.device.type) == "cuda":
