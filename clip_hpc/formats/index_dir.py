@@ -200,7 +200,8 @@ class IndexDir:
 
     def record_files(self, info: IndexInfo) -> None:
         """Put into `info` what each data file is now (size, end hashes, vectors.npy's shape, meta.sqlite's rows),
-        for `check_integrity` to compare with when the index loads."""
+        for `check_integrity` to compare with when the index loads, and where the inverted lists are."""
+        info.lists = "disk" if self.has_ondisk_lists() else "memory"
         names = self.FILES + ((IVFDATA_FILE,) if self.has_ondisk_lists() else ())
         info.files = {name: describe_npy(self.root / name) if name == VECTORS_FILE else describe_file(self.root / name)
                       for name in names}

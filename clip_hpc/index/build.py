@@ -219,8 +219,7 @@ def _finish(tmp: IndexDir, out: Path, index: faiss.Index, info: IndexInfo, query
     timings["recall_s"] = round(time.perf_counter() - start, 3)
     del vectors
     info.index_bytes = tmp.write_index(index)
-    info.lists = "disk" if tmp.has_ondisk_lists() else "memory"
-    tmp.record_files(info)
+    tmp.record_files(info)  # and where the lists went (--update of on-disk lists once left "disk" and none)
     info.n = int(index.ntotal)
     info.bytes_per_vector = round(info.index_bytes / max(1, info.n), 2)
     timings["total_s"] = round(time.perf_counter() - started, 3)
@@ -339,9 +338,8 @@ def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key
         if update:
             return IndexInfo.from_dict(from_root(world, lambda: update_index(
                 emb_dir, out, nprobe=nprobe, refine=refine, progress=progress).to_dict()))
-        return _build(emb_dir, Path(out), dict(index_key=index_key, train_size=train_size, refine=refine,
-                                               nprobe=nprobe, refine_factor=refine_factor, seed=seed, lists=lists,
-                                               world=world, progress=progress))
+        return _build(emb_dir, Path(out), dict(index_key=index_key, train_size=train_size, refine=refine, seed=seed,
+                      nprobe=nprobe, refine_factor=refine_factor, lists=lists, world=world, progress=progress))
 
 
 def _build(emb_dir: str | os.PathLike, out: Path, options: dict[str, Any]) -> IndexInfo:
