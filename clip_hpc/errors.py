@@ -1,4 +1,10 @@
 """The one exception type the CLI turns into a one-line error; anything else escaping is a bug."""
+from __future__ import annotations
+
+import errno
+import os
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class UserError(ValueError):
@@ -11,3 +17,17 @@ def os_error_message(exc: OSError) -> str:
     where = f": {exc.filename}" if exc.filename else ""
     hint = "; free space and re-run (finished units are kept)" if exc.errno == 28 else ""  # ENOSPC
     return f"{what}{where}{hint}"
+
+
+@contextmanager
+def full_disk_is_a_user_error(out: str | os.PathLike, rerun: str) -> Iterator[None]:
+    """A full disk (or quota) while writing `out` as one UserError: the callers remove what they wrote, so it says
+    so, and names `out` rather than a temporary file that is gone by the time the message is read."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        what = f" ({os.path.basename(exc.filename)})" if exc.filename else ""
+        raise UserError(f"{os.strerror(exc.errno)} writing {out}{what}; nothing was left behind: free space and "
+                        f"re-run {rerun}") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_hpc.errors import UserError
+from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.atomic import atomic_write_bytes
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.embedding_folder import (EMB_SUBDIR, ID_COLUMN, META_SUBDIR, emb_file, metadata_columns,
@@ -49,17 +49,18 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
     (tmp / META_SUBDIR).mkdir()
     n_files = n_rows = 0
     try:
-        for shard in emb.iter_shards():
-            if not len(shard.ids):
-                continue  # a unit where every image failed: embedding_reader wants no empty files
-            keys, urls = zip(*map(meta_key_url, shard.meta))
-            table = pa.table({**metadata_columns(shard.paths, shard.captions, list(urls), list(keys)),
-                              ID_COLUMN: pa.array(shard.ids, pa.int64())})
-            atomic_write_bytes(emb_file(tmp, n_files), _npy_bytes(shard.embeddings))
-            pa.parquet.write_table(table, metadata_file(tmp, n_files))
-            n_files += 1
-            n_rows += len(shard.ids)
-        os.replace(tmp, out)
+        with full_disk_is_a_user_error(out, "clip-hpc export"):  # the temporary directory is removed below
+            for shard in emb.iter_shards():
+                if not len(shard.ids):
+                    continue  # a unit where every image failed: embedding_reader wants no empty files
+                keys, urls = zip(*map(meta_key_url, shard.meta))
+                table = pa.table({**metadata_columns(shard.paths, shard.captions, list(urls), list(keys)),
+                                  ID_COLUMN: pa.array(shard.ids, pa.int64())})
+                atomic_write_bytes(emb_file(tmp, n_files), _npy_bytes(shard.embeddings))
+                pa.parquet.write_table(table, metadata_file(tmp, n_files))
+                n_files += 1
+                n_rows += len(shard.ids)
+            os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"files": n_files, "rows": n_rows}

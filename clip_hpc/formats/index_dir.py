@@ -6,6 +6,7 @@ FAISS loads only inside the methods that read or write the index, so `info` and 
 from __future__ import annotations
 
 import ctypes
+import errno
 import glob
 import json
 import os
@@ -20,6 +21,8 @@ import numpy as np
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_json
+from clip_hpc.formats.index_integrity import (DamagedIndex, check_mapped_lists, check_npy, check_recorded,
+                                              check_sqlite, describe_file, describe_npy)
 from clip_hpc.formats.metadata import MetadataStore
 from clip_hpc.procs import pid_alive
 
@@ -67,6 +70,7 @@ class IndexInfo:
     faiss_version: str | None = None
     ranks: int = 1  # processes that added vectors (a many-rank build merges their lists)
     lists: str = "memory"  # inverted lists in index.faiss ("memory") or in lists.ivfdata ("disk")
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> what it must be (index_integrity)
     extra: dict[str, Any] = field(default_factory=dict)
     absent: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -100,6 +104,25 @@ def _lists_into_memory(index: "faiss.Index") -> "faiss.Index":
 
 def _default(f: Any) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _last_line(exc: BaseException) -> str:
+    """What a FAISS error says, without the C++ function and source location it starts with."""
+    lines = str(exc).strip().splitlines()
+    text = lines[-1] if lines else type(exc).__name__
+    return text.rsplit("failed: ", 1)[-1].rsplit("Error: ", 1)[-1][:200]
+
+
+def _write_faiss(index: "faiss.Index", path: Path) -> None:
+    """faiss.write_index; a failed write (a full disk) is an OSError naming the file, as Python's own writes are."""
+    import faiss
+
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as exc:
+        message = _last_line(exc)
+        code = next((c for c in (errno.ENOSPC, errno.EDQUOT) if os.strerror(c) in message), errno.EIO)
+        raise OSError(code, message if code == errno.EIO else os.strerror(code), str(path)) from None
 
 
 class IndexDir:
@@ -169,11 +192,34 @@ class IndexDir:
     def write_info(self, info: IndexInfo) -> None:
         atomic_write_json(self.info_path, info.to_dict())
 
-    def check_complete(self) -> None:
-        """Every data file present, or a UserError naming the first one missing."""
-        for name in self.FILES:
+    def check_complete(self, info: IndexInfo | None = None) -> None:
+        """Every data file present (and every file `info` recorded), or a UserError naming the first one missing."""
+        for name in self.FILES + tuple(n for n in (info.files if info else {}) if n not in self.FILES):
             if not (self.root / name).is_file():
                 raise UserError(f"{self.root}: {name} is missing; rebuild the index")
+
+    def record_files(self, info: IndexInfo) -> None:
+        """Put into `info` what each data file is now (size, end hashes, vectors.npy's shape, meta.sqlite's rows),
+        for `check_integrity` to compare with when the index loads, and where the inverted lists are."""
+        info.lists = "disk" if self.has_ondisk_lists() else "memory"
+        names = self.FILES + ((IVFDATA_FILE,) if self.has_ondisk_lists() else ())
+        info.files = {name: describe_npy(self.root / name) if name == VECTORS_FILE else describe_file(self.root / name)
+                      for name in names}
+        with self.open_metadata() as meta:
+            info.files[META_FILE]["rows"] = meta.count()
+
+    def check_integrity(self) -> IndexInfo:
+        """index.json, after checking every file against its record (or, in an index.json from before records,
+        against the files' own headers): a damaged file is one UserError naming it, before FAISS or numpy map
+        it (a map past the end of a truncated file is a SIGBUS at the first query). The inverted lists are
+        checked when `open_index` reads them."""
+        info = self.load_info()
+        self.check_complete(info)
+        for name, want in sorted(info.files.items()):
+            check_recorded(self.root / name, want)
+        check_npy(self.vectors_path, int(info.n_rows), int(info.dim))
+        check_sqlite(self.meta_path)
+        return info
 
     # --- opening the files ---
     def open_index(self, *, writable: bool = False) -> "faiss.Index":
@@ -184,41 +230,60 @@ class IndexDir:
 
         if self.has_ondisk_lists():
             flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (0 if writable else faiss.IO_FLAG_READ_ONLY)
-            index = faiss.read_index(str(self.index_path), flags)
+            index = self._read_index(flags)
             return _lists_into_memory(index) if writable else index
         if not writable:
             try:
-                return faiss.read_index(str(self.index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-            except RuntimeError:
-                pass
-        return faiss.read_index(str(self.index_path))
+                return self._read_index(faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            except DamagedIndex:
+                pass  # a type FAISS cannot memory-map: read it whole
+        return self._read_index(0)
+
+    def _read_index(self, flags: int) -> "faiss.Index":
+        """faiss.read_index, its errors (a truncated or foreign file) one line naming the file, and memory-mapped
+        lists checked to end inside their file before anything reads them."""
+        import faiss
+
+        try:
+            index = faiss.read_index(str(self.index_path), flags)
+        except RuntimeError as exc:
+            raise DamagedIndex(self.index_path, f"is unreadable ({_last_line(exc)})") from None
+        check_mapped_lists(index, self.index_path)
+        return index
 
     def write_index(self, index: "faiss.Index") -> int:
         """Save the index; returns its size in bytes, on-disk lists included (index.json records it)."""
-        import faiss
-
-        faiss.write_index(index, str(self.index_path))
+        _write_faiss(index, self.index_path)
         shutil.rmtree(self.root / PARTS_DIR, ignore_errors=True)
         return self.index_path.stat().st_size + (self.ivfdata_path.stat().st_size if self.has_ondisk_lists() else 0)
 
     def write_part(self, index: "faiss.Index", rank: int) -> Path:
         """One rank's index (its own adds) for the merge; written under a temporary name, then renamed."""
-        import faiss
-
         path = self.part_path(rank)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        faiss.write_index(index, str(tmp))
+        _write_faiss(index, tmp)
         os.replace(tmp, path)
         return path
 
     def open_vectors(self) -> np.ndarray:
         """vectors.npy as a read-only memory map."""
-        return np.load(self.vectors_path, mmap_mode="r")
+        try:
+            return np.load(self.vectors_path, mmap_mode="r")
+        except (ValueError, EOFError) as exc:
+            raise DamagedIndex(self.vectors_path, f"is unreadable ({exc})") from None
 
     def create_vectors(self, n_rows: int, dim: int) -> np.ndarray:
-        """A new float16 vectors.npy of `n_rows` zero rows, memory-mapped for writing."""
-        return np.lib.format.open_memmap(self.vectors_path, mode="w+", dtype=np.float16, shape=(n_rows, dim))
+        """A new float16 vectors.npy of `n_rows` zero rows, memory-mapped for writing. Its blocks are allocated
+        first: a write through a map into a full disk is a SIGBUS, `posix_fallocate` an OSError (ENOSPC)."""
+        sparse = np.lib.format.open_memmap(self.vectors_path, mode="w+", dtype=np.float16, shape=(n_rows, dim))
+        del sparse  # the header is written, the rows are a hole: not one written through this map
+        with open(self.vectors_path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.vectors_path)) from None
+        return np.lib.format.open_memmap(self.vectors_path, mode="r+")
 
     def open_metadata(self, *, readonly: bool = True) -> MetadataStore:
         return MetadataStore(self.meta_path, readonly=readonly)

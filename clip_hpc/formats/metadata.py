@@ -5,12 +5,16 @@ through this table. Captions are also in an FTS5 table (`captions`, rowid = id) 
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sqlite3
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
+
+from clip_hpc.formats.index_integrity import DamagedIndex
 
 COLUMN_TYPES = (  # the `images` table, in order; every other spelling of its columns is derived from this one
     ("id", "INTEGER PRIMARY KEY"),
@@ -56,16 +60,33 @@ class MetadataStore:
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()  # one connection shared by the server's threads
-        if readonly:
-            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-        else:
-            self.conn = sqlite3.connect(str(self.path), check_same_thread=False)
-            self._add_new_columns()
-            self.conn.executescript(SCHEMA)
-        have = {row[1] for row in self.conn.execute("PRAGMA table_info(images)")}
+        with self._errors(opening=readonly):  # reading one that exists: an error means it is damaged
+            if readonly:
+                self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            else:
+                self.conn = sqlite3.connect(str(self.path), check_same_thread=False)
+                self._add_new_columns()
+                self.conn.executescript(SCHEMA)
+            have = {row[1] for row in self.conn.execute("PRAGMA table_info(images)")}
+            self.has_fts = bool(self.conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'captions' AND type = 'table'").fetchall())
+        if not have:
+            self.conn.close()
+            raise DamagedIndex(self.path, "has no images table")
         self.columns = tuple(c for c in COLUMNS if c in have)
-        self.has_fts = bool(self.conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = 'captions' AND type = 'table'").fetchall())
+
+    @contextmanager
+    def _errors(self, *, opening: bool) -> Iterator[None]:
+        """SQLite's "database or disk is full" as the OSError (ENOSPC) Python's own writes raise, so a full disk
+        reads the same in every stage; while `opening` to read, any other SQLite error means a damaged file."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if "disk is full" in str(exc):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path)) from None
+            if not opening:
+                raise
+            raise DamagedIndex(self.path, f"is unreadable ({exc})") from None
 
     def _add_new_columns(self) -> None:
         """An older meta.sqlite (copied by `index --update`) gains the caption columns, empty."""
@@ -98,7 +119,7 @@ class MetadataStore:
         caps = column(captions, "")
         rows = zip(ids, paths, column(sizes, -1), mtimes if mtimes is not None else [None] * len(ids), caps,
                    column(keys, ""), column(urls, ""), column(offsets, -1))
-        with self.conn:
+        with self._errors(opening=False), self.conn:
             self.conn.executemany(INSERT, rows)
             self.conn.executemany("DELETE FROM captions WHERE rowid = ?", ((i,) for i in ids))
             self.conn.executemany("INSERT INTO captions(rowid, caption) VALUES (?, ?)",

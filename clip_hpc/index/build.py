@@ -22,11 +22,12 @@ from tqdm import tqdm
 from clip_hpc.cluster.collective import from_root, on_every_rank
 from clip_hpc.cluster.world import World
 from clip_hpc.cluster.world import world as current_world
-from clip_hpc.errors import UserError
+from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.emb_dir import EmbDir, EmbSummary, ShardEntry
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.formats.shard import Shard
-from clip_hpc.index.ranks import choose_lists, deserialize, merge_in_memory, merge_on_disk, my_units, serialize
+from clip_hpc.index.ranks import (choose_lists, deserialize, lists_to_disk, merge_in_memory, merge_on_disk, my_units,
+                                  serialize)
 from clip_hpc.index.defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX, TRAIN_SAMPLE_TARGET
 from clip_hpc.formats.metadata import MetadataStore
 from clip_hpc.index.selfcheck import RECALL_QUERIES, self_check
@@ -219,6 +220,7 @@ def _finish(tmp: IndexDir, out: Path, index: faiss.Index, info: IndexInfo, query
     timings["recall_s"] = round(time.perf_counter() - start, 3)
     del vectors
     info.index_bytes = tmp.write_index(index)
+    tmp.record_files(info)  # and where the lists went (--update of on-disk lists once left "disk" and none)
     info.n = int(index.ntotal)
     info.bytes_per_vector = round(info.index_bytes / max(1, info.n), 2)
     timings["total_s"] = round(time.perf_counter() - started, 3)
@@ -333,13 +335,17 @@ def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key
             raise UserError(f"rank {world.rank} of {world.size} cannot reach the others (no MPI); "
                             "run one task, or srun --mpi=pmi2 / mpiexec")
         world = World()
-    if update:
-        return IndexInfo.from_dict(from_root(world, lambda: update_index(
-            emb_dir, out, nprobe=nprobe, refine=refine, progress=progress).to_dict()))
-    started = time.perf_counter()
-    out = Path(out)
-    options = dict(index_key=index_key, train_size=train_size, refine=refine, nprobe=nprobe,
-                   refine_factor=refine_factor, seed=seed, lists=lists, world=world, progress=progress)
+    with full_disk_is_a_user_error(out, "clip-hpc index"):  # the temporary directory is gone by then
+        if update:
+            return IndexInfo.from_dict(from_root(world, lambda: update_index(
+                emb_dir, out, nprobe=nprobe, refine=refine, progress=progress).to_dict()))
+        return _build(emb_dir, Path(out), dict(index_key=index_key, train_size=train_size, refine=refine, seed=seed,
+                      nprobe=nprobe, refine_factor=refine_factor, lists=lists, world=world, progress=progress))
+
+
+def _build(emb_dir: str | os.PathLike, out: Path, options: dict[str, Any]) -> IndexInfo:
+    """A new INDEX_DIR on every rank: rank 0 prepares and trains, every rank adds, rank 0 merges and swaps in."""
+    started, world, progress = time.perf_counter(), options["world"], options["progress"]
     if not world.is_root:
         plan = from_root(world, lambda: None)  # rank 0's plan, or its error
         on_every_rank(world, lambda: _add_my_share(plan, world, progress)[1])
@@ -355,7 +361,7 @@ def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key
 
         per_rank = on_every_rank(world, add)
         return IndexInfo.from_dict(from_root(world, lambda: _merge_and_finish(
-            plan, own[0], per_rank, out, nprobe, started)))
+            plan, own[0], per_rank, out, options["nprobe"], started)))
 
 
 def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: int | None = None,
@@ -365,7 +371,7 @@ def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: 
     started = time.perf_counter()
     out = Path(out)
     current = IndexDir(out)
-    info = current.load_info()
+    info = current.check_integrity()
     emb = EmbDir(emb_dir)
     summary = _checked_set(emb)
     if (summary.model, summary.pretrained, int(summary.dim or 0)) != (info.model, info.pretrained, info.dim):
@@ -389,6 +395,8 @@ def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: 
             n_before = int(index.ntotal)
             index = _add(index, emb, changed, progress, timings, known=known)
             timings["train_s"] = 0
+        if info.lists == "disk":  # they were read into memory to add to them: back out to disk
+            index = lists_to_disk(index, tmp.ivfdata_path)
         info.unit_counts = counts
         info.updates = info.updates + [{
             "units": sorted(changed), "added": int(index.ntotal) - n_before, "timings": timings, "at": _now()}]

@@ -3,10 +3,13 @@
 
 Rank 0 trains and broadcasts the trained, empty index; every rank adds its own units (u % W == r, as in embed) and
 writes its lists; rank 0 merges them, in memory when they are small, else into one on-disk `lists.ivfdata`
-(FAISS OnDiskInvertedLists) that the server memory-maps.
+(FAISS OnDiskInvertedLists) that the server memory-maps. The merge writes that file with ordinary writes, not
+FAISS's own merge: that one writes through a memory map, and a full disk is then a SIGBUS instead of an OSError.
 """
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -60,7 +63,38 @@ def merge_in_memory(own: faiss.Index, parts: Sequence[Path]) -> faiss.Index:
 
 def merge_on_disk(trained: faiss.Index, parts: Sequence[Path], ivfdata: Path) -> faiss.Index:
     """Every rank's lists into one OnDiskInvertedLists file, `trained` (empty) pointing at it."""
-    from faiss.contrib.ondisk import merge_ondisk
+    sources = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in parts]  # mapped, not read: may exceed RAM
+    return write_ondisk_lists(trained, [faiss.extract_index_ivf(s).invlists for s in sources], ivfdata)
 
-    merge_ondisk(trained, [str(p) for p in parts], str(ivfdata))
-    return trained
+
+def lists_to_disk(index: faiss.Index, ivfdata: Path) -> faiss.Index:
+    """An index's in-memory lists moved into `ivfdata` (`index --update` of an index with on-disk lists)."""
+    return write_ondisk_lists(index, [faiss.extract_index_ivf(index).invlists], ivfdata)
+
+
+def write_ondisk_lists(target: faiss.Index, sources: Sequence[Any], ivfdata: Path) -> faiss.Index:
+    """The `sources` lists, list by list, appended into `ivfdata` in FAISS's compact on-disk layout (per list its
+    codes, then its ids) with ordinary writes; then `target` serves them from that file, memory-mapped."""
+    from faiss.contrib.inspect_tools import get_invlist
+
+    ivf = faiss.extract_index_ivf(target)
+    sizes = np.zeros(ivf.nlist, dtype=np.uint64)
+    try:
+        with open(ivfdata, "wb") as f:
+            for list_no in range(ivf.nlist):
+                ids, codes = zip(*(get_invlist(lists, list_no) for lists in sources))
+                f.write(np.concatenate(codes).tobytes())
+                f.write(np.concatenate(ids).astype(np.int64).tobytes())
+                sizes[list_no] = sum(map(len, ids))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # a full disk: name the file, as open() would have
+        raise OSError(exc.errno, exc.strerror, str(ivfdata)) from None
+    ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ivfdata))
+    ondisk.set_all_lists_sizes(faiss.swig_ptr(sizes))
+    ondisk.totsize = int(sizes.sum()) * (int(ivf.code_size) + 8)
+    ondisk.do_mmap()
+    ivf.replace_invlists(ondisk, True)
+    ondisk.this.disown()
+    target.ntotal = ivf.ntotal = int(sizes.sum())
+    return target

@@ -52,12 +52,13 @@ class SearchEngine:
     def __init__(self, index_dir: str | Path, *, info: IndexInfo | None = None, encoder: Encoder | None = None,
                  model_name: str | None = None, pretrained: str | None = None, device: str = "auto",
                  nprobe: int | None = None, refine: bool | None = None) -> None:
-        """`info`: index.json if the caller has read it already (`serve` does, for the model), else read here.
+        """`info`: index.json as `IndexDir.check_integrity` returned it, if the caller checked already (`serve` does,
+        for the model), else checked and read here.
         `encoder` defaults to the model recorded in index.json (or `model_name`/`pretrained`), loaded lazily."""
         self.index_dir = Path(index_dir)
         files = IndexDir(self.index_dir)
-        self.info: IndexInfo = info if info is not None else files.load_info()
-        files.check_complete()
+        # a damaged file is one line here, not a SIGBUS at the first query (`serve` checked it already)
+        self.info: IndexInfo = info if info is not None else files.check_integrity()
         self.n, self.dim = int(self.info.n), int(self.info.dim)
         self.index = files.open_index()
         self.vectors = files.open_vectors()

@@ -59,7 +59,7 @@ def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | N
     """The engine with its model loaded now (not on the first user's query), shared by every request thread;
     torch uses as many threads as this job has CPUs, all on the runtime's one compute thread (compute.py), which
     also loads the model. index.json is read once, here. `batching=None`, `full_context`: the old design."""
-    info = IndexDir(index_dir).load_info()
+    info = IndexDir(index_dir).check_integrity()  # a damaged index stops here: before binding, no connection file
     model_encoder = default_encoder(info, model, pretrained, device)
     model_encoder.full_context = full_context
     runtime = ServingRuntime.start(batching)
