@@ -9,9 +9,8 @@ FAISS's own merge: that one writes through a memory map, and a full disk is then
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
