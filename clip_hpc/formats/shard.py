@@ -29,6 +29,19 @@ INT_EXTRAS = ("offsets", "sizes")
 _STR = h5py.string_dtype(encoding="utf-8")
 
 
+def _storable(values: Sequence[str]) -> np.ndarray:
+    """Strings as HDF5 can hold them: UTF-8, with a file name's undecodable bytes (surrogate escapes) written back
+    as the bytes they were, so the name reads back identical (`_decode`); a NUL, which no file or member name
+    holds and HDF5 cannot store, and any other lone surrogate become U+FFFD."""
+    out = []
+    for value in values:
+        try:
+            out.append(value.encode("utf-8", "surrogateescape").replace(b"\0", "\ufffd".encode()))
+        except UnicodeEncodeError:
+            out.append(value.encode("utf-8", "replace").replace(b"\0", "\ufffd".encode()))
+    return np.asarray(out, dtype=object)
+
+
 class ShardError(UserError):
     """A shard or shard set that cannot be trusted; the message says which file and why."""
 
@@ -132,13 +145,13 @@ def write_shard(
     with h5py.File(buffer, "w") as f:
         f.create_dataset("embeddings", data=embeddings[order])
         f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64)[order])
-        f.create_dataset("paths", data=np.asarray([paths[i] for i in order], dtype=object), dtype=_STR)
+        f.create_dataset("paths", data=_storable([paths[i] for i in order]), dtype=_STR)
         f.create_dataset("failed_ids", data=np.asarray(failed_ids, dtype=np.int64))
-        f.create_dataset("failed_paths", data=np.asarray(list(failed_paths), dtype=object), dtype=_STR)
-        f.create_dataset("failed_reasons", data=np.asarray(list(failed_reasons), dtype=object), dtype=_STR)
+        f.create_dataset("failed_paths", data=_storable(list(failed_paths)), dtype=_STR)
+        f.create_dataset("failed_reasons", data=_storable(list(failed_reasons)), dtype=_STR)
         for name in TEXT_EXTRAS:
             values = extras[name] if extras[name] is not None else [""] * len(ids)
-            f.create_dataset(name, data=np.asarray([values[i] for i in order], dtype=object), dtype=_STR)
+            f.create_dataset(name, data=_storable([values[i] for i in order]), dtype=_STR)
         for name in INT_EXTRAS:
             values = np.asarray(extras[name] if extras[name] is not None else [-1] * len(ids), dtype=np.int64)
             f.create_dataset(name, data=values[order] if len(values) else values)
@@ -149,7 +162,7 @@ def write_shard(
 
 
 def _decode(values: np.ndarray) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+    return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values]
 
 
 def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shard:

@@ -23,7 +23,8 @@ from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, Manifest
 from clip_hpc.ingest.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
 from clip_hpc.ingest.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
-from clip_hpc.ingest.tars import MAX_SIDECAR_BYTES, TarSample, decode_caption, decode_meta, read_member, sample_meta
+from clip_hpc.ingest.tars import (CAPTION_READ_BYTES, MAX_SIDECAR_BYTES, Member, TarSample, decode_caption,
+                                  decode_meta, read_member, sample_meta)
 
 
 class Extras(NamedTuple):
@@ -74,19 +75,26 @@ class ImageDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, Extras]:
-        source, extras = self._source(self.paths[i])
-        if isinstance(source, DecodeFailure):
-            return self.ids[i], None, str(source), extras
-        img = decode_image(source, min_size=self.min_size, max_pixels=self.max_pixels)
-        if not hasattr(img, "size"):
-            return self.ids[i], None, str(img), extras
+        """Never raises: whatever goes wrong with one sample (reading, decoding, its sidecars, the transform)
+        becomes its recorded failure, with the exception's type in the reason."""
+        stage = "read error"
         try:
+            if not self.paths[i].isprintable() and _undecodable(self.paths[i]):
+                return self.ids[i], None, "name not UTF-8: the index's metadata cannot hold it; rename it", NO_EXTRAS
+            source, extras = self._source(self.paths[i])
+            if isinstance(source, DecodeFailure):
+                return self.ids[i], None, str(source), extras
+            stage = "decode error"
+            img = decode_image(source, min_size=self.min_size, max_pixels=self.max_pixels)
+            if not hasattr(img, "size"):
+                return self.ids[i], None, str(img), extras
+            stage = "preprocess error"  # e.g. a 1x1 image the transform cannot crop
             return self.ids[i], self.preprocess(img), "", extras
-        except Exception as exc:  # e.g. a 1x1 image the transform cannot crop
-            return self.ids[i], None, f"preprocess error: {type(exc).__name__}: {str(exc)[:120]}", extras
+        except Exception as exc:
+            return self.ids[i], None, f"{stage}: {type(exc).__name__}: {str(exc)[:120]}", NO_EXTRAS
 
     def _source(self, path: str) -> tuple[str | bytes | DecodeFailure, Extras]:
-        """A loose file's path, or a tar member's bytes plus its caption and metadata."""
+        """A loose file's path, or a tar member's bytes plus its caption and metadata (repairs noted in the meta)."""
         sample = self.tar_samples.get(path)
         if sample is None:
             return path, NO_EXTRAS
@@ -95,15 +103,24 @@ class ImageDataset(Dataset):
         try:
             handle = self._tar_handle(sample.tar)
             data = read_member(sample.tar, sample.image, handle)
-            caption = decode_caption(read_member(sample.tar, sample.caption, handle)) \
-                if sample.caption and sample.caption.size <= MAX_SIDECAR_BYTES else ""
-            meta = decode_meta(read_member(sample.tar, sample.meta, handle)) \
-                if sample.meta and sample.meta.size <= MAX_SIDECAR_BYTES else {}
+            caption, notes = self._caption(sample, handle)
+            meta, meta_notes = ({}, [f"json: {sample.meta.size} bytes, over the {MAX_SIDECAR_BYTES} read"]) \
+                if sample.meta and sample.meta.size > MAX_SIDECAR_BYTES else \
+                decode_meta(read_member(sample.tar, sample.meta, handle)) if sample.meta else ({}, [])
         except OSError as exc:
             return DecodeFailure("truncated tar" if "truncated" in str(exc) else "read error", str(exc)[:160]), \
                 NO_EXTRAS
         caption = caption or str(meta.get("caption") or "")
-        return data, Extras(caption, sample_meta(sample, caption, meta), sample.image.offset, sample.image.size)
+        return data, Extras(caption, sample_meta(sample, caption, meta, notes + meta_notes), sample.image.offset,
+                            sample.image.size)
+
+    @staticmethod
+    def _caption(sample: TarSample, handle: BinaryIO) -> tuple[str, list[str]]:
+        """The caption member, of which at most `CAPTION_READ_BYTES` are read: a megabyte caption is cut, not loaded."""
+        if sample.caption is None:
+            return "", []
+        head = Member(sample.caption.offset, min(sample.caption.size, CAPTION_READ_BYTES))
+        return decode_caption(read_member(sample.tar, head, handle), sample.caption.size)
 
     def _tar_handle(self, tar: str) -> BinaryIO:
         if self._handle is None or self._handle[0] != tar:
@@ -114,6 +131,16 @@ class ImageDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:  # an open file does not travel to the worker processes
         return {**self.__dict__, "_handle": None}
+
+
+def _undecodable(name: str) -> bool:
+    """A name holding bytes that are not UTF-8 (Python's surrogate escapes): inputs.txt and the shards keep it, but
+    meta.sqlite (UTF-8 text) cannot, so such a file is a recorded failure, never a crash of `index`."""
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def collate(items: list[tuple[int, torch.Tensor | None, str, Extras]]) -> dict[str, Any]:

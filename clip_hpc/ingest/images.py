@@ -18,6 +18,10 @@ from clip_hpc.errors import UserError
 # PIL's globals stay untouched (no import-time side effects): `max_pixels` is checked per call, before decoding,
 # and PIL's own bomb guard (an error above twice its limit) becomes the same "too many pixels" failure.
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb threshold
+# Beyond this aspect ratio the model's "resize the short side to S, centre-crop S x S" would first build an
+# S x (S * ratio) image (1x200,000 pixels -> 224 x 44.8M); such an image is cut to its centre before resizing.
+MAX_ASPECT = 16
+_PRECISION_BITS = 32 - 8 - 2  # PIL's fixed-point precision for 8-bit resampling (Resample.c)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,74 @@ def _reduced(img: Image.Image, min_size: int | None) -> Image.Image:
         return img
 
 
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    """PIL's bicubic kernel (a = -0.5), evaluated in the same order of operations as Resample.c."""
+    x = np.abs(x)
+    near = ((1.5 * x - 2.5) * x) * x + 1
+    far = ((((x - 5) * x + 8) * x) - 4) * -0.5
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _coefficients(in_size: int, out_size: int, first: int, count: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """PIL's bicubic taps (Resample.c `precompute_coeffs` + `normalize_coeffs_8bpc`) for output rows
+    [first, first + count) of a resize from `in_size` to `out_size`: each row's first source row, and per tap the
+    fixed-point weights."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    center = (np.arange(first, first + count) + 0.5) * scale
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    taps = [np.where(t < xmax, _bicubic(((xmin + t) - center + 0.5) * (1.0 / filterscale)), 0.0)
+            for t in range(int(np.ceil(support)) * 2 + 1)]
+    total = np.zeros(count)
+    for weights in taps:  # summed tap by tap, as Resample.c does
+        total = total + weights
+    total[total == 0] = 1.0
+    fixed = [np.trunc(w / total * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5)).astype(np.int64)
+             for w in taps]
+    return xmin, fixed
+
+
+def _resample_rows(rows: np.ndarray, start: int, in_size: int, out_size: int, first: int,
+                   count: int) -> np.ndarray:
+    """Rows [first, first + count) of PIL's 8-bit bicubic resize of axis 0 from `in_size` to `out_size`, bit for bit,
+    given the source rows from `start` on (`rows`); the other `out_size - count` rows are never built."""
+    xmin, fixed = _coefficients(in_size, out_size, first, count)
+    acc = np.full((count, *rows.shape[1:]), 1 << (_PRECISION_BITS - 1), dtype=np.int64)
+    shape = (count,) + (1,) * (rows.ndim - 1)
+    for t, weights in enumerate(fixed):
+        source = np.minimum(xmin + t - start, len(rows) - 1)  # a zero weight where the tap is past the end
+        acc += rows[source].astype(np.int64) * weights.reshape(shape)
+    return (np.clip(acc, 0, (1 << (_PRECISION_BITS + 8)) - 1) >> _PRECISION_BITS).astype(np.uint8)
+
+
+def centre_for_model(img: Image.Image, size: int, max_aspect: int = MAX_ASPECT) -> Image.Image:
+    """A thin RGB image cut to what the model's own preprocessing (bicubic resize of the short side to `size`, then
+    a centre crop of `size` x `size`) keeps of it, plus a margin up to `max_aspect`:1 for thumbnails: the same
+    pixels after that preprocessing, at a cost of at most `size` x `size * max_aspect` pixels, where the standard
+    path builds `size` x `size * aspect` (gigabytes for a 1x200,000 strip). Other images are returned as they are:
+    with a short side of `size` or more the standard path only shrinks, so it costs less than the decoded image.
+    Only enlargement is reproduced, where PIL always runs its horizontal pass first.
+    """
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    if short >= size or long <= short * max_aspect:
+        return img
+    resized = int(size * long / short)  # torchvision's Resize(size): the long side's new length
+    offset = int(round((resized - size) / 2.0))  # torchvision's CenterCrop start
+    margin = max(0, min(offset, resized - size - offset, (size * max_aspect - size) // 2))
+    first, count = offset - margin, size + 2 * margin
+    if h >= w:  # PIL's horizontal pass (the short side here) comes first, on the source rows the kept rows use
+        xmin, fixed = _coefficients(h, resized, first, count)
+        lo, hi = int(xmin[0]), min(int(xmin[-1]) + len(fixed), h)
+        narrow = np.asarray(img.crop((0, lo, w, hi)).resize((size, hi - lo), Image.Resampling.BICUBIC))
+        return Image.fromarray(_resample_rows(narrow, lo, h, resized, first, count), "RGB")
+    columns = _resample_rows(np.asarray(img).transpose(1, 0, 2), 0, w, resized, first, count)
+    strip = Image.fromarray(np.ascontiguousarray(columns.transpose(1, 0, 2)), "RGB")
+    return strip.resize((count, size), Image.Resampling.BICUBIC)
+
+
 def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | DecodeFailure:
     """Open, bound, draft-decode, EXIF-rotate and convert to RGB.
@@ -85,7 +157,8 @@ def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int 
             img.load()
             img = _reduced(img, min_size)  # before exif_transpose, which copies the image
             img = ImageOps.exif_transpose(img) or img
-            return _reduced(_to_rgb(img), min_size)
+            img = _reduced(_to_rgb(img), min_size)
+            return centre_for_model(img, min_size) if min_size else img
     except UnidentifiedImageError:
         return DecodeFailure("not an image")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning under -W error

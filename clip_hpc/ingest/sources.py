@@ -92,8 +92,6 @@ def list_images(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.Pa
     if not found:
         shown = ", ".join(map(str, inputs)) or str(file_list)
         raise UserError(f"no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) found in {shown}")
-    if any("\n" in p or "\r" in p for p in found):
-        raise UserError("an input path contains a newline, which inputs.txt cannot hold; rename it")
     return sorted(found)
 
 

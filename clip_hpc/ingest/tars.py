@@ -8,6 +8,7 @@ a truncated tar, are input lines too, so they are recorded as failures like a ba
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tarfile
@@ -16,10 +17,12 @@ from typing import Any, BinaryIO
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.tar_member import is_tar_path, member_line  # noqa: F401  (is_tar_path: sources.py's import)
+from clip_hpc.ingest.text import MAX_CAPTION_CHARS, clean_text, decode_text
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 UNREADABLE_PREFIX = "<unreadable after byte "
-MAX_SIDECAR_BYTES = 1 << 20  # a caption or json member larger than this is not read (it is not a caption)
+MAX_SIDECAR_BYTES = 1 << 20  # a json member larger than this is not read; a caption only up to its limit
+CAPTION_READ_BYTES = 4 * MAX_CAPTION_CHARS + 4  # enough UTF-8 for MAX_CAPTION_CHARS characters
 META_FIELDS = ("key", "url", "width", "height", "caption")
 
 
@@ -79,11 +82,67 @@ def _unread_tail(f: BinaryIO, stop: int, file_size: int) -> bool:
     return any(f.read(min(file_size - stop, 1 << 20)))
 
 
+def _special(info: tarfile.TarInfo) -> str:
+    """Why a member's bytes cannot be read at its offset (tarfile's `offset_data` + `size` would run into the
+    next members for a sparse file), or "" for a plain file."""
+    if info.issparse():
+        return "sparse tar member not supported"
+    if info.isfile():
+        return ""
+    kind = "symlink" if info.issym() else "hard link" if info.islnk() else \
+        "fifo" if info.isfifo() else "device" if info.isdev() else f"type {info.type!r}"
+    return f"special tar member not supported: {kind}"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """A line for a member whose name came earlier in the tar: its own line, one no member has."""
+    k = 2
+    while f"{name} (duplicate {k})" in taken:
+        k += 1
+    return f"{name} (duplicate {k})"
+
+
+def _samples(path: str, infos: list[tarfile.TarInfo], file_size: int) -> list[TarSample]:
+    """Every image member becomes a sample (a duplicate name or a special member as a failure); all images of a
+    key share its first caption and json; a key with sidecars only is one 'no image' sample."""
+    taken = {info.name for info in infos}
+    keys: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for info in infos:
+        key, ext = _sample_key(info.name)
+        parts = keys.setdefault(key, {"images": []})
+        problem = _special(info)
+        member = Member(info.offset_data, info.size)
+        if ext in IMAGE_SUFFIXES:
+            name = _unique(info.name, taken) if info.name in seen else info.name
+            if name != info.name:
+                problem = f"duplicate member name: {info.name} appears again in the tar; only the first is embedded"
+            elif not problem and info.offset_data + info.size > file_size:
+                problem = f"truncated tar: member {info.name} is cut at byte {file_size}"
+            seen.add(info.name)
+            parts["images"].append((name, None if problem else member, problem))
+        elif ext in (".txt", ".json") and not problem:
+            parts.setdefault("caption" if ext == ".txt" else "meta", (info.name, member))
+    out = []
+    for parts in keys.values():
+        caption, meta = parts.get("caption"), parts.get("meta")
+        cut = [m for m in (caption, meta) if m and m[1].offset + m[1].size > file_size]
+        side = (caption and caption[1], meta and meta[1])
+        for name, image, problem in parts["images"]:
+            if cut and not problem:
+                problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
+            out.append(TarSample(path, name, image, *side, problem=problem))
+        if not parts["images"] and (caption or meta):
+            problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}" if cut else \
+                "no image: a caption or json member without an image beside it"
+            out.append(TarSample(path, (caption or meta)[0], None, *side, problem=problem))
+    return out
+
+
 def index_tar(path: str | os.PathLike) -> list[TarSample]:
     """The samples of one tar, in the tar's order, from its headers only (tarfile seeks over the data)."""
     path = os.path.abspath(path)
-    samples: dict[str, dict[str, Any]] = {}
-    order: list[str] = []
+    infos: list[tarfile.TarInfo] = []
     try:
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -97,34 +156,15 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
                     break
                 if info is None:
                     break
-                if not info.isfile():
-                    continue
-                key, ext = _sample_key(info.name)
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                slot = "image" if ext in IMAGE_SUFFIXES else {".txt": "caption", ".json": "meta"}.get(ext)
-                if slot is not None and slot not in samples[key]:
-                    samples[key][slot] = (info.name, Member(info.offset_data, info.size))
+                if not info.isdir() and _sample_key(info.name)[1] in IMAGE_SUFFIXES | {".txt", ".json"}:
+                    infos.append(info)
             stop = min(tf.offset, file_size)
             tail_unread = stop < file_size and (stopped_early or _unread_tail(f, stop, file_size))
     except tarfile.TarError as exc:  # not a tar at all (an empty or failed download): one failing line, go on
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {exc}")]
     except OSError as exc:
         raise UserError(f"cannot read tar {path}: {exc.strerror or exc}") from None
-    out = []
-    for key in order:
-        parts = samples[key]
-        image = parts.get("image")
-        caption, meta = parts.get("caption"), parts.get("meta")
-        if not (image or caption or meta):
-            continue  # only other kinds of member (.cls, ...): nothing to embed, nothing lost
-        name = (image or caption or meta)[0]
-        problem = "" if image else "no image: a caption or json member without an image beside it"
-        cut = [m for m in (image, caption, meta) if m and m[1].offset + m[1].size > file_size]
-        if cut:
-            problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
-        out.append(TarSample(path, name, image and image[1], caption and caption[1], meta and meta[1], problem))
+    out = _samples(path, infos, file_size)
     if tail_unread and not any(sample.problem.startswith("truncated") for sample in out):
         out.append(TarSample(path, f"{UNREADABLE_PREFIX}{stop}>",
                              problem=f"truncated tar: the headers after byte {stop} could not be read"))
@@ -145,25 +185,54 @@ def read_member(tar: str | os.PathLike, member: Member, handle: BinaryIO | None 
     return data
 
 
-def decode_caption(data: bytes) -> str:
-    return data.decode("utf-8", errors="replace").strip()
+def decode_caption(data: bytes, size: int | None = None) -> tuple[str, list[str]]:
+    """A caption member's bytes (perhaps only its first `CAPTION_READ_BYTES` of `size`) as storable text, and notes
+    on what had to be repaired or cut."""
+    cut = size is not None and size > len(data)
+    text, notes = decode_text(data, cut=cut)
+    text, more = clean_text(text)
+    if cut and not any("truncated" in note for note in more):
+        more.append(f"caption: truncated from {size} bytes to {MAX_CAPTION_CHARS} characters")
+    return text, notes + more
 
 
-def decode_meta(data: bytes) -> dict[str, Any]:
-    """The json sidecar as a dict; anything else (invalid json, a list) becomes {}: metadata never fails an image."""
+def _scalar(value: Any) -> Any:
+    """A json field kept as a finite number, a bool or a clean string; anything else (lists, dicts, NaN) is None."""
+    if isinstance(value, bool) or (isinstance(value, int) and abs(value) < 1 << 63):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return clean_text(value, what="json")[0] if isinstance(value, str) else None
+
+
+def decode_meta(data: bytes) -> tuple[dict[str, Any], list[str]]:
+    """The json sidecar's `META_FIELDS` as clean scalars, and notes; anything unusable (invalid or too deep json, a
+    list) becomes {} with a note: metadata never fails an image."""
+    text, notes = decode_text(data)
     try:
-        value = json.loads(data.decode("utf-8", errors="replace"))
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
+        value = json.loads(text)
+    except RecursionError:
+        return {}, notes + ["json: nested too deeply, ignored"]
+    except ValueError as exc:
+        return {}, notes + [f"json: not valid JSON ({str(exc)[:80]}), ignored"]
+    if not isinstance(value, dict):
+        return {}, notes + [f"json: a {type(value).__name__}, not an object, ignored"]
+    fields = {k: _scalar(value[k]) for k in META_FIELDS if k in value}
+    dropped = sorted(k for k, v in fields.items() if v is None and value[k] is not None)
+    if dropped:
+        notes.append(f"json: fields {', '.join(dropped)} are not plain values, ignored")
+    return {k: v for k, v in fields.items() if v is not None}, notes
 
 
-def sample_meta(sample: TarSample, caption: str, meta: dict[str, Any]) -> str:
-    """The shard's per-image `meta` JSON: the img2dataset fields that matter (key from the name if absent)."""
+def sample_meta(sample: TarSample, caption: str, meta: dict[str, Any], notes: list[str] = ()) -> str:
+    """The shard's per-image `meta` JSON: the img2dataset fields that matter (key from the name if absent), and
+    `notes` on repaired captions and sidecars."""
     fields = {k: meta[k] for k in META_FIELDS if k in meta and meta[k] is not None}
-    fields.setdefault("key", _sample_key(sample.name)[0].rpartition("/")[2])
+    fields.setdefault("key", clean_text(_sample_key(sample.name)[0].rpartition("/")[2], what="key")[0])
     if caption and "caption" not in fields:
         fields["caption"] = caption
+    if notes:
+        fields["notes"] = list(notes)
     return json.dumps(fields, ensure_ascii=False, sort_keys=True)
 
 
