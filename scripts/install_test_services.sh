@@ -7,7 +7,7 @@
 # the duration of the install and any daemon that still came up is stopped by its pid file.
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client chromium)
+PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client chromium iproute2)
 export DEBIAN_FRONTEND=noninteractive
 
 missing=()

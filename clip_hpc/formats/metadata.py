@@ -9,6 +9,7 @@ import errno
 import os
 import re
 import sqlite3
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,9 +49,29 @@ def fts_query(text: str) -> str:
     return " ".join(f'"{w}"' for w in words)
 
 
-def prefix_upper_bound(prefix: str) -> str:
-    """The smallest string greater than every string starting with `prefix`, for an indexed range scan."""
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else ""
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with `prefix`, for an indexed range scan; None when
+    there is none (only U+10FFFF). SQLite orders TEXT by its UTF-8 bytes, i.e. by code point, so the next code
+    point bounds the range; the surrogates U+D800-U+DFFF have no UTF-8 form and are stepped over."""
+    while prefix:
+        last = ord(prefix[-1])
+        if last < sys.maxunicode:
+            return prefix[:-1] + chr(0xE000 if 0xD800 <= last + 1 <= 0xDFFF else last + 1)
+        prefix = prefix[:-1]
+    return None
+
+
+def checked_text(name: str, value: str) -> str:
+    """A filter string SQLite can bind: one holding a lone surrogate (valid JSON, not valid Unicode) is a user
+    error naming the filter, not an encoding error from deep inside the query."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        from clip_hpc.errors import UserError
+
+        raise UserError(f"{name} holds {value[exc.start]!a} at position {exc.start}, a lone surrogate: "
+                        "not valid Unicode text") from None
+    return value
 
 
 class MetadataStore:
@@ -175,10 +196,11 @@ class MetadataStore:
         """Ids passing every filter given: a path prefix (range scan on the path index) and a caption full-text
         match (FTS5: every word of `caption`, any order)."""
         sql = "SELECT id FROM images WHERE path >= ?"
-        params: list[object] = [path_prefix or ""]
-        if path_prefix:
+        params: list[object] = [checked_text("path_prefix", path_prefix or "")]
+        upper = prefix_upper_bound(path_prefix or "")
+        if upper is not None:
             sql += " AND path < ?"
-            params.append(prefix_upper_bound(path_prefix))
+            params.append(upper)
         if caption is not None:
             if not self.has_fts:
                 from clip_hpc.errors import UserError

@@ -129,7 +129,8 @@ class SearchEngine:
         out: list[list[Hit]] = [[] for _ in ks]
         for k in sorted(set(ks)):  # k decides how many candidates are re-ranked: a k of its own, a call of its own
             rows = [i for i, row_k in enumerate(ks) if row_k == k]
-            scores, ids = search_index(self.index, self.vectors, queries[rows], k, refine_factor=self.refine_factor)
+            scores, ids = search_index(self.index, self.vectors, queries[rows], k, refine_factor=self.refine_factor,
+                                       widen=True)
             for i, hits in zip(rows, self._hits(scores, ids, None)):
                 out[i] = [hit for hit in hits if min_scores[i] is None or hit.score >= min_scores[i]]
         return out

@@ -56,6 +56,7 @@ class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        self._answered = getattr(self, "_answered", 0) + 1
         if not self.transport.is_closing():
             self._arm_header_deadline()
 
@@ -96,10 +97,11 @@ class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
             self.transport.close()
 
     def _evict_one(self) -> None:
-        """Close the connection that has waited longest for its headers; if every one is busy, the newest."""
+        """Close a connection waiting for its headers: first those that never completed a request (idle or
+        half-sent sockets), the longest waiting first, then kept-alive clients; if every one is busy, the newest."""
         waiting = [c for c in self.connections if getattr(c, "_waiting_since", None) is not None and not c._busy()
                    and not c.transport.is_closing()]
-        victim = min(waiting, key=lambda c: c._waiting_since) if waiting else self
+        victim = min(waiting, key=lambda c: (getattr(c, "_answered", 0) > 0, c._waiting_since)) if waiting else self
         RATE_LIMITED.note(f"at the connection cap ({self.max_connections}): closed idle connections")
         victim.transport.close()
 

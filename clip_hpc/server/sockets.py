@@ -9,6 +9,18 @@ from pathlib import Path
 
 from clip_hpc.errors import UserError
 
+LISTEN_BACKLOG = 2048  # connections the kernel queues while the server is busy: a burst waits, it is not reset
+
+
+class ListeningSocket(socket.socket):
+    """A listening socket whose kernel queue never shrinks below LISTEN_BACKLOG. asyncio calls `listen()` again
+    with uvicorn's `backlog`, which it also uses as the number of connections it accepts per wake-up (kept small,
+    so the connection cap can act): without this, that second call cut the queue to 8 and a burst of 60
+    connections waited 1-1.4 s each, with resets."""
+
+    def listen(self, backlog: int = LISTEN_BACKLOG) -> None:
+        super().listen(max(backlog, LISTEN_BACKLOG))
+
 
 def bind_tcp(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """Bind and listen before anyone is told the port: `--port 0` then cannot race another process.
@@ -16,7 +28,7 @@ def bind_tcp(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     The protocol is spelled IPPROTO_TCP (not 0): asyncio turns TCP_NODELAY on for accepted connections only when
     `sock.proto` says TCP, and without it every response on a reused connection waits ~40 ms for Nagle."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = ListeningSocket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Linux hands it on to accepted sockets too
     try:
@@ -26,7 +38,7 @@ def bind_tcp(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise UserError(f"port {port} on {host} is taken: pick another with --port, or --port 0 for a free one")
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}")
-    sock.listen(2048)
+    sock.listen()
     return sock
 
 
@@ -40,14 +52,14 @@ def bind_unix(path: str | os.PathLike) -> socket.socket:
         if _unix_answers(path):
             raise UserError(f"a server already listens on {path}: stop it or choose another --uds path")
         path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = ListeningSocket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
         sock.bind(str(path))
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    sock.listen(2048)
+    sock.listen()
     return sock
 
 
