@@ -20,6 +20,7 @@ from tqdm import tqdm
 from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, Manifest
+from clip_hpc.ingest.gpu_decode import choose_route
 from clip_hpc.ingest.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
 from clip_hpc.ingest.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
 from clip_hpc.ingest.tars import MAX_SIDECAR_BYTES, TarSample, decode_caption, decode_meta, read_member, sample_meta
@@ -52,6 +53,7 @@ class EmbedConfig:
     append: bool = False
     dtype: str = "float16"
     max_pixels: int | None = None
+    decode: str = "auto"  # auto | cpu | gpu: who decodes JPEGs (ingest/gpu_decode.py)
     progress: bool = True
     extra_attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -195,11 +197,12 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // w.local_size))
     ids = [i for u in todo for i in u.ids]
     paths = listing.lines
-    dataset = ImageDataset(ids, [paths[i] for i in ids], loaded.preprocess, loaded.image_size,
-                           cfg.max_pixels or DEFAULT_MAX_PIXELS, listing.tar_samples)
+    route = choose_route(cfg.decode, loaded, [paths[i] for i in ids], collate)
+    dataset = route.dataset(ImageDataset(ids, [paths[i] for i in ids], loaded.preprocess, loaded.image_size,
+                                         cfg.max_pixels or DEFAULT_MAX_PIXELS, listing.tar_samples))
     sampler = UnitBatchSampler([len(u.ids) for u in todo], cfg.batch_size)
     workers = default_workers() if cfg.workers is None else cfg.workers
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=route.collate,
                         pin_memory=loaded.device.type == "cuda", prefetch_factor=4 if workers else None)
     out_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     bar = tqdm(total=len(ids), unit="img", desc=f"embed rank {w.rank}", disable=not (cfg.progress and w.is_root),
@@ -207,6 +210,7 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing,
     acc: dict[str, list] = {"emb": [], "ids": [], "extras": [], "failed": []}
     t0 = time.perf_counter()
     for (u, _), batch in zip(sampler.batches, loader):
+        batch = route.finish(batch)  # the device route decodes its JPEGs here; the CPU route passes batches on
         if batch["pixels"] is not None:
             acc["emb"].append(loaded.encode_images(batch["pixels"]).astype(out_dtype))
             acc["ids"].extend(batch["ids"])
