@@ -45,7 +45,8 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="EMB_DIR: shards, inputs.txt and manifest.json go here")
     p.add_argument("--file-list", help="a text file with one image or tar path per line")
     add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: SLURM_CPUS_PER_TASK-1 or 2)")
     p.add_argument("--shard-size", type=int, default=10000, help="images per work unit / shard")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored embedding dtype")

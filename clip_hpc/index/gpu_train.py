@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 DEVICE_ENV = "CLIP_HPC_KMEANS_DEVICE"  # cuda (default when torch sees a GPU), cpu (the same code on the CPU), faiss
-SEARCH_CHUNK = 65_536  # sample rows per matrix product: 64k x 4096 float32 distances = 1 GiB at most
+DISTANCES_PER_CHUNK = 1 << 28  # float32 distances per matrix product (1 GiB): rows = this / centroids
 
 
 class TorchAssign:
@@ -44,10 +44,11 @@ class TorchAssign:
         import torch
 
         c_norms = (centroids * centroids).sum(1)
+        rows = max(1024, DISTANCES_PER_CHUNK // len(centroids))
         dist, nearest = [], []
-        for lo in range(0, self.count(), SEARCH_CHUNK):
-            d, i = torch.min(c_norms[None, :] - 2.0 * self.x[lo:lo + SEARCH_CHUNK] @ centroids.T, dim=1)
-            dist.append(d + self.sq_norms[lo:lo + SEARCH_CHUNK])
+        for lo in range(0, self.count(), rows):
+            d, i = torch.min(c_norms[None, :] - 2.0 * self.x[lo:lo + rows] @ centroids.T, dim=1)
+            dist.append(d + self.sq_norms[lo:lo + rows])
             nearest.append(i)
         assign, distances = torch.cat(nearest), torch.cat(dist)
         sums = torch.zeros_like(centroids).index_add_(0, assign, self.x if weights is None

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, Manifest
-from clip_hpc.ingest.gpu_decode import choose_route
+from clip_hpc.ingest.gpu_decode import choose_route, default_batch_size
 from clip_hpc.ingest.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
 from clip_hpc.ingest.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
 from clip_hpc.ingest.tars import MAX_SIDECAR_BYTES, TarSample, decode_caption, decode_meta, read_member, sample_meta
@@ -45,7 +45,7 @@ class EmbedConfig:
     file_list: str | None = None
     model: str = "ViT-B-32"
     pretrained: str | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 64 on a CPU, more on a GPU (gpu_decode.default_batch_size)
     workers: int | None = None
     shard_size: int = 10000
     precision: str = "auto"
@@ -200,7 +200,7 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing,
     route = choose_route(cfg.decode, loaded, [paths[i] for i in ids], collate)
     dataset = route.dataset(ImageDataset(ids, [paths[i] for i in ids], loaded.preprocess, loaded.image_size,
                                          cfg.max_pixels or DEFAULT_MAX_PIXELS, listing.tar_samples))
-    sampler = UnitBatchSampler([len(u.ids) for u in todo], cfg.batch_size)
+    sampler = UnitBatchSampler([len(u.ids) for u in todo], cfg.batch_size or default_batch_size(loaded.device))
     workers = default_workers() if cfg.workers is None else cfg.workers
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=route.collate,
                         pin_memory=loaded.device.type == "cuda", prefetch_factor=4 if workers else None)
@@ -269,7 +269,7 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     out = EmbDir(cfg.out)
     if out.root.exists() and not out.root.is_dir():
         raise UserError(f"--out {out.root} exists and is not a directory")
-    if cfg.batch_size < 1:
+    if cfg.batch_size is not None and cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
     listing = prepare_inputs(cfg, w)
     paths = listing.lines

@@ -19,6 +19,7 @@ BASELINE_SOF = (0xC0, 0xC1)  # Huffman baseline and extended sequential: what nv
 OTHER_SOF = {0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # progressive, lossless, arithmetic
 ADOBE_APP14, EXIF_APP1, SOS = 0xEE, 0xE1, 0xDA
 DECODE_CHOICES = ("auto", "cpu", "gpu")
+CPU_BATCH_SIZE = 64
 GPU_BATCH_SIZE = 256  # ViT-B-32 in bf16 on one large GPU: big enough to keep it busy, small enough for prefetch
 
 
@@ -94,6 +95,11 @@ def gpu_decodable(data: bytes, max_pixels: int) -> bool:
     return False
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Batches sized to the device: a GPU needs a few hundred images in flight to stay busy; a CPU gains nothing."""
+    return GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+
+
 def looks_jpeg(path: str) -> bool:
     return path.lower().endswith(JPEG_SUFFIXES)
 
@@ -160,12 +166,12 @@ def _decode(jpegs: Sequence[torch.Tensor], device: torch.device, decode_jpeg: Ca
             ) -> list[torch.Tensor | None]:
     try:
         return list(decode_jpeg(list(jpegs), mode=rgb, device=device))
-    except RuntimeError:
+    except Exception:  # nvJPEG and libjpeg raise RuntimeError; a decoder bug must cost one image, not the run
         decoded: list[torch.Tensor | None] = []
         for data in jpegs:
             try:
                 decoded.append(decode_jpeg(data, mode=rgb, device=device))
-            except RuntimeError:
+            except Exception:
                 decoded.append(None)
         return decoded
 
