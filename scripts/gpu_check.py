@@ -128,8 +128,8 @@ def device_decode_rate(p: dict[str, Any], loose: Path) -> float:
     loader = DataLoader(dataset, batch_size=p["batch"], num_workers=p["workers"], collate_fn=route.collate,
                         pin_memory=p["device"] == "cuda")
     t0, n = time.perf_counter(), 0
-    for batch in loader:
-        n += len(route.finish(batch)["ids"])
+    for batch in route.batches(loader):
+        n += len(batch["ids"])
     if p["device"] == "cuda":
         torch.cuda.synchronize()
     return round(n / (time.perf_counter() - t0), 1)
@@ -290,7 +290,8 @@ def stage_serve(p: dict[str, Any], work: Path) -> dict[str, Any]:
             rows.append(asyncio.run(bench_serve.load(url, clients, texts)))
         reference = load_model(p["model"], "none", device="cpu", full_context=True)
         same = bench_serve.served_equals_full_context(url, index, reference, bench_serve.query_texts(10, seed=7))
-    out = {"index": index_info, "device": p["device"], "load": rows, "served_vs_cpu_encoder": same}
+    out = {"index": index_info, "device": p["device"], "load": rows, "served_vs_cpu_encoder": same,
+           "server_precision": "bf16 (load_model's auto on CUDA)" if p["device"] == "cuda" else "fp32"}
     out["checks"] = {"no_errors": all(r["errors"] == 0 for r in rows),
                      "vector_within_1e-3": same["max_abs_vector_diff"] <= 1e-3}
     return out

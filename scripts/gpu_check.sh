@@ -17,8 +17,8 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 EXE=$("$PYTHON" -c 'import sys; print(sys.executable)')
 LAUNCHER="$(dirname "$EXE")/clip-hpc"
 if [ ! -e "$LAUNCHER" ]; then
-  printf '#!%s\nimport sys\nfrom clip_hpc.cli import main\nsys.exit(main())\n' "$EXE" > "$LAUNCHER"
-  chmod +x "$LAUNCHER"
+  { printf '#!%s\nimport sys\nfrom clip_hpc.cli import main\nsys.exit(main())\n' "$EXE" > "$LAUNCHER" &&
+    chmod +x "$LAUNCHER"; } || echo "gpu_check.sh: cannot write $LAUNCHER; the serve stage will fail" >&2
 fi
 mkdir -p "$OUT"
 "$PYTHON" -c 'import clip_hpc, open_clip, faiss, fastapi, uvicorn, torch, torchvision; print("imports ok:",

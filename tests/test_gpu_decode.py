@@ -16,7 +16,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.ingest.embed import EmbedConfig, collate, embed
 from clip_hpc.ingest.gpu_decode import CpuRoute, DevicePreprocess, DeviceRoute, choose_route, decode_on_device, \
-    gpu_decodable
+    gpu_decodable, prefetched
 from clip_hpc.ingest.images import decode_image
 from clip_hpc.model.loading import load_model
 
@@ -110,3 +110,30 @@ def test_auto_takes_the_device_route_for_a_cuda_model_on_jpegs(tiny, monkeypatch
 
     assert isinstance(choose_route("auto", OnCuda(), ["a.jpg", "b.jpg", "c.png"], collate), DeviceRoute)
     assert isinstance(choose_route("auto", OnCuda(), ["a.png", "b.png", "c.jpg"], collate), CpuRoute)
+
+
+def test_prefetched_keeps_order_raises_the_producers_error_and_stops_with_the_consumer() -> None:
+    assert list(prefetched(iter(range(50)), 2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    got = prefetched(failing(), 2)
+    assert next(got) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(got)
+    produced = []
+
+    def counting():
+        for i in range(10**6):
+            produced.append(i)
+            yield i
+
+    early = prefetched(counting(), 2)
+    assert [next(early) for _ in range(3)] == [0, 1, 2]
+    early.close()  # the consumer stops: the producer ends at its next item, not after a million
+    import time
+
+    time.sleep(0.5)
+    assert len(produced) < 10

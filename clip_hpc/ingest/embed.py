@@ -209,8 +209,7 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing,
                file=sys.stderr, smoothing=0.1)
     acc: dict[str, list] = {"emb": [], "ids": [], "extras": [], "failed": []}
     t0 = time.perf_counter()
-    for (u, _), batch in zip(sampler.batches, loader):
-        batch = route.finish(batch)  # the device route decodes its JPEGs here; the CPU route passes batches on
+    for (u, _), batch in zip(sampler.batches, route.batches(loader)):  # the device route decodes JPEGs a batch ahead
         if batch["pixels"] is not None:
             acc["emb"].append(loaded.encode_images(batch["pixels"]).astype(out_dtype))
             acc["ids"].extend(batch["ids"])
