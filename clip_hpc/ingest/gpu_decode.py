@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequ
 import torch
 from torch.utils.data import Dataset
 
+from clip_hpc.errors import UserError
+
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 BASELINE_SOF = (0xC0, 0xC1)  # Huffman baseline and extended sequential: what nvJPEG's batched decode takes
 OTHER_SOF = {0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # progressive, lossless, arithmetic
@@ -256,8 +258,6 @@ class DeviceRoute:
     """Workers read bytes; `finish` decodes a batch's JPEGs on the model's device and sends the others (and any the
     device could not decode) through the CPU dataset in this process."""
 
-    on_device = True
-
     def __init__(self, device: torch.device, preprocess_cfg: dict[str, Any]) -> None:
         self.device = device
         self.preprocess = DevicePreprocess(preprocess_cfg, device)
@@ -296,8 +296,6 @@ class DeviceRoute:
 class CpuRoute:
     """Workers decode and preprocess (the project's default); batches pass through unchanged."""
 
-    on_device = False
-
     def __init__(self, collate: Callable[[list], dict[str, Any]]) -> None:
         self.collate = collate
 
@@ -312,8 +310,6 @@ def choose_route(decode: str, loaded: Any, paths: Sequence[str], collate: Callab
                  ) -> DeviceRoute | CpuRoute:
     """`cpu`: workers decode. `gpu`: the device decodes JPEGs (on a CPU device, the same code through torchvision's
     CPU decoder: what the tests run). `auto`: the device route where it wins, a CUDA model and mostly JPEG inputs."""
-    from clip_hpc.errors import UserError
-
     if decode not in DECODE_CHOICES:
         raise UserError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
     cfg = dict(getattr(loaded.model.visual, "preprocess_cfg", {}) or {})
