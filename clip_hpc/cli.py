@@ -37,7 +37,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     summary = embed(EmbedConfig(
         inputs=args.inputs, out=args.out, file_list=args.file_list, model=args.model, pretrained=args.pretrained,
         batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, precision=args.precision,
-        device=args.device, append=args.append, dtype=args.dtype, max_pixels=args.max_pixels))
+        device=args.device, append=args.append, dtype=args.dtype, max_pixels=args.max_pixels, decode=args.decode))
     return 0 if summary["complete"] else 1  # rank 0 decides for an MPI job and tells every rank
 
 
@@ -48,7 +48,8 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="EMB_DIR: shards, inputs.txt and manifest.json go here")
     p.add_argument("--file-list", help="a text file with one image or tar path per line")
     add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers per rank (default: SLURM_CPUS_PER_TASK-1, at most the CPUs this task may "
                         "run on, or 2)")
@@ -56,6 +57,9 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored embedding dtype")
     p.add_argument("--max-pixels", type=int, default=None, help="skip images with more pixels (decompression bombs)")
     p.add_argument("--append", action="store_true", help="add new files in the inputs as new units at the end")
+    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="who decodes JPEGs: cpu (DataLoader workers), gpu (nvJPEG on the model's device, the rest "
+                        "on the CPU), auto (gpu for a CUDA model on mostly-JPEG inputs)")
     p.set_defaults(func=cmd_embed)
 
 

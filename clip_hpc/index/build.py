@@ -26,6 +26,7 @@ from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.emb_dir import EmbDir, EmbSummary, ShardEntry
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.formats.shard import Shard
+from clip_hpc.index.gpu_train import pretrain_coarse_quantizer
 from clip_hpc.index.ranks import (choose_lists, deserialize, lists_to_disk, merge_in_memory, merge_on_disk, my_units,
                                   serialize)
 from clip_hpc.index.defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX, TRAIN_SAMPLE_TARGET
@@ -184,6 +185,8 @@ def _train(index: faiss.Index, sample: np.ndarray | None, progress: bool, timing
     start = time.perf_counter()
     if sample is not None and not index.is_trained:
         gpu = gpu_index(index, local_rank)
+        if gpu is None and (torch_s := pretrain_coarse_quantizer(index, sample, local_rank)) is not None:
+            timings["kmeans_torch_s"] = torch_s  # faiss-cpu: the coarse k-means ran on this rank's GPU, via torch
         with _bar(progress, desc="train", total=len(sample)) as bar:
             (gpu if gpu is not None else index).train(np.ascontiguousarray(sample, dtype=np.float32))
             bar.update(len(sample))

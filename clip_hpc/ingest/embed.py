@@ -21,6 +21,7 @@ from clip_hpc.cluster.jobenv import job_env
 from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, Manifest
+from clip_hpc.ingest.gpu_decode import choose_route, default_batch_size
 from clip_hpc.ingest.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
 from clip_hpc.ingest.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
 from clip_hpc.ingest.tars import (CAPTION_READ_BYTES, MAX_SIDECAR_BYTES, Member, TarSample, decode_caption,
@@ -46,7 +47,7 @@ class EmbedConfig:
     file_list: str | None = None
     model: str = "ViT-B-32"
     pretrained: str | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 64 on a CPU, more on a GPU (gpu_decode.default_batch_size)
     workers: int | None = None
     shard_size: int = 10000
     precision: str = "auto"
@@ -54,6 +55,7 @@ class EmbedConfig:
     append: bool = False
     dtype: str = "float16"
     max_pixels: int | None = None
+    decode: str = "auto"  # auto | cpu | gpu: who decodes JPEGs (ingest/gpu_decode.py)
     progress: bool = True
     extra_attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -213,18 +215,19 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing,
         return stats
     ids = [i for u in todo for i in u.ids]
     paths = listing.lines
-    dataset = ImageDataset(ids, [paths[i] for i in ids], loaded.preprocess, loaded.image_size,
-                           cfg.max_pixels or DEFAULT_MAX_PIXELS, listing.tar_samples)
-    sampler = UnitBatchSampler([len(u.ids) for u in todo], cfg.batch_size)
+    route = choose_route(cfg.decode, loaded, [paths[i] for i in ids], collate)
+    dataset = route.dataset(ImageDataset(ids, [paths[i] for i in ids], loaded.preprocess, loaded.image_size,
+                                         cfg.max_pixels or DEFAULT_MAX_PIXELS, listing.tar_samples))
+    sampler = UnitBatchSampler([len(u.ids) for u in todo], cfg.batch_size or default_batch_size(loaded.device))
     workers = job_env().dataloader_workers if cfg.workers is None else cfg.workers
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=route.collate,
                         pin_memory=loaded.device.type == "cuda", prefetch_factor=4 if workers else None)
     out_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     bar = tqdm(total=len(ids), unit="img", desc=f"embed rank {w.rank}", disable=not (cfg.progress and w.is_root),
                file=sys.stderr, smoothing=0.1)
     acc: dict[str, list] = {"emb": [], "ids": [], "extras": [], "failed": []}
     t0 = time.perf_counter()
-    for (u, _), batch in zip(sampler.batches, loader):
+    for (u, _), batch in zip(sampler.batches, route.batches(loader)):  # the device route decodes JPEGs a batch ahead
         if batch["pixels"] is not None:
             acc["emb"].append(loaded.encode_images(batch["pixels"]).astype(out_dtype))
             acc["ids"].extend(batch["ids"])
@@ -283,7 +286,7 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     out = EmbDir(cfg.out)
     if out.root.exists() and not out.root.is_dir():
         raise UserError(f"--out {out.root} exists and is not a directory")
-    if cfg.batch_size < 1:
+    if cfg.batch_size is not None and cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
     listing = prepare_inputs(cfg, w)
     paths = listing.lines
