@@ -3,15 +3,18 @@ to 8 (N7), path prefixes at the ends of Unicode (N11) and the connection cap evi
 Real `clip-hpc serve` processes on 127.0.0.1; ~30 s."""
 from __future__ import annotations
 
+import io
 import json
 import resource
 import socket
 import subprocess
+import tarfile
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from clip_hpc.search.engine import SearchEngine
 from conftest import run_cli
@@ -98,3 +101,42 @@ def test_n12_at_the_connection_cap_idle_sockets_go_before_a_working_client(serve
             working.close()
             for sock in idle:
                 sock.close()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> None:
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000
+            tf.addfile(info, io.BytesIO(data))
+
+
+def small_jpeg(colour: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (48, 40), colour).save(out, "JPEG")
+    return out.getvalue()
+
+
+def test_n9_a_tar_replaced_after_indexing_is_a_404_not_other_bytes(tmp_path):
+    images = [("a.jpg", small_jpeg((200, 10, 10))), ("dir/" + "long" * 30 + ".jpg", small_jpeg((10, 200, 10))),
+              ("\u00fcmlaut \u2028 b.jpg", small_jpeg((10, 10, 200)))]
+    tar = tmp_path / "tars" / "00000.tar"
+    tar.parent.mkdir()
+    write_tar(tar, images)
+    run_cli("embed", tar.parent, "--out", tmp_path / "emb", "--model", "clip-hpc-tiny", "--pretrained", "none",
+            "--workers", "0", check=True)
+    run_cli("index", tmp_path / "emb", "--out", tmp_path / "index", "--quiet", check=True)
+    secret = b"SECRET " * 500
+    with start_server(tmp_path / "index", tmp_path / "srv") as srv, srv.client() as c:
+        served = {i: c.get(f"/api/images/{i}") for i in range(len(images))}
+        assert [r.status_code for r in served.values()] == [200] * len(images)  # long and non-ASCII names too
+        assert sorted(r.content for r in served.values()) == sorted(data for _, data in images)
+        write_tar(tar, images)  # rewritten the same: still served
+        assert all(c.get(f"/api/images/{i}").content == served[i].content for i in served)
+        write_tar(tar, [("z_secret.txt", secret[:len(images[0][1])]), *images])  # a new first member
+        for i in served:
+            for url in (f"/api/images/{i}", f"/api/images/{i}/thumb"):
+                resp = c.get(url)
+                assert resp.status_code == 404 and "changed after indexing" in resp.json()["error"], resp.text[:300]
+            resp = c.post("/api/export", json={"ids": [i]})
+            assert resp.status_code == 404 and b"SECRET" not in resp.content

@@ -185,6 +185,49 @@ def read_member(tar: str | os.PathLike, member: Member, handle: BinaryIO | None 
     return data
 
 
+class ChangedTarError(OSError):
+    """A tar member's stored offset no longer holds its header: the tar was rewritten after it was indexed."""
+
+
+def read_indexed_member(tar: str | os.PathLike, member: Member, name: str) -> bytes:
+    """`read_member`, for a member located by an index built earlier: the 512-byte header just before its data
+    must still be a regular member of this name and size, or the tar has changed since (a rewritten tar would
+    otherwise hand out whatever now sits at that offset: another member, a secret)."""
+    header_at = member.offset - tarfile.BLOCKSIZE
+    if header_at < 0:
+        raise ChangedTarError(f"the tar changed after indexing: no header before {name!r} at offset {member.offset}")
+    with open(tar, "rb") as f:
+        f.seek(header_at)
+        header = f.read(tarfile.BLOCKSIZE)
+        if not header_describes(header, name, member.size):
+            raise ChangedTarError(f"the tar changed after indexing: {name!r} is no longer at offset {member.offset}; "
+                                  "re-run clip-hpc embed and index")
+        return read_member(tar, member, f)
+
+
+def header_describes(header: bytes, name: str, size: int) -> bool:
+    """Pure: whether a raw tar header block is a regular member's, of this size and (as far as the header can
+    spell it: ustar fields are 100+155 bytes, PAX writers put '?' for non-ASCII) of this name."""
+    if len(header) != tarfile.BLOCKSIZE or header[156:157] not in (b"0", b"\0", b"7"):
+        return False
+    try:
+        if int(header[148:156].split(b"\0")[0].strip() or b"-1", 8) not in tarfile.calc_chksums(header):
+            return False
+        if tarfile.nti(header[124:136]) != size:
+            return False
+    except (ValueError, tarfile.HeaderError):
+        return False
+    stored = header[:100].split(b"\0")[0]
+    truncated = len(stored) == 100
+    prefix = header[345:500].split(b"\0")[0] if header[257:263] == b"ustar\x00" else b""
+    if prefix:
+        stored = prefix + b"/" + stored
+    for spelled in (name.encode("utf-8", "surrogateescape"), name.encode("ascii", "replace")):
+        if stored == spelled or (truncated and spelled.startswith(stored)):
+            return True
+    return False
+
+
 def decode_caption(data: bytes, size: int | None = None) -> tuple[str, list[str]]:
     """A caption member's bytes (perhaps only its first `CAPTION_READ_BYTES` of `size`) as storable text, and notes
     on what had to be repaired or cut."""

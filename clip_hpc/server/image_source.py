@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_hpc.formats.tar_member import split_member_line
-from clip_hpc.ingest.tars import Member, read_member
+from clip_hpc.ingest.tars import Member, read_indexed_member
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class ImageSource:
     path: Path
     name: str
     member: Member | None = None
+    member_name: str = ""  # the member's full name in its tar, checked against its header before every read
 
     @property
     def media_type(self) -> str:
@@ -37,8 +38,10 @@ class ImageSource:
             return False
 
     def read_bytes(self) -> bytes:
-        """Exactly the image's bytes (OSError if they cannot be read)."""
-        return self.path.read_bytes() if self.member is None else read_member(self.path, self.member)
+        """Exactly the image's bytes (OSError if they cannot be read, ChangedTarError if its tar was rewritten)."""
+        if self.member is None:
+            return self.path.read_bytes()
+        return read_indexed_member(self.path, self.member, self.member_name)
 
     def decodable(self) -> str | Path | bytes:
         """What `images.decode_image` takes: the path of a file (decoded lazily), the bytes of a member."""
@@ -56,4 +59,4 @@ def locate(record: dict[str, Any] | None) -> ImageSource | None:
     if tar_member is None:
         return ImageSource(Path(path), os.path.basename(path))
     tar, member = tar_member
-    return ImageSource(Path(tar), os.path.basename(member), Member(int(offset), int(size)))
+    return ImageSource(Path(tar), os.path.basename(member), Member(int(offset), int(size)), member)
