@@ -26,7 +26,7 @@ demo: setup
 # test group runs: unit, mpi, slurm, ssh, browser.
 test: setup
 	bash scripts/install_test_services.sh
-	$(BIN)/python -m pytest -v -rs --timeout=900 --durations=15
+	$(BIN)/python -m pytest -v -rs --timeout=900 --durations=40
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slurm and not ssh and not browser and not slow"
