@@ -20,6 +20,7 @@ from pathlib import Path
 
 from clip_hpc.client.process import serve_child
 from clip_hpc.devdata.load_bench import format_table, run_load
+from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.metadata import MetadataStore
 from clip_hpc.devdata.sample_images import write_samples
 
@@ -48,7 +49,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(tmp)
         index = args.index or build_index(work, args.images)
-        with MetadataStore(index / "meta.sqlite", readonly=True) as meta:
+        with MetadataStore(IndexDir(index).meta_path, readonly=True) as meta:
             ids = meta.all_ids()
         with serve_child(index, work) as server:
             result = run_load(server.endpoint, server_pid=server.proc.pid, ids=ids, clients=args.clients,
