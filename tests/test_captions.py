@@ -10,59 +10,15 @@ import shutil
 import numpy as np
 import pytest
 
-from clip_hpc.devdata.sample_images import captioned_samples, write_tar
+from caption_fixtures import DEMO, N, NO_CAPTION, stored
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.shard import read_shard
 from clip_hpc.ingest.captions import similarity_auc
 from conftest import run_cli
 
-DEMO = ("--model", "clip-hpc-demo", "--workers", "0", "--shard-size", "30")
-N, PER_TAR, NO_CAPTION = 80, 40, (5, 61)  # ids 5 and 61 have neither a .txt nor a caption in their .json
-
-
-def swap_half(samples: list, rng: np.random.Generator) -> tuple[list, np.ndarray]:
-    """Swap the captions (txt and json) of random disjoint pairs covering half the samples; True = still its own."""
-    own = np.ones(len(samples), bool)
-    picked = rng.permutation([i for i in range(len(samples)) if i not in NO_CAPTION])[:len(samples) // 2]
-    for a, b in zip(picked[::2], picked[1::2]):
-        (_, ma), (_, mb) = samples[a], samples[b]
-        ma["txt"], mb["txt"] = mb["txt"], ma["txt"]
-        ja, jb = json.loads(ma["json"]), json.loads(mb["json"])
-        ja["caption"], jb["caption"] = jb["caption"], ja["caption"]
-        ma["json"], mb["json"] = json.dumps(ja).encode(), json.dumps(jb).encode()
-        own[[a, b]] = False
-    for i in NO_CAPTION:
-        members = samples[i][1]
-        del members["txt"]
-        meta = json.loads(members["json"])
-        del meta["caption"]
-        members["json"] = json.dumps(meta).encode()
-    return samples, own
-
-
-@pytest.fixture(scope="module")
-def swapped(tmp_path_factory):
-    """Two tars of 40 captioned shapes (`make_sample_images.py --tars`' samples), half the captions swapped,
-    embedded with --captions; returns (root, own-caption mask by id, the captions as written, by id)."""
-    root = tmp_path_factory.mktemp("captions")
-    samples, own = swap_half(captioned_samples(N, size=96), np.random.default_rng(7))
-    for t in range(N // PER_TAR):
-        write_tar(root / "tars" / f"{t:05d}.tar", samples[t * PER_TAR:(t + 1) * PER_TAR])
-    run_cli("embed", root / "tars", "--out", root / "emb", *DEMO, "--captions", check=True)
-    captions = [m["txt"].decode() if "txt" in m else "" for _, m in samples]
-    return root, own, captions
-
-
-def stored(emb_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, image embeddings, caption embeddings, similarity) of every shard, in id order."""
-    shards = list(EmbDir(emb_dir).iter_shards())
-    return tuple(np.concatenate([getattr(s, name) for s in shards]) for name in
-                 ("ids", "embeddings", "caption_embeddings", "similarity"))
-
-
 def test_similarity_separates_true_pairs_from_swapped_ones(swapped):
-    root, own, _ = swapped
-    ids, image, text, similarity = stored(root / "emb")
+    own = swapped.own
+    ids, image, text, similarity = stored(swapped.emb)
     assert ids.tolist() == list(range(N))
     has = np.isfinite(similarity)
     assert has.sum() == N - len(NO_CAPTION) and (~own).sum() == N // 2
@@ -76,7 +32,7 @@ def test_similarity_separates_true_pairs_from_swapped_ones(swapped):
 
 
 def test_rows_without_a_caption_are_marked_not_faked(swapped):
-    root, _, captions = swapped
+    root, captions = swapped.root, swapped.captions
     ids, _, text, similarity = stored(root / "emb")
     shard = read_shard(EmbDir(root / "emb").shard_path(0))
     assert shard.has_captions and not shard.caption_embedded[NO_CAPTION[0]] and shard.captions[NO_CAPTION[0]] == ""
@@ -93,7 +49,7 @@ def test_rows_without_a_caption_are_marked_not_faked(swapped):
 def test_rerun_with_captions_redoes_only_units_without_them(swapped, tmp_path):
     """A shard written without --captions (or before them) still reads, counts 0 captioned rows, and is the only
     unit a re-run with --captions redoes; a re-run without --captions keeps every unit."""
-    root, _, _ = swapped
+    root = swapped.root
     emb = EmbDir(tmp_path / "emb")
     shutil.copytree(root / "emb", emb.root)
     old = read_shard(emb.shard_path(1))
@@ -120,7 +76,7 @@ def test_export_text_emb_read_by_embedding_reader_and_autofaiss(swapped):
     EmbeddingReader = pytest.importorskip("embedding_reader").EmbeddingReader
     build_index = pytest.importorskip("autofaiss").build_index
     pd = pytest.importorskip("pandas")
-    root, _, _ = swapped
+    root = swapped.root
     ids, image, text, similarity = stored(root / "emb")
     out = root / "er"
     run_cli("export", root / "emb", "--format", "embedding-reader", "--out", out, check=True)
