@@ -29,6 +29,13 @@ def test_similarity_separates_true_pairs_from_swapped_ones(swapped):
     # the stored similarity is the cosine of the stored vectors (float16 rounding aside)
     cos = np.einsum("ij,ij->i", image[has].astype(np.float32), text[has].astype(np.float32))
     assert np.allclose(cos, similarity[has], atol=0.01)
+    # and the caption vectors are the model's own text encoding (its exact short-context encoder)
+    from clip_hpc.model.loading import load_model
+
+    loaded = load_model("clip-hpc-demo", device="cpu")
+    rows = [0, 3, 40, 79]
+    expected = loaded.encode_text([swapped.captions[i] for i in rows])
+    assert np.abs(text[rows].astype(np.float32) - expected).max() < 2e-3, loaded.text_context.describe()
 
 
 def test_rows_without_a_caption_are_marked_not_faked(swapped):
@@ -102,3 +109,16 @@ def test_export_text_emb_read_by_embedding_reader_and_autofaiss(swapped):
     assert index.ntotal == N
     _, rows = index.search(text[[0, 40, 79]].astype(np.float32), 1)
     assert rows[:, 0].tolist() == [0, 40, 79]
+
+
+@pytest.mark.mpi
+def test_two_ranks_store_the_same_caption_embeddings(swapped, tmp_path):
+    """Several ranks: each embeds the captions of its own units; the result is the one-rank result."""
+    from test_embed import mpi_embed
+
+    proc = mpi_embed(2, swapped.root / "tars", "--out", tmp_path / "emb", *DEMO, "--captions")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = stored(swapped.emb), stored(tmp_path / "emb")
+    assert np.array_equal(one[0], two[0])
+    assert np.allclose(one[3], two[3], atol=2e-3, equal_nan=True)
+    assert np.abs(one[2].astype(np.float32) - two[2].astype(np.float32)).max() < 2e-3
