@@ -37,7 +37,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     summary = embed(EmbedConfig(
         inputs=args.inputs, out=args.out, file_list=args.file_list, model=args.model, pretrained=args.pretrained,
         batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, precision=args.precision,
-        device=args.device, append=args.append, dtype=args.dtype, max_pixels=args.max_pixels, decode=args.decode))
+        device=args.device, append=args.append, dtype=args.dtype, max_pixels=args.max_pixels, decode=args.decode,
+        captions=args.captions))
     return 0 if summary["complete"] else 1  # rank 0 decides for an MPI job and tells every rank
 
 
@@ -57,6 +58,10 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored embedding dtype")
     p.add_argument("--max-pixels", type=int, default=None, help="skip images with more pixels (decompression bombs)")
     p.add_argument("--append", action="store_true", help="add new files in the inputs as new units at the end")
+    p.add_argument("--captions", action="store_true",
+                   help="also embed each image's caption (tar .txt/.json) with the model's text tower and store the "
+                        "image-caption cosine 'similarity'; costs one text encode per captioned image (see the "
+                        "README's embedding table) and a second embedding per row on disk")
     p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
                    help="who decodes JPEGs: cpu (DataLoader workers), gpu (nvJPEG on the model's device, the rest "
                         "on the CPU), auto (gpu for a CUDA model on mostly-JPEG inputs)")
@@ -123,7 +128,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                                               pretrained=args.pretrained).root
         info = build_index(emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
                            refine=args.refine, nprobe=args.nprobe, update=args.update, lists=args.lists,
-                           progress=not args.quiet)
+                           progress=not args.quiet, vectors=args.vectors)
     if not world().is_root:  # every rank built it; one reports
         return 0
     if args.json:
@@ -151,6 +156,9 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lists", choices=("auto", "memory", "disk"), default="auto",
                    help="where a many-rank build merges the inverted lists: in index.faiss (memory) or an on-disk "
                         "lists.ivfdata the server memory-maps (disk); auto: disk above 4 GiB of codes")
+    p.add_argument("--vectors", choices=("images", "captions"), default="images",
+                   help="index the image embeddings, or the caption embeddings of embed --captions (ids are the "
+                        "image ids; images without a caption are left out)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the whole report (index.json, plus path) as one JSON "
                                                         "document instead of the summary line")
@@ -161,15 +169,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.with_vector and not args.json:
         raise UserError("--with-vector adds the query vector to the JSON output: give --json too")
     if args.url or args.connection_file:
-        if args.with_vector or args.caption:
-            raise UserError("--with-vector and --caption work with a local INDEX_DIR only")
+        if args.with_vector or args.caption or args.min_similarity is not None:
+            raise UserError("--with-vector, --caption and --min-similarity work with a local INDEX_DIR only")
         return cmd_search_remote(args)
     if not args.index_dir:
         raise UserError("give INDEX_DIR (or --url URL / --connection-file F to ask a running server)")
     from clip_hpc.search.engine import search_local
 
     hits, query = search_local(args.index_dir, text=args.text, image=args.image, k=args.k, nprobe=args.nprobe,
-                               device=args.device, caption=args.caption)
+                               device=args.device, caption=args.caption, min_similarity=args.min_similarity)
     if args.with_vector:
         print(json.dumps({"results": [hit.to_dict() for hit in hits], "query_vector": query.tolist()}, indent=2))
     else:
@@ -211,6 +219,8 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", action="store_true", help="client mode on the node itself (port or unix socket)")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--caption", help="only images whose caption holds every word of this text (local mode)")
+    p.add_argument("--min-similarity", type=float, default=None,
+                   help="only images whose image-caption cosine (embed --captions) is at least this (local mode)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--with-vector", action="store_true", help="with --json: add the query vector searched with")
     p.add_argument("--nprobe", type=int, default=None)

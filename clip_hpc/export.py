@@ -16,8 +16,9 @@ import numpy as np
 from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.atomic import atomic_write_bytes
 from clip_hpc.formats.emb_dir import EmbDir
-from clip_hpc.formats.embedding_folder import (EMB_SUBDIR, ID_COLUMN, META_SUBDIR, emb_file, metadata_columns,
-                                               metadata_file, require_pyarrow)
+from clip_hpc.formats.embedding_folder import (EMB_SUBDIR, ID_COLUMN, META_SUBDIR, SIMILARITY_COLUMN,
+                                               TEXT_EMB_SUBDIR, emb_file, metadata_columns, metadata_file,
+                                               require_pyarrow, text_emb_file)
 from clip_hpc.ingest.tars import meta_key_url
 
 FORMATS = ("embedding-reader",)
@@ -33,7 +34,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
                       fmt: str = "embedding-reader") -> dict[str, int]:
-    """Write the export of a complete EMB_DIR; returns how many files and rows were written."""
+    """Write the export of a complete EMB_DIR; returns how many files and rows were written. Shards embedded with
+    `--captions` also give `text_emb/` and a `similarity` column (all shards or none: a mix is an error)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
     pa = require_pyarrow()
@@ -43,10 +45,13 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
         raise UserError(f"{out} already exists; remove it or choose another --out")
     emb = EmbDir(emb_dir)
     emb.check_set()
+    with_text = _all_or_no_captions(emb)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / EMB_SUBDIR).mkdir(parents=True)
     (tmp / META_SUBDIR).mkdir()
+    if with_text:
+        (tmp / TEXT_EMB_SUBDIR).mkdir()
     n_files = n_rows = 0
     try:
         with full_disk_is_a_user_error(out, "clip-hpc export"):  # the temporary directory is removed below
@@ -54,8 +59,12 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
                 if not len(shard.ids):
                     continue  # a unit where every image failed: embedding_reader wants no empty files
                 keys, urls = zip(*map(meta_key_url, shard.meta))
-                table = pa.table({**metadata_columns(shard.paths, shard.captions, list(urls), list(keys)),
-                                  ID_COLUMN: pa.array(shard.ids, pa.int64())})
+                columns = {**metadata_columns(shard.paths, shard.captions, list(urls), list(keys)),
+                           ID_COLUMN: pa.array(shard.ids, pa.int64())}
+                if with_text:  # NaN (no caption) becomes null
+                    columns[SIMILARITY_COLUMN] = pa.array(shard.similarity, pa.float32(), from_pandas=True)
+                    atomic_write_bytes(text_emb_file(tmp, n_files), _npy_bytes(shard.caption_embeddings))
+                table = pa.table(columns)
                 atomic_write_bytes(emb_file(tmp, n_files), _npy_bytes(shard.embeddings))
                 pa.parquet.write_table(table, metadata_file(tmp, n_files))
                 n_files += 1
@@ -64,3 +73,13 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"files": n_files, "rows": n_rows}
+
+
+def _all_or_no_captions(emb: EmbDir) -> bool:
+    """Whether the shards carry caption embeddings: all of them (True) or none (False); a mix cannot be exported
+    row for row, so it is an error naming the remedy."""
+    flags = {shard.has_captions for shard in emb.iter_shards(with_embeddings=False)}
+    if len(flags) > 1:
+        raise UserError(f"{emb.root}: some shards were embedded with --captions, some without; re-run clip-hpc "
+                        "embed --captions (it redoes only the units without) or export from an EMB_DIR of one kind")
+    return flags == {True}

@@ -8,8 +8,8 @@ from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import INPUTS_FILE, SHARD_DIR, EmbDir
 from clip_hpc.formats.index_dir import INFO_FILE, IndexDir
 
-EMB_KEYS = ("model", "pretrained", "dim", "dtype", "n_inputs", "n_embedded", "n_failed", "unit_size", "n_units",
-            "failed_by_reason", "missing_units", "invalid_shards")
+EMB_KEYS = ("model", "pretrained", "dim", "dtype", "n_inputs", "n_embedded", "n_captioned", "n_failed", "unit_size",
+            "n_units", "failed_by_reason", "missing_units", "invalid_shards")  # n_captioned: with a caption embedding
 
 
 def describe_embeddings(emb: EmbDir) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Embedding throughput: end to end with 1 and 2 MPI ranks, plus decode-only and model-only rates, so that the
 bottleneck is visible; each end-to-end run twice, on loose files and on the same files packed into WebDataset tars
-(`--inputs loose,tar`). Prints a JSON document, then a table.
+(`--inputs loose,tar`). With `--captions`, also captioned tars embedded without and with `embed --captions`, side
+by side, so the cost of the caption embeddings is one row apart. Prints a JSON document, then a table.
 
     python scripts/bench_embed.py [--images 256] [--models clip-hpc-tiny,ViT-B-32] [--ranks 1,2] [--inputs loose,tar]
+                                  [--captions]
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from clip_hpc.devdata.sample_images import pack_into_tars
+from clip_hpc.devdata.sample_images import pack_into_tars, write_sample_tars
 from clip_hpc.ingest.sources import list_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,20 +29,22 @@ BIN = Path(sys.executable).parent
 
 
 def run_ranks(images: Path, model: str, ranks: int, n: int, batch: int, workers: int, tmp: Path,
-              inputs: str = "loose") -> dict:
+              inputs: str = "loose", captions: bool = False) -> dict:
     """One fresh `clip-hpc embed` under mpiexec; the rate counts images over the slowest rank's loop time."""
-    out = tmp / f"emb-{model}-{ranks}-{inputs}"
+    out = tmp / f"emb-{model}-{ranks}-{inputs}-{int(captions)}".replace(" ", "_")
     code = ("import json, sys; from clip_hpc.ingest.embed import EmbedConfig, embed; "
             "s = embed(EmbedConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], pretrained='none', "
-            "batch_size=int(sys.argv[4]), workers=int(sys.argv[5]), shard_size=int(sys.argv[6]), progress=False)); "
+            "batch_size=int(sys.argv[4]), workers=int(sys.argv[5]), shard_size=int(sys.argv[6]), progress=False, "
+            "captions=sys.argv[7] == '1')); "
             "print('BENCH' + json.dumps(s['per_rank'], default=str)) if s['per_rank'] else None")
     t0 = time.perf_counter()
     proc = subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-c", code, str(images), str(out),
-                           model, str(batch), str(workers), str(max(1, n // (4 * ranks)))], capture_output=True, text=True, check=True)
+                           model, str(batch), str(workers), str(max(1, n // (4 * ranks))), str(int(captions))],
+                          capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
     per_rank = json.loads(next(line[5:] for line in proc.stdout.splitlines() if line.startswith("BENCH")))
     loop = max(r["seconds"] for r in per_rank)
-    return {"model": model, "inputs": inputs, "ranks": ranks, "images": n, "img_per_s": n / loop,
+    return {"model": model, "inputs": inputs + (" --captions" if captions else ""), "ranks": ranks, "images": n, "img_per_s": n / loop,
             "wall_s_with_startup": wall,
             "per_rank_img_per_s": [(r["embedded"] + r["failed"]) / r["seconds"] for r in per_rank if r["seconds"]]}
 
@@ -84,6 +88,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--inputs", default="loose,tar", help="loose files, and/or the same files packed into tars")
     ap.add_argument("--per-tar", type=int, default=64, help="samples per tar for the tar runs")
+    ap.add_argument("--captions", action="store_true",
+                    help="add captioned tars embedded without and with --captions, side by side")
     args = ap.parse_args()
     results = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -104,6 +110,14 @@ def main() -> None:
                     source = tars if kind == "tar" else images
                     results["runs"].append(run_ranks(source, model, ranks, n, args.batch_size, args.workers, tmp,
                                                      kind))
+                if args.captions:  # the shapes' real captions; without, then with the text tower
+                    captioned, per = tmp / f"captioned-{n}", min(n, args.per_tar)
+                    if not captioned.exists():
+                        write_sample_tars(captioned, -(-n // per), per)
+                    for with_captions in (False, True):
+                        results["runs"].append(run_ranks(captioned, model, ranks, -(-n // per) * per,
+                                                         args.batch_size, args.workers, tmp, "captioned tar",
+                                                         with_captions))
             results["decode_only"][model] = decode_rate(images, model, max(1, args.workers), args.batch_size)
             results["model_only"][model] = model_rate(model, args.batch_size)
     print(json.dumps(results, indent=2))

@@ -102,6 +102,7 @@ class UnitCounts:
     n_failed: int
     failed_by_reason: dict[str, int]
     shards: list[ShardEntry]
+    n_captioned: int = 0  # rows with a caption embedding (`embed --captions`); 0 in manifests from before them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -226,6 +227,11 @@ class EmbDir:
             stale.unlink(missing_ok=True)
 
     # --- what the index build reads ---
+    @staticmethod
+    def rows_of(shard: Shard) -> int:
+        """The rows of `shard` this view indexes: every embedded image (a caption view: those with a caption)."""
+        return len(shard.ids)
+
     def shard_ids(self, unit: int) -> np.ndarray:
         return read_shard_ids(self.shard_path(unit))
 
@@ -253,6 +259,7 @@ class EmbDir:
         dims: set[int] = set()
         model = pretrained = dtype = None
         dim = None
+        n_captioned = 0
         for unit in range(n_units):
             check = self.check_unit(unit, unit_size, unit_length(unit, unit_size, n_inputs))
             if check.missing:
@@ -271,11 +278,12 @@ class EmbDir:
             for r in shard.failed_reasons:
                 key = r.split(":")[0]
                 reasons[key] = reasons.get(key, 0) + 1
-            entries.append(ShardEntry(check.path.name, unit, len(shard.ids), len(shard.failed_ids)))
+            entries.append(ShardEntry(check.path.name, unit, self.rows_of(shard), len(shard.failed_ids)))
+            n_captioned += int(shard.caption_embedded.sum())
         return EmbSummary(
             model=model, pretrained=pretrained, dim=dim, dtype=dtype, n_inputs=n_inputs, unit_size=unit_size,
             n_units=n_units, n_embedded=sum(e.n for e in entries), n_failed=sum(e.n_failed for e in entries),
-            failed_by_reason=reasons, shards=entries, missing_units=missing, invalid_shards=invalid,
+            failed_by_reason=reasons, shards=entries, n_captioned=n_captioned, missing_units=missing, invalid_shards=invalid,
             models=sorted(models), dims=sorted(dims))
 
     def summarise_found(self) -> EmbSummary | None:

@@ -21,6 +21,8 @@ from clip_hpc.formats.emb_dir import EmbDir
 
 EMB_SUBDIR, META_SUBDIR = "img_emb", "metadata"
 EMB_STEM, META_STEM = "img_emb_", "metadata_"
+TEXT_EMB_SUBDIR, TEXT_EMB_STEM = "text_emb", "text_emb_"  # clip-retrieval's caption embeddings, row for row
+SIMILARITY_COLUMN = "similarity"  # LAION's image-caption cosine; null where a row has no caption
 META_COLUMNS = ("image_path", "caption", "url", "key")  # what clip-retrieval's tools read, row for row
 ID_COLUMN = "id"  # ours: the global id, beside clip-retrieval's columns
 UNIT_SIZE = 10_000
@@ -29,6 +31,11 @@ UNIT_SIZE = 10_000
 def emb_file(folder: Path, n: int | str) -> Path:
     """File `n` of the embeddings; `n` as the digits of a file found (a zero-padded number keeps its zeros)."""
     return folder / EMB_SUBDIR / f"{EMB_STEM}{n}.npy"
+
+
+def text_emb_file(folder: Path, n: int | str) -> Path:
+    """The caption embeddings of `emb_file(folder, n)`'s rows (zero rows where an image has no caption)."""
+    return folder / TEXT_EMB_SUBDIR / f"{TEXT_EMB_STEM}{n}.npy"
 
 
 def metadata_file(folder: Path, n: int | str) -> Path:

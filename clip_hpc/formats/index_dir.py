@@ -70,6 +70,7 @@ class IndexInfo:
     faiss_version: str | None = None
     ranks: int = 1  # processes that added vectors (a many-rank build merges their lists)
     lists: str = "memory"  # inverted lists in index.faiss ("memory") or in lists.ivfdata ("disk")
+    vectors: str = "images"  # what the vectors embed: "images", or "captions" (`index --vectors captions`)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> what it must be (index_integrity)
     extra: dict[str, Any] = field(default_factory=dict)
     absent: frozenset[str] = field(default=frozenset(), repr=False, compare=False)

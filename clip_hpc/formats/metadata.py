@@ -26,6 +26,7 @@ COLUMN_TYPES = (  # the `images` table, in order; every other spelling of its co
     ("key", "TEXT"),
     ("url", "TEXT"),
     ("offset", "INTEGER"),
+    ("similarity", "REAL"),  # image-caption cosine (`embed --captions`); NULL where none was computed
 )
 COLUMNS = tuple(name for name, _ in COLUMN_TYPES)
 FIRST_COLUMNS = COLUMNS[:4]  # what the first meta.sqlite held; an older file gains the rest, empty
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS images (
     {", ".join(f"{name} {kind}" for name, kind in COLUMN_TYPES)}
 );
 CREATE INDEX IF NOT EXISTS images_path ON images(path);
+CREATE INDEX IF NOT EXISTS images_similarity ON images(similarity);
 CREATE VIRTUAL TABLE IF NOT EXISTS captions USING fts5(caption);
 """
 INSERT = f"INSERT OR REPLACE INTO images({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -129,8 +131,9 @@ class MetadataStore:
     def add(self, ids: Sequence[int], paths: Sequence[str], sizes: Sequence[int | None] | None = None,
             mtimes: Sequence[float | None] | None = None, *, captions: Sequence[str] | None = None,
             keys: Sequence[str] | None = None, urls: Sequence[str] | None = None,
-            offsets: Sequence[int | None] | None = None) -> None:
-        """Insert one batch in one transaction (a shard at a time keeps memory flat); "" and -1 are stored as NULL."""
+            offsets: Sequence[int | None] | None = None, similarities: Sequence[float] | None = None) -> None:
+        """Insert one batch in one transaction (a shard at a time keeps memory flat); "" and -1 are stored as NULL,
+        and so is a NaN similarity (a row without a caption embedding)."""
         def column(values: Sequence | None, empty: object) -> list:
             if values is None:
                 return [None] * len(ids)
@@ -138,8 +141,9 @@ class MetadataStore:
 
         ids = [int(i) for i in ids]
         caps = column(captions, "")
+        sims = [float(v) if v == v else None for v in similarities] if similarities is not None else [None] * len(ids)
         rows = zip(ids, paths, column(sizes, -1), mtimes if mtimes is not None else [None] * len(ids), caps,
-                   column(keys, ""), column(urls, ""), column(offsets, -1))
+                   column(keys, ""), column(urls, ""), column(offsets, -1), sims)
         with self._errors(opening=False), self.conn:
             self.conn.executemany(INSERT, rows)
             self.conn.executemany("DELETE FROM captions WHERE rowid = ?", ((i,) for i in ids))
@@ -191,10 +195,15 @@ class MetadataStore:
         """Ids whose path starts with `prefix`, by a range scan on the path index (no LIKE escaping issues)."""
         return self.ids_matching(path_prefix=prefix, limit=limit)
 
+    def similarities_of(self, ids: Iterable[int]) -> dict[int, float]:
+        """The image-caption similarities of `ids` that have one ({} for a meta.sqlite written before them)."""
+        return self._column_of("similarity", ids) if "similarity" in self.columns else {}
+
     def ids_matching(self, *, path_prefix: str | None = None, caption: str | None = None,
-                     limit: int | None = None) -> list[int]:
-        """Ids passing every filter given: a path prefix (range scan on the path index) and a caption full-text
-        match (FTS5: every word of `caption`, any order)."""
+                     min_similarity: float | None = None, limit: int | None = None) -> list[int]:
+        """Ids passing every filter given: a path prefix (range scan on the path index), a caption full-text
+        match (FTS5: every word of `caption`, any order) and an image-caption similarity of at least
+        `min_similarity` (rows without one never pass)."""
         sql = "SELECT id FROM images WHERE path >= ?"
         params: list[object] = [checked_text("path_prefix", path_prefix or "")]
         upper = prefix_upper_bound(path_prefix or "")
@@ -208,6 +217,13 @@ class MetadataStore:
                 raise UserError("this index has no caption table (built before captions); rebuild it to filter")
             sql += " AND id IN (SELECT rowid FROM captions WHERE captions MATCH ?)"
             params.append(fts_query(caption))
+        if min_similarity is not None:
+            if "similarity" not in self.columns:
+                from clip_hpc.errors import UserError
+
+                raise UserError("this index has no similarity column (built before captions); rebuild it to filter")
+            sql += " AND similarity >= ?"
+            params.append(float(min_similarity))
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))

@@ -26,6 +26,9 @@ DATASETS = ("embeddings", "ids", "paths", "failed_ids", "failed_paths", "failed_
 # Per embedded image, beside `paths`; absent in shards written before tar inputs, read as "" and -1 then.
 TEXT_EXTRAS = ("captions", "meta")
 INT_EXTRAS = ("offsets", "sizes")
+# With `embed --captions`: each row's caption embedding (zeros where `caption_embedded` is false: no caption) and the
+# image-caption cosine `similarity` (NaN there). Absent in shards embedded without captions: `caption_embeddings` None.
+CAPTION_DATASETS = ("caption_embeddings", "caption_embedded", "similarity")
 _STR = h5py.string_dtype(encoding="utf-8")
 
 
@@ -62,11 +65,22 @@ class Shard:
     meta: list[str] = field(default_factory=list)
     offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    caption_embeddings: np.ndarray | None = None  # None: embedded without --captions (or before them)
+    caption_embedded: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    similarity: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+    @property
+    def has_captions(self) -> bool:
+        """Whether this shard was embedded with `--captions` (a row may still lack one: `caption_embedded`)."""
+        return self.caption_embeddings is not None
 
     def select(self, keep: np.ndarray) -> None:
         """Keep only the embedded rows where `keep` is true (index --update adds only ids it lacks)."""
         self.embeddings, self.ids = self.embeddings[keep], self.ids[keep]
         self.offsets, self.sizes = self.offsets[keep], self.sizes[keep]
+        self.caption_embedded, self.similarity = self.caption_embedded[keep], self.similarity[keep]
+        if self.caption_embeddings is not None:
+            self.caption_embeddings = self.caption_embeddings[keep]
         self.paths, self.captions, self.meta = ([v for v, kept in zip(values, keep) if kept]
                                                 for values in (self.paths, self.captions, self.meta))
 
@@ -111,10 +125,14 @@ def write_shard(
     meta: Sequence[str] | None = None,
     offsets: Sequence[int] | None = None,
     sizes: Sequence[int] | None = None,
+    caption_embeddings: np.ndarray | None = None,
+    similarity: Sequence[float] | None = None,
 ) -> Path:
     """Write one shard under a temporary name and rename it, so a killed writer leaves no valid-looking file.
 
     `captions`, `meta` (a JSON string per image), `offsets` and `sizes` (of a tar member) default to "" and -1.
+    `caption_embeddings` (with `similarity`, NaN where a row has no caption) are stored only when given; a row
+    without a caption is marked by `caption_embedded` false and a zero row, never by an invented vector.
 
     The HDF5 file is built in memory and written with plain file I/O (`atomic_write_bytes`): a full disk is then
     an ordinary OSError with the temporary file removed, never an HDF5 error inside a half-written file."""
@@ -129,6 +147,10 @@ def write_shard(
     for name, values in extras.items():
         if values is not None and len(values) != len(ids):
             raise ShardError(f"{path}: {len(values)} {name} for {len(ids)} ids")
+    if caption_embeddings is not None and (np.shape(caption_embeddings) != embeddings.shape or similarity is None
+                                           or len(similarity) != len(ids)):
+        raise ShardError(f"{path}: caption embeddings {np.shape(caption_embeddings)} or similarity do not match "
+                         f"embeddings {embeddings.shape}")
     order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
     meta = {
         "format": FORMAT,
@@ -155,6 +177,11 @@ def write_shard(
         for name in INT_EXTRAS:
             values = np.asarray(extras[name] if extras[name] is not None else [-1] * len(ids), dtype=np.int64)
             f.create_dataset(name, data=values[order] if len(values) else values)
+        if caption_embeddings is not None:
+            sims = np.asarray(similarity, dtype=np.float32)[order]
+            f.create_dataset("caption_embeddings", data=np.asarray(caption_embeddings)[order])
+            f.create_dataset("caption_embedded", data=np.isfinite(sims))
+            f.create_dataset("similarity", data=sims)
         for key, value in meta.items():
             f.attrs[key] = value
     atomic_write_bytes(path, buffer.getbuffer())
@@ -196,6 +223,7 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
                 setattr(shard, name, _decode(f[name][...]) if name in f else [""] * len(ids))
             for name in INT_EXTRAS:
                 setattr(shard, name, f[name][...] if name in f else np.full(len(ids), -1, np.int64))
+            _read_captions(f, shard, with_embeddings)
             n, dim = f["embeddings"].shape
     except ShardError:
         raise
@@ -205,6 +233,9 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
         raise ShardError(f"{path}: {n} embeddings but {len(ids)} ids and {len(shard.paths)} paths")
     if any(len(getattr(shard, name)) != n for name in TEXT_EXTRAS + INT_EXTRAS):
         raise ShardError(f"{path}: captions, meta, offsets or sizes do not have one entry per embedding")
+    if len(shard.caption_embedded) != n or len(shard.similarity) != n or \
+            (shard.caption_embeddings is not None and with_embeddings and shard.caption_embeddings.shape != (n, dim)):
+        raise ShardError(f"{path}: caption embeddings or similarity do not have one entry per embedding")
     if dim != int(attrs.get("dim", dim)):
         raise ShardError(f"{path}: embeddings have dim {dim}, attrs say {attrs.get('dim')}")
     if len(ids) and np.any(np.diff(ids) <= 0):
@@ -212,6 +243,18 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
     if not (len(shard.failed_ids) == len(shard.failed_paths) == len(shard.failed_reasons)):
         raise ShardError(f"{path}: failed_* datasets differ in length")
     return shard
+
+
+def _read_captions(f: h5py.File, shard: Shard, with_embeddings: bool) -> None:
+    """The caption datasets when present (the mask and similarity always: they are small), else none marked."""
+    n = len(shard.ids)
+    if "caption_embeddings" not in f:
+        shard.caption_embedded, shard.similarity = np.zeros(n, bool), np.full(n, np.nan, np.float32)
+        return
+    shard.caption_embedded = f["caption_embedded"][...].astype(bool)
+    shard.similarity = f["similarity"][...].astype(np.float32)
+    shard.caption_embeddings = f["caption_embeddings"][...] if with_embeddings else \
+        np.empty((f["caption_embeddings"].shape[0], 0), np.float16)
 
 
 NORM_TOLERANCE = 0.02  # float16 storage rounds a unit vector's norm by well under 1e-2
@@ -237,7 +280,8 @@ def read_shard_for_index(path: str | os.PathLike) -> Shard:
     """`read_shard` plus the embeddings' own check: what indexing reads, so a corrupted shard is named, not
     passed on to FAISS."""
     shard = read_shard(path)
-    problem = embedding_problem(shard.embeddings)
+    problem = embedding_problem(shard.embeddings) or (embedding_problem(
+        shard.caption_embeddings[shard.caption_embedded]) if shard.caption_embeddings is not None else None)
     if problem:
         raise ShardError(f"{path}: {problem}; re-embed this unit (delete the file and re-run clip-hpc embed)")
     return shard

@@ -20,9 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 from clip_hpc.cluster.collective import from_root, on_every_rank
-from clip_hpc.cluster.world import World
-from clip_hpc.cluster.world import world as current_world
+from clip_hpc.cluster.world import World, world as current_world
 from clip_hpc.errors import UserError, full_disk_is_a_user_error
+from clip_hpc.formats.caption_view import emb_view
 from clip_hpc.formats.emb_dir import EmbDir, EmbSummary, ShardEntry
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.formats.shard import Shard
@@ -143,10 +143,10 @@ def _shards(emb: EmbDir, units: Iterable[int], known: MetadataStore | None = Non
 
 
 def _add_metadata(meta: MetadataStore, shard: Shard) -> None:
-    """A shard's rows into meta.sqlite: path, caption, key and url, and a tar member's offset and size."""
+    """A shard's rows into meta.sqlite: path, caption, key, url, image-caption similarity, a tar member's offset."""
     keys, urls = zip(*map(meta_key_url, shard.meta)) if shard.meta else ((), ())
     meta.add(shard.ids, shard.paths, shard.sizes, captions=shard.captions, keys=keys, urls=urls,
-             offsets=shard.offsets)
+             offsets=shard.offsets, similarities=shard.similarity)
 
 
 def _n_rows(summary: EmbSummary) -> int:
@@ -234,8 +234,7 @@ def _finish(tmp: IndexDir, out: Path, index: faiss.Index, info: IndexInfo, query
 
 
 def _checked_set(emb: EmbDir) -> EmbSummary:
-    summary = emb.check_set()
-    if summary.n_embedded == 0:
+    if (summary := emb.check_set()).n_embedded == 0:
         raise UserError(f"{emb.root}: the shards hold no embedded images; nothing to index")
     return summary
 
@@ -254,13 +253,13 @@ class _Plan:
 
 def _prepare(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, *, index_key: str, train_size: int | None,
              refine: bool | None, nprobe: int | None, refine_factor: int | None, seed: int, lists: str,
-             world: World, progress: bool) -> _Plan:
+             world: World, progress: bool, vectors: str) -> _Plan:
     """Rank 0: check the shards, write vectors.npy and meta.sqlite, choose the index and train it."""
     if out.exists():
         raise UserError(f"{out} already exists; remove it first, or pass --update to add new units to it")
     if (nprobe is not None and nprobe < 1) or (refine_factor is not None and refine_factor < 1):
         raise UserError("--nprobe and the refine factor must be at least 1")
-    emb = EmbDir(emb_dir)
+    emb = emb_view(emb_dir, vectors)
     summary = _checked_set(emb)
     n, dim, units = summary.n_embedded, int(summary.dim or 0), [e.unit for e in summary.shards]
     key = choose_index_key(n, dim) if index_key in (None, "", "auto") else index_key
@@ -278,7 +277,7 @@ def _prepare(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, *, index_key:
         unit_counts=_unit_counts(summary.shards), unit_size=summary.unit_size,
         emb_dir=str(Path(emb_dir).resolve()), seed=seed, created=_now(), updates=[],
         train_size=choose_train_size(n, key, train_size) if not index.is_trained else 0, timings=timings,
-        ranks=world.size if is_ivf else 1, lists=mode)
+        ranks=world.size if is_ivf else 1, lists=mode, vectors=vectors)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     with tmp.open_metadata(readonly=False) as meta:
@@ -298,7 +297,7 @@ def _add_my_share(plan: _Plan, world: World, progress: bool) -> tuple[faiss.Inde
     index, timings = deserialize(plan.trained), {}
     info = IndexInfo.from_dict(plan.info)
     units = my_units(plan.units, world) if info.ranks > 1 else plan.units if world.is_root else []
-    index = _add(index, EmbDir(info.emb_dir), units, progress and world.is_root, timings,
+    index = _add(index, emb_view(str(info.emb_dir), info.vectors), units, progress and world.is_root, timings,
                  local_rank=world.local_rank)
     if info.ranks > 1 or plan.lists == "disk":
         start = time.perf_counter()
@@ -329,9 +328,9 @@ def _merge_and_finish(plan: _Plan, own: faiss.Index, per_rank: list[dict[str, fl
 def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key: str = "auto",
                 train_size: int | None = None, refine: bool | None = None, nprobe: int | None = None,
                 refine_factor: int | None = None, update: bool = False, seed: int = 0, lists: str = "auto",
-                progress: bool = True, world: World | None = None) -> IndexInfo:
-    """EMB_DIR -> INDEX_DIR (see the module docstring) on every rank of `world` (default: this job's);
-    returns what index.json holds, on every rank."""
+                progress: bool = True, world: World | None = None, vectors: str = "images") -> IndexInfo:
+    """EMB_DIR -> INDEX_DIR (see the module docstring) on every rank of `world` (default: this job's), over the
+    image or the caption embeddings (`vectors`, formats/caption_view.py); returns index.json, on every rank."""
     world = world if world is not None else current_world()
     if not world.coordinated:  # ranks that cannot talk: rank 0 builds alone, the others have nothing to do
         if not world.is_root:
@@ -342,8 +341,9 @@ def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key
         if update:
             return IndexInfo.from_dict(from_root(world, lambda: update_index(
                 emb_dir, out, nprobe=nprobe, refine=refine, progress=progress).to_dict()))
-        return _build(emb_dir, Path(out), dict(index_key=index_key, train_size=train_size, refine=refine, seed=seed,
-                      nprobe=nprobe, refine_factor=refine_factor, lists=lists, world=world, progress=progress))
+        options = dict(index_key=index_key, train_size=train_size, refine=refine, seed=seed, nprobe=nprobe,
+                       refine_factor=refine_factor, lists=lists, world=world, progress=progress, vectors=vectors)
+        return _build(emb_dir, Path(out), options)
 
 
 def _build(emb_dir: str | os.PathLike, out: Path, options: dict[str, Any]) -> IndexInfo:
@@ -375,7 +375,7 @@ def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: 
     out = Path(out)
     current = IndexDir(out)
     info = current.check_integrity()
-    emb = EmbDir(emb_dir)
+    emb = emb_view(emb_dir, info.vectors)
     summary = _checked_set(emb)
     if (summary.model, summary.pretrained, int(summary.dim or 0)) != (info.model, info.pretrained, info.dim):
         raise UserError(f"{emb_dir} holds {summary.model}/{summary.pretrained} {summary.dim}-d vectors, "

@@ -21,6 +21,7 @@ from clip_hpc.cluster.jobenv import job_env
 from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, Manifest
+from clip_hpc.ingest.captions import embed_captions
 from clip_hpc.ingest.gpu_decode import choose_route, default_batch_size
 from clip_hpc.ingest.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
 from clip_hpc.ingest.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
@@ -57,6 +58,7 @@ class EmbedConfig:
     max_pixels: int | None = None
     decode: str = "auto"  # auto | cpu | gpu: who decodes JPEGs (ingest/gpu_decode.py)
     progress: bool = True
+    captions: bool = False  # also embed each caption with the text tower, and store the image-caption similarity
     extra_attrs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -193,14 +195,16 @@ def prepare_inputs(cfg: EmbedConfig, w: World) -> Listing:
 
 
 def pending_units(out: EmbDir, units: Sequence[WorkUnit], unit_size: int, model: str,
-                  pretrained: str) -> list[WorkUnit]:
-    """Units whose shard is missing, does not validate (`EmbDir.check_unit`), or was made by another model."""
+                  pretrained: str, captions: bool = False) -> list[WorkUnit]:
+    """Units whose shard is missing, does not validate (`EmbDir.check_unit`), was made by another model, or (with
+    `captions`) lacks the caption embeddings asked for."""
     todo = []
     for unit in units:
         check = out.check_unit(unit.index, unit_size, len(unit.ids))
         if check.ok and check.shard is not None:
             attrs = check.shard.attrs
-            if (attrs.get("model"), attrs.get("pretrained")) == (model, pretrained):
+            if (attrs.get("model"), attrs.get("pretrained")) == (model, pretrained) and \
+                    (check.shard.has_captions or not captions):
                 continue
         todo.append(unit)
     return todo
@@ -225,11 +229,14 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing,
     out_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     bar = tqdm(total=len(ids), unit="img", desc=f"embed rank {w.rank}", disable=not (cfg.progress and w.is_root),
                file=sys.stderr, smoothing=0.1)
-    acc: dict[str, list] = {"emb": [], "ids": [], "extras": [], "failed": []}
+    acc: dict[str, list] = _empty_acc()
     t0 = time.perf_counter()
     for (u, _), batch in zip(sampler.batches, route.batches(loader)):  # the device route decodes JPEGs a batch ahead
         if batch["pixels"] is not None:
-            acc["emb"].append(loaded.encode_images(batch["pixels"]).astype(out_dtype))
+            image = loaded.encode_images(batch["pixels"])
+            acc["emb"].append(image.astype(out_dtype))
+            if cfg.captions:
+                acc["captions"].append(embed_captions(loaded, [x.caption for x in batch["extras"]], image))
             acc["ids"].extend(batch["ids"])
             acc["extras"].extend(batch["extras"])
         acc["failed"].extend(batch["failed"])
@@ -240,21 +247,29 @@ def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing,
             stats["embedded"] += len(acc["ids"])
             stats["failed"] += len(acc["failed"])
             stats["reasons"].update(r.split(":")[0] for _, r in acc["failed"])
-            acc = {"emb": [], "ids": [], "extras": [], "failed": []}
+            acc = _empty_acc()
     bar.close()
     stats["seconds"] = time.perf_counter() - t0
     return stats
 
 
+def _empty_acc() -> dict[str, list]:
+    return {"emb": [], "ids": [], "extras": [], "failed": [], "captions": []}
+
+
 def write_unit(cfg: EmbedConfig, w: World, loaded: Any, unit: WorkUnit, paths: Sequence[str],
                acc: dict[str, list], out_dtype: type) -> None:
     emb = np.concatenate(acc["emb"]) if acc["emb"] else np.zeros((0, loaded.dim), out_dtype)
+    caption_args = {} if not cfg.captions else {
+        "caption_embeddings": np.concatenate([c.embeddings for c in acc["captions"]]).astype(out_dtype)
+        if acc["captions"] else np.zeros((0, loaded.dim), out_dtype),
+        "similarity": np.concatenate([c.similarity for c in acc["captions"]]) if acc["captions"] else []}
     EmbDir(cfg.out).write_shard(
         unit.index, embeddings=emb, ids=acc["ids"], paths=[paths[i] for i in acc["ids"]],
         captions=[x.caption for x in acc["extras"]], meta=[x.meta for x in acc["extras"]],
         offsets=[x.offset for x in acc["extras"]], sizes=[x.size for x in acc["extras"]],
         failed_ids=[i for i, _ in acc["failed"]], failed_paths=[paths[i] for i, _ in acc["failed"]],
-        failed_reasons=[r for _, r in acc["failed"]],
+        failed_reasons=[r for _, r in acc["failed"]], **caption_args,
         attrs={"model": loaded.name, "pretrained": loaded.pretrained, "unit": unit.index,
                "unit_size": cfg.shard_size, "unit_start": unit.start, "unit_stop": unit.stop, "rank": w.rank,
                "dtype": cfg.dtype, **cfg.extra_attrs})
@@ -293,7 +308,7 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     units = plan_work_units(len(paths), cfg.shard_size)
     pretrained = resolve_pretrained(cfg.model, cfg.pretrained)
     mine = units_for_rank(units, w.rank, w.size)
-    todo = pending_units(out, mine, cfg.shard_size, cfg.model, pretrained)
+    todo = pending_units(out, mine, cfg.shard_size, cfg.model, pretrained, cfg.captions)
     # every rank must learn of a failure on any rank, or the others would wait forever (cluster/collective.py)
     loaded = all_or_none(w, lambda: load_model(cfg.model, cfg.pretrained, cfg.device, cfg.precision, w.local_rank)
                          if todo else None)

@@ -16,7 +16,7 @@ from clip_hpc.model.encoders import Encoder, ModelEncoder
 from clip_hpc.search.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
 
 MAX_K = 10_000  # results per query, for the CLI and the HTTP API alike
-PREFILTER_LIMIT = 50_000  # a filter (path_prefix, caption) matching fewer ids is searched exactly over just those
+PREFILTER_LIMIT = 50_000  # a filter (path_prefix, caption, min_similarity) matching fewer ids is searched exactly over just those
 
 
 class UnknownIdError(UserError, KeyError):
@@ -106,12 +106,14 @@ class SearchEngine:
 
     # --- searches ---
     def search_vectors(self, queries: np.ndarray, k: int = 10, *, path_prefix: str | None = None,
-                       min_score: float | None = None, caption: str | None = None) -> list[list[Hit]]:
-        """`path_prefix` and `caption` (full text: every word) restrict the results to the rows matching both."""
+                       min_score: float | None = None, caption: str | None = None,
+                       min_similarity: float | None = None) -> list[list[Hit]]:
+        """`path_prefix`, `caption` (full text: every word) and `min_similarity` (the stored image-caption cosine)
+        restrict the results to the rows matching all three."""
         queries = self._check_queries(queries)
         k = self._check_k(k)
-        if path_prefix or caption:
-            scores, ids = self._search_filtered(queries, k, path_prefix or None, caption or None)
+        if path_prefix or caption or min_similarity is not None:
+            scores, ids = self._search_filtered(queries, k, path_prefix or None, caption or None, min_similarity)
         else:
             scores, ids = search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
                                        widen=True)
@@ -157,12 +159,12 @@ class SearchEngine:
               vector: Sequence[float] | None = None, positive_ids: Sequence[int] = (),
               negative_ids: Sequence[int] = (), weights: dict[str, float] | None = None, k: int = 10,
               min_score: float | None = None, diversity: float = 0.0, path_prefix: str | None = None,
-              caption: str | None = None) -> list[Hit]:
+              caption: str | None = None, min_similarity: float | None = None) -> list[Hit]:
         """Any combination of parts; see `combine_parts`. `diversity` in [0, 1] re-orders the results by MMR."""
         combined = self.query_vector(text=text, image_ids=image_ids, images=images, vector=vector,
                                      positive_ids=positive_ids, negative_ids=negative_ids, weights=weights)
         return self.search_combined(combined, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix,
-                                    caption=caption)
+                                    caption=caption, min_similarity=min_similarity)
 
     def query_vector(self, *, text: str | None = None, image_ids: Sequence[int] = (), images: Sequence[Any] = (),
                      vector: Sequence[float] | None = None, positive_ids: Sequence[int] = (),
@@ -176,17 +178,16 @@ class SearchEngine:
 
     def search_combined(self, query: np.ndarray, k: int = 10, *, min_score: float | None = None,
                         diversity: float = 0.0, path_prefix: str | None = None,
-                        caption: str | None = None) -> list[Hit]:
+                        caption: str | None = None, min_similarity: float | None = None) -> list[Hit]:
         """Search with a `query_vector`; `diversity` in [0, 1] re-orders the results by MMR."""
         if not 0.0 <= float(diversity) <= 1.0:
             raise UserError("diversity must be between 0 and 1")
         combined = np.asarray(query, dtype=np.float32)[None, :]
         k = self._check_k(k)
+        filters = dict(path_prefix=path_prefix, min_score=min_score, caption=caption, min_similarity=min_similarity)
         if diversity <= 0:
-            return self.search_vectors(combined, k, path_prefix=path_prefix, min_score=min_score,
-                                       caption=caption)[0]
-        pool = self.search_vectors(combined, min(MAX_K, max(4 * k, 50)), path_prefix=path_prefix,
-                                   min_score=min_score, caption=caption)[0]
+            return self.search_vectors(combined, k, **filters)[0]
+        pool = self.search_vectors(combined, min(MAX_K, max(4 * k, 50)), **filters)[0]
         if not pool:
             return []
         order = mmr(combined[0], np.asarray(self.vectors[[h.id for h in pool]], dtype=np.float32), k, diversity)
@@ -235,16 +236,15 @@ class SearchEngine:
             raise UserError(f"k must be an integer between 1 and {MAX_K}")
         return int(k)
 
-    def _search_filtered(self, queries: np.ndarray, k: int, prefix: str | None,
-                         caption: str | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search_filtered(self, queries: np.ndarray, k: int, prefix: str | None, caption: str | None,
+                         min_similarity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Few matching ids: exact search over just them. Many: the ANN search restricted by an id selector."""
-        allowed = np.asarray(self.meta.ids_matching(path_prefix=prefix, caption=caption, limit=PREFILTER_LIMIT + 1),
-                             dtype=np.int64)
+        filters = dict(path_prefix=prefix, caption=caption, min_similarity=min_similarity)
+        allowed = np.asarray(self.meta.ids_matching(**filters, limit=PREFILTER_LIMIT + 1), dtype=np.int64)
         if len(allowed) <= PREFILTER_LIMIT:
             cand = np.broadcast_to(allowed, (len(queries), len(allowed)))
             return rerank(queries, cand, self.vectors, k)
-        selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_matching(path_prefix=prefix, caption=caption),
-                                                    dtype=np.int64))
+        selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_matching(**filters), dtype=np.int64))
         return search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
                             selector=selector, widen=True)
 
@@ -260,8 +260,8 @@ class SearchEngine:
 
 
 def search_local(index_dir: str | Path, *, text: str | None = None, image: str | None = None, k: int = 10,
-                 nprobe: int | None = None, device: str = "auto",
-                 caption: str | None = None) -> tuple[list[Hit], np.ndarray]:
+                 nprobe: int | None = None, device: str = "auto", caption: str | None = None,
+                 min_similarity: float | None = None) -> tuple[list[Hit], np.ndarray]:
     """What `clip-hpc search INDEX_DIR TEXT [--image PATH]` does in local mode: text, image, or both combined.
     Returns the hits and the query vector they were found with."""
     if not text and not image:
@@ -269,6 +269,6 @@ def search_local(index_dir: str | Path, *, text: str | None = None, image: str |
     engine = SearchEngine(index_dir, nprobe=nprobe, device=device)
     try:
         query = engine.query_vector(text=text, images=[engine.query_image(image)] if image else [])
-        return engine.search_combined(query, k, caption=caption), query
+        return engine.search_combined(query, k, caption=caption, min_similarity=min_similarity), query
     finally:
         engine.close()

@@ -80,15 +80,16 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
         return image
 
     def run_query(return_vector: bool = False, *, k: int, min_score: float | None = None, diversity: float = 0.0,
-                  path_prefix: str | None = None, caption: str | None = None, **parts: Any) -> VectorResults:
+                  path_prefix: str | None = None, caption: str | None = None, min_similarity: float | None = None,
+                  **parts: Any) -> VectorResults:
         start = time.perf_counter()
         text_alone = isinstance(parts.get("text"), str) and not any(v for name, v in parts.items() if name != "text")
-        if text_alone and shares_batches(diversity, path_prefix, caption):
+        if text_alone and shares_batches(diversity, path_prefix, caption, min_similarity):
             query, hits = searcher.search_text(parts["text"], k, min_score=min_score)
         else:
             query = engine.query_vector(**parts)
             hits = searcher.search_combined(query, k, min_score=min_score, diversity=diversity,
-                                            path_prefix=path_prefix, caption=caption)
+                                            path_prefix=path_prefix, caption=caption, min_similarity=min_similarity)
         found = results(hits, start)
         return VectorResults(results=found.results, took_ms=found.took_ms,
                              **({"query_vector": query.tolist()} if return_vector else {}))
@@ -138,22 +139,24 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         keys = ("n", "dim", "model", "pretrained", "index_key", "nprobe", "refine")
-        return {**{k: recorded.get(k) for k in keys}, "text_context": encoder.text_context}
+        return {**{k: recorded.get(k) for k in keys}, "vectors": engine.info.vectors,  # images or captions
+                "text_context": encoder.text_context}
 
     @app.get("/api/search", response_model=Results)
     async def search_get(q: Annotated[str, Query(max_length=2000)], k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
                          min_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
                          diversity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
                          path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
-                         caption: Annotated[str | None, Query(max_length=2000)] = None) -> Results:
+                         caption: Annotated[str | None, Query(max_length=2000)] = None,
+                         min_similarity: Annotated[float | None, Query(allow_inf_nan=False)] = None) -> Results:
         """Async so that the common query (a new text, no filters) awaits its micro-batch on the event loop; any
         other runs in the threadpool like the other routes."""
-        if shares_batches(diversity, path_prefix, caption) and searcher.fuses(q):
+        if shares_batches(diversity, path_prefix, caption, min_similarity) and searcher.fuses(q):
             start = time.perf_counter()
             _query, hits = await asyncio.wrap_future(searcher.search_text_future(q, k, min_score=min_score))
             return results(hits, start)
         return await run_in_threadpool(run_query, text=q, k=k, min_score=min_score, diversity=diversity,
-                                       path_prefix=path_prefix, caption=caption)
+                                       path_prefix=path_prefix, caption=caption, min_similarity=min_similarity)
 
     @app.post("/api/search", response_model=VectorResults, response_model_exclude_unset=True)
     def search_post(body: SearchRequest) -> VectorResults:
@@ -170,6 +173,7 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
                          k=body.k, min_score=body.min_score, diversity=body.diversity,
                          path_prefix=body.filters.path_prefix if body.filters else None,
                          caption=body.filters.caption if body.filters else None,
+                         min_similarity=body.filters.min_similarity if body.filters else None,
                          return_vector=body.return_vector)
 
     @app.post("/api/search/image", response_model=VectorResults, response_model_exclude_unset=True)

@@ -12,10 +12,11 @@ from clip_hpc.server.runtime import ServingRuntime
 from clip_hpc.server.shared_encoder import SharedEncoder
 
 
-def shares_batches(diversity: float, path_prefix: str | None, caption: str | None) -> bool:
+def shares_batches(diversity: float, path_prefix: str | None, caption: str | None,
+                   min_similarity: float | None = None) -> bool:
     """Whether a search may join a shared FAISS batch (and a text the fused text-search stage): filtered or
     diversified searches need a selector or MMR of their own, so they run alone."""
-    return not (diversity or path_prefix or caption)
+    return not (diversity or path_prefix or caption or min_similarity is not None)
 
 
 class BatchedSearch:
@@ -49,10 +50,11 @@ class BatchedSearch:
 
     def search_combined(self, query: np.ndarray, k: int = 10, *, min_score: float | None = None,
                         diversity: float = 0.0, path_prefix: str | None = None,
-                        caption: str | None = None) -> list[Hit]:
-        if self.stage is None or not shares_batches(diversity, path_prefix, caption):
+                        caption: str | None = None, min_similarity: float | None = None) -> list[Hit]:
+        if self.stage is None or not shares_batches(diversity, path_prefix, caption, min_similarity):
             return self.compute.search_here(self.engine.search_combined, query, k, min_score=min_score,
-                                            diversity=diversity, path_prefix=path_prefix, caption=caption)
+                                            diversity=diversity, path_prefix=path_prefix, caption=caption,
+                                            min_similarity=min_similarity)
         return self.stage.submit((np.asarray(query, dtype=np.float32), k, min_score))
 
     def _run(self, items: list[tuple[np.ndarray, int, float | None]]) -> list[list[Hit]]:

@@ -23,6 +23,8 @@ class Filters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path_prefix: str | None = Field(None, max_length=4096)
     caption: str | None = Field(None, max_length=2000, description="full-text filter: captions holding every word")
+    min_similarity: Finite | None = Field(None, description="only images whose stored image-caption cosine "
+                                                            "(embed --captions) is at least this")
 
 
 class SearchRequest(BaseModel):

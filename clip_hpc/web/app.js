@@ -1,4 +1,5 @@
-// The gallery: plain JS, no build step. The query lives in the URL (?q=, ?like=, ?random, &k=, &caption=) so that a search
+// The gallery: plain JS, no build step. The query lives in the URL (?q=, ?like=, ?random, &k=, &caption=,
+// &min_similarity=) so that a search
 // can be bookmarked, shared with the token stripped, and driven by a headless browser in the tests.
 "use strict";
 
@@ -9,6 +10,7 @@ const token = params.get("token");
 params.delete("token");
 const selected = new Map(); // id -> score of the results ticked for export
 let shown = [];
+let vectors = "images"; // what the served index holds (/api/info): "images", or "captions", whose hits are captions
 
 function setUrl(state) {
   const p = new URLSearchParams(state);
@@ -27,6 +29,12 @@ async function api(path, options = {}) {
   }
   return response;
 }
+
+// Asked once; a caption index's cards then say that their caption is what the query matched.
+const served = api("/api/info").then(async (r) => {
+  vectors = (await r.json()).vectors || "images";
+  document.body.dataset.vectors = vectors;
+}).catch(() => { /* no token: the query itself reports it */ });
 
 function status(text, isError = false) {
   $("status").textContent = text;
@@ -64,7 +72,13 @@ function card(hit) {
   if (hit.caption) {
     const caption = document.createElement("p");
     caption.className = "caption";
-    caption.textContent = hit.caption;
+    if (vectors === "captions") {
+      caption.classList.add("matched");
+      const label = document.createElement("strong");
+      label.textContent = "matched caption: ";
+      caption.append(label);
+    }
+    caption.append(hit.caption); // a text node: a caption is never parsed as HTML
     caption.title = hit.caption;
     item.append(caption);
   }
@@ -82,7 +96,8 @@ function toggle(hit, on, item) {
 function render(data, what) {
   shown = data.results;
   $("results").replaceChildren(...shown.map(card));
-  status(`${shown.length} results for ${what} in ${data.took_ms.toFixed(1)} ms`);
+  const among = vectors === "captions" ? ", matched against captions" : "";
+  status(`${shown.length} results for ${what} in ${data.took_ms.toFixed(1)} ms${among}`);
   document.body.dataset.state = "done";
 }
 
@@ -91,10 +106,12 @@ async function run(state) {
   document.body.dataset.state = "loading";
   setUrl(state);
   try {
+    await served;
     let data, what;
     if (state.q) {
       $("q").value = state.q;
-      const filter = state.caption ? `&caption=${encodeURIComponent(state.caption)}` : "";
+      let filter = state.caption ? `&caption=${encodeURIComponent(state.caption)}` : "";
+      if (state.min_similarity) filter += `&min_similarity=${encodeURIComponent(state.min_similarity)}`;
       data = await (await api(`/api/search?q=${encodeURIComponent(state.q)}&k=${k}${filter}`)).json();
       what = `"${state.q}"` + (state.caption ? ` with captions matching "${state.caption}"` : "");
     } else if (state.like !== undefined) {
@@ -171,7 +188,11 @@ $("select-all").addEventListener("click", () => selectAll(true));
 $("clear").addEventListener("click", () => selectAll(false));
 
 if (params.has("k")) { $("k").value = params.get("k"); $("k-value").textContent = $("k").value; }
-if (params.get("q")) run(params.get("caption") ? { q: params.get("q"), caption: params.get("caption") } : { q: params.get("q") });
+if (params.get("q")) {
+  const state = { q: params.get("q") };
+  for (const name of ["caption", "min_similarity"]) if (params.get(name)) state[name] = params.get(name);
+  run(state);
+}
 else if (params.has("like")) run({ like: params.get("like") });
 else if (params.has("random")) run({ random: "1" });
 else history.replaceState(null, "", location.pathname);
