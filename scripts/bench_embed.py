@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Embedding throughput: end to end with 1 and 2 MPI ranks, plus decode-only and model-only rates, so that the
-bottleneck is visible; each end-to-end run twice, on loose files and on the same files packed into WebDataset tars
-(`--inputs loose,tar`). Prints a JSON document, then a table.
+bottleneck is visible; each end-to-end run on loose files, on the same files packed into WebDataset tars, and (with
+`s3` in `--inputs`, needs `moto[server]` and s3fs) on the same tars in a local S3 server (moto, 127.0.0.1), side by
+side. Prints a JSON document, then a table.
 
-    python scripts/bench_embed.py [--images 256] [--models clip-hpc-tiny,ViT-B-32] [--ranks 1,2] [--inputs loose,tar]
+    python scripts/bench_embed.py [--images 256] [--models clip-hpc-tiny,ViT-B-32] [--ranks 1,2]
+                                  [--inputs loose,tar,s3]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from clip_hpc.devdata.local_s3 import moto_server, s3_env, upload
 from clip_hpc.devdata.sample_images import pack_into_tars
 from clip_hpc.ingest.sources import list_images
 
@@ -26,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def run_ranks(images: Path, model: str, ranks: int, n: int, batch: int, workers: int, tmp: Path,
-              inputs: str = "loose") -> dict:
+def run_ranks(images: Path | str, model: str, ranks: int, n: int, batch: int, workers: int, tmp: Path,
+              inputs: str = "loose", env: dict[str, str] | None = None) -> dict:
     """One fresh `clip-hpc embed` under mpiexec; the rate counts images over the slowest rank's loop time."""
     out = tmp / f"emb-{model}-{ranks}-{inputs}"
     code = ("import json, sys; from clip_hpc.ingest.embed import EmbedConfig, embed; "
@@ -36,7 +40,8 @@ def run_ranks(images: Path, model: str, ranks: int, n: int, batch: int, workers:
             "print('BENCH' + json.dumps(s['per_rank'], default=str)) if s['per_rank'] else None")
     t0 = time.perf_counter()
     proc = subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-c", code, str(images), str(out),
-                           model, str(batch), str(workers), str(max(1, n // (4 * ranks)))], capture_output=True, text=True, check=True)
+                           model, str(batch), str(workers), str(max(1, n // (4 * ranks)))], capture_output=True,
+                          text=True, check=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     per_rank = json.loads(next(line[5:] for line in proc.stdout.splitlines() if line.startswith("BENCH")))
     loop = max(r["seconds"] for r in per_rank)
@@ -82,14 +87,17 @@ def main() -> None:
     ap.add_argument("--ranks", default="1,2")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--inputs", default="loose,tar", help="loose files, and/or the same files packed into tars")
+    ap.add_argument("--inputs", default="loose,tar", help="loose files, and/or the same files packed into tars, "
+                                                           "and/or those tars in a local S3 server (s3)")
     ap.add_argument("--per-tar", type=int, default=64, help="samples per tar for the tar runs")
     args = ap.parse_args()
     results = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                            "torch": torch.__version__}, "runs": [], "decode_only": {}, "model_only": {}}
-    with tempfile.TemporaryDirectory() as tmp_s:
+    kinds = args.inputs.split(",")
+    with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
+        s3 = stack.enter_context(moto_server()) if "s3" in kinds else None
         for model in args.models.split(","):
             n = args.images if model == "clip-hpc-tiny" else args.big_model_images
             images = tmp / f"images-{n}"
@@ -97,13 +105,15 @@ def main() -> None:
                 subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_images.py"), str(images),
                                 "-n", str(n)], check=True, capture_output=True)
             tars = tmp / f"tars-{n}"
-            if "tar" in args.inputs and not tars.exists():
+            if ("tar" in kinds or "s3" in kinds) and not tars.exists():
                 pack_into_tars([Path(p) for p in list_images([images])], tars, args.per_tar)
+                if s3:
+                    upload(s3, {f"bench/{tars.name}/{p.name}": p for p in sorted(tars.glob("*.tar"))})
             for ranks in map(int, args.ranks.split(",")):
-                for kind in args.inputs.split(","):  # side by side, so both see the same machine load
-                    source = tars if kind == "tar" else images
+                for kind in kinds:  # side by side, so all see the same machine load
+                    source = {"tar": tars, "s3": f"s3://bench/{tars.name}/"}.get(kind, images)
                     results["runs"].append(run_ranks(source, model, ranks, n, args.batch_size, args.workers, tmp,
-                                                     kind))
+                                                     kind, s3_env(s3) if kind == "s3" else None))
             results["decode_only"][model] = decode_rate(images, model, max(1, args.workers), args.batch_size)
             results["model_only"][model] = model_rate(model, args.batch_size)
     print(json.dumps(results, indent=2))

@@ -5,13 +5,7 @@ and the failing object the run must record."""
 from __future__ import annotations
 
 import http.client
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
@@ -19,14 +13,9 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from clip_hpc.devdata.local_s3 import moto_server, s3_env
+
 BUCKET = "bkt"  # S3 bucket names have at least 3 characters (the issue's `s3://b/` is short for it)
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -48,8 +37,8 @@ class S3Endpoint:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.url, "AWS_CONFIG_FILE": os.devnull,
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_MAX_ATTEMPTS": "1"}
+        """Through the proxy; botocore's own retries off, so a throttled object costs only s3fs's (~2 s)."""
+        return {**s3_env(self.url), "AWS_MAX_ATTEMPTS": "1"}
 
     def gets(self, key_suffix: str = "") -> list[Request]:
         return [r for r in self.log if r.method == "GET" and r.key.endswith(key_suffix) and "?" not in r.key]
@@ -95,46 +84,17 @@ def _handler(endpoint: S3Endpoint, moto_port: int) -> type[BaseHTTPRequestHandle
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[S3Endpoint]:
-    """`python -m moto.server` on a free loopback port (killed by its PID), and the recording proxy before it."""
+    """moto's server (`local_s3.moto_server`, killed by its PID), and the recording proxy before it."""
     pytest.importorskip("moto")
     pytest.importorskip("s3fs")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("moto server did not start")
-                time.sleep(0.1)
-        endpoint = S3Endpoint(f"http://127.0.0.1:{port}", "")
-        proxy = ThreadingHTTPServer(("127.0.0.1", 0), _handler(endpoint, port))
+    with moto_server() as direct:
+        endpoint = S3Endpoint(direct, "")
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), _handler(endpoint, int(direct.rsplit(":", 1)[1])))
         proxy.daemon_threads = True
         endpoint.url = f"http://127.0.0.1:{proxy.server_address[1]}"
-        thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-        thread.start()
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
         try:
             yield endpoint
         finally:
             proxy.shutdown()
             proxy.server_close()
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def s3_client(endpoint: S3Endpoint):
-    """An s3fs file system straight to moto (not through the proxy): the test's own uploads and checks."""
-    import s3fs
-
-    return s3fs.S3FileSystem(key=CREDENTIALS["AWS_ACCESS_KEY_ID"], secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                             client_kwargs={"endpoint_url": endpoint.direct},
-                             skip_instance_cache=True, use_listings_cache=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -14,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clip_hpc.devdata.local_s3 import upload
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.ingest.object_store import LISTING_BLOCK
 from clip_hpc.ingest.sources import list_images
 from conftest import BIN, kill_after_shards, make_images, run_cli
-from s3_fixtures import BUCKET, S3Endpoint, s3_client, s3_endpoint  # noqa: F401  (s3_endpoint: a fixture)
+from s3_fixtures import BUCKET, S3Endpoint
 from server_fixtures import start_server
 from tar_fixtures import caption_of, write_wds_tars
 from test_embed import TINY, coverage, mpi_embed
@@ -40,10 +42,7 @@ def bucket(s3_endpoint: S3Endpoint, tmp_path_factory) -> dict[str, bytes]:
     objects = {f"{BUCKET}/shards/{p.name}": p.read_bytes() for p in sorted((root / "tars").glob("*.tar"))}
     objects.update({f"{BUCKET}/loose/{Path(p).relative_to(loose)}": Path(p).read_bytes() for p in list_images([loose])})
     objects[THROTTLED] = next(v for k, v in objects.items() if k.endswith(".jpg"))
-    fs = s3_client(s3_endpoint)
-    fs.mkdir(BUCKET)
-    for key, data in objects.items():
-        fs.pipe_file(key, data)
+    upload(s3_endpoint.direct, objects)
     s3_endpoint.failing.add(THROTTLED)
     assert all(len(v) > 2 * LISTING_BLOCK for k, v in objects.items() if k.endswith(".tar"))
     return objects
@@ -122,7 +121,7 @@ def test_two_ranks_sigkill_resume_every_id_once_captions_and_the_throttled_objec
         assert caption == (caption_of(int(member.split(".")[0])) if member else "")
     assert sum("::" in line for line in captions) == N_TARS * PER_TAR
     n = assert_ranged(s3_endpoint, bucket, log_start)  # listing and embedding: never a tar fetched whole
-    assert n >= N_TARS * PER_TAR * 2  # each member (image, caption, json) read by its own ranged GET
+    assert n >= N_TARS * PER_TAR  # a sample's image, caption and json: one ranged GET (they lie side by side)
 
 
 @pytest.mark.mpi
@@ -187,3 +186,18 @@ def test_a_tar_that_fails_to_read_is_recorded_not_fatal(s3_endpoint, bucket, mon
     assert len(samples) == 1 and samples[0].name == "<unreadable after byte 0>"
     assert samples[0].problem.startswith("read error") and "reduce your request rate" in samples[0].problem
     assert sum(r.status == 503 for r in s3_endpoint.log[start:]) >= 3  # retried with backoff before giving up
+
+
+def test_append_adds_new_objects_at_the_end(s3_endpoint, bucket, embedded, tmp_path):
+    """Runs last: it uploads under a prefix the other tests do not list."""
+    out = tmp_path / "emb"
+    shutil.copytree(embedded[0], out)
+    before = EmbDir(out).read_inputs()
+    upload(s3_endpoint.direct, {f"{BUCKET}/extra/new.jpg": bucket[THROTTLED]})
+    proc = run_cli("embed", *INPUTS, f"s3://{BUCKET}/extra/", "--out", out, *TINY, "--shard-size", 4, "--workers",
+                   0, "--append", env=s3_endpoint.env)
+    assert proc.returncode == 0, proc.stderr
+    after = EmbDir(out).read_inputs()
+    assert after == before + [f"s3://{BUCKET}/extra/new.jpg"]
+    ids, paths = coverage(out)
+    assert np.array_equal(ids, np.arange(len(after))) and after[-1] in paths

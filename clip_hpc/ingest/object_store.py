@@ -188,6 +188,10 @@ class RangedReader(io.RawIOBase):
         self.pos = max(0, base + offset)
         return self.pos
 
+    def prefetch(self, start: int, stop: int) -> None:
+        """Fetch [start, stop) with one ranged GET, for the reads that follow (a sample's image, caption, json)."""
+        self._buffer, self._buffer_at = read_range(self.url, start, stop), start
+
     def readinto(self, out: Any) -> int:
         want = len(out)
         if self.size is not None:
