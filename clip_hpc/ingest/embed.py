@@ -96,6 +96,27 @@ class ImageDataset(Dataset):
         except Exception as exc:
             return self.ids[i], None, f"{stage}: {type(exc).__name__}: {str(exc)[:120]}", NO_EXTRAS
 
+    def __getitems__(self, positions: list[int]) -> list[tuple[int, torch.Tensor | None, str, Extras]]:
+        """A batch (torch's fetcher asks for it whole): the members it reads from one object tar lie together, so
+        they come in one ranged GET (64 LAION samples: one request, not 64); a failed prefetch only leaves each
+        sample to its own read, which records its failure."""
+        groups: dict[str, list[tuple[int, int, int]]] = {}
+        for i in positions:
+            sample = self.tar_samples.get(self.paths[i])
+            if sample is not None and sample.image is not None and not sample.problem and is_url(sample.tar):
+                groups.setdefault(sample.tar, []).append(_sample_span(sample))
+        out = []
+        for i in positions:
+            sample = self.tar_samples.get(self.paths[i])
+            span = _one_read(groups.pop(sample.tar)) if sample is not None and sample.tar in groups else None
+            if span is not None:
+                try:
+                    self._tar_handle(sample.tar).prefetch(*span)  # type: ignore[attr-defined]
+                except OSError:
+                    pass
+            out.append(self[i])
+        return out
+
     def _source(self, path: str) -> tuple[str | bytes | DecodeFailure, Extras]:
         """A loose file's path (a loose object's bytes), or a tar member's bytes plus its caption and metadata
         (repairs noted in the meta)."""
@@ -106,7 +127,7 @@ class ImageDataset(Dataset):
             return DecodeFailure(sample.problem.split(":")[0], sample.problem.partition(": ")[2]), NO_EXTRAS
         try:
             handle = self._tar_handle(sample.tar)
-            span = _sample_span(sample)
+            span = _one_read([_sample_span(sample)])
             if span is not None and hasattr(handle, "prefetch"):  # an object: one ranged GET for the whole sample
                 handle.prefetch(*span)
             data = read_member(sample.tar, sample.image, handle)
@@ -146,15 +167,23 @@ class ImageDataset(Dataset):
         return {**self.__dict__, "_handle": None}
 
 
-def _sample_span(sample: TarSample, slack: int = 64 << 10) -> tuple[int, int] | None:
-    """The bytes holding a sample's image and the parts of its sidecars that are read, when they lie close together
-    (as img2dataset writes them): one request instead of three. None when the gap would cost more than it saves."""
+MAX_PREFETCH = 64 << 20  # at most this many bytes of a tar held per worker for a batch
+
+
+def _sample_span(sample: TarSample) -> tuple[int, int, int]:
+    """(start, stop, bytes read) of what is read of a sample: its image and the read part of its sidecars."""
     parts = [m for m in (sample.image, sample.caption, sample.meta) if m is not None]
-    if len(parts) < 2 or (sample.meta and sample.meta.size > MAX_SIDECAR_BYTES):
-        return None
-    read = {m: min(m.size, CAPTION_READ_BYTES) if m is sample.caption else m.size for m in parts}
-    start, stop = min(m.offset for m in parts), max(m.offset + n for m, n in read.items())
-    return (start, stop) if stop - start <= sum(read.values()) + slack else None
+    read = {m: min(m.size, CAPTION_READ_BYTES) if m is sample.caption else m.size for m in parts
+            if not (m is sample.meta and m.size > MAX_SIDECAR_BYTES)}
+    return min(m.offset for m in read), max(m.offset + n for m, n in read.items()), sum(read.values())
+
+
+def _one_read(spans: Sequence[tuple[int, int, int]], slack: int = 64 << 10) -> tuple[int, int] | None:
+    """One range covering `spans` when they lie close together (img2dataset writes a sample's files, and a unit's
+    samples, side by side): one request instead of one per member. None when the gaps would cost more."""
+    start, stop = min(s[0] for s in spans), max(s[1] for s in spans)
+    worth = stop - start <= sum(s[2] for s in spans) + slack * len(spans) and stop - start <= MAX_PREFETCH
+    return (start, stop) if worth else None
 
 
 def _read_url(url: str) -> bytes | DecodeFailure:

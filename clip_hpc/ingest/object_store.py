@@ -189,8 +189,10 @@ class RangedReader(io.RawIOBase):
         return self.pos
 
     def prefetch(self, start: int, stop: int) -> None:
-        """Fetch [start, stop) with one ranged GET, for the reads that follow (a sample's image, caption, json)."""
-        self._buffer, self._buffer_at = read_range(self.url, start, stop), start
+        """Fetch [start, stop) with one ranged GET, unless held already, for the reads that follow (a batch's
+        members, a sample's image, caption and json)."""
+        if not (self._buffer_at <= start and stop <= self._buffer_at + len(self._buffer)):
+            self._buffer, self._buffer_at = read_range(self.url, start, stop), start
 
     def readinto(self, out: Any) -> int:
         want = len(out)
