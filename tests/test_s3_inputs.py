@@ -2,7 +2,8 @@
 `mpiexec -n 2 clip-hpc embed 's3://b/shards/{00000..00003}.tar' s3://b/loose/` with only AWS_ENDPOINT_URL and test
 credentials in the environment, killed with SIGKILL part-way and re-run (every id exactly once), a throttled object
 recorded with its reason, captions kept, no tar ever fetched whole; then index and serve, and the served bytes are
-the objects' bytes. About 60 s on 2 cores, most of it the three mpiexec/serve start-ups."""
+the objects' bytes, and a tar rewritten after indexing is a 404. About 75 s on 2 cores, most of it the mpiexec,
+index and serve start-ups."""
 from __future__ import annotations
 
 import io
@@ -145,6 +146,18 @@ def test_index_and_serve_the_objects_bytes(s3_endpoint, bucket, embedded, tmp_pa
                 name = f"images/{hit['id']}_{Path(hit['path'].rpartition('::')[2] or hit['path']).name}"
                 assert zf.read(name) == object_bytes(bucket, hit["path"])
         assert_ranged(s3_endpoint, bucket, start)  # a member is served by one ranged GET, never its whole tar
+        member = next(h for h in chosen if "::" in h["path"])
+        tar_key = member["path"].removeprefix("s3://").split("::")[0]
+        other = next(k for k in bucket if k.endswith(".tar") and k != tar_key)
+        rewritten = bucket[other].ljust(len(bucket[tar_key]) + 1024, b"\0")  # long enough: only the header differs
+        upload(s3_endpoint.direct, {tar_key: rewritten})  # the tar rewritten after indexing: a new ETag
+        try:
+            changed = client.get(member["url"])
+            assert changed.status_code == 404 and "changed" in changed.json()["error"]
+            stale = client.get(member["thumb"], params={"size": 64})  # the cache is keyed by the ETag: no stale hit
+            assert stale.status_code == 404
+        finally:
+            upload(s3_endpoint.direct, {tar_key: bucket[tar_key]})
 
 
 def test_listing_is_sorted_by_ranged_reads_and_out_must_be_posix(s3_endpoint, bucket, tmp_path, monkeypatch):
@@ -200,3 +213,31 @@ def test_append_adds_new_objects_at_the_end(s3_endpoint, bucket, embedded, tmp_p
     assert after == before + [f"s3://{BUCKET}/extra/new.jpg"]
     ids, paths = coverage(out)
     assert np.array_equal(ids, np.arange(len(after))) and after[-1] in paths
+
+
+def test_retries_only_what_may_pass_and_urls_are_never_paths(monkeypatch):
+    from clip_hpc.errors import UserError
+    from clip_hpc.ingest import object_store
+
+    monkeypatch.setattr(object_store, "BACKOFF_S", 0.001)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset")
+        return "ok"
+    assert object_store.with_retries(flaky, 4) == "ok" and len(calls) == 3
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("gone")
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        object_store.with_retries(missing, 4)
+    assert len(calls) == 1  # a missing object fails at once
+    assert object_store.is_url("s3://b/k") and object_store.is_url("gcs://b/k") and not object_store.is_url("/a/s3:")
+    with pytest.raises(UserError, match="POSIX"):
+        object_store.require_posix("s3://b/out")
+    with pytest.raises(UserError, match="(?i)protocol"):
+        object_store.filesystem("nosuchproto://b/k")

@@ -87,11 +87,12 @@ def _as_oserror(exc: Exception, url: str) -> OSError:
 
 
 def read_range(url: str, start: int | None, stop: int | None) -> bytes:
-    """Bytes [start, stop) of an object (to its end for None): one ranged GET,
-    retried. Short at the object's end."""
+    """Bytes [start, stop) of an object (to its end for None): one ranged GET, retried. Short at the object's end."""
+    fs = filesystem(url)  # a missing package is a UserError, not a read error
+
     def get() -> bytes:
         try:
-            return filesystem(url).cat_file(url, start=start, end=stop)
+            return fs.cat_file(url, start=start, end=stop)
         except Exception as exc:
             raise _as_oserror(exc, url) from exc
     return with_retries(get, _attempts(url))
