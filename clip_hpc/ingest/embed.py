@@ -26,7 +26,7 @@ from clip_hpc.ingest.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_ima
 from clip_hpc.ingest.object_store import is_url, require_posix
 from clip_hpc.ingest.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
 from clip_hpc.ingest.tars import (CAPTION_READ_BYTES, MAX_SIDECAR_BYTES, Member, TarSample, decode_caption,
-                                  decode_meta, read_member, sample_meta)
+                                  decode_meta, one_read, read_member, sample_meta, sample_span)
 
 
 class Extras(NamedTuple):
@@ -104,11 +104,11 @@ class ImageDataset(Dataset):
         for i in positions:
             sample = self.tar_samples.get(self.paths[i])
             if sample is not None and sample.image is not None and not sample.problem and is_url(sample.tar):
-                groups.setdefault(sample.tar, []).append(_sample_span(sample))
+                groups.setdefault(sample.tar, []).append(sample_span(sample))
         out = []
         for i in positions:
             sample = self.tar_samples.get(self.paths[i])
-            span = _one_read(groups.pop(sample.tar)) if sample is not None and sample.tar in groups else None
+            span = one_read(groups.pop(sample.tar)) if sample is not None and sample.tar in groups else None
             if span is not None:
                 try:
                     self._tar_handle(sample.tar).prefetch(*span)  # type: ignore[attr-defined]
@@ -127,7 +127,7 @@ class ImageDataset(Dataset):
             return DecodeFailure(sample.problem.split(":")[0], sample.problem.partition(": ")[2]), NO_EXTRAS
         try:
             handle = self._tar_handle(sample.tar)
-            span = _one_read([_sample_span(sample)])
+            span = one_read([sample_span(sample)])
             if span is not None and hasattr(handle, "prefetch"):  # an object: one ranged GET for the whole sample
                 handle.prefetch(*span)
             data = read_member(sample.tar, sample.image, handle)
@@ -165,25 +165,6 @@ class ImageDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:  # an open file does not travel to the worker processes
         return {**self.__dict__, "_handle": None}
-
-
-MAX_PREFETCH = 64 << 20  # at most this many bytes of a tar held per worker for a batch
-
-
-def _sample_span(sample: TarSample) -> tuple[int, int, int]:
-    """(start, stop, bytes read) of what is read of a sample: its image and the read part of its sidecars."""
-    parts = [m for m in (sample.image, sample.caption, sample.meta) if m is not None]
-    read = {m: min(m.size, CAPTION_READ_BYTES) if m is sample.caption else m.size for m in parts
-            if not (m is sample.meta and m.size > MAX_SIDECAR_BYTES)}
-    return min(m.offset for m in read), max(m.offset + n for m, n in read.items()), sum(read.values())
-
-
-def _one_read(spans: Sequence[tuple[int, int, int]], slack: int = 64 << 10) -> tuple[int, int] | None:
-    """One range covering `spans` when they lie close together (img2dataset writes a sample's files, and a unit's
-    samples, side by side): one request instead of one per member. None when the gaps would cost more."""
-    start, stop = min(s[0] for s in spans), max(s[1] for s in spans)
-    worth = stop - start <= sum(s[2] for s in spans) + slack * len(spans) and stop - start <= MAX_PREFETCH
-    return (start, stop) if worth else None
 
 
 def _read_url(url: str) -> bytes | DecodeFailure:

@@ -13,7 +13,7 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Sequence
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.tar_member import is_tar_path, member_line  # noqa: F401  (is_tar_path: sources.py's import)
@@ -209,6 +209,25 @@ def read_member(tar: str | os.PathLike, member: Member, handle: BinaryIO | None 
     if len(data) != member.size:
         raise OSError(f"truncated tar: {len(data)} of {member.size} bytes at offset {member.offset}")
     return data
+
+
+MAX_PREFETCH = 64 << 20  # at most this many bytes of a tar held per worker for a batch
+
+
+def sample_span(sample: TarSample) -> tuple[int, int, int]:
+    """(start, stop, bytes read) of what is read of a sample: its image and the read part of its sidecars."""
+    parts = [m for m in (sample.image, sample.caption, sample.meta) if m is not None]
+    read = {m: min(m.size, CAPTION_READ_BYTES) if m is sample.caption else m.size for m in parts
+            if not (m is sample.meta and m.size > MAX_SIDECAR_BYTES)}
+    return min(m.offset for m in read), max(m.offset + n for m, n in read.items()), sum(read.values())
+
+
+def one_read(spans: Sequence[tuple[int, int, int]], slack: int = 64 << 10) -> tuple[int, int] | None:
+    """One range covering `spans` when they lie close together (img2dataset writes a sample's files, and a unit's
+    samples, side by side): one request instead of one per member. None when the gaps would cost more."""
+    start, stop = min(s[0] for s in spans), max(s[1] for s in spans)
+    worth = stop - start <= sum(s[2] for s in spans) + slack * len(spans) and stop - start <= MAX_PREFETCH
+    return (start, stop) if worth else None
 
 
 class ChangedTarError(OSError):
