@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -241,3 +243,15 @@ def test_retries_only_what_may_pass_and_urls_are_never_paths(monkeypatch):
         object_store.require_posix("s3://b/out")
     with pytest.raises(UserError, match="(?i)protocol"):
         object_store.filesystem("nosuchproto://b/k")
+
+
+def test_local_paths_never_import_fsspec(tmp_path):
+    """fsspec, s3fs and botocore load only when a URL is given: listing local tars and images and the server's file
+    rules stay as light as before."""
+    write_wds_tars(make_images(tmp_path / "images", 3, seed=1), tmp_path / "tars", per_tar=2)
+    code = ("import sys; from clip_hpc.ingest.sources import list_inputs; import clip_hpc.server.image_source, "
+            "clip_hpc.server.files, clip_hpc.cli; list_inputs([sys.argv[1], sys.argv[2]]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 's3fs', 'botocore', 'aiobotocore')))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tars"), str(tmp_path / "images")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
