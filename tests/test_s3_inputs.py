@@ -255,3 +255,22 @@ def test_local_paths_never_import_fsspec(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tars"), str(tmp_path / "images")],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_prefix_of_many_objects_is_listed_page_by_page(s3_endpoint, monkeypatch):
+    """1,100 keys (over S3's 1,000 per page): every one listed, sorted, by list requests alone (no object read)."""
+    from clip_hpc.devdata.local_s3 import client
+    from clip_hpc.ingest import object_store
+
+    keys = [f"{BUCKET}/many/{i % 7}/img{i:05d}.jpg" for i in range(1100)] + [f"{BUCKET}/many/notes.txt"]
+    upload(s3_endpoint.direct, {keys[0]: b"x"})  # the bucket
+    client(s3_endpoint.direct).pipe({k: b"x" for k in keys[1:]})  # side by side
+    for k, v in s3_endpoint.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(object_store, "_filesystems", {})
+    start = len(s3_endpoint.log)
+    found = list_images([f"s3://{BUCKET}/many/"])
+    assert found == sorted(f"s3://{k}" for k in keys if k.endswith(".jpg"))
+    lists = [r for r in s3_endpoint.log[start:] if "list-type=2" in r.key]
+    assert len(lists) >= 2 and any("continuation-token" in r.key for r in lists)
+    assert not [r for r in s3_endpoint.log[start:] if r.method == "GET" and "list-type=2" not in r.key]
