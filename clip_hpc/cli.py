@@ -45,9 +45,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed images on all ranks into HDF5 shards (resumable)")
     p.add_argument("inputs", nargs="*", help="image files, WebDataset .tar shards (or a quoted brace pattern like "
-                                             "'data/{00000..00099}.tar') or directories (searched recursively)")
-    p.add_argument("--out", required=True, help="EMB_DIR: shards, inputs.txt and manifest.json go here")
-    p.add_argument("--file-list", help="a text file with one image or tar path per line")
+                                             "'data/{00000..00099}.tar') or directories (searched recursively); "
+                                             "any of them may be a URL (s3://bucket/prefix/, s3://b/{00..09}.tar: "
+                                             "pip install 'clip-hpc[s3]'; credentials and AWS_ENDPOINT_URL from "
+                                             "the standard AWS sources)")
+    p.add_argument("--out", required=True, help="EMB_DIR: shards, inputs.txt and manifest.json go here; a directory "
+                                                "on a POSIX file system, never a URL (HDF5 needs one)")
+    p.add_argument("--file-list", help="a text file with one image or tar path (or URL) per line")
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per batch (default: 64 on a CPU, 256 on a GPU)")
@@ -115,7 +119,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     from clip_hpc.cluster.world import world
     from clip_hpc.formats.embedding_folder import import_embedding_folder, is_embedding_folder
     from clip_hpc.index.build import build_index
+    from clip_hpc.ingest.object_store import require_posix
 
+    require_posix(args.out)
     use_threads(faiss_threads=job_env().cpus)  # FAISS's OpenMP would take the node's cores, not the job's
     with tempfile.TemporaryDirectory(prefix=".clip-hpc-import-", dir=os.path.dirname(os.path.abspath(args.out))) \
             as scratch:
@@ -146,7 +152,8 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="ViT-B-32",
                    help="for an embedding-reader folder: the model that made the vectors (recorded for serve)")
     p.add_argument("--pretrained", default="laion2b_s34b_b79k", help="for an embedding-reader folder: its weights")
-    p.add_argument("--out", required=True, help="INDEX_DIR (written to a temporary directory, renamed at the end)")
+    p.add_argument("--out", required=True, help="INDEX_DIR (written to a temporary directory, renamed at the end); "
+                                                "a directory on a POSIX file system, never a URL (FAISS needs one)")
     p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ32")
     p.add_argument("--train-size", type=int, default=None, help=train_size_help())
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Embedding throughput: end to end with 1 and 2 MPI ranks, plus decode-only and model-only rates, so that the
-bottleneck is visible; each end-to-end run twice, on loose files and on the same files packed into WebDataset tars
-(`--inputs loose,tar`). With `--captions`, also captioned tars embedded without and with `embed --captions`, side
+bottleneck is visible; each end-to-end run on loose files, on the same files packed into WebDataset tars, and (with
+`s3` in `--inputs`, needs `moto[server]` and s3fs) on the same tars in a local S3 server (moto, 127.0.0.1), side by
+side. With `--captions`, also captioned tars embedded without and with `embed --captions`, side
 by side, so the cost of the caption embeddings is one row apart. Prints a JSON document, then a table.
 
-    python scripts/bench_embed.py [--images 256] [--models clip-hpc-tiny,ViT-B-32] [--ranks 1,2] [--inputs loose,tar]
+    python scripts/bench_embed.py [--images 256] [--models clip-hpc-tiny,ViT-B-32] [--ranks 1,2] [--inputs loose,tar,s3]
                                   [--captions]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from clip_hpc.devdata.local_s3 import moto_server, s3_env, upload
 from clip_hpc.devdata.sample_images import pack_into_tars, write_sample_tars
 from clip_hpc.ingest.sources import list_images
 
@@ -28,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def run_ranks(images: Path, model: str, ranks: int, n: int, batch: int, workers: int, tmp: Path,
-              inputs: str = "loose", captions: bool = False) -> dict:
+def run_ranks(images: Path | str, model: str, ranks: int, n: int, batch: int, workers: int, tmp: Path,
+              inputs: str = "loose", captions: bool = False, env: dict[str, str] | None = None) -> dict:
     """One fresh `clip-hpc embed` under mpiexec; the rate counts images over the slowest rank's loop time."""
     out = tmp / f"emb-{model}-{ranks}-{inputs}-{int(captions)}".replace(" ", "_")
     code = ("import json, sys; from clip_hpc.ingest.embed import EmbedConfig, embed; "
@@ -40,7 +43,7 @@ def run_ranks(images: Path, model: str, ranks: int, n: int, batch: int, workers:
     t0 = time.perf_counter()
     proc = subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-c", code, str(images), str(out),
                            model, str(batch), str(workers), str(max(1, n // (4 * ranks))), str(int(captions))],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     per_rank = json.loads(next(line[5:] for line in proc.stdout.splitlines() if line.startswith("BENCH")))
     loop = max(r["seconds"] for r in per_rank)
@@ -86,7 +89,8 @@ def main() -> None:
     ap.add_argument("--ranks", default="1,2")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--inputs", default="loose,tar", help="loose files, and/or the same files packed into tars")
+    ap.add_argument("--inputs", default="loose,tar", help="loose files, and/or the same files packed into tars, "
+                                                           "and/or those tars in a local S3 server (s3)")
     ap.add_argument("--per-tar", type=int, default=64, help="samples per tar for the tar runs")
     ap.add_argument("--captions", action="store_true",
                     help="add captioned tars embedded without and with --captions, side by side")
@@ -94,8 +98,10 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                            "torch": torch.__version__}, "runs": [], "decode_only": {}, "model_only": {}}
-    with tempfile.TemporaryDirectory() as tmp_s:
+    kinds = args.inputs.split(",")
+    with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
+        s3 = stack.enter_context(moto_server()) if "s3" in kinds else None
         for model in args.models.split(","):
             n = args.images if model == "clip-hpc-tiny" else args.big_model_images
             images = tmp / f"images-{n}"
@@ -103,13 +109,15 @@ def main() -> None:
                 subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_images.py"), str(images),
                                 "-n", str(n)], check=True, capture_output=True)
             tars = tmp / f"tars-{n}"
-            if "tar" in args.inputs and not tars.exists():
+            if ("tar" in kinds or "s3" in kinds) and not tars.exists():
                 pack_into_tars([Path(p) for p in list_images([images])], tars, args.per_tar)
+                if s3:
+                    upload(s3, {f"bench/{tars.name}/{p.name}": p for p in sorted(tars.glob("*.tar"))})
             for ranks in map(int, args.ranks.split(",")):
-                for kind in args.inputs.split(","):  # side by side, so both see the same machine load
-                    source = tars if kind == "tar" else images
+                for kind in kinds:  # side by side, so all see the same machine load
+                    source = {"tar": tars, "s3": f"s3://bench/{tars.name}/"}.get(kind, images)
                     results["runs"].append(run_ranks(source, model, ranks, n, args.batch_size, args.workers, tmp,
-                                                     kind))
+                                                     kind, env=s3_env(s3) if kind == "s3" else None))
                 if args.captions:  # the shapes' real captions; without, then with the text tower
                     captioned, per = tmp / f"captioned-{n}", min(n, args.per_tar)
                     if not captioned.exists():

@@ -229,9 +229,11 @@ class MetadataStore:
             params.append(int(limit))
         return [r[0] for r in self._rows(sql, params)]
 
-    def path_bounds(self) -> tuple[str, str] | None:
-        """The lowest and highest path (two index lookups): their common prefix is every path's."""
-        row = self._rows("SELECT MIN(path), MAX(path) FROM images")[0]
+    def path_bounds(self, *, local_only: bool = False) -> tuple[str, str] | None:
+        """The lowest and highest path (two index lookups): their common prefix is every path's. `local_only`: of
+        the absolute paths only (those in ['/', '0')), for an index that also holds URLs."""
+        where = " WHERE path >= '/' AND path < '0'" if local_only else ""
+        row = self._rows(f"SELECT MIN(path), MAX(path) FROM images{where}")[0]
         return None if row[0] is None else (row[0], row[1])
 
     def all_ids(self) -> list[int]:

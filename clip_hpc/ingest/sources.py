@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from clip_hpc.errors import UserError
+from clip_hpc.ingest.object_store import is_url
 from clip_hpc.ingest.tars import TarSample, expand_braces, index_tar, is_tar_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -62,16 +63,32 @@ def read_file_list(file_list: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise UserError(f"--file-list {path} does not exist")
     lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-    return [os.path.abspath(line) for line in lines if line and not line.startswith("#")]
+    return [line if is_url(line) else os.path.abspath(line) for line in lines if line and not line.startswith("#")]
 
 
-def _expanded(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """A quoted brace pattern (`data/{00000..00099}.tar`) that names no file is expanded as the shell would."""
-    out = []
+def _expanded(inputs: Sequence[str | os.PathLike]) -> list[Path | str]:
+    """A quoted brace pattern (`data/{00000..00099}.tar`) that names no file is expanded as the shell would. A URL
+    stays a string (a Path would fold its `//`) and its pattern is always expanded: braces in keys are not worth a
+    request per input."""
+    out: list[Path | str] = []
     for item in inputs:
         text = str(item)
-        out.extend(map(Path, expand_braces(text)) if "{" in text and not os.path.exists(text) else [Path(text)])
+        if is_url(text):
+            out.extend(expand_braces(text))
+        else:
+            out.extend(map(Path, expand_braces(text)) if "{" in text and not os.path.exists(text) else [Path(text)])
     return out
+
+
+def _list_url(url: str) -> list[str]:
+    """An object-store input: the object itself, or every image and tar under the prefix (sorted, like `_walk`)."""
+    from clip_hpc.ingest.object_store import is_object, is_prefix, list_prefix
+
+    if is_object(url):
+        return [url]
+    if is_prefix(url):
+        return list_prefix(url, lambda u: is_image_path(u) or is_tar_path(u))
+    raise UserError(f"input {url} does not exist (no such object or prefix)")
 
 
 def list_images(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.PathLike | None = None) -> list[str]:
@@ -81,7 +98,9 @@ def list_images(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.Pa
         raise UserError("no inputs: give image files, tar shards or directories, or --file-list")
     found: set[str] = set()
     for path in _expanded(inputs):
-        if path.is_dir():
+        if isinstance(path, str):
+            found.update(_list_url(path))
+        elif path.is_dir():
             found.update(_walk(path))
         elif path.is_file():
             found.add(os.path.abspath(path))
@@ -99,16 +118,29 @@ def list_inputs(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.Pa
     """`list_images`, with each tar replaced in place by its members in the tar's order (`TARPATH::MEMBER`)."""
     lines: list[str] = []
     samples: dict[str, TarSample] = {}
-    for path in list_images(inputs, file_list):
+    paths = list_images(inputs, file_list)
+    remote = _index_remote_tars([p for p in paths if is_url(p) and is_tar_path(p)])
+    for path in paths:
         if not is_tar_path(path):
             lines.append(path)
             continue
-        for sample in index_tar(path):
+        for sample in remote[path] if path in remote else index_tar(path):
             lines.append(sample.line)
             samples[sample.line] = sample
     if not lines:
         raise UserError("the tar shards given hold no members")
     return Listing(lines, samples)
+
+
+def _index_remote_tars(urls: Sequence[str], threads: int = 16) -> dict[str, list[TarSample]]:
+    """Object-store tars indexed side by side: each walks its headers with ranged reads, a round trip per member,
+    so listing 100 tars one after another would be 100 times one tar's latency."""
+    if not urls:
+        return {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(urls))) as pool:
+        return dict(zip(urls, pool.map(index_tar, urls)))
 
 
 def reconcile_inputs(saved: Sequence[str], listed: Sequence[str], append: bool) -> list[str]:

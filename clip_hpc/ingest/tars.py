@@ -13,10 +13,11 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Sequence
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.tar_member import is_tar_path, member_line  # noqa: F401  (is_tar_path: sources.py's import)
+from clip_hpc.ingest.object_store import is_url
 from clip_hpc.ingest.text import MAX_CAPTION_CHARS, clean_text, decode_text
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -139,13 +140,26 @@ def _samples(path: str, infos: list[tarfile.TarInfo], file_size: int) -> list[Ta
     return out
 
 
+def _open_for_listing(path: str) -> tuple[BinaryIO, int]:
+    """The tar and its size: a local file, or an object walked by ranged reads (`object_store.RangedReader`)."""
+    if is_url(path):
+        from clip_hpc.ingest.object_store import open_ranged
+
+        return open_ranged(path)  # type: ignore[return-value]
+    file_size = os.path.getsize(path)
+    return open(path, "rb"), file_size
+
+
 def index_tar(path: str | os.PathLike) -> list[TarSample]:
-    """The samples of one tar, in the tar's order, from its headers only (tarfile seeks over the data)."""
-    path = os.path.abspath(path)
+    """The samples of one tar, in the tar's order, from its headers only (tarfile seeks over the data). An object
+    whose reads keep failing is no dead job: what was listed stays, the rest is one failing line."""
+    remote = is_url(path)
+    path = str(path) if remote else os.path.abspath(path)
     infos: list[tarfile.TarInfo] = []
+    stop, read_error = 0, None
     try:
-        file_size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        f, file_size = _open_for_listing(path)
+        with f:
             tf = tarfile.open(fileobj=f, mode="r:")
             stopped_early = False
             while True:
@@ -154,18 +168,30 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
                 except tarfile.TarError:  # "unexpected end of data": the tar was cut; keep what was listed
                     stopped_early = True
                     break
+                except OSError as exc:
+                    if not remote:
+                        raise
+                    stop, read_error = tf.offset, exc
+                    break
                 if info is None:
                     break
                 if not info.isdir() and _sample_key(info.name)[1] in IMAGE_SUFFIXES | {".txt", ".json"}:
                     infos.append(info)
-            stop = min(tf.offset, file_size)
-            tail_unread = stop < file_size and (stopped_early or _unread_tail(f, stop, file_size))
+            if read_error is None:
+                stop = min(tf.offset, file_size)
+                tail_unread = stop < file_size and (stopped_early or _unread_tail(f, stop, file_size))
     except tarfile.TarError as exc:  # not a tar at all (an empty or failed download): one failing line, go on
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {exc}")]
     except OSError as exc:
-        raise UserError(f"cannot read tar {path}: {exc.strerror or exc}") from None
+        if not remote:
+            raise UserError(f"cannot read tar {path}: {exc.strerror or exc}") from None
+        return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"read error: {str(exc)[:160]}")]
     out = _samples(path, infos, file_size)
-    if tail_unread and not any(sample.problem.startswith("truncated") for sample in out):
+    if read_error is not None:
+        out.append(TarSample(path, f"{UNREADABLE_PREFIX}{stop}>",
+                             problem=f"read error: the headers after byte {stop} could not be read: "
+                                     f"{str(read_error)[:120]}"))
+    elif tail_unread and not any(sample.problem.startswith("truncated") for sample in out):
         out.append(TarSample(path, f"{UNREADABLE_PREFIX}{stop}>",
                              problem=f"truncated tar: the headers after byte {stop} could not be read"))
     return out
@@ -185,6 +211,25 @@ def read_member(tar: str | os.PathLike, member: Member, handle: BinaryIO | None 
     return data
 
 
+MAX_PREFETCH = 64 << 20  # at most this many bytes of a tar held per worker for a batch
+
+
+def sample_span(sample: TarSample) -> tuple[int, int, int]:
+    """(start, stop, bytes read) of what is read of a sample: its image and the read part of its sidecars."""
+    parts = [m for m in (sample.image, sample.caption, sample.meta) if m is not None]
+    read = {m: min(m.size, CAPTION_READ_BYTES) if m is sample.caption else m.size for m in parts
+            if not (m is sample.meta and m.size > MAX_SIDECAR_BYTES)}
+    return min(m.offset for m in read), max(m.offset + n for m, n in read.items()), sum(read.values())
+
+
+def one_read(spans: Sequence[tuple[int, int, int]], slack: int = 64 << 10) -> tuple[int, int] | None:
+    """One range covering `spans` when they lie close together (img2dataset writes a sample's files, and a unit's
+    samples, side by side): one request instead of one per member. None when the gaps would cost more."""
+    start, stop = min(s[0] for s in spans), max(s[1] for s in spans)
+    worth = stop - start <= sum(s[2] for s in spans) + slack * len(spans) and stop - start <= MAX_PREFETCH
+    return (start, stop) if worth else None
+
+
 class ChangedTarError(OSError):
     """A tar member's stored offset no longer holds its header: the tar was rewritten after it was indexed."""
 
@@ -192,17 +237,30 @@ class ChangedTarError(OSError):
 def read_indexed_member(tar: str | os.PathLike, member: Member, name: str) -> bytes:
     """`read_member`, for a member located by an index built earlier: the 512-byte header just before its data
     must still be a regular member of this name and size, or the tar has changed since (a rewritten tar would
-    otherwise hand out whatever now sits at that offset: another member, a secret)."""
+    otherwise hand out whatever now sits at that offset: another member, a secret). An object's header and data
+    come in one ranged GET."""
     header_at = member.offset - tarfile.BLOCKSIZE
     if header_at < 0:
         raise ChangedTarError(f"the tar changed after indexing: no header before {name!r} at offset {member.offset}")
+    if is_url(tar):
+        from clip_hpc.ingest.object_store import read_range
+
+        block = read_range(str(tar), header_at, member.offset + member.size)
+        _check_header(block[:tarfile.BLOCKSIZE], name, member)
+        if len(block) != tarfile.BLOCKSIZE + member.size:
+            raise OSError(f"truncated tar: {len(block) - tarfile.BLOCKSIZE} of {member.size} bytes at offset "
+                          f"{member.offset}")
+        return block[tarfile.BLOCKSIZE:]
     with open(tar, "rb") as f:
         f.seek(header_at)
-        header = f.read(tarfile.BLOCKSIZE)
-        if not header_describes(header, name, member.size):
-            raise ChangedTarError(f"the tar changed after indexing: {name!r} is no longer at offset {member.offset}; "
-                                  "re-run clip-hpc embed and index")
+        _check_header(f.read(tarfile.BLOCKSIZE), name, member)
         return read_member(tar, member, f)
+
+
+def _check_header(header: bytes, name: str, member: Member) -> None:
+    if not header_describes(header, name, member.size):
+        raise ChangedTarError(f"the tar changed after indexing: {name!r} is no longer at offset {member.offset}; "
+                              "re-run clip-hpc embed and index")
 
 
 def header_describes(header: bytes, name: str, size: int) -> bool:

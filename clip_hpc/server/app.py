@@ -33,7 +33,7 @@ from clip_hpc.server.auth import install_auth
 from clip_hpc.server.batched_search import BatchedSearch, shares_batches
 from clip_hpc.server.errors import install_error_handlers
 from clip_hpc.server.export import build_zip
-from clip_hpc.server.files import Servable, embedded_root, servable_file
+from clip_hpc.server.files import Servable, ServableObject, servable_file, servable_object, served_root
 from clip_hpc.server.image_source import ImageSource, locate
 from clip_hpc.server.in_flight import CountInFlight
 from clip_hpc.server.metrics import Metrics, batch_metric_lines
@@ -54,7 +54,7 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
                   "Every route but /health needs the token (Authorization: Bearer, ?token= or the cookie).")
     searcher = BatchedSearch(engine, encoder, runtime)
     recorded = engine.info.to_dict()  # /api/info reports what index.json records (null for a key it lacks)
-    root = embedded_root(engine.meta.path_bounds())
+    root = served_root(engine.meta)
     decode_slots = threading.BoundedSemaphore(max_decodes)  # a full-size decode can take hundreds of MB
     metrics = Metrics(index_vectors=int(engine.n), cache_counts=encoder.cache_counts,
                       extra=lambda: batch_metric_lines(runtime.batch_sizes()))
@@ -94,18 +94,20 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
         return VectorResults(results=found.results, took_ms=found.took_ms,
                              **({"query_vector": query.tolist()} if return_vector else {}))
 
-    def source_of(image_id: int) -> tuple[ImageSource, Servable]:
+    def source_of(image_id: int) -> tuple[ImageSource, Servable | ServableObject]:
         """Only images listed in the index are ever served (the id is looked up, never a path from the request),
-        and only when `servable_file` allows the file that holds them (regular, readable, under the indexed tree);
-        a tar member is then read from that checked file by its stored offset."""
+        and only when `servable_file` allows the file that holds them (regular, readable, under the indexed tree),
+        or `servable_object` the object (it exists, one HEAD); a tar member is then read from that checked file
+        or object by its stored offset."""
         source = locate(engine.record(image_id))
         if source is None:
             raise HTTPException(404, f"image {image_id} not found")
-        found = servable_file(str(source.path), root)
+        found = servable_object(source.path) if isinstance(source.path, str) else \
+            servable_file(str(source.path), root)
         if isinstance(found, str):
             raise HTTPException(404, f"image {image_id} {found}")
         source = replace(source, path=found.path)
-        if not source.available():
+        if not source.available(getattr(found, "size", None)):
             raise HTTPException(404, f"image {image_id} is in the index but its bytes are gone (a shorter tar?)")
         return source, found
 
@@ -116,13 +118,14 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
             raise HTTPException(404, f"image {image_id} cannot be read ({exc.strerror or exc})") from None
 
     def thumbnail(image_id: int, size: int) -> bytes:
-        """Cached by the file's identity (inode, size, mtime): a replaced or deleted file is never served stale."""
+        """Cached by the file's identity (inode, size, mtime; an object's ETag or size and last-modified): a replaced
+        or deleted file is never served stale."""
         source, found = source_of(image_id)
         return cached_thumbnail(image_id, source, found.identity, size)
 
     @lru_cache(maxsize=thumb_cache_size)
     def cached_thumbnail(image_id: int, source: ImageSource, _identity: tuple, size: int) -> bytes:
-        data = source.path if source.member is None else read_source(image_id, source)
+        data = source.path if source.member is None and not source.remote else read_source(image_id, source)
         with decode_slots:
             image = decode_image(data, min_size=size)
         if isinstance(image, DecodeFailure):
@@ -192,7 +195,7 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
     @app.get("/api/images/{image_id}", response_class=FileResponse)
     def image(image_id: PathId) -> Response:
         source, found = source_of(image_id)
-        if source.member is None:
+        if isinstance(found, Servable) and source.member is None:
             return FileResponse(found.path, stat_result=found.stat)
         return Response(read_source(image_id, source), media_type=source.media_type)
 

@@ -26,7 +26,7 @@ def build_zip(items: Sequence[tuple[int, ImageSource, float | None]]) -> str:
             for image_id, source, score in items:
                 name = f"images/{image_id}_{source.name}"
                 try:
-                    if source.member is None:
+                    if source.member is None and not source.remote:
                         zf.write(source.path, name)
                     else:
                         zf.writestr(name, source.read_bytes())

@@ -10,10 +10,27 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from clip_hpc.formats.tar_member import file_on_disk
+from clip_hpc.ingest.object_store import is_url
 
 NEVER_SERVED = ("/proc", "/sys", "/dev")
+
+
+class PathBounds(Protocol):
+    """What `served_root` needs of a `MetadataStore`."""
+
+    def path_bounds(self, *, local_only: bool = False) -> tuple[str, str] | None: ...
+
+
+def served_root(meta: PathBounds) -> str | None:
+    """`embedded_root` of the index's files on disk: object-store URLs are no directories (an index of objects
+    only has no root; each object is served only as the index names it)."""
+    bounds = meta.path_bounds()
+    if bounds is not None and any(map(is_url, bounds)):
+        bounds = meta.path_bounds(local_only=True)
+    return embedded_root(bounds)
 
 
 def _within(path: str, root: str) -> bool:
@@ -62,3 +79,29 @@ def servable_file(path: str, root: str | None) -> Servable | str:
         return f"cannot be read ({exc.strerror})"
     os.close(fd)
     return Servable(Path(real), st)
+
+
+@dataclass(frozen=True)
+class ServableObject:
+    """An object that may be sent (the S3 form of `Servable`): its URL, size and identity (ETag, or size and
+    last-modified) as one HEAD found them."""
+
+    path: str
+    size: int
+    identity: tuple
+
+
+def servable_object(url: str) -> ServableObject | str:
+    """The object to send for an indexed URL, or why not: it must be an object (not a prefix) and readable now. No
+    symlinks or system paths exist in a store, and the URL comes from the index, never from the request."""
+    from clip_hpc.ingest.object_store import stat_object
+
+    try:
+        found = stat_object(url)
+    except FileNotFoundError:
+        return "is in the index but its object is gone"
+    except OSError as exc:
+        return f"cannot be read ({str(exc)[:120]})"
+    if not found.is_file:
+        return "is not an object"
+    return ServableObject(url, found.size, found.identity)

@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from clip_hpc.formats.tar_member import split_member_line
+from clip_hpc.ingest.object_store import is_url
 from clip_hpc.ingest.tars import Member, read_indexed_member
 
 
 @dataclass(frozen=True)
 class ImageSource:
-    """An indexed image's bytes: the file `path`, or `member` (offset, size) inside the tar `path`."""
+    """An indexed image's bytes: the file `path`, or `member` (offset, size) inside the tar `path`; a `str` path is
+    an object-store URL (a Path would fold its `//`)."""
 
-    path: Path
+    path: Path | str
     name: str
     member: Member | None = None
     member_name: str = ""  # the member's full name in its tar, checked against its header before every read
@@ -28,8 +30,16 @@ class ImageSource:
     def media_type(self) -> str:
         return mimetypes.guess_type(self.name)[0] or "application/octet-stream"
 
-    def available(self) -> bool:
-        """The file is there (for a member: the tar is, and is long enough to hold it)."""
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.path, str)
+
+    def available(self, object_size: int | None = None) -> bool:
+        """The file is there (for a member: the tar is, and is long enough to hold it); an object's `object_size` is
+        what the server's HEAD found."""
+        if self.remote:
+            return object_size is not None and (self.member is None or
+                                                object_size >= self.member.offset + self.member.size)
         try:
             if self.member is None:
                 return self.path.is_file()
@@ -40,12 +50,16 @@ class ImageSource:
     def read_bytes(self) -> bytes:
         """Exactly the image's bytes (OSError if they cannot be read, ChangedTarError if its tar was rewritten)."""
         if self.member is None:
+            if isinstance(self.path, str):
+                from clip_hpc.ingest.object_store import read_object
+
+                return read_object(self.path)
             return self.path.read_bytes()
         return read_indexed_member(self.path, self.member, self.member_name)
 
     def decodable(self) -> str | Path | bytes:
-        """What `images.decode_image` takes: the path of a file (decoded lazily), the bytes of a member."""
-        return self.path if self.member is None else self.read_bytes()
+        """What `images.decode_image` takes: the path of a file (decoded lazily), the bytes of a member or object."""
+        return self.path if self.member is None and not self.remote else self.read_bytes()
 
 
 def locate(record: dict[str, Any] | None) -> ImageSource | None:
@@ -54,9 +68,18 @@ def locate(record: dict[str, Any] | None) -> ImageSource | None:
     if record is None:
         return None
     path = str(record["path"])
+    remote = is_url(path)
     offset, size = record.get("offset"), record.get("size")
-    tar_member = None if offset is None or size is None or offset < 0 else split_member_line(path)
+    is_file = _object_exists if remote else os.path.isfile
+    tar_member = None if offset is None or size is None or offset < 0 else split_member_line(path, is_file)
     if tar_member is None:
-        return ImageSource(Path(path), os.path.basename(path))
+        return ImageSource(path if remote else Path(path), os.path.basename(path))
     tar, member = tar_member
-    return ImageSource(Path(tar), os.path.basename(member), Member(int(offset), int(size)), member)
+    return ImageSource(tar if remote else Path(tar), os.path.basename(member), Member(int(offset), int(size)),
+                       member)
+
+
+def _object_exists(url: str) -> bool:
+    from clip_hpc.ingest.object_store import is_object
+
+    return is_object(url)

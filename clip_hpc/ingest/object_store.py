@@ -1,0 +1,220 @@
+"""Inputs by URL (`s3://bucket/key`, or any protocol whose fsspec package is installed): listing, ranged reads, and
+the object identity the server checks, in one place.
+
+fsspec (and s3fs, botocore) are imported only when a URL is used, so local runs and the laptop side never load them.
+Credentials and the endpoint come from the standard AWS sources (environment incl. `AWS_ENDPOINT_URL`, `~/.aws`,
+profiles). Every read is a ranged GET of exactly the bytes wanted, retried with backoff when the error may pass
+(throttling, a dropped connection); a missing or forbidden object fails at once.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, TypeVar
+
+from clip_hpc.errors import UserError
+
+T = TypeVar("T")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+RETRIES = 4  # attempts per read, for protocols whose client does not retry by itself
+# These clients retry throttling and transient errors with backoff themselves (s3fs over botocore, honouring
+# AWS_MAX_ATTEMPTS / AWS_RETRY_MODE): retrying on top would multiply the wait on an object that stays broken.
+SELF_RETRYING = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az"})
+BACKOFF_S = 0.2
+LISTING_BLOCK = 16 << 10  # bytes fetched per ranged read while walking tar headers: a header plus small sidecars
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """`scheme://...`: an object-store input, never `os.path`'d (abspath would turn `s3://b` into `$PWD/s3:/b`)."""
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+def require_posix(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Outputs stay on a POSIX file system: HDF5 shards, SQLite and FAISS need seekable, renameable local files."""
+    if is_url(path):
+        raise UserError(f"{flag} {path}: outputs must be a directory on a POSIX file system (HDF5 and FAISS need "
+                        "one); only inputs may be object-store URLs")
+
+
+_filesystems: dict[tuple[str, int], Any] = {}
+
+
+def filesystem(url: str) -> Any:
+    """The fsspec file system for `url`'s protocol, one per process (an s3fs client is not fork-safe, so a DataLoader
+    worker makes its own); a protocol whose package is missing is a one-line error."""
+    protocol = url.split("://", 1)[0].lower()
+    key = (protocol, os.getpid())
+    if key not in _filesystems:
+        try:
+            import fsspec
+
+            _filesystems[key] = fsspec.filesystem(protocol)
+        except ImportError as exc:
+            hint = " (pip install 'clip-hpc[s3]')" if protocol in ("s3", "s3a") else ""
+            raise UserError(f"cannot read {url}: the {protocol}:// protocol needs a package{hint}: {exc}") from None
+        except ValueError as exc:
+            raise UserError(f"cannot read {url}: {exc}") from None
+    return _filesystems[key]
+
+
+def _attempts(url: str) -> int:
+    return 1 if url.split("://", 1)[0].lower() in SELF_RETRYING else RETRIES
+
+
+def with_retries(what: Callable[[], T], attempts: int = RETRIES) -> T:
+    """`what()`, again after a growing, jittered pause while it fails with an error that may pass."""
+    for attempt in range(attempts):
+        try:
+            return what()
+        except PERMANENT:
+            raise
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+        time.sleep(BACKOFF_S * 2 ** attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _as_oserror(exc: Exception, url: str) -> OSError:
+    """Clients raise their own types for some failures (botocore's, ValueError for a bad range): one kind here."""
+    return exc if isinstance(exc, OSError) else OSError(f"{url}: {type(exc).__name__}: {exc}")
+
+
+def read_range(url: str, start: int | None, stop: int | None) -> bytes:
+    """Bytes [start, stop) of an object (to its end for None): one ranged GET, retried. Short at the object's end."""
+    fs = filesystem(url)  # a missing package is a UserError, not a read error
+
+    def get() -> bytes:
+        try:
+            return fs.cat_file(url, start=start, end=stop)
+        except Exception as exc:
+            raise _as_oserror(exc, url) from exc
+    return with_retries(get, _attempts(url))
+
+
+def read_object(url: str) -> bytes:
+    """A whole (loose image) object: one GET, retried."""
+    return read_range(url, 0, None)  # "bytes=0-": one GET, where no range would cost s3fs a HEAD first
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    """What the server and the tar listing need of an object: whether it is one, its size, and its identity."""
+
+    is_file: bool
+    size: int
+    identity: tuple
+
+    @staticmethod
+    def of(info: dict[str, Any]) -> "ObjectStat":
+        """The identity is the ETag when the store gives one, else the size and last-modified time: a rewritten
+        object gets a new one, so a cache keyed by it never serves stale bytes."""
+        size = int(info.get("size") or info.get("Size") or 0)
+        etag = info.get("ETag") or info.get("etag")
+        modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+        identity = ("etag", str(etag)) if etag else ("size-mtime", size, str(modified))
+        return ObjectStat(info.get("type") == "file", size, identity)
+
+
+def stat_object(url: str, *, fresh: bool = True) -> ObjectStat:
+    """The object's current state (FileNotFoundError when it is gone), retried; `fresh` bypasses listing caches."""
+    def head() -> ObjectStat:
+        fs = filesystem(url)
+        try:
+            info = fs.info(url, refresh=True) if fresh else fs.info(url)
+        except TypeError:  # a protocol whose info() takes no refresh
+            info = fs.info(url)
+        except Exception as exc:
+            raise _as_oserror(exc, url) from exc
+        return ObjectStat.of(info)
+    return with_retries(head, _attempts(url))
+
+
+@lru_cache(maxsize=4096)
+def is_object(url: str) -> bool:
+    """Whether `url` names an object (not a prefix, not missing); cached: the server asks it to split member lines."""
+    try:
+        return stat_object(url, fresh=False).is_file
+    except OSError:
+        return False
+
+
+def is_prefix(url: str) -> bool:
+    """A "directory": a prefix that holds objects."""
+    try:
+        return with_retries(lambda: bool(filesystem(url).isdir(url)), _attempts(url))
+    except OSError:
+        return False
+
+
+def list_prefix(url: str, keep: Callable[[str], bool]) -> list[str]:
+    """Every object under the prefix `url` whose name `keep`s, as URLs, sorted: the store's listing is paginated
+    (s3fs's `find` follows continuation tokens), so 100k objects cost 100 list requests, no object is read."""
+    fs = filesystem(url)
+    try:
+        found = with_retries(lambda: fs.find(url.rstrip("/") + "/"), _attempts(url))
+    except OSError as exc:
+        raise UserError(f"cannot list {url}: {exc}") from None
+    return sorted(u for u in (fs.unstrip_protocol(p) for p in found) if keep(u))
+
+
+class RangedReader(io.RawIOBase):
+    """A seekable read-only file over an object, fetching `block` bytes per ranged GET (0: exactly what each read
+    asks for), so `tarfile` can walk a tar's headers, and `tars.read_member` read a member, without downloading it."""
+
+    def __init__(self, url: str, size: int | None = None, block: int = LISTING_BLOCK) -> None:
+        super().__init__()
+        self.url, self.size, self.block = url, size, block
+        self.pos = 0
+        self._buffer, self._buffer_at = b"", 0
+        self.name = url
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size or 0}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def prefetch(self, start: int, stop: int) -> None:
+        """Fetch [start, stop) with one ranged GET, unless held already, for the reads that follow (a batch's
+        members, a sample's image, caption and json)."""
+        if not (self._buffer_at <= start and stop <= self._buffer_at + len(self._buffer)):
+            self._buffer, self._buffer_at = read_range(self.url, start, stop), start
+
+    def readinto(self, out: Any) -> int:
+        want = len(out)
+        if self.size is not None:
+            want = min(want, self.size - self.pos)
+        if want <= 0:
+            return 0
+        lo = self.pos - self._buffer_at
+        if not (0 <= lo and lo + want <= len(self._buffer)):
+            stop = self.pos + max(want, self.block)
+            self._buffer = read_range(self.url, self.pos, stop if self.size is None else min(stop, self.size))
+            self._buffer_at, lo = self.pos, 0
+        got = self._buffer[lo:lo + want]
+        out[:len(got)] = got
+        self.pos += len(got)
+        return len(got)
+
+
+def open_ranged(url: str, block: int = LISTING_BLOCK) -> tuple[RangedReader, int]:
+    """A `RangedReader` over the object and its size (one HEAD)."""
+    stat = stat_object(url, fresh=False)
+    if not stat.is_file:
+        raise FileNotFoundError(f"{url} is not an object")
+    return RangedReader(url, stat.size, block), stat.size
