@@ -36,6 +36,8 @@ def run_ranks(images: Path | str, model: str, ranks: int, n: int, batch: int, wo
     """One fresh `clip-hpc embed` under mpiexec; the rate counts images over the slowest rank's loop time."""
     out = tmp / f"emb-{model}-{ranks}-{inputs}-{int(captions)}".replace(" ", "_")
     code = ("import json, sys; from clip_hpc.ingest.embed import EmbedConfig, embed; "
+            "from clip_hpc.cluster.jobenv import job_env, use_threads; from clip_hpc.cluster.world import world; "
+            "use_threads(job_env().threads_per_rank(world().local_size)); "  # as `clip-hpc embed` sizes its threads
             "s = embed(EmbedConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], pretrained='none', "
             "batch_size=int(sys.argv[4]), workers=int(sys.argv[5]), shard_size=int(sys.argv[6]), progress=False, "
             "captions=sys.argv[7] == '1')); "
@@ -47,7 +49,8 @@ def run_ranks(images: Path | str, model: str, ranks: int, n: int, batch: int, wo
     wall = time.perf_counter() - t0
     per_rank = json.loads(next(line[5:] for line in proc.stdout.splitlines() if line.startswith("BENCH")))
     loop = max(r["seconds"] for r in per_rank)
-    return {"model": model, "inputs": inputs + (" --captions" if captions else ""), "ranks": ranks, "images": n, "img_per_s": n / loop,
+    return {"model": model, "inputs": inputs + (" --captions" if captions else ""), "ranks": ranks, "images": n,
+            "img_per_s": n / loop,
             "wall_s_with_startup": wall,
             "per_rank_img_per_s": [(r["embedded"] + r["failed"]) / r["seconds"] for r in per_rank if r["seconds"]]}
 
