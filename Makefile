@@ -23,10 +23,12 @@ demo: setup
 	$(BIN)/clip-hpc demo --out demo-out
 
 # System services for the integration tests (slurm, munge, sshd, chromium) are installed here, then every
-# test group runs: unit, mpi, slurm, ssh, browser.
+# test group runs: unit, mpi, slurm, ssh, browser. Two pytest workers (most tests wait on a child process or a
+# socket and use one core); each test file runs whole on one worker, so module fixtures and the one SLURM
+# cluster (tests/test_slurm.py) and sshd (tests/test_ssh_tunnel.py) are never started twice at once.
 test: setup
 	bash scripts/install_test_services.sh
-	$(BIN)/python -m pytest -v -rs --timeout=900 --durations=40
+	$(BIN)/python -m pytest -v -rs --timeout=900 --durations=40 -n 2 --dist loadfile
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slurm and not ssh and not browser and not slow"
