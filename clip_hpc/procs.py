@@ -26,6 +26,23 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+def process_start(pid: int) -> str | None:
+    """When the process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None where unknown. With the
+    pid it names one process for good: a pid is soon reused (pid_max is often 32768, and threads take pids too)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def same_process_alive(pid: int, start: str | None) -> bool:
+    """Whether the process that had `pid` when it recorded `start` (`process_start`) still runs; without a recorded
+    start (an older record, or no /proc), whether any process has that pid."""
+    if not pid_alive(pid):
+        return False
+    return start is None or process_start(pid) in (None, start)
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """In a child (a preexec_fn): the kernel sends `sig` when the parent dies, however it dies (kill -9 too).
     Linux only; elsewhere a no-op (signal forwarding still covers a clean parent exit)."""

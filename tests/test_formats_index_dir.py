@@ -1,6 +1,8 @@
 """IndexDir: the one owner of INDEX_DIR's file names, index.json (IndexInfo), opening the files, the swap-in."""
 import json
 import re
+import socket
+import subprocess
 from pathlib import Path
 
 import faiss
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 
 from clip_hpc.errors import UserError
-from clip_hpc.formats.index_dir import IndexDir, IndexInfo
+from clip_hpc.formats.index_dir import OWNER_FILE, IndexDir, IndexInfo, recover_interrupted
+from clip_hpc.procs import process_start
 
 FULL_INFO = {  # every key `clip-hpc index` writes today, with values of the types it writes
     "format": "clip-hpc-index", "version": 1, "index_key": "IVF16,PQ8x4fs", "dim": 32, "n": 990, "nprobe": 4,
@@ -137,3 +140,29 @@ def test_only_the_formats_package_names_the_files():
                  if "formats" not in path.relative_to(package).parts
                  for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == []
+
+
+def test_a_killed_builds_temp_dir_is_removed_even_when_its_pid_is_reused(tmp_path):
+    """A pid is soon reused (pid_max 32768, threads take pids too): the temp dir of a dead build whose pid now
+    belongs to another process goes; one of the process that is still building stays; an older host-only
+    record still counts any process with that pid as its owner."""
+    other = subprocess.Popen(["sleep", "60"])  # a live process standing in for whoever got the dead build's pid
+    try:
+        host = socket.gethostname()
+
+        def leftover(name: str, record: str) -> Path:
+            path = tmp_path / name
+            path.mkdir()
+            (path / OWNER_FILE).write_text(record)
+            return path
+
+        reused = leftover(f".a.tmp-{other.pid}", f"{host}\n1\n")  # its start time is not the live process's
+        running = leftover(f".b.tmp-{other.pid}", f"{host}\n{process_start(other.pid)}\n")
+        old_record = leftover(f".c.tmp-{other.pid}", host)
+        assert recover_interrupted(tmp_path / "a") == [reused] and not reused.exists()
+        assert recover_interrupted(tmp_path / "b") == [] and running.exists()
+        assert recover_interrupted(tmp_path / "c") == [] and old_record.exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert recover_interrupted(tmp_path / "b") == [running] and not running.exists()  # its process is gone now

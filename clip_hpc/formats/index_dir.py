@@ -24,7 +24,7 @@ from clip_hpc.formats.atomic import atomic_write_json
 from clip_hpc.formats.index_integrity import (DamagedIndex, check_mapped_lists, check_npy, check_recorded,
                                               check_sqlite, describe_file, describe_npy)
 from clip_hpc.formats.metadata import MetadataStore
-from clip_hpc.procs import pid_alive
+from clip_hpc.procs import process_start, same_process_alive
 
 if TYPE_CHECKING:
     import faiss
@@ -304,7 +304,7 @@ class IndexDir:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        (tmp / OWNER_FILE).write_text(socket.gethostname())
+        (tmp / OWNER_FILE).write_text(f"{socket.gethostname()}\n{process_start(os.getpid()) or ''}\n")
         try:
             yield cls(tmp)
         except BaseException:
@@ -328,7 +328,7 @@ class IndexDir:
         return IndexDir(out)
 
 
-OWNER_FILE = ".building-host"  # a temporary build directory names the node its pid lives on
+OWNER_FILE = ".building-host"  # a temporary build directory names the node its pid lives on, and when it started
 
 
 def _beside(out: Path, kind: str, pid: int) -> Path:
@@ -344,6 +344,12 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
 
 
+def _owner(path: Path) -> tuple[str, str | None]:
+    """(host, start time) of a build directory's owner; older records hold only the host."""
+    lines = path.read_text().splitlines() + ["", ""]
+    return lines[0].strip(), lines[1].strip() or None
+
+
 def recover_interrupted(out: str | os.PathLike) -> list[Path]:
     """Clean up after builds of `out` that were killed: `.OUT.tmp-PID/` of a dead pid on this node is removed (it
     never was an index); `.OUT.old-PID/` is the previous index, put back if `out` is missing, else removed.
@@ -355,8 +361,8 @@ def recover_interrupted(out: str | os.PathLike) -> list[Path]:
         if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
             continue
         owner = leftover / OWNER_FILE
-        host = owner.read_text().strip() if owner.is_file() else socket.gethostname()
-        if host != socket.gethostname() or pid_alive(int(pid)):
+        host, start = _owner(owner) if owner.is_file() else (socket.gethostname(), None)
+        if host != socket.gethostname() or same_process_alive(int(pid), start):
             continue  # a build that may still be running (here, or on another node)
         if kind == "old" and not out.exists():
             os.replace(leftover, out)
