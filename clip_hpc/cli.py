@@ -134,7 +134,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                                               pretrained=args.pretrained).root
         info = build_index(emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
                            refine=args.refine, nprobe=args.nprobe, update=args.update, lists=args.lists,
-                           progress=not args.quiet, vectors=args.vectors)
+                           progress=not args.quiet, vectors=args.vectors, rerank_tier=args.rerank_tier)
     if not world().is_root:  # every rank built it; one reports
         return 0
     if args.json:
@@ -166,6 +166,9 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vectors", choices=("images", "captions"), default="images",
                    help="index the image embeddings, or the caption embeddings of embed --captions (ids are the "
                         "image ids; images without a caption are left out)")
+    p.add_argument("--rerank-tier", choices=("auto", "on", "off"), default="auto",
+                   help="a 4-bit copy of every vector in RAM (d/2 bytes) that re-scores the candidates before the "
+                        "exact re-rank; auto: from 50,000 vectors, kept only where the self-check finds it pays")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the whole report (index.json, plus path) as one JSON "
                                                         "document instead of the summary line")

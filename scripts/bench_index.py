@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Index benchmark on held-out synthetic data: `clip-hpc index` with 1 and 2 mpiexec ranks side by side (build time
-by phase, bytes per vector, latency, recall), the same index without refine, exact FAISS flat, and autofaiss
-`build_index` on the same vectors within the same memory budget. Prints JSON (one object per row), then a table.
+by phase, bytes per vector in RAM and on disk, latency, recall, exact rows read per query), the same index without
+refine, optionally other `--index-key`s (the previous default), exact FAISS flat, and autofaiss `build_index` on
+the same vectors at its default memory budget and at ours. Prints JSON (one object per row), then a table.
 
-    bench_index.py [--sizes 100000,1000000] [--ranks 1,2] [--seed 1] [--no-autofaiss] [--work DIR]
+    bench_index.py [--sizes 500000,1000000] [--seeds 3,1] [--ranks 1] [--keys OPQ32,IVF2048,PQ32]
+                   [--no-autofaiss] [--work DIR]
 
 The data is clip_hpc.search.heldout's mixture with drawn parameters (cluster count, spread, latent rank, noise); the
 queries are its text-like groups (cosine 0.25-0.45 to their image, gap directions tilted into the data) and
@@ -33,8 +35,10 @@ from clip_hpc.search.engine import SearchEngine
 from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
 
 BIN = Path(sys.executable).parent
-QUERY_SEED = 4049  # neither the data's seed nor the self-check's stream
+AUTOFAISS_DEFAULT_BUDGET = "16G"  # autofaiss build_index's own defaults: max_index_memory_usage 16G of 32G
+QUERY_SEED = 9091  # neither the data's seed nor the self-check's stream, nor 4049 (issue 24 chose the codes on it)
 PHASES = ("vectors_s", "train_s", "add_s", "merge_s", "recall_s", "total_s")
+ROW_BYTES = 2  # vectors.npy holds float16 rows: what an exact re-rank reads, per dimension
 Search = Callable[[np.ndarray, int], np.ndarray]  # queries, k -> ids
 
 
@@ -62,20 +66,28 @@ def engine_search(engine: SearchEngine) -> Search:
     return lambda q, k: np.array([[h.id for h in row] for row in engine.search_vectors(q, k)])
 
 
-def bench_clip_hpc(emb: Path, out: Path, ranks: int, queries: Queries) -> list[dict]:
+def bench_clip_hpc(emb: Path, out: Path, ranks: int, queries: Queries, key: str = "auto") -> list[dict]:
     """`mpiexec -n ranks clip-hpc index`: its phases from index.json, then its served recall (and, at one rank,
     the same index without refine)."""
     subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "clip-hpc"), "index", str(emb), "--out",
-                    str(out), "--quiet"], check=True, capture_output=True, env={**os.environ})
+                    str(out), "--quiet", "--index-key", key], check=True, capture_output=True, env={**os.environ})
     info = json.loads((out / "index.json").read_text())
     name = f"clip-hpc, {ranks} rank{'s' * (ranks > 1)}: {info['index_key']} nprobe {info['nprobe']}"
-    common = {**{k: info["timings"].get(k, 0.0) for k in PHASES}, "bytes_per_vector": info["bytes_per_vector"]}
+    if key != "auto":
+        name += " (--index-key)"
+    disk = round((out / "vectors.npy").stat().st_size / info["n"], 1)
+    common = {**{k: info["timings"].get(k, 0.0) for k in PHASES}, "bytes_per_vector": info["bytes_per_vector"],
+              "self_check_share": round(info["timings"].get("recall_s", 0) / info["timings"]["total_s"], 3),
+              "sweep_budget_hit": info["recall"].get("sweep_budget_hit")}
     rows = []
     for refine in (True, False) if ranks == 1 else (True,):
         engine = SearchEngine(out, encoder=VectorQueriesOnly(info["dim"]), refine=refine)
         try:
             label = f"{name}, refine x{info['refine_factor']}" if refine else f"{name}, no refine"
-            rows.append({"method": label, **common, **queries.score(engine_search(engine)),
+            exact_rows = 10 * info["refine_factor"] if refine else 0
+            rows.append({"method": label, **common, "exact_rows": exact_rows,
+                         "vectors_npy_bytes_per_vector": disk if refine else 0,
+                         **queries.score(engine_search(engine)),
                          **({"claimed": info["recall"].get("served")} if refine else {})})
         finally:
             engine.close()
@@ -90,13 +102,13 @@ def bench_flat(vectors: np.ndarray, queries: Queries) -> dict:
             "bytes_per_vector": 4 * vectors.shape[1], **queries.score(lambda q, k: flat.search(q, k)[1])}
 
 
-def bench_autofaiss(vectors: np.ndarray, budget_bytes: int, work: Path, queries: Queries,
+def bench_autofaiss(vectors: np.ndarray, budget_bytes: int | None, work: Path, queries: Queries,
                     timeout_s: float) -> dict:
-    """autofaiss in a child process (a crash there is a row saying so, not the end of the run), with our index's
-    size as its memory budget so that it chooses a code of the same class."""
+    """autofaiss in a child process (a crash there is a row saying so, not the end of the run), at its default
+    memory budget (None: 16G, where it chooses HNSW) or at `budget_bytes` (our index's size: a code of our class)."""
     npy, out = work / "autofaiss-input.npy", work / "autofaiss.faiss"
     np.save(npy, vectors)
-    budget = f"{max(1, budget_bytes // 2**20)}M"
+    budget = AUTOFAISS_DEFAULT_BUDGET if budget_bytes is None else f"{max(1, budget_bytes // 2**20)}M"
     start = time.perf_counter()
     try:
         child = subprocess.run([sys.executable, __file__, "--autofaiss-child", str(npy), str(out), budget],
@@ -112,7 +124,7 @@ def bench_autofaiss(vectors: np.ndarray, budget_bytes: int, work: Path, queries:
     index = faiss.read_index(str(out))
     chosen = json.loads(child.stdout.strip().splitlines()[-1])
     return {"method": f"autofaiss (budget {budget}): {chosen.get('index_key')} {chosen.get('index_param', '')}",
-            "total_s": total, "bytes_per_vector": round(out.stat().st_size / len(vectors), 2),
+            "total_s": total, "bytes_per_vector": round(out.stat().st_size / len(vectors), 2), "exact_rows": 0,
             **queries.score(lambda q, k: index.search(q, k)[1])}
 
 
@@ -122,38 +134,52 @@ def autofaiss_child(npy: str, out: str, budget: str) -> None:
     plain_opq = faiss.OPQMatrix  # autofaiss 2.18 calls OPQMatrix(d, M=, d2=); faiss 1.15 takes them positionally only
     faiss.OPQMatrix = lambda d=0, M=1, d2=-1: plain_opq(d, M, d2)
 
-    index, info = build_index(embeddings=np.load(npy), save_on_disk=False, metric_type="ip", verbose=40,
-                              max_index_memory_usage=budget, current_memory_available="8G")
+    memory = {} if budget == AUTOFAISS_DEFAULT_BUDGET else {"max_index_memory_usage": budget,
+                                                            "current_memory_available": "8G"}
+    index, info = build_index(embeddings=np.load(npy), save_on_disk=False, metric_type="ip", verbose=40, **memory)
     faiss.write_index(index, out)
     print(json.dumps({k: str(v) for k, v in (info or {}).items()}))
 
 
-def bench_size(n: int, args: argparse.Namespace, work: Path) -> list[dict]:
-    params = heldout_mixture_params(n, args.seed)
+def bench_size(n: int, seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
+    params = heldout_mixture_params(n, seed)
     vectors, labels = gaussian_mixture(n, args.dim, params.clusters, latent=params.latent, spread=params.spread,
-                                       noise=params.noise, seed=args.seed)
+                                       noise=params.noise, seed=seed)
+    shutil.rmtree(work / f"emb-{n}", ignore_errors=True)
     emb = write_emb_dir(work / f"emb-{n}", vectors, labels, shard_size=50_000)
     del labels
     vectors = vectors.astype(np.float16).astype(np.float32)  # what the shards (and vectors.npy) hold
     queries = Queries(vectors)
     rows = []
     for ranks in args.ranks:
-        rows += bench_clip_hpc(emb, work / f"index-{n}-r{ranks}", ranks, queries)
+        rows += bench_clip_hpc(emb, _fresh(work / f"index-{n}-r{ranks}"), ranks, queries)
+    for i, key in enumerate(args.keys):
+        rows += bench_clip_hpc(emb, _fresh(work / f"index-{n}-k{i}"), 1, queries, key)
     rows.append(bench_flat(vectors, queries))
     if args.autofaiss:
         budget = int(rows[0]["bytes_per_vector"] * n) + 2**20
-        rows.append(bench_autofaiss(vectors, budget, work, queries, args.autofaiss_timeout))
-    return [{"n": n, "data": f"clusters {params.clusters}, spread {params.spread}, latent {params.latent}, "
-                             f"noise {params.noise}", **row} for row in rows]
+        for row in (bench_autofaiss(vectors, None, work, queries, args.autofaiss_timeout),
+                    bench_autofaiss(vectors, budget, work, queries, args.autofaiss_timeout)):
+            row["vs_clip_hpc_build"] = round(rows[0]["total_s"] / row["total_s"], 3)
+            rows.append(row)
+    return [{"n": n, "data": f"seed {seed}: clusters {params.clusters}, spread {params.spread}, latent "
+                             f"{params.latent}, noise {params.noise}", **row} for row in rows]
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 def table(rows: list[dict]) -> str:
-    keys = (*PHASES, "bytes_per_vector", "p50_ms", "p99_ms", "recall_text_like", "recall_in_distribution")
-    head = ("| N | method | vectors s | train s | add s | merge s | self-check s | total s | B/vector | p50 ms "
-            "| p99 ms | recall text-like | recall in-dist |")
-    lines = [head, "|" + "---|" * (len(keys) + 2)]
+    keys = (*PHASES, "bytes_per_vector", "vectors_npy_bytes_per_vector", "exact_rows", "p50_ms", "p99_ms",
+            "recall_text_like", "recall_in_distribution")
+    head = ("| N | data | method | vectors s | train s | add s | merge s | self-check s | total s | index B/vector "
+            "| vectors.npy B/vector | exact rows/query | p50 ms | p99 ms | recall text-like | recall in-dist |")
+    lines = [head, "|" + "---|" * (len(keys) + 3)]
     for r in rows:
-        lines.append("| " + " | ".join([f"{r['n']:,}", r["method"], *(str(r.get(k, "")) for k in keys)]) + " |")
+        lines.append("| " + " | ".join([f"{r['n']:,}", r["data"].split(":")[0], r["method"],
+                                         *(str(r.get(k, "")) for k in keys)]) + " |")
     return "\n".join(lines)
 
 
@@ -161,20 +187,22 @@ def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--autofaiss-child":
         return autofaiss_child(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="100000,1000000")
-    ap.add_argument("--ranks", default="1,2")
+    ap.add_argument("--sizes", default="500000,1000000")
+    ap.add_argument("--ranks", default="1")
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=1, help="the mixture's seed (its parameters are drawn from it)")
+    ap.add_argument("--seeds", default="3,1", help="mixture seeds (parameters drawn from each): 3 easy, 1 hard")
+    ap.add_argument("--keys", default="", help="other --index-key values to build beside auto, comma-free ';' list")
     ap.add_argument("--no-autofaiss", dest="autofaiss", action="store_false")
     ap.add_argument("--autofaiss-timeout", type=float, default=3600.0, help="seconds autofaiss may take per size")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args()
-    args.ranks = [int(r) for r in args.ranks.split(",")]
+    args.ranks = [int(r) for r in args.ranks.split(",") if r]
+    args.keys = [k for k in args.keys.split(";") if k]
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-index-"))
     rows = []
     try:
-        for n in (int(s) for s in args.sizes.split(",")):
-            for row in bench_size(n, args, work):
+        for n, seed in ((int(n), int(s)) for n in args.sizes.split(",") for s in args.seeds.split(",")):
+            for row in bench_size(n, seed, args, work):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:

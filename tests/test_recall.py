@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clip_hpc.index.selfcheck import (exact_top_k, off_distribution_groups, off_distribution_queries, recall_at_k,
-                             recall_lower_bound, recall_prediction_bound, tune_jointly, tune_nprobe)
+from clip_hpc.index.selfcheck import (exact_top_k, hit_positions, off_distribution_groups, off_distribution_queries,
+                                      probe_ladder, recall_at_k, recall_lower_bound, recall_per_query,
+                                      recall_prediction_bound, sweep)
+from clip_hpc.search.core import rerank
 from index_fixtures import synthetic
 
 
@@ -22,13 +24,43 @@ def test_recall_lower_bound_is_below_the_mean_and_tightens_with_more_queries():
     assert recall_lower_bound(np.ones(50)) == 1.0
 
 
-def test_tune_nprobe_takes_the_smallest_that_reaches_the_target():
-    table = {1: 0.5, 2: 0.9, 4: 0.96, 8: 0.99, 16: 1.0}
-    tried = []
-    best, seen = tune_nprobe(lambda p: tried.append(p) or table[p], nlist=16)
-    assert best == 4 and tried == [1, 2, 4] and seen == {1: 0.5, 2: 0.9, 4: 0.96}
-    best, seen = tune_nprobe(lambda p: 0.5 + p / 100, nlist=12)
-    assert best == 12 and max(seen) == 12  # never reached: the best tried, nlist included
+def test_probe_ladder_doubles_up_to_every_list():
+    assert probe_ladder(16) == [1, 2, 4, 8, 16]
+    assert probe_ladder(12) == [1, 2, 4, 8, 12]
+    assert probe_ladder(1) == [1]
+
+
+def test_hit_positions_give_the_recall_of_an_exact_rerank_of_any_prefix():
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    queries = rng.standard_normal((40, 16)).astype(np.float32)
+    exact = exact_top_k(queries, vectors, 10)
+    candidates = np.stack([rng.permutation(3000)[:500] for _ in range(40)])  # any candidate order
+    candidates[:, :3] = exact[:, :3]  # some true neighbours early, the rest wherever they fall
+    candidates[0, 5:] = -1  # a short list
+    positions = hit_positions(candidates, exact)
+    for c in (10, 50, 200, 500, 1000):  # 1000: past the lists' end, absent ids still count as absent
+        _, reranked = rerank(queries, candidates[:, :c], vectors, 10)
+        assert recall_per_query(reranked, exact) == pytest.approx((positions < c).sum(axis=1) / 10)
+
+
+def test_sweep_takes_the_cheapest_pair_and_stops_when_wider_probes_cost_more():
+    recall = {10: lambda p: 0.90 + p / 1000, 25: lambda p: 0.93 + p / 1000, 50: lambda p: 0.93 + p / 1000}
+    searched = []
+
+    def bound_of(probe):
+        searched.append(probe)
+        return lambda f: recall[f](probe)
+
+    out = sweep(bound_of, [1, 2, 4, 8, 16, 32, 64], [10, 25, 50], cost=lambda p, f: p + f, deadline=float("inf"))
+    assert out.best == (32, 25) and not out.budget_hit  # 64+10 costs more than 32+25
+    assert searched == [1, 2, 4, 8, 16, 32]  # one search per nprobe; 64 alone costs more than the best pair
+    assert out.bounds[(32, 50)] == pytest.approx(0.962)
+    out = sweep(lambda p: (lambda f: 0.5), [1, 2, 4], [10, 25], cost=lambda p, f: p + f, deadline=float("inf"))
+    assert out.best == (1, 10)  # none reaches the target: the best bound, then the cheapest
+    searched.clear()
+    out = sweep(bound_of, [1, 2, 4, 8], [10], cost=lambda p, f: p + f, deadline=0.0)
+    assert out.budget_hit and searched == [1] and out.best == (1, 10)  # past the deadline after one nprobe
 
 
 def test_exact_top_k_matches_brute_force_and_skips_empty_rows():
@@ -65,23 +97,3 @@ def test_off_distribution_groups_use_one_direction_each():
     shifts = np.stack([(g - x[i * 50:(i + 1) * 50]).mean(axis=0) for i, g in enumerate(groups)])
     cos = (shifts @ shifts.T) / np.outer(np.linalg.norm(shifts, axis=1), np.linalg.norm(shifts, axis=1))
     assert np.all(np.abs(cos[~np.eye(8, dtype=bool)]) < 0.5)  # eight different offsets, not one
-
-
-def test_tune_jointly_takes_the_cheapest_pair_and_skips_dearer_searches():
-    recall = {10: lambda p: 0.90 + p / 1000, 25: lambda p: 0.93 + p / 1000, 50: lambda p: 0.93 + p / 1000}
-    tried = []
-
-    def measure(p, f):
-        tried.append((p, f))
-        return recall[f](p)
-
-    best, seen = tune_jointly(measure, [10, 25, 50], 64, cost=lambda p, f: p + f)
-    assert best == (32, 25)  # 64+10 and 32+50 cost more
-    assert all(p + f < 32 + 25 for p, f in tried if f == 50)  # never searched past the best cost
-    assert seen[(64, 10)] == pytest.approx(0.964)
-    tried.clear()
-    best, _ = tune_jointly(measure, [10, 25], 4, cost=lambda p, f: p + f)
-    assert best == (4, 25) and tried == [(4, 10), (4, 25)]  # none reaches the target at its widest nprobe: no
-    # narrower one is tried, and the best recall wins
-    best, _ = tune_jointly(lambda p, f: 0.5, [10, 25], 4, cost=lambda p, f: p + f)
-    assert best == (4, 10)  # ties in recall: the cheapest

@@ -33,6 +33,8 @@ INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.npy"
 META_FILE = "meta.sqlite"
 INFO_FILE = "index.json"
+TIER_FILE = "tier.faiss"  # the re-rank tier's trained quantizer (index/rerank_tier.py), when it pays
+TIER_CODES_FILE = "tier_codes.npy"  # its codes, one row per global id
 IVFDATA_FILE = "lists.ivfdata"  # on-disk inverted lists (a many-rank build's merge), memory-mapped when served
 PARTS_DIR = "parts"  # a many-rank build's per-rank lists, only inside the build directory
 INDEX_FORMAT = "clip-hpc-index"
@@ -71,6 +73,7 @@ class IndexInfo:
     ranks: int = 1  # processes that added vectors (a many-rank build merges their lists)
     lists: str = "memory"  # inverted lists in index.faiss ("memory") or in lists.ivfdata ("disk")
     vectors: str = "images"  # what the vectors embed: "images", or "captions" (`index --vectors captions`)
+    tier: dict[str, Any] | None = None  # the re-rank tier when it pays: key, code_bytes, exact_factor
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> what it must be (index_integrity)
     extra: dict[str, Any] = field(default_factory=dict)
     absent: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
@@ -162,6 +165,22 @@ class IndexDir:
     def has_ondisk_lists(self) -> bool:
         return self.ivfdata_path.is_file()
 
+    @property
+    def tier_path(self) -> Path:
+        return self.root / TIER_FILE
+
+    @property
+    def tier_codes_path(self) -> Path:
+        return self.root / TIER_CODES_FILE
+
+    def has_tier(self) -> bool:
+        return self.tier_path.is_file() and self.tier_codes_path.is_file()
+
+    def remove_tier(self) -> None:
+        """The self-check found the tier does not pay: neither RAM nor disk keeps it."""
+        for path in (self.tier_path, self.tier_codes_path):
+            path.unlink(missing_ok=True)
+
     def part_path(self, rank: int) -> Path:
         """Rank `rank`'s inverted lists before the merge (the parts folder is removed before the swap-in)."""
         return self.root / PARTS_DIR / f"rank-{rank:05d}.faiss"
@@ -203,8 +222,9 @@ class IndexDir:
         """Put into `info` what each data file is now (size, end hashes, vectors.npy's shape, meta.sqlite's rows),
         for `check_integrity` to compare with when the index loads, and where the inverted lists are."""
         info.lists = "disk" if self.has_ondisk_lists() else "memory"
-        names = self.FILES + ((IVFDATA_FILE,) if self.has_ondisk_lists() else ())
-        info.files = {name: describe_npy(self.root / name) if name == VECTORS_FILE else describe_file(self.root / name)
+        names = self.FILES + ((IVFDATA_FILE,) if self.has_ondisk_lists() else ()) + \
+            ((TIER_FILE, TIER_CODES_FILE) if self.has_tier() else ())
+        info.files = {name: describe_npy(self.root / name) if name.endswith(".npy") else describe_file(self.root / name)
                       for name in names}
         with self.open_metadata() as meta:
             info.files[META_FILE]["rows"] = meta.count()

@@ -7,9 +7,8 @@ so an INDEX_DIR is either absent, the old one, or the new one, never half of eit
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
-import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,55 +25,17 @@ from clip_hpc.formats.caption_view import emb_view
 from clip_hpc.formats.emb_dir import EmbDir, EmbSummary, ShardEntry
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.formats.shard import Shard
+from clip_hpc.formats.tier_codes import copy_codes
 from clip_hpc.index.gpu_train import pretrain_coarse_quantizer
 from clip_hpc.index.ranks import (choose_lists, deserialize, lists_to_disk, merge_in_memory, merge_on_disk, my_units,
                                   serialize)
-from clip_hpc.index.defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX, TRAIN_SAMPLE_TARGET
+from clip_hpc.index.choose import (ADD_BATCH, KMEANS_ITERATIONS, OPQ_ITERATIONS, OPQ_TRAIN_POINTS,
+                                   PQ_TRAIN_PER_CENTROID, choose_index_key, choose_train_size, ivf_lists, is_fast_scan)
+from clip_hpc.index.defaults import TRAIN_PER_LIST
 from clip_hpc.formats.metadata import MetadataStore
-from clip_hpc.index.selfcheck import RECALL_QUERIES, self_check
+from clip_hpc.index.rerank_tier import TIER_KEY, encode_into, load_tier, start_codes, train_tier, wants_tier
+from clip_hpc.index.selfcheck import RECALL_QUERIES, SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE, self_check
 from clip_hpc.ingest.tars import meta_key_url
-
-FLAT_BELOW = 10_000
-ADD_BATCH = 65_536
-HNSW_QUANTIZER_FROM = 65_536  # lists: from here a flat coarse quantizer's K·d per add dominates the build
-PQ_TRAIN_PER_CENTROID = 64  # 8-bit PQ codebooks train on at most 256 x this many residuals (FAISS default 256)
-OPQ_FROM = 50_000  # vectors: below, scanning every list is cheap and a larger refine factor does OPQ's job
-OPQ_ITERATIONS = 25  # FAISS default 50 on 65,536 points took ~8 min at d=512 on 2 cores; 20 on 16k points ranked
-OPQ_TRAIN_POINTS = 16_384  # as well as 10 on 65k (held-out text-like, 100k) in a fifth of the time
-
-
-# --- the pure core ---------------------------------------------------------------------------------------------
-def choose_index_key(n: int, dim: int) -> str:
-    """Flat below ~10k vectors; else an OPQ rotation (from 50k vectors), IVF with K = the smallest power of two
-    >= 2·√N (< 4·√N), PQ with d/16 bytes of 8-bit codes, and an HNSW coarse quantizer from K = 65,536 on.
-    Bytes at d=512: the codes d/16 + 8 for the id, the centroid table 4·d·K, the rotation 4·d² (77 B/vector at 100k, ~45 at 1M). OPQ
-    ranks the candidates of text-like queries far better (held-out, 100k, all lists probed, 500 candidates:
-    true top-10 found 0.87 without, 0.95 with); plain 8-bit PQ instead of fast-scan 4-bit keeps on-disk and
-    memory-mapped lists (fast-scan's block lists cannot be merged on disk)."""
-    if n < FLAT_BELOW:
-        return "Flat"
-    nlist = 1 << math.ceil(math.log2(2 * math.sqrt(n)))
-    m = dim // 16 if dim % 16 == 0 and dim >= 32 else 0
-    coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
-    rotation = f"OPQ{m}," if m and n >= OPQ_FROM else ""
-    return f"{rotation}{coarse},PQ{m}" if m else f"{coarse},Flat"
-
-
-def ivf_lists(index_key: str) -> int | None:
-    match = re.search(r"IVF(\d+)", index_key)
-    return int(match.group(1)) if match else None
-
-
-def choose_train_size(n: int, index_key: str, requested: int | None = None) -> int:
-    """30·K (the contract's lower bound; IVF k-means needs no more), raised towards 64k for the PQ codebooks
-    of small indexes but never past 256·K or N; 0 for Flat, which needs no training."""
-    nlist = ivf_lists(index_key)
-    if nlist is None:
-        return 0 if index_key.strip().endswith("Flat") and "PQ" not in index_key else min(n, requested or 65_536)
-    if requested:
-        return min(n, int(requested))
-    return min(n, max(TRAIN_PER_LIST * nlist, min(TRAIN_PER_LIST_MAX * nlist, TRAIN_SAMPLE_TARGET)))
-
 
 # --- FAISS objects ---------------------------------------------------------------------------------------------
 def make_index(index_key: str, dim: int) -> faiss.Index:
@@ -89,6 +50,7 @@ def make_index(index_key: str, dim: int) -> faiss.Index:
         index = faiss.IndexIDMap(index)
     elif ivf is not None:
         ivf.cp.min_points_per_centroid = TRAIN_PER_LIST  # k-means warns below 39·K points otherwise
+        ivf.cp.niter = KMEANS_ITERATIONS
         pq = getattr(faiss.downcast_index(ivf), "pq", None)
         if pq is not None:
             pq.cp.max_points_per_centroid = PQ_TRAIN_PER_CENTROID  # 4x fewer residuals for the codebooks (recall not yet compared with the default)
@@ -196,9 +158,11 @@ def _train(index: faiss.Index, sample: np.ndarray | None, progress: bool, timing
 
 
 def _add(index: faiss.Index, emb: EmbDir, units: Sequence[int], progress: bool, timings: dict[str, float],
-         known: MetadataStore | None = None, local_rank: int = 0) -> faiss.Index:
-    """Add every shard of `units` in batches (on this rank's GPU when FAISS sees one); the CPU index back."""
+         known: MetadataStore | None = None, local_rank: int = 0, tier_dir: IndexDir | None = None) -> faiss.Index:
+    """Add every shard of `units` in batches (on this rank's GPU when FAISS sees one), and their rows of the
+    re-rank tier when `tier_dir` has one; the CPU index back."""
     start = time.perf_counter()
+    tier = faiss.read_index(str(tier_dir.tier_path)) if tier_dir is not None and tier_dir.has_tier() else None
     gpu = gpu_index(index, local_rank)
     target = gpu if gpu is not None else index
     with _bar(progress, desc="add") as bar:
@@ -206,6 +170,8 @@ def _add(index: faiss.Index, emb: EmbDir, units: Sequence[int], progress: bool, 
             for lo in range(0, len(shard.ids), ADD_BATCH):
                 batch = np.ascontiguousarray(shard.embeddings[lo:lo + ADD_BATCH], dtype=np.float32)
                 target.add_with_ids(batch, np.ascontiguousarray(shard.ids[lo:lo + ADD_BATCH]))
+                if tier is not None:
+                    encode_into(tier, tier_dir.tier_codes_path, shard.ids[lo:lo + ADD_BATCH], batch)
                 bar.update(len(batch))
     timings["add_s"] = round(time.perf_counter() - start, 3)
     return faiss.index_gpu_to_cpu(gpu) if gpu is not None else index
@@ -216,10 +182,17 @@ def _finish(tmp: IndexDir, out: Path, index: faiss.Index, info: IndexInfo, query
     """Self-check, save the index and index.json into `tmp`, then swap `tmp` in as `out`."""
     start = time.perf_counter()
     vectors = tmp.open_vectors()
+    budget = max(SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE * (start - started))  # a stated share of the build
+    tier = load_tier(tmp.tier_path, tmp.tier_codes_path) if tmp.has_tier() else None
     info.nprobe, info.recall = self_check(index, vectors, query_ids, refine_factor=info.refine_factor,
-                                          refine=info.refine, nprobe=nprobe, seed=info.seed,
-                                          model=info.model, pretrained=info.pretrained)
+                                          refine=info.refine, nprobe=nprobe, seed=info.seed, model=info.model,
+                                          pretrained=info.pretrained, budget_s=budget, tier=tier)
     info.refine_factor = info.recall["refine_factor"]
+    if tier is not None and not info.recall.get("tier_exact_factor"):
+        tmp.remove_tier()  # it does not pay on this data: neither RAM nor disk keeps it
+    info.tier = {"key": TIER_KEY, "code_bytes": int(tier.sa_code_size()),
+                 "exact_factor": info.recall["tier_exact_factor"]} if tmp.has_tier() else None
+    del tier
     timings["recall_s"] = round(time.perf_counter() - start, 3)
     del vectors
     info.index_bytes = tmp.write_index(index)
@@ -253,7 +226,7 @@ class _Plan:
 
 def _prepare(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, *, index_key: str, train_size: int | None,
              refine: bool | None, nprobe: int | None, refine_factor: int | None, seed: int, lists: str,
-             world: World, progress: bool, vectors: str) -> _Plan:
+             world: World, progress: bool, vectors: str, rerank_tier: str) -> _Plan:
     """Rank 0: check the shards, write vectors.npy and meta.sqlite, choose the index and train it."""
     if out.exists():
         raise UserError(f"{out} already exists; remove it first, or pass --update to add new units to it")
@@ -262,7 +235,10 @@ def _prepare(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, *, index_key:
     emb = emb_view(emb_dir, vectors)
     summary = _checked_set(emb)
     n, dim, units = summary.n_embedded, int(summary.dim or 0), [e.unit for e in summary.shards]
-    key = choose_index_key(n, dim) if index_key in (None, "", "auto") else index_key
+    on_disk = choose_lists(lists, n * (dim // 16 + 8)) == "disk"
+    key = choose_index_key(n, dim, lists_on_disk=on_disk) if index_key in (None, "", "auto") else index_key
+    if on_disk and is_fast_scan(key):
+        raise UserError(f"{key}: fast-scan lists cannot be merged on disk; use --lists memory, or an 8-bit PQ key")
     index = make_index(key, dim)
     nlist = ivf_lists(key)
     if nlist and n < nlist:
@@ -270,7 +246,7 @@ def _prepare(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, *, index_key:
     refine = (key.split(",")[-1].strip() != "Flat") if refine is None else refine
     timings: dict[str, Any] = {}
     is_ivf = faiss.try_extract_index_ivf(index) is not None
-    mode = choose_lists(lists, n * (index.sa_code_size() + 8)) if is_ivf else "memory"
+    mode = ("disk" if on_disk else "memory") if is_ivf else "memory"
     info = IndexInfo(
         index_key=key, dim=dim, model=summary.model, pretrained=summary.pretrained, refine=bool(refine),
         refine_factor=refine_factor, row_layout=ROW_LAYOUT, n_rows=_n_rows(summary),
@@ -289,6 +265,12 @@ def _prepare(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, *, index_key:
         if info.train_size else None
     del vectors
     index = _train(index, sample, progress, timings, world.local_rank)
+    if sample is not None and wants_tier(rerank_tier, n, is_ivf, info.refine):
+        start = time.perf_counter()
+        tier = train_tier(sample)
+        faiss.write_index(tier, str(tmp.tier_path))
+        start_codes(tier, tmp.tier_codes_path, info.n_rows)
+        timings["tier_train_s"] = round(time.perf_counter() - start, 3)
     return _Plan(str(tmp.root), units, serialize(index), mode, info.to_dict(), sample_ids[:RECALL_QUERIES])
 
 
@@ -298,7 +280,7 @@ def _add_my_share(plan: _Plan, world: World, progress: bool) -> tuple[faiss.Inde
     info = IndexInfo.from_dict(plan.info)
     units = my_units(plan.units, world) if info.ranks > 1 else plan.units if world.is_root else []
     index = _add(index, emb_view(str(info.emb_dir), info.vectors), units, progress and world.is_root, timings,
-                 local_rank=world.local_rank)
+                 local_rank=world.local_rank, tier_dir=IndexDir(plan.root))
     if info.ranks > 1 or plan.lists == "disk":
         start = time.perf_counter()
         if not world.is_root or plan.lists == "disk":
@@ -328,7 +310,8 @@ def _merge_and_finish(plan: _Plan, own: faiss.Index, per_rank: list[dict[str, fl
 def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key: str = "auto",
                 train_size: int | None = None, refine: bool | None = None, nprobe: int | None = None,
                 refine_factor: int | None = None, update: bool = False, seed: int = 0, lists: str = "auto",
-                progress: bool = True, world: World | None = None, vectors: str = "images") -> IndexInfo:
+                progress: bool = True, world: World | None = None, vectors: str = "images",
+                rerank_tier: str = "auto") -> IndexInfo:
     """EMB_DIR -> INDEX_DIR (see the module docstring) on every rank of `world` (default: this job's), over the
     image or the caption embeddings (`vectors`, formats/caption_view.py); returns index.json, on every rank."""
     world = world if world is not None else current_world()
@@ -342,7 +325,8 @@ def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key
             return IndexInfo.from_dict(from_root(world, lambda: update_index(
                 emb_dir, out, nprobe=nprobe, refine=refine, progress=progress).to_dict()))
         options = dict(index_key=index_key, train_size=train_size, refine=refine, seed=seed, nprobe=nprobe,
-                       refine_factor=refine_factor, lists=lists, world=world, progress=progress, vectors=vectors)
+                       refine_factor=refine_factor, lists=lists, world=world, progress=progress, vectors=vectors,
+                       rerank_tier=rerank_tier)
         return _build(emb_dir, Path(out), options)
 
 
@@ -365,6 +349,14 @@ def _build(emb_dir: str | os.PathLike, out: Path, options: dict[str, Any]) -> In
         per_rank = on_every_rank(world, add)
         return IndexInfo.from_dict(from_root(world, lambda: _merge_and_finish(
             plan, own[0], per_rank, out, options["nprobe"], started)))
+
+
+def _carry_tier(current: IndexDir, tmp: IndexDir, n_rows: int) -> None:
+    """`--update` of an index with a re-rank tier: the trained tier and the old rows, the new rows to come."""
+    if current.has_tier():
+        shutil.copy2(current.tier_path, tmp.tier_path)
+        start_codes(faiss.read_index(str(current.tier_path)), tmp.tier_codes_path, n_rows)
+        copy_codes(current.tier_codes_path, tmp.tier_codes_path)
 
 
 def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: int | None = None,
@@ -396,7 +388,8 @@ def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: 
             timings["vectors_s"] = round(time.perf_counter() - start, 3)
             index = current.open_index(writable=True)
             n_before = int(index.ntotal)
-            index = _add(index, emb, changed, progress, timings, known=known)
+            _carry_tier(current, tmp, info.n_rows)
+            index = _add(index, emb, changed, progress, timings, known=known, tier_dir=tmp)
             timings["train_s"] = 0
         if info.lists == "disk":  # they were read into memory to add to them: back out to disk
             index = lists_to_disk(index, tmp.ivfdata_path)

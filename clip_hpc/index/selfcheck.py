@@ -10,12 +10,15 @@ with its own direction and noise, and tuning holds a *fresh* group, not the mean
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import faiss
 import numpy as np
 
 from clip_hpc.search.core import normalise_rows, search_index, set_nprobe
+from clip_hpc.index.rerank_tier import EXACT_FACTORS, refine_over
 from clip_hpc.index.text_queries import caption_queries, text_like_groups
 
 TARGET_RECALL = 0.95
@@ -28,8 +31,13 @@ PREDICTION_Z = 2.0  # t(0.95, 7 d.f.)·√(1 + 1/8): a one-sided 95% prediction 
 REFINE_FACTORS = (10, 25, 50, 100, 200, 500, 1000, 2000, 5000)  # candidates per result re-ranked exactly (1 KiB
 # rows at d=512). Past 200 only for data where the 32-byte code ranks text-like queries badly (many small clusters:
 # at 300k, nprobe all, x200 gave 0.887, x500 0.955, x1000 0.980): recall first, at the latency bench_index shows.
-RERANK_BYTE_COST = 7  # a re-ranked float16 row costs ~7x its bytes in scanned PQ codes (measured, 2 cores, d=512)
+RERANK_BYTE_COST = 7  # a re-ranked float16 row costs ~7x its bytes in scanned 8-bit PQ codes (2 cores, d=512)
+TIER_BYTE_COST = 1.5  # a tier code byte re-scored in RAM (SQ4 via IndexRefine), in scanned 8-bit code bytes
+FAST_SCAN_BYTE_COST = 0.25  # a fast-scan 4-bit code byte costs a quarter of an 8-bit one (1M: 10 ms vs 39 a query)
+SWEEP_BUDGET_MIN_S = 60.0  # the nprobe sweep stops after max(this, SWEEP_BUDGET_SHARE x the rest of the build)
+SWEEP_BUDGET_SHARE = 0.5
 EXACT_CHUNK = 65_536
+ABSENT = np.iinfo(np.int64).max  # the position of an id not among the candidates
 SELF_CHECK_SALT = 0x5E1F_C4EC  # default_rng(seed + 1) drew offsets equal to the synthetic data's cluster centres
 
 
@@ -77,64 +85,117 @@ def off_distribution_groups(queries: np.ndarray, rng: np.random.Generator,
 
 
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = EXACT_CHUNK) -> np.ndarray:
-    """Exact inner-product top-k over a (memory-mapped) matrix, chunk by chunk; all-zero rows never match."""
-    queries = np.asarray(queries, dtype=np.float32)
+    """Exact inner-product top-k over a (memory-mapped) matrix, chunk by chunk through FAISS's brute-force knn
+    (7x numpy's argpartition at 1,600 queries); all-zero rows (ids never embedded) never match."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(vectors), chunk):
-        block = np.asarray(vectors[start:start + chunk], dtype=np.float32)
-        scores = queries @ block.T
-        scores[:, ~block.any(axis=1)] = -np.inf
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if scores.shape[1] > k else \
-            np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-        all_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
-        all_i = np.concatenate([best_i, top + start], axis=1)
+        block = np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32)
+        empty = ~block.any(axis=1)
+        wanted = min(len(block), k + int(empty.sum()))  # enough that dropping the empty rows leaves k
+        scores, ids = faiss.knn(queries, block, wanted, metric=faiss.METRIC_INNER_PRODUCT)
+        scores[(ids < 0) | empty[np.maximum(ids, 0)]] = -np.inf
+        all_s = np.concatenate([best_s, scores], axis=1)
+        all_i = np.concatenate([best_i, ids + start], axis=1)
         order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
         best_s, best_i = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_i, order, 1)
     return np.where(np.isfinite(best_s), best_i, -1)
 
 
-def tune_nprobe(measure: Callable[[int], float], nlist: int, target: float = TARGET_RECALL) -> tuple[int, dict[int, float]]:
-    """The smallest power-of-two nprobe whose recall reaches `target` (autofaiss-style); else the best one tried."""
-    table: dict[int, float] = {}
-    nprobe = 1
-    while True:
-        table[nprobe] = measure(nprobe)
-        if table[nprobe] >= target or nprobe >= nlist:
+def hit_positions(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Where each query's exact top-k ids sit in its candidate list (ABSENT where not in it, or -1).
+    Re-ranking the first C candidates exactly keeps every true top-k id among them (each outscores every other
+    candidate), so that re-rank's recall is mean(positions < C) / k: one search at the largest C prices every
+    refine factor, and no vector is read to measure it."""
+    found, exact = np.asarray(found), np.asarray(exact)
+    positions = np.full(exact.shape, ABSENT, dtype=np.int64)
+    for j in range(exact.shape[1]):
+        match = (found == exact[:, j:j + 1]) & (exact[:, j:j + 1] >= 0)
+        hit = match.any(axis=1)
+        positions[hit, j] = match[hit].argmax(axis=1)
+    return positions
+
+
+def serving_cost(nprobe: int, factor: int, *, list_size: float, code_size: float, dim: int, tier_bytes: int = 0,
+                 exact_factor: int = 0) -> float:
+    """Bytes one query touches, weighted: the codes of `nprobe` inverted lists, then either the re-ranked float16
+    rows of every candidate, or the tier's codes of every candidate and the float16 rows of its best."""
+    rows = exact_factor if tier_bytes and exact_factor else factor
+    tier = TIER_BYTE_COST * factor * RECALL_K * tier_bytes if tier_bytes and exact_factor else 0.0
+    return nprobe * list_size * code_size + tier + RERANK_BYTE_COST * rows * RECALL_K * dim * 2
+
+
+def tier_ranks(found: np.ndarray, scores: np.ndarray, positions: np.ndarray, prefixes: list[int]) -> np.ndarray:
+    """For each query, true top-k id and candidate prefix length C: how many of the first C candidates the tier
+    scores above that id (a large number where the id is not among them). The tier hands its best E to the exact
+    re-rank, so the id survives (C, E) when this is below E. `scores[i, j]` is the tier's score of `found[i, j]`."""
+    out = np.full((len(prefixes), *positions.shape), ABSENT, dtype=np.int64)
+    cols = np.asarray(prefixes) - 1
+    for i in range(len(found)):
+        present = np.flatnonzero(positions[i] < found.shape[1])
+        if not len(present):
+            continue
+        mine = scores[i, positions[i, present]]
+        above = np.cumsum(scores[i][None, :] > mine[:, None], axis=1)[:, np.minimum(cols, found.shape[1] - 1)]
+        inside = positions[i, present][:, None] <= cols[None, :]
+        out[:, i, present] = np.where(inside, above, out[:, i, present].T).T
+    return out
+
+
+def tier_scores(index: faiss.Index, tier: faiss.Index, queries: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """The tier's score of every candidate in `found` (the index's own list at its nprobe; -inf where -1), from
+    FAISS's IndexRefine over the same candidates, re-scored and mapped back to their places."""
+    refine = refine_over(index, tier)
+    got_scores, got_ids = refine.search(np.ascontiguousarray(queries, dtype=np.float32), found.shape[1],
+                                        params=faiss.IndexRefineSearchParameters(k_factor=1.0))
+    out = np.full(found.shape, -np.inf, dtype=np.float32)
+    for i in range(len(found)):
+        order = np.argsort(got_ids[i], kind="stable")
+        ids = got_ids[i][order]
+        at = np.minimum(np.searchsorted(ids, found[i]), len(ids) - 1)
+        ok = (ids[at] == found[i]) & (found[i] >= 0)
+        out[i, ok] = got_scores[i][order][at[ok]]
+    return out
+
+
+@dataclass
+class Sweep:
+    """What tuning tried: (nprobe, factor) -> the bound it reached, the pair chosen, and whether time ran out."""
+
+    bounds: dict[tuple[int, Any], float] = field(default_factory=dict)
+    best: tuple[int, Any] | None = None
+    budget_hit: bool = False
+    probes: list[int] = field(default_factory=list)
+
+
+def sweep(bound_of: Callable[[int], Callable[[Any], float]], probes: list[int], factors: list[Any],
+          cost: Callable[[int, Any], float], deadline: float, target: float = TARGET_RECALL) -> Sweep:
+    """nprobe from small to large, every factor priced from one search each (`bound_of(probe)(factor)`); the
+    cheapest pair reaching `target` wins; stops once a wider nprobe alone costs more than that pair, or at
+    `deadline` (perf_counter seconds) after at least one nprobe, saying so. None reaching it: the best bound."""
+    out = Sweep()
+    for probe in probes:
+        if out.best is not None and min(cost(probe, f) for f in factors) >= cost(*out.best):
             break
-        nprobe = min(2 * nprobe, nlist)
-    best = next((p for p in table if table[p] >= target), max(table, key=lambda p: (table[p], -p)))
-    return best, table
+        if out.probes and time.perf_counter() > deadline:
+            out.budget_hit = True
+            break
+        bound = bound_of(probe)
+        out.probes.append(probe)
+        for factor in factors:
+            out.bounds[(probe, factor)] = value = bound(factor)
+            if value >= target and (out.best is None or cost(probe, factor) < cost(*out.best)):
+                out.best = (probe, factor)
+    if out.best is None:
+        out.best = max(out.bounds, key=lambda pf: (out.bounds[pf], -cost(*pf)))
+    return out
 
 
-
-def tune_jointly(measure: Callable[[int, int], float], factors: list[int], nlist: int,
-                 cost: Callable[[int, int], float], target: float = TARGET_RECALL) -> tuple[tuple[int, int], dict]:
-    """(nprobe, refine factor): for each factor the smallest nprobe reaching `target`, searched only while cheaper
-    than the best pair so far; the cheapest pair wins. When none reaches it, the pair with the best recall.
-    A factor whose widest affordable nprobe misses the target is not searched below it (recall grows with nprobe):
-    on hard data that skips most of the sweep, whose large factors cost seconds a measurement at 1M vectors."""
-    seen: dict[tuple[int, int], float] = {}
-    best: tuple[int, int] | None = None
-    for factor in factors:
-        limit = nlist if best is None else max((p for p in range(1, nlist + 1) if cost(p, factor) < cost(*best)),
-                                               default=0)
-        if limit < 1:
-            continue
-        seen[(limit, factor)] = measure(limit, factor)
-        if seen[(limit, factor)] < target:
-            continue
-        probe, table = tune_nprobe(lambda p: seen[(p, factor)] if (p, factor) in seen else measure(p, factor),
-                                   limit, target)
-        seen.update({(p, factor): r for p, r in table.items()})
-        if table[probe] >= target and (best is None or cost(probe, factor) < cost(*best)):
-            best = (probe, factor)
-    return best or max(seen, key=lambda pf: (seen[pf], -cost(*pf))), seen
-
-
-def serving_cost(nprobe: int, factor: int, *, list_size: float, code_size: int, dim: int) -> float:
-    """Bytes one query touches: the codes of `nprobe` inverted lists plus the re-ranked float16 rows, weighted."""
-    return nprobe * list_size * code_size + RERANK_BYTE_COST * factor * RECALL_K * dim * 2
+def probe_ladder(nlist: int) -> list[int]:
+    """1, 2, 4, ... up to every list."""
+    ladder = [1 << i for i in range(max(1, nlist).bit_length()) if (1 << i) < nlist]
+    return ladder + [nlist]
 
 
 def _family_spans(families: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, dict[str, list[tuple[int, int]]]]:
@@ -160,14 +221,25 @@ def _query_families(vectors: np.ndarray, ids: np.ndarray, captions: np.ndarray |
     return families, [c for c, _ in text]
 
 
+Config = tuple[int, int]  # (refine factor: candidates per result from the codes, the tier's exact factor or 0)
+
+
+def _label(probe: int, config: Config) -> str:
+    return f"nprobe{probe},refine{config[0]}" + (f",tier{config[1]}" if config[1] else "")
+
+
 def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *, refine_factor: int | None,
                refine: bool, nprobe: int | None, seed: int = 0, model: str | None = None,
-               pretrained: str | None = None) -> tuple[int, dict[str, Any]]:
+               pretrained: str | None = None, budget_s: float | None = None,
+               tier: faiss.Index | None = None) -> tuple[int, dict[str, Any]]:
     """Recall@10 of the served configuration against exact search, for three query families: indexed vectors,
     synthetic text-like groups (one gap direction each, cosine to their image 0.45 down to 0.25) and the built-in
     captions through the index's own text tower (when its weights load here). Half of every family tunes nprobe
     and the refine factor jointly (the cheapest pair whose 3-sigma bounds, and for the gap groups the prediction
-    bound of a fresh group, all reach TARGET_RECALL); the other half, never seen by tuning, gives the figures."""
+    bound of a fresh group, all reach TARGET_RECALL); the other half, never seen by tuning, gives the figures.
+    The exact top 10 is searched once for both halves; each nprobe is one search at the largest candidate count,
+    which prices every refine factor (`hit_positions`); the sweep stops after `budget_s` and says so."""
+    started = time.perf_counter()
     rng = np.random.default_rng([seed, SELF_CHECK_SALT])  # a stream of its own: never the one data came from
     ids = np.asarray(query_ids)
     text = caption_queries(model, pretrained, int(vectors.shape[1])) if model else None
@@ -181,44 +253,84 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
     report_queries, report_spans = _family_spans(report_families)
     truth = exact_top_k(np.concatenate([tune_queries, report_queries]), vectors, RECALL_K)  # one pass for all
     tune_truth, report_truth = truth[:len(tune_queries)], truth[len(tune_queries):]
+    truth_s = time.perf_counter() - started
 
-    def per_query(queries: np.ndarray, exact: np.ndarray, probe: int, factor: int) -> np.ndarray:
+    f1s = [refine_factor] if refine and refine_factor else list(REFINE_FACTORS) if refine else [0]
+    tiered = tier is not None and refine
+    configs = [(f, 0) for f in f1s] + ([(f, e) for f in f1s for e in EXACT_FACTORS if e < f] if tiered else [])
+    n_cand = int(min(max(1, index.ntotal), RECALL_K * max(max(f1s), 1)))
+
+    def recall_of(queries: np.ndarray, exact: np.ndarray, probe: int, n: int) -> Callable[[Config], np.ndarray]:
+        """Per-query recall@10 of any (refine factor, tier exact factor) at `probe`, from one search of `n`."""
         set_nprobe(index, probe)
-        return recall_per_query(search_index(index, vectors, queries, RECALL_K, refine_factor=factor)[1], exact)
+        found = search_index(index, None, queries, max(RECALL_K, n))[1]
+        pos = hit_positions(found, exact)
+        ranks: dict[int, np.ndarray] = {}
+
+        def recall(config: Config) -> np.ndarray:
+            factor, exact_factor = config
+            hit = pos < RECALL_K * max(factor, 1)
+            if exact_factor:
+                c = min(RECALL_K * factor, found.shape[1])
+                if not ranks:
+                    prefixes = sorted({min(RECALL_K * f, found.shape[1]) for f, e in configs if e})
+                    ranks.update(zip(prefixes, tier_ranks(found, tier_scores(index, tier, queries, found), pos,
+                                                          prefixes)))
+                hit &= ranks[c] < RECALL_K * exact_factor
+            return hit.sum(axis=1) / RECALL_K
+        return recall
 
     tuning: dict[str, float] = {}
 
-    def bound(probe: int, factor: int) -> float:
-        recall = per_query(tune_queries, tune_truth, probe, factor)
-        bounds = [recall_prediction_bound(np.array([recall[a:b].mean() for a, b in tune_spans["text_like"]]))]
-        bounds += [recall_lower_bound(recall[a:b]) for name in ("in_distribution", "captions")
-                   for a, b in tune_spans.get(name, [])]
-        tuning[f"nprobe{probe},refine{factor}"] = value = round(min(bounds), 4)
-        return value
+    def bound_of(probe: int) -> Callable[[Config], float]:
+        recall_at = recall_of(tune_queries, tune_truth, probe, min(n_cand, probe * longest))
+        exact_best = [0.0]
 
-    factors = [refine_factor] if refine and refine_factor else list(REFINE_FACTORS) if refine else [0]
+        def bound(config: Config) -> float:
+            if config[1] and exact_best[0] < TARGET_RECALL:
+                return 0.0  # the tier only loses recall against the exact re-rank of the same candidates
+            recall = recall_at(config)
+            bounds = [recall_prediction_bound(np.array([recall[a:b].mean() for a, b in tune_spans["text_like"]]))]
+            bounds += [recall_lower_bound(recall[a:b]) for name in ("in_distribution", "captions")
+                       for a, b in tune_spans.get(name, [])]
+            value = round(min(bounds), 4)
+            tuning[_label(probe, config)] = value
+            if not config[1]:
+                exact_best[0] = max(exact_best[0], value)
+            return value
+        return bound
+
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None or nprobe:  # nprobe fixed (or meaningless): only the refine factor is tuned
-        fixed = 1 if ivf is None else int(nprobe)
-        (_, factor), _ = tune_jointly(lambda _p, f: bound(fixed, f), factors, 1, cost=lambda _p, f: f)
-        nprobe = fixed
-    else:
-        def cost(probe: int, factor: int) -> float:
-            return serving_cost(probe, factor, list_size=ivf.ntotal / ivf.nlist, code_size=ivf.code_size, dim=ivf.d)
+    longest = max(1, max((ivf.get_list_size(i) for i in range(ivf.nlist)), default=1)) if ivf is not None \
+        else n_cand  # nprobe lists never hold more candidates than nprobe x the longest
+    scan = FAST_SCAN_BYTE_COST if ivf is not None and "FastScan" in type(faiss.downcast_index(ivf)).__name__ else 1.0
+    tier_bytes = int(tier.sa_code_size()) if tiered else 0
 
-        (nprobe, factor), _ = tune_jointly(bound, factors, ivf.nlist, cost)
+    def cost(probe: int, config: Config) -> float:
+        list_size = 0.0 if ivf is None else ivf.ntotal / ivf.nlist
+        code_size = 0.0 if ivf is None else ivf.code_size * scan
+        return serving_cost(probe, config[0], list_size=list_size, code_size=code_size, dim=int(vectors.shape[1]),
+                            tier_bytes=tier_bytes, exact_factor=config[1])
+    probes = [1 if ivf is None else int(nprobe)] if ivf is None or nprobe else probe_ladder(ivf.nlist)
+    budget = budget_s if budget_s is not None else math.inf
+    tuned = sweep(bound_of, probes, configs, cost, deadline=time.perf_counter() + budget)
+    nprobe, (factor, exact_factor) = tuned.best
     shown_factor = factor or refine_factor or REFINE_FACTORS[0]  # refine numbers are shown even when it is off
     report: dict[str, Any] = {
         "k": RECALL_K, "target": TARGET_RECALL, "nprobe": nprobe, "refine_factor": shown_factor,
+        "tier_exact_factor": exact_factor or None, "tier_code_bytes": tier_bytes or None,
         "tuning_queries": int(len(tune_queries)), "queries": int(len(report_queries)),
         "off_directions": len(report_spans["text_like"]), "text_like_cosines": list(report_cosines),
         "captions_source": text.source if text is not None else "none",
-        "tuning_lower_bounds": tuning}
+        "tuning_lower_bounds": tuning, "probes_swept": tuned.probes,
+        "sweep_budget_s": None if budget_s is None else round(budget_s, 1), "sweep_budget_hit": tuned.budget_hit,
+        "ground_truth_s": round(truth_s, 3)}
     if text is not None and text.reason:
         report["captions_fallback"] = text.reason
     label = "refine" if factor else "no_refine"
-    for name, served_factor in (("refine", shown_factor), ("no_refine", 0)):
-        recall = per_query(report_queries, report_truth, nprobe, served_factor)
+    served_recall = recall_of(report_queries, report_truth, nprobe, RECALL_K * max(shown_factor, 1))
+    for name, config in (("refine", (shown_factor, exact_factor)), ("no_refine", (0, 0))):
+        recall = served_recall(config)
         for family, spans in report_spans.items():
             key = "off_distribution" if family == "text_like" else family
             means = np.array([recall[a:b].mean() for a, b in spans])
@@ -230,7 +342,7 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
                     for c in sorted(set(report_cosines), reverse=True)}
     report["served"] = round(min(report[f][label] for f in ("in_distribution", "off_distribution", "captions")
                                  if f in report), 4)
-    report["served_bound"] = tuning[f"nprobe{nprobe},refine{factor}"]
+    report["served_bound"] = tuning[_label(nprobe, (factor, exact_factor))]
     report["target_met"] = report["served_bound"] >= TARGET_RECALL and report["served"] >= TARGET_RECALL
     set_nprobe(index, nprobe)
     return nprobe, report

@@ -80,14 +80,18 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 
 def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.ndarray, k: int, *,
-                 refine_factor: int = 0, selector: faiss.IDSelector | None = None,
-                 widen: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The served search: k×refine_factor candidates from FAISS, re-ranked exactly when refine_factor > 0.
-    `widen` (the engine, not the recall self-check, which measures nprobe as it is) fills short result lists."""
+                 refine_factor: int = 0, selector: faiss.IDSelector | None = None, widen: bool = False,
+                 tier: faiss.IndexRefine | None = None, exact_factor: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The served search: k×refine_factor candidates from FAISS, re-ranked exactly when refine_factor > 0; with a
+    re-rank tier (an IndexRefine over `index`), the tier re-scores them in RAM and only its best k×exact_factor
+    are re-ranked exactly. `widen` (the engine, not the recall self-check, which measures nprobe as it is) fills
+    short result lists."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     # k < 10 still re-ranks as many candidates as k = 10 does, so the self-measured recall@10 holds for it too
     n_cand = max(k, MIN_RERANK_K) * refine_factor if refine_factor and vectors is not None else k
     n_cand = max(k, min(n_cand, max(index.ntotal, 1)))
+    if tier is not None and exact_factor and refine_factor and vectors is not None:
+        return _search_tiered(index, tier, vectors, queries, k, n_cand, exact_factor, selector, widen)
     params = None
     if selector is not None:
         ivf = faiss.try_extract_index_ivf(index)
@@ -100,6 +104,28 @@ def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.nda
     if refine_factor and vectors is not None:
         return rerank(queries, ids, vectors, k)
     return scores[:, :k], ids[:, :k]
+
+
+def _search_tiered(index: faiss.Index, tier: faiss.IndexRefine, vectors: np.ndarray, queries: np.ndarray, k: int,
+                   n_cand: int, exact_factor: int, selector: faiss.IDSelector | None,
+                   widen: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Codes -> n_cand candidates -> the tier's best k×exact_factor -> exact re-rank of those."""
+    n_exact = max(k, min(max(k, MIN_RERANK_K) * exact_factor, n_cand))
+    ivf = faiss.try_extract_index_ivf(index)
+
+    def run(rows: np.ndarray, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        base = faiss.SearchParametersIVF(sel=selector, nprobe=int(nprobe)) if ivf is not None \
+            else faiss.SearchParameters(sel=selector)
+        params = faiss.IndexRefineSearchParameters(k_factor=n_cand / n_exact, base_index_params=base)
+        return tier.search(np.ascontiguousarray(rows), n_exact, params=params)
+
+    scores, ids = run(queries, ivf.nprobe if ivf is not None else None)
+    if widen and ivf is not None and ivf.nprobe < ivf.nlist:
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < min(k, index.ntotal))
+        if len(short):
+            ids = ids.copy()
+            ids[short] = run(queries[short], ivf.nlist)[1]
+    return rerank(queries, ids, vectors, k)
 
 
 def ivf_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:

@@ -70,9 +70,20 @@ class SearchEngine:
         self.refine = bool(self.info.refine) if refine is None else bool(refine)
         recorded_factor = self.info.refine_factor
         self.refine_factor = (10 if recorded_factor is None else int(recorded_factor)) if self.refine else 0
+        self.tier, self.exact_factor = self._open_tier(files)
         self.encoder = encoder or default_encoder(self.info, model_name, pretrained, device)
         if int(self.encoder.dim) != self.dim:
             raise UserError(f"the encoder gives {self.encoder.dim}-d vectors, the index holds {self.dim}-d")
+
+    def _open_tier(self, files: IndexDir) -> tuple[Any, int]:
+        """The re-rank tier (in RAM) over the index, when index.json records one that pays and refine is on."""
+        factor = int((self.info.tier or {}).get("exact_factor") or 0)
+        if not (self.refine and factor and files.has_tier()):
+            return None, 0
+        from clip_hpc.index.rerank_tier import load_tier, refine_over
+
+        self._tier_codes = load_tier(files.tier_path, files.tier_codes_path)
+        return refine_over(self.index, self._tier_codes), factor
 
     def close(self) -> None:
         self.meta.close()
@@ -116,7 +127,7 @@ class SearchEngine:
             scores, ids = self._search_filtered(queries, k, path_prefix or None, caption or None, min_similarity)
         else:
             scores, ids = search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
-                                       widen=True)
+                                       widen=True, tier=self.tier, exact_factor=self.exact_factor)
         return self._hits(scores, ids, min_score)
 
     def search_batch(self, queries: np.ndarray, ks: Sequence[int],
@@ -132,7 +143,7 @@ class SearchEngine:
         for k in sorted(set(ks)):  # k decides how many candidates are re-ranked: a k of its own, a call of its own
             rows = [i for i, row_k in enumerate(ks) if row_k == k]
             scores, ids = search_index(self.index, self.vectors, queries[rows], k, refine_factor=self.refine_factor,
-                                       widen=True)
+                                       widen=True, tier=self.tier, exact_factor=self.exact_factor)
             for i, hits in zip(rows, self._hits(scores, ids, None)):
                 out[i] = [hit for hit in hits if min_scores[i] is None or hit.score >= min_scores[i]]
         return out
@@ -246,7 +257,7 @@ class SearchEngine:
             return rerank(queries, cand, self.vectors, k)
         selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_matching(**filters), dtype=np.int64))
         return search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
-                            selector=selector, widen=True)
+                            selector=selector, widen=True, tier=self.tier, exact_factor=self.exact_factor)
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray, min_score: float | None) -> list[list[Hit]]:
         found = [int(i) for i in np.unique(ids) if i >= 0]

@@ -1,0 +1,65 @@
+"""The re-rank tier: a 4-bit scalar-quantized copy of every vector (d/2 bytes, 256 at d=512) held in RAM between
+the IVF codes and the exact float16 rows of vectors.npy. On data where the 32-byte codes rank text-like queries
+badly, the true top 10 hide among 10,000-50,000 candidates; re-reading that many 1 KiB rows costs ~2 µs each, while
+the tier re-scores them in RAM and hands only its best 20-500 to the exact re-rank (FAISS's IndexRefine over
+IndexScalarQuantizer). The self-check decides whether it pays (index.json `tier`); where it does not, it is removed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from clip_hpc.formats.tier_codes import create_codes, write_codes
+
+TIER_KEY = "SQ4"
+TIER_FROM = 50_000  # vectors: below, re-ranking a few thousand exact rows is cheap and the tier is not built
+EXACT_FACTORS = (2, 5, 10, 20, 50)  # rows per result the tier hands to the exact re-rank
+
+
+def wants_tier(choice: str, n: int, is_ivf: bool, refine: bool) -> bool:
+    """--rerank-tier auto|on|off: auto builds it for IVF indexes of TIER_FROM vectors or more that re-rank."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(choice)
+    return refine and is_ivf and (choice == "on" or (choice == "auto" and n >= TIER_FROM))
+
+
+def train_tier(sample: np.ndarray) -> faiss.IndexScalarQuantizer:
+    """The scalar quantizer's per-dimension ranges, from the build's training sample (seconds, not minutes)."""
+    tier = faiss.index_factory(sample.shape[1], TIER_KEY, faiss.METRIC_INNER_PRODUCT)
+    tier.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return tier
+
+
+def encode_into(tier: faiss.Index, codes_path: Path, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """One batch of vectors into its rows of tier_codes.npy."""
+    write_codes(codes_path, ids, tier.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32)))
+
+
+def start_codes(tier: faiss.Index, codes_path: Path, n_rows: int) -> None:
+    create_codes(codes_path, n_rows, int(tier.sa_code_size()))
+
+
+def load_tier(trained_path: Path, codes_path: Path, chunk: int = 1 << 20) -> faiss.Index:
+    """The trained tier with every row's codes, read into RAM (row i is global id i)."""
+    tier = faiss.read_index(str(trained_path))
+    codes = np.load(codes_path, mmap_mode="r")
+    for lo in range(0, len(codes), chunk):
+        tier.add_sa_codes(np.ascontiguousarray(codes[lo:lo + chunk]))
+    return tier
+
+
+def refine_over(index: faiss.Index, tier: faiss.Index) -> faiss.IndexRefine:
+    """FAISS's IndexRefine of `index` by the tier. It asks both for the same ntotal, but the tier has a row per
+    global id, failed ones too (more rows than the index holds vectors): the check is met for the constructor,
+    then the tier's true count is put back, and the refine index takes it too: it checks each candidate id
+    against its own count, and ids run up to the last row, not to the number of vectors."""
+    rows = tier.ntotal
+    tier.ntotal = index.ntotal
+    try:
+        refine = faiss.IndexRefine(index, tier)
+    finally:
+        tier.ntotal = rows
+    refine.ntotal = rows
+    return refine

@@ -1,0 +1,132 @@
+"""The re-rank tier (index/rerank_tier.py, formats/tier_codes.py): codes written by separate writers, the served
+search (codes -> tier -> exact rows), and the self-check's account of it matching what is served, query by query."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clip_hpc.formats.index_dir import IndexDir
+from clip_hpc.formats.tier_codes import copy_codes, create_codes, write_codes
+from clip_hpc.index.build import build_index
+from clip_hpc.index.rerank_tier import load_tier
+from clip_hpc.index.selfcheck import exact_top_k, hit_positions, tier_ranks, tier_scores
+from clip_hpc.index.text_queries import text_like_groups
+from clip_hpc.search.core import normalise_rows, rerank, set_nprobe
+from clip_hpc.search.engine import SearchEngine
+from clip_hpc.search.heldout import VectorQueriesOnly, heldout_mixture_params
+from index_fixtures import synthetic
+
+N, DIM = 60_000, 64
+
+
+def test_codes_from_separate_writers_land_in_their_own_rows(tmp_path):
+    path = tmp_path / "codes.npy"
+    create_codes(path, 100, 4)
+    rng = np.random.default_rng(0)
+    first, second = np.r_[0:10, 12:30], np.r_[30:55, 57:100]  # two "ranks", each with failed ids (gaps)
+    codes = {tuple(ids): rng.integers(1, 255, (len(ids), 4), dtype=np.uint8) for ids in (first, second)}
+    for ids in (second, first):
+        write_codes(path, ids, codes[tuple(ids)])
+    got = np.load(path)
+    for ids in (first, second):
+        np.testing.assert_array_equal(got[ids], codes[tuple(ids)])
+    assert not got[[10, 11, 55, 56]].any()  # rows nobody wrote stay zero
+    longer = tmp_path / "longer.npy"
+    create_codes(longer, 120, 4)
+    copy_codes(path, longer)
+    np.testing.assert_array_equal(np.load(longer)[:100], got)
+    assert not np.load(longer)[100:].any()
+    with pytest.raises(ValueError):
+        write_codes(path, np.arange(3), np.zeros((3, 5), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiered(tmp_path_factory):
+    """A hard small mixture (many small low-rank clusters) indexed with the tier, and text-like queries."""
+    root = tmp_path_factory.mktemp("tier")
+    p = heldout_mixture_params(N, 1)
+    vectors, labels = synthetic.gaussian_mixture(N, DIM, p.clusters, latent=p.latent, spread=p.spread, noise=p.noise,
+                                                 seed=11)
+    synthetic.write_emb_dir(root / "emb", vectors, labels, 10_000, failed_every=97)
+    info = build_index(root / "emb", root / "index", progress=False, rerank_tier="on")
+    rows = np.asarray(IndexDir(root / "index").open_vectors(), dtype=np.float32)
+    rng = np.random.default_rng(99)
+    images = normalise_rows(rows[rng.choice(np.flatnonzero(rows.any(axis=1)), 200, replace=False)])
+    queries = np.concatenate([q for _, q in text_like_groups(images, rng, 4)])
+    return root, info, rows, queries
+
+
+def test_the_tier_is_kept_recorded_and_counted_in_the_files(tiered):
+    root, info, rows, _ = tiered
+    files = IndexDir(root / "index")
+    assert info.tier is not None and info.tier["key"] == "SQ4" and info.tier["code_bytes"] == DIM // 2
+    assert info.tier["exact_factor"] < info.refine_factor  # it hands the exact re-rank fewer rows than it got
+    assert files.has_tier() and {"tier.faiss", "tier_codes.npy"} <= set(info.files)
+    codes = np.load(files.tier_codes_path)
+    assert codes.shape == (len(rows), DIM // 2)
+    assert not codes[~rows.any(axis=1)].any() and codes[rows.any(axis=1)].any(axis=1).all()
+    on_disk = json.loads(files.info_path.read_text())
+    assert on_disk["recall"]["tier_exact_factor"] == info.tier["exact_factor"]
+
+
+def test_served_search_is_codes_then_tier_then_exact_rows(tiered):
+    root, info, rows, queries = tiered
+    engine = SearchEngine(root / "index", encoder=VectorQueriesOnly(DIM))
+    try:
+        served = np.array([[h.id for h in hits] for hits in engine.search_vectors(queries, 10)])
+        index, tier = engine.index, load_tier(engine.index_dir / "tier.faiss", engine.index_dir / "tier_codes.npy")
+        n_cand, n_exact = 10 * engine.refine_factor, 10 * engine.exact_factor
+        set_nprobe(index, engine.nprobe)
+        _, cand = index.search(queries, n_cand)
+        decoded = tier.sa_decode(np.load(engine.index_dir / "tier_codes.npy")[np.maximum(cand, 0)].reshape(
+            -1, DIM // 2)).reshape(len(queries), n_cand, DIM)
+        tier_score = np.where(cand >= 0, np.einsum("qcd,qd->qc", decoded, queries), -np.inf)
+        best = np.take_along_axis(cand, np.argsort(-tier_score, axis=1, kind="stable")[:, :n_exact], 1)
+        _, by_hand = rerank(queries, best, rows, 10)
+        agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(served, by_hand)])
+        assert agree >= 0.99  # ties in the tier's 4-bit scores may order a boundary candidate differently
+        exact = exact_top_k(queries, rows, 10)
+        served_recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(served, exact)])
+        assert served_recall >= 0.9
+    finally:
+        engine.close()
+
+
+def test_the_self_checks_account_of_the_tier_is_what_is_served(tiered):
+    """Recall from hit positions and tier ranks (no row read) equals the engine's served recall, query by query."""
+    root, info, rows, queries = tiered
+    engine = SearchEngine(root / "index", encoder=VectorQueriesOnly(DIM))
+    try:
+        exact = exact_top_k(queries, rows, 10)
+        served = np.array([[h.id for h in hits] for hits in engine.search_vectors(queries, 10)])
+        per_query = np.array([len(set(a) & set(e)) / 10 for a, e in zip(served, exact)])
+        n_cand = 10 * engine.refine_factor
+        tier = load_tier(engine.index_dir / "tier.faiss", engine.index_dir / "tier_codes.npy")
+        set_nprobe(engine.index, engine.nprobe)
+        _, found = engine.index.search(queries, n_cand)
+        pos = hit_positions(found, exact)
+        ranks = tier_ranks(found, tier_scores(engine.index, tier, queries, found), pos, [n_cand])[0]
+        predicted = ((pos < n_cand) & (ranks < 10 * engine.exact_factor)).sum(axis=1) / 10
+        assert np.mean(np.abs(predicted - per_query)) <= 0.005 and abs(predicted.mean() - per_query.mean()) <= 0.005
+    finally:
+        engine.close()
+
+
+def test_update_encodes_the_new_rows_of_the_tier(tiered, tmp_path):
+    root, info, rows, _ = tiered
+    p = heldout_mixture_params(N, 1)
+    more, labels = synthetic.gaussian_mixture(5_000, DIM, p.clusters, latent=p.latent, spread=p.spread,
+                                              noise=p.noise, seed=12)
+    import shutil
+    shutil.copytree(root / "emb", tmp_path / "emb")
+    shutil.copytree(root / "index", tmp_path / "index")
+    synthetic.write_emb_dir(tmp_path / "emb", more, labels, 10_000, first_id=N)
+    updated = build_index(tmp_path / "emb", tmp_path / "index", update=True, progress=False)
+    assert updated.n == info.n + 5_000
+    codes = np.load(IndexDir(tmp_path / "index").tier_codes_path) if updated.tier else None
+    if codes is not None:
+        np.testing.assert_array_equal(codes[:N], np.load(IndexDir(root / "index").tier_codes_path))
+        assert codes[N:].any(axis=1).all()
+    assert IndexDir(tmp_path / "index").has_tier() == bool(updated.tier)
