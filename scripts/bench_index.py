@@ -37,7 +37,7 @@ from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
 BIN = Path(sys.executable).parent
 AUTOFAISS_DEFAULT_BUDGET = "16G"  # autofaiss build_index's own defaults: max_index_memory_usage 16G of 32G
 QUERY_SEED = 9091  # neither the data's seed nor the self-check's stream, nor 4049 (issue 24 chose the codes on it)
-PHASES = ("vectors_s", "train_s", "add_s", "merge_s", "recall_s", "total_s")
+PHASES = ("listing_s", "vectors_s", "train_s", "tier_train_s", "add_s", "merge_s", "recall_s", "total_s")
 ROW_BYTES = 2  # vectors.npy holds float16 rows: what an exact re-rank reads, per dimension
 Search = Callable[[np.ndarray, int], np.ndarray]  # queries, k -> ids
 
@@ -83,9 +83,13 @@ def bench_clip_hpc(emb: Path, out: Path, ranks: int, queries: Queries, key: str 
     for refine in (True, False) if ranks == 1 else (True,):
         engine = SearchEngine(out, encoder=VectorQueriesOnly(info["dim"]), refine=refine)
         try:
+            tier = info.get("tier") if refine else None
             label = f"{name}, refine x{info['refine_factor']}" if refine else f"{name}, no refine"
-            exact_rows = 10 * info["refine_factor"] if refine else 0
-            rows.append({"method": label, **common, "exact_rows": exact_rows,
+            if tier:
+                label += f", {tier['key']} tier ({tier['code_bytes']} B) -> exact x{tier['exact_factor']}"
+            exact_rows = 10 * (tier["exact_factor"] if tier else info["refine_factor"]) if refine else 0
+            ram = info["bytes_per_vector"] + (tier["code_bytes"] * info["n_rows"] / info["n"] if tier else 0)
+            rows.append({"method": label, **common, "exact_rows": exact_rows, "ram_bytes_per_vector": round(ram, 1),
                          "vectors_npy_bytes_per_vector": disk if refine else 0,
                          **queries.score(engine_search(engine)),
                          **({"claimed": info["recall"].get("served")} if refine else {})})
@@ -99,7 +103,8 @@ def bench_flat(vectors: np.ndarray, queries: Queries) -> dict:
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
     return {"method": "FAISS Flat (exact)", "add_s": round(time.perf_counter() - start, 2),
-            "bytes_per_vector": 4 * vectors.shape[1], **queries.score(lambda q, k: flat.search(q, k)[1])}
+            "bytes_per_vector": 4 * vectors.shape[1], "ram_bytes_per_vector": 4 * vectors.shape[1], "exact_rows": 0,
+            **queries.score(lambda q, k: flat.search(q, k)[1])}
 
 
 def bench_autofaiss(vectors: np.ndarray, budget_bytes: int | None, work: Path, queries: Queries,
@@ -125,6 +130,7 @@ def bench_autofaiss(vectors: np.ndarray, budget_bytes: int | None, work: Path, q
     chosen = json.loads(child.stdout.strip().splitlines()[-1])
     return {"method": f"autofaiss (budget {budget}): {chosen.get('index_key')} {chosen.get('index_param', '')}",
             "total_s": total, "bytes_per_vector": round(out.stat().st_size / len(vectors), 2), "exact_rows": 0,
+            "ram_bytes_per_vector": round(out.stat().st_size / len(vectors), 2),
             **queries.score(lambda q, k: index.search(q, k)[1])}
 
 
@@ -172,10 +178,12 @@ def _fresh(path: Path) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    keys = (*PHASES, "bytes_per_vector", "vectors_npy_bytes_per_vector", "exact_rows", "p50_ms", "p99_ms",
+    keys = (*PHASES, "bytes_per_vector", "ram_bytes_per_vector", "vectors_npy_bytes_per_vector", "exact_rows",
+            "p50_ms", "p99_ms",
             "recall_text_like", "recall_in_distribution")
-    head = ("| N | data | method | vectors s | train s | add s | merge s | self-check s | total s | index B/vector "
-            "| vectors.npy B/vector | exact rows/query | p50 ms | p99 ms | recall text-like | recall in-dist |")
+    head = ("| N | data | method | listing s | vectors s | train s | tier s | add s | merge s | self-check s | total s "
+            "| index B/vector | RAM B/vector (index + tier) | vectors.npy B/vector | exact rows/query | p50 ms | p99 ms "
+            "| recall text-like | recall in-dist |")
     lines = [head, "|" + "---|" * (len(keys) + 3)]
     for r in rows:
         lines.append("| " + " | ".join([f"{r['n']:,}", r["data"].split(":")[0], r["method"],

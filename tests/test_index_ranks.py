@@ -83,8 +83,8 @@ def test_on_disk_lists_load_in_search_engine_and_in_serve(tiny_model_vectors, tm
 @pytest.mark.parametrize("lists", ["disk", "memory"])
 def test_mpiexec_two_ranks_build_the_same_index(tiny_model_vectors, tmp_path, lists):
     root, vectors = tiny_model_vectors
-    one = _mpiexec_index(1, root / "emb", tmp_path / "one")
-    two = _mpiexec_index(2, root / "emb", tmp_path / "two", "--lists", lists)
+    one = _mpiexec_index(1, root / "emb", tmp_path / "one", "--rerank-tier", "on")
+    two = _mpiexec_index(2, root / "emb", tmp_path / "two", "--lists", lists, "--rerank-tier", "on")
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     assert sum(" vectors, " in line for line in two.stdout.splitlines()) == 1  # one rank reports
     info_one, info_two = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("one", "two"))
@@ -92,6 +92,13 @@ def test_mpiexec_two_ranks_build_the_same_index(tiny_model_vectors, tmp_path, li
     assert len(info_two["timings"]["add_s_per_rank"]) == 2
     np.testing.assert_array_equal(_index_ids(tmp_path / "one"), _index_ids(tmp_path / "two"))
     assert abs(_recall(tmp_path / "one", vectors) - _recall(tmp_path / "two", vectors)) <= 0.01
+    # the re-rank tier's rows, written by each rank for its own units, are the one-rank build's (compared before
+    # the self-check may drop the tier: both builds keep the trained tier's codes where it pays)
+    for d in ("one", "two"):
+        assert IndexDir(tmp_path / d).has_tier() == bool(json.loads((tmp_path / d / "index.json").read_text())["tier"])
+    if IndexDir(tmp_path / "one").has_tier() and IndexDir(tmp_path / "two").has_tier():
+        np.testing.assert_array_equal(np.load(tmp_path / "one" / "tier_codes.npy"),
+                                      np.load(tmp_path / "two" / "tier_codes.npy"))
 
 
 @pytest.mark.mpi

@@ -232,9 +232,11 @@ def _prepare(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, *, index_key:
         raise UserError(f"{out} already exists; remove it first, or pass --update to add new units to it")
     if (nprobe is not None and nprobe < 1) or (refine_factor is not None and refine_factor < 1):
         raise UserError("--nprobe and the refine factor must be at least 1")
+    listing = time.perf_counter()
     emb = emb_view(emb_dir, vectors)
     summary = _checked_set(emb)
     n, dim, units = summary.n_embedded, int(summary.dim or 0), [e.unit for e in summary.shards]
+    listing = round(time.perf_counter() - listing, 3)
     on_disk = choose_lists(lists, n * (dim // 16 + 8)) == "disk"
     key = choose_index_key(n, dim, lists_on_disk=on_disk) if index_key in (None, "", "auto") else index_key
     if on_disk and is_fast_scan(key):
@@ -244,7 +246,7 @@ def _prepare(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, *, index_key:
     if nlist and n < nlist:
         raise UserError(f"{key} needs at least {nlist} vectors to train, the shards hold {n}; use --index-key auto")
     refine = (key.split(",")[-1].strip() != "Flat") if refine is None else refine
-    timings: dict[str, Any] = {}
+    timings: dict[str, Any] = {"listing_s": listing}
     is_ivf = faiss.try_extract_index_ivf(index) is not None
     mode = ("disk" if on_disk else "memory") if is_ivf else "memory"
     info = IndexInfo(
