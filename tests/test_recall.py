@@ -48,7 +48,7 @@ def test_sweep_takes_the_cheapest_pair_and_stops_when_wider_probes_cost_more():
     recall = {10: lambda p: 0.90 + p / 1000, 25: lambda p: 0.93 + p / 1000, 50: lambda p: 0.93 + p / 1000}
     searched = []
 
-    def bound_of(probe):
+    def bound_of(probe, live):
         searched.append(probe)
         return lambda f: recall[f](probe)
 
@@ -56,7 +56,8 @@ def test_sweep_takes_the_cheapest_pair_and_stops_when_wider_probes_cost_more():
     assert out.best == (32, 25) and not out.budget_hit  # 64+10 costs more than 32+25
     assert searched == [1, 2, 4, 8, 16, 32]  # one search per nprobe; 64 alone costs more than the best pair
     assert out.bounds[(32, 50)] == pytest.approx(0.962)
-    out = sweep(lambda p: (lambda f: 0.5), [1, 2, 4], [10, 25], cost=lambda p, f: p + f, deadline=float("inf"))
+    out = sweep(lambda p, live: (lambda f: 0.5), [1, 2, 4], [10, 25], cost=lambda p, f: p + f,
+                deadline=float("inf"))
     assert out.best == (1, 10)  # none reaches the target: the best bound, then the cheapest
     searched.clear()
     out = sweep(bound_of, [1, 2, 4, 8], [10], cost=lambda p, f: p + f, deadline=0.0)
@@ -97,3 +98,15 @@ def test_off_distribution_groups_use_one_direction_each():
     shifts = np.stack([(g - x[i * 50:(i + 1) * 50]).mean(axis=0) for i, g in enumerate(groups)])
     cos = (shifts @ shifts.T) / np.outer(np.linalg.norm(shifts, axis=1), np.linalg.norm(shifts, axis=1))
     assert np.all(np.abs(cos[~np.eye(8, dtype=bool)]) < 0.5)  # eight different offsets, not one
+
+
+def test_sweep_prices_only_settings_cheaper_than_the_best_so_far():
+    priced = {}
+
+    def bound_of(probe, live):
+        priced[probe] = list(live)
+        return lambda f: 0.99 if f == 50 or probe >= 8 else 0.5
+
+    out = sweep(bound_of, [1, 2, 4, 8, 16], [10, 25, 50], cost=lambda p, f: p + f, deadline=float("inf"))
+    assert priced[1] == [10, 25, 50] and priced[2] == [10, 25]  # 1 + 50 reached the target: 2 + 50 costs more
+    assert out.best == (8, 10) and 16 not in priced  # 16 + 10 costs more than 8 + 10

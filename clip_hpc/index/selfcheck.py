@@ -169,21 +169,23 @@ class Sweep:
     probes: list[int] = field(default_factory=list)
 
 
-def sweep(bound_of: Callable[[int], Callable[[Any], float]], probes: list[int], factors: list[Any],
+def sweep(bound_of: Callable[[int, list[Any]], Callable[[Any], float]], probes: list[int], factors: list[Any],
           cost: Callable[[int, Any], float], deadline: float, target: float = TARGET_RECALL) -> Sweep:
-    """nprobe from small to large, every factor priced from one search each (`bound_of(probe)(factor)`); the
-    cheapest pair reaching `target` wins; stops once a wider nprobe alone costs more than that pair, or at
-    `deadline` (perf_counter seconds) after at least one nprobe, saying so. None reaching it: the best bound."""
+    """nprobe from small to large, every factor still cheaper than the best pair priced from one search each
+    (`bound_of(probe, live)(factor)`); the cheapest pair reaching `target` wins; stops once a wider nprobe alone
+    costs more than that pair, or at `deadline` (perf_counter seconds) after at least one nprobe, saying so.
+    None reaching it: the best bound."""
     out = Sweep()
     for probe in probes:
-        if out.best is not None and min(cost(probe, f) for f in factors) >= cost(*out.best):
+        live = [f for f in factors if out.best is None or cost(probe, f) < cost(*out.best)]
+        if not live:
             break
         if out.probes and time.perf_counter() > deadline:
             out.budget_hit = True
             break
-        bound = bound_of(probe)
+        bound = bound_of(probe, live)
         out.probes.append(probe)
-        for factor in factors:
+        for factor in live:
             out.bounds[(probe, factor)] = value = bound(factor)
             if value >= target and (out.best is None or cost(probe, factor) < cost(*out.best)):
                 out.best = (probe, factor)
@@ -282,8 +284,9 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
 
     tuning: dict[str, float] = {}
 
-    def bound_of(probe: int) -> Callable[[Config], float]:
-        recall_at = recall_of(tune_queries, tune_truth, probe, min(n_cand, probe * longest))
+    def bound_of(probe: int, live: list[Config]) -> Callable[[Config], float]:
+        widest = RECALL_K * max(max(f for f, _ in live), 1)  # candidates the settings still worth pricing need
+        recall_at = recall_of(tune_queries, tune_truth, probe, min(n_cand, probe * longest, widest))
         exact_best = [0.0]
 
         def bound(config: Config) -> float:
