@@ -133,7 +133,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             emb_dir = import_embedding_folder(args.emb_dir, os.path.join(scratch, "emb"), model=args.model,
                                               pretrained=args.pretrained).root
         info = build_index(emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
-                           refine=args.refine, nprobe=args.nprobe, update=args.update, lists=args.lists,
+                           refine=args.refine, nprobe=args.nprobe, refine_factor=args.refine_factor,
+                           update=args.update, lists=args.lists,
                            progress=not args.quiet, vectors=args.vectors, rerank_tier=args.rerank_tier)
     if not world().is_root:  # every rank built it; one reports
         return 0
@@ -159,6 +160,9 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                    help="re-rank candidates exactly with vectors.npy (default: on for compressed indexes)")
     p.add_argument("--nprobe", type=int, default=None, help="default nprobe (default: smallest with recall@10 >= 0.95)")
+    p.add_argument("--refine-factor", type=int, default=None,
+                   help="candidates per result taken from the codes (default: the cheapest that reaches recall@10 "
+                        ">= 0.95, with nprobe)")
     p.add_argument("--update", action="store_true", help="add units not yet indexed, without retraining")
     p.add_argument("--lists", choices=("auto", "memory", "disk"), default="auto",
                    help="where a many-rank build merges the inverted lists: in index.faiss (memory) or an on-disk "

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import faiss
 import numpy as np
@@ -66,7 +66,8 @@ def engine_search(engine: SearchEngine) -> Search:
     return lambda q, k: np.array([[h.id for h in row] for row in engine.search_vectors(q, k)])
 
 
-def bench_clip_hpc(emb: Path, out: Path, ranks: int, queries: Queries, key: str = "auto") -> list[dict]:
+def bench_clip_hpc(emb: Path, out: Path, ranks: int, queries: Queries, key: str = "auto",
+                   serve_factors: Sequence[int] = ()) -> list[dict]:
     """`mpiexec -n ranks clip-hpc index`: its phases from index.json, then its served recall (and, at one rank,
     the same index without refine)."""
     tier = ["--rerank-tier", "off"] if key != "auto" else []  # another key: the single-tier configuration
@@ -82,19 +83,22 @@ def bench_clip_hpc(emb: Path, out: Path, ranks: int, queries: Queries, key: str 
               "self_check_share": round(info["timings"].get("recall_s", 0) / info["timings"]["total_s"], 3),
               "sweep_budget_hit": info["recall"].get("sweep_budget_hit")}
     rows = []
-    for refine in (True, False) if ranks == 1 else (True,):
-        engine = SearchEngine(out, encoder=VectorQueriesOnly(info["dim"]), refine=refine)
+    served = [(True, None)] + ([(True, f) for f in serve_factors] + [(False, None)] if ranks == 1 else [])
+    for refine, factor in served:
+        engine = SearchEngine(out, encoder=VectorQueriesOnly(info["dim"]), refine=refine, refine_factor=factor)
         try:
             tier = info.get("tier") if refine else None
-            label = f"{name}, refine x{info['refine_factor']}" if refine else f"{name}, no refine"
+            label = f"{name}, refine x{engine.refine_factor}" if refine else f"{name}, no refine"
+            if factor:
+                label = f"the same index served at refine x{factor} (search-time)"
             if tier:
                 label += f", {tier['key']} tier ({tier['code_bytes']} B) -> exact x{tier['exact_factor']}"
-            exact_rows = 10 * (tier["exact_factor"] if tier else info["refine_factor"]) if refine else 0
+            exact_rows = 10 * (tier["exact_factor"] if tier else engine.refine_factor) if refine else 0
             ram = info["bytes_per_vector"] + (tier["code_bytes"] * info["n_rows"] / info["n"] if tier else 0)
             rows.append({"method": label, **common, "exact_rows": exact_rows, "ram_bytes_per_vector": round(ram, 1),
                          "vectors_npy_bytes_per_vector": disk if refine else 0,
                          **queries.score(engine_search(engine)),
-                         **({"claimed": info["recall"].get("served")} if refine else {})})
+                         **({"claimed": info["recall"].get("served")} if refine and not factor else {})})
         finally:
             engine.close()
     return rows
@@ -160,7 +164,8 @@ def bench_size(n: int, seed: int, args: argparse.Namespace, work: Path) -> list[
     queries = Queries(vectors)
     rows = []
     for ranks in args.ranks:
-        rows += bench_clip_hpc(emb, _fresh(work / f"index-{n}-r{ranks}"), ranks, queries)
+        rows += bench_clip_hpc(emb, _fresh(work / f"index-{n}-r{ranks}"), ranks, queries,
+                               serve_factors=args.serve_factors)
     for i, key in enumerate(args.keys):
         rows += bench_clip_hpc(emb, _fresh(work / f"index-{n}-k{i}"), 1, queries, key)
     rows.append(bench_flat(vectors, queries))
@@ -203,12 +208,14 @@ def main() -> None:
     ap.add_argument("--seeds", default="3,1", help="mixture seeds (parameters drawn from each): 3 easy, 1 hard")
     ap.add_argument("--keys", default="", help="other --index-key values to build beside auto (without the tier), "
                                                "';'-separated, e.g. the previous default OPQ32,IVF2048,PQ32")
+    ap.add_argument("--serve-factors", default="", help="also serve the one-rank index at these refine factors")
     ap.add_argument("--no-autofaiss", dest="autofaiss", action="store_false")
     ap.add_argument("--autofaiss-timeout", type=float, default=3600.0, help="seconds autofaiss may take per size")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args()
     args.ranks = [int(r) for r in args.ranks.split(",") if r]
     args.keys = [k for k in args.keys.split(";") if k]
+    args.serve_factors = [int(f) for f in args.serve_factors.split(",") if f]
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-index-"))
     rows = []
     try:

@@ -28,7 +28,7 @@ TEXT_GROUPS = 10  # text-like gap groups per half, each with its own direction
 OFF_DIRECTIONS = 8  # offset directions in the off-distribution set, one group of queries each
 OFF_NOISES = (0.2, 0.3, 0.5)  # per-query noise, cycled over the groups
 PREDICTION_Z = 2.0  # t(0.95, 7 d.f.)·√(1 + 1/8): a one-sided 95% prediction bound for a 9th group of 8
-REFINE_FACTORS = (10, 25, 50, 100, 200, 500, 1000, 2000, 5000)  # candidates per result re-ranked exactly (1 KiB
+REFINE_FACTORS = (10, 25, 50, 100, 200, 500, 1000, 2000, 3000, 5000)  # candidates per result re-ranked exactly (1 KiB
 # rows at d=512). Past 200 only for data where the 32-byte code ranks text-like queries badly (many small clusters:
 # at 300k, nprobe all, x200 gave 0.887, x500 0.955, x1000 0.980): recall first, at the latency bench_index shows.
 RERANK_BYTE_COST = 7  # a re-ranked float16 row costs ~7x its bytes in scanned 8-bit PQ codes (2 cores, d=512)

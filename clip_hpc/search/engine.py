@@ -51,7 +51,8 @@ class SearchEngine:
 
     def __init__(self, index_dir: str | Path, *, info: IndexInfo | None = None, encoder: Encoder | None = None,
                  model_name: str | None = None, pretrained: str | None = None, device: str = "auto",
-                 nprobe: int | None = None, refine: bool | None = None) -> None:
+                 nprobe: int | None = None, refine: bool | None = None,
+                 refine_factor: int | None = None) -> None:
         """`info`: index.json as `IndexDir.check_integrity` returned it, if the caller checked already (`serve` does,
         for the model), else checked and read here.
         `encoder` defaults to the model recorded in index.json (or `model_name`/`pretrained`), loaded lazily."""
@@ -70,6 +71,10 @@ class SearchEngine:
         self.refine = bool(self.info.refine) if refine is None else bool(refine)
         recorded_factor = self.info.refine_factor
         self.refine_factor = (10 if recorded_factor is None else int(recorded_factor)) if self.refine else 0
+        if refine_factor is not None:  # another point of the recall/latency trade than the self-check chose
+            if refine_factor < 1:
+                raise UserError("--refine-factor must be at least 1")
+            self.refine_factor = int(refine_factor) if self.refine else 0
         self.tier, self.exact_factor = self._open_tier(files)
         self.encoder = encoder or default_encoder(self.info, model_name, pretrained, device)
         if int(self.encoder.dim) != self.dim:
