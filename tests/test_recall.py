@@ -59,6 +59,9 @@ def test_sweep_takes_the_cheapest_pair_and_stops_when_wider_probes_cost_more():
     out = sweep(lambda p, live: (lambda f: 0.5), [1, 2, 4], [10, 25], cost=lambda p, f: p + f,
                 deadline=float("inf"))
     assert out.best == (1, 10)  # none reaches the target: the best bound, then the cheapest
+    out = sweep(lambda p, live: (lambda f: {10: 0.5, 25: 0.801, 50: 0.804}[f]), [1, 2], [10, 25, 50],
+                cost=lambda p, f: p + f, deadline=float("inf"))
+    assert out.best == (1, 25)  # within 0.005 of the best bound and cheaper
     searched.clear()
     out = sweep(bound_of, [1, 2, 4, 8], [10], cost=lambda p, f: p + f, deadline=0.0)
     assert out.budget_hit and searched == [1] and out.best == (1, 10)  # past the deadline after one nprobe

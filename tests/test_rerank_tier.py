@@ -130,3 +130,16 @@ def test_update_encodes_the_new_rows_of_the_tier(tiered, tmp_path):
         np.testing.assert_array_equal(codes[:N], np.load(IndexDir(root / "index").tier_codes_path))
         assert codes[N:].any(axis=1).all()
     assert IndexDir(tmp_path / "index").has_tier() == bool(updated.tier)
+
+
+def test_a_search_time_refine_factor_overrides_the_recorded_one(tiered):
+    root, info, rows, queries = tiered
+    engine = SearchEngine(root / "index", encoder=VectorQueriesOnly(DIM), refine_factor=info.tier["exact_factor"] + 1)
+    try:
+        assert engine.refine_factor == info.tier["exact_factor"] + 1 != info.refine_factor
+        assert len(engine.search_vectors(queries[:3], 10)[0]) == 10
+    finally:
+        engine.close()
+    from clip_hpc.errors import UserError
+    with pytest.raises(UserError, match="refine-factor"):
+        SearchEngine(root / "index", encoder=VectorQueriesOnly(DIM), refine_factor=0)

@@ -34,6 +34,7 @@ REFINE_FACTORS = (10, 25, 50, 100, 200, 500, 1000, 2000, 3000, 5000)  # candidat
 RERANK_BYTE_COST = 7  # a re-ranked float16 row costs ~7x its bytes in scanned 8-bit PQ codes (2 cores, d=512)
 TIER_BYTE_COST = 1.5  # a tier code byte re-scored in RAM (SQ4 via IndexRefine), in scanned 8-bit code bytes
 FAST_SCAN_BYTE_COST = 0.25  # a fast-scan 4-bit code byte costs a quarter of an 8-bit one (1M: 10 ms vs 39 a query)
+FALLBACK_SLACK = 0.005
 SWEEP_BUDGET_MIN_S = 60.0  # the nprobe sweep stops after max(this, SWEEP_BUDGET_SHARE x the rest of the build)
 SWEEP_BUDGET_SHARE = 0.5
 EXACT_CHUNK = 65_536
@@ -174,7 +175,8 @@ def sweep(bound_of: Callable[[int, list[Any]], Callable[[Any], float]], probes: 
     """nprobe from small to large, every factor still cheaper than the best pair priced from one search each
     (`bound_of(probe, live)(factor)`); the cheapest pair reaching `target` wins; stops once a wider nprobe alone
     costs more than that pair, or at `deadline` (perf_counter seconds) after at least one nprobe, saying so.
-    None reaching it: the best bound."""
+    None reaching it: the cheapest within FALLBACK_SLACK of the best bound (the tier at a hair's less recall
+    than re-reading 50,000 rows, on data where nothing reaches the target)."""
     out = Sweep()
     for probe in probes:
         live = [f for f in factors if out.best is None or cost(probe, f) < cost(*out.best)]
@@ -189,8 +191,9 @@ def sweep(bound_of: Callable[[int, list[Any]], Callable[[Any], float]], probes: 
             out.bounds[(probe, factor)] = value = bound(factor)
             if value >= target and (out.best is None or cost(probe, factor) < cost(*out.best)):
                 out.best = (probe, factor)
-    if out.best is None:
-        out.best = max(out.bounds, key=lambda pf: (out.bounds[pf], -cost(*pf)))
+    if out.best is None:  # the cheapest of those within FALLBACK_SLACK of the best bound
+        top = max(out.bounds.values())
+        out.best = min((pf for pf, b in out.bounds.items() if b >= top - FALLBACK_SLACK), key=lambda pf: cost(*pf))
     return out
 
 
@@ -287,19 +290,21 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
     def bound_of(probe: int, live: list[Config]) -> Callable[[Config], float]:
         widest = RECALL_K * max(max(f for f, _ in live), 1)  # candidates the settings still worth pricing need
         recall_at = recall_of(tune_queries, tune_truth, probe, min(n_cand, probe * longest, widest))
-        exact_best = [0.0]
+        exact: dict[int, float] = {}
 
         def bound(config: Config) -> float:
-            if config[1] and exact_best[0] < TARGET_RECALL:
-                return 0.0  # the tier only loses recall against the exact re-rank of the same candidates
+            factor, exact_factor = config
+            if exact_factor and exact.get(factor, 0.0) < TARGET_RECALL and factor < max(exact, default=0):
+                return 0.0  # the tier only loses recall against the exact re-rank of the same candidates: priced
+                # where that reaches the target, or at the widest factor (the best there is when nothing does)
             recall = recall_at(config)
             bounds = [recall_prediction_bound(np.array([recall[a:b].mean() for a, b in tune_spans["text_like"]]))]
             bounds += [recall_lower_bound(recall[a:b]) for name in ("in_distribution", "captions")
                        for a, b in tune_spans.get(name, [])]
             value = round(min(bounds), 4)
             tuning[_label(probe, config)] = value
-            if not config[1]:
-                exact_best[0] = max(exact_best[0], value)
+            if not exact_factor:
+                exact[factor] = value
             return value
         return bound
 
