@@ -64,7 +64,11 @@ def test_sweep_takes_the_cheapest_pair_and_stops_when_wider_probes_cost_more():
     assert out.best == (1, 25)  # within 0.005 of the best bound and cheaper
     searched.clear()
     out = sweep(bound_of, [1, 2, 4, 8], [10], cost=lambda p, f: p + f, deadline=0.0)
-    assert out.budget_hit and searched == [1] and out.best == (1, 10)  # past the deadline after one nprobe
+    assert out.budget_hit and searched == [1, 8] and out.best == (8, 10)  # past the deadline after one nprobe,
+    # nothing reached the target: the widest nprobe is priced before it stops
+    searched.clear()
+    out = sweep(bound_of, [1, 32, 64], [25], cost=lambda p, f: p + f, deadline=0.0)
+    assert out.budget_hit and searched == [1, 64] and out.best == (64, 25)
 
 
 def test_exact_top_k_matches_brute_force_and_skips_empty_rows():

@@ -174,17 +174,22 @@ def sweep(bound_of: Callable[[int, list[Any]], Callable[[Any], float]], probes: 
           cost: Callable[[int, Any], float], deadline: float, target: float = TARGET_RECALL) -> Sweep:
     """nprobe from small to large, every factor still cheaper than the best pair priced from one search each
     (`bound_of(probe, live)(factor)`); the cheapest pair reaching `target` wins; stops once a wider nprobe alone
-    costs more than that pair, or at `deadline` (perf_counter seconds) after at least one nprobe, saying so.
-    None reaching it: the cheapest within FALLBACK_SLACK of the best bound (the tier at a hair's less recall
+    costs more than that pair, or at `deadline` (perf_counter seconds) after at least one nprobe, saying so (and
+    then, if nothing reached the target yet, prices the widest nprobe before it stops). None reaching it: the cheapest within FALLBACK_SLACK of the best bound (the tier at a hair's less recall
     than re-reading 50,000 rows, on data where nothing reaches the target)."""
     out = Sweep()
-    for probe in probes:
+    queue = list(probes)
+    while queue:
+        probe = queue.pop(0)
         live = [f for f in factors if out.best is None or cost(probe, f) < cost(*out.best)]
         if not live:
             break
-        if out.probes and time.perf_counter() > deadline:
-            out.budget_hit = True
-            break
+        if out.probes and time.perf_counter() > deadline and not out.budget_hit:
+            out.budget_hit = True  # out of time: the widest nprobe still, when nothing reached the target
+            queue = [probes[-1]] if out.best is None and probes[-1] != probe else []
+            if not queue:
+                break
+            probe = queue.pop(0)
         bound = bound_of(probe, live)
         out.probes.append(probe)
         for factor in live:
@@ -294,9 +299,11 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
 
         def bound(config: Config) -> float:
             factor, exact_factor = config
-            if exact_factor and exact.get(factor, 0.0) < TARGET_RECALL and factor < max(exact, default=0):
+            if exact_factor and exact.get(factor, 0.0) < TARGET_RECALL and \
+                    (probe != probes[-1] or factor < max(exact, default=0)):
                 return 0.0  # the tier only loses recall against the exact re-rank of the same candidates: priced
-                # where that reaches the target, or at the widest factor (the best there is when nothing does)
+                # where that reaches the target, or at the widest nprobe and factor (the best there is when nothing
+                # does)
             recall = recall_at(config)
             bounds = [recall_prediction_bound(np.array([recall[a:b].mean() for a, b in tune_spans["text_like"]]))]
             bounds += [recall_lower_bound(recall[a:b]) for name in ("in_distribution", "captions")
