@@ -11,7 +11,7 @@ FLAT_BELOW = 10_000
 ADD_BATCH = 65_536
 HNSW_QUANTIZER_FROM = 65_536  # lists: from here a flat coarse quantizer's K·d per add dominates the build
 PQ_TRAIN_PER_CENTROID = 64  # 8-bit PQ codebooks train on at most 256 x this many residuals (FAISS default 256)
-KMEANS_ITERATIONS = 10  # coarse k-means (FAISS default 25): 10 trained 1M hard-mixture lists in 10 s, not 57
+KMEANS_ITERATIONS = 10  # coarse k-means (FAISS default 25): 5, 10 and 25 gave the same recall (500k hard, README)
 OPQ_FROM = 50_000  # vectors: an 8-bit PQ (on-disk lists) gets an OPQ rotation from here
 OPQ_ITERATIONS = 25  # FAISS default 50 on 65,536 points took ~8 min at d=512 on 2 cores; 20 on 16k points ranked
 OPQ_TRAIN_POINTS = 16_384  # as well as 10 on 65k (held-out text-like, 100k) in a fifth of the time
