@@ -24,6 +24,7 @@ from clip_hpc.formats.atomic import atomic_write_json
 from clip_hpc.formats.index_integrity import (DamagedIndex, check_mapped_lists, check_npy, check_recorded,
                                               check_sqlite, describe_file, describe_npy)
 from clip_hpc.formats.metadata import MetadataStore
+from clip_hpc.formats.tier_codes import allocate_npy
 from clip_hpc.procs import process_start, same_process_alive
 
 if TYPE_CHECKING:
@@ -297,13 +298,7 @@ class IndexDir:
     def create_vectors(self, n_rows: int, dim: int) -> np.ndarray:
         """A new float16 vectors.npy of `n_rows` zero rows, memory-mapped for writing. Its blocks are allocated
         first: a write through a map into a full disk is a SIGBUS, `posix_fallocate` an OSError (ENOSPC)."""
-        sparse = np.lib.format.open_memmap(self.vectors_path, mode="w+", dtype=np.float16, shape=(n_rows, dim))
-        del sparse  # the header is written, the rows are a hole: not one written through this map
-        with open(self.vectors_path, "r+b") as f:
-            try:
-                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, str(self.vectors_path)) from None
+        allocate_npy(self.vectors_path, (n_rows, dim), np.float16)
         return np.lib.format.open_memmap(self.vectors_path, mode="r+")
 
     def open_metadata(self, *, readonly: bool = True) -> MetadataStore:

@@ -9,14 +9,21 @@ from pathlib import Path
 import numpy as np
 
 
-def create_codes(path: Path, n_rows: int, code_size: int) -> None:
-    """A zero-filled (n_rows, code_size) uint8 .npy, its blocks allocated (a full disk is an OSError here)."""
-    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n_rows, code_size))
+def allocate_npy(path: Path, shape: tuple[int, ...], dtype: type) -> None:
+    """A new .npy of zeros, its blocks allocated first: a write through a map into a full disk is a SIGBUS,
+    `posix_fallocate` an OSError (ENOSPC) naming the file. Nothing is written through the header's map."""
+    sparse = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    del sparse
     with open(path, "r+b") as f:
         try:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+def create_codes(path: Path, n_rows: int, code_size: int) -> None:
+    """A zero-filled (n_rows, code_size) uint8 .npy, allocated (`allocate_npy`)."""
+    allocate_npy(path, (n_rows, code_size), np.uint8)
 
 
 def _data_offset(path: Path) -> tuple[int, int]:
