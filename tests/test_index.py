@@ -153,6 +153,18 @@ def test_a_bad_index_key_is_refused(tmp_path, key, message):
     assert not (tmp_path / "index").exists()
 
 
+@pytest.mark.parametrize("key", ["PQ4", "IVF1,PQ4"])
+def test_a_key_whose_codebooks_need_more_vectors_than_the_shards_hold_is_one_line(tmp_path, key):
+    """PQ4 trains 256 centroids per sub-quantizer; on 5 vectors FAISS raised and `clip-hpc index` printed its
+    traceback (exit 1) instead of the one-line error every other bad key gets."""
+    emb, _ = synthetic_emb_dir(tmp_path / "emb", 5)
+    proc = run_cli("index", emb, "--out", tmp_path / "index", "--index-key", key, "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # (FAISS's own k-means warning may come before it)
+    assert last.startswith("clip-hpc index: error:") and key in last and "5 vectors" in last and "256" in last
+    assert not (tmp_path / "index").exists() and not list(tmp_path.glob(".index*"))
+
+
 def test_an_existing_index_dir_is_not_overwritten(flat_index):
     root, info, _ = flat_index
     with pytest.raises(UserError, match="--update"):
@@ -194,6 +206,34 @@ def test_update_refuses_another_model_and_keeps_the_index(tmp_path):
     with pytest.raises(UserError, match="build a new index"):
         build_index(other, tmp_path / "index", update=True, progress=False)
     assert json.loads((tmp_path / "index" / "index.json").read_text()) == info.to_dict()
+
+
+def _listing(out, names, dim=16, unit_size=25):
+    """An EMB_DIR whose vector for a name depends only on the name: re-embedding the same file gives the same row."""
+    emb = EmbDir(out)
+    emb.write_inputs(names)
+    rows = np.stack([np.random.default_rng(int(n[-8:-4])).standard_normal(dim) for n in names]).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    for start in range(0, len(names), unit_size):
+        ids = np.arange(start, min(len(names), start + unit_size))
+        emb.write_shard(start // unit_size, embeddings=rows[ids].astype(np.float16), ids=ids,
+                        paths=[names[i] for i in ids], failed_ids=[], failed_paths=[], failed_reasons=[],
+                        attrs={"model": "m", "pretrained": "none", "dim": dim, "unit_size": unit_size})
+    return out
+
+
+def test_update_refuses_an_emb_dir_whose_listing_moved_the_indexed_ids(tmp_path):
+    """New files sorted in between old ones (a fresh `embed`, not `--append`) give old images new ids: adding the
+    ids past the old end duplicated 20 indexed images and never indexed 20 new ones."""
+    old = [f"/img/{i:04d}.jpg" for i in range(0, 200, 2)]
+    _listing(tmp_path / "a", old)
+    info = build_index(tmp_path / "a", tmp_path / "index", progress=False)
+    _listing(tmp_path / "b", sorted(old + [f"/img/{i:04d}.jpg" for i in range(1, 40, 2)]))
+    with pytest.raises(UserError, match="id 1 .*/img/0002.jpg.*/img/0001.jpg.*--append"):
+        build_index(tmp_path / "b", tmp_path / "index", update=True, progress=False)
+    assert json.loads((tmp_path / "index" / "index.json").read_text()) == info.to_dict()
+    _listing(tmp_path / "a", old + [f"/img/{i:04d}.jpg" for i in range(1, 40, 2)])  # what --append does: fine
+    assert build_index(tmp_path / "a", tmp_path / "index", update=True, progress=False).n == 120
 
 
 # --- the real pipeline: clip-hpc embed (tiny model) -> index -> search, then embed --append -> index --update ----

@@ -1,6 +1,8 @@
 """The recall self-check's pure parts: recall@k, its lower bound, exact search, nprobe tuning, shifted queries."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,27 @@ def test_sweep_prices_only_settings_cheaper_than_the_best_so_far():
     out = sweep(bound_of, [1, 2, 4, 8, 16], [10, 25, 50], cost=lambda p, f: p + f, deadline=float("inf"))
     assert priced[1] == [10, 25, 50] and priced[2] == [10, 25]  # 1 + 50 reached the target: 2 + 50 costs more
     assert out.best == (8, 10) and 16 not in priced  # 16 + 10 costs more than 8 + 10
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_an_index_of_fewer_than_k_vectors_has_the_recall_of_what_exists(tmp_path, n):
+    """recall@10 divided by 10 even when only n < 10 vectors exist: an exact Flat index of 5 vectors reported 0.5
+    'below the 0.95 target', and one of 1 vector NaN (no report queries), written into index.json as a bare NaN
+    that strict JSON parsers reject."""
+    from clip_hpc.index.build import build_index
+    from index_fixtures import synthetic_emb_dir
+
+    emb, _ = synthetic_emb_dir(tmp_path / "emb", n)
+    info = build_index(emb, tmp_path / "index", progress=False)
+
+    def strict(token: str) -> None:
+        raise ValueError(f"index.json holds {token}")
+    recorded = json.loads((tmp_path / "index" / "index.json").read_text(), parse_constant=strict)
+    assert recorded["recall"]["served"] == info.recall["served"] == 1.0 and info.recall["target_met"]
+    assert recorded["recall"]["in_distribution"] == {"no_refine": 1.0, "refine": 1.0}
+
+
+def test_recall_per_query_counts_only_the_neighbours_that_exist():
+    exact = np.array([[3, 1, -1, -1], [2, -1, -1, -1]])
+    assert recall_per_query(np.array([[1, 3, -1, -1], [2, -1, -1, -1]]), exact, 4).tolist() == [1.0, 1.0]
+    assert recall_per_query(np.array([[1, 7, -1, -1], [5, -1, -1, -1]]), exact, 4).tolist() == [0.5, 0.0]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,8 @@ from clip_hpc.formats.caption_view import emb_view
 from clip_hpc.formats.emb_dir import EmbDir, EmbSummary, ShardEntry
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.formats.shard import Shard
-from clip_hpc.formats.tier_codes import copy_codes
 from clip_hpc.index.gpu_train import pretrain_coarse_quantizer
-from clip_hpc.index.ranks import (choose_lists, deserialize, lists_to_disk, merge_in_memory, merge_on_disk, my_units,
-                                  serialize)
+from clip_hpc.index.ranks import choose_lists, deserialize, merge_in_memory, merge_on_disk, my_units, serialize
 from clip_hpc.index.choose import (ADD_BATCH, KMEANS_ITERATIONS, OPQ_ITERATIONS, OPQ_TRAIN_POINTS,
                                    PQ_TRAIN_PER_CENTROID, choose_index_key, choose_train_size, ivf_lists, is_fast_scan)
 from clip_hpc.index.defaults import TRAIN_PER_LIST
@@ -142,15 +139,21 @@ def _write_vectors(target: IndexDir, emb: EmbDir, units: Sequence[int], n_rows: 
 
 
 def _train(index: faiss.Index, sample: np.ndarray | None, progress: bool, timings: dict[str, float],
-           local_rank: int = 0) -> faiss.Index:
-    """Train on the sample (on this rank's GPU when FAISS sees one); the trained, empty CPU index back."""
+           local_rank: int = 0, key: str = "the index") -> faiss.Index:
+    """Train on the sample (on this rank's GPU when FAISS sees one); the trained, empty CPU index back. FAISS
+    refuses a sample smaller than a codebook (PQ4 on 5 vectors: 256 centroids each): a user's error, one line."""
     start = time.perf_counter()
     if sample is not None and not index.is_trained:
         gpu = gpu_index(index, local_rank)
         if gpu is None and (torch_s := pretrain_coarse_quantizer(index, sample, local_rank)) is not None:
             timings["kmeans_torch_s"] = torch_s  # faiss-cpu: the coarse k-means ran on this rank's GPU, via torch
         with _bar(progress, desc="train", total=len(sample)) as bar:
-            (gpu if gpu is not None else index).train(np.ascontiguousarray(sample, dtype=np.float32))
+            try:
+                (gpu if gpu is not None else index).train(np.ascontiguousarray(sample, dtype=np.float32))
+            except RuntimeError as exc:
+                reason = str(exc).strip().splitlines()[-1].split("failed: ")[-1][:200]
+                raise UserError(f"{key} cannot be trained on {len(sample)} vectors ({reason}); use more vectors "
+                                "(--train-size) or --index-key auto") from None
             bar.update(len(sample))
         index = faiss.index_gpu_to_cpu(gpu) if gpu is not None else index
     timings["train_s"] = round(time.perf_counter() - start, 3)
@@ -266,7 +269,7 @@ def _prepare(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, *, index_key:
     sample = np.asarray(vectors[np.sort(sample_ids[:info.train_size])], dtype=np.float32) \
         if info.train_size else None
     del vectors
-    index = _train(index, sample, progress, timings, world.local_rank)
+    index = _train(index, sample, progress, timings, world.local_rank, key)
     if sample is not None and wants_tier(rerank_tier, n, is_ivf, info.refine):
         start = time.perf_counter()
         tier = train_tier(sample)
@@ -324,6 +327,7 @@ def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key
         world = World()
     with full_disk_is_a_user_error(out, "clip-hpc index"):  # the temporary directory is gone by then
         if update:
+            from clip_hpc.index.update import update_index  # it builds on this module's steps: imported here
             return IndexInfo.from_dict(from_root(world, lambda: update_index(
                 emb_dir, out, nprobe=nprobe, refine=refine, progress=progress).to_dict()))
         options = dict(index_key=index_key, train_size=train_size, refine=refine, seed=seed, nprobe=nprobe,
@@ -351,52 +355,3 @@ def _build(emb_dir: str | os.PathLike, out: Path, options: dict[str, Any]) -> In
         per_rank = on_every_rank(world, add)
         return IndexInfo.from_dict(from_root(world, lambda: _merge_and_finish(
             plan, own[0], per_rank, out, options["nprobe"], started)))
-
-
-def _carry_tier(current: IndexDir, tmp: IndexDir, n_rows: int) -> None:
-    """`--update` of an index with a re-rank tier: the trained tier and the old rows, the new rows to come."""
-    if current.has_tier():
-        shutil.copy2(current.tier_path, tmp.tier_path)
-        start_codes(faiss.read_index(str(current.tier_path)), tmp.tier_codes_path, n_rows)
-        copy_codes(current.tier_codes_path, tmp.tier_codes_path)
-
-
-def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: int | None = None,
-                 refine: bool | None = None, progress: bool = True) -> IndexInfo:
-    """Add the ids of EMB_DIR not yet in INDEX_DIR (new units, or a last unit that `embed --append` refilled) to
-    its trained index, without retraining; the new INDEX_DIR replaces the old one whole."""
-    started = time.perf_counter()
-    out = Path(out)
-    current = IndexDir(out)
-    info = current.check_integrity()
-    emb = emb_view(emb_dir, info.vectors)
-    summary = _checked_set(emb)
-    if (summary.model, summary.pretrained, int(summary.dim or 0)) != (info.model, info.pretrained, info.dim):
-        raise UserError(f"{emb_dir} holds {summary.model}/{summary.pretrained} {summary.dim}-d vectors, "
-                        f"{out} indexes {info.model}/{info.pretrained} {info.dim}-d; build a new index")
-    counts = _unit_counts(summary.shards)
-    changed = [e.unit for e in summary.shards if info.unit_counts.get(str(e.unit)) != counts[str(e.unit)]]
-    if not changed:
-        return info
-    if refine is not None:
-        info.refine = bool(refine)
-    timings: dict[str, float] = {}
-    with IndexDir.build_beside(out) as tmp:
-        tmp.copy_metadata_from(current)
-        start = time.perf_counter()
-        info.n_rows = max(int(info.n_rows), _n_rows(summary))
-        with tmp.open_metadata(readonly=False) as meta, current.open_metadata() as known:
-            _write_vectors(tmp, emb, changed, info.n_rows, info.dim, meta, progress, old=current, known=known)
-            timings["vectors_s"] = round(time.perf_counter() - start, 3)
-            index = current.open_index(writable=True)
-            n_before = int(index.ntotal)
-            _carry_tier(current, tmp, info.n_rows)
-            index = _add(index, emb, changed, progress, timings, known=known, tier_dir=tmp)
-            timings["train_s"] = 0
-        if info.lists == "disk":  # they were read into memory to add to them: back out to disk
-            index = lists_to_disk(index, tmp.ivfdata_path)
-        info.unit_counts = counts
-        info.updates = info.updates + [{
-            "units": sorted(changed), "added": int(index.ntotal) - n_before, "timings": timings, "at": _now()}]
-        query_ids = emb.sample_ids(summary.shards, RECALL_QUERIES, np.random.default_rng(info.seed))
-        return _finish(tmp, out, index, info, query_ids, nprobe or info.nprobe, timings, started)

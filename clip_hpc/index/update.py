@@ -1,0 +1,87 @@
+"""`clip-hpc index --update`: add the ids an EMB_DIR gained since INDEX_DIR was built (`embed --append`) to its
+trained index, without retraining; the new INDEX_DIR replaces the old one whole, as a build does.
+
+An id is a line number of inputs.txt, so an update is only sound when the EMB_DIR's listing still gives every
+indexed image its id: a fresh `embed` of a grown folder sorts new files in between old ones, and adding "the ids
+past the old end" would then index some images twice and others never. `_check_listing` refuses that.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from clip_hpc.errors import UserError
+from clip_hpc.formats.caption_view import emb_view
+from clip_hpc.formats.emb_dir import EmbDir
+from clip_hpc.formats.index_dir import IndexDir, IndexInfo
+from clip_hpc.formats.metadata import MetadataStore
+from clip_hpc.formats.tier_codes import copy_codes
+from clip_hpc.index.build import _add, _checked_set, _finish, _n_rows, _now, _unit_counts, _write_vectors
+from clip_hpc.index.ranks import lists_to_disk
+from clip_hpc.index.rerank_tier import start_codes
+from clip_hpc.index.selfcheck import RECALL_QUERIES
+
+
+def _check_listing(emb: EmbDir, known: MetadataStore, out: Path) -> None:
+    """Refuse (UserError, nothing written) an EMB_DIR whose inputs.txt no longer gives an indexed id its image."""
+    mismatch = known.first_other_path(emb.read_inputs())
+    if mismatch is not None:
+        id, indexed, listed = mismatch
+        raise UserError(f"{emb.root} lists other images under the ids {out} indexes (id {id} is {indexed!r} in the "
+                        f"index, {listed!r} in inputs.txt): only `clip-hpc embed --append` keeps ids; build a new index")
+
+
+def _carry_tier(current: IndexDir, tmp: IndexDir, n_rows: int) -> None:
+    """`--update` of an index with a re-rank tier: the trained tier and the old rows, the new rows to come."""
+    if current.has_tier():
+        shutil.copy2(current.tier_path, tmp.tier_path)
+        start_codes(faiss.read_index(str(current.tier_path)), tmp.tier_codes_path, n_rows)
+        copy_codes(current.tier_codes_path, tmp.tier_codes_path)
+
+
+def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: int | None = None,
+                 refine: bool | None = None, progress: bool = True) -> IndexInfo:
+    """Add the ids of EMB_DIR not yet in INDEX_DIR (new units, or a last unit that `embed --append` refilled) to
+    its trained index, without retraining; the new INDEX_DIR replaces the old one whole."""
+    started = time.perf_counter()
+    out = Path(out)
+    current = IndexDir(out)
+    info = current.check_integrity()
+    emb = emb_view(emb_dir, info.vectors)
+    summary = _checked_set(emb)
+    if (summary.model, summary.pretrained, int(summary.dim or 0)) != (info.model, info.pretrained, info.dim):
+        raise UserError(f"{emb_dir} holds {summary.model}/{summary.pretrained} {summary.dim}-d vectors, "
+                        f"{out} indexes {info.model}/{info.pretrained} {info.dim}-d; build a new index")
+    counts = _unit_counts(summary.shards)
+    changed = [e.unit for e in summary.shards if info.unit_counts.get(str(e.unit)) != counts[str(e.unit)]]
+    with current.open_metadata() as known:
+        _check_listing(emb, known, out)
+    if not changed:
+        return info
+    if refine is not None:
+        info.refine = bool(refine)
+    timings: dict[str, float] = {}
+    with IndexDir.build_beside(out) as tmp:
+        tmp.copy_metadata_from(current)
+        start = time.perf_counter()
+        info.n_rows = max(int(info.n_rows), _n_rows(summary))
+        with tmp.open_metadata(readonly=False) as meta, current.open_metadata() as known:
+            _write_vectors(tmp, emb, changed, info.n_rows, info.dim, meta, progress, old=current, known=known)
+            timings["vectors_s"] = round(time.perf_counter() - start, 3)
+            index = current.open_index(writable=True)
+            n_before = int(index.ntotal)
+            _carry_tier(current, tmp, info.n_rows)
+            index = _add(index, emb, changed, progress, timings, known=known, tier_dir=tmp)
+            timings["train_s"] = 0
+        if info.lists == "disk":  # they were read into memory to add to them: back out to disk
+            index = lists_to_disk(index, tmp.ivfdata_path)
+        info.unit_counts = counts
+        info.updates = info.updates + [{
+            "units": sorted(changed), "added": int(index.ntotal) - n_before, "timings": timings, "at": _now()}]
+        query_ids = emb.sample_ids(summary.shards, RECALL_QUERIES, np.random.default_rng(info.seed))
+        return _finish(tmp, out, index, info, query_ids, nprobe or info.nprobe, timings, started)
