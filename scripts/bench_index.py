@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 from clip_hpc.search.heldout import VectorQueriesOnly, heldout_mixture_params, heldout_queries
-from clip_hpc.index.selfcheck import exact_top_k, recall_at_k
+from clip_hpc.index.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.search.engine import SearchEngine
 from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
 

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from clip_hpc.index.selfcheck import (exact_top_k, hit_positions, off_distribution_groups, off_distribution_queries,
-                                      probe_ladder, recall_at_k, recall_lower_bound, recall_per_query,
-                                      recall_prediction_bound, sweep)
+from clip_hpc.index.ground_truth import (exact_top_k, exact_truth, hit_positions, recall_at_k, recall_per_query,
+                                         tie_aware_positions)
+from clip_hpc.index.selfcheck import (off_distribution_groups, off_distribution_queries, probe_ladder,
+                                      recall_lower_bound, recall_prediction_bound, sweep)
 from clip_hpc.search.core import rerank
 from index_fixtures import synthetic
 
@@ -143,3 +144,42 @@ def test_recall_per_query_counts_only_the_neighbours_that_exist():
     exact = np.array([[3, 1, -1, -1], [2, -1, -1, -1]])
     assert recall_per_query(np.array([[1, 3, -1, -1], [2, -1, -1, -1]]), exact, 4).tolist() == [1.0, 1.0]
     assert recall_per_query(np.array([[1, 7, -1, -1], [5, -1, -1, -1]]), exact, 4).tolist() == [0.5, 0.0]
+
+
+def duplicated(n: int, copies: int, dim: int = 32, seed: int = 3) -> np.ndarray:
+    """n unit vectors (float16-exact) whose first `copies` rows are one vector: a placeholder image by the thousand."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors[:copies] = vectors[0]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.astype(np.float16).astype(np.float32)
+
+
+def test_a_query_tied_at_the_kth_place_counts_any_candidate_that_scores_as_much():
+    """Another copy of a duplicated vector is as right as the copy the exact search named; a query with no tie
+    keeps the id positions of `hit_positions`."""
+    vectors = duplicated(200, 40)
+    queries = vectors[[0, 150]]
+    truth = exact_truth(queries, vectors, 10)
+    assert truth.tied.tolist() == [True, False]
+    named = set(truth.ids[0].tolist())
+    others = [i for i in range(39, -1, -1) if i not in named]  # copies the exact search did not name, first
+    found = np.array([[*(others[:12]), *range(100, 138)], exact_top_k(queries[1:], vectors, 50)[0]])
+    positions = tie_aware_positions(found, truth, queries, vectors)
+    assert positions[0].tolist() == list(range(10))  # the first ten candidates are all copies
+    np.testing.assert_array_equal(positions[1], hit_positions(found, truth.ids)[1])
+    by_id = hit_positions(found, truth.ids)[0]
+    assert (by_id < 10).sum() < 10  # by ids alone, the same list would have missed some
+
+
+@pytest.mark.parametrize("key", ["Flat", "IVF8,Flat"])
+def test_duplicated_vectors_do_not_lower_the_self_checks_recall(tmp_path, key):
+    """300 copies of one vector among 1,000: counted by ids, both indexes reported in-distribution recall far
+    below the target (the exact one too) for returning other copies than the exact search named."""
+    from clip_hpc.devdata import synthetic_vectors
+    from clip_hpc.index.build import build_index
+
+    vectors = duplicated(1000, 300)
+    synthetic_vectors.write_emb_dir(tmp_path / "emb", vectors, np.zeros(len(vectors), dtype=np.int64), 250)
+    info = build_index(tmp_path / "emb", tmp_path / "index", index_key=key, progress=False)
+    assert info.recall["in_distribution"]["refine"] == 1.0 and info.recall["target_met"]

@@ -11,7 +11,8 @@ from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.tier_codes import copy_codes, create_codes, write_codes
 from clip_hpc.index.build import build_index
 from clip_hpc.index.rerank_tier import load_tier
-from clip_hpc.index.selfcheck import exact_top_k, hit_positions, tier_ranks, tier_scores
+from clip_hpc.index.ground_truth import exact_top_k, hit_positions
+from clip_hpc.index.selfcheck import tier_ranks, tier_scores
 from clip_hpc.index.text_queries import text_like_groups
 from clip_hpc.search.core import normalise_rows, rerank, set_nprobe
 from clip_hpc.search.engine import SearchEngine

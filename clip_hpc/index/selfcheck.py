@@ -18,11 +18,11 @@ import faiss
 import numpy as np
 
 from clip_hpc.search.core import normalise_rows, search_index, set_nprobe
+from clip_hpc.index.ground_truth import ABSENT, RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
 from clip_hpc.index.rerank_tier import EXACT_FACTORS, refine_over
 from clip_hpc.index.text_queries import caption_queries, text_like_groups
 
 TARGET_RECALL = 0.95
-RECALL_K = 10
 RECALL_QUERIES = 800  # indexed vectors sampled: half tune, half report (each also the base of text-like groups)
 TEXT_GROUPS = 10  # text-like gap groups per half, each with its own direction
 OFF_DIRECTIONS = 8  # offset directions in the off-distribution set, one group of queries each
@@ -37,26 +37,7 @@ FAST_SCAN_BYTE_COST = 0.25  # a fast-scan 4-bit code byte costs a quarter of an 
 FALLBACK_SLACK = 0.005
 SWEEP_BUDGET_MIN_S = 60.0  # the nprobe sweep stops after max(this, SWEEP_BUDGET_SHARE x the rest of the build)
 SWEEP_BUDGET_SHARE = 0.5
-EXACT_CHUNK = 65_536
-ABSENT = np.iinfo(np.int64).max  # the position of an id not among the candidates
 SELF_CHECK_SALT = 0x5E1F_C4EC  # default_rng(seed + 1) drew offsets equal to the synthetic data's cluster centres
-
-
-def true_neighbours(exact_ids: np.ndarray, k: int = RECALL_K) -> np.ndarray:
-    """How many of each query's exact top-k exist (-1 marks none): fewer than k when the index holds fewer than k
-    vectors, and recall is the share of those found (an exact index of 5 vectors has recall 1, not 0.5)."""
-    return np.maximum((np.asarray(exact_ids)[:, :k] >= 0).sum(axis=1), 1)
-
-
-def recall_per_query(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = RECALL_K) -> np.ndarray:
-    """For each query, the fraction of the exact top-k (those that exist) found in the approximate top-k."""
-    found = [len(set(a[:k].tolist()) & set(e[:k].tolist()) - {-1}) for a, e in zip(approx_ids, exact_ids)]
-    return np.asarray(found, dtype=np.float64) / true_neighbours(exact_ids, k) if found else np.zeros(0)
-
-
-def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = RECALL_K) -> float:
-    per_query = recall_per_query(approx_ids, exact_ids, k)
-    return float(per_query.mean()) if len(per_query) else 0.0
 
 
 def recall_lower_bound(per_query: np.ndarray) -> float:
@@ -89,39 +70,6 @@ def off_distribution_groups(queries: np.ndarray, rng: np.random.Generator,
     """The queries cut into `directions` groups, each shifted by its own random offset, with noise levels cycled."""
     groups = np.array_split(np.asarray(queries, dtype=np.float32), max(1, min(directions, len(queries))))
     return [off_distribution_queries(g, rng, noise=OFF_NOISES[i % len(OFF_NOISES)]) for i, g in enumerate(groups)]
-
-
-def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = EXACT_CHUNK) -> np.ndarray:
-    """Exact inner-product top-k over a (memory-mapped) matrix, chunk by chunk through FAISS's brute-force knn
-    (7x numpy's argpartition at 1,600 queries); all-zero rows (ids never embedded) never match."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(queries), 0), dtype=np.int64)
-    for start in range(0, len(vectors), chunk):
-        block = np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32)
-        empty = ~block.any(axis=1)
-        wanted = min(len(block), k + int(empty.sum()))  # enough that dropping the empty rows leaves k
-        scores, ids = faiss.knn(queries, block, wanted, metric=faiss.METRIC_INNER_PRODUCT)
-        scores[(ids < 0) | empty[np.maximum(ids, 0)]] = -np.inf
-        all_s = np.concatenate([best_s, scores], axis=1)
-        all_i = np.concatenate([best_i, ids + start], axis=1)
-        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(all_s, order, 1), np.take_along_axis(all_i, order, 1)
-    return np.where(np.isfinite(best_s), best_i, -1)
-
-
-def hit_positions(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    """Where each query's exact top-k ids sit in its candidate list (ABSENT where not in it, or -1).
-    Re-ranking the first C candidates exactly keeps every true top-k id among them (each outscores every other
-    candidate), so that re-rank's recall is mean(positions < C) / k: one search at the largest C prices every
-    refine factor, and no vector is read to measure it."""
-    found, exact = np.asarray(found), np.asarray(exact)
-    positions = np.full(exact.shape, ABSENT, dtype=np.int64)
-    for j in range(exact.shape[1]):
-        match = (found == exact[:, j:j + 1]) & (exact[:, j:j + 1] >= 0)
-        hit = match.any(axis=1)
-        positions[hit, j] = match[hit].argmax(axis=1)
-    return positions
 
 
 def serving_cost(nprobe: int, factor: int, *, list_size: float, code_size: float, dim: int, tier_bytes: int = 0,
@@ -268,8 +216,8 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
     (tune_families, _), (report_families, report_cosines) = halves
     tune_queries, tune_spans = _family_spans(tune_families)
     report_queries, report_spans = _family_spans(report_families)
-    truth = exact_top_k(np.concatenate([tune_queries, report_queries]), vectors, RECALL_K)  # one pass for all
-    tune_truth, report_truth = truth[:len(tune_queries)], truth[len(tune_queries):]
+    truth = exact_truth(np.concatenate([tune_queries, report_queries]), vectors, RECALL_K)  # one pass for all
+    tune_truth, report_truth = truth.rows(slice(0, len(tune_queries))), truth.rows(slice(len(tune_queries), None))
     truth_s = time.perf_counter() - started
 
     f1s = [refine_factor] if refine and refine_factor else list(REFINE_FACTORS) if refine else [0]
@@ -277,11 +225,11 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
     configs = [(f, 0) for f in f1s] + ([(f, e) for f in f1s for e in EXACT_FACTORS if e < f] if tiered else [])
     n_cand = int(min(max(1, index.ntotal), RECALL_K * max(max(f1s), 1)))
 
-    def recall_of(queries: np.ndarray, exact: np.ndarray, probe: int, n: int) -> Callable[[Config], np.ndarray]:
+    def recall_of(queries: np.ndarray, exact: Truth, probe: int, n: int) -> Callable[[Config], np.ndarray]:
         """Per-query recall@10 of any (refine factor, tier exact factor) at `probe`, from one search of `n`."""
         set_nprobe(index, probe)
         found = search_index(index, None, queries, max(RECALL_K, n))[1]
-        pos = hit_positions(found, exact)
+        pos = tie_aware_positions(found, exact, queries, vectors)
         ranks: dict[int, np.ndarray] = {}
 
         def recall(config: Config) -> np.ndarray:
@@ -294,7 +242,7 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
                     ranks.update(zip(prefixes, tier_ranks(found, tier_scores(index, tier, queries, found), pos,
                                                           prefixes)))
                 hit &= ranks[c] < RECALL_K * exact_factor
-            return hit.sum(axis=1) / true_neighbours(exact)
+            return hit.sum(axis=1) / true_neighbours(exact.ids)
         return recall
 
     tuning: dict[str, float] = {}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from clip_hpc.formats.index_dir import IndexDir
-from clip_hpc.index.selfcheck import exact_top_k, recall_per_query
+from clip_hpc.index.ground_truth import exact_top_k, recall_per_query
 from clip_hpc.search.core import normalise_rows
 from clip_hpc.search.engine import SearchEngine
 from clip_hpc.index.text_queries import text_like
