@@ -187,6 +187,34 @@ def test_update_adds_new_units_without_retraining(tmp_path):
     assert not list(tmp_path.glob(".index*"))
 
 
+def test_update_follows_a_unit_re_embedded_with_as_many_images_but_other_ones(tmp_path):
+    """A re-run re-embedded unit 1 after one image was fixed (12) and another broke (13): the same count, so
+    --update, which compared counts only, never indexed 12 and kept 13's old vector and path."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(20, 16))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    emb = EmbDir(tmp_path / "emb")
+    emb.write_inputs([f"/img/{i}.jpg" for i in range(20)])
+
+    def unit(u: int, failed: int | None) -> None:
+        ids = [i for i in range(10 * u, 10 * u + 10) if i != failed]
+        emb.write_shard(u, embeddings=vectors[ids], ids=ids, paths=[f"/img/{i}.jpg" for i in ids],
+                        failed_ids=[failed] if failed is not None else [], failed_paths=[f"/img/{failed}.jpg"]
+                        if failed is not None else [], failed_reasons=["missing file"] if failed is not None else [],
+                        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 10})
+
+    unit(0, None)
+    unit(1, 12)
+    build_index(emb.root, tmp_path / "index", progress=False)
+    unit(1, 13)
+    info = build_index(emb.root, tmp_path / "index", update=True, progress=False)
+    engine = SearchEngine(tmp_path / "index")
+    assert sorted(engine.meta.all_ids()) == [i for i in range(20) if i != 13]
+    assert info.n == 19 and info.updates[-1]["units"] == [1]
+    assert [row[0].id for row in engine.search_vectors(vectors[[12, 13]].astype(np.float32), k=1)][0] == 12
+    assert 13 not in [row[0].id for row in engine.search_vectors(vectors[[13]].astype(np.float32), k=19)]
+
+
 def test_update_refuses_another_model_and_keeps_the_index(tmp_path):
     emb, _ = synthetic_emb_dir(tmp_path / "emb", 600)
     info = build_index(emb, tmp_path / "index", progress=False)

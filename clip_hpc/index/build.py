@@ -33,6 +33,7 @@ from clip_hpc.index.choose import (ADD_BATCH, KMEANS_ITERATIONS, OPQ_ITERATIONS,
                                    PQ_TRAIN_PER_CENTROID, choose_index_key, choose_train_size, ivf_lists, is_fast_scan)
 from clip_hpc.index.defaults import TRAIN_PER_LIST
 from clip_hpc.formats.metadata import MetadataStore
+from clip_hpc.index.drift import drifted_units
 from clip_hpc.index.rerank_tier import TIER_KEY, encode_into, load_tier, start_codes, train_tier, wants_tier
 from clip_hpc.index.selfcheck import RECALL_QUERIES, SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE, self_check
 from clip_hpc.ingest.tars import meta_key_url
@@ -375,7 +376,8 @@ def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: 
         raise UserError(f"{emb_dir} holds {summary.model}/{summary.pretrained} {summary.dim}-d vectors, "
                         f"{out} indexes {info.model}/{info.pretrained} {info.dim}-d; build a new index")
     counts = _unit_counts(summary.shards)
-    changed = [e.unit for e in summary.shards if info.unit_counts.get(str(e.unit)) != counts[str(e.unit)]]
+    with current.open_metadata() as known:
+        changed, stale = drifted_units(emb, summary, known)
     if not changed:
         return info
     if refine is not None:
@@ -389,6 +391,9 @@ def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: 
             _write_vectors(tmp, emb, changed, info.n_rows, info.dim, meta, progress, old=current, known=known)
             timings["vectors_s"] = round(time.perf_counter() - start, 3)
             index = current.open_index(writable=True)
+            if len(stale):  # indexed before, failed in the unit's new shard: its old vector must not be found
+                index.remove_ids(faiss.IDSelectorBatch(stale))
+                meta.remove(stale)
             n_before = int(index.ntotal)
             _carry_tier(current, tmp, info.n_rows)
             index = _add(index, emb, changed, progress, timings, known=known, tier_dir=tmp)
@@ -397,6 +402,7 @@ def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: 
             index = lists_to_disk(index, tmp.ivfdata_path)
         info.unit_counts = counts
         info.updates = info.updates + [{
-            "units": sorted(changed), "added": int(index.ntotal) - n_before, "timings": timings, "at": _now()}]
+            "units": sorted(changed), "added": int(index.ntotal) - n_before, "removed": len(stale),
+            "timings": timings, "at": _now()}]
         query_ids = emb.sample_ids(summary.shards, RECALL_QUERIES, np.random.default_rng(info.seed))
         return _finish(tmp, out, index, info, query_ids, nprobe or info.nprobe, timings, started)
