@@ -119,6 +119,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from clip_hpc.cluster.world import world
     from clip_hpc.formats.embedding_folder import import_embedding_folder, is_embedding_folder
     from clip_hpc.index.build import build_index
+    from clip_hpc.index.update import update_index
     from clip_hpc.ingest.object_store import require_posix
 
     require_posix(args.out)
@@ -132,10 +133,13 @@ def cmd_index(args: argparse.Namespace) -> int:
                                 "index without mpiexec/srun")
             emb_dir = import_embedding_folder(args.emb_dir, os.path.join(scratch, "emb"), model=args.model,
                                               pretrained=args.pretrained).root
-        info = build_index(emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
-                           refine=args.refine, nprobe=args.nprobe, refine_factor=args.refine_factor,
-                           update=args.update, lists=args.lists,
-                           progress=not args.quiet, vectors=args.vectors, rerank_tier=args.rerank_tier)
+        if args.update:
+            info = update_index(emb_dir, args.out, nprobe=args.nprobe, refine=args.refine, progress=not args.quiet)
+        else:
+            info = build_index(emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
+                               refine=args.refine, nprobe=args.nprobe, refine_factor=args.refine_factor,
+                               lists=args.lists, progress=not args.quiet, vectors=args.vectors,
+                               rerank_tier=args.rerank_tier)
     if not world().is_root:  # every rank built it; one reports
         return 0
     if args.json:

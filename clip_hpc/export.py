@@ -44,8 +44,8 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
     if out.exists():
         raise UserError(f"{out} already exists; remove it or choose another --out")
     emb = EmbDir(emb_dir)
-    emb.check_set()
-    with_text = _all_or_no_captions(emb)
+    units = [entry.unit for entry in emb.check_set().shards]  # never a shard file outside the unit plan
+    with_text = _all_or_no_captions(emb, units)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / EMB_SUBDIR).mkdir(parents=True)
@@ -55,7 +55,7 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
     n_files = n_rows = 0
     try:
         with full_disk_is_a_user_error(out, "clip-hpc export"):  # the temporary directory is removed below
-            for shard in emb.iter_shards():
+            for shard in emb.iter_shards(units=units):
                 if not len(shard.ids):
                     continue  # a unit where every image failed: embedding_reader wants no empty files
                 keys, urls = zip(*map(meta_key_url, shard.meta))
@@ -75,10 +75,10 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
     return {"files": n_files, "rows": n_rows}
 
 
-def _all_or_no_captions(emb: EmbDir) -> bool:
+def _all_or_no_captions(emb: EmbDir, units: list[int]) -> bool:
     """Whether the shards carry caption embeddings: all of them (True) or none (False); a mix cannot be exported
     row for row, so it is an error naming the remedy."""
-    flags = {shard.has_captions for shard in emb.iter_shards(with_embeddings=False)}
+    flags = {shard.has_captions for shard in emb.iter_shards(with_embeddings=False, units=units)}
     if len(flags) > 1:
         raise UserError(f"{emb.root}: some shards were embedded with --captions, some without; re-run clip-hpc "
                         "embed --captions (it redoes only the units without) or export from an EMB_DIR of one kind")

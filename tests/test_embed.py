@@ -165,3 +165,25 @@ def test_pending_units_redoes_exactly_what_the_shard_check_rejects(tmp_path):
     assert [u.index for u in pending_units(emb, grown, 5, "m", "none")] == [0, 1, 2]
     emb.shard_path(2).unlink()
     assert [u.index for u in pending_units(emb, units, 5, "m", "none")] == [0, 1, 2]
+
+
+def test_rerun_with_another_shard_size_or_model_is_refused_and_touches_nothing(tmp_path):
+    """Before: `--shard-size 6` over a dir cut in units of 4 silently re-embedded every image and left the old
+    shards beside the new ones (export then wrote ids twice); another --model (the sbatch default) re-embedded all.
+    Now each is one line, exit 2, before inputs.txt or a shard changes, even with --append and new files."""
+    from conftest import make_images
+
+    images = make_images(tmp_path / "img", 8, seed=3)
+    out = tmp_path / "emb"
+    run_cli("embed", images, "--out", out, *TINY, "--shard-size", 4, "--workers", 0, check=True)
+    before = {p.name: p.stat().st_mtime_ns for p in EmbDir(out).shard_files()}
+    inputs = (out / "inputs.txt").read_bytes()
+    make_images(images / "more", 2, seed=4)
+    line = one_line_error(run_cli("embed", images, "--out", out, *TINY, "--shard-size", 6, "--workers", 0,
+                                  "--append"))
+    assert "made with --shard-size 4" in line and "new --out" in line
+    line = one_line_error(run_cli("embed", images, "--out", out, "--model", "clip-hpc-demo", "--shard-size", 4,
+                                  "--append"))
+    assert "made with --model clip-hpc-tiny --pretrained none" in line
+    assert (out / "inputs.txt").read_bytes() == inputs
+    assert {p.name: p.stat().st_mtime_ns for p in EmbDir(out).shard_files()} == before

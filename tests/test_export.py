@@ -106,3 +106,17 @@ def test_shards_and_metadata_from_before_captions_still_read(tmp_path):
     with MetadataStore(old) as writer:  # index --update copies an old store: it gains the columns
         writer.add([1], ["/t.tar::b.jpg"], [10], captions=["a cat"], offsets=[512])
         assert writer.captions_of([0, 1]) == {1: "a cat"} and writer.ids_matching(caption="cat") == [1]
+
+
+def test_export_reads_only_the_units_the_checked_set_holds(tmp_path):
+    """A shard file outside the unit plan (left by a run with another --shard-size: unit 3 of units of 2 holds ids
+    6 and 7 of a 6-input set cut in 3s) was exported beside the real ones: ids twice, more rows than inputs."""
+    emb = EmbDir(tmp_path / "emb")
+    emb.write_inputs([f"/img/{i}.jpg" for i in range(6)])
+    vectors = np.eye(DIM, dtype=np.float16)
+    for unit, size, ids in ((0, 3, [0, 1, 2]), (1, 3, [3, 4, 5]), (3, 2, [6, 7])):
+        emb.write_shard(unit, embeddings=vectors[:len(ids)], ids=ids, paths=[f"/img/{i}.jpg" for i in ids],
+                        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": size})
+    proc = run_cli("export", tmp_path / "emb", "--format", "embedding-reader", "--out", tmp_path / "er")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "er" / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy"]

@@ -186,3 +186,56 @@ def test_sample_ids_draws_from_every_shard_without_repeats(tmp_path):
     assert sorted(every.tolist()) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     some = emb.sample_ids(entries, 4, np.random.default_rng(1))
     assert len(set(some.tolist())) == 4 and set(some.tolist()) <= set(every.tolist())
+
+
+def test_manifest_leaves_a_live_writers_temporary_shard_alone(tmp_path):
+    """Two runs on one EMB_DIR (a requeued job overlapping its predecessor): the one that completes the set must not
+    delete the temporary shard another live process is about to rename, which failed that run with ENOENT."""
+    import socket
+    import subprocess
+    import sys
+
+    from clip_hpc.formats.atomic import temp_path
+
+    write_inputs(tmp_path, 10)
+    write(tmp_path, unit=0)
+    write(tmp_path, unit=1, start=5)
+    emb = EmbDir(tmp_path)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = temp_path(emb.shard_path(1), pid=live.pid)
+        alive.write_bytes(b"being written")
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        gone = temp_path(emb.shard_path(0), pid=dead.pid)
+        gone.write_bytes(b"left by a killed writer")
+        elsewhere = temp_path(emb.shard_path(0), pid=live.pid, host="other-" + socket.gethostname())
+        elsewhere.write_bytes(b"another node's writer: alive or not, this node cannot tell")
+        assert emb.write_manifest(2, 5) is not None
+        assert alive.exists() and elsewhere.exists() and not gone.exists()
+        assert [p.name for p in emb.shard_files()] == ["shard-000000.h5", "shard-000001.h5"]
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.parametrize("wanted, flag", [
+    ({"unit_size": 4}, "--shard-size 5"), ({"model": "other"}, "--model m"), ({"dtype": "float32"}, "--dtype float16"),
+    ({"precision": "bf16"}, "--precision fp32")])
+def test_a_run_with_other_settings_is_refused_naming_the_recorded_one(tmp_path, wanted, flag):
+    """A re-run with another unit size, model or dtype re-embedded every unit (or mixed two dtypes under one manifest);
+    now it is one line naming what the EMB_DIR was made with. Shards from before `precision` was recorded pass."""
+    from clip_hpc.errors import UserError
+
+    same = {"model": "m", "pretrained": "none", "unit_size": 5, "dtype": "float16", "precision": "fp32"}
+    emb = EmbDir(tmp_path)
+    emb.refuse_other_settings({**same, **wanted})  # an empty EMB_DIR takes any settings
+    write_inputs(tmp_path, 10)
+    emb.write_shard(0, embeddings=np.zeros((5, 8), np.float16), ids=list(range(5)), paths=list("abcde"),
+                    attrs={**same, "pretrained": "none"})
+    emb.refuse_other_settings(same)
+    with pytest.raises(UserError, match=f"made with {flag}.*use a new --out"):
+        emb.refuse_other_settings({**same, **wanted})
+    if "precision" in wanted:
+        write(tmp_path, unit=0)  # no precision attr: an older shard
+        emb.refuse_other_settings({**same, **wanted})

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from clip_hpc.errors import UserError
+from clip_hpc.index.update import update_index
 from clip_hpc.index.build import build_index, choose_index_key, choose_train_size, ivf_lists
+from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.index.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.index.selfcheck import off_distribution_queries
 from clip_hpc.search.engine import SearchEngine
@@ -183,10 +185,10 @@ def test_update_adds_new_units_without_retraining(tmp_path):
     old = SearchEngine(tmp_path / "index")
     old_paths = old.meta.paths_of(range(2000))
     old_hits = [h.id for h in old.search_ids([17], k=5)]
-    assert build_index(emb, tmp_path / "index", update=True, progress=False).updates == []  # nothing new
+    assert update_index(emb, tmp_path / "index", progress=False).updates == []  # nothing new
 
     synthetic.write_emb_dir(emb, vectors[2000:], labels[2000:], 500, first_id=2000)
-    info = build_index(emb, tmp_path / "index", update=True, progress=False)
+    info = update_index(emb, tmp_path / "index", progress=False)
     after = faiss.read_index(str(tmp_path / "index" / "index.faiss"))
     assert after.ntotal == 3000 and info.n == 3000 and info.updates[0]["added"] == 1000
     assert info.updates[0]["units"] == [4, 5] and info.updates[0]["timings"]["train_s"] == 0
@@ -200,12 +202,41 @@ def test_update_adds_new_units_without_retraining(tmp_path):
     assert not list(tmp_path.glob(".index*"))
 
 
+def test_update_follows_a_unit_re_embedded_with_as_many_images_but_other_ones(tmp_path):
+    """A re-run re-embedded unit 1 after one image was fixed (12) and another broke (13): the same count, so
+    --update, which compared counts only, never indexed 12 and kept 13's old vector and path."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(20, 16))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    emb = EmbDir(tmp_path / "emb")
+    emb.write_inputs([f"/img/{i}.jpg" for i in range(20)])
+
+    def unit(u: int, failed: int | None) -> None:
+        ids = [i for i in range(10 * u, 10 * u + 10) if i != failed]
+        emb.write_shard(u, embeddings=vectors[ids], ids=ids, paths=[f"/img/{i}.jpg" for i in ids],
+                        failed_ids=[failed] if failed is not None else [], failed_paths=[f"/img/{failed}.jpg"]
+                        if failed is not None else [], failed_reasons=["missing file"] if failed is not None else [],
+                        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 10})
+
+    unit(0, None)
+    unit(1, 12)
+    build_index(emb.root, tmp_path / "index", progress=False)
+    unit(1, 13)
+    info = update_index(emb.root, tmp_path / "index", progress=False)
+    engine = SearchEngine(tmp_path / "index")
+    assert sorted(engine.meta.all_ids()) == [i for i in range(20) if i != 13]
+    assert info.n == 19 and info.updates[-1]["units"] == [1]
+    assert [row[0].id for row in engine.search_vectors(vectors[[12, 13]].astype(np.float32), k=1)][0] == 12
+    assert 13 not in [row[0].id for row in engine.search_vectors(vectors[[13]].astype(np.float32), k=19)]
+    assert not IndexDir(tmp_path / "index").open_vectors()[13].any()  # nor does exact search (the self-check) see it
+
+
 def test_update_refuses_another_model_and_keeps_the_index(tmp_path):
     emb, _ = synthetic_emb_dir(tmp_path / "emb", 600)
     info = build_index(emb, tmp_path / "index", progress=False)
     other, _ = synthetic_emb_dir(tmp_path / "other", 600, dim=16)
     with pytest.raises(UserError, match="build a new index"):
-        build_index(other, tmp_path / "index", update=True, progress=False)
+        update_index(other, tmp_path / "index", progress=False)
     assert json.loads((tmp_path / "index" / "index.json").read_text()) == info.to_dict()
 
 
@@ -231,10 +262,10 @@ def test_update_refuses_an_emb_dir_whose_listing_moved_the_indexed_ids(tmp_path)
     info = build_index(tmp_path / "a", tmp_path / "index", progress=False)
     _listing(tmp_path / "b", sorted(old + [f"/img/{i:04d}.jpg" for i in range(1, 40, 2)]))
     with pytest.raises(UserError, match="id 1 .*/img/0002.jpg.*/img/0001.jpg.*--append"):
-        build_index(tmp_path / "b", tmp_path / "index", update=True, progress=False)
+        update_index(tmp_path / "b", tmp_path / "index", progress=False)
     assert json.loads((tmp_path / "index" / "index.json").read_text()) == info.to_dict()
     _listing(tmp_path / "a", old + [f"/img/{i:04d}.jpg" for i in range(1, 40, 2)])  # what --append does: fine
-    assert build_index(tmp_path / "a", tmp_path / "index", update=True, progress=False).n == 120
+    assert update_index(tmp_path / "a", tmp_path / "index", progress=False).n == 120
 
 
 # --- the real pipeline: clip-hpc embed (tiny model) -> index -> search, then embed --append -> index --update ----

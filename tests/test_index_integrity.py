@@ -17,6 +17,7 @@ import pytest
 from clip_hpc.devdata import synthetic_vectors as synthetic
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.index_integrity import DamagedIndex
+from clip_hpc.index.update import update_index
 from clip_hpc.index.build import build_index
 from clip_hpc.search.engine import SearchEngine
 from conftest import BIN, run_cli
@@ -100,7 +101,7 @@ def test_n10_damaged_index_files(disk_index, tmp_path, name, size, record):
 def test_n15_update_on_disk_lists_index_json_is_true(embs, disk_index, tmp_path):
     out = tmp_path / "index"
     shutil.copytree(disk_index, out)
-    info = build_index(embs.more, out, update=True, progress=False)
+    info = update_index(embs.more, out, progress=False)
     on_disk = json.loads((out / "index.json").read_text())
     assert on_disk["lists"] == info.lists == "disk" and (out / "lists.ivfdata").is_file()
     assert on_disk["n"] == N_BASE + N_MORE and set(on_disk["files"]) >= {"lists.ivfdata", "index.faiss"}

@@ -9,6 +9,7 @@ import pytest
 
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.tier_codes import copy_codes, create_codes, write_codes
+from clip_hpc.index.update import update_index
 from clip_hpc.index.build import build_index
 from clip_hpc.index.rerank_tier import load_tier
 from clip_hpc.index.ground_truth import exact_top_k, hit_positions
@@ -124,7 +125,7 @@ def test_update_encodes_the_new_rows_of_the_tier(tiered, tmp_path):
     shutil.copytree(root / "emb", tmp_path / "emb")
     shutil.copytree(root / "index", tmp_path / "index")
     synthetic.write_emb_dir(tmp_path / "emb", more, labels, 10_000, first_id=N)
-    updated = build_index(tmp_path / "emb", tmp_path / "index", update=True, progress=False)
+    updated = update_index(tmp_path / "emb", tmp_path / "index", progress=False)
     assert updated.n == info.n + 5_000
     codes = np.load(IndexDir(tmp_path / "index").tier_codes_path) if updated.tier else None
     if codes is not None:

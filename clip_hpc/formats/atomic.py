@@ -6,14 +6,44 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
+
+from clip_hpc.procs import pid_alive
+
+TEMP_MARK = ".tmp."
+FOREIGN_TEMP_AGE_S = 3600.0  # another node's writer cannot be asked if it lives; one this quiet is long gone
+
+
+def temp_path(path: str | os.PathLike, pid: int | None = None, host: str | None = None) -> Path:
+    """The temporary name `atomic_write_bytes` writes `path` under: `.NAME.tmp.HOST.PID`. The host is in the name
+    because EMB_DIR sits on a file system shared by nodes, where a pid means something only on its own node."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMP_MARK}{host or socket.gethostname()}.{os.getpid() if pid is None else pid}")
+
+
+def temp_writer_gone(tmp: Path, now: float | None = None) -> bool:
+    """Whether the writer of temporary file `tmp` is certainly dead, so the file may be removed: its pid is gone
+    from this node (names without a host, from before it was recorded, count as this node's), or it is another
+    node's file untouched for `FOREIGN_TEMP_AGE_S` (an mtime in the future, a clock gone backwards, keeps it)."""
+    owner = tmp.name.rpartition(TEMP_MARK)[2]
+    host, _, pid = owner.rpartition(".")
+    if not pid.isdigit():
+        return False
+    if host in ("", socket.gethostname()):
+        return int(pid) != os.getpid() and not pid_alive(int(pid))
+    try:
+        return (time.time() if now is None else now) - tmp.stat().st_mtime > FOREIGN_TEMP_AGE_S
+    except FileNotFoundError:
+        return False
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary name in the same directory, fsync, rename: readers never see half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -17,7 +17,8 @@ import re
 
 import numpy as np
 
-from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json
+from clip_hpc.errors import UserError
+from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json, temp_writer_gone
 from clip_hpc.formats.shard import (FORMAT, VERSION, Shard, ShardCheck, ShardError, read_shard, read_shard_for_index,
                                     read_shard_ids, shard_check, write_shard)
 
@@ -25,6 +26,9 @@ INPUTS_FILE = "inputs.txt"
 MANIFEST_FILE = "manifest.json"
 SHARD_DIR = "shards"
 MANIFEST_FORMAT = FORMAT + "-manifest"
+# What every shard of one EMB_DIR shares, as the shard attrs name it -> the `embed` flag that sets it.
+RUN_SETTINGS = {"model": "--model", "pretrained": "--pretrained", "unit_size": "--shard-size", "dtype": "--dtype",
+                "precision": "--precision"}
 # inputs.txt holds one name a line, as is, unless a name needs escaping: then this first line, and every line has
 # `\\`, line breaks (everything str.splitlines splits on), other controls and undecodable (surrogate-escaped)
 # bytes written as \\xHH or \\uHHHH. Files without the header (all older ones) are read line by line, as is.
@@ -203,28 +207,57 @@ class EmbDir:
             return read_shard_for_index(self.shard_path(unit))
         return read_shard(self.shard_path(unit), with_embeddings=False)
 
-    def iter_shards(self, *, with_embeddings: bool = True) -> Iterator[Shard]:
-        """Stream shards in unit order, hence in id order, one file in memory at a time."""
-        for path in self.shard_files():
+    def iter_shards(self, *, with_embeddings: bool = True, units: Sequence[int] | None = None) -> Iterator[Shard]:
+        """Stream shards in unit order, hence in id order, one file in memory at a time: those of `units` (what
+        `check_set` accepted), else every shard file, including any outside the unit plan."""
+        paths = self.shard_files() if units is None else [self.shard_path(u) for u in units]
+        for path in paths:
             yield read_shard(path, with_embeddings=with_embeddings)
 
     def check_unit(self, unit: int, unit_size: int, n_ids: int) -> ShardCheck:
         """The one judgement of a unit's shard; see `shard.shard_check`."""
         return shard_check(self.shard_path(unit), unit, unit_size, n_ids)
 
-    def detect_unit_size(self) -> int | None:
-        """The unit size recorded in the first readable shard; every shard of an EMB_DIR shares it."""
+    def recorded_settings(self) -> dict[str, str]:
+        """The `RUN_SETTINGS` the first readable shard with a unit size records (as text); empty before any."""
         for path in self.shard_files():
             try:
-                return int(read_shard(path, with_embeddings=False).attrs["unit_size"])
+                attrs = read_shard(path, with_embeddings=False).attrs
+                int(attrs["unit_size"])
             except (ShardError, KeyError, ValueError):
                 continue
-        return None
+            return {key: str(attrs[key]) for key in RUN_SETTINGS if key in attrs}
+        return {}
+
+    def detect_unit_size(self) -> int | None:
+        """The unit size recorded in the first readable shard; every shard of an EMB_DIR shares it."""
+        recorded = self.recorded_settings()
+        return int(recorded["unit_size"]) if recorded else None
+
+    def refuse_other_settings(self, wanted: dict[str, Any]) -> None:
+        """UserError when a run's settings (`RUN_SETTINGS` keys) differ from those the shards were made with.
+
+        Resume judges shards one unit at a time, so a re-run with another --shard-size or --model redid every unit
+        (hours of work, and with another unit size the old shards stayed beside the new ones), and another --dtype
+        or --precision mixed two kinds of vectors under one manifest. Settings a shard does not record (older
+        shards: precision) and `None` in `wanted` are not compared."""
+        recorded = self.recorded_settings()
+        differ = [key for key, flag in RUN_SETTINGS.items()
+                  if key in recorded and wanted.get(key) is not None and str(wanted[key]) != recorded[key]]
+        if not differ:
+            return
+        made = " ".join(f"{RUN_SETTINGS[k]} {recorded[k]}" for k in RUN_SETTINGS if k in recorded and
+                        (k in differ or (k == "pretrained" and "model" in differ)))
+        asked = " ".join(f"{RUN_SETTINGS[k]} {wanted[k]}" for k in differ)
+        raise UserError(f"{self.root} was made with {made}; this run asks for {asked}: re-run with the same "
+                        "settings, or use a new --out")
 
     def remove_stale_temp_files(self) -> None:
-        """Temporary shards left by killed writers; only safe once every unit is done."""
+        """Temporary shards left by killed writers, never one a live process (another run on this EMB_DIR, a
+        requeued job's predecessor) is about to rename (see `atomic.temp_writer_gone`)."""
         for stale in self.shard_dir.glob(".shard-*.tmp.*"):
-            stale.unlink(missing_ok=True)
+            if temp_writer_gone(stale):
+                stale.unlink(missing_ok=True)
 
     # --- what the index build reads ---
     @staticmethod

@@ -249,6 +249,17 @@ class MetadataStore:
         row = self._rows(f"SELECT MIN(path), MAX(path) FROM images{where}")[0]
         return None if row[0] is None else (row[0], row[1])
 
+    def ids_between(self, lo: int, hi: int) -> list[int]:
+        """The ids in [lo, hi), ascending, by a primary-key range scan: one unit's rows (`index --update`)."""
+        return [r[0] for r in self._rows("SELECT id FROM images WHERE id >= ? AND id < ? ORDER BY id", (lo, hi))]
+
+    def remove(self, ids: Iterable[int]) -> None:
+        """Drop rows and their captions: images a re-embedded unit no longer holds (`index --update`)."""
+        rows = [(int(i),) for i in ids]
+        with self._errors(opening=False), self.conn:
+            self.conn.executemany("DELETE FROM images WHERE id = ?", rows)
+            self.conn.executemany("DELETE FROM captions WHERE rowid = ?", rows)
+
     def all_ids(self) -> list[int]:
         return [r[0] for r in self._rows("SELECT id FROM images ORDER BY id")]
 

@@ -121,14 +121,17 @@ def _unit_counts(entries: Sequence[ShardEntry]) -> dict[str, int]:
 
 def _write_vectors(target: IndexDir, emb: EmbDir, units: Sequence[int], n_rows: int, dim: int,
                    meta: MetadataStore, progress: bool, old: IndexDir | None = None,
-                   known: MetadataStore | None = None) -> None:
-    """Stream the shards into a float16 memory map (old rows copied first on --update) and their paths into SQLite."""
+                   known: MetadataStore | None = None, removed: np.ndarray | None = None) -> None:
+    """Stream the shards into a float16 memory map (old rows copied first on --update, but for the `removed` ids:
+    a zero row is no image, and exact search must not find one the index no longer holds) and paths into SQLite."""
     vectors = target.create_vectors(n_rows, dim)
     if old is not None:
         previous = old.open_vectors()
         for lo in range(0, len(previous), ADD_BATCH):
             hi = min(lo + ADD_BATCH, len(previous))
             vectors[lo:hi] = previous[lo:hi]
+        if removed is not None and len(removed):
+            vectors[np.sort(removed)] = 0
     with _bar(progress, desc="vectors") as bar:
         for shard in _shards(emb, units, known):
             vectors[shard.ids] = shard.embeddings.astype(np.float16)
@@ -312,24 +315,27 @@ def _merge_and_finish(plan: _Plan, own: faiss.Index, per_rank: list[dict[str, fl
     return _finish(tmp, out, own, info, plan.query_ids, nprobe, timings, started).to_dict()
 
 
-def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key: str = "auto",
-                train_size: int | None = None, refine: bool | None = None, nprobe: int | None = None,
-                refine_factor: int | None = None, update: bool = False, seed: int = 0, lists: str = "auto",
-                progress: bool = True, world: World | None = None, vectors: str = "images",
-                rerank_tier: str = "auto") -> IndexInfo:
-    """EMB_DIR -> INDEX_DIR (see the module docstring) on every rank of `world` (default: this job's), over the
-    image or the caption embeddings (`vectors`, formats/caption_view.py); returns index.json, on every rank."""
+def job_world(world: World | None = None) -> World:
+    """This job's ranks (or `world`); ranks that cannot talk leave rank 0 to work alone, the others to stop."""
     world = world if world is not None else current_world()
     if not world.coordinated:  # ranks that cannot talk: rank 0 builds alone, the others have nothing to do
         if not world.is_root:
             raise UserError(f"rank {world.rank} of {world.size} cannot reach the others (no MPI); "
                             "run one task, or srun --mpi=pmi2 / mpiexec")
         world = World()
+    return world
+
+
+def build_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, index_key: str = "auto",
+                train_size: int | None = None, refine: bool | None = None, nprobe: int | None = None,
+                refine_factor: int | None = None, seed: int = 0, lists: str = "auto",
+                progress: bool = True, world: World | None = None, vectors: str = "images",
+                rerank_tier: str = "auto") -> IndexInfo:
+    """EMB_DIR -> INDEX_DIR (see the module docstring) on every rank of `world` (default: this job's), over the
+    image or the caption embeddings (`vectors`, formats/caption_view.py); returns index.json, on every rank.
+    `index --update` is index/update.py."""
+    world = job_world(world)
     with full_disk_is_a_user_error(out, "clip-hpc index"):  # the temporary directory is gone by then
-        if update:
-            from clip_hpc.index.update import update_index  # it builds on this module's steps: imported here
-            return IndexInfo.from_dict(from_root(world, lambda: update_index(
-                emb_dir, out, nprobe=nprobe, refine=refine, progress=progress).to_dict()))
         options = dict(index_key=index_key, train_size=train_size, refine=refine, seed=seed, nprobe=nprobe,
                        refine_factor=refine_factor, lists=lists, world=world, progress=progress, vectors=vectors,
                        rerank_tier=rerank_tier)

@@ -15,13 +15,17 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from clip_hpc.errors import UserError
+from clip_hpc.cluster.collective import from_root
+from clip_hpc.cluster.world import World
+from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.caption_view import emb_view
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir, IndexInfo
 from clip_hpc.formats.metadata import MetadataStore
 from clip_hpc.formats.tier_codes import copy_codes
-from clip_hpc.index.build import _add, _checked_set, _finish, _n_rows, _now, _unit_counts, _write_vectors
+from clip_hpc.index.build import (_add, _checked_set, _finish, _n_rows, _now, _unit_counts, _write_vectors,
+                                  job_world)
+from clip_hpc.index.drift import drifted_units
 from clip_hpc.index.ranks import lists_to_disk
 from clip_hpc.index.rerank_tier import start_codes
 from clip_hpc.index.selfcheck import RECALL_QUERIES
@@ -45,11 +49,19 @@ def _carry_tier(current: IndexDir, tmp: IndexDir, n_rows: int) -> None:
 
 
 def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: int | None = None,
-                 refine: bool | None = None, progress: bool = True) -> IndexInfo:
+                 refine: bool | None = None, progress: bool = True, world: World | None = None) -> IndexInfo:
     """Add the ids of EMB_DIR not yet in INDEX_DIR (new units, or a last unit that `embed --append` refilled) to
-    its trained index, without retraining; the new INDEX_DIR replaces the old one whole."""
+    its trained index, without retraining; the new INDEX_DIR replaces the old one whole. Rank 0 does it all (the
+    adds are a fraction of a build); every rank returns index.json."""
+    world = job_world(world)
+    with full_disk_is_a_user_error(out, "clip-hpc index"):  # the temporary directory is gone by then
+        return IndexInfo.from_dict(from_root(world, lambda: _update(emb_dir, Path(out), nprobe=nprobe, refine=refine,
+                                                                    progress=progress).to_dict()))
+
+
+def _update(emb_dir: str | os.PathLike, out: Path, *, nprobe: int | None, refine: bool | None,
+            progress: bool) -> IndexInfo:
     started = time.perf_counter()
-    out = Path(out)
     current = IndexDir(out)
     info = current.check_integrity()
     emb = emb_view(emb_dir, info.vectors)
@@ -58,9 +70,9 @@ def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: 
         raise UserError(f"{emb_dir} holds {summary.model}/{summary.pretrained} {summary.dim}-d vectors, "
                         f"{out} indexes {info.model}/{info.pretrained} {info.dim}-d; build a new index")
     counts = _unit_counts(summary.shards)
-    changed = [e.unit for e in summary.shards if info.unit_counts.get(str(e.unit)) != counts[str(e.unit)]]
     with current.open_metadata() as known:
         _check_listing(emb, known, out)
+        changed, stale = drifted_units(emb, summary, known)
     if not changed:
         return info
     if refine is not None:
@@ -71,9 +83,13 @@ def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: 
         start = time.perf_counter()
         info.n_rows = max(int(info.n_rows), _n_rows(summary))
         with tmp.open_metadata(readonly=False) as meta, current.open_metadata() as known:
-            _write_vectors(tmp, emb, changed, info.n_rows, info.dim, meta, progress, old=current, known=known)
+            _write_vectors(tmp, emb, changed, info.n_rows, info.dim, meta, progress, old=current, known=known,
+                           removed=stale)
             timings["vectors_s"] = round(time.perf_counter() - start, 3)
             index = current.open_index(writable=True)
+            if len(stale):  # indexed before, failed in the unit's new shard: its old vector must not be found
+                index.remove_ids(faiss.IDSelectorBatch(stale))
+                meta.remove(stale)
             n_before = int(index.ntotal)
             _carry_tier(current, tmp, info.n_rows)
             index = _add(index, emb, changed, progress, timings, known=known, tier_dir=tmp)
@@ -82,6 +98,7 @@ def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: 
             index = lists_to_disk(index, tmp.ivfdata_path)
         info.unit_counts = counts
         info.updates = info.updates + [{
-            "units": sorted(changed), "added": int(index.ntotal) - n_before, "timings": timings, "at": _now()}]
+            "units": sorted(changed), "added": int(index.ntotal) - n_before, "removed": len(stale),
+            "timings": timings, "at": _now()}]
         query_ids = emb.sample_ids(summary.shards, RECALL_QUERIES, np.random.default_rng(info.seed))
         return _finish(tmp, out, index, info, query_ids, nprobe or info.nprobe, timings, started)

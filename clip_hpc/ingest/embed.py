@@ -226,6 +226,7 @@ def prepare_inputs(cfg: EmbedConfig, w: World) -> Listing:
     out = EmbDir(cfg.out)
 
     def listed() -> Listing:
+        out.refuse_other_settings(run_settings(cfg, w))  # before inputs.txt (an --append) or any shard changes
         found = list_inputs(cfg.inputs, cfg.file_list)
         saved = out.read_inputs()
         paths = reconcile_inputs(saved, found.lines, cfg.append)
@@ -236,6 +237,21 @@ def prepare_inputs(cfg: EmbedConfig, w: World) -> Listing:
         return Listing(paths, found.tar_samples)
 
     return from_root(w, listed)
+
+
+def run_settings(cfg: EmbedConfig, w: World) -> dict[str, Any]:
+    """What this run writes into every shard's attrs that every shard of one EMB_DIR must share
+    (`formats.emb_dir.RUN_SETTINGS`); a precision the device cannot have is left to `load_model` to refuse."""
+    from clip_hpc.model.loading import ModelError, precision_name, resolve_device, resolve_precision, \
+        resolve_pretrained
+
+    try:
+        precision: str | None = precision_name(resolve_precision(cfg.precision, resolve_device(cfg.device,
+                                                                                               w.local_rank)))
+    except ModelError:
+        precision = None
+    return {"model": cfg.model, "pretrained": resolve_pretrained(cfg.model, cfg.pretrained),
+            "unit_size": cfg.shard_size, "dtype": cfg.dtype, "precision": precision}
 
 
 def pending_units(out: EmbDir, units: Sequence[WorkUnit], unit_size: int, model: str,
@@ -303,6 +319,8 @@ def _empty_acc() -> dict[str, list]:
 
 def write_unit(cfg: EmbedConfig, w: World, loaded: Any, unit: WorkUnit, paths: Sequence[str],
                acc: dict[str, list], out_dtype: type) -> None:
+    from clip_hpc.model.loading import precision_name
+
     emb = np.concatenate(acc["emb"]) if acc["emb"] else np.zeros((0, loaded.dim), out_dtype)
     caption_args = {} if not cfg.captions else {
         "caption_embeddings": np.concatenate([c.embeddings for c in acc["captions"]]).astype(out_dtype)
@@ -316,7 +334,7 @@ def write_unit(cfg: EmbedConfig, w: World, loaded: Any, unit: WorkUnit, paths: S
         failed_reasons=[r for _, r in acc["failed"]], **caption_args,
         attrs={"model": loaded.name, "pretrained": loaded.pretrained, "unit": unit.index,
                "unit_size": cfg.shard_size, "unit_start": unit.start, "unit_stop": unit.stop, "rank": w.rank,
-               "dtype": cfg.dtype, **cfg.extra_attrs})
+               "dtype": cfg.dtype, "precision": precision_name(loaded.dtype), **cfg.extra_attrs})
 
 
 def format_summary(manifest: Manifest | None, per_rank: list[dict[str, Any]], wall: float) -> str:

@@ -64,13 +64,20 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision not in table:
+    if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}: choose auto, fp32, fp16 or bf16")
-    return table[precision]
+    return PRECISIONS[precision]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The --precision value that computes in `dtype` (what a shard records, so runs of two precisions never mix)."""
+    return next(name for name, value in PRECISIONS.items() if value == dtype)
 
 
 @dataclass
