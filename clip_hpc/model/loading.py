@@ -43,10 +43,21 @@ def bundled_checkpoint(name: str) -> Path | None:
     return None
 
 
+def looks_like_checkpoint(pretrained: str) -> bool:
+    """A file path rather than an open_clip tag: it exists, has a directory part or a checkpoint's suffix."""
+    path = Path(pretrained).expanduser()
+    return path.exists() or os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors")
+
+
 def resolve_pretrained(name: str, pretrained: str | None) -> str:
-    """`None` means the model's natural default: its bundled weights, its well-known tag, else random."""
+    """`None` means the model's natural default: its bundled weights, its well-known tag, else random. A checkpoint
+    path comes back absolute: shards and index.json record it, a resumed job compares it, and serve may run from
+    another directory (`ckpt.pt` then `/abs/ckpt.pt` were two models, and a resume refused its own weights)."""
     if pretrained not in (None, "", "default"):
-        return str(pretrained)
+        pretrained = str(pretrained)
+        if pretrained.lower() != "none" and looks_like_checkpoint(pretrained):
+            return str(Path(pretrained).expanduser().resolve())
+        return pretrained
     bundled = bundled_checkpoint(name)
     if bundled is not None:
         return str(bundled)
@@ -233,7 +244,7 @@ def _build(name: str, pretrained: str | None, device: str, precision: str, local
     state, tag_path = None, None
     if pretrained.lower() != "none":
         path = Path(pretrained).expanduser()
-        if path.exists() or os.sep in pretrained or path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        if looks_like_checkpoint(pretrained):
             if not path.is_file():
                 raise ModelError(f"checkpoint file {path} does not exist")
             state = read_checkpoint(path)
