@@ -1,5 +1,6 @@
 """Tar listing without embedding (sub-second): member order, offsets that read back exactly, bad members and cut
 tars as input lines with their reason, brace patterns, loose files and tars side by side."""
+import io
 import os
 import tarfile
 
@@ -81,3 +82,30 @@ def test_list_inputs_mixes_loose_files_and_tars_and_expands_patterns(tmp_path):
     if not os.access(not_a_tar, os.R_OK):  # root reads anything
         with pytest.raises(UserError, match="cannot read tar"):
             list_inputs([not_a_tar])
+
+
+def test_a_tar_that_is_no_regular_file_is_a_failing_line_not_a_hang(tmp_path):
+    """A FIFO named `.tar` blocked `open()` forever while the inputs were listed: the whole job hung."""
+    os.mkfifo(tmp_path / "pipe.tar")
+    (sample,) = index_tar(tmp_path / "pipe.tar")
+    assert sample.image is None and sample.problem.startswith("not a tar: not a regular file")
+
+
+def test_member_names_with_several_dots_are_images_not_dropped(tmp_path):
+    """`photo.2019.jpg` has the WebDataset key `photo` and the extension `2019.jpg`, which is no image suffix: the
+    image was neither embedded nor recorded. Such a member is keyed by its name less the last suffix, and shares
+    sidecars of that key only (`photo.2019.txt`), never another sample's."""
+    samples = [("photo.2019", {"jpg": b"A", "txt": b"own caption"}), ("photo", {"jpg": b"B", "txt": b"other"}),
+               ("seg.mask", {"png": b"C"}), ("lone.v2", {"txt": b"orphan field"})]
+    tar = tmp_path / "dots.tar"
+    with tarfile.open(tar, "w") as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    listed = {s.name: s for s in index_tar(tar)}
+    assert sorted(listed) == ["photo.2019.jpg", "photo.jpg", "seg.mask.png"]  # an orphan field is no input line
+    assert read_member(tar, listed["photo.2019.jpg"].caption) == b"own caption"
+    assert read_member(tar, listed["photo.jpg"].caption) == b"other"
+    assert listed["seg.mask.png"].caption is None and not listed["seg.mask.png"].problem

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import stat
 import tarfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Sequence
@@ -25,6 +26,7 @@ UNREADABLE_PREFIX = "<unreadable after byte "
 MAX_SIDECAR_BYTES = 1 << 20  # a json member larger than this is not read; a caption only up to its limit
 CAPTION_READ_BYTES = 4 * MAX_CAPTION_CHARS + 4  # enough UTF-8 for MAX_CAPTION_CHARS characters
 META_FIELDS = ("key", "url", "width", "height", "caption")
+KNOWN_SUFFIXES = IMAGE_SUFFIXES | {".txt", ".json"}
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,18 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _sample_key(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is the name up to the first dot of its last path component."""
+    """WebDataset's rule: the key is the name up to the first dot of its last path component. A name whose
+    extension by that rule is no known one but whose last suffix is (`photo.2019.jpg`, `photo.2019.txt`) is keyed
+    by the name less that suffix (`photo.2019`): WebDataset would call it a field `2019.jpg` of sample `photo`,
+    which no image route reads, so it would be neither embedded nor recorded."""
     directory, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ("." + ext.lower() if dot else "")
+    ext = "." + ext.lower() if dot else ""
+    if ext not in KNOWN_SUFFIXES and "." in ext[1:]:
+        longer, _, last = base.rpartition(".")
+        if "." + last.lower() in KNOWN_SUFFIXES:
+            stem, ext = longer, "." + last.lower()
+    return (f"{directory}/{stem}" if directory else stem), ext
 
 
 def _unread_tail(f: BinaryIO, stop: int, file_size: int) -> bool:
@@ -133,7 +143,8 @@ def _samples(path: str, infos: list[tarfile.TarInfo], file_size: int) -> list[Ta
             if cut and not problem:
                 problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
             out.append(TarSample(path, name, image, *side, problem=problem))
-        if not parts["images"] and (caption or meta):
+        if not parts["images"] and (caption or meta) and "." not in key.rpartition("/")[2]:
+            # (a dotted key is a `_sample_key` fallback: an orphan `x.v2.txt` is a WebDataset field, no lost image)
             problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}" if cut else \
                 "no image: a caption or json member without an image beside it"
             out.append(TarSample(path, (caption or meta)[0], None, *side, problem=problem))
@@ -146,8 +157,10 @@ def _open_for_listing(path: str) -> tuple[BinaryIO, int]:
         from clip_hpc.ingest.object_store import open_ranged
 
         return open_ranged(path)  # type: ignore[return-value]
-    file_size = os.path.getsize(path)
-    return open(path, "rb"), file_size
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # open() of a FIFO waits for a writer forever; a device never ends
+        raise tarfile.ReadError("not a regular file")
+    return open(path, "rb"), st.st_size
 
 
 def index_tar(path: str | os.PathLike) -> list[TarSample]:
@@ -175,7 +188,7 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
                     break
                 if info is None:
                     break
-                if not info.isdir() and _sample_key(info.name)[1] in IMAGE_SUFFIXES | {".txt", ".json"}:
+                if not info.isdir() and _sample_key(info.name)[1] in KNOWN_SUFFIXES:
                     infos.append(info)
             if read_error is None:
                 stop = min(tf.offset, file_size)
