@@ -10,7 +10,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.devdata.sample_images import captioned_samples, write_sample_tars, write_tar
 from clip_hpc.ingest.sources import list_inputs
 from clip_hpc.formats.tar_member import file_on_disk, split_member_line
-from clip_hpc.ingest.tars import expand_braces, index_tar, read_member
+from clip_hpc.ingest.tars import expand_braces, header_describes, index_tar, read_member
 
 
 def test_expand_braces_like_the_shell():
@@ -109,3 +109,24 @@ def test_member_names_with_several_dots_are_images_not_dropped(tmp_path):
     assert read_member(tar, listed["photo.2019.jpg"].caption) == b"own caption"
     assert read_member(tar, listed["photo.jpg"].caption) == b"other"
     assert listed["seg.mask.png"].caption is None and not listed["seg.mask.png"].problem
+
+
+def test_long_member_names_pass_the_header_check_however_the_writer_spelled_them():
+    """GNU tar's oldgnu format keeps 99 bytes of a long name, libarchive an abbreviation: the check demanded
+    Python's 100-byte prefix, so such members failed as 'the tar changed after indexing' (embed and server)."""
+    long = "d" * 120 + "/k.jpg"
+    info = tarfile.TarInfo(long)
+    info.size = 3
+    plain = bytearray(info.tobuf(tarfile.GNU_FORMAT)[-tarfile.BLOCKSIZE:])  # the header before the data
+
+    def spelled_as(stored: bytes) -> bytes:
+        block = bytearray(plain)
+        block[:100] = stored.ljust(100, b"\0")
+        block[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(block[:148]) + b" " * 8 + bytes(block[156:]))[0]
+        return bytes(block)
+
+    for stored in (long[:99].encode(), b"dddd/.../k.jpg", long[:100].encode()):
+        assert header_describes(spelled_as(stored), long, 3), stored
+    assert not header_describes(spelled_as(b"other.jpg"), long, 4)  # the size still decides
+    short = spelled_as(b"k.jpg")
+    assert header_describes(short, "k.jpg", 3) and not header_describes(short, "j.jpg", 3)

@@ -7,6 +7,7 @@ a truncated tar, are input lines too, so they are recorded as failures like a ba
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -228,8 +229,10 @@ MAX_PREFETCH = 64 << 20  # at most this many bytes of a tar held per worker for 
 
 
 def sample_span(sample: TarSample) -> tuple[int, int, int]:
-    """(start, stop, bytes read) of what is read of a sample: its image and the read part of its sidecars."""
-    parts = [m for m in (sample.image, sample.caption, sample.meta) if m is not None]
+    """(start, stop, bytes read) of what is read of a sample: its image with its header (`read_indexed_member`) and
+    the read part of its sidecars."""
+    image = sample.image and Member(sample.image.offset - tarfile.BLOCKSIZE, sample.image.size + tarfile.BLOCKSIZE)
+    parts = [m for m in (image, sample.caption, sample.meta) if m is not None]
     read = {m: min(m.size, CAPTION_READ_BYTES) if m is sample.caption else m.size for m in parts
             if not (m is sample.meta and m.size > MAX_SIDECAR_BYTES)}
     return min(m.offset for m in read), max(m.offset + n for m, n in read.items()), sum(read.values())
@@ -247,27 +250,27 @@ class ChangedTarError(OSError):
     """A tar member's stored offset no longer holds its header: the tar was rewritten after it was indexed."""
 
 
-def read_indexed_member(tar: str | os.PathLike, member: Member, name: str) -> bytes:
+def read_indexed_member(tar: str | os.PathLike, member: Member, name: str, handle: BinaryIO | None = None) -> bytes:
     """`read_member`, for a member located by an index built earlier: the 512-byte header just before its data
     must still be a regular member of this name and size, or the tar has changed since (a rewritten tar would
-    otherwise hand out whatever now sits at that offset: another member, a secret). An object's header and data
-    come in one ranged GET."""
+    otherwise hand out whatever now sits at that offset: another member's pixels, a secret). Header and data come in
+    one read (one ranged GET for an object, or none beyond the sample's prefetch through `handle`)."""
     header_at = member.offset - tarfile.BLOCKSIZE
     if header_at < 0:
         raise ChangedTarError(f"the tar changed after indexing: no header before {name!r} at offset {member.offset}")
-    if is_url(tar):
+    if handle is None and is_url(tar):
         from clip_hpc.ingest.object_store import read_range
 
         block = read_range(str(tar), header_at, member.offset + member.size)
-        _check_header(block[:tarfile.BLOCKSIZE], name, member)
-        if len(block) != tarfile.BLOCKSIZE + member.size:
-            raise OSError(f"truncated tar: {len(block) - tarfile.BLOCKSIZE} of {member.size} bytes at offset "
-                          f"{member.offset}")
-        return block[tarfile.BLOCKSIZE:]
-    with open(tar, "rb") as f:
-        f.seek(header_at)
-        _check_header(f.read(tarfile.BLOCKSIZE), name, member)
-        return read_member(tar, member, f)
+    else:
+        with contextlib.nullcontext(handle) if handle is not None else open(tar, "rb") as f:
+            f.seek(header_at)
+            block = f.read(tarfile.BLOCKSIZE + member.size)
+    _check_header(block[:tarfile.BLOCKSIZE], name, member)
+    if len(block) != tarfile.BLOCKSIZE + member.size:
+        raise OSError(f"truncated tar: {max(len(block) - tarfile.BLOCKSIZE, 0)} of {member.size} bytes at offset "
+                      f"{member.offset}")
+    return block[tarfile.BLOCKSIZE:]
 
 
 def _check_header(header: bytes, name: str, member: Member) -> None:
@@ -277,8 +280,11 @@ def _check_header(header: bytes, name: str, member: Member) -> None:
 
 
 def header_describes(header: bytes, name: str, size: int) -> bool:
-    """Pure: whether a raw tar header block is a regular member's, of this size and (as far as the header can
-    spell it: ustar fields are 100+155 bytes, PAX writers put '?' for non-ASCII) of this name."""
+    """Pure: whether a raw tar header block is a regular member's, of this size and, for a name the ustar fields
+    hold verbatim (ASCII, at most 100 bytes), of this name. A longer or non-ASCII name came from a PAX or GNU
+    extension header, and each writer puts something else in the ustar field (the first 100 bytes: Python, GNU
+    tar; 99 bytes: GNU tar's oldgnu; an abbreviation with '...': libarchive; '?' or raw bytes for non-ASCII), so
+    such a member is judged by its type, size and checksum alone: demanding one spelling failed real members."""
     if len(header) != tarfile.BLOCKSIZE or header[156:157] not in (b"0", b"\0", b"7"):
         return False
     try:
@@ -288,15 +294,12 @@ def header_describes(header: bytes, name: str, size: int) -> bool:
             return False
     except (ValueError, tarfile.HeaderError):
         return False
+    spelled = name.encode("utf-8", "surrogateescape")
+    if len(spelled) > 100 or not spelled.isascii():
+        return True
     stored = header[:100].split(b"\0")[0]
-    truncated = len(stored) == 100
     prefix = header[345:500].split(b"\0")[0] if header[257:263] == b"ustar\x00" else b""
-    if prefix:
-        stored = prefix + b"/" + stored
-    for spelled in (name.encode("utf-8", "surrogateescape"), name.encode("ascii", "replace")):
-        if stored == spelled or (truncated and spelled.startswith(stored)):
-            return True
-    return False
+    return (prefix + b"/" + stored if prefix else stored) == spelled
 
 
 def decode_caption(data: bytes, size: int | None = None) -> tuple[str, list[str]]:
