@@ -186,3 +186,17 @@ def test_sample_ids_draws_from_every_shard_without_repeats(tmp_path):
     assert sorted(every.tolist()) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     some = emb.sample_ids(entries, 4, np.random.default_rng(1))
     assert len(set(some.tolist())) == 4 and set(some.tolist()) <= set(every.tolist())
+
+
+def test_a_complete_set_drops_shards_left_by_another_unit_size(tmp_path):
+    """Re-embedding into the same --out with a larger --shard-size redid units 0..1 but left shards 2..3 of the old
+    size: the manifest was written (it checks units 0..1 only), and `iter_shards` (export) yielded ids 10..19 twice."""
+    write_inputs(tmp_path, 20)
+    for unit in range(4):  # the first run: --shard-size 5
+        write(tmp_path, unit=unit, n=5, start=5 * unit)
+    for unit in range(2):  # the re-run: --shard-size 10
+        write(tmp_path, unit=unit, n=10, start=10 * unit)
+    emb = EmbDir(tmp_path)
+    assert emb.write_manifest(2, 10) is not None
+    assert [p.name for p in emb.shard_files()] == ["shard-000000.h5", "shard-000001.h5"]
+    assert sorted(i for s in emb.iter_shards(with_embeddings=False) for i in s.ids) == list(range(20))

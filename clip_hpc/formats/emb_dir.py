@@ -226,6 +226,15 @@ class EmbDir:
         for stale in self.shard_dir.glob(".shard-*.tmp.*"):
             stale.unlink(missing_ok=True)
 
+    def remove_units_beyond(self, n_units: int) -> None:
+        """Shards of units the plan no longer has: left by a run with a smaller --shard-size, they repeat ids the
+        current units hold, and every reader of `shard_files` (export, info) would count them twice. Only safe
+        once every unit of the plan is done."""
+        for path in self.shard_files():
+            stem = path.stem.split("-")[-1]
+            if stem.isdigit() and int(stem) >= n_units:
+                path.unlink(missing_ok=True)
+
     # --- what the index build reads ---
     @staticmethod
     def rows_of(shard: Shard) -> int:
@@ -325,6 +334,7 @@ class EmbDir:
             self.manifest_path.unlink(missing_ok=True)
             return None
         self.remove_stale_temp_files()
+        self.remove_units_beyond(n_units)
         manifest = Manifest(**summary.counts(), inputs_sha256=self.inputs_sha256(), created=_now())
         atomic_write_json(self.manifest_path, manifest.to_dict())
         return manifest
