@@ -130,3 +130,17 @@ def test_long_member_names_pass_the_header_check_however_the_writer_spelled_them
     assert not header_describes(spelled_as(b"other.jpg"), long, 4)  # the size still decides
     short = spelled_as(b"k.jpg")
     assert header_describes(short, "k.jpg", 3) and not header_describes(short, "j.jpg", 3)
+
+
+def test_a_compressed_tar_in_a_directory_is_a_failing_line_not_skipped(tmp_path):
+    """`.tar.gz`/`.tgz` shards in an input directory were skipped without a word: their images were lost with no
+    failure recorded. Members cannot be read by offset from a gzip stream, so each is one failing line saying so."""
+    import gzip
+
+    write_tar(tmp_path / "plain.tar", captioned_samples(1))
+    for name in ("a.tar.gz", "b.TGZ"):
+        (tmp_path / name).write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))
+    listing = list_inputs([tmp_path])
+    bad = {line: sample.problem for line, sample in listing.tar_samples.items() if sample.problem}
+    assert len(listing.lines) == 3 and len(bad) == 2
+    assert all("decompress" in problem for problem in bad.values()), bad

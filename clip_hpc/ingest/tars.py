@@ -195,6 +195,8 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
                 stop = min(tf.offset, file_size)
                 tail_unread = stop < file_size and (stopped_early or _unread_tail(f, stop, file_size))
     except tarfile.TarError as exc:  # not a tar at all (an empty or failed download): one failing line, go on
+        if path.lower().endswith((".gz", ".tgz")):  # listed so that its images are not lost without a word
+            exc = tarfile.ReadError("a compressed tar cannot be read by offset; decompress it (gunzip) first")
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {exc}")]
     except OSError as exc:
         if not remote:
