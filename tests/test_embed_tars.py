@@ -100,3 +100,35 @@ def test_sigkill_then_resume_tars(tar_set, one_rank, tmp_path):
     ids, _ = coverage(out)
     assert np.array_equal(ids, np.arange(len(EmbDir(out).read_inputs())))
     assert outcomes(out) == outcomes(one_rank[0])
+
+
+def test_a_tar_rewritten_after_listing_is_a_recorded_failure_never_another_members_pixels(tmp_path):
+    """The listing's offsets were trusted blindly: a tar rewritten during the run (a re-download, shards refreshed)
+    with its samples in another order handed each line the bytes of whichever member now sits at its offset, so
+    `a.bmp`'s row held `b.bmp`'s embedding. The member's header, just before its data, is read with it and must
+    still name it (the server's check, `read_indexed_member`)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from clip_hpc.devdata.sample_images import write_tar
+    from clip_hpc.ingest.embed import ImageDataset
+    from clip_hpc.ingest.sources import list_inputs
+
+    def bmp(colour: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(buf, "BMP")
+        return buf.getvalue()
+
+    samples = [("a", {"bmp": bmp("red"), "txt": b"red"}), ("b", {"bmp": bmp("blue"), "txt": b"blue"})]
+    tar = write_tar(tmp_path / "x.tar", samples)
+    listing = list_inputs([tar])
+    data = ImageDataset(range(2), listing.lines, lambda im: torch.from_numpy(np.asarray(im).copy()), 32, 1 << 20,
+                        listing.tar_samples)
+    assert [data[i][1][0, 0, 0].item() for i in range(2)] == [255, 0]  # red, then blue: read as listed
+    write_tar(tar, samples[::-1])  # the same members, same sizes, swapped
+    data = ImageDataset(range(2), listing.lines, data.preprocess, 32, 1 << 20, listing.tar_samples)
+    for i in range(2):
+        _, pixels, reason, extras = data[i]
+        assert pixels is None and "changed after indexing" in reason and extras.caption == "", (i, reason)

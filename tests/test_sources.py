@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,30 @@ def test_work_units_cover_every_id_once_for_any_world_size():
         assert ids == list(range(103))
     with pytest.raises(UserError):
         plan_work_units(10, 0)
+
+
+def test_symlink_loops_and_linked_directories_list_each_directory_once(tmp_path):
+    """A link to itself (ELOOP from DirEntry.is_dir) used to end the whole job at listing; two links to an ancestor
+    made the walk exponential, and a link to a walked directory listed its images twice."""
+    a = touch(tmp_path / "sub" / "a.png")
+    (tmp_path / "sub" / "up").symlink_to("..")
+    (tmp_path / "sub" / "up2").symlink_to("..")
+    (tmp_path / "again").symlink_to("sub")
+    (tmp_path / "loop.jpg").symlink_to("loop.jpg")
+    (tmp_path / "loop").symlink_to("loop")
+    listed = list_images([tmp_path])
+    assert listed == sorted([str(a), str(tmp_path / "loop.jpg")])  # the looping .jpg fails later, with a reason
+
+
+def test_file_list_with_bom_crlf_and_undecodable_names(tmp_path):
+    """A BOM (Notepad's UTF-8, or UTF-16) used to become part of the first path, and a name that is not UTF-8 was
+    replaced by U+FFFD: both images were then 'missing files' although they exist."""
+    a = touch(tmp_path / "x.jpg")
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    with open(raw, "wb") as f:
+        f.write(b"x")
+    fl = tmp_path / "list.txt"
+    fl.write_bytes(b"\xef\xbb\xbf" + os.fsencode(a) + b"\r\n" + raw + b"\r\n")
+    assert list_images([], file_list=fl) == sorted([str(a), os.fsdecode(raw)])
+    fl.write_text(f"{a}\n", encoding="utf-16")
+    assert list_images([], file_list=fl) == [str(a)]

@@ -1,5 +1,6 @@
 """Tar listing without embedding (sub-second): member order, offsets that read back exactly, bad members and cut
 tars as input lines with their reason, brace patterns, loose files and tars side by side."""
+import io
 import os
 import tarfile
 
@@ -9,7 +10,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.devdata.sample_images import captioned_samples, write_sample_tars, write_tar
 from clip_hpc.ingest.sources import list_inputs
 from clip_hpc.formats.tar_member import file_on_disk, split_member_line
-from clip_hpc.ingest.tars import expand_braces, index_tar, read_member
+from clip_hpc.ingest.tars import expand_braces, header_describes, index_tar, read_member
 
 
 def test_expand_braces_like_the_shell():
@@ -81,3 +82,65 @@ def test_list_inputs_mixes_loose_files_and_tars_and_expands_patterns(tmp_path):
     if not os.access(not_a_tar, os.R_OK):  # root reads anything
         with pytest.raises(UserError, match="cannot read tar"):
             list_inputs([not_a_tar])
+
+
+def test_a_tar_that_is_no_regular_file_is_a_failing_line_not_a_hang(tmp_path):
+    """A FIFO named `.tar` blocked `open()` forever while the inputs were listed: the whole job hung."""
+    os.mkfifo(tmp_path / "pipe.tar")
+    (sample,) = index_tar(tmp_path / "pipe.tar")
+    assert sample.image is None and sample.problem.startswith("not a tar: not a regular file")
+
+
+def test_member_names_with_several_dots_are_images_not_dropped(tmp_path):
+    """`photo.2019.jpg` has the WebDataset key `photo` and the extension `2019.jpg`, which is no image suffix: the
+    image was neither embedded nor recorded. Such a member is keyed by its name less the last suffix, and shares
+    sidecars of that key only (`photo.2019.txt`), never another sample's."""
+    samples = [("photo.2019", {"jpg": b"A", "txt": b"own caption"}), ("photo", {"jpg": b"B", "txt": b"other"}),
+               ("seg.mask", {"png": b"C"}), ("lone.v2", {"txt": b"orphan field"})]
+    tar = tmp_path / "dots.tar"
+    with tarfile.open(tar, "w") as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    listed = {s.name: s for s in index_tar(tar)}
+    assert sorted(listed) == ["photo.2019.jpg", "photo.jpg", "seg.mask.png"]  # an orphan field is no input line
+    assert read_member(tar, listed["photo.2019.jpg"].caption) == b"own caption"
+    assert read_member(tar, listed["photo.jpg"].caption) == b"other"
+    assert listed["seg.mask.png"].caption is None and not listed["seg.mask.png"].problem
+
+
+def test_long_member_names_pass_the_header_check_however_the_writer_spelled_them():
+    """GNU tar's oldgnu format keeps 99 bytes of a long name, libarchive an abbreviation: the check demanded
+    Python's 100-byte prefix, so such members failed as 'the tar changed after indexing' (embed and server)."""
+    long = "d" * 120 + "/k.jpg"
+    info = tarfile.TarInfo(long)
+    info.size = 3
+    plain = bytearray(info.tobuf(tarfile.GNU_FORMAT)[-tarfile.BLOCKSIZE:])  # the header before the data
+
+    def spelled_as(stored: bytes) -> bytes:
+        block = bytearray(plain)
+        block[:100] = stored.ljust(100, b"\0")
+        block[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(block[:148]) + b" " * 8 + bytes(block[156:]))[0]
+        return bytes(block)
+
+    for stored in (long[:99].encode(), b"dddd/.../k.jpg", long[:100].encode()):
+        assert header_describes(spelled_as(stored), long, 3), stored
+    assert not header_describes(spelled_as(b"other.jpg"), long, 4)  # the size still decides
+    short = spelled_as(b"k.jpg")
+    assert header_describes(short, "k.jpg", 3) and not header_describes(short, "j.jpg", 3)
+
+
+def test_a_compressed_tar_in_a_directory_is_a_failing_line_not_skipped(tmp_path):
+    """`.tar.gz`/`.tgz` shards in an input directory were skipped without a word: their images were lost with no
+    failure recorded. Members cannot be read by offset from a gzip stream, so each is one failing line saying so."""
+    import gzip
+
+    write_tar(tmp_path / "plain.tar", captioned_samples(1))
+    for name in ("a.tar.gz", "b.TGZ"):
+        (tmp_path / name).write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))
+    listing = list_inputs([tmp_path])
+    bad = {line: sample.problem for line, sample in listing.tar_samples.items() if sample.problem}
+    assert len(listing.lines) == 3 and len(bad) == 2
+    assert all("decompress" in problem for problem in bad.values()), bad

@@ -11,7 +11,7 @@ import os
 from typing import Callable
 
 SEPARATOR = "::"
-TAR_SUFFIXES = (".tar",)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # compressed ones only to say they cannot be read (ingest/tars.py)
 
 
 def is_tar_path(path: str | os.PathLike) -> bool:

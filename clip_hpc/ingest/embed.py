@@ -27,7 +27,8 @@ from clip_hpc.ingest.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_ima
 from clip_hpc.ingest.object_store import is_url, require_posix
 from clip_hpc.ingest.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
 from clip_hpc.ingest.tars import (CAPTION_READ_BYTES, MAX_SIDECAR_BYTES, Member, TarSample, decode_caption,
-                                  decode_meta, one_read, read_member, sample_meta, sample_span)
+                                  decode_meta, one_read, read_indexed_member, read_member, sample_meta,
+                                  sample_span)
 
 
 class Extras(NamedTuple):
@@ -132,7 +133,7 @@ class ImageDataset(Dataset):
             span = one_read([sample_span(sample)])
             if span is not None and hasattr(handle, "prefetch"):  # an object: one ranged GET for the whole sample
                 handle.prefetch(*span)
-            data = read_member(sample.tar, sample.image, handle)
+            data = read_indexed_member(sample.tar, sample.image, sample.name, handle)  # or ChangedTarError
             caption, notes = self._caption(sample, handle)
             meta, meta_notes = ({}, [f"json: {sample.meta.size} bytes, over the {MAX_SIDECAR_BYTES} read"]) \
                 if sample.meta and sample.meta.size > MAX_SIDECAR_BYTES else \

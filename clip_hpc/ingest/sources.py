@@ -5,6 +5,7 @@ resume and incremental indexing safe.
 """
 from __future__ import annotations
 
+import codecs
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,26 +44,52 @@ def is_image_path(path: str | os.PathLike) -> bool:
 
 
 def _walk(root: Path) -> Iterable[str]:
-    """os.scandir recursion: one stat-free pass, cheap on parallel file systems."""
-    stack = [root]
-    while stack:
-        d = stack.pop()
+    """os.scandir recursion: one stat-free pass over plain directories, cheap on parallel file systems.
+
+    Each directory is entered once, by its (device, inode): a link back to an ancestor (`up -> ..`) would otherwise
+    make the walk exponential, and a link to a walked directory would list its images twice. Plain directories come
+    before linked ones, so an image keeps its real path. An entry whose type cannot be read (a link to itself:
+    ELOOP) is treated as a file: with an image name it is listed and fails later with a reason, never the job."""
+    stack, linked, seen = [root], [], set()
+    while stack or linked:
+        d = stack.pop() if stack else linked.pop()
         try:
-            entries = list(os.scandir(d))
+            st = d.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(d), key=lambda e: e.name, reverse=True)
         except OSError as exc:
             raise UserError(f"cannot read directory {d}: {exc.strerror}") from None
         for e in entries:
-            if e.is_dir(follow_symlinks=True):
-                stack.append(Path(e.path))
+            if _is_dir(e):
+                (linked if e.is_symlink() else stack).append(Path(e.path))
             elif is_image_path(e.name) or is_tar_path(e.name):
                 yield os.path.abspath(e.path)
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:  # ELOOP and the like: not a directory we can enter
+        return False
+
+
 def read_file_list(file_list: str | os.PathLike) -> list[str]:
+    """One path a line (LF or CRLF), blank lines and `#` comments skipped, relative paths from the working directory.
+    Bytes as the file system spells names (undecodable ones surrogate-escaped, as os.scandir gives them), unless a
+    BOM says UTF-16/32: a BOM is never part of the first path."""
     path = Path(file_list)
     if not path.is_file():
         raise UserError(f"--file-list {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        text = data.decode("utf-32", errors="replace")
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = data.decode("utf-16", errors="replace")
+    else:
+        text = os.fsdecode(data.removeprefix(codecs.BOM_UTF8))
+    lines = [line.strip() for line in text.split("\n")]  # not splitlines: U+2028, \x1c... may be in a name
     return [line if is_url(line) else os.path.abspath(line) for line in lines if line and not line.startswith("#")]
 
 

@@ -7,10 +7,12 @@ a truncated tar, are input lines too, so they are recorded as failures like a ba
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import stat
 import tarfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Sequence
@@ -25,6 +27,7 @@ UNREADABLE_PREFIX = "<unreadable after byte "
 MAX_SIDECAR_BYTES = 1 << 20  # a json member larger than this is not read; a caption only up to its limit
 CAPTION_READ_BYTES = 4 * MAX_CAPTION_CHARS + 4  # enough UTF-8 for MAX_CAPTION_CHARS characters
 META_FIELDS = ("key", "url", "width", "height", "caption")
+KNOWN_SUFFIXES = IMAGE_SUFFIXES | {".txt", ".json"}
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,18 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _sample_key(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is the name up to the first dot of its last path component."""
+    """WebDataset's rule: the key is the name up to the first dot of its last path component. A name whose
+    extension by that rule is no known one but whose last suffix is (`photo.2019.jpg`, `photo.2019.txt`) is keyed
+    by the name less that suffix (`photo.2019`): WebDataset would call it a field `2019.jpg` of sample `photo`,
+    which no image route reads, so it would be neither embedded nor recorded."""
     directory, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ("." + ext.lower() if dot else "")
+    ext = "." + ext.lower() if dot else ""
+    if ext not in KNOWN_SUFFIXES and "." in ext[1:]:
+        longer, _, last = base.rpartition(".")
+        if "." + last.lower() in KNOWN_SUFFIXES:
+            stem, ext = longer, "." + last.lower()
+    return (f"{directory}/{stem}" if directory else stem), ext
 
 
 def _unread_tail(f: BinaryIO, stop: int, file_size: int) -> bool:
@@ -133,7 +144,8 @@ def _samples(path: str, infos: list[tarfile.TarInfo], file_size: int) -> list[Ta
             if cut and not problem:
                 problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
             out.append(TarSample(path, name, image, *side, problem=problem))
-        if not parts["images"] and (caption or meta):
+        if not parts["images"] and (caption or meta) and "." not in key.rpartition("/")[2]:
+            # (a dotted key is a `_sample_key` fallback: an orphan `x.v2.txt` is a WebDataset field, no lost image)
             problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}" if cut else \
                 "no image: a caption or json member without an image beside it"
             out.append(TarSample(path, (caption or meta)[0], None, *side, problem=problem))
@@ -146,8 +158,10 @@ def _open_for_listing(path: str) -> tuple[BinaryIO, int]:
         from clip_hpc.ingest.object_store import open_ranged
 
         return open_ranged(path)  # type: ignore[return-value]
-    file_size = os.path.getsize(path)
-    return open(path, "rb"), file_size
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # open() of a FIFO waits for a writer forever; a device never ends
+        raise tarfile.ReadError("not a regular file")
+    return open(path, "rb"), st.st_size
 
 
 def index_tar(path: str | os.PathLike) -> list[TarSample]:
@@ -175,12 +189,14 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
                     break
                 if info is None:
                     break
-                if not info.isdir() and _sample_key(info.name)[1] in IMAGE_SUFFIXES | {".txt", ".json"}:
+                if not info.isdir() and _sample_key(info.name)[1] in KNOWN_SUFFIXES:
                     infos.append(info)
             if read_error is None:
                 stop = min(tf.offset, file_size)
                 tail_unread = stop < file_size and (stopped_early or _unread_tail(f, stop, file_size))
     except tarfile.TarError as exc:  # not a tar at all (an empty or failed download): one failing line, go on
+        if path.lower().endswith((".gz", ".tgz")):  # listed so that its images are not lost without a word
+            exc = tarfile.ReadError("a compressed tar cannot be read by offset; decompress it (gunzip) first")
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {exc}")]
     except OSError as exc:
         if not remote:
@@ -215,8 +231,10 @@ MAX_PREFETCH = 64 << 20  # at most this many bytes of a tar held per worker for 
 
 
 def sample_span(sample: TarSample) -> tuple[int, int, int]:
-    """(start, stop, bytes read) of what is read of a sample: its image and the read part of its sidecars."""
-    parts = [m for m in (sample.image, sample.caption, sample.meta) if m is not None]
+    """(start, stop, bytes read) of what is read of a sample: its image with its header (`read_indexed_member`) and
+    the read part of its sidecars."""
+    image = sample.image and Member(sample.image.offset - tarfile.BLOCKSIZE, sample.image.size + tarfile.BLOCKSIZE)
+    parts = [m for m in (image, sample.caption, sample.meta) if m is not None]
     read = {m: min(m.size, CAPTION_READ_BYTES) if m is sample.caption else m.size for m in parts
             if not (m is sample.meta and m.size > MAX_SIDECAR_BYTES)}
     return min(m.offset for m in read), max(m.offset + n for m, n in read.items()), sum(read.values())
@@ -234,27 +252,27 @@ class ChangedTarError(OSError):
     """A tar member's stored offset no longer holds its header: the tar was rewritten after it was indexed."""
 
 
-def read_indexed_member(tar: str | os.PathLike, member: Member, name: str) -> bytes:
+def read_indexed_member(tar: str | os.PathLike, member: Member, name: str, handle: BinaryIO | None = None) -> bytes:
     """`read_member`, for a member located by an index built earlier: the 512-byte header just before its data
     must still be a regular member of this name and size, or the tar has changed since (a rewritten tar would
-    otherwise hand out whatever now sits at that offset: another member, a secret). An object's header and data
-    come in one ranged GET."""
+    otherwise hand out whatever now sits at that offset: another member's pixels, a secret). Header and data come in
+    one read (one ranged GET for an object, or none beyond the sample's prefetch through `handle`)."""
     header_at = member.offset - tarfile.BLOCKSIZE
     if header_at < 0:
         raise ChangedTarError(f"the tar changed after indexing: no header before {name!r} at offset {member.offset}")
-    if is_url(tar):
+    if handle is None and is_url(tar):
         from clip_hpc.ingest.object_store import read_range
 
         block = read_range(str(tar), header_at, member.offset + member.size)
-        _check_header(block[:tarfile.BLOCKSIZE], name, member)
-        if len(block) != tarfile.BLOCKSIZE + member.size:
-            raise OSError(f"truncated tar: {len(block) - tarfile.BLOCKSIZE} of {member.size} bytes at offset "
-                          f"{member.offset}")
-        return block[tarfile.BLOCKSIZE:]
-    with open(tar, "rb") as f:
-        f.seek(header_at)
-        _check_header(f.read(tarfile.BLOCKSIZE), name, member)
-        return read_member(tar, member, f)
+    else:
+        with contextlib.nullcontext(handle) if handle is not None else open(tar, "rb") as f:
+            f.seek(header_at)
+            block = f.read(tarfile.BLOCKSIZE + member.size)
+    _check_header(block[:tarfile.BLOCKSIZE], name, member)
+    if len(block) != tarfile.BLOCKSIZE + member.size:
+        raise OSError(f"truncated tar: {max(len(block) - tarfile.BLOCKSIZE, 0)} of {member.size} bytes at offset "
+                      f"{member.offset}")
+    return block[tarfile.BLOCKSIZE:]
 
 
 def _check_header(header: bytes, name: str, member: Member) -> None:
@@ -264,8 +282,11 @@ def _check_header(header: bytes, name: str, member: Member) -> None:
 
 
 def header_describes(header: bytes, name: str, size: int) -> bool:
-    """Pure: whether a raw tar header block is a regular member's, of this size and (as far as the header can
-    spell it: ustar fields are 100+155 bytes, PAX writers put '?' for non-ASCII) of this name."""
+    """Pure: whether a raw tar header block is a regular member's, of this size and, for a name the ustar fields
+    hold verbatim (ASCII, at most 100 bytes), of this name. A longer or non-ASCII name came from a PAX or GNU
+    extension header, and each writer puts something else in the ustar field (the first 100 bytes: Python, GNU
+    tar; 99 bytes: GNU tar's oldgnu; an abbreviation with '...': libarchive; '?' or raw bytes for non-ASCII), so
+    such a member is judged by its type, size and checksum alone: demanding one spelling failed real members."""
     if len(header) != tarfile.BLOCKSIZE or header[156:157] not in (b"0", b"\0", b"7"):
         return False
     try:
@@ -275,15 +296,12 @@ def header_describes(header: bytes, name: str, size: int) -> bool:
             return False
     except (ValueError, tarfile.HeaderError):
         return False
+    spelled = name.encode("utf-8", "surrogateescape")
+    if len(spelled) > 100 or not spelled.isascii():
+        return True
     stored = header[:100].split(b"\0")[0]
-    truncated = len(stored) == 100
     prefix = header[345:500].split(b"\0")[0] if header[257:263] == b"ustar\x00" else b""
-    if prefix:
-        stored = prefix + b"/" + stored
-    for spelled in (name.encode("utf-8", "surrogateescape"), name.encode("ascii", "replace")):
-        if stored == spelled or (truncated and spelled.startswith(stored)):
-            return True
-    return False
+    return (prefix + b"/" + stored if prefix else stored) == spelled
 
 
 def decode_caption(data: bytes, size: int | None = None) -> tuple[str, list[str]]:
