@@ -4,9 +4,7 @@ import io
 import os
 import tarfile
 
-import pytest
 
-from clip_hpc.errors import UserError
 from clip_hpc.devdata.sample_images import captioned_samples, write_sample_tars, write_tar
 from clip_hpc.ingest.sources import list_inputs
 from clip_hpc.formats.tar_member import file_on_disk, split_member_line
@@ -80,8 +78,21 @@ def test_list_inputs_mixes_loose_files_and_tars_and_expands_patterns(tmp_path):
     assert [s.problem.split(":")[0] for s in listed.tar_samples.values()] == ["not a tar"]
     not_a_tar.chmod(0)
     if not os.access(not_a_tar, os.R_OK):  # root reads anything
-        with pytest.raises(UserError, match="cannot read tar"):
-            list_inputs([not_a_tar])
+        (sample,) = list_inputs([not_a_tar]).tar_samples.values()
+        assert sample.problem.startswith("read error")
+
+
+def test_a_missing_tar_is_a_failing_line_and_the_others_embed(tmp_path):
+    """One failed download among a list of tars stopped the whole job at listing ('cannot read tar'), where a
+    missing image or object is a recorded `missing file`."""
+    tars = write_sample_tars(tmp_path / "shards", 2, 2)
+    gone = tmp_path / "shards" / "gone.tar"
+    file_list = tmp_path / "list.txt"
+    file_list.write_text("\n".join(map(str, [tars[0], gone, tars[1]])) + "\n")
+    listing = list_inputs([], str(file_list))
+    problems = {line: s.problem for line, s in listing.tar_samples.items() if s.problem}
+    assert list(problems.values()) == ["missing file"] and next(iter(problems)).startswith(str(gone))
+    assert sum(not s.problem for s in listing.tar_samples.values()) == 4
 
 
 def test_a_tar_that_is_no_regular_file_is_a_failing_line_not_a_hang(tmp_path):

@@ -13,7 +13,8 @@ from typing import Iterable, Sequence
 
 from clip_hpc.errors import UserError
 from clip_hpc.ingest.object_store import is_url
-from clip_hpc.ingest.tars import TarSample, expand_braces, index_tar, is_tar_path
+from clip_hpc.formats.tar_member import is_tar_path
+from clip_hpc.ingest.tars import TarSample, expand_braces, index_tar
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 

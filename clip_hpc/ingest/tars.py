@@ -17,8 +17,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Sequence
 
-from clip_hpc.errors import UserError
-from clip_hpc.formats.tar_member import is_tar_path, member_line  # noqa: F401  (is_tar_path: sources.py's import)
+from clip_hpc.formats.tar_member import member_line
 from clip_hpc.ingest.object_store import is_url
 from clip_hpc.ingest.text import MAX_CAPTION_CHARS, clean_text, decode_text
 
@@ -165,8 +164,8 @@ def _open_for_listing(path: str) -> tuple[BinaryIO, int]:
 
 
 def index_tar(path: str | os.PathLike) -> list[TarSample]:
-    """The samples of one tar, in the tar's order, from its headers only (tarfile seeks over the data). An object
-    whose reads keep failing is no dead job: what was listed stays, the rest is one failing line."""
+    """The samples of one tar, in the tar's order, from its headers only (tarfile seeks over the data). A tar that
+    is missing, or whose reads keep failing, is no dead job: what was listed stays, the rest is one failing line."""
     remote = is_url(path)
     path = str(path) if remote else os.path.abspath(path)
     infos: list[tarfile.TarInfo] = []
@@ -182,9 +181,7 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
                 except tarfile.TarError:  # "unexpected end of data": the tar was cut; keep what was listed
                     stopped_early = True
                     break
-                except OSError as exc:
-                    if not remote:
-                        raise
+                except OSError as exc:  # an object's reads kept failing, or a disk's (EIO)
                     stop, read_error = tf.offset, exc
                     break
                 if info is None:
@@ -198,9 +195,9 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
         if path.lower().endswith((".gz", ".tgz")):  # listed so that its images are not lost without a word
             exc = tarfile.ReadError("a compressed tar cannot be read by offset; decompress it (gunzip) first")
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {exc}")]
+    except FileNotFoundError:  # one failed download among thousands of tars: recorded like a missing image
+        return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem="missing file")]
     except OSError as exc:
-        if not remote:
-            raise UserError(f"cannot read tar {path}: {exc.strerror or exc}") from None
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"read error: {str(exc)[:160]}")]
     out = _samples(path, infos, file_size)
     if read_error is not None:
