@@ -104,13 +104,17 @@ def test_unreadable_image_is_a_json_404_before_any_header(own_index, tmp_path, t
         path.chmod(0o644)
 
 
-def test_head_export_dedupe_cookie_thumbnail_identity_and_weight_overflow(own_index, tmp_path):  # D2 D3 D4 minor
+def test_head_export_dedupe_cookie_thumbnail_identity_weight_overflow_and_two_uploads(own_index, tmp_path):  # D2-4
     paths = indexed(own_index)
     image_id, path = list(paths.items())[9]
     with start_server(own_index / "index", tmp_path / "srv") as srv, srv.client() as c:
         assert c.head("/").status_code == 200
         head = c.head(f"/api/images/{image_id}")
         assert head.status_code == 200 and int(head.headers["content-length"]) == path.stat().st_size
+        # two parts named `file`: the last one was searched without a word
+        two = c.post("/api/search/image", files=[("file", ("a.png", _small_png(), "image/png")),
+                                                 ("file", ("b.png", _small_png(), "image/png"))])
+        assert two.status_code == 400 and "one image" in two.json()["error"]
         # D3: one copy per id
         resp = c.post("/api/export", json={"ids": [image_id] * 1000})
         assert resp.status_code == 200

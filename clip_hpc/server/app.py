@@ -180,11 +180,13 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
                          return_vector=body.return_vector)
 
     @app.post("/api/search/image", response_model=VectorResults, response_model_exclude_unset=True)
-    def search_image(file: Annotated[UploadFile, File(description="an image file")],
+    def search_image(file: Annotated[list[UploadFile], File(description="one image file")],
                      k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
                      path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
                      return_vector: bool = False) -> VectorResults:
-        return run_query(images=[decoded(file.file.read())], k=k, path_prefix=path_prefix,
+        if len(file) != 1:  # several parts named `file` were answered for the last one, without a word
+            raise HTTPException(400, f"send one image in the form field 'file', not {len(file)}")
+        return run_query(images=[decoded(file[0].file.read())], k=k, path_prefix=path_prefix,
                          return_vector=return_vector)
 
     @app.get("/api/random", response_model=Results)
