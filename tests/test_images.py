@@ -56,3 +56,11 @@ def test_pil_bomb_guard_and_our_limit_both_become_a_failure(bad_dir):
         assert decode_image(big).kind == "too many pixels"
         assert decode_image(big, max_pixels=10_000).kind == "too many pixels"
 
+
+
+def test_a_directory_named_where_an_image_was_expected_says_so(tmp_path):
+    """A directory in --file-list was recorded as a bare `decode error`: say what it is and what to do."""
+    (tmp_path / "album.jpg").mkdir()
+    failure = decode_image(tmp_path / "album.jpg")
+    assert isinstance(failure, DecodeFailure) and failure.kind == "a directory" and "input" in failure.detail
+    assert decode_image(tmp_path / "gone.jpg").kind == "missing file"

@@ -146,6 +146,8 @@ def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int 
         elif isinstance(source, (str, os.PathLike)):
             if not os.path.exists(source):
                 return DecodeFailure("missing file")
+            if os.path.isdir(source):  # a --file-list line is read as a file: a directory there lists nothing
+                return DecodeFailure("a directory", "give it as an input to embed the images in it")
             if os.path.getsize(source) == 0:
                 return DecodeFailure("empty file")
         with Image.open(source) as img:
