@@ -60,3 +60,14 @@ def test_perlmutter_profile_sets_omp_threads_in_the_job_not_on_the_login_node() 
     in_job = _profile("perlmutter", "OMP_NUM_THREADS", SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="32")
     assert in_job["OMP_NUM_THREADS"] == "32"
     assert _profile("perlmutter", "OMP_NUM_THREADS", SLURM_JOB_ID="7", OMP_NUM_THREADS="4")["OMP_NUM_THREADS"] == "4"
+
+
+def test_a_profile_that_does_not_end_with_generic_fails_with_one_line(tmp_path: Path) -> None:
+    # set -u made a custom profile without `source .../generic.sh` a bare "CLIP_HPC_SRUN_MPI: unbound variable"
+    profile = tmp_path / "mine.sh"
+    profile.write_text(': "${CLIP_HPC_EMBED_SBATCH:=-n 2}"\n')
+    proc = subprocess.run(["bash", ROOT / "slurm" / "embed.sbatch", "IMAGES", "--out", tmp_path / "emb"],
+                          capture_output=True, text=True, timeout=30,
+                          env=_clean_env(CLIP_HPC_PROFILE=str(profile), PATH="/usr/bin:/bin"))
+    assert proc.returncode == 2 and "unbound variable" not in proc.stderr, proc.stderr
+    assert "CLIP_HPC_VENV" in proc.stderr and "generic.sh" in proc.stderr
