@@ -29,7 +29,11 @@ export SBATCH_CONSTRAINT SBATCH_QOS ${SBATCH_ACCOUNT:+SBATCH_ACCOUNT}
 : "${CLIP_HPC_DATA:=${SCRATCH:-$HOME}/clip-hpc}"
 : "${CLIP_HPC_LOGIN_HOST:=$(id -un)@perlmutter.nersc.gov}"
 export HF_HOME=${HF_HOME:-${SCRATCH:-$HOME}/.cache/huggingface}   # model weights fetched on the login node
-if [ -n "${SLURM_JOB_ID:-}" ]; then export HF_HUB_OFFLINE=1; fi   # jobs read the cache, never the hub
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}
+# In a job only: sbatch exports the login node's environment (pipeline.sh sources this there) into the job, where
+# an OMP_NUM_THREADS=8 set on the login node would cap the threads of every -c 32 task.
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+    export HF_HUB_OFFLINE=1   # jobs read the model cache, never the hub
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}
+fi
 # shellcheck source=generic.sh
 source "$CLIP_HPC_HOME/hpc/generic.sh"

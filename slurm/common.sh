@@ -23,6 +23,14 @@ clip_hpc_load_profile() {
     # shellcheck disable=SC1090
     source "$profile"
     set -u
+    # What the scripts read under set -u; a profile gets them by ending with generic.sh (README: Adding a profile).
+    local name missing=""
+    for name in CLIP_HPC_VENV CLIP_HPC_SRUN_MPI CLIP_HPC_DATA CLIP_HPC_LOGIN_HOST CLIP_HPC_EMBED_SBATCH \
+                CLIP_HPC_INDEX_SBATCH CLIP_HPC_SERVE_SBATCH; do
+        [ -n "${!name+set}" ] || missing="$missing $name"
+    done
+    [ -z "$missing" ] || clip_hpc_die "profile '$CLIP_HPC_PROFILE' leaves unset:$missing;" \
+        "end it with: source \"\$CLIP_HPC_HOME/hpc/generic.sh\""
     command -v clip-hpc >/dev/null || clip_hpc_die "clip-hpc is not on PATH after profile '$CLIP_HPC_PROFILE': " \
         "install it in $CLIP_HPC_VENV (python -m venv $CLIP_HPC_VENV && $CLIP_HPC_VENV/bin/pip install -e $CLIP_HPC_HOME)"
 }

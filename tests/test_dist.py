@@ -14,9 +14,11 @@ from conftest import BIN
 
 def test_env_fallbacks_in_order():
     assert world_from_env({}) == World()
-    slurm = world_from_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-                            "SLURM_NTASKS_PER_NODE": "4", "RANK": "0", "WORLD_SIZE": "2"})
+    slurm_vars = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4"}
+    slurm = world_from_env(slurm_vars)
     assert (slurm.rank, slurm.size, slurm.local_rank, slurm.local_size, slurm.backend) == (3, 8, 1, 4, "slurm")
+    # torchrun runs under srun, so its variables (set per worker) win over the srun task's they inherit
+    assert world_from_env({**slurm_vars, "RANK": "0", "WORLD_SIZE": "2"}).backend == "torchrun"
     torchrun = world_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     assert (torchrun.rank, torchrun.size, torchrun.local_rank, torchrun.backend) == (1, 2, 1, "torchrun")
     assert world_from_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "2"}) == World()  # inconsistent -> single

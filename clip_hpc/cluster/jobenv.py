@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
@@ -58,13 +59,53 @@ def _launch_vars(environ: Mapping[str, str], *names: str) -> LaunchVars:
     return LaunchVars(*(_int(environ, name) for name in names))
 
 
+def _omp_threads(environ: Mapping[str, str]) -> int | None:
+    """OMP_NUM_THREADS as a count; the nested form "4,2" gives a thread count per nesting level, and the outer
+    one (the first) is what this process runs."""
+    first = environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    return _count({"OMP_NUM_THREADS": first}, "OMP_NUM_THREADS")
+
+
+_TASKS_PART = re.compile(r"\s*(\d+)(?:\(x(\d+)\))?\s*")
+
+
+def tasks_on_node(spec: str, node: int) -> int | None:
+    """SLURM's compressed per-node list (SLURM_STEP_TASKS_PER_NODE "4(x2),2": 4 tasks on nodes 0 and 1, 2 on node
+    2) at index `node`; None when the list is junk or shorter."""
+    for part in spec.split(","):
+        match = _TASKS_PART.fullmatch(part)
+        if match is None:
+            return None
+        repeat = int(match[2] or 1)
+        if node < repeat:
+            return int(match[1])
+        node -= repeat
+    return None
+
+
+def _slurm_vars(environ: Mapping[str, str]) -> LaunchVars:
+    """This task's place in its SLURM job step (srun). The batch script itself is no task of a step: SLURM gives it
+    SLURM_PROCID=0 and the job's SLURM_NTASKS but no SLURM_STEP_ID (seen on SLURM 22.05), so a program started there
+    without srun is one process, not rank 0 of N that leaves the other ranks' units undone. The local size is the
+    step's count on this node (SLURM_STEP_TASKS_PER_NODE at SLURM_NODEID): SLURM_NTASKS_PER_NODE is set only for
+    --ntasks-per-node, and then as the job's request, not the step's."""
+    if environ.get("SLURM_JOB_ID") and not (environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID")):
+        return LaunchVars()
+    node = _int(environ, "SLURM_NODEID")
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    local_size = tasks_on_node(per_node, node) if per_node and node is not None and node >= 0 else None
+    return LaunchVars(_int(environ, "SLURM_PROCID"),
+                      _count(environ, "SLURM_STEP_NUM_TASKS") or _int(environ, "SLURM_NTASKS"),
+                      _int(environ, "SLURM_LOCALID"), local_size or _int(environ, "SLURM_NTASKS_PER_NODE"))
+
+
 @dataclass(frozen=True)
 class JobEnv:
     """What the job's launcher and the kernel told this process; derived answers are properties."""
 
     slurm_job_id: str | None = None
     slurm_step_id: str | None = None
-    slurm: LaunchVars = LaunchVars()  # SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE
+    slurm: LaunchVars = LaunchVars()  # SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, tasks on this node (_slurm_vars)
     slurm_cpus_per_task: int | None = None
     torchrun: LaunchVars = LaunchVars()  # RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE
     mpi_hints: frozenset[str] = frozenset()  # which of MPI_HINTS are set
@@ -81,12 +122,12 @@ class JobEnv:
         return cls(
             slurm_job_id=environ.get("SLURM_JOB_ID") or None,
             slurm_step_id=environ.get("SLURM_STEP_ID") or None,
-            slurm=_launch_vars(environ, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+            slurm=_slurm_vars(environ),
             slurm_cpus_per_task=_count(environ, "SLURM_CPUS_PER_TASK"),
             torchrun=_launch_vars(environ, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
             mpi_hints=frozenset(name for name in MPI_HINTS if name in environ),
             force_mpi=bool(environ.get("CLIP_HPC_FORCE_MPI")),
-            omp_num_threads=_count(environ, "OMP_NUM_THREADS"),
+            omp_num_threads=_omp_threads(environ),
             affinity=frozenset(affinity) if affinity else None,
             cpu_count=cpu_count,
             nodename=environ.get("SLURMD_NODENAME") or hostname,
@@ -99,8 +140,10 @@ class JobEnv:
 
     @property
     def launcher_place(self) -> Place | None:
-        """This rank's place from SLURM's variables, else torchrun's, else None (a lone process)."""
-        return self.slurm.place("slurm") or self.torchrun.place("torchrun")
+        """This rank's place from torchrun's variables, else SLURM's, else None (a lone process). torchrun's come
+        first because torchrun runs under srun, never the other way round: in `srun -N 2 torchrun --nproc_per_node=4`
+        every worker also inherits its srun task's SLURM_PROCID, and by SLURM's variables all 4 would be one rank."""
+        return self.torchrun.place("torchrun") or self.slurm.place("slurm")
 
     @property
     def available_cpus(self) -> int:
@@ -124,9 +167,10 @@ class JobEnv:
     @property
     def dataloader_workers(self) -> int:
         """Decoding workers per rank: all but one of the task's CPUs (the main process feeds the model), capped by
-        the mask; without SLURM_CPUS_PER_TASK the CPUs may be shared with other ranks, so a small fixed number."""
+        the mask; without SLURM_CPUS_PER_TASK the CPUs may be shared with other ranks, so a small fixed number, but
+        never more than the mask's CPUs beside the main process (srun without -c binds a task to one CPU)."""
         if self.slurm_cpus_per_task is None:
-            return DEFAULT_WORKERS
+            return min(DEFAULT_WORKERS, max(0, self.available_cpus - 1))
         return max(0, min(self.slurm_cpus_per_task, self.available_cpus) - 1)
 
 
