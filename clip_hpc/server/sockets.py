@@ -9,6 +9,7 @@ from pathlib import Path
 
 from clip_hpc.errors import UserError
 
+UNIX_PATH_MAX = 107  # bytes in sockaddr_un.sun_path on Linux, less the terminating NUL
 LISTEN_BACKLOG = 2048  # connections the kernel queues while the server is busy: a burst waits, it is not reset
 
 
@@ -42,9 +43,20 @@ def bind_tcp(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
+def unix_socket_path(path: str | os.PathLike) -> Path:
+    """The absolute --uds path, refused when the kernel cannot hold it: bind() would say only "AF_UNIX path too
+    long", after the model had loaded, and after making the directory for it. Cheap: `serve` calls it first."""
+    path = Path(path).expanduser().absolute()
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX:
+        raise UserError(f"--uds path {path} is {size} bytes; a unix socket path holds at most {UNIX_PATH_MAX}: "
+                        f"choose a shorter one (e.g. under /tmp)")
+    return path
+
+
 def bind_unix(path: str | os.PathLike) -> socket.socket:
     """A unix socket with mode 0600 from birth (umask), so no other user on the node can ever connect."""
-    path = Path(path).expanduser().absolute()
+    path = unix_socket_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         if not path.is_socket():
