@@ -73,6 +73,14 @@ def test_serve_refuses_a_bad_port_or_socket_path_before_loading(tmp_path):
 
     for args, message in ((["--port", "70000"], "argument --port: 70000 is not a port number (0-65535)"),
                           (["--port", "-1"], "argument --port: -1 is not a port number (0-65535)"),
-                          (["--uds", str(tmp_path / ("d" * 120) / "s.sock")], "a unix socket path holds at most")):
+                          (["--uds", str(tmp_path / ("d" * 120) / "s.sock")], "a unix socket path holds at most"),
+                          (["--host", ""], "--host is empty")):
         proc = run_cli("serve", tmp_path / "no-index", *args, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("host", ["", " "])
+def test_an_empty_host_is_refused_not_every_interface(host):
+    """bind(("", port)) listens on every interface: `--host "$UNSET_VAR"` must not open the server to the network."""
+    with pytest.raises(UserError, match="--host is empty: .* 0.0.0.0 to listen on every interface"):
+        sockets.bind_tcp(host, 0)

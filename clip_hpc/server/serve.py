@@ -20,7 +20,7 @@ from clip_hpc.server.micro_batch import BatchSettings
 from clip_hpc.server.runtime import ServingRuntime
 from clip_hpc.server.served_engine import ServedEngine
 from clip_hpc.server.shared_encoder import SharedEncoder
-from clip_hpc.server.sockets import bind_tcp, bind_unix, unix_socket_path
+from clip_hpc.server.sockets import bind_tcp, bind_unix, check_bind_host, unix_socket_path
 
 
 class _Stopped(Exception):
@@ -100,7 +100,10 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
     """Load once, bind, announce (connection file, ssh command, URL), then serve until a stop signal."""
     import uvicorn
 
-    uds = str(unix_socket_path(uds)) if uds else None  # a socket path that cannot work fails before loading
+    if uds:  # a socket path or an address that cannot work fails now, not after the model and index have loaded
+        uds = str(unix_socket_path(uds))
+    else:
+        check_bind_host(host)
     conn_path = claim_connection_file(connection_file or default_connection_path())
     _tune_malloc()
     served = load_engine(index_dir, model=model, pretrained=pretrained, device=device, nprobe=nprobe,

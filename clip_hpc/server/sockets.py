@@ -23,12 +23,20 @@ class ListeningSocket(socket.socket):
         super().listen(max(backlog, LISTEN_BACKLOG))
 
 
+def check_bind_host(host: str) -> str:
+    """The address to bind, refused when blank: bind(("", port)) listens on every interface, so an unset shell
+    variable (`--host "$BIND"`) would open the server to the network without anyone asking for it."""
+    if not host.strip():
+        raise UserError("--host is empty: leave it out for 127.0.0.1, or give 0.0.0.0 to listen on every interface")
+    return host
+
+
 def bind_tcp(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """Bind and listen before anyone is told the port: `--port 0` then cannot race another process.
 
     The protocol is spelled IPPROTO_TCP (not 0): asyncio turns TCP_NODELAY on for accepted connections only when
     `sock.proto` says TCP, and without it every response on a reused connection waits ~40 ms for Nagle."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in check_bind_host(host) else socket.AF_INET
     sock = ListeningSocket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Linux hands it on to accepted sockets too
