@@ -170,3 +170,15 @@ def test_a_file_claimed_by_another_live_server_meanwhile_is_not_overwritten(tmp_
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_connection_file_that_cannot_be_written_is_refused_at_the_claim(tmp_path):
+    """serve claims the file before loading the model and index: an unwritable place ($HOME on a read-only or
+    missing mount, a file where a directory should be) must fail there, in one line naming the option to use,
+    not minutes later with a bare 'No such file or directory'."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    for path in (blocker / "c.json", "/proc/clip-hpc-nonexistent/connections/c.json"):
+        with pytest.raises(UserError, match=r"^cannot write the connection file .*c\.json .*: give "
+                                            r"--connection-file PATH in a writable directory$"):
+            connection.claim_connection_file(path)

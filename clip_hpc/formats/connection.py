@@ -144,8 +144,17 @@ class ConnectionInfo:
 
 def claim_connection_file(path: str | os.PathLike) -> Path:
     """Refuse a connection file that names a live server on this node (two servers on one file would leave it
-    pointing at whichever wrote last); a stale one (its server is gone) is taken over."""
+    pointing at whichever wrote last); a stale one (its server is gone) is taken over. Its directory is made (and
+    must be writable) here, because serve claims before loading: an unwritable $HOME fails in seconds, not after
+    the model and index have loaded."""
     path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise UserError(f"cannot write the connection file {path} ({exc.strerror or exc}): give --connection-file "
+                        f"PATH in a writable directory") from None
     try:
         current = ConnectionInfo.from_json(json.loads(path.read_text()))
     except (OSError, ValueError):  # missing, unreadable or malformed (UserError is a ValueError): ours to take
@@ -161,8 +170,7 @@ def write_connection_file(path: str | os.PathLike, info: ConnectionInfo) -> Path
     """Mode 0600 before the token is written: the file is the key to the server. The claim is checked again here:
     two servers started together on one file both pass `claim_connection_file` before loading, and the one ready
     second would otherwise replace the first's file and leave a server that no file points to."""
-    path = claim_connection_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = claim_connection_file(path)  # also makes its directory
     old = os.umask(0o177)
     try:
         atomic_write_bytes(path, (json.dumps(info.to_json(), indent=2) + "\n").encode())
