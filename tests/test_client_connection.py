@@ -24,6 +24,16 @@ def test_ssh_command_ends_where_the_server_listens(monkeypatch):
     assert connection.ssh_command("nid001", port=1, bind_host="0.0.0.0").endswith(" <login-node>")
 
 
+def test_ssh_command_for_a_socket_path_with_spaces_can_be_pasted(monkeypatch):
+    """The printed command is pasted into a shell: a --uds under "My Project/" must stay one -L argument."""
+    import shlex
+
+    monkeypatch.setenv(connection.LOGIN_HOST_ENV, "me@login1")
+    command = connection.ssh_command("nid001", uds="/home/me/My Project/s.sock")
+    assert shlex.split(command) == ["ssh", "-N", "-L", "8765:/home/me/My Project/s.sock", "-J", "me@login1",
+                                    "nid001"]
+
+
 def test_connection_file_is_private_whatever_the_umask(tmp_path):
     old = os.umask(0o000)
     try:

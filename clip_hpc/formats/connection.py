@@ -10,6 +10,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,8 @@ def ssh_command(node: str, *, port: int | None = None, uds: str | None = None, b
     """
     login = login or login_host()
     local = local_port or port or DEFAULT_LOCAL_PORT
-    if uds:
-        return f"ssh -N -L {local}:{uds} -J {login} {node}"
+    if uds:  # quoted: the command is pasted into a shell, and a socket path may hold spaces
+        return f"ssh -N -L {shlex.quote(f'{local}:{uds}')} -J {login} {node}"
     if bind_host in LOOPBACK:
         return f"ssh -N -L {local}:localhost:{port} -J {login} {node}"
     return f"ssh -N -L {local}:{node}:{port} {login}"
