@@ -35,6 +35,18 @@ def process_start(pid: int) -> str | None:
         return None
 
 
+def process_started_at(pid: int) -> float | None:
+    """When the process `pid` started, in seconds since the epoch (boot time + its start tick); None where unknown.
+    For records that hold a wall-clock time rather than `process_start` (the connection file's `started`)."""
+    start = process_start(pid)
+    try:
+        btime = next(line.split()[1] for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return int(btime) + int(start) / os.sysconf("SC_CLK_TCK") if start is not None else None
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def same_process_alive(pid: int, start: str | None) -> bool:
     """Whether the process that had `pid` when it recorded `start` (`process_start`) still runs; without a recorded
     start (an older record, or no /proc), whether any process has that pid."""

@@ -24,6 +24,16 @@ def test_ssh_command_ends_where_the_server_listens(monkeypatch):
     assert connection.ssh_command("nid001", port=1, bind_host="0.0.0.0").endswith(" <login-node>")
 
 
+def test_ssh_command_for_a_socket_path_with_spaces_can_be_pasted(monkeypatch):
+    """The printed command is pasted into a shell: a --uds under "My Project/" must stay one -L argument."""
+    import shlex
+
+    monkeypatch.setenv(connection.LOGIN_HOST_ENV, "me@login1")
+    command = connection.ssh_command("nid001", uds="/home/me/My Project/s.sock")
+    assert shlex.split(command) == ["ssh", "-N", "-L", "8765:/home/me/My Project/s.sock", "-J", "me@login1",
+                                    "nid001"]
+
+
 def test_connection_file_is_private_whatever_the_umask(tmp_path):
     old = os.umask(0o000)
     try:
@@ -94,3 +104,91 @@ def test_endpoint_from_a_url_or_a_port():
         resolve_endpoint(token="t")
     with pytest.raises(UserError, match="^give --port P or --connection-file PATH$"):
         resolve_endpoint(ask_for="--port P")
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"port": "abc"}, r"'port' is 'abc': expected a port number 1-65535"),
+    ({"port": 99999}, r"'port' is 99999: expected a port number 1-65535"),
+    ({"port": 8765, "local_port": "x"}, r"'local_port' is 'x'"),
+    ({"port": 8765, "pid": "abc"}, r"'pid' is 'abc': expected a process id"),
+    ({"port": 8765, "host": 7}, r"'host' is 7: expected a string"),
+    ({"uds": ["/s"]}, r"'uds' is \['/s'\]: expected a string"),
+])
+def test_connection_file_fields_of_the_wrong_type_are_one_line_errors(tmp_path, fields, message):
+    """A hand-edited or half-copied file: one line naming the field, never a traceback in check-ports."""
+    with pytest.raises(UserError, match=r"^.*c\.json: " + message):
+        connection.read_connection_file(_file(tmp_path, **fields))
+
+
+def test_a_token_of_the_wrong_type_is_named_without_its_value(tmp_path):
+    with pytest.raises(UserError, match="'token' is not a string") as err:
+        connection.read_connection_file(_file(tmp_path, port=1, token=["secret-value"]))
+    assert "secret-value" not in str(err.value)
+
+
+def test_a_port_out_of_range_is_a_one_line_error():
+    for port in (0, -1, 70000):
+        with pytest.raises(UserError, match=f"^port {port} is not a port number: give one in 1-65535$"):
+            resolve_endpoint(port=port, token="t")
+
+
+def _started_at(seconds_ago: float) -> str:
+    import datetime as dt
+
+    when = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds_ago)
+    return when.isoformat(timespec="seconds")
+
+
+def test_a_pid_reused_by_a_later_process_is_not_the_server(tmp_path):
+    """After a kill -9 the file's pid is soon another process's: it neither blocks a new server nor looks alive."""
+    import socket
+    import subprocess
+    import sys
+
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"host": socket.gethostname(), "token": "t", "port": 1, "pid": later.pid,
+                                    "started": _started_at(3600)}))
+        assert connection.claim_connection_file(path) == path
+        assert "is gone" in connection.read_connection_file(path).stale_reason()
+        path.write_text(json.dumps({"host": socket.gethostname(), "token": "t", "port": 1, "pid": later.pid,
+                                    "started": _started_at(-5)}))  # written after that process started: its own
+        with pytest.raises(UserError, match="belongs to a running server"):
+            connection.claim_connection_file(path)
+        assert connection.read_connection_file(path).stale_reason() is None
+    finally:
+        later.kill()
+        later.wait()
+
+
+def test_a_file_claimed_by_another_live_server_meanwhile_is_not_overwritten(tmp_path):
+    """Two servers started together on one --connection-file both pass the claim before loading; the one that is
+    ready second must refuse rather than silently run with no file pointing at it."""
+    import socket
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"host": socket.gethostname(), "token": "t", "port": 1, "pid": other.pid,
+                                    "started": _started_at(-5)}))
+        with pytest.raises(UserError, match="belongs to a running server"):
+            connection.write_connection_file(path, ConnectionInfo.for_this_server(token="mine", port=2))
+        assert json.loads(path.read_text())["pid"] == other.pid
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_connection_file_that_cannot_be_written_is_refused_at_the_claim(tmp_path):
+    """serve claims the file before loading the model and index: an unwritable place ($HOME on a read-only or
+    missing mount, a file where a directory should be) must fail there, in one line naming the option to use,
+    not minutes later with a bare 'No such file or directory'."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    for path in (blocker / "c.json", "/proc/clip-hpc-nonexistent/connections/c.json"):
+        with pytest.raises(UserError, match=r"^cannot write the connection file .*c\.json .*: give "
+                                            r"--connection-file PATH in a writable directory$"):
+            connection.claim_connection_file(path)

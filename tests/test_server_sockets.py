@@ -55,3 +55,32 @@ def test_tcp_connections_have_nagle_off():
         return seen[0]
 
     assert asyncio.run(accepted_side_nodelay())
+
+
+def test_a_unix_socket_path_too_long_is_named_and_leaves_nothing(tmp_path):
+    """sun_path holds 107 bytes: a deep project directory on a cluster file system exceeds it easily. The error
+    names the path, its length and the way out, and no directory is made for a socket that cannot exist."""
+    deep = tmp_path / ("d" * 120)
+    with pytest.raises(UserError, match=r"^--uds path .* is \d+ bytes; a unix socket path holds at most 107: "
+                                        r"choose a shorter one \(e\.g\. under /tmp\)$"):
+        sockets.bind_unix(deep / "s.sock")
+    assert not deep.exists()
+
+
+def test_serve_refuses_a_bad_port_or_socket_path_before_loading(tmp_path):
+    """Checked before the model and index load (minutes for a real one), with a one-line error."""
+    from conftest import run_cli
+
+    for args, message in ((["--port", "70000"], "argument --port: 70000 is not a port number (0-65535)"),
+                          (["--port", "-1"], "argument --port: -1 is not a port number (0-65535)"),
+                          (["--uds", str(tmp_path / ("d" * 120) / "s.sock")], "a unix socket path holds at most"),
+                          (["--host", ""], "--host is empty")):
+        proc = run_cli("serve", tmp_path / "no-index", *args, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("host", ["", " "])
+def test_an_empty_host_is_refused_not_every_interface(host):
+    """bind(("", port)) listens on every interface: `--host "$UNSET_VAR"` must not open the server to the network."""
+    with pytest.raises(UserError, match="--host is empty: .* 0.0.0.0 to listen on every interface"):
+        sockets.bind_tcp(host, 0)

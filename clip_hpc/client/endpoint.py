@@ -57,6 +57,8 @@ def resolve_endpoint(*, connection_file: str | os.PathLike | None = None, url: s
         port = info.port if server else info.local_port or info.port
     if port is None:
         raise UserError(f"give {ask_for} or --connection-file PATH")
+    if not 1 <= port <= 65535:  # urllib would raise a bare ValueError (a traceback) when the URL is used
+        raise UserError(f"port {port} is not a port number: give one in 1-65535")
     if server and info and host == "localhost":
         host = info.bind_host or "127.0.0.1"
         host = "127.0.0.1" if host in WILDCARD else host

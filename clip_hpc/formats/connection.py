@@ -10,6 +10,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,33 @@ from typing import Any
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_bytes
-from clip_hpc.procs import pid_alive
+from clip_hpc.procs import pid_alive, process_started_at
 
 DEFAULT_LOCAL_PORT = 8765  # what the laptop side of a unix-socket tunnel listens on
 LOGIN_HOST_ENV = "CLIP_HPC_LOGIN_HOST"
 LOGIN_PLACEHOLDER = "<login-node>"
 CONNECTIONS_DIR = Path("~/.clip-hpc/connections")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+PORT_FIELDS = ("port", "local_port")
+STRING_FIELDS = ("host", "bind_host", "uds", "started", "url", "index_dir", "ssh_command")
+START_SLACK_S = 2.0  # `started` is whole seconds, written after the process began: later by this much, another one
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one connection-file field, if anything (None and a missing field are fine). A field of
+    the wrong type (a hand edit, a file from elsewhere) would otherwise surface as a traceback deep in a client.
+    The token's value is never repeated: it is the key to the server."""
+    if value is None:
+        return None
+    if name in PORT_FIELDS and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535):
+        return f"{name!r} is {value!r}: expected a port number 1-65535"
+    if name == "pid" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        return f"{name!r} is {value!r}: expected a process id"
+    if name in STRING_FIELDS and not isinstance(value, str):
+        return f"{name!r} is {value!r}: expected a string"
+    if name == "token" and not isinstance(value, str):
+        return f"{name!r} is not a string"
+    return None
 
 
 def login_host() -> str:
@@ -40,8 +61,8 @@ def ssh_command(node: str, *, port: int | None = None, uds: str | None = None, b
     """
     login = login or login_host()
     local = local_port or port or DEFAULT_LOCAL_PORT
-    if uds:
-        return f"ssh -N -L {local}:{uds} -J {login} {node}"
+    if uds:  # quoted: the command is pasted into a shell, and a socket path may hold spaces
+        return f"ssh -N -L {shlex.quote(f'{local}:{uds}')} -J {login} {node}"
     if bind_host in LOOPBACK:
         return f"ssh -N -L {local}:localhost:{port} -J {login} {node}"
     return f"ssh -N -L {local}:{node}:{port} {login}"
@@ -87,18 +108,36 @@ class ConnectionInfo:
 
     @classmethod
     def from_json(cls, data: Any) -> ConnectionInfo | None:
-        """None when `data` is not a connection (no token, or neither port nor socket); unknown keys are ignored."""
+        """None when `data` is not a connection (no token, or neither port nor socket); unknown keys are ignored;
+        a known field of the wrong type is a UserError that names it."""
         if not isinstance(data, dict) or "token" not in data or not (data.get("port") or data.get("uds")):
             return None
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = [f.name for f in dataclasses.fields(cls)]
+        problems = [p for p in (field_problem(k, data.get(k)) for k in known) if p]
+        if problems:
+            raise UserError("; ".join(problems))
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def stale_reason(self) -> str | None:
         """Why this file cannot be trusted, if we can tell: on its own node, a server pid that is gone (kill -9,
         a node reboot) leaves the file behind; None when the server may be alive (or runs on another node)."""
-        if self.host == socket.gethostname() and self.pid and not pid_alive(self.pid):
+        if self.host == socket.gethostname() and self.pid and not self.server_alive():
             return f"the server that wrote it (pid {self.pid}) is gone: the file is stale, start the server again"
         return None
+
+    def server_alive(self) -> bool:
+        """Whether the process that wrote this file, on this node, still runs. A pid alone is not enough: after a
+        kill -9 the pid is soon another process's, and one that started after the file's `started` time (the
+        server writes the file only after loading) is not the server, so it neither blocks a new server nor
+        passes for one in check-ports."""
+        if not pid_alive(self.pid):
+            return False
+        began = process_started_at(self.pid) if self.pid else None
+        try:
+            written = _dt.datetime.fromisoformat(self.started).timestamp()
+        except (TypeError, ValueError):
+            return True  # no usable time recorded: the pid is all there is to go on
+        return began is None or began <= written + START_SLACK_S
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,23 +145,33 @@ class ConnectionInfo:
 
 def claim_connection_file(path: str | os.PathLike) -> Path:
     """Refuse a connection file that names a live server on this node (two servers on one file would leave it
-    pointing at whichever wrote last); a stale one (its server is gone) is taken over."""
+    pointing at whichever wrote last); a stale one (its server is gone) is taken over. Its directory is made (and
+    must be writable) here, because serve claims before loading: an unwritable $HOME fails in seconds, not after
+    the model and index have loaded."""
     path = Path(path).expanduser()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise UserError(f"cannot write the connection file {path} ({exc.strerror or exc}): give --connection-file "
+                        f"PATH in a writable directory") from None
+    try:
         current = ConnectionInfo.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, unreadable or malformed (UserError is a ValueError): ours to take
         return path
     if current is not None and current.host == socket.gethostname() and current.pid != os.getpid() \
-            and pid_alive(current.pid):
+            and current.server_alive():
         raise UserError(f"{path} belongs to a running server (pid {current.pid}): stop it first, or give this "
                         f"server another --connection-file")
     return path
 
 
 def write_connection_file(path: str | os.PathLike, info: ConnectionInfo) -> Path:
-    """Mode 0600 before the token is written: the file is the key to the server."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Mode 0600 before the token is written: the file is the key to the server. The claim is checked again here:
+    two servers started together on one file both pass `claim_connection_file` before loading, and the one ready
+    second would otherwise replace the first's file and leave a server that no file points to."""
+    path = claim_connection_file(path)  # also makes its directory
     old = os.umask(0o177)
     try:
         atomic_write_bytes(path, (json.dumps(info.to_json(), indent=2) + "\n").encode())
@@ -141,7 +190,11 @@ def read_connection_file(path: str | os.PathLike) -> ConnectionInfo:
                         f"--connection-file {path})")
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read connection file {path}: {exc}")
-    info = ConnectionInfo.from_json(data)
+    try:
+        info = ConnectionInfo.from_json(data)
+    except UserError as exc:
+        raise UserError(f"bad connection file {path}: {exc} (copy it again from the cluster, or start the server "
+                        f"again)") from None
     if info is None:
         raise UserError(f"{path} is not a clip-hpc connection file (no token, port or uds)")
     return info

@@ -20,7 +20,7 @@ from clip_hpc.server.micro_batch import BatchSettings
 from clip_hpc.server.runtime import ServingRuntime
 from clip_hpc.server.served_engine import ServedEngine
 from clip_hpc.server.shared_encoder import SharedEncoder
-from clip_hpc.server.sockets import bind_tcp, bind_unix
+from clip_hpc.server.sockets import bind_tcp, bind_unix, check_bind_host, unix_socket_path
 
 
 class _Stopped(Exception):
@@ -100,6 +100,10 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
     """Load once, bind, announce (connection file, ssh command, URL), then serve until a stop signal."""
     import uvicorn
 
+    if uds:  # a socket path or an address that cannot work fails now, not after the model and index have loaded
+        uds = str(unix_socket_path(uds))
+    else:
+        check_bind_host(host)
     conn_path = claim_connection_file(connection_file or default_connection_path())
     _tune_malloc()
     served = load_engine(index_dir, model=model, pretrained=pretrained, device=device, nprobe=nprobe,
@@ -108,7 +112,6 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
     app = create_app(served, token, max_upload_bytes=int(max_upload_mb * 2**20))
     freeze_loaded_objects()
     sock = bind_unix(uds) if uds else bind_tcp(host, port)
-    uds = str(Path(uds).expanduser().absolute()) if uds else None
     bound_port = None if uds else int(sock.getsockname()[1])
     info = ConnectionInfo.for_this_server(token=token, port=bound_port, uds=uds, bind_host=host,
                                           index_dir=str(Path(index_dir).absolute()))

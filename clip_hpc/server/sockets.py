@@ -9,6 +9,7 @@ from pathlib import Path
 
 from clip_hpc.errors import UserError
 
+UNIX_PATH_MAX = 107  # bytes in sockaddr_un.sun_path on Linux, less the terminating NUL
 LISTEN_BACKLOG = 2048  # connections the kernel queues while the server is busy: a burst waits, it is not reset
 
 
@@ -22,12 +23,20 @@ class ListeningSocket(socket.socket):
         super().listen(max(backlog, LISTEN_BACKLOG))
 
 
+def check_bind_host(host: str) -> str:
+    """The address to bind, refused when blank: bind(("", port)) listens on every interface, so an unset shell
+    variable (`--host "$BIND"`) would open the server to the network without anyone asking for it."""
+    if not host.strip():
+        raise UserError("--host is empty: leave it out for 127.0.0.1, or give 0.0.0.0 to listen on every interface")
+    return host
+
+
 def bind_tcp(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """Bind and listen before anyone is told the port: `--port 0` then cannot race another process.
 
     The protocol is spelled IPPROTO_TCP (not 0): asyncio turns TCP_NODELAY on for accepted connections only when
     `sock.proto` says TCP, and without it every response on a reused connection waits ~40 ms for Nagle."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in check_bind_host(host) else socket.AF_INET
     sock = ListeningSocket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Linux hands it on to accepted sockets too
@@ -42,9 +51,20 @@ def bind_tcp(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
+def unix_socket_path(path: str | os.PathLike) -> Path:
+    """The absolute --uds path, refused when the kernel cannot hold it: bind() would say only "AF_UNIX path too
+    long", after the model had loaded, and after making the directory for it. Cheap: `serve` calls it first."""
+    path = Path(path).expanduser().absolute()
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX:
+        raise UserError(f"--uds path {path} is {size} bytes; a unix socket path holds at most {UNIX_PATH_MAX}: "
+                        f"choose a shorter one (e.g. under /tmp)")
+    return path
+
+
 def bind_unix(path: str | os.PathLike) -> socket.socket:
     """A unix socket with mode 0600 from birth (umask), so no other user on the node can ever connect."""
-    path = Path(path).expanduser().absolute()
+    path = unix_socket_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         if not path.is_socket():
