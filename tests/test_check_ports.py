@@ -101,6 +101,37 @@ def test_check_ports_spots_a_tunnel_with_nothing_behind_it():
     assert "is up but nothing answers behind it" in lines[1] and "squeue" in lines[1]
 
 
+class HealthyThenGone(http.server.BaseHTTPRequestHandler):
+    """A server that passes the health check, then dies on the next request (a job killed between the steps)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path == "/health":
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self.close_connection = True  # no status line at all: the client sees the connection drop
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_check_ports_names_a_server_that_stops_answering_after_its_health_check():
+    """The token step's request was not guarded: a server gone between the steps was a traceback."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HealthyThenGone)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rc, lines = check_ports("--port", str(server.server_address[1]), "--token", TOKEN)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert rc == 1 and lines[1].startswith("PASS") and lines[2].startswith("FAIL")
+    assert "stopped answering after its health check" in lines[2]
+
+
 def test_check_ports_needs_a_port_or_a_file():
     proc = run_cli("check-ports")
     assert proc.returncode == 2 and proc.stderr.strip() == \

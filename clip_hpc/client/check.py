@@ -107,7 +107,11 @@ class _Remedies:
     def token(self, client: httpx.Client, token: str | None) -> str | None:
         if not token:
             return "no token given: pass --token T or --connection-file FILE (the token is in that file)"
-        resp = client.get("/api/info")
+        try:
+            resp = client.get("/api/info")
+        except httpx.HTTPError as exc:  # it answered /health a moment ago: it died or hung between the steps
+            return (f"the server stopped answering after its health check ({type(exc).__name__}): is the job still "
+                    f"running (squeue --me)? look at its log")
         if resp.status_code == 200:
             return None
         source = f"copy it from the connection file {self.connection_file}" if self.connection_file \
@@ -121,6 +125,10 @@ class _Remedies:
             resp = client.get("/api/search", params={"q": "a photo", "k": 1})
         except httpx.HTTPError as exc:
             return f"the test query did not answer ({type(exc).__name__}): the server may be overloaded; retry"
-        if resp.status_code == 200 and isinstance(resp.json().get("results"), list):
+        try:
+            answered = resp.status_code == 200 and isinstance(resp.json().get("results"), list)
+        except (ValueError, AttributeError):  # not JSON, or JSON of another shape
+            answered = False
+        if answered:
             return None
         return f"the test query failed with HTTP {resp.status_code}: {error_text(resp)}; see the server's log"
