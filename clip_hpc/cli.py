@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
 from clip_hpc.errors import UserError
+from clip_hpc.ingest.text import argv_text  # search text: bytes that are not UTF-8 are read as cp1252
 from clip_hpc.index.defaults import train_size_help
 
 Handler = Callable[[argparse.Namespace], int]
@@ -194,8 +195,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UserError("give INDEX_DIR (or --url URL / --connection-file F to ask a running server)")
     from clip_hpc.search.engine import search_local
 
-    hits, query = search_local(args.index_dir, text=args.text, image=args.image, k=args.k, nprobe=args.nprobe,
-                               device=args.device, caption=args.caption, min_similarity=args.min_similarity)
+    hits, query = search_local(args.index_dir, text=argv_text(args.text or ""), image=args.image, k=args.k,
+                               nprobe=args.nprobe, device=args.device, caption=args.caption,
+                               min_similarity=args.min_similarity)
     if args.with_vector:
         print(json.dumps({"results": [hit.to_dict() for hit in hits], "query_vector": query.tolist()}, indent=2))
     else:
@@ -210,7 +212,7 @@ def cmd_search_remote(args: argparse.Namespace) -> int:
 
     if args.index_dir and args.text:
         raise UserError("with --url or --connection-file give only the text query, not INDEX_DIR")
-    text = args.text or args.index_dir
+    text = argv_text(args.text or args.index_dir or "")
     endpoint = resolve_endpoint(url=args.url, token=args.token or os.environ.get("CLIP_HPC_TOKEN"),
                                 connection_file=args.connection_file, server=args.server)
     print_hits(remote_search(endpoint, text, image=args.image, k=args.k)["results"], args.json)
