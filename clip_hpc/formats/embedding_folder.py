@@ -75,10 +75,14 @@ def _rows(folder: Path) -> Iterator[tuple[np.ndarray, list[str], list[str], list
     npys = _numbered_emb_files(folder)
     if not npys:
         raise UserError(f"{folder}/{EMB_SUBDIR} holds no {EMB_STEM}N.npy files")
+    first: tuple[str, int] | None = None  # (file name, width) of the first file: one width for the whole folder
     for number, npy in npys:
         emb = np.load(npy, mmap_mode="r")
         if emb.ndim != 2:
             raise UserError(f"{npy}: expected a 2-d array, found shape {emb.shape}")
+        first = first or (npy.name, emb.shape[1])
+        if emb.shape[1] != first[1]:  # rows of two widths cannot share a shard (nor an index)
+            raise UserError(f"{npy}: {emb.shape[1]}-d vectors, but {first[0]} holds {first[1]}-d ones")
         n = len(emb)
         parquet = metadata_file(folder, number)
         columns: dict[str, list] = {}
