@@ -44,7 +44,11 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
     if out.exists():
         raise UserError(f"{out} already exists; remove it or choose another --out")
     emb = EmbDir(emb_dir)
-    units = [entry.unit for entry in emb.check_set().shards]  # never a shard file outside the unit plan
+    summary = emb.check_set()
+    if not summary.n_embedded:  # embedding_reader refuses a folder without embeddings ("No embeddings found")
+        raise UserError(f"{emb.root}: the shards hold no embedded images ({summary.n_failed} failed); nothing to "
+                        "export")
+    units = [entry.unit for entry in summary.shards]  # never a shard file outside the unit plan
     with_text = _all_or_no_captions(emb, units)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -120,3 +120,17 @@ def test_export_reads_only_the_units_the_checked_set_holds(tmp_path):
     proc = run_cli("export", tmp_path / "emb", "--format", "embedding-reader", "--out", tmp_path / "er")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "er" / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy"]
+
+
+def test_export_of_an_emb_dir_where_nothing_was_embedded_is_refused(tmp_path):
+    """Every image failed: the export was an empty img_emb/ that embedding_reader refuses ("No embeddings found"),
+    with exit 0 and nothing said."""
+    emb = EmbDir(tmp_path / "emb")
+    emb.write_inputs(["/img/0.jpg", "/img/1.jpg"])
+    emb.write_shard(0, embeddings=np.zeros((0, DIM), np.float16), ids=[], paths=[], failed_ids=[0, 1],
+                    failed_paths=["/img/0.jpg", "/img/1.jpg"], failed_reasons=["not an image"] * 2,
+                    attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 2})
+    assert emb.write_manifest(1, 2) is not None
+    proc = run_cli("export", emb.root, "--out", tmp_path / "er")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no embedded images" in proc.stderr and not (tmp_path / "er").exists()
