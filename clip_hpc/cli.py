@@ -109,9 +109,6 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_fetch_model)
 
 
-# --- index, search, serve, check-ports, demo: registered below as their stages land -----------------------------
-
-
 # --- index, search ----------------------------------------------------------------------------------------------
 def cmd_index(args: argparse.Namespace) -> int:
     import tempfile
@@ -132,8 +129,9 @@ def cmd_index(args: argparse.Namespace) -> int:
             if world().size > 1:
                 raise UserError(f"{emb_dir} is an embedding-reader folder, which one rank indexes: run clip-hpc "
                                 "index without mpiexec/srun")
+            from clip_hpc.model.loading import resolve_pretrained  # the model's own weights unless named
             emb_dir = import_embedding_folder(args.emb_dir, os.path.join(scratch, "emb"), model=args.model,
-                                              pretrained=args.pretrained).root
+                                              pretrained=resolve_pretrained(args.model, args.pretrained)).root
         if args.update:
             info = update_index(emb_dir, args.out, nprobe=args.nprobe, refine=args.refine, progress=not args.quiet)
         else:
@@ -157,7 +155,7 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("emb_dir", help="an EMB_DIR, or an embedding-reader folder (img_emb/, metadata/)")
     p.add_argument("--model", default="ViT-B-32",
                    help="for an embedding-reader folder: the model that made the vectors (recorded for serve)")
-    p.add_argument("--pretrained", default="laion2b_s34b_b79k", help="for an embedding-reader folder: its weights")
+    p.add_argument("--pretrained", default=None, help="for an embedding-reader folder: its weights (default: embed's)")
     p.add_argument("--out", required=True, help="INDEX_DIR (written to a temporary directory, renamed at the end); "
                                                 "a directory on a POSIX file system, never a URL (FAISS needs one)")
     p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ32")

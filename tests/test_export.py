@@ -134,3 +134,17 @@ def test_export_of_an_emb_dir_where_nothing_was_embedded_is_refused(tmp_path):
     proc = run_cli("export", emb.root, "--out", tmp_path / "er")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "no embedded images" in proc.stderr and not (tmp_path / "er").exists()
+
+
+def test_index_of_a_folder_records_the_models_own_weights_when_none_are_named(tmp_path):
+    """`clip-hpc index FOLDER --model clip-hpc-demo` recorded laion2b_s34b_b79k (ViT-B-32's tag) as its weights, so
+    every text search of the index failed ("neither a file nor a pretrained tag of clip-hpc-demo")."""
+    from clip_hpc.formats.embedding_folder import emb_file
+
+    rows = np.random.default_rng(1).normal(size=(20, 128))
+    emb_file(tmp_path / "er", 0).parent.mkdir(parents=True)
+    np.save(emb_file(tmp_path / "er", 0), (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16))
+    run_cli("index", tmp_path / "er", "--out", tmp_path / "idx", "--model", "clip-hpc-demo", "--quiet", check=True)
+    assert IndexDir(tmp_path / "idx").load_info().pretrained.endswith("clip-hpc-demo.safetensors")
+    proc = run_cli("search", tmp_path / "idx", "a red circle", "-k", "3", "--json")
+    assert proc.returncode == 0 and len(json.loads(proc.stdout)["results"]) == 3, proc.stderr
