@@ -26,3 +26,36 @@ def test_files_of_different_widths_are_one_line_naming_the_file(tmp_path):
     np.save(emb_file(folder, 1), _unit_rows(5, 16))
     with pytest.raises(UserError, match=r"img_emb_1\.npy: 16-d vectors, but img_emb_0\.npy holds 32-d ones"):
         import_embedding_folder(folder, tmp_path / "emb", model="m", pretrained="p")
+
+
+def test_text_emb_of_an_export_is_read_so_a_caption_index_builds_from_it(tmp_path):
+    """Our export (and clip-retrieval's) holds text_emb/ row for row; the import dropped it, so `clip-hpc index
+    FOLDER --vectors captions` told the user to re-run embed --captions on a temporary directory already gone."""
+    from clip_hpc.formats.emb_dir import EmbDir
+    from clip_hpc.formats.index_dir import IndexDir
+    from conftest import run_cli
+
+    emb, n = EmbDir(tmp_path / "emb"), 12
+    emb.write_inputs([f"/img/{i}.jpg" for i in range(n)])
+    image, text = _unit_rows(n, 32), _unit_rows(n + 1, 32)[:n]
+    captioned = np.arange(n) % 3 != 0  # ids 0, 3, 6, 9 have no caption: zero rows, null similarity
+    text[~captioned] = 0
+    similarity = np.where(captioned, np.einsum("ij,ij->i", image, text, dtype=np.float32), np.nan)
+    for unit in (0, 1):
+        rows = slice(6 * unit, 6 * unit + 6)
+        emb.write_shard(unit, embeddings=image[rows], ids=range(n)[rows], paths=[f"/img/{i}.jpg" for i in range(n)][rows],
+                        captions=[f"caption {i}" if captioned[i] else "" for i in range(n)][rows],
+                        caption_embeddings=text[rows], similarity=similarity[rows],
+                        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 6})
+    assert emb.write_manifest(2, 6) is not None
+    run_cli("export", emb.root, "--out", tmp_path / "er", check=True)
+    run_cli("index", tmp_path / "er", "--out", tmp_path / "idx", "--vectors", "captions", "--model", "clip-hpc-tiny",
+            "--pretrained", "none", "--quiet", check=True)
+    index_dir = IndexDir(tmp_path / "idx")
+    assert index_dir.load_info().n == int(captioned.sum())
+    with index_dir.open_metadata() as meta:
+        assert meta.all_ids() == np.flatnonzero(captioned).tolist()
+        assert meta.captions_of([1]) == {1: "caption 1"}
+        assert abs(meta.similarities_of([1])[1] - similarity[1]) < 1e-3
+    vectors = np.asarray(index_dir.open_vectors(), np.float32)
+    assert np.array_equal(vectors[captioned], text[captioned].astype(np.float32))

@@ -4,7 +4,8 @@ reading of one into an EMB_DIR, so `clip-hpc index` builds from it with the same
 from our shards.
 
 Row i of the folder (files in numeric order) becomes global id i; the parquet's `image_path`, `caption`, `url` and
-`key` become the shard's paths, captions and meta. One unit of rows is in memory at a time.
+`key` become the shard's paths, captions and meta, and `text_emb/` (where present) the caption embeddings, so
+`--vectors captions` builds from it too. One unit of rows is in memory at a time.
 """
 from __future__ import annotations
 
@@ -70,8 +71,32 @@ def _numbered_emb_files(folder: Path) -> list[tuple[str, Path]]:
     return sorted(found, key=lambda item: int(item[0]))
 
 
-def _rows(folder: Path) -> Iterator[tuple[np.ndarray, list[str], list[str], list[str]]]:
-    """(embeddings, paths, captions, meta JSON) per npy file, its parquet's columns row for row."""
+def _caption_rows(folder: Path, number: str, emb: np.ndarray,
+                  similarity: list | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """`text_emb_{number}.npy` with each row's image-caption cosine, or None where the folder has no text_emb/. A
+    zero row has no caption (our export writes one there, with a null similarity): NaN, so it stays out of a
+    caption index. Without a `similarity` column (clip-retrieval writes none) the cosine is computed."""
+    path = text_emb_file(folder, number)
+    if not path.exists():
+        if (folder / TEXT_EMB_SUBDIR).is_dir():  # a shard without caption embeddings among ones with them
+            raise UserError(f"{path} is missing: text_emb/ must hold one file for each {EMB_STEM}N.npy")
+        return None
+    text = np.load(path, mmap_mode="r")
+    if text.shape != emb.shape:
+        raise UserError(f"{path}: shape {text.shape}, but {emb_file(folder, number).name} is {emb.shape}")
+    text = np.asarray(text)
+    if similarity is None:
+        sims = np.einsum("ij,ij->i", np.asarray(emb, np.float32), text.astype(np.float32))
+    else:
+        sims = np.array([np.nan if v is None else v for v in similarity], dtype=np.float32)
+    sims[~text.any(axis=1)] = np.nan
+    return text, sims
+
+
+def _rows(folder: Path) -> Iterator[tuple[np.ndarray, list[str], list[str], list[str],
+                                          tuple[np.ndarray, np.ndarray] | None]]:
+    """(embeddings, paths, captions, meta JSON, caption rows or None) per npy file, its parquet's columns row for
+    row."""
     npys = _numbered_emb_files(folder)
     if not npys:
         raise UserError(f"{folder}/{EMB_SUBDIR} holds no {EMB_STEM}N.npy files")
@@ -90,38 +115,47 @@ def _rows(folder: Path) -> Iterator[tuple[np.ndarray, list[str], list[str], list
             table = require_pyarrow().parquet.read_table(parquet)
             if table.num_rows != n:
                 raise UserError(f"{parquet}: {table.num_rows} rows for the {n} vectors of {npy.name}")
-            columns = {c: table.column(c).to_pylist() for c in META_COLUMNS if c in table.column_names}
+            columns = {c: table.column(c).to_pylist() for c in (*META_COLUMNS, SIMILARITY_COLUMN)
+                       if c in table.column_names}
         path_col, caption_col, url_col, key_col = META_COLUMNS
         paths = [str(p) if p else f"{npy.name}#{i}" for i, p in enumerate(columns.get(path_col, [None] * n))]
         captions = [str(c or "") for c in columns.get(caption_col, [None] * n)]
         meta = [json.dumps({k: columns[k][i] for k in (key_col, url_col) if k in columns and columns[k][i]})
                 for i in range(n)]
-        yield emb, paths, captions, meta
+        yield emb, paths, captions, meta, _caption_rows(folder, number, emb, columns.get(SIMILARITY_COLUMN))
 
 
 def import_embedding_folder(folder: str | os.PathLike, emb_dir: str | os.PathLike, *, model: str,
                             pretrained: str, unit_size: int = UNIT_SIZE) -> EmbDir:
     """Write `folder` as an EMB_DIR (inputs.txt, shards, manifest) at `emb_dir`."""
     folder, out = Path(folder), EmbDir(emb_dir)
-    buf: dict[str, list] = {"emb": [], "paths": [], "captions": [], "meta": []}
+    buf: dict[str, list] = {"emb": [], "paths": [], "captions": [], "meta": [], "text": [], "sims": []}
     lines: list[str] = []
     unit = 0
 
     def flush(count: int) -> None:
         nonlocal unit
         emb = np.concatenate(buf["emb"])
+        text = np.concatenate(buf["text"]) if buf["text"] else None
+        sims = np.concatenate(buf["sims"]) if buf["sims"] else None
         start = unit * unit_size
         out.write_shard(unit, embeddings=emb[:count], ids=range(start, start + count), paths=buf["paths"][:count],
                         captions=buf["captions"][:count], meta=buf["meta"][:count],
+                        caption_embeddings=None if text is None else text[:count],
+                        similarity=None if sims is None else sims[:count],
                         attrs={"model": model, "pretrained": pretrained, "unit_size": unit_size,
                                "dtype": str(emb.dtype)})
         buf["emb"] = [emb[count:]]
+        buf["text"], buf["sims"] = ([] if text is None else [text[count:]]), ([] if sims is None else [sims[count:]])
         for key in ("paths", "captions", "meta"):
             buf[key] = buf[key][count:]
         unit += 1
 
-    for emb, paths, captions, meta in _rows(folder):
+    for emb, paths, captions, meta, caption_rows in _rows(folder):
         buf["emb"].append(np.asarray(emb))
+        if caption_rows is not None:
+            buf["text"].append(caption_rows[0])
+            buf["sims"].append(caption_rows[1])
         buf["paths"] += paths
         buf["captions"] += captions
         buf["meta"] += meta
