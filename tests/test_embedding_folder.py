@@ -59,3 +59,17 @@ def test_text_emb_of_an_export_is_read_so_a_caption_index_builds_from_it(tmp_pat
         assert abs(meta.similarities_of([1])[1] - similarity[1]) < 1e-3
     vectors = np.asarray(index_dir.open_vectors(), np.float32)
     assert np.array_equal(vectors[captioned], text[captioned].astype(np.float32))
+
+
+@pytest.mark.parametrize("rows, problem", [(np.full((4, 32), np.nan, np.float16), "hold NaN or infinite values"),
+                                           (np.ones((4, 32), np.float32), "are not unit length"),
+                                           (np.zeros((4, 32), np.float16), "are not unit length")])
+def test_vectors_an_index_cannot_take_are_named_by_their_npy_file(tmp_path, rows, problem):
+    """The check ran on the imported shard: its message named a temporary shard already removed and said to
+    re-run clip-hpc embed, which never made these vectors."""
+    folder = tmp_path / "folder"
+    emb_file(folder, 0).parent.mkdir(parents=True)
+    np.save(emb_file(folder, 0), _unit_rows(4, 32))
+    np.save(emb_file(folder, 1), rows)
+    with pytest.raises(UserError, match=rf"^{folder}/img_emb/img_emb_1\.npy: 4 embeddings {problem}.*L2-normalised"):
+        import_embedding_folder(folder, tmp_path / "emb", model="m", pretrained="p")

@@ -19,6 +19,7 @@ import numpy as np
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
+from clip_hpc.formats.shard import embedding_problem
 
 EMB_SUBDIR, META_SUBDIR = "img_emb", "metadata"
 EMB_STEM, META_STEM = "img_emb_", "metadata_"
@@ -71,6 +72,17 @@ def _numbered_emb_files(folder: Path) -> list[tuple[str, Path]]:
     return sorted(found, key=lambda item: int(item[0]))
 
 
+def _checked(path: Path, rows: np.ndarray, *, zero_rows: bool = False) -> np.ndarray:
+    """`rows` loaded, if the index can take them (finite, unit norm; `zero_rows`: but for rows of zeros, which in
+    text_emb/ mean "no caption"); else the error names the file of this folder, not the temporary shard the check
+    would otherwise meet (nor embed, which never made them)."""
+    rows = np.asarray(rows)
+    problem = embedding_problem(rows[rows.any(axis=1)] if zero_rows else rows)
+    if problem:
+        raise UserError(f"{path}: {problem}; clip-hpc indexes L2-normalised rows: divide each by its norm and re-run")
+    return rows
+
+
 def _caption_rows(folder: Path, number: str, emb: np.ndarray,
                   similarity: list | None) -> tuple[np.ndarray, np.ndarray] | None:
     """`text_emb_{number}.npy` with each row's image-caption cosine, or None where the folder has no text_emb/. A
@@ -84,7 +96,7 @@ def _caption_rows(folder: Path, number: str, emb: np.ndarray,
     text = np.load(path, mmap_mode="r")
     if text.shape != emb.shape:
         raise UserError(f"{path}: shape {text.shape}, but {emb_file(folder, number).name} is {emb.shape}")
-    text = np.asarray(text)
+    text = _checked(path, text, zero_rows=True)
     if similarity is None:
         sims = np.einsum("ij,ij->i", np.asarray(emb, np.float32), text.astype(np.float32))
     else:
@@ -122,6 +134,7 @@ def _rows(folder: Path) -> Iterator[tuple[np.ndarray, list[str], list[str], list
         captions = [str(c or "") for c in columns.get(caption_col, [None] * n)]
         meta = [json.dumps({k: columns[k][i] for k in (key_col, url_col) if k in columns and columns[k][i]})
                 for i in range(n)]
+        emb = _checked(npy, emb)
         yield emb, paths, captions, meta, _caption_rows(folder, number, emb, columns.get(SIMILARITY_COLUMN))
 
 
@@ -152,7 +165,7 @@ def import_embedding_folder(folder: str | os.PathLike, emb_dir: str | os.PathLik
         unit += 1
 
     for emb, paths, captions, meta, caption_rows in _rows(folder):
-        buf["emb"].append(np.asarray(emb))
+        buf["emb"].append(emb)
         if caption_rows is not None:
             buf["text"].append(caption_rows[0])
             buf["sims"].append(caption_rows[1])
