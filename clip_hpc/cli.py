@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
 from clip_hpc.errors import UserError
-from clip_hpc.ingest.text import argv_text  # search text: bytes that are not UTF-8 are read as cp1252
+from clip_hpc.ingest.text import argv_text, one_line  # search text in (cp1252 if not UTF-8), hits out (escaped)
 from clip_hpc.index.defaults import train_size_help
 
 Handler = Callable[[argparse.Namespace], int]
@@ -222,8 +222,8 @@ def print_hits(hits: list[dict], as_json: bool) -> None:
         print(json.dumps({"results": hits}, indent=2))
     else:
         for rank, hit in enumerate(hits, 1):
-            caption = f"  {hit['caption']}" if hit.get("caption") else ""
-            print(f"{rank:3d}  {hit['score']:.4f}  {hit['path']}{caption}")
+            caption = f"  {one_line(hit['caption'])}" if hit.get("caption") else ""
+            print(f"{rank:3d}  {hit['score']:.4f}  {one_line(hit['path'])}{caption}")
 
 
 def add_search(sub: argparse._SubParsersAction) -> None:
