@@ -148,3 +148,25 @@ def test_index_of_a_folder_records_the_models_own_weights_when_none_are_named(tm
     assert IndexDir(tmp_path / "idx").load_info().pretrained.endswith("clip-hpc-demo.safetensors")
     proc = run_cli("search", tmp_path / "idx", "a red circle", "-k", "3", "--json")
     assert proc.returncode == 0 and len(json.loads(proc.stdout)["results"]) == 3, proc.stderr
+
+
+def test_export_writes_one_dtype_when_shards_hold_two(tmp_path):
+    """Shards of float32 and float16 (an imported folder whose files differ, or shards merged by hand): the export
+    wrote each file in its shard's dtype, and embedding_reader, which sizes every file by the first one's, failed
+    ("failed reading file img_emb_1.npy")."""
+    from embedding_reader import EmbeddingReader
+
+    emb = EmbDir(tmp_path / "emb")
+    emb.write_inputs([f"/img/{i}.jpg" for i in range(8)])
+    rows = np.random.default_rng(2).normal(size=(8, DIM))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    for unit, dtype in ((0, "float32"), (1, "float16")):
+        emb.write_shard(unit, embeddings=rows[4 * unit:4 * unit + 4].astype(dtype), ids=range(4 * unit, 4 * unit + 4),
+                        paths=[f"/img/{i}.jpg" for i in range(4 * unit, 4 * unit + 4)],
+                        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 4, "dtype": dtype})
+    assert emb.write_manifest(2, 4) is not None
+    run_cli("export", emb.root, "--out", tmp_path / "er", check=True)
+    assert {np.load(p).dtype for p in (tmp_path / "er" / "img_emb").iterdir()} == {np.dtype("float32")}
+    got = np.concatenate([e for e, _ in EmbeddingReader(str(tmp_path / "er" / "img_emb"), file_format="npy")(
+        batch_size=3, show_progress=False)])
+    assert np.allclose(got, rows.astype(np.float16), atol=1e-3) and len(got) == 8
