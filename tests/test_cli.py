@@ -83,4 +83,4 @@ def test_search_prints_one_line_per_hit_whatever_the_path_or_caption_holds(capsy
     assert lines[0] == "  1  0.5000  /d/two\\nlines.jpg  two\\nlines"
     assert "\u202e" not in lines[4] and "bidi\\u202eevil\\u2066x" in lines[4]
     print_hits([{"id": 0, "score": 0.5, "path": "/d/é 😀 ש.jpg", "caption": "café 😀 שלום"}], False)
-    assert capsys.readouterr().out == "  1  0.5000  /d/é 😀 ש.jpg  café 😀 שלום\n"  # text itself is left alone
+    assert capsys.readouterr().out == "  1  0.5000  /d/é 😀 ש.jpg  café 😀 שלום\n"  # text is left alone

@@ -43,7 +43,8 @@ def test_text_emb_of_an_export_is_read_so_a_caption_index_builds_from_it(tmp_pat
     similarity = np.where(captioned, np.einsum("ij,ij->i", image, text, dtype=np.float32), np.nan)
     for unit in (0, 1):
         rows = slice(6 * unit, 6 * unit + 6)
-        emb.write_shard(unit, embeddings=image[rows], ids=range(n)[rows], paths=[f"/img/{i}.jpg" for i in range(n)][rows],
+        emb.write_shard(unit, embeddings=image[rows], ids=range(n)[rows],
+                        paths=[f"/img/{i}.jpg" for i in range(n)][rows],
                         captions=[f"caption {i}" if captioned[i] else "" for i in range(n)][rows],
                         caption_embeddings=text[rows], similarity=similarity[rows],
                         attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 6})
