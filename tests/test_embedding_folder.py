@@ -74,3 +74,21 @@ def test_vectors_an_index_cannot_take_are_named_by_their_npy_file(tmp_path, rows
     np.save(emb_file(folder, 1), rows)
     with pytest.raises(UserError, match=rf"^{folder}/img_emb/img_emb_1\.npy: 4 embeddings {problem}.*L2-normalised"):
         import_embedding_folder(folder, tmp_path / "emb", model="m", pretrained="p")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not an npy file", r"img_emb_0\.npy: not a \.npy array"),
+    (np.array([[1.0, 0.0]], dtype=object), r"img_emb_0\.npy: not a \.npy array"),
+    (np.array([[1.0, 0.0]], dtype=np.complex64), r"img_emb_0\.npy: expected floating-point vectors, found complex64"),
+    (np.array([[1, 0]], dtype=np.int64), r"img_emb_0\.npy: expected floating-point vectors, found int64"),
+])
+def test_a_file_that_is_not_an_array_of_floats_is_one_line(tmp_path, content, message):
+    """Random bytes and an object array were numpy tracebacks; complex vectors were indexed by their real part."""
+    folder = tmp_path / "folder"
+    emb_file(folder, 0).parent.mkdir(parents=True)
+    if isinstance(content, bytes):
+        emb_file(folder, 0).write_bytes(content)
+    else:
+        np.save(emb_file(folder, 0), content, allow_pickle=True)
+    with pytest.raises(UserError, match=message):
+        import_embedding_folder(folder, tmp_path / "emb", model="m", pretrained="p")

@@ -72,6 +72,21 @@ def _numbered_emb_files(folder: Path) -> list[tuple[str, Path]]:
     return sorted(found, key=lambda item: int(item[0]))
 
 
+def _load_vectors(path: Path) -> np.ndarray:
+    """A 2-d array of floats, memory-mapped, or one line naming the file: a folder from elsewhere may hold any
+    bytes (numpy raises ValueError for a bad header or pickled objects), and complex or integer rows would be
+    indexed as something they are not."""
+    try:
+        rows = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{path}: not a .npy array of vectors ({str(exc).splitlines()[0][:120]})") from None
+    if rows.ndim != 2:
+        raise UserError(f"{path}: expected a 2-d array, found shape {rows.shape}")
+    if rows.dtype.kind != "f":
+        raise UserError(f"{path}: expected floating-point vectors, found {rows.dtype}")
+    return rows
+
+
 def _checked(path: Path, rows: np.ndarray, *, zero_rows: bool = False) -> np.ndarray:
     """`rows` loaded, if the index can take them (finite, unit norm; `zero_rows`: but for rows of zeros, which in
     text_emb/ mean "no caption"); else the error names the file of this folder, not the temporary shard the check
@@ -93,7 +108,7 @@ def _caption_rows(folder: Path, number: str, emb: np.ndarray,
         if (folder / TEXT_EMB_SUBDIR).is_dir():  # a shard without caption embeddings among ones with them
             raise UserError(f"{path} is missing: text_emb/ must hold one file for each {EMB_STEM}N.npy")
         return None
-    text = np.load(path, mmap_mode="r")
+    text = _load_vectors(path)
     if text.shape != emb.shape:
         raise UserError(f"{path}: shape {text.shape}, but {emb_file(folder, number).name} is {emb.shape}")
     text = _checked(path, text, zero_rows=True)
@@ -114,9 +129,7 @@ def _rows(folder: Path) -> Iterator[tuple[np.ndarray, list[str], list[str], list
         raise UserError(f"{folder}/{EMB_SUBDIR} holds no {EMB_STEM}N.npy files")
     first: tuple[str, int] | None = None  # (file name, width) of the first file: one width for the whole folder
     for number, npy in npys:
-        emb = np.load(npy, mmap_mode="r")
-        if emb.ndim != 2:
-            raise UserError(f"{npy}: expected a 2-d array, found shape {emb.shape}")
+        emb = _load_vectors(npy)
         first = first or (npy.name, emb.shape[1])
         if emb.shape[1] != first[1]:  # rows of two widths cannot share a shard (nor an index)
             raise UserError(f"{npy}: {emb.shape[1]}-d vectors, but {first[0]} holds {first[1]}-d ones")
