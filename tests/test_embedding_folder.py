@@ -92,3 +92,16 @@ def test_a_file_that_is_not_an_array_of_floats_is_one_line(tmp_path, content, me
         np.save(emb_file(folder, 0), content, allow_pickle=True)
     with pytest.raises(UserError, match=message):
         import_embedding_folder(folder, tmp_path / "emb", model="m", pretrained="p")
+
+
+def test_a_parquet_file_that_does_not_read_is_one_line(tmp_path):
+    """A cut or foreign metadata_0.parquet was a pyarrow.lib.ArrowInvalid traceback."""
+    from clip_hpc.formats.embedding_folder import metadata_file
+
+    folder = tmp_path / "folder"
+    emb_file(folder, 0).parent.mkdir(parents=True)
+    np.save(emb_file(folder, 0), _unit_rows(4, 32))
+    metadata_file(folder, 0).parent.mkdir(parents=True)
+    metadata_file(folder, 0).write_bytes(b"PAR1 cut short")
+    with pytest.raises(UserError, match=r"metadata_0\.parquet: not a readable parquet file \(.*magic bytes"):
+        import_embedding_folder(folder, tmp_path / "emb", model="m", pretrained="p")

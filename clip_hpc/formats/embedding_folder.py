@@ -137,7 +137,11 @@ def _rows(folder: Path) -> Iterator[tuple[np.ndarray, list[str], list[str], list
         parquet = metadata_file(folder, number)
         columns: dict[str, list] = {}
         if parquet.exists():
-            table = require_pyarrow().parquet.read_table(parquet)
+            pa = require_pyarrow()
+            try:
+                table = pa.parquet.read_table(parquet)
+            except pa.ArrowException as exc:  # a cut or foreign file: pyarrow says why in its first line
+                raise UserError(f"{parquet}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
             if table.num_rows != n:
                 raise UserError(f"{parquet}: {table.num_rows} rows for the {n} vectors of {npy.name}")
             columns = {c: table.column(c).to_pylist() for c in (*META_COLUMNS, SIMILARITY_COLUMN)
