@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
 from clip_hpc.errors import UserError
+from clip_hpc.ingest.text import argv_text, one_line  # search text in (cp1252 if not UTF-8), hits out (escaped)
 from clip_hpc.index.defaults import train_size_help
 
 Handler = Callable[[argparse.Namespace], int]
@@ -108,9 +109,6 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_fetch_model)
 
 
-# --- index, search, serve, check-ports, demo: registered below as their stages land -----------------------------
-
-
 # --- index, search ----------------------------------------------------------------------------------------------
 def cmd_index(args: argparse.Namespace) -> int:
     import tempfile
@@ -131,8 +129,9 @@ def cmd_index(args: argparse.Namespace) -> int:
             if world().size > 1:
                 raise UserError(f"{emb_dir} is an embedding-reader folder, which one rank indexes: run clip-hpc "
                                 "index without mpiexec/srun")
+            from clip_hpc.model.loading import resolve_pretrained  # the model's own weights unless named
             emb_dir = import_embedding_folder(args.emb_dir, os.path.join(scratch, "emb"), model=args.model,
-                                              pretrained=args.pretrained).root
+                                              pretrained=resolve_pretrained(args.model, args.pretrained)).root
         if args.update:
             info = update_index(emb_dir, args.out, nprobe=args.nprobe, refine=args.refine, progress=not args.quiet)
         else:
@@ -156,7 +155,7 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("emb_dir", help="an EMB_DIR, or an embedding-reader folder (img_emb/, metadata/)")
     p.add_argument("--model", default="ViT-B-32",
                    help="for an embedding-reader folder: the model that made the vectors (recorded for serve)")
-    p.add_argument("--pretrained", default="laion2b_s34b_b79k", help="for an embedding-reader folder: its weights")
+    p.add_argument("--pretrained", default=None, help="for an embedding-reader folder: its weights (default: embed's)")
     p.add_argument("--out", required=True, help="INDEX_DIR (written to a temporary directory, renamed at the end); "
                                                 "a directory on a POSIX file system, never a URL (FAISS needs one)")
     p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ32")
@@ -194,8 +193,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UserError("give INDEX_DIR (or --url URL / --connection-file F to ask a running server)")
     from clip_hpc.search.engine import search_local
 
-    hits, query = search_local(args.index_dir, text=args.text, image=args.image, k=args.k, nprobe=args.nprobe,
-                               device=args.device, caption=args.caption, min_similarity=args.min_similarity)
+    hits, query = search_local(args.index_dir, text=argv_text(args.text or ""), image=args.image, k=args.k,
+                               nprobe=args.nprobe, device=args.device, caption=args.caption,
+                               min_similarity=args.min_similarity)
     if args.with_vector:
         print(json.dumps({"results": [hit.to_dict() for hit in hits], "query_vector": query.tolist()}, indent=2))
     else:
@@ -210,7 +210,7 @@ def cmd_search_remote(args: argparse.Namespace) -> int:
 
     if args.index_dir and args.text:
         raise UserError("with --url or --connection-file give only the text query, not INDEX_DIR")
-    text = args.text or args.index_dir
+    text = argv_text(args.text or args.index_dir or "")
     endpoint = resolve_endpoint(url=args.url, token=args.token or os.environ.get("CLIP_HPC_TOKEN"),
                                 connection_file=args.connection_file, server=args.server)
     print_hits(remote_search(endpoint, text, image=args.image, k=args.k)["results"], args.json)
@@ -222,8 +222,8 @@ def print_hits(hits: list[dict], as_json: bool) -> None:
         print(json.dumps({"results": hits}, indent=2))
     else:
         for rank, hit in enumerate(hits, 1):
-            caption = f"  {hit['caption']}" if hit.get("caption") else ""
-            print(f"{rank:3d}  {hit['score']:.4f}  {hit['path']}{caption}")
+            caption = f"  {one_line(hit['caption'])}" if hit.get("caption") else ""
+            print(f"{rank:3d}  {hit['score']:.4f}  {one_line(hit['path'])}{caption}")
 
 
 def add_search(sub: argparse._SubParsersAction) -> None:

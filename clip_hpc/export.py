@@ -24,11 +24,11 @@ from clip_hpc.ingest.tars import meta_key_url
 FORMATS = ("embedding-reader",)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def _npy_bytes(array: np.ndarray, dtype: np.dtype) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array))
+    np.save(buf, np.ascontiguousarray(array, dtype=dtype))
     return buf.getvalue()
 
 
@@ -44,7 +44,11 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
     if out.exists():
         raise UserError(f"{out} already exists; remove it or choose another --out")
     emb = EmbDir(emb_dir)
-    units = [entry.unit for entry in emb.check_set().shards]  # never a shard file outside the unit plan
+    summary = emb.check_set()
+    if not summary.n_embedded:  # embedding_reader refuses a folder without embeddings ("No embeddings found")
+        raise UserError(f"{emb.root}: the shards hold no embedded images ({summary.n_failed} failed); nothing to "
+                        "export")
+    units = [entry.unit for entry in summary.shards]  # never a shard file outside the unit plan
     with_text = _all_or_no_captions(emb, units)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -53,6 +57,7 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
     if with_text:
         (tmp / TEXT_EMB_SUBDIR).mkdir()
     n_files = n_rows = 0
+    dtype: np.dtype | None = None  # the first file's: embedding_reader sizes every file's rows by the first one
     try:
         with full_disk_is_a_user_error(out, "clip-hpc export"):  # the temporary directory is removed below
             for shard in emb.iter_shards(units=units):
@@ -61,11 +66,12 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
                 keys, urls = zip(*map(meta_key_url, shard.meta))
                 columns = {**metadata_columns(shard.paths, shard.captions, list(urls), list(keys)),
                            ID_COLUMN: pa.array(shard.ids, pa.int64())}
+                dtype = dtype or shard.embeddings.dtype
                 if with_text:  # NaN (no caption) becomes null
                     columns[SIMILARITY_COLUMN] = pa.array(shard.similarity, pa.float32(), from_pandas=True)
-                    atomic_write_bytes(text_emb_file(tmp, n_files), _npy_bytes(shard.caption_embeddings))
+                    atomic_write_bytes(text_emb_file(tmp, n_files), _npy_bytes(shard.caption_embeddings, dtype))
                 table = pa.table(columns)
-                atomic_write_bytes(emb_file(tmp, n_files), _npy_bytes(shard.embeddings))
+                atomic_write_bytes(emb_file(tmp, n_files), _npy_bytes(shard.embeddings, dtype))
                 pa.parquet.write_table(table, metadata_file(tmp, n_files))
                 n_files += 1
                 n_rows += len(shard.ids)

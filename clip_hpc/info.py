@@ -13,11 +13,14 @@ EMB_KEYS = ("model", "pretrained", "dim", "dtype", "n_inputs", "n_embedded", "n_
 
 
 def describe_embeddings(emb: EmbDir) -> dict[str, Any]:
-    """Counts, model, dim, failures by reason and missing units, whether or not the run has finished."""
-    summary = emb.summarise_found()
+    """Counts, model, dim, failures by reason and missing units, whether or not the run has finished. Shards
+    without inputs.txt are no set at all (the units cannot be checked, as index and export say), not an empty one."""
+    listed = emb.inputs_path.is_file() and emb.inputs_path.stat().st_size > 0
+    summary = emb.summarise_found() if listed else None
     if summary is None:
-        return {"kind": "embeddings", "path": str(emb.root), "n_inputs": len(emb.read_inputs()),
-                "shards": len(emb.shard_files()), "complete": False, "note": "no valid shard yet"}
+        note = "no valid shard yet" if listed else f"{INPUTS_FILE} is missing or empty, so the units cannot be checked"
+        return {"kind": "embeddings", "path": str(emb.root), "n_inputs": len(emb.read_inputs()) if listed else 0,
+                "shards": len(emb.shard_files()), "complete": False, "note": note}
     info: dict[str, Any] = {"kind": "embeddings", "path": str(emb.root), "complete": summary.complete,
                             "manifest": emb.manifest_path.exists()}
     info.update({key: getattr(summary, key) for key in EMB_KEYS})

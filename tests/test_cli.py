@@ -68,3 +68,19 @@ def test_index_ends_with_a_summary_of_numbers_or_one_json_document(emb_dir, tmp_
     report = json.loads(as_json)
     assert report.pop("path") == str(tmp_path / "json")
     assert report == json.loads((tmp_path / "json" / "index.json").read_text())
+
+
+def test_search_prints_one_line_per_hit_whatever_the_path_or_caption_holds(capsys):
+    """A caption or name with a line break (`\\n`, `\\r`, U+2028: captions keep them) or a bidi override printed
+    as is: a hit ran over two lines for `head -k`/`cut`, or the terminal drew the line reversed."""
+    from clip_hpc.cli import print_hits
+
+    odd = ["two\nlines", "cr\rhere", "ls\u2028ps\u2029", "form\x0cfeed\x85nel", "bidi\u202eevil\u2066x"]
+    print_hits([{"id": i, "score": 0.5, "path": f"/d/{text}.jpg", "caption": text} for i, text in enumerate(odd)],
+               False)
+    lines = capsys.readouterr().out.splitlines()  # splitlines also breaks at \x0c, \x85, U+2028 and U+2029
+    assert len(lines) == len(odd)
+    assert lines[0] == "  1  0.5000  /d/two\\nlines.jpg  two\\nlines"
+    assert "\u202e" not in lines[4] and "bidi\\u202eevil\\u2066x" in lines[4]
+    print_hits([{"id": 0, "score": 0.5, "path": "/d/é 😀 ש.jpg", "caption": "café 😀 שלום"}], False)
+    assert capsys.readouterr().out == "  1  0.5000  /d/é 😀 ש.jpg  café 😀 שלום\n"  # text is left alone

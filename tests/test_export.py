@@ -120,3 +120,53 @@ def test_export_reads_only_the_units_the_checked_set_holds(tmp_path):
     proc = run_cli("export", tmp_path / "emb", "--format", "embedding-reader", "--out", tmp_path / "er")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "er" / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy"]
+
+
+def test_export_of_an_emb_dir_where_nothing_was_embedded_is_refused(tmp_path):
+    """Every image failed: the export was an empty img_emb/ that embedding_reader refuses ("No embeddings found"),
+    with exit 0 and nothing said."""
+    emb = EmbDir(tmp_path / "emb")
+    emb.write_inputs(["/img/0.jpg", "/img/1.jpg"])
+    emb.write_shard(0, embeddings=np.zeros((0, DIM), np.float16), ids=[], paths=[], failed_ids=[0, 1],
+                    failed_paths=["/img/0.jpg", "/img/1.jpg"], failed_reasons=["not an image"] * 2,
+                    attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 2})
+    assert emb.write_manifest(1, 2) is not None
+    proc = run_cli("export", emb.root, "--out", tmp_path / "er")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no embedded images" in proc.stderr and not (tmp_path / "er").exists()
+
+
+def test_index_of_a_folder_records_the_models_own_weights_when_none_are_named(tmp_path):
+    """`clip-hpc index FOLDER --model clip-hpc-demo` recorded laion2b_s34b_b79k (ViT-B-32's tag) as its weights, so
+    every text search of the index failed ("neither a file nor a pretrained tag of clip-hpc-demo")."""
+    from clip_hpc.formats.embedding_folder import emb_file
+
+    rows = np.random.default_rng(1).normal(size=(20, 128))
+    emb_file(tmp_path / "er", 0).parent.mkdir(parents=True)
+    np.save(emb_file(tmp_path / "er", 0), (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16))
+    run_cli("index", tmp_path / "er", "--out", tmp_path / "idx", "--model", "clip-hpc-demo", "--quiet", check=True)
+    assert IndexDir(tmp_path / "idx").load_info().pretrained.endswith("clip-hpc-demo.safetensors")
+    proc = run_cli("search", tmp_path / "idx", "a red circle", "-k", "3", "--json")
+    assert proc.returncode == 0 and len(json.loads(proc.stdout)["results"]) == 3, proc.stderr
+
+
+def test_export_writes_one_dtype_when_shards_hold_two(tmp_path):
+    """Shards of float32 and float16 (an imported folder whose files differ, or shards merged by hand): the export
+    wrote each file in its shard's dtype, and embedding_reader, which sizes every file by the first one's, failed
+    ("failed reading file img_emb_1.npy")."""
+    from embedding_reader import EmbeddingReader
+
+    emb = EmbDir(tmp_path / "emb")
+    emb.write_inputs([f"/img/{i}.jpg" for i in range(8)])
+    rows = np.random.default_rng(2).normal(size=(8, DIM))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    for unit, dtype in ((0, "float32"), (1, "float16")):
+        emb.write_shard(unit, embeddings=rows[4 * unit:4 * unit + 4].astype(dtype), ids=range(4 * unit, 4 * unit + 4),
+                        paths=[f"/img/{i}.jpg" for i in range(4 * unit, 4 * unit + 4)],
+                        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 4, "dtype": dtype})
+    assert emb.write_manifest(2, 4) is not None
+    run_cli("export", emb.root, "--out", tmp_path / "er", check=True)
+    assert {np.load(p).dtype for p in (tmp_path / "er" / "img_emb").iterdir()} == {np.dtype("float32")}
+    got = np.concatenate([e for e, _ in EmbeddingReader(str(tmp_path / "er" / "img_emb"), file_format="npy")(
+        batch_size=3, show_progress=False)])
+    assert np.allclose(got, rows.astype(np.float16), atol=1e-3) and len(got) == 8

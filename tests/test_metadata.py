@@ -59,3 +59,16 @@ def test_readonly_store_refuses_writes(store, tmp_path):
         assert ro.path_of(3) == "a/x.jpg"
         with pytest.raises(sqlite3.OperationalError):
             ro.add([99], ["nope"])
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), float("-inf")])
+def test_min_similarity_must_be_a_finite_number(tmp_path, threshold):
+    """`search --min-similarity nan` matched nothing (SQLite binds NaN as NULL) and said nothing; the HTTP API
+    already refuses a threshold that is not finite."""
+    from clip_hpc.errors import UserError
+
+    with MetadataStore(tmp_path / "meta.sqlite") as meta:
+        meta.add([0, 1], ["/a.jpg", "/b.jpg"], captions=["a", "b"], similarities=[0.2, 0.5])
+        assert meta.ids_matching(min_similarity=0.3) == [1]
+        with pytest.raises(UserError, match="--min-similarity must be a finite number"):
+            meta.ids_matching(min_similarity=threshold)

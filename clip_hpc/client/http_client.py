@@ -9,6 +9,8 @@ import httpx
 from clip_hpc.client.endpoint import Endpoint
 from clip_hpc.errors import UserError
 
+GET_TEXT_CHARS = 1000  # a longer text goes in a POST body: a URL holds at most 64 KiB (httpx refuses more)
+
 
 def make_client(base_url: str | None = None, *, uds: str | None = None, token: str | None = None,
                 timeout: float = 30.0) -> httpx.Client:
@@ -24,7 +26,8 @@ def client_for(endpoint: Endpoint, timeout: float = 30.0) -> httpx.Client:
 
 
 def remote_search(endpoint: Endpoint, text: str | None = None, *, image: str | None = None, k: int = 10) -> dict:
-    """The CLI's client mode: text (GET /api/search), an image (upload), or both (POST /api/search)."""
+    """The CLI's client mode: text (GET /api/search; POST when it is too long for a URL), an image (upload), or
+    both (POST /api/search)."""
     if not text and not image:
         raise UserError("give a text query, --image PATH, or both")
     data = None
@@ -40,6 +43,8 @@ def remote_search(endpoint: Endpoint, text: str | None = None, *, image: str | N
                 resp = client.post("/api/search", json=payload)
             elif data is not None:
                 resp = client.post("/api/search/image", params={"k": k}, files={"file": (Path(image).name, data)})
+            elif len(text) > GET_TEXT_CHARS:  # the server's own length limit then answers in one line
+                resp = client.post("/api/search", json={"text": text, "k": k})
             else:
                 resp = client.get("/api/search", params={"q": text, "k": k})
         except httpx.HTTPError as exc:

@@ -6,6 +6,7 @@ through this table. Captions are also in an FTS5 table (`captions`, rowid = id) 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import sqlite3
@@ -231,6 +232,10 @@ class MetadataStore:
             sql += " AND id IN (SELECT rowid FROM captions WHERE captions MATCH ?)"
             params.append(fts_query(caption))
         if min_similarity is not None:
+            if not math.isfinite(min_similarity):  # SQLite binds NaN as NULL: it would match nothing, silently
+                from clip_hpc.errors import UserError
+
+                raise UserError(f"--min-similarity must be a finite number, not {min_similarity}")
             if "similarity" not in self.columns:
                 from clip_hpc.errors import UserError
 
