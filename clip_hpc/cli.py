@@ -263,18 +263,6 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 # --- serve, check-ports ----------------------------------------------------------------------------------------
-def port_number(text: str) -> int:
-    """An argparse type: 0-65535, so that `serve --port 70000` fails now rather than as a traceback from bind()
-    after the model and index have loaded."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port number (0-65535)")
-    return port
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from clip_hpc.server.serve import serve
     from clip_hpc.server.micro_batch import BatchSettings
@@ -292,7 +280,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                    "the login host from $CLIP_HPC_LOGIN_HOST.")
     p.add_argument("index_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 lets the login node forward to it)")
-    p.add_argument("--port", type=port_number, default=0, help="TCP port; 0 picks a free one")
+    p.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
     p.add_argument("--uds", help="listen on this unix socket (mode 0600) instead of a port")
     p.add_argument("--connection-file", help="where to write host, port, token, URL and ssh command (mode 0600; "
                                               "default ~/.clip-hpc/connections/<host>-<pid>.json)")

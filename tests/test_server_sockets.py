@@ -71,8 +71,8 @@ def test_serve_refuses_a_bad_port_or_socket_path_before_loading(tmp_path):
     """Checked before the model and index load (minutes for a real one), with a one-line error."""
     from conftest import run_cli
 
-    for args, message in ((["--port", "70000"], "argument --port: 70000 is not a port number (0-65535)"),
-                          (["--port", "-1"], "argument --port: -1 is not a port number (0-65535)"),
+    for args, message in ((["--port", "70000"], "--port 70000 is not a port number (0-65535"),
+                          (["--port", "-1"], "--port -1 is not a port number (0-65535"),
                           (["--uds", str(tmp_path / ("d" * 120) / "s.sock")], "a unix socket path holds at most"),
                           (["--host", ""], "--host is empty")):
         proc = run_cli("serve", tmp_path / "no-index", *args, timeout=60)

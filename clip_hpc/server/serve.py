@@ -20,7 +20,7 @@ from clip_hpc.server.micro_batch import BatchSettings
 from clip_hpc.server.runtime import ServingRuntime
 from clip_hpc.server.served_engine import ServedEngine
 from clip_hpc.server.shared_encoder import SharedEncoder
-from clip_hpc.server.sockets import bind_tcp, bind_unix, check_bind_host, unix_socket_path
+from clip_hpc.server.sockets import bind_tcp, bind_unix, check_bind_host, check_port, unix_socket_path
 
 
 class _Stopped(Exception):
@@ -104,6 +104,7 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
         uds = str(unix_socket_path(uds))
     else:
         check_bind_host(host)
+        check_port(port)
     conn_path = claim_connection_file(connection_file or default_connection_path())
     _tune_malloc()
     served = load_engine(index_dir, model=model, pretrained=pretrained, device=device, nprobe=nprobe,

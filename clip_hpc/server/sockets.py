@@ -23,6 +23,13 @@ class ListeningSocket(socket.socket):
         super().listen(max(backlog, LISTEN_BACKLOG))
 
 
+def check_port(port: int) -> int:
+    """0-65535 (0: any free one), refused before the model and index load: bind() would fail after minutes."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port number (0-65535; 0 picks a free one)")
+    return port
+
+
 def check_bind_host(host: str) -> str:
     """The address to bind, refused when blank: bind(("", port)) listens on every interface, so an unset shell
     variable (`--host "$BIND"`) would open the server to the network without anyone asking for it."""
