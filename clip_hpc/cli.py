@@ -194,7 +194,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from clip_hpc.search.engine import search_local
 
     hits, query = search_local(args.index_dir, text=argv_text(args.text or ""), image=args.image, k=args.k,
-                               nprobe=args.nprobe, device=args.device, caption=args.caption,
+                               nprobe=args.nprobe, device=args.device, caption=args.caption and argv_text(args.caption),
                                min_similarity=args.min_similarity)
     if args.with_vector:
         print(json.dumps({"results": [hit.to_dict() for hit in hits], "query_vector": query.tolist()}, indent=2))

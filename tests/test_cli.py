@@ -1,6 +1,7 @@
 """The CLI's own behaviour: a closed pipe ends a command quietly, and help text quotes the code's constants."""
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -84,3 +85,24 @@ def test_search_prints_one_line_per_hit_whatever_the_path_or_caption_holds(capsy
     assert "\u202e" not in lines[4] and "bidi\\u202eevil\\u2066x" in lines[4]
     print_hits([{"id": 0, "score": 0.5, "path": "/d/é 😀 ש.jpg", "caption": "café 😀 שלום"}], False)
     assert capsys.readouterr().out == "  1  0.5000  /d/é 😀 ש.jpg  café 😀 שלום\n"  # text is left alone
+
+
+def test_a_caption_filter_in_bytes_that_are_not_utf8_is_read_as_cp1252(tmp_path, capsys):
+    """Python hands argv bytes that are not UTF-8 over as lone surrogates: a Latin-1 terminal's `caf\\xe9` matched no
+    caption and said nothing (the text query itself was already read back as cp1252)."""
+    import numpy as np
+
+    from clip_hpc.cli import main
+    from clip_hpc.formats.emb_dir import EmbDir
+    from clip_hpc.index.build import build_index
+
+    rows = np.random.default_rng(5).standard_normal((12, 128)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    emb = EmbDir(tmp_path / "emb")
+    emb.write_inputs([f"/img/{i}.jpg" for i in range(12)])
+    emb.write_shard(0, embeddings=rows.astype(np.float16), ids=range(12), paths=[f"/img/{i}.jpg" for i in range(12)],
+                    captions=["café au lait" if i == 7 else "a cup of tea" for i in range(12)],
+                    attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 12, "dtype": "float16"})
+    build_index(emb.root, tmp_path / "index", progress=False)
+    assert main(["search", str(tmp_path / "index"), "a drink", "--caption", "caf\udce9", "--json"]) == 0
+    assert [hit["id"] for hit in json.loads(capsys.readouterr().out)["results"]] == [7]
