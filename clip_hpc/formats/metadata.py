@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from clip_hpc.errors import UserError
 from clip_hpc.formats.index_integrity import DamagedIndex
 
 COLUMN_TYPES = (  # the `images` table, in order; every other spelling of its columns is derived from this one
@@ -46,8 +47,6 @@ def fts_query(text: str) -> str:
     """Free text -> an FTS5 query matching rows holding every word (each quoted, so no FTS syntax leaks in)."""
     words = re.findall(r"\w+", text)
     if not words:
-        from clip_hpc.errors import UserError
-
         raise UserError("the caption filter holds no words")
     return " ".join(f'"{w}"' for w in words)
 
@@ -70,8 +69,6 @@ def checked_text(name: str, value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        from clip_hpc.errors import UserError
-
         raise UserError(f"{name} holds {value[exc.start]!a} at position {exc.start}, a lone surrogate: "
                         "not valid Unicode text") from None
     return value
@@ -226,19 +223,13 @@ class MetadataStore:
             params.append(upper)
         if caption is not None:
             if not self.has_fts:
-                from clip_hpc.errors import UserError
-
                 raise UserError("this index has no caption table (built before captions); rebuild it to filter")
             sql += " AND id IN (SELECT rowid FROM captions WHERE captions MATCH ?)"
             params.append(fts_query(caption))
         if min_similarity is not None:
             if not math.isfinite(min_similarity):  # SQLite binds NaN as NULL: it would match nothing, silently
-                from clip_hpc.errors import UserError
-
                 raise UserError(f"--min-similarity must be a finite number, not {min_similarity}")
             if "similarity" not in self.columns:
-                from clip_hpc.errors import UserError
-
                 raise UserError("this index has no similarity column (built before captions); rebuild it to filter")
             sql += " AND similarity >= ?"
             params.append(float(min_similarity))
