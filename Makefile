@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.clip-hpc-installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo lint test test-fast clean
 
 # torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml: the one pair whose torchvision imports here.
 $(STAMP): pyproject.toml
@@ -22,11 +22,17 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/clip-hpc demo --out demo-out
 
+# Types and lint (configured in pyproject.toml): any error fails `make test`, and so CI.
+lint: setup
+	$(BIN)/ruff check clip_hpc tests scripts
+	$(BIN)/ruff format --check clip_hpc tests scripts
+	$(BIN)/mypy
+
 # System services for the integration tests (slurm, munge, sshd, chromium) are installed here, then every
 # test group runs: unit, mpi, slurm, ssh, browser. Two pytest workers (most tests wait on a child process or a
 # socket and use one core); each test file runs whole on one worker, so module fixtures and the one SLURM
 # cluster (tests/test_slurm.py) and sshd (tests/test_ssh_tunnel.py) are never started twice at once.
-test: setup
+test: lint
 	bash scripts/install_test_services.sh
 	$(BIN)/python -m pytest -v -rs --timeout=900 --durations=40 -n 2 --dist loadfile
 

@@ -2,18 +2,19 @@
 
 Any `UserError` becomes a one-line message and exit code 2; a traceback is a bug.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
 from clip_hpc.errors import UserError
-from clip_hpc.ingest.text import argv_text, one_line  # search text in (cp1252 if not UTF-8), hits out (escaped)
 from clip_hpc.index.defaults import train_size_help
+from clip_hpc.ingest.text import argv_text, one_line  # search text in (cp1252 if not UTF-8), hits out (escaped)
+from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
 
 Handler = Callable[[argparse.Namespace], int]
 SIGPIPE_EXIT = 141  # what a shell reports for a process ended by SIGPIPE: the reader closed the pipe
@@ -22,9 +23,12 @@ SIGPIPE_EXIT = 141  # what a shell reports for a process ended by SIGPIPE: the r
 # --- embed -----------------------------------------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser, default_model: str = "ViT-B-32") -> None:
     p.add_argument("--model", default=default_model, help="open_clip model name, or clip-hpc-tiny / clip-hpc-demo")
-    p.add_argument("--pretrained", default=None,
-                   help="pretrained tag (from the cache), a local checkpoint path, or 'none' for random weights "
-                        "(default: the model's bundled weights or laion2b_s34b_b79k for ViT-B-32)")
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="pretrained tag (from the cache), a local checkpoint path, or 'none' for random weights "
+        "(default: the model's bundled weights or laion2b_s34b_b79k for ViT-B-32)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
 
@@ -35,41 +39,73 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from clip_hpc.ingest.embed import EmbedConfig, embed
 
     use_threads(job_env().threads_per_rank(world().local_size))  # this rank's share of the node's CPUs
-    summary = embed(EmbedConfig(
-        inputs=args.inputs, out=args.out, file_list=args.file_list, model=args.model, pretrained=args.pretrained,
-        batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, precision=args.precision,
-        device=args.device, append=args.append, dtype=args.dtype, max_pixels=args.max_pixels, decode=args.decode,
-        captions=args.captions))
+    summary = embed(
+        EmbedConfig(
+            inputs=args.inputs,
+            out=args.out,
+            file_list=args.file_list,
+            model=args.model,
+            pretrained=args.pretrained,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            precision=args.precision,
+            device=args.device,
+            append=args.append,
+            dtype=args.dtype,
+            max_pixels=args.max_pixels,
+            decode=args.decode,
+            captions=args.captions,
+        )
+    )
     return 0 if summary["complete"] else 1  # rank 0 decides for an MPI job and tells every rank
 
 
 def add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed images on all ranks into HDF5 shards (resumable)")
-    p.add_argument("inputs", nargs="*", help="image files, WebDataset .tar shards (or a quoted brace pattern like "
-                                             "'data/{00000..00099}.tar') or directories (searched recursively); "
-                                             "any of them may be a URL (s3://bucket/prefix/, s3://b/{00..09}.tar: "
-                                             "pip install 'clip-hpc[s3]'; credentials and AWS_ENDPOINT_URL from "
-                                             "the standard AWS sources)")
-    p.add_argument("--out", required=True, help="EMB_DIR: shards, inputs.txt and manifest.json go here; a directory "
-                                                "on a POSIX file system, never a URL (HDF5 needs one)")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        help="image files, WebDataset .tar shards (or a quoted brace pattern like "
+        "'data/{00000..00099}.tar') or directories (searched recursively); "
+        "any of them may be a URL (s3://bucket/prefix/, s3://b/{00..09}.tar: "
+        "pip install 'clip-hpc[s3]'; credentials and AWS_ENDPOINT_URL from "
+        "the standard AWS sources)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="EMB_DIR: shards, inputs.txt and manifest.json go here; a directory "
+        "on a POSIX file system, never a URL (HDF5 needs one)",
+    )
     p.add_argument("--file-list", help="a text file with one image or tar path (or URL) per line")
     add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per batch (default: 64 on a CPU, 256 on a GPU)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers per rank (default: SLURM_CPUS_PER_TASK-1, at most the CPUs this task may "
-                        "run on, or 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 64 on a CPU, 256 on a GPU)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers per rank (default: SLURM_CPUS_PER_TASK-1, at most the CPUs this task may "
+        "run on, or 2)",
+    )
     p.add_argument("--shard-size", type=int, default=10000, help="images per work unit / shard")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored embedding dtype")
     p.add_argument("--max-pixels", type=int, default=None, help="skip images with more pixels (decompression bombs)")
     p.add_argument("--append", action="store_true", help="add new files in the inputs as new units at the end")
-    p.add_argument("--captions", action="store_true",
-                   help="also embed each image's caption (tar .txt/.json) with the model's text tower and store the "
-                        "image-caption cosine 'similarity'; costs one text encode per captioned image (see the "
-                        "README's embedding table) and a second embedding per row on disk")
-    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
-                   help="who decodes JPEGs: cpu (DataLoader workers), gpu (nvJPEG on the model's device, the rest "
-                        "on the CPU), auto (gpu for a CUDA model on mostly-JPEG inputs)")
+    p.add_argument(
+        "--captions",
+        action="store_true",
+        help="also embed each image's caption (tar .txt/.json) with the model's text tower and store the "
+        "image-caption cosine 'similarity'; costs one text encode per captioned image (see the "
+        "README's embedding table) and a second embedding per row on disk",
+    )
+    p.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="who decodes JPEGs: cpu (DataLoader workers), gpu (nvJPEG on the model's device, the rest "
+        "on the CPU), auto (gpu for a CUDA model on mostly-JPEG inputs)",
+    )
     p.set_defaults(func=cmd_embed)
 
 
@@ -122,23 +158,40 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     require_posix(args.out)
     use_threads(faiss_threads=job_env().cpus)  # FAISS's OpenMP would take the node's cores, not the job's
-    with tempfile.TemporaryDirectory(prefix=".clip-hpc-import-", dir=os.path.dirname(os.path.abspath(args.out))) \
-            as scratch:
+    with tempfile.TemporaryDirectory(
+        prefix=".clip-hpc-import-", dir=os.path.dirname(os.path.abspath(args.out))
+    ) as scratch:
         emb_dir = args.emb_dir
         if is_embedding_folder(emb_dir):  # clip-retrieval's layout: read it into shards first
             if world().size > 1:
-                raise UserError(f"{emb_dir} is an embedding-reader folder, which one rank indexes: run clip-hpc "
-                                "index without mpiexec/srun")
+                raise UserError(
+                    f"{emb_dir} is an embedding-reader folder, which one rank indexes: run clip-hpc "
+                    "index without mpiexec/srun"
+                )
             from clip_hpc.model.loading import resolve_pretrained  # the model's own weights unless named
-            emb_dir = import_embedding_folder(args.emb_dir, os.path.join(scratch, "emb"), model=args.model,
-                                              pretrained=resolve_pretrained(args.model, args.pretrained)).root
+
+            emb_dir = import_embedding_folder(
+                args.emb_dir,
+                os.path.join(scratch, "emb"),
+                model=args.model,
+                pretrained=resolve_pretrained(args.model, args.pretrained),
+            ).root
         if args.update:
             info = update_index(emb_dir, args.out, nprobe=args.nprobe, refine=args.refine, progress=not args.quiet)
         else:
-            info = build_index(emb_dir, args.out, index_key=args.index_key, train_size=args.train_size,
-                               refine=args.refine, nprobe=args.nprobe, refine_factor=args.refine_factor,
-                               lists=args.lists, progress=not args.quiet, vectors=args.vectors,
-                               rerank_tier=args.rerank_tier)
+            info = build_index(
+                emb_dir,
+                args.out,
+                index_key=args.index_key,
+                train_size=args.train_size,
+                refine=args.refine,
+                nprobe=args.nprobe,
+                refine_factor=args.refine_factor,
+                lists=args.lists,
+                progress=not args.quiet,
+                vectors=args.vectors,
+                rerank_tier=args.rerank_tier,
+            )
     if not world().is_root:  # every rank built it; one reports
         return 0
     if args.json:
@@ -153,32 +206,62 @@ def cmd_index(args: argparse.Namespace) -> int:
 def add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build (or --update) a FAISS index with metadata from an EMB_DIR")
     p.add_argument("emb_dir", help="an EMB_DIR, or an embedding-reader folder (img_emb/, metadata/)")
-    p.add_argument("--model", default="ViT-B-32",
-                   help="for an embedding-reader folder: the model that made the vectors (recorded for serve)")
+    p.add_argument(
+        "--model",
+        default="ViT-B-32",
+        help="for an embedding-reader folder: the model that made the vectors (recorded for serve)",
+    )
     p.add_argument("--pretrained", default=None, help="for an embedding-reader folder: its weights (default: embed's)")
-    p.add_argument("--out", required=True, help="INDEX_DIR (written to a temporary directory, renamed at the end); "
-                                                "a directory on a POSIX file system, never a URL (FAISS needs one)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="INDEX_DIR (written to a temporary directory, renamed at the end); "
+        "a directory on a POSIX file system, never a URL (FAISS needs one)",
+    )
     p.add_argument("--index-key", default="auto", help="'auto' or any FAISS factory string, e.g. IVF1024,PQ32")
     p.add_argument("--train-size", type=int, default=None, help=train_size_help())
-    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-rank candidates exactly with vectors.npy (default: on for compressed indexes)")
+    p.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="re-rank candidates exactly with vectors.npy (default: on for compressed indexes)",
+    )
     p.add_argument("--nprobe", type=int, default=None, help="default nprobe (default: smallest with recall@10 >= 0.95)")
-    p.add_argument("--refine-factor", type=int, default=None,
-                   help="candidates per result taken from the codes (default: the cheapest that reaches recall@10 "
-                        ">= 0.95, with nprobe)")
+    p.add_argument(
+        "--refine-factor",
+        type=int,
+        default=None,
+        help="candidates per result taken from the codes (default: the cheapest that reaches recall@10 "
+        ">= 0.95, with nprobe)",
+    )
     p.add_argument("--update", action="store_true", help="add units not yet indexed, without retraining")
-    p.add_argument("--lists", choices=("auto", "memory", "disk"), default="auto",
-                   help="where a many-rank build merges the inverted lists: in index.faiss (memory) or an on-disk "
-                        "lists.ivfdata the server memory-maps (disk); auto: disk above 4 GiB of codes")
-    p.add_argument("--vectors", choices=("images", "captions"), default="images",
-                   help="index the image embeddings, or the caption embeddings of embed --captions (ids are the "
-                        "image ids; images without a caption are left out)")
-    p.add_argument("--rerank-tier", choices=("auto", "on", "off"), default="auto",
-                   help="a 4-bit copy of every vector in RAM (d/2 bytes) that re-scores the candidates before the "
-                        "exact re-rank; auto: from 50,000 vectors, kept only where the self-check finds it pays")
+    p.add_argument(
+        "--lists",
+        choices=("auto", "memory", "disk"),
+        default="auto",
+        help="where a many-rank build merges the inverted lists: in index.faiss (memory) or an on-disk "
+        "lists.ivfdata the server memory-maps (disk); auto: disk above 4 GiB of codes",
+    )
+    p.add_argument(
+        "--vectors",
+        choices=("images", "captions"),
+        default="images",
+        help="index the image embeddings, or the caption embeddings of embed --captions (ids are the "
+        "image ids; images without a caption are left out)",
+    )
+    p.add_argument(
+        "--rerank-tier",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="a 4-bit copy of every vector in RAM (d/2 bytes) that re-scores the candidates before the "
+        "exact re-rank; auto: from 50,000 vectors, kept only where the self-check finds it pays",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print the whole report (index.json, plus path) as one JSON "
-                                                        "document instead of the summary line")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the whole report (index.json, plus path) as one JSON document instead of the summary line",
+    )
     p.set_defaults(func=cmd_index)
 
 
@@ -193,9 +276,16 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UserError("give INDEX_DIR (or --url URL / --connection-file F to ask a running server)")
     from clip_hpc.search.engine import search_local
 
-    hits, query = search_local(args.index_dir, text=argv_text(args.text or ""), image=args.image, k=args.k,
-                               nprobe=args.nprobe, device=args.device, caption=args.caption and argv_text(args.caption),
-                               min_similarity=args.min_similarity)
+    hits, query = search_local(
+        args.index_dir,
+        text=argv_text(args.text or ""),
+        image=args.image,
+        k=args.k,
+        nprobe=args.nprobe,
+        device=args.device,
+        caption=args.caption and argv_text(args.caption),
+        min_similarity=args.min_similarity,
+    )
     if args.with_vector:
         print(json.dumps({"results": [hit.to_dict() for hit in hits], "query_vector": query.tolist()}, indent=2))
     else:
@@ -211,8 +301,12 @@ def cmd_search_remote(args: argparse.Namespace) -> int:
     if args.index_dir and args.text:
         raise UserError("with --url or --connection-file give only the text query, not INDEX_DIR")
     text = argv_text(args.text or args.index_dir or "")
-    endpoint = resolve_endpoint(url=args.url, token=args.token or os.environ.get("CLIP_HPC_TOKEN"),
-                                connection_file=args.connection_file, server=args.server)
+    endpoint = resolve_endpoint(
+        url=args.url,
+        token=args.token or os.environ.get("CLIP_HPC_TOKEN"),
+        connection_file=args.connection_file,
+        server=args.server,
+    )
     print_hits(remote_search(endpoint, text, image=args.image, k=args.k)["results"], args.json)
     return 0
 
@@ -237,8 +331,12 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", action="store_true", help="client mode on the node itself (port or unix socket)")
     p.add_argument("-k", type=int, default=10, help="number of results")
     p.add_argument("--caption", help="only images whose caption holds every word of this text (local mode)")
-    p.add_argument("--min-similarity", type=float, default=None,
-                   help="only images whose image-caption cosine (embed --captions) is at least this (local mode)")
+    p.add_argument(
+        "--min-similarity",
+        type=float,
+        default=None,
+        help="only images whose image-caption cosine (embed --captions) is at least this (local mode)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--with-vector", action="store_true", help="with --json: add the query vector searched with")
     p.add_argument("--nprobe", type=int, default=None)
@@ -264,46 +362,71 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 # --- serve, check-ports ----------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from clip_hpc.server.serve import serve
     from clip_hpc.server.micro_batch import BatchSettings
+    from clip_hpc.server.serve import serve
 
     batching = None if args.no_batching else BatchSettings(args.batch_window_ms, args.max_batch)
-    return serve(args.index_dir, host=args.host, port=args.port, uds=args.uds, connection_file=args.connection_file,
-                 model=args.model, pretrained=args.pretrained, device=args.device, nprobe=args.nprobe,
-                 max_upload_mb=args.max_upload_mb, log_level=args.log_level, batching=batching,
-                 full_context=args.full_context)
+    return serve(
+        args.index_dir,
+        host=args.host,
+        port=args.port,
+        uds=args.uds,
+        connection_file=args.connection_file,
+        model=args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        nprobe=args.nprobe,
+        max_upload_mb=args.max_upload_mb,
+        log_level=args.log_level,
+        batching=batching,
+        full_context=args.full_context,
+    )
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve an INDEX_DIR over HTTP (token auth; port or 0600 unix socket)",
-                       description="The token comes from $CLIP_HPC_TOKEN, else it is random; the ssh command names "
-                                   "the login host from $CLIP_HPC_LOGIN_HOST.")
+    p = sub.add_parser(
+        "serve",
+        help="serve an INDEX_DIR over HTTP (token auth; port or 0600 unix socket)",
+        description="The token comes from $CLIP_HPC_TOKEN, else it is random; the ssh command names "
+        "the login host from $CLIP_HPC_LOGIN_HOST.",
+    )
     p.add_argument("index_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 lets the login node forward to it)")
     p.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
     p.add_argument("--uds", help="listen on this unix socket (mode 0600) instead of a port")
-    p.add_argument("--connection-file", help="where to write host, port, token, URL and ssh command (mode 0600; "
-                                              "default ~/.clip-hpc/connections/<host>-<pid>.json)")
+    p.add_argument(
+        "--connection-file",
+        help="where to write host, port, token, URL and ssh command (mode 0600; "
+        "default ~/.clip-hpc/connections/<host>-<pid>.json)",
+    )
     p.add_argument("--model", default=None, help="model name (default: the one recorded in index.json)")
     p.add_argument("--pretrained", default=None, help="weights (default: the ones recorded in index.json)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger request bodies get 413")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--batch-window-ms", type=float, default=BATCH_WINDOW_MS,
-                   help="concurrent queries wait at most this long to share one model call and one FAISS search")
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=BATCH_WINDOW_MS,
+        help="concurrent queries wait at most this long to share one model call and one FAISS search",
+    )
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="the most queries in one micro-batch")
     p.add_argument("--no-batching", action="store_true", help="encode and search each query alone (old design)")
-    p.add_argument("--full-context", action="store_true",
-                   help="encode text at the model's full context even where the short one is exact (old design)")
+    p.add_argument(
+        "--full-context",
+        action="store_true",
+        help="encode text at the model's full context even where the short one is exact (old design)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_check_ports(args: argparse.Namespace) -> int:
     from clip_hpc.client.check import check_ports
 
-    steps = check_ports(connection_file=args.connection_file, port=args.port, token=args.token, host=args.host,
-                        server=args.server)
+    steps = check_ports(
+        connection_file=args.connection_file, port=args.port, token=args.token, host=args.host, server=args.server
+    )
     for step in steps:
         print(step.line(), flush=True)
     return 0 if all(step.ok for step in steps) else 1
@@ -316,8 +439,11 @@ def add_check_ports(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--port", type=int, help="the local port of the tunnel")
     p.add_argument("--token", help="the server's token (default: from the connection file)")
     p.add_argument("--host", default="localhost", help="where the tunnel listens (default localhost)")
-    p.add_argument("--server", action="store_true",
-                   help="run on the node itself, against the connection file's host and port or socket")
+    p.add_argument(
+        "--server",
+        action="store_true",
+        help="run on the node itself, against the connection file's host and port or socket",
+    )
     p.set_defaults(func=cmd_check_ports)
 
 
@@ -338,9 +464,17 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [add_embed, add_info, add_fetch_model,
-                                                                   add_index, add_search, add_export,
-                                                                   add_serve, add_check_ports, add_demo]
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_embed,
+    add_info,
+    add_fetch_model,
+    add_index,
+    add_search,
+    add_export,
+    add_serve,
+    add_check_ports,
+    add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

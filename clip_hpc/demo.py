@@ -4,13 +4,14 @@ an IVF-PQ index, a token-protected server, and a few text queries through it.
 It drives the real CLI in subprocesses, exactly as a user or an sbatch script would, so it proves the installed
 commands rather than library internals.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from clip_hpc.client.endpoint import Endpoint
 from clip_hpc.client.process import run_child, start_child, stop_process, stop_signals_raise, wait_for_server
@@ -66,8 +67,15 @@ def print_queries(endpoint: Endpoint, queries: Sequence[str], captions: dict[str
             print(f"  {rank}. {hit['score']:.3f}  {name}  {captions.get(name, '')}".rstrip())
 
 
-def run_demo(out: str | os.PathLike = "demo-out", *, n_images: int = 2000, ranks: int = 2, index_key: str = "IVF32,PQ16x4fs",
-             wait: bool = True, queries: Sequence[str] = DEMO_QUERIES) -> int:
+def run_demo(
+    out: str | os.PathLike = "demo-out",
+    *,
+    n_images: int = 2000,
+    ranks: int = 2,
+    index_key: str = "IVF32,PQ16x4fs",
+    wait: bool = True,
+    queries: Sequence[str] = DEMO_QUERIES,
+) -> int:
     """The demo's steps; SIGTERM or SIGHUP stop it as Ctrl-C does, and every child (mpiexec, the server) goes
     with it: they also die with this process if it is killed outright (see client/process.py)."""
     try:
@@ -88,8 +96,19 @@ def _run_steps(out: Path, n_images: int, ranks: int, index_key: str, wait: bool,
         print(f"writing {n_images} captioned demo images to {images}", flush=True)
         write_demo_images(images, n_images)
     mpiexec = _mpiexec()
-    embed_cmd = _cli("embed", str(images), "--out", str(emb), *model_args, "--shard-size", "250",
-                     "--batch-size", "64", "--workers", "1")
+    embed_cmd = _cli(
+        "embed",
+        str(images),
+        "--out",
+        str(emb),
+        *model_args,
+        "--shard-size",
+        "250",
+        "--batch-size",
+        "64",
+        "--workers",
+        "1",
+    )
     if mpiexec and ranks > 1:
         print(f"\n$ mpiexec -n {ranks} clip-hpc embed ...", flush=True)
         if run_child([mpiexec, "-n", str(ranks), *embed_cmd]) != 0:

@@ -1,10 +1,11 @@
 """The one exception type the CLI turns into a one-line error; anything else escaping is a bug."""
+
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class UserError(ValueError):
@@ -29,5 +30,6 @@ def full_disk_is_a_user_error(out: str | os.PathLike, rerun: str) -> Iterator[No
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         what = f" ({os.path.basename(exc.filename)})" if exc.filename else ""
-        raise UserError(f"{os.strerror(exc.errno)} writing {out}{what}; nothing was left behind: free space and "
-                        f"re-run {rerun}") from None
+        raise UserError(
+            f"{os.strerror(exc.errno)} writing {out}{what}; nothing was left behind: free space and re-run {rerun}"
+        ) from None

@@ -5,6 +5,7 @@ One pair of files per shard that holds embeddings, numbered from 0 in unit order
 describes npy row i (clip-retrieval's columns plus our global `id`). Written into a temporary directory beside
 `out` and renamed at the end, so `out` is whole or absent.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,18 @@ import numpy as np
 from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.atomic import atomic_write_bytes
 from clip_hpc.formats.emb_dir import EmbDir
-from clip_hpc.formats.embedding_folder import (EMB_SUBDIR, ID_COLUMN, META_SUBDIR, SIMILARITY_COLUMN,
-                                               TEXT_EMB_SUBDIR, emb_file, metadata_columns, metadata_file,
-                                               require_pyarrow, text_emb_file)
+from clip_hpc.formats.embedding_folder import (
+    EMB_SUBDIR,
+    ID_COLUMN,
+    META_SUBDIR,
+    SIMILARITY_COLUMN,
+    TEXT_EMB_SUBDIR,
+    emb_file,
+    metadata_columns,
+    metadata_file,
+    require_pyarrow,
+    text_emb_file,
+)
 from clip_hpc.ingest.tars import meta_key_url
 
 FORMATS = ("embedding-reader",)
@@ -32,8 +42,9 @@ def _npy_bytes(array: np.ndarray, dtype: np.dtype) -> bytes:
     return buf.getvalue()
 
 
-def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
-                      fmt: str = "embedding-reader") -> dict[str, int]:
+def export_embeddings(
+    emb_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "embedding-reader"
+) -> dict[str, int]:
     """Write the export of a complete EMB_DIR; returns how many files and rows were written. Shards embedded with
     `--captions` also give `text_emb/` and a `similarity` column (all shards or none: a mix is an error)."""
     if fmt not in FORMATS:
@@ -46,8 +57,9 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
     emb = EmbDir(emb_dir)
     summary = emb.check_set()
     if not summary.n_embedded:  # embedding_reader refuses a folder without embeddings ("No embeddings found")
-        raise UserError(f"{emb.root}: the shards hold no embedded images ({summary.n_failed} failed); nothing to "
-                        "export")
+        raise UserError(
+            f"{emb.root}: the shards hold no embedded images ({summary.n_failed} failed); nothing to export"
+        )
     units = [entry.unit for entry in summary.shards]  # never a shard file outside the unit plan
     with_text = _all_or_no_captions(emb, units)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
@@ -64,8 +76,10 @@ def export_embeddings(emb_dir: str | os.PathLike, out: str | os.PathLike,
                 if not len(shard.ids):
                     continue  # a unit where every image failed: embedding_reader wants no empty files
                 keys, urls = zip(*map(meta_key_url, shard.meta))
-                columns = {**metadata_columns(shard.paths, shard.captions, list(urls), list(keys)),
-                           ID_COLUMN: pa.array(shard.ids, pa.int64())}
+                columns = {
+                    **metadata_columns(shard.paths, shard.captions, list(urls), list(keys)),
+                    ID_COLUMN: pa.array(shard.ids, pa.int64()),
+                }
                 dtype = dtype or shard.embeddings.dtype
                 if with_text:  # NaN (no caption) becomes null
                     columns[SIMILARITY_COLUMN] = pa.array(shard.similarity, pa.float32(), from_pandas=True)
@@ -86,6 +100,8 @@ def _all_or_no_captions(emb: EmbDir, units: list[int]) -> bool:
     row for row, so it is an error naming the remedy."""
     flags = {shard.has_captions for shard in emb.iter_shards(with_embeddings=False, units=units)}
     if len(flags) > 1:
-        raise UserError(f"{emb.root}: some shards were embedded with --captions, some without; re-run clip-hpc "
-                        "embed --captions (it redoes only the units without) or export from an EMB_DIR of one kind")
+        raise UserError(
+            f"{emb.root}: some shards were embedded with --captions, some without; re-run clip-hpc "
+            "embed --captions (it redoes only the units without) or export from an EMB_DIR of one kind"
+        )
     return flags == {True}

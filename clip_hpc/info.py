@@ -1,4 +1,5 @@
 """`clip-hpc info`: what an EMB_DIR or INDEX_DIR holds, read from its files alone."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,21 @@ from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import INPUTS_FILE, SHARD_DIR, EmbDir
 from clip_hpc.formats.index_dir import INFO_FILE, IndexDir
 
-EMB_KEYS = ("model", "pretrained", "dim", "dtype", "n_inputs", "n_embedded", "n_captioned", "n_failed", "unit_size",
-            "n_units", "failed_by_reason", "missing_units", "invalid_shards")  # n_captioned: with a caption embedding
+EMB_KEYS = (
+    "model",
+    "pretrained",
+    "dim",
+    "dtype",
+    "n_inputs",
+    "n_embedded",
+    "n_captioned",
+    "n_failed",
+    "unit_size",
+    "n_units",
+    "failed_by_reason",
+    "missing_units",
+    "invalid_shards",
+)  # n_captioned: with a caption embedding
 
 
 def describe_embeddings(emb: EmbDir) -> dict[str, Any]:
@@ -19,10 +33,20 @@ def describe_embeddings(emb: EmbDir) -> dict[str, Any]:
     summary = emb.summarise_found() if listed else None
     if summary is None:
         note = "no valid shard yet" if listed else f"{INPUTS_FILE} is missing or empty, so the units cannot be checked"
-        return {"kind": "embeddings", "path": str(emb.root), "n_inputs": len(emb.read_inputs()) if listed else 0,
-                "shards": len(emb.shard_files()), "complete": False, "note": note}
-    info: dict[str, Any] = {"kind": "embeddings", "path": str(emb.root), "complete": summary.complete,
-                            "manifest": emb.manifest_path.exists()}
+        return {
+            "kind": "embeddings",
+            "path": str(emb.root),
+            "n_inputs": len(emb.read_inputs()) if listed else 0,
+            "shards": len(emb.shard_files()),
+            "complete": False,
+            "note": note,
+        }
+    info: dict[str, Any] = {
+        "kind": "embeddings",
+        "path": str(emb.root),
+        "complete": summary.complete,
+        "manifest": emb.manifest_path.exists(),
+    }
     info.update({key: getattr(summary, key) for key in EMB_KEYS})
     return info
 
@@ -37,5 +61,6 @@ def describe(path: str | Path) -> dict[str, Any]:
         return {"kind": "index", "path": str(path), **index.load_info().to_dict()}
     if emb.looks_like_one():
         return describe_embeddings(emb)
-    raise UserError(f"{path} is neither an embedding directory ({INPUTS_FILE}, {SHARD_DIR}/) "
-                    f"nor an index ({INFO_FILE})")
+    raise UserError(
+        f"{path} is neither an embedding directory ({INPUTS_FILE}, {SHARD_DIR}/) nor an index ({INFO_FILE})"
+    )

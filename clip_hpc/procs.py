@@ -1,5 +1,6 @@
 """Processes, standard library only (the laptop side and formats/ use it too): is a pid alive, and tie a child to
 its parent so that no command we start can outlive us."""
+
 from __future__ import annotations
 
 import ctypes
@@ -40,8 +41,9 @@ def process_started_at(pid: int) -> float | None:
     For records that hold a wall-clock time rather than `process_start` (the connection file's `started`)."""
     start = process_start(pid)
     try:
-        btime = next(line.split()[1] for line in Path("/proc/stat").read_text().splitlines()
-                     if line.startswith("btime "))
+        btime = next(
+            line.split()[1] for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
         return int(btime) + int(start) / os.sysconf("SC_CLK_TCK") if start is not None else None
     except (OSError, StopIteration, ValueError):
         return None

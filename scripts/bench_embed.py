@@ -8,6 +8,7 @@ by side, so the cost of the caption embeddings is one row apart. Prints a JSON d
     python scripts/bench_embed.py [--images 256] [--models clip-hpc-tiny,ViT-B-32] [--ranks 1,2] [--inputs loose,tar,s3]
                                   [--captions]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,28 +32,63 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def run_ranks(images: Path | str, model: str, ranks: int, n: int, batch: int, workers: int, tmp: Path,
-              inputs: str = "loose", captions: bool = False, env: dict[str, str] | None = None) -> dict:
+def run_ranks(
+    images: Path | str,
+    model: str,
+    ranks: int,
+    n: int,
+    batch: int,
+    workers: int,
+    tmp: Path,
+    inputs: str = "loose",
+    captions: bool = False,
+    env: dict[str, str] | None = None,
+) -> dict:
     """One fresh `clip-hpc embed` under mpiexec; the rate counts images over the slowest rank's loop time."""
     out = tmp / f"emb-{model}-{ranks}-{inputs}-{int(captions)}".replace(" ", "_")
-    code = ("import json, sys; from clip_hpc.ingest.embed import EmbedConfig, embed; "
-            "from clip_hpc.cluster.jobenv import job_env, use_threads; from clip_hpc.cluster.world import world; "
-            "use_threads(job_env().threads_per_rank(world().local_size)); "  # as `clip-hpc embed` sizes its threads
-            "s = embed(EmbedConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], pretrained='none', "
-            "batch_size=int(sys.argv[4]), workers=int(sys.argv[5]), shard_size=int(sys.argv[6]), progress=False, "
-            "captions=sys.argv[7] == '1')); "
-            "print('BENCH' + json.dumps(s['per_rank'], default=str)) if s['per_rank'] else None")
+    code = (
+        "import json, sys; from clip_hpc.ingest.embed import EmbedConfig, embed; "
+        "from clip_hpc.cluster.jobenv import job_env, use_threads; from clip_hpc.cluster.world import world; "
+        "use_threads(job_env().threads_per_rank(world().local_size)); "  # as `clip-hpc embed` sizes its threads
+        "s = embed(EmbedConfig(inputs=[sys.argv[1]], out=sys.argv[2], model=sys.argv[3], pretrained='none', "
+        "batch_size=int(sys.argv[4]), workers=int(sys.argv[5]), shard_size=int(sys.argv[6]), progress=False, "
+        "captions=sys.argv[7] == '1')); "
+        "print('BENCH' + json.dumps(s['per_rank'], default=str)) if s['per_rank'] else None"
+    )
     t0 = time.perf_counter()
-    proc = subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-c", code, str(images), str(out),
-                           model, str(batch), str(workers), str(max(1, n // (4 * ranks))), str(int(captions))],
-                          capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            str(ranks),
+            sys.executable,
+            "-c",
+            code,
+            str(images),
+            str(out),
+            model,
+            str(batch),
+            str(workers),
+            str(max(1, n // (4 * ranks))),
+            str(int(captions)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+    )
     wall = time.perf_counter() - t0
     per_rank = json.loads(next(line[5:] for line in proc.stdout.splitlines() if line.startswith("BENCH")))
     loop = max(r["seconds"] for r in per_rank)
-    return {"model": model, "inputs": inputs + (" --captions" if captions else ""), "ranks": ranks, "images": n,
-            "img_per_s": n / loop,
-            "wall_s_with_startup": wall,
-            "per_rank_img_per_s": [(r["embedded"] + r["failed"]) / r["seconds"] for r in per_rank if r["seconds"]]}
+    return {
+        "model": model,
+        "inputs": inputs + (" --captions" if captions else ""),
+        "ranks": ranks,
+        "images": n,
+        "img_per_s": n / loop,
+        "wall_s_with_startup": wall,
+        "per_rank_img_per_s": [(r["embedded"] + r["failed"]) / r["seconds"] for r in per_rank if r["seconds"]],
+    }
 
 
 def decode_rate(images: Path, model: str, workers: int, batch: int) -> float:
@@ -61,6 +97,7 @@ def decode_rate(images: Path, model: str, workers: int, batch: int) -> float:
 
     from clip_hpc.ingest.embed import ImageDataset, collate
     from clip_hpc.model.loading import load_model
+
     loaded = load_model(model, "none", device="cpu")
     paths = list_images([images])
     ds = ImageDataset(range(len(paths)), paths, loaded.preprocess, loaded.image_size, 10**9)
@@ -92,15 +129,27 @@ def main() -> None:
     ap.add_argument("--ranks", default="1,2")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--inputs", default="loose,tar", help="loose files, and/or the same files packed into tars, "
-                                                           "and/or those tars in a local S3 server (s3)")
+    ap.add_argument(
+        "--inputs",
+        default="loose,tar",
+        help="loose files, and/or the same files packed into tars, and/or those tars in a local S3 server (s3)",
+    )
     ap.add_argument("--per-tar", type=int, default=64, help="samples per tar for the tar runs")
-    ap.add_argument("--captions", action="store_true",
-                    help="add captioned tars embedded without and with --captions, side by side")
+    ap.add_argument(
+        "--captions", action="store_true", help="add captioned tars embedded without and with --captions, side by side"
+    )
     args = ap.parse_args()
-    results = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                           "torch": torch.__version__}, "runs": [], "decode_only": {}, "model_only": {}}
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__,
+        },
+        "runs": [],
+        "decode_only": {},
+        "model_only": {},
+    }
     kinds = args.inputs.split(",")
     with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
         tmp = Path(tmp_s)
@@ -109,8 +158,11 @@ def main() -> None:
             n = args.images if model == "clip-hpc-tiny" else args.big_model_images
             images = tmp / f"images-{n}"
             if not images.exists():
-                subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_images.py"), str(images),
-                                "-n", str(n)], check=True, capture_output=True)
+                subprocess.run(
+                    [sys.executable, str(ROOT / "scripts" / "make_sample_images.py"), str(images), "-n", str(n)],
+                    check=True,
+                    capture_output=True,
+                )
             tars = tmp / f"tars-{n}"
             if ("tar" in kinds or "s3" in kinds) and not tars.exists():
                 pack_into_tars([Path(p) for p in list_images([images])], tars, args.per_tar)
@@ -119,26 +171,51 @@ def main() -> None:
             for ranks in map(int, args.ranks.split(",")):
                 for kind in kinds:  # side by side, so all see the same machine load
                     source = {"tar": tars, "s3": f"s3://bench/{tars.name}/"}.get(kind, images)
-                    results["runs"].append(run_ranks(source, model, ranks, n, args.batch_size, args.workers, tmp,
-                                                     kind, env=s3_env(s3) if kind == "s3" else None))
+                    results["runs"].append(
+                        run_ranks(
+                            source,
+                            model,
+                            ranks,
+                            n,
+                            args.batch_size,
+                            args.workers,
+                            tmp,
+                            kind,
+                            env=s3_env(s3) if kind == "s3" else None,
+                        )
+                    )
                 if args.captions:  # the shapes' real captions; without, then with the text tower
                     captioned, per = tmp / f"captioned-{n}", min(n, args.per_tar)
                     if not captioned.exists():
                         write_sample_tars(captioned, -(-n // per), per)
                     for with_captions in (False, True):
-                        results["runs"].append(run_ranks(captioned, model, ranks, -(-n // per) * per,
-                                                         args.batch_size, args.workers, tmp, "captioned tar",
-                                                         with_captions))
+                        results["runs"].append(
+                            run_ranks(
+                                captioned,
+                                model,
+                                ranks,
+                                -(-n // per) * per,
+                                args.batch_size,
+                                args.workers,
+                                tmp,
+                                "captioned tar",
+                                with_captions,
+                            )
+                        )
             results["decode_only"][model] = decode_rate(images, model, max(1, args.workers), args.batch_size)
             results["model_only"][model] = model_rate(model, args.batch_size)
     print(json.dumps(results, indent=2))
-    print("\n| model | inputs | ranks | end-to-end img/s | with start-up and listing img/s | decode-only img/s | "
-          "model-only img/s |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | inputs | ranks | end-to-end img/s | with start-up and listing img/s | decode-only img/s | "
+        "model-only img/s |\n|---|---|---|---|---|---|---|"
+    )
     for r in results["runs"]:
-        print(f"| {r['model']} | {r['inputs']} | {r['ranks']} | {r['img_per_s']:.1f} | "
-              f"{r['images'] / r['wall_s_with_startup']:.1f} | "
-              f"{results['decode_only'][r['model']]:.1f} | "
-              f"{results['model_only'][r['model']]:.1f} |")
+        print(
+            f"| {r['model']} | {r['inputs']} | {r['ranks']} | {r['img_per_s']:.1f} | "
+            f"{r['images'] / r['wall_s_with_startup']:.1f} | "
+            f"{results['decode_only'][r['model']]:.1f} | "
+            f"{results['model_only'][r['model']]:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ queries are its text-like groups (cosine 0.25-0.45 to their image, gap direction
 perturbed indexed vectors, drawn from a seed no build or self-check uses. Recall@10 is against exact search on the
 float16 vectors the index holds. autofaiss is installed for the benchmark only (`make setup` adds it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,16 +24,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import faiss
 import numpy as np
 
-from clip_hpc.search.heldout import VectorQueriesOnly, heldout_mixture_params, heldout_queries
+from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
 from clip_hpc.index.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.search.engine import SearchEngine
-from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
+from clip_hpc.search.heldout import VectorQueriesOnly, heldout_mixture_params, heldout_queries
 
 BIN = Path(sys.executable).parent
 AUTOFAISS_DEFAULT_BUDGET = "16G"  # autofaiss build_index's own defaults: max_index_memory_usage 16G of 32G
@@ -57,31 +58,56 @@ class Queries:
             start = time.perf_counter()
             search(q[None, :], 10)
             times.append((time.perf_counter() - start) * 1e3)
-        return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3),
-                **{f"recall_{name}": round(recall_at_k(search(q, 10), self.exact[name], 10), 4)
-                   for name, q in self.families.items()}}
+        return {
+            "p50_ms": round(float(np.percentile(times, 50)), 3),
+            "p99_ms": round(float(np.percentile(times, 99)), 3),
+            **{
+                f"recall_{name}": round(recall_at_k(search(q, 10), self.exact[name], 10), 4)
+                for name, q in self.families.items()
+            },
+        }
 
 
 def engine_search(engine: SearchEngine) -> Search:
     return lambda q, k: np.array([[h.id for h in row] for row in engine.search_vectors(q, k)])
 
 
-def bench_clip_hpc(emb: Path, out: Path, ranks: int, queries: Queries, key: str = "auto",
-                   serve_factors: Sequence[int] = ()) -> list[dict]:
+def bench_clip_hpc(
+    emb: Path, out: Path, ranks: int, queries: Queries, key: str = "auto", serve_factors: Sequence[int] = ()
+) -> list[dict]:
     """`mpiexec -n ranks clip-hpc index`: its phases from index.json, then its served recall (and, at one rank,
     the same index without refine)."""
     tier = ["--rerank-tier", "off"] if key != "auto" else []  # another key: the single-tier configuration
-    subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "clip-hpc"), "index", str(emb), "--out",
-                    str(out), "--quiet", "--index-key", key, *tier], check=True, capture_output=True,
-                   env={**os.environ})
+    subprocess.run(
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            str(ranks),
+            str(BIN / "clip-hpc"),
+            "index",
+            str(emb),
+            "--out",
+            str(out),
+            "--quiet",
+            "--index-key",
+            key,
+            *tier,
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ},
+    )
     info = json.loads((out / "index.json").read_text())
     name = f"clip-hpc, {ranks} rank{'s' * (ranks > 1)}: {info['index_key']} nprobe {info['nprobe']}"
     if key != "auto":
         name += " (--index-key, --rerank-tier off)"
     disk = round((out / "vectors.npy").stat().st_size / info["n"], 1)
-    common = {**{k: info["timings"].get(k, 0.0) for k in PHASES}, "bytes_per_vector": info["bytes_per_vector"],
-              "self_check_share": round(info["timings"].get("recall_s", 0) / info["timings"]["total_s"], 3),
-              "sweep_budget_hit": info["recall"].get("sweep_budget_hit")}
+    common = {
+        **{k: info["timings"].get(k, 0.0) for k in PHASES},
+        "bytes_per_vector": info["bytes_per_vector"],
+        "self_check_share": round(info["timings"].get("recall_s", 0) / info["timings"]["total_s"], 3),
+        "sweep_budget_hit": info["recall"].get("sweep_budget_hit"),
+    }
     rows = []
     served = [(True, None)] + ([(True, f) for f in serve_factors] + [(False, None)] if ranks == 1 else [])
     for refine, factor in served:
@@ -95,10 +121,17 @@ def bench_clip_hpc(emb: Path, out: Path, ranks: int, queries: Queries, key: str 
                 label += f", {tier['key']} tier ({tier['code_bytes']} B) -> exact x{tier['exact_factor']}"
             exact_rows = 10 * (tier["exact_factor"] if tier else engine.refine_factor) if refine else 0
             ram = info["bytes_per_vector"] + (tier["code_bytes"] * info["n_rows"] / info["n"] if tier else 0)
-            rows.append({"method": label, **common, "exact_rows": exact_rows, "ram_bytes_per_vector": round(ram, 1),
-                         "vectors_npy_bytes_per_vector": disk if refine else 0,
-                         **queries.score(engine_search(engine)),
-                         **({"claimed": info["recall"].get("served")} if refine and not factor else {})})
+            rows.append(
+                {
+                    "method": label,
+                    **common,
+                    "exact_rows": exact_rows,
+                    "ram_bytes_per_vector": round(ram, 1),
+                    "vectors_npy_bytes_per_vector": disk if refine else 0,
+                    **queries.score(engine_search(engine)),
+                    **({"claimed": info["recall"].get("served")} if refine and not factor else {}),
+                }
+            )
         finally:
             engine.close()
     return rows
@@ -108,13 +141,19 @@ def bench_flat(vectors: np.ndarray, queries: Queries) -> dict:
     start = time.perf_counter()
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
-    return {"method": "FAISS Flat (exact)", "add_s": round(time.perf_counter() - start, 2),
-            "bytes_per_vector": 4 * vectors.shape[1], "ram_bytes_per_vector": 4 * vectors.shape[1], "exact_rows": 0,
-            **queries.score(lambda q, k: flat.search(q, k)[1])}
+    return {
+        "method": "FAISS Flat (exact)",
+        "add_s": round(time.perf_counter() - start, 2),
+        "bytes_per_vector": 4 * vectors.shape[1],
+        "ram_bytes_per_vector": 4 * vectors.shape[1],
+        "exact_rows": 0,
+        **queries.score(lambda q, k: flat.search(q, k)[1]),
+    }
 
 
-def bench_autofaiss(vectors: np.ndarray, budget_bytes: int | None, work: Path, queries: Queries,
-                    timeout_s: float) -> dict:
+def bench_autofaiss(
+    vectors: np.ndarray, budget_bytes: int | None, work: Path, queries: Queries, timeout_s: float
+) -> dict:
     """autofaiss in a child process (a crash there is a row saying so, not the end of the run), at its default
     memory budget (None: 16G, where it chooses HNSW) or at `budget_bytes` (our index's size: a code of our class)."""
     npy, out = work / "autofaiss-input.npy", work / "autofaiss.faiss"
@@ -122,8 +161,12 @@ def bench_autofaiss(vectors: np.ndarray, budget_bytes: int | None, work: Path, q
     budget = AUTOFAISS_DEFAULT_BUDGET if budget_bytes is None else f"{max(1, budget_bytes // 2**20)}M"
     start = time.perf_counter()
     try:
-        child = subprocess.run([sys.executable, __file__, "--autofaiss-child", str(npy), str(out), budget],
-                               capture_output=True, text=True, timeout=timeout_s)
+        child = subprocess.run(
+            [sys.executable, __file__, "--autofaiss-child", str(npy), str(out), budget],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return {"method": f"autofaiss (budget {budget}) did not finish within {timeout_s:.0f} s", "total_s": timeout_s}
     finally:
@@ -134,10 +177,14 @@ def bench_autofaiss(vectors: np.ndarray, budget_bytes: int | None, work: Path, q
         return {"method": f"autofaiss (budget {budget}) failed, exit {child.returncode}: {tail}", "total_s": total}
     index = faiss.read_index(str(out))
     chosen = json.loads(child.stdout.strip().splitlines()[-1])
-    return {"method": f"autofaiss (budget {budget}): {chosen.get('index_key')} {chosen.get('index_param', '')}",
-            "total_s": total, "bytes_per_vector": round(out.stat().st_size / len(vectors), 2), "exact_rows": 0,
-            "ram_bytes_per_vector": round(out.stat().st_size / len(vectors), 2),
-            **queries.score(lambda q, k: index.search(q, k)[1])}
+    return {
+        "method": f"autofaiss (budget {budget}): {chosen.get('index_key')} {chosen.get('index_param', '')}",
+        "total_s": total,
+        "bytes_per_vector": round(out.stat().st_size / len(vectors), 2),
+        "exact_rows": 0,
+        "ram_bytes_per_vector": round(out.stat().st_size / len(vectors), 2),
+        **queries.score(lambda q, k: index.search(q, k)[1]),
+    }
 
 
 def autofaiss_child(npy: str, out: str, budget: str) -> None:
@@ -146,8 +193,11 @@ def autofaiss_child(npy: str, out: str, budget: str) -> None:
     plain_opq = faiss.OPQMatrix  # autofaiss 2.18 calls OPQMatrix(d, M=, d2=); faiss 1.15 takes them positionally only
     faiss.OPQMatrix = lambda d=0, M=1, d2=-1: plain_opq(d, M, d2)
 
-    memory = {} if budget == AUTOFAISS_DEFAULT_BUDGET else {"max_index_memory_usage": budget,
-                                                            "current_memory_available": "8G"}
+    memory = (
+        {}
+        if budget == AUTOFAISS_DEFAULT_BUDGET
+        else {"max_index_memory_usage": budget, "current_memory_available": "8G"}
+    )
     index, info = build_index(embeddings=np.load(npy), save_on_disk=False, metric_type="ip", verbose=40, **memory)
     faiss.write_index(index, out)
     print(json.dumps({k: str(v) for k, v in (info or {}).items()}))
@@ -155,8 +205,9 @@ def autofaiss_child(npy: str, out: str, budget: str) -> None:
 
 def bench_size(n: int, seed: int, args: argparse.Namespace, work: Path) -> list[dict]:
     params = heldout_mixture_params(n, seed)
-    vectors, labels = gaussian_mixture(n, args.dim, params.clusters, latent=params.latent, spread=params.spread,
-                                       noise=params.noise, seed=seed)
+    vectors, labels = gaussian_mixture(
+        n, args.dim, params.clusters, latent=params.latent, spread=params.spread, noise=params.noise, seed=seed
+    )
     shutil.rmtree(work / f"emb-{n}", ignore_errors=True)
     emb = write_emb_dir(work / f"emb-{n}", vectors, labels, shard_size=50_000)
     del labels
@@ -164,19 +215,29 @@ def bench_size(n: int, seed: int, args: argparse.Namespace, work: Path) -> list[
     queries = Queries(vectors)
     rows = []
     for ranks in args.ranks:
-        rows += bench_clip_hpc(emb, _fresh(work / f"index-{n}-r{ranks}"), ranks, queries,
-                               serve_factors=args.serve_factors)
+        rows += bench_clip_hpc(
+            emb, _fresh(work / f"index-{n}-r{ranks}"), ranks, queries, serve_factors=args.serve_factors
+        )
     for i, key in enumerate(args.keys):
         rows += bench_clip_hpc(emb, _fresh(work / f"index-{n}-k{i}"), 1, queries, key)
     rows.append(bench_flat(vectors, queries))
     if args.autofaiss:
         budget = int(rows[0]["bytes_per_vector"] * n) + 2**20
-        for row in (bench_autofaiss(vectors, None, work, queries, args.autofaiss_timeout),
-                    bench_autofaiss(vectors, budget, work, queries, args.autofaiss_timeout)):
+        for row in (
+            bench_autofaiss(vectors, None, work, queries, args.autofaiss_timeout),
+            bench_autofaiss(vectors, budget, work, queries, args.autofaiss_timeout),
+        ):
             row["vs_clip_hpc_build"] = round(rows[0]["total_s"] / row["total_s"], 3)
             rows.append(row)
-    return [{"n": n, "data": f"seed {seed}: clusters {params.clusters}, spread {params.spread}, latent "
-                             f"{params.latent}, noise {params.noise}", **row} for row in rows]
+    return [
+        {
+            "n": n,
+            "data": f"seed {seed}: clusters {params.clusters}, spread {params.spread}, latent "
+            f"{params.latent}, noise {params.noise}",
+            **row,
+        }
+        for row in rows
+    ]
 
 
 def _fresh(path: Path) -> Path:
@@ -185,16 +246,29 @@ def _fresh(path: Path) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    keys = (*PHASES, "bytes_per_vector", "ram_bytes_per_vector", "vectors_npy_bytes_per_vector", "exact_rows",
-            "p50_ms", "p99_ms",
-            "recall_text_like", "recall_in_distribution")
-    head = ("| N | data | method | listing s | vectors s | train s | tier s | add s | merge s | self-check s | total s "
-            "| index B/vector | RAM B/vector (index + tier) | vectors.npy B/vector | exact rows/query | p50 ms | p99 ms "
-            "| recall text-like | recall in-dist |")
+    keys = (
+        *PHASES,
+        "bytes_per_vector",
+        "ram_bytes_per_vector",
+        "vectors_npy_bytes_per_vector",
+        "exact_rows",
+        "p50_ms",
+        "p99_ms",
+        "recall_text_like",
+        "recall_in_distribution",
+    )
+    head = (
+        "| N | data | method | listing s | vectors s | train s | tier s | add s | merge s | self-check s | total s "
+        "| index B/vector | RAM B/vector (index + tier) | vectors.npy B/vector | exact rows/query | p50 ms | p99 ms "
+        "| recall text-like | recall in-dist |"
+    )
     lines = [head, "|" + "---|" * (len(keys) + 3)]
     for r in rows:
-        lines.append("| " + " | ".join([f"{r['n']:,}", r["data"].split(":")[0], r["method"],
-                                         *(str(r.get(k, "")) for k in keys)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join([f"{r['n']:,}", r["data"].split(":")[0], r["method"], *(str(r.get(k, "")) for k in keys)])
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -206,8 +280,12 @@ def main() -> None:
     ap.add_argument("--ranks", default="1")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--seeds", default="3,1", help="mixture seeds (parameters drawn from each): 3 easy, 1 hard")
-    ap.add_argument("--keys", default="", help="other --index-key values to build beside auto (without the tier), "
-                                               "';'-separated, e.g. the previous default OPQ32,IVF2048,PQ32")
+    ap.add_argument(
+        "--keys",
+        default="",
+        help="other --index-key values to build beside auto (without the tier), "
+        "';'-separated, e.g. the previous default OPQ32,IVF2048,PQ32",
+    )
     ap.add_argument("--serve-factors", default="", help="also serve the one-rank index at these refine factors")
     ap.add_argument("--no-autofaiss", dest="autofaiss", action="store_false")
     ap.add_argument("--autofaiss-timeout", type=float, default=3600.0, help="seconds autofaiss may take per size")
@@ -226,8 +304,10 @@ def main() -> None:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, faiss "
-          f"{faiss.__version__}; held-out queries (clip_hpc.search.heldout), k=10\n")
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, faiss "
+        f"{faiss.__version__}; held-out queries (clip_hpc.search.heldout), k=10\n"
+    )
     print(table(rows))
 
 

@@ -7,6 +7,7 @@ and the server's RSS before and after. Prints JSON, then a table.
 
 Without --index it builds one first (500 sample images, the tiny model with random weights, in a temp dir).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,9 @@ from pathlib import Path
 
 from clip_hpc.client.process import serve_child
 from clip_hpc.devdata.load_bench import format_table, run_load
+from clip_hpc.devdata.sample_images import write_samples
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.metadata import MetadataStore
-from clip_hpc.devdata.sample_images import write_samples
 
 BIN = Path(sys.executable).parent
 
@@ -30,10 +31,16 @@ BIN = Path(sys.executable).parent
 def build_index(work: Path, n_images: int) -> Path:
     write_samples(work / "images", n_images)
     model = ["--model", "clip-hpc-tiny", "--pretrained", "none"]
-    subprocess.run([str(BIN / "clip-hpc"), "embed", str(work / "images"), "--out", str(work / "emb"), *model,
-                    "--workers", "0"], check=True, capture_output=True)
-    subprocess.run([str(BIN / "clip-hpc"), "index", str(work / "emb"), "--out", str(work / "index"), "--quiet"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "clip-hpc"), "embed", str(work / "images"), "--out", str(work / "emb"), *model, "--workers", "0"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [str(BIN / "clip-hpc"), "index", str(work / "emb"), "--out", str(work / "index"), "--quiet"],
+        check=True,
+        capture_output=True,
+    )
     return work / "index"
 
 
@@ -52,12 +59,22 @@ def main() -> int:
         with MetadataStore(IndexDir(index).meta_path, readonly=True) as meta:
             ids = meta.all_ids()
         with serve_child(index, work) as server:
-            result = run_load(server.endpoint, server_pid=server.proc.pid, ids=ids, clients=args.clients,
-                              seconds=args.seconds, slowloris=args.slowloris)
+            result = run_load(
+                server.endpoint,
+                server_pid=server.proc.pid,
+                ids=ids,
+                clients=args.clients,
+                seconds=args.seconds,
+                slowloris=args.slowloris,
+            )
         summary = result.summary()
-        summary["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                              "loadavg_at_end": os.getloadavg(), "index_vectors": len(ids),
-                              "server_log_bytes": (work / "serve.log").stat().st_size}
+        summary["machine"] = {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_at_end": os.getloadavg(),
+            "index_vectors": len(ids),
+            "server_log_bytes": (work / "serve.log").stat().st_size,
+        }
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:

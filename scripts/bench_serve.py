@@ -12,6 +12,7 @@ table. Both designs have Nagle off (the socket fix is not switchable).
     python scripts/bench_serve.py [--n 100000] [--model ViT-B-32] [--clients 1,8,32] [--requests 160] [--rounds 400]
         [--max-requests 3200] [--soak-s 60]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,11 @@ from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
 DIMS = {"clip-hpc-tiny": 128, "clip-hpc-demo": 128, "ViT-B-32": 512}
 TOKEN = "bench-" + "t" * 32
 DESIGNS = {"old": ["--no-batching", "--full-context"], "new": []}
-WORDS = ("red blue green small large old new wooden metal striped shiny dark bright cat dog car house tree boat "
-         "bird flower mountain river street city beach table chair lamp bicycle horse train window garden night "
-         "morning snow rain sunset portrait close-up aerial view painting photo sketch of a the in on with near").split()
+WORDS = (
+    "red blue green small large old new wooden metal striped shiny dark bright cat dog car house tree boat "
+    "bird flower mountain river street city beach table chair lamp bicycle horse train window garden night "
+    "morning snow rain sunset portrait close-up aerial view painting photo sketch of a the in on with near"
+).split()
 
 
 SENT: set[str] = set()  # every text this run has sent: no server sees a text twice, so every query is a cache miss
@@ -61,8 +64,12 @@ def build(tmp: Path, model: str, n: int, index_key: str) -> tuple[Path, dict]:
     emb = write_emb_dir(tmp / "emb", vectors, labels, shard_size=50_000, model=model, pretrained="none")
     t0 = time.perf_counter()
     info = build_index(emb, tmp / "index", index_key=index_key, progress=False)
-    return tmp / "index", {"index_key": info.index_key, "nprobe": info.nprobe, "refine": info.refine,
-                           "build_s": round(time.perf_counter() - t0, 1)}
+    return tmp / "index", {
+        "index_key": info.index_key,
+        "nprobe": info.nprobe,
+        "refine": info.refine,
+        "build_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 async def load(url: str, clients: int, texts: list[str], duration_s: float = 0.0) -> dict:
@@ -87,8 +94,10 @@ async def load(url: str, clients: int, texts: list[str], duration_s: float = 0.0
                     return
                 query = urllib.parse.urlencode({"q": texts[i], "k": 10})
                 t0 = time.perf_counter()
-                writer.write(f"GET /api/search?{query} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                             f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+                writer.write(
+                    f"GET /api/search?{query} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                    f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+                )
                 status, body = await read_response(reader)
                 errors += status != 200 or "results" not in json.loads(body)
                 latencies.append(time.perf_counter() - t0)
@@ -101,9 +110,15 @@ async def load(url: str, clients: int, texts: list[str], duration_s: float = 0.0
     await asyncio.gather(*(worker() for _ in range(clients)))
     wall = time.perf_counter() - t0
     ms = np.array(latencies) * 1000
-    return {"clients": clients, "requests": len(latencies), "errors": errors, "wall_s": round(wall, 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
-            "qps": round(len(latencies) / wall, 1)}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "wall_s": round(wall, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "qps": round(len(latencies) / wall, 1),
+    }
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -155,8 +170,7 @@ def served_equals_full_context(url: str, index: Path, full_model, texts: list[st
     engine = SearchEngine(index, encoder=None)
     worst, same_ids = 0.0, True
     try:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False,
-                          timeout=60) as c:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, trust_env=False, timeout=60) as c:
             for text in texts:
                 served = c.post("/api/search", json={"text": text, "k": 10, "return_vector": True}).json()
                 reference = full_model.encode_text([text])
@@ -181,8 +195,11 @@ def batch_sizes(url: str) -> dict[str, tuple[float, float]]:
 
 
 def mean_batch(before: dict, after: dict) -> dict[str, float]:
-    return {stage: round((items - before.get(stage, (0, 0))[0]) / max(1.0, batches - before.get(stage, (0, 0))[1]), 2)
-            for stage, (items, batches) in after.items() if stage in ("text-search", "text", "search")}
+    return {
+        stage: round((items - before.get(stage, (0, 0))[0]) / max(1.0, batches - before.get(stage, (0, 0))[1]), 2)
+        for stage, (items, batches) in after.items()
+        if stage in ("text-search", "text", "search")
+    }
 
 
 def run_design(index: Path, tmp: Path, name: str, args: argparse.Namespace, floor_model) -> tuple[list[dict], dict]:
@@ -196,11 +213,12 @@ def run_design(index: Path, tmp: Path, name: str, args: argparse.Namespace, floo
             row = asyncio.run(load(url, clients, texts))
             rows.append({"design": name, **row, "mean_batch": mean_batch(before, batch_sizes(url))})
         if name == "new":
-            extra["correctness"] = served_equals_full_context(url, index, floor_model,
-                                                              query_texts(10, seed=12345))
+            extra["correctness"] = served_equals_full_context(url, index, floor_model, query_texts(10, seed=12345))
             if args.soak_s:
-                extra["soak"] = {"design": name, **asyncio.run(load(url, max(args.clients),
-                                                                    query_texts(20_000, seed=7), args.soak_s))}
+                extra["soak"] = {
+                    "design": name,
+                    **asyncio.run(load(url, max(args.clients), query_texts(20_000, seed=7), args.soak_s)),
+                }
     return rows, extra
 
 
@@ -224,20 +242,31 @@ def ratios(rows: list[dict], floor: dict) -> dict:
 
 def table(result: dict) -> str:
     f = result["floor"]
-    lines = [f"Machine: {result['machine']}", f"Index: {result['n']} vectors, {result['index']}",
-             f"Encoder floor ({result['model']}, batch 1): full context {f['encode_full_b1_ms']} ms, "
-             f"short context {f['encode_short_b1_ms']} ms ({f['text_context']})", "",
-             f"  (medians of the rounds between server runs: full {f['encode_full_b1_round_medians_ms']}, "
-             f"short {f['encode_short_b1_round_medians_ms']})", "",
-             "| design | clients | requests | errors | p50 ms | p99 ms | queries/s | mean batch |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {result['machine']}",
+        f"Index: {result['n']} vectors, {result['index']}",
+        f"Encoder floor ({result['model']}, batch 1): full context {f['encode_full_b1_ms']} ms, "
+        f"short context {f['encode_short_b1_ms']} ms ({f['text_context']})",
+        "",
+        f"  (medians of the rounds between server runs: full {f['encode_full_b1_round_medians_ms']}, "
+        f"short {f['encode_short_b1_round_medians_ms']})",
+        "",
+        "| design | clients | requests | errors | p50 ms | p99 ms | queries/s | mean batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["results"] + ([result["soak"]] if "soak" in result else []):
         label = "old (--no-batching --full-context)" if r["design"] == "old" else "new (defaults)"
-        lines.append(f"| {label} | {r['clients']}{' (%ss)' % r['wall_s'] if r is result.get('soak') else ''} | "
-                     f"{r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} | "
-                     f"{', '.join(f'{k} {v}' for k, v in r.get('mean_batch', {}).items() if v) or '-'} |")
-    lines += ["", "Ratios: " + ", ".join(f"{k} = {v}" for k, v in result["ratios"].items()),
-              "Served = full-context encoder: " + json.dumps(result.get("correctness"))]
+        soak = f" ({r['wall_s']}s)" if r is result.get("soak") else ""
+        lines.append(
+            f"| {label} | {r['clients']}{soak} | "
+            f"{r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['qps']} | "
+            f"{', '.join(f'{k} {v}' for k, v in r.get('mean_batch', {}).items() if v) or '-'} |"
+        )
+    lines += [
+        "",
+        "Ratios: " + ", ".join(f"{k} = {v}" for k, v in result["ratios"].items()),
+        "Served = full-context encoder: " + json.dumps(result.get("correctness")),
+    ]
     return "\n".join(lines)
 
 
@@ -260,17 +289,24 @@ def main() -> None:
 
     from clip_hpc.server.threads import this_job_cpus
 
-    machine = (f"{platform.processor() or platform.machine()}, {this_job_cpus()} CPUs for the job "
-               f"({os.cpu_count()} on the node), torch {torch.__version__}, "
-               f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}")
+    machine = (
+        f"{platform.processor() or platform.machine()}, {this_job_cpus()} CPUs for the job "
+        f"({os.cpu_count()} on the node), torch {torch.__version__}, "
+        f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         index, index_info = build(Path(tmp), args.model, args.n, args.index_key)
         floor = EncoderFloor(args.model)
         floor_texts = query_texts(20, seed=4242)
         floor.measure(floor_texts)
-        result: dict = {"machine": machine, "model": args.model, "n": args.n,
-                        "index": f"{index_info['index_key']} (nprobe {index_info['nprobe']}, refine "
-                                 f"{index_info['refine']}, built in {index_info['build_s']} s)", "results": []}
+        result: dict = {
+            "machine": machine,
+            "model": args.model,
+            "n": args.n,
+            "index": f"{index_info['index_key']} (nprobe {index_info['nprobe']}, refine "
+            f"{index_info['refine']}, built in {index_info['build_s']} s)",
+            "results": [],
+        }
         for name in args.designs.split(","):
             rows, extra = run_design(index, Path(tmp), name, args, floor.full)
             result["results"] += rows

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The name users know from the seed project: a thin wrapper around `clip-hpc check-ports`.
 
-    python scripts/check_ports.py --connection-file ~/.clip-hpc/connections/NAME.json
-    python scripts/check_ports.py --port 8765 --token TOKEN
-    python scripts/check_ports.py --connection-file FILE --server      # on the compute node itself
+python scripts/check_ports.py --connection-file ~/.clip-hpc/connections/NAME.json
+python scripts/check_ports.py --port 8765 --token TOKEN
+python scripts/check_ports.py --connection-file FILE --server      # on the compute node itself
 """
+
 from __future__ import annotations
 
 import sys

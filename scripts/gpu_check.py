@@ -9,6 +9,7 @@ run cut short still leaves what it measured.
 --dry-run: toy sizes, the CPU standing in for the GPU (the device decode through torchvision's CPU decoder, the
 torch k-means on the CPU): proves the script and its checks on any machine (tests/test_gpu_check.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -41,15 +43,36 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
 
     cuda = torch.cuda.is_available() and not args.dry_run
     if args.dry_run:
-        return {"device": "cpu", "model": "clip-hpc-tiny", "images": args.images or 48, "batch": 16, "workers": 1,
-                "vectors": args.vectors or 20_000, "dim": 128, "build_vectors": 12_000, "serve_vectors": 2_000,
-                "requests": 24, "model_seconds": 1.0, "queries": 100}
+        return {
+            "device": "cpu",
+            "model": "clip-hpc-tiny",
+            "images": args.images or 48,
+            "batch": 16,
+            "workers": 1,
+            "vectors": args.vectors or 20_000,
+            "dim": 128,
+            "build_vectors": 12_000,
+            "serve_vectors": 2_000,
+            "requests": 24,
+            "model_seconds": 1.0,
+            "queries": 100,
+        }
     if not cuda:
         raise SystemExit("gpu_check: torch sees no CUDA device; run with --dry-run on a machine without one")
-    return {"device": "cuda", "model": "ViT-B-32", "images": args.images or 3000, "batch": GPU_BATCH_SIZE,
-            "workers": max(1, (os.cpu_count() or 2) - 1), "vectors": args.vectors or 1_000_000, "dim": 512,
-            "build_vectors": 60_000, "serve_vectors": 100_000, "requests": 320, "model_seconds": 8.0,
-            "queries": 500}
+    return {
+        "device": "cuda",
+        "model": "ViT-B-32",
+        "images": args.images or 3000,
+        "batch": GPU_BATCH_SIZE,
+        "workers": max(1, (os.cpu_count() or 2) - 1),
+        "vectors": args.vectors or 1_000_000,
+        "dim": 512,
+        "build_vectors": 60_000,
+        "serve_vectors": 100_000,
+        "requests": 320,
+        "model_seconds": 8.0,
+        "queries": 500,
+    }
 
 
 # --- environment ---------------------------------------------------------------------------------------------------
@@ -60,12 +83,22 @@ def stage_environment(p: dict[str, Any], work: Path) -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
     props = torch.cuda.get_device_properties(0) if cuda else None
-    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "cuda": torch.version.cuda, "gpu": props.name if props else None,
-           "gpu_memory_gib": round(props.total_memory / 2**30, 1) if props else None, "cpus": os.cpu_count(),
-           "faiss": faiss.__version__, "faiss_gpus": faiss.get_num_gpus(), "run_on": p["device"]}
-    out["checks"] = {"torch_at_least_2_4": tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4),
-                     "device_usable": p["device"] == "cpu" or cuda}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": props.name if props else None,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1) if props else None,
+        "cpus": os.cpu_count(),
+        "faiss": faiss.__version__,
+        "faiss_gpus": faiss.get_num_gpus(),
+        "run_on": p["device"],
+    }
+    out["checks"] = {
+        "torch_at_least_2_4": tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4),
+        "device_usable": p["device"] == "cpu" or cuda,
+    }
     return out
 
 
@@ -98,13 +131,26 @@ def run_embed(p: dict[str, Any], source: Path, out: Path, decode: str) -> tuple[
     from clip_hpc.formats.emb_dir import EmbDir
     from clip_hpc.ingest.embed import EmbedConfig, embed
 
-    summary = embed(EmbedConfig(inputs=[str(source)], out=str(out), model=p["model"], pretrained="none",
-                                batch_size=p["batch"], workers=p["workers"], shard_size=10**6, device=p["device"],
-                                decode=decode, progress=False, dtype="float32"))
+    summary = embed(
+        EmbedConfig(
+            inputs=[str(source)],
+            out=str(out),
+            model=p["model"],
+            pretrained="none",
+            batch_size=p["batch"],
+            workers=p["workers"],
+            shard_size=10**6,
+            device=p["device"],
+            decode=decode,
+            progress=False,
+            dtype="float32",
+        )
+    )
     rank = summary["per_rank"][0]
     done = rank["embedded"] + rank["failed"]
-    return {"images": done, "failed": rank["failed"], "img_per_s": round(done / rank["seconds"], 1)}, \
-        EmbDir(out).read_shard(0)
+    return {"images": done, "failed": rank["failed"], "img_per_s": round(done / rank["seconds"], 1)}, EmbDir(
+        out
+    ).read_shard(0)
 
 
 def failures(shard: Any) -> dict[int, str]:
@@ -125,8 +171,13 @@ def device_decode_rate(p: dict[str, Any], loose: Path) -> float:
     paths = list_images([loose])
     route = choose_route("gpu", loaded, paths, collate)
     dataset = route.dataset(ImageDataset(range(len(paths)), paths, loaded.preprocess, loaded.image_size, 10**9))
-    loader = DataLoader(dataset, batch_size=p["batch"], num_workers=p["workers"], collate_fn=route.collate,
-                        pin_memory=p["device"] == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=p["batch"],
+        num_workers=p["workers"],
+        collate_fn=route.collate,
+        pin_memory=p["device"] == "cuda",
+    )
     t0, n = time.perf_counter(), 0
     for batch in route.batches(loader):
         n += len(batch["ids"])
@@ -143,17 +194,22 @@ def stage_embed(p: dict[str, Any], work: Path, images: tuple[Path, Path]) -> dic
     for kind, source in (("loose", loose), ("tar", tars)):
         for decode in ("cpu", "gpu"):
             runs[f"{kind}_{decode}_decode"], _ = run_embed(p, source, work / f"emb-{kind}-{decode}", decode)
-    out: dict[str, Any] = {"model": p["model"], "batch": p["batch"], "workers": p["workers"], "end_to_end": runs,
-                           "decode_only_cpu_workers_img_per_s": round(decode_rate(loose, p["model"], p["workers"],
-                                                                                  p["batch"]), 1),
-                           "decode_only_device_img_per_s": device_decode_rate(p, loose),
-                           "model_only_img_per_s": model_only_rate(p),
-                           "model_only_with_host_copy_img_per_s": round(model_rate(p["model"], p["batch"],
-                                                                                   p["model_seconds"]), 1),
-                           "model_only_precision": "bf16" if p["device"] == "cuda" else "fp32 (CPU)"}
+    out: dict[str, Any] = {
+        "model": p["model"],
+        "batch": p["batch"],
+        "workers": p["workers"],
+        "end_to_end": runs,
+        "decode_only_cpu_workers_img_per_s": round(decode_rate(loose, p["model"], p["workers"], p["batch"]), 1),
+        "decode_only_device_img_per_s": device_decode_rate(p, loose),
+        "model_only_img_per_s": model_only_rate(p),
+        "model_only_with_host_copy_img_per_s": round(model_rate(p["model"], p["batch"], p["model_seconds"]), 1),
+        "model_only_precision": "bf16" if p["device"] == "cuda" else "fp32 (CPU)",
+    }
     out["fp32_device_vs_cpu_min_cosine"] = device_vs_cpu_cosine(p, loose)
-    out["checks"] = {"all_runs_embedded": all(r["images"] > 0 for r in runs.values()),
-                     "fp32_cosine_at_least_0.999": out["fp32_device_vs_cpu_min_cosine"] >= 0.999}
+    out["checks"] = {
+        "all_runs_embedded": all(r["images"] > 0 for r in runs.values()),
+        "fp32_cosine_at_least_0.999": out["fp32_device_vs_cpu_min_cosine"] >= 0.999,
+    }
     return out
 
 
@@ -195,12 +251,18 @@ def stage_gpu_decode(p: dict[str, Any], work: Path, images: tuple[Path, Path]) -
     _, cpu = run_embed(p, images[0], work / "dec-cpu", "cpu")
     _, dev = run_embed(p, images[0], work / "dec-gpu", "gpu")
     cosine = np.sum(np.asarray(cpu.embeddings) * np.asarray(dev.embeddings), axis=1)
-    out = {"failed_cpu_route": failures(cpu), "failed_device_route": failures(dev),
-           "embedded": len(dev.ids), "min_cosine_device_vs_cpu_decode": round(float(cosine.min()), 6)}
-    out["checks"] = {"same_failure_records": out["failed_cpu_route"] == out["failed_device_route"],
-                     "failures_recorded": len(out["failed_cpu_route"]) >= 4,
-                     "same_ids": list(cpu.ids) == list(dev.ids),
-                     "cosine_at_least_0.99": out["min_cosine_device_vs_cpu_decode"] >= 0.99}
+    out = {
+        "failed_cpu_route": failures(cpu),
+        "failed_device_route": failures(dev),
+        "embedded": len(dev.ids),
+        "min_cosine_device_vs_cpu_decode": round(float(cosine.min()), 6),
+    }
+    out["checks"] = {
+        "same_failure_records": out["failed_cpu_route"] == out["failed_device_route"],
+        "failures_recorded": len(out["failed_cpu_route"]) >= 4,
+        "same_ids": list(cpu.ids) == list(dev.ids),
+        "cosine_at_least_0.99": out["min_cosine_device_vs_cpu_decode"] >= 0.99,
+    }
     return out
 
 
@@ -247,15 +309,23 @@ def stage_index(p: dict[str, Any], work: Path) -> dict[str, Any]:
     paths = ["faiss_cpu", "torch"] + (["faiss_gpu"] if faiss_gpu else [])
     results = {name: dict(zip(("train_s", "recall_at_10"), trained(name))) for name in paths}
     gpu_path = "faiss_gpu" if faiss_gpu else "torch"
-    out: dict[str, Any] = {"vectors": n, "dim": dim, "nlist": nlist, "train_sample": len(sample),
-                           "nprobe": max(1, nlist // 128), "kmeans_device": kmeans_device(), "train": results,
-                           "gpu_path": gpu_path,
-                           "train_speedup": round(results["faiss_cpu"]["train_s"] / results[gpu_path]["train_s"], 2)}
+    out: dict[str, Any] = {
+        "vectors": n,
+        "dim": dim,
+        "nlist": nlist,
+        "train_sample": len(sample),
+        "nprobe": max(1, nlist // 128),
+        "kmeans_device": kmeans_device(),
+        "train": results,
+        "gpu_path": gpu_path,
+        "train_speedup": round(results["faiss_cpu"]["train_s"] / results[gpu_path]["train_s"], 2),
+    }
     out["build"] = build_through_hook(p, work, faiss_gpu)
-    out["checks"] = {"recall_within_0.01": abs(results[gpu_path]["recall_at_10"] -
-                                               results["faiss_cpu"]["recall_at_10"]) <= 0.01,
-                     "build_used_gpu_path": out["build"]["gpu_path_used"],
-                     "build_self_check_recall": out["build"]["self_check_recall"] is not None}
+    out["checks"] = {
+        "recall_within_0.01": abs(results[gpu_path]["recall_at_10"] - results["faiss_cpu"]["recall_at_10"]) <= 0.01,
+        "build_used_gpu_path": out["build"]["gpu_path_used"],
+        "build_self_check_recall": out["build"]["self_check_recall"] is not None,
+    }
     return out
 
 
@@ -267,22 +337,26 @@ def build_through_hook(p: dict[str, Any], work: Path, faiss_gpu: bool) -> dict[s
     vectors, labels = gaussian_mixture(p["build_vectors"], p["dim"], clusters=100, seed=5)
     emb = write_emb_dir(work / "build-emb", vectors, labels, shard_size=20_000)
     info = build_index(emb, work / "build-index", progress=False)
-    return {"index_key": info.index_key, "timings": info.timings, "self_check_recall": info.recall.get("served"),
-            "gpu_path_used": faiss_gpu or "kmeans_torch_s" in info.timings}
+    return {
+        "index_key": info.index_key,
+        "timings": info.timings,
+        "self_check_recall": info.recall.get("served"),
+        "gpu_path_used": faiss_gpu or "kmeans_torch_s" in info.timings,
+    }
 
 
 # --- serve ---------------------------------------------------------------------------------------------------------
 def stage_serve(p: dict[str, Any], work: Path) -> dict[str, Any]:
     """`clip-hpc serve --device DEVICE` under 1, 8 and 32 clients (bench_serve's load generator and check)."""
     import bench_serve
-
     from clip_hpc.client.process import serve_child
     from clip_hpc.model.loading import load_model
 
     index, index_info = bench_serve.build(work / "serve", p["model"], p["serve_vectors"], "auto")
     rows = []
-    with serve_child(index, work / "serve", "--port", "0", "--device", p["device"],
-                     env={"CLIP_HPC_TOKEN": bench_serve.TOKEN}) as child:
+    with serve_child(
+        index, work / "serve", "--port", "0", "--device", p["device"], env={"CLIP_HPC_TOKEN": bench_serve.TOKEN}
+    ) as child:
         url = child.endpoint.base_url
         asyncio.run(bench_serve.load(url, 4, bench_serve.query_texts(16, seed=999)))  # warm up
         for clients in SERVE_CLIENTS:
@@ -290,10 +364,17 @@ def stage_serve(p: dict[str, Any], work: Path) -> dict[str, Any]:
             rows.append(asyncio.run(bench_serve.load(url, clients, texts)))
         reference = load_model(p["model"], "none", device="cpu", full_context=True)
         same = bench_serve.served_equals_full_context(url, index, reference, bench_serve.query_texts(10, seed=7))
-    out = {"index": index_info, "device": p["device"], "load": rows, "served_vs_cpu_encoder": same,
-           "server_precision": "bf16 (load_model's auto on CUDA)" if p["device"] == "cuda" else "fp32"}
-    out["checks"] = {"no_errors": all(r["errors"] == 0 for r in rows),
-                     "vector_within_1e-3": same["max_abs_vector_diff"] <= 1e-3}
+    out = {
+        "index": index_info,
+        "device": p["device"],
+        "load": rows,
+        "served_vs_cpu_encoder": same,
+        "server_precision": "bf16 (load_model's auto on CUDA)" if p["device"] == "cuda" else "fp32",
+    }
+    out["checks"] = {
+        "no_errors": all(r["errors"] == 0 for r in rows),
+        "vector_within_1e-3": same["max_abs_vector_diff"] <= 1e-3,
+    }
     return out
 
 
@@ -304,34 +385,47 @@ def run_stage(name: str, fn: Callable[[], dict[str, Any]], result: dict[str, Any
     try:
         stage = fn()
     except Exception as exc:
-        stage = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:],
-                 "checks": {"ran": False}}
+        stage = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()[-2000:],
+            "checks": {"ran": False},
+        }
     stage["seconds"] = round(time.perf_counter() - t0, 1)
     stage["ok"] = all(stage["checks"].values())
     result["stages"][name] = stage
     result["ok"] = all(s["ok"] for s in result["stages"].values())
     out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"gpu_check: {name} {'ok' if stage['ok'] else 'FAILED'} in {stage['seconds']} s", file=sys.stderr,
-          flush=True)
+    print(f"gpu_check: {name} {'ok' if stage['ok'] else 'FAILED'} in {stage['seconds']} s", file=sys.stderr, flush=True)
 
 
 def table(result: dict[str, Any]) -> str:
     s = result["stages"]
     lines = ["| stage | s | ok | figures |", "|---|---|---|---|"]
     figures = {
-        "environment": lambda x: f"torch {x['torch']}, CUDA {x['cuda']}, {x['gpu']}, faiss {x['faiss']} "
-                                 f"({x['faiss_gpus']} GPUs)",
-        "embed": lambda x: ", ".join(f"{k} {v['img_per_s']} img/s" for k, v in x["end_to_end"].items()) +
-        f"; decode-only CPU {x['decode_only_cpu_workers_img_per_s']}, device {x['decode_only_device_img_per_s']}; "
-        f"model-only {x['model_only_img_per_s']} ({x['model_only_precision']}); fp32 cosine "
-        f"{x['fp32_device_vs_cpu_min_cosine']}",
-        "gpu_decode": lambda x: f"{len(x['failed_cpu_route'])} failures, same: "
-                                f"{x['checks']['same_failure_records']}; cosine {x['min_cosine_device_vs_cpu_decode']}",
-        "index": lambda x: ", ".join(f"{k} train {v['train_s']} s recall {v['recall_at_10']}"
-                                     for k, v in x["train"].items()) + f"; build {x['build']['index_key']}",
-        "serve": lambda x: ", ".join(f"{r['clients']} clients p50 {r['p50_ms']} p99 {r['p99_ms']} ms "
-                                     f"{r['qps']} q/s" for r in x["load"]) +
-        f"; vector diff {x['served_vs_cpu_encoder']['max_abs_vector_diff']:.2g}",
+        "environment": lambda x: (
+            f"torch {x['torch']}, CUDA {x['cuda']}, {x['gpu']}, faiss {x['faiss']} ({x['faiss_gpus']} GPUs)"
+        ),
+        "embed": lambda x: (
+            ", ".join(f"{k} {v['img_per_s']} img/s" for k, v in x["end_to_end"].items())
+            + f"; decode-only CPU {x['decode_only_cpu_workers_img_per_s']}, "
+            f"device {x['decode_only_device_img_per_s']}; "
+            f"model-only {x['model_only_img_per_s']} ({x['model_only_precision']}); fp32 cosine "
+            f"{x['fp32_device_vs_cpu_min_cosine']}"
+        ),
+        "gpu_decode": lambda x: (
+            f"{len(x['failed_cpu_route'])} failures, same: "
+            f"{x['checks']['same_failure_records']}; cosine {x['min_cosine_device_vs_cpu_decode']}"
+        ),
+        "index": lambda x: (
+            ", ".join(f"{k} train {v['train_s']} s recall {v['recall_at_10']}" for k, v in x["train"].items())
+            + f"; build {x['build']['index_key']}"
+        ),
+        "serve": lambda x: (
+            ", ".join(
+                f"{r['clients']} clients p50 {r['p50_ms']} p99 {r['p99_ms']} ms {r['qps']} q/s" for r in x["load"]
+            )
+            + f"; vector diff {x['served_vs_cpu_encoder']['max_abs_vector_diff']:.2g}"
+        ),
     }
     for name, stage in s.items():
         try:
@@ -359,9 +453,12 @@ def main() -> int:
         images = make_images(p["images"], work) if {"embed", "gpu_decode"} & set(stages) else None
         result["images_s"] = round(time.perf_counter() - t0, 1)
         steps: dict[str, Callable[[], dict[str, Any]]] = {
-            "environment": lambda: stage_environment(p, work), "embed": lambda: stage_embed(p, work, images),
-            "gpu_decode": lambda: stage_gpu_decode(p, work, images), "index": lambda: stage_index(p, work),
-            "serve": lambda: stage_serve(p, work)}
+            "environment": lambda: stage_environment(p, work),
+            "embed": lambda: stage_embed(p, work, images),
+            "gpu_decode": lambda: stage_gpu_decode(p, work, images),
+            "index": lambda: stage_index(p, work),
+            "serve": lambda: stage_serve(p, work),
+        }
         for name in stages:
             run_stage(name, steps[name], result, args.out)
     result["total_s"] = round(time.perf_counter() - t0, 1)

@@ -6,6 +6,7 @@ or measure an INDEX_DIR's served recall@10 on fresh text-like and in-distributio
                       [--clusters C] [--spread S] [--latent L] [--noise E]   (override the drawn mixture)
     heldout_recall.py eval INDEX_DIR [--queries 400] [--groups 8] [--seed 2024]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,8 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from clip_hpc.search.heldout import evaluate, heldout_mixture_params
 from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
+from clip_hpc.search.heldout import evaluate, heldout_mixture_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,10 +37,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cmd == "make":
         params = heldout_mixture_params(args.n, args.seed)
-        params = replace(params, **{k: getattr(args, k) for k in ("clusters", "spread", "latent", "noise")
-                                    if getattr(args, k) is not None})
-        vectors, labels = gaussian_mixture(args.n, args.dim, params.clusters, latent=params.latent,
-                                           spread=params.spread, noise=params.noise, seed=args.seed)
+        params = replace(
+            params,
+            **{k: getattr(args, k) for k in ("clusters", "spread", "latent", "noise") if getattr(args, k) is not None},
+        )
+        vectors, labels = gaussian_mixture(
+            args.n,
+            args.dim,
+            params.clusters,
+            latent=params.latent,
+            spread=params.spread,
+            noise=params.noise,
+            seed=args.seed,
+        )
         write_emb_dir(args.out, vectors, labels, args.shard_size)
         print(json.dumps({"out": str(args.out), "n": args.n, "dim": args.dim, **asdict(params)}))
     else:

@@ -5,6 +5,7 @@ one file of each awkward kind under OUT/bad. The writers live in clip_hpc.devdat
     make_sample_images.py OUT [-n 300] [--seed 0] [--photos] [--bad]
     make_sample_images.py OUT --tars 4 [-n 100]   # WebDataset tars of n captioned images each (jpg, txt, json)
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Synthetic CLIP-like vectors as an EMB_DIR, for index tests and benchmarks (see clip_hpc.devdata.synthetic_vectors).
 
-    make_synthetic_vectors.py OUT -n 200000 --dim 512 [--clusters 1000] [--shard-size 50000] [--seed 0]
+make_synthetic_vectors.py OUT -n 200000 --dim 512 [--clusters 1000] [--shard-size 50000] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse

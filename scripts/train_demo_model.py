@@ -7,6 +7,7 @@ checkpoint bytes. The recipe lives in clip_hpc.devdata.demo_model; this is its c
     python scripts/train_demo_model.py                       # the shipped model (defaults below)
     python scripts/train_demo_model.py --steps 3 --train-size 256 --out /tmp/demo.safetensors
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,6 +1,7 @@
 """The captioned EMB_DIR the caption tests share (a pytest plugin, see conftest): the demo model's sample tars
 (`make_sample_images.py --tars`) with half the captions swapped between images and two captions missing, embedded
 once per session with `clip-hpc embed --captions`."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ def swap_half(samples: list, rng: np.random.Generator) -> np.ndarray:
     """Swap the captions (txt and json) of random disjoint pairs covering half the samples, in place; returns
     which image each caption describes (i itself where not swapped)."""
     source = np.arange(len(samples))
-    picked = rng.permutation([i for i in range(len(samples)) if i not in NO_CAPTION])[:len(samples) // 2]
+    picked = rng.permutation([i for i in range(len(samples)) if i not in NO_CAPTION])[: len(samples) // 2]
     for a, b in zip(picked[::2], picked[1::2]):
         (_, ma), (_, mb) = samples[a], samples[b]
         ma["txt"], mb["txt"] = mb["txt"], ma["txt"]
@@ -61,7 +62,7 @@ def swapped(tmp_path_factory) -> Captioned:
     samples = captioned_samples(N, size=96)
     source = swap_half(samples, np.random.default_rng(7))
     for t in range(N // PER_TAR):
-        write_tar(root / "tars" / f"{t:05d}.tar", samples[t * PER_TAR:(t + 1) * PER_TAR])
+        write_tar(root / "tars" / f"{t:05d}.tar", samples[t * PER_TAR : (t + 1) * PER_TAR])
     run_cli("embed", root / "tars", "--out", root / "emb", *DEMO, "--captions", check=True)
     captions = [m["txt"].decode() if "txt" in m else "" for _, m in samples]
     return Captioned(root, source == np.arange(N), source, captions)
@@ -70,7 +71,7 @@ def swapped(tmp_path_factory) -> Captioned:
 def stored(emb_dir) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(ids, image embeddings, caption embeddings, similarity) of every shard, in id order."""
     shards = list(EmbDir(emb_dir).iter_shards())
-    return tuple(np.concatenate([getattr(s, name) for s in shards]) for name in
-                 ("ids", "embeddings", "caption_embeddings", "similarity"))
-
-
+    return tuple(
+        np.concatenate([getattr(s, name) for s in shards])
+        for name in ("ids", "embeddings", "caption_embeddings", "similarity")
+    )

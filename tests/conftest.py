@@ -1,4 +1,5 @@
 """Shared fixtures. Stage-specific fixtures live in their own test modules (or tests/*_fixtures.py plugins)."""
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,18 @@ ARTIFACTS = ROOT / "test-artifacts"
 pytest_plugins = ["server_fixtures", "caption_fixtures", "s3_fixtures"]  # stage fixture plugins (tests/*_fixtures.py)
 
 
-def run_cli(*args: str, check: bool = False, timeout: float = 600, env: dict | None = None,
-            **kw) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, check: bool = False, timeout: float = 600, env: dict | None = None, **kw
+) -> subprocess.CompletedProcess:
     """Run the installed `clip-hpc` console script as a user would."""
-    proc = subprocess.run([str(BIN / "clip-hpc"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+    proc = subprocess.run(
+        [str(BIN / "clip-hpc"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"clip-hpc {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
@@ -39,8 +47,20 @@ def kill_after_shards(cmd: list[str], out: Path, shards: int = 3, timeout: float
 
 
 def make_images(out: Path, n: int, seed: int = 0, extra: str = "") -> Path:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_images.py"), str(out), "-n", str(n),
-                    "--seed", str(seed), *extra.split()], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "make_sample_images.py"),
+            str(out),
+            "-n",
+            str(n),
+            "--seed",
+            str(seed),
+            *extra.split(),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 

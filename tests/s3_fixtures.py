@@ -2,13 +2,14 @@
 127.0.0.1, stopped by its PID, behind a small recording proxy in the test process that logs every request (method,
 key, Range header, status) and can answer 503 SlowDown for chosen keys: the counting fixture that proves ranged reads
 and the failing object the run must record."""
+
 from __future__ import annotations
 
 import http.client
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -56,17 +57,23 @@ def _handler(endpoint: S3Endpoint, moto_port: int) -> type[BaseHTTPRequestHandle
             query = urlsplit(self.path).query
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             if self.command == "GET" and key in endpoint.failing:
-                status, headers, data = 503, [("Content-Type", "application/xml")], (
-                    b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
-                    b"<Message>Please reduce your request rate.</Message></Error>")
+                status, headers, data = (
+                    503,
+                    [("Content-Type", "application/xml")],
+                    (
+                        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                        b"<Message>Please reduce your request rate.</Message></Error>"
+                    ),
+                )
             else:
                 conn = http.client.HTTPConnection("127.0.0.1", moto_port, timeout=60)
                 conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
                 resp = conn.getresponse()
                 status, headers, data = resp.status, resp.getheaders(), resp.read()
                 conn.close()
-            endpoint.log.append(Request(self.command, key + (f"?{query}" if query else ""),
-                                        self.headers.get("Range"), status))
+            endpoint.log.append(
+                Request(self.command, key + (f"?{query}" if query else ""), self.headers.get("Range"), status)
+            )
             self.send_response(status)
             for name, value in headers:
                 if name.lower() not in ("content-length", "transfer-encoding", "connection"):

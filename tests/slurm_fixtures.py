@@ -1,5 +1,6 @@
 """Fixtures for the SLURM tests: a real single-node cluster (munged, slurmctld, slurmd) started by
 scripts/slurm-local.sh in its own state dir and on free ports, and stopped by pid at the end of the session."""
+
 from __future__ import annotations
 
 import os
@@ -8,17 +9,26 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from conftest import ROOT
 
 SLURM_LOCAL = ROOT / "scripts" / "slurm-local.sh"
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def _two_free_ports() -> int:
@@ -93,8 +103,14 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     # Not under pytest's 0700 tmp dirs: munged runs as the munge user and must reach its own socket dir.
     state = Path(tempfile.mkdtemp(prefix="clip-hpc-slurm-"))
     os.chmod(state, 0o755)
-    env = {**os.environ, "CLIP_HPC_SLURM_DIR": str(state), "CLIP_HPC_SLURM_PORT": str(_two_free_ports()),
-           "SLURM_CONF": str(state / "slurm.conf"), "CLIP_HPC_PROFILE": "local", "CLIP_HPC_HOME": str(ROOT)}
+    env = {
+        **os.environ,
+        "CLIP_HPC_SLURM_DIR": str(state),
+        "CLIP_HPC_SLURM_PORT": str(_two_free_ports()),
+        "SLURM_CONF": str(state / "slurm.conf"),
+        "CLIP_HPC_PROFILE": "local",
+        "CLIP_HPC_HOME": str(ROOT),
+    }
     up = subprocess.run([str(SLURM_LOCAL), "up"], capture_output=True, text=True, env=env, timeout=180)
     try:
         assert up.returncode == 0, f"slurm-local.sh up failed:\n{up.stdout}{up.stderr}"

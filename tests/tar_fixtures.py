@@ -1,5 +1,6 @@
 """WebDataset tars for the tar tests, written by the `webdataset` library's own TarWriter (a test dependency; the
 code path reads tars with the standard library), from the same image files the loose-file tests embed."""
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,19 @@ def write_wds_tars(images: Path, out: Path, per_tar: int) -> list[str]:
     captions = []
     for t, lo in enumerate(range(0, len(paths), per_tar)):
         with wds.TarWriter(str(out / f"{t:05d}.tar")) as sink:
-            for i, path in enumerate(paths[lo:lo + per_tar], lo):
+            for i, path in enumerate(paths[lo : lo + per_tar], lo):
                 key = f"{i:09d}"
                 captions.append(caption_of(i))
-                sink.write({"__key__": key, Path(path).suffix.lstrip(".").lower(): Path(path).read_bytes(),
-                            "txt": captions[-1], "json": json.dumps({"key": key, "url": f"https://ex.org/{key}",
-                                                                      "width": 1, "height": 1}).encode()})
+                sink.write(
+                    {
+                        "__key__": key,
+                        Path(path).suffix.lstrip(".").lower(): Path(path).read_bytes(),
+                        "txt": captions[-1],
+                        "json": json.dumps(
+                            {"key": key, "url": f"https://ex.org/{key}", "width": 1, "height": 1}
+                        ).encode(),
+                    }
+                )
     return captions
 
 
@@ -50,5 +58,11 @@ def write_bad_tars(out: Path, scratch: Path) -> dict[str, str]:
     cut = whole.index(good, whole.index(b"f.jpg")) + len(good) // 2
     (out / "90001.tar").write_bytes(whole[:cut])
     assert bad["text.jpg"] == "failed"
-    return {"90000.tar::a.jpg": "not an image", "90000.tar::b.txt": "no image", "90000.tar::c.jpg": "ok",
-            "90001.tar::d.jpg": "ok", "90001.tar::e.jpg": "ok", "90001.tar::f.jpg": "truncated tar"}
+    return {
+        "90000.tar::a.jpg": "not an image",
+        "90000.tar::b.txt": "no image",
+        "90000.tar::c.jpg": "ok",
+        "90001.tar::d.jpg": "ok",
+        "90001.tar::e.jpg": "ok",
+        "90001.tar::f.jpg": "truncated tar",
+    }

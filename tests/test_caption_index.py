@@ -3,6 +3,7 @@
 image index finds), an uploaded image finds the images whose captions describe it, `/api/info` says which kind is
 served, `min_similarity` filters by the stored image-caption cosine in the HTTP API and the CLI, and the gallery
 in real Chromium shows the caption that matched. About 25 s (with the shared embed of caption_fixtures.py)."""
+
 from __future__ import annotations
 
 import html
@@ -15,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caption_fixtures import N, NO_CAPTION, stored
+import test_web as web
+from caption_fixtures import NO_CAPTION, N, stored
 from clip_hpc.devdata.captioned_shapes import make_example
 from clip_hpc.formats.index_dir import IndexDir
-import test_web as web
 from conftest import run_cli
 from server_fixtures import start_server
 
@@ -75,8 +76,9 @@ def test_served_caption_index_answers_an_image_with_the_captions_that_describe_i
             pixels, _, _ = make_example(0, a, size=96)
             buf = io.BytesIO()
             Image.fromarray(pixels).save(buf, "PNG")
-            hits = c.post("/api/search/image", files={"file": ("q.png", buf.getvalue(), "image/png")},
-                          params={"k": 3}).json()["results"]
+            hits = c.post(
+                "/api/search/image", files={"file": ("q.png", buf.getvalue(), "image/png")}, params={"k": 3}
+            ).json()["results"]
             holder = int(np.flatnonzero(swapped.source == a)[0])
             found += hits[0]["id"] == holder and hits[0]["id"] != a
     assert found >= 7, found
@@ -86,8 +88,9 @@ def test_min_similarity_keeps_only_pairs_that_match(swapped, caption_index, capt
     query = "a red circle"
     with caption_server.client() as c:
         plain = c.post("/api/search", json={"text": query, "k": 40}).json()["results"]
-        kept = c.post("/api/search", json={"text": query, "k": 40,
-                                           "filters": {"min_similarity": 0.4}}).json()["results"]
+        kept = c.post("/api/search", json={"text": query, "k": 40, "filters": {"min_similarity": 0.4}}).json()[
+            "results"
+        ]
         bad = c.post("/api/search", json={"text": query, "filters": {"min_similarity": "high"}})
         get = c.get("/api/search", params={"q": query, "k": 40, "min_similarity": 0.4}).json()["results"]
     assert bad.status_code in (400, 422)
@@ -95,8 +98,10 @@ def test_min_similarity_keeps_only_pairs_that_match(swapped, caption_index, capt
     passing = [h["id"] for h in plain if similarity[h["id"]] >= 0.4]
     assert kept and all(similarity[h["id"]] >= 0.4 - 1e-6 for h in kept) and set(passing) <= {h["id"] for h in kept}
     assert len(passing) < len(plain)  # the filter removed something: mostly the swapped pairs
-    print(f"\n{query!r}: {sum(swapped.own[h['id']] for h in plain)} of {len(plain)} hits keep their own caption; "
-          f"with min_similarity 0.4: {sum(swapped.own[h['id']] for h in kept)} of {len(kept)}")
+    print(
+        f"\n{query!r}: {sum(swapped.own[h['id']] for h in plain)} of {len(plain)} hits keep their own caption; "
+        f"with min_similarity 0.4: {sum(swapped.own[h['id']] for h in kept)} of {len(kept)}"
+    )
     assert np.mean([swapped.own[h["id"]] for h in kept]) > 0.9 > np.mean([swapped.own[h["id"]] for h in plain])
     assert [h["id"] for h in get] == [h["id"] for h in kept]
     proc = run_cli("search", caption_index, query, "-k", "40", "--min-similarity", "0.4", "--json", check=True)
@@ -113,8 +118,10 @@ def test_gallery_shows_the_caption_that_matched(swapped, caption_server, tmp_pat
     dom = web.chromium(url, tmp_path / "profile", "--dump-dom")
     assert 'data-state="done"' in dom and 'data-vectors="captions"' in dom, dom[-2000:]
     assert web.result_ids(dom)[0] == i
-    first = dom[dom.index(f'data-id="{i}"'):]
-    first = first[:first.index("</figure>")]
-    assert f'<p class="caption matched" title="{html.escape(swapped.captions[i])}"><strong>matched caption: ' \
-           f'</strong>{html.escape(swapped.captions[i], quote=False)}</p>' in first
+    first = dom[dom.index(f'data-id="{i}"') :]
+    first = first[: first.index("</figure>")]
+    assert (
+        f'<p class="caption matched" title="{html.escape(swapped.captions[i])}"><strong>matched caption: '
+        f"</strong>{html.escape(swapped.captions[i], quote=False)}</p>" in first
+    )
     assert "matched against captions" in dom

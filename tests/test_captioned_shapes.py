@@ -1,4 +1,5 @@
 """The captioned-shapes generator: seeded, split-disjoint, captions that say what the image shows."""
+
 from __future__ import annotations
 
 import json
@@ -38,10 +39,15 @@ def test_captions_name_the_colour_the_count_and_a_word_for_the_shape():
                 assert cs._NUMBER_WORDS[a.count] in text.split()
 
 
-@pytest.mark.parametrize("colour,shape,count,expected", [
-    ("red", "circle", 1, "a red circle"), ("orange", "square", 1, "an orange square"),
-    ("yellow", "square", 2, "two yellow squares"), ("blue", "cross", 3, "three blue crosses"),
-])
+@pytest.mark.parametrize(
+    "colour,shape,count,expected",
+    [
+        ("red", "circle", 1, "a red circle"),
+        ("orange", "square", 1, "an orange square"),
+        ("yellow", "square", 2, "two yellow squares"),
+        ("blue", "cross", 3, "three blue crosses"),
+    ],
+)
 def test_object_phrase_grammar(colour, shape, count, expected):
     assert cs.object_phrase(colour, shape, count) == expected
 
@@ -65,9 +71,11 @@ def test_retrieval_metrics_on_a_hand_made_ranking():
 
 
 def test_relevance_is_by_colour_and_shape():
-    attrs = [cs.Attrs("circle", "red", 3, "small", None, "blue", "plain"),
-             cs.Attrs("circle", "blue", 1, "large", "left", "red", "plain"),
-             cs.Attrs("square", "red", 1, "large", "top", "white", "dotted")]
+    attrs = [
+        cs.Attrs("circle", "red", 3, "small", None, "blue", "plain"),
+        cs.Attrs("circle", "blue", 1, "large", "left", "red", "plain"),
+        cs.Attrs("square", "red", 1, "large", "top", "white", "dotted"),
+    ]
     rel = cs.colour_shape_relevance([("a red circle", "red", "circle")], attrs)
     assert rel.tolist() == [[True, False, False]]
     assert len(cs.colour_shape_queries()) == len(cs.QUERY_TEMPLATES) * len(cs.COLOURS) * len(cs.SHAPES)

@@ -2,6 +2,7 @@
 captions were swapped between images: the stored similarity tells true pairs from swapped ones (ROC AUC printed),
 caption-less rows are marked (not faked), `info` counts them, a re-run redoes only units without caption
 embeddings, and the embedding-reader export is read by the real embedding_reader and autofaiss. About 30 s."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,12 @@ import shutil
 import numpy as np
 import pytest
 
-from caption_fixtures import DEMO, N, NO_CAPTION, stored
+from caption_fixtures import DEMO, NO_CAPTION, N, stored
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.shard import read_shard
 from clip_hpc.ingest.captions import similarity_auc
 from conftest import run_cli
+
 
 def test_similarity_separates_true_pairs_from_swapped_ones(swapped):
     own = swapped.own
@@ -23,8 +25,10 @@ def test_similarity_separates_true_pairs_from_swapped_ones(swapped):
     has = np.isfinite(similarity)
     assert has.sum() == N - len(NO_CAPTION) and (~own).sum() == N // 2
     auc = similarity_auc(similarity[has], own[has])
-    print(f"\nimage-caption similarity, {int(own[has].sum())} true vs {int((~own).sum())} swapped pairs: "
-          f"ROC AUC {auc:.4f}; mean {similarity[has & own].mean():.3f} vs {similarity[~own].mean():.3f}")
+    print(
+        f"\nimage-caption similarity, {int(own[has].sum())} true vs {int((~own).sum())} swapped pairs: "
+        f"ROC AUC {auc:.4f}; mean {similarity[has & own].mean():.3f} vs {similarity[~own].mean():.3f}"
+    )
     assert auc >= 0.95
     # the stored similarity is the cosine of the stored vectors (float16 rounding aside)
     cos = np.einsum("ij,ij->i", image[has].astype(np.float32), text[has].astype(np.float32))
@@ -60,11 +64,22 @@ def test_rerun_with_captions_redoes_only_units_without_them(swapped, tmp_path):
     emb = EmbDir(tmp_path / "emb")
     shutil.copytree(root / "emb", emb.root)
     old = read_shard(emb.shard_path(1))
-    emb.write_shard(1, embeddings=old.embeddings, ids=old.ids, paths=old.paths, captions=old.captions,
-                    meta=old.meta, offsets=old.offsets, sizes=old.sizes, attrs=old.attrs)  # no caption datasets
+    emb.write_shard(
+        1,
+        embeddings=old.embeddings,
+        ids=old.ids,
+        paths=old.paths,
+        captions=old.captions,
+        meta=old.meta,
+        offsets=old.offsets,
+        sizes=old.sizes,
+        attrs=old.attrs,
+    )  # no caption datasets
     plain = read_shard(emb.shard_path(1))
     assert not plain.has_captions and not plain.caption_embedded.any() and np.isnan(plain.similarity).all()
-    assert json.loads(run_cli("info", emb.root, "--json", check=True).stdout)["n_captioned"] == N - 30 - len(NO_CAPTION)  # 5 and 61: units 0, 2
+    assert json.loads(run_cli("info", emb.root, "--json", check=True).stdout)["n_captioned"] == N - 30 - len(
+        NO_CAPTION
+    )  # 5 and 61: units 0, 2
 
     proc = run_cli("embed", root / "tars", "--out", emb.root, *DEMO, check=True)
     assert "rank 0 has 0 of its 3 units to do" in proc.stderr
@@ -89,9 +104,13 @@ def test_export_text_emb_read_by_embedding_reader_and_autofaiss(swapped):
     run_cli("export", root / "emb", "--format", "embedding-reader", "--out", out, check=True)
     assert sorted(p.name for p in (out / "text_emb").iterdir()) == [f"text_emb_{n}.npy" for n in range(3)]
 
-    def read(kind: str) -> tuple[np.ndarray, "pd.DataFrame"]:
-        reader = EmbeddingReader(str(out / kind), metadata_folder=str(out / "metadata"), file_format="parquet_npy",
-                                 meta_columns=["id", "caption", "similarity"])
+    def read(kind: str) -> tuple[np.ndarray, pd.DataFrame]:
+        reader = EmbeddingReader(
+            str(out / kind),
+            metadata_folder=str(out / "metadata"),
+            file_format="parquet_npy",
+            meta_columns=["id", "caption", "similarity"],
+        )
         got = list(reader(batch_size=25, start=0, end=reader.count, parallel_pieces=1, show_progress=False))
         return np.concatenate([b for b, _ in got]), pd.concat([m for _, m in got])
 
@@ -104,8 +123,13 @@ def test_export_text_emb_read_by_embedding_reader_and_autofaiss(swapped):
     assert np.isnan(sims[list(NO_CAPTION)]).all()  # null in the parquet
     assert np.allclose(sims, similarity, atol=1e-6, equal_nan=True)
 
-    index, _ = build_index(embeddings=str(out / "text_emb"), save_on_disk=False, max_index_memory_usage="64M",
-                           current_memory_available="512M", verbose=40)
+    index, _ = build_index(
+        embeddings=str(out / "text_emb"),
+        save_on_disk=False,
+        max_index_memory_usage="64M",
+        current_memory_available="512M",
+        verbose=40,
+    )
     assert index.ntotal == N
     _, rows = index.search(text[[0, 40, 79]].astype(np.float32), 1)
     assert rows[:, 0].tolist() == [0, 40, 79]

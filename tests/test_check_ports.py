@@ -1,5 +1,6 @@
 """`check-ports` and the CLI client against real sockets and a real `clip-hpc serve` process. (The same checks
 through a real sshd tunnel live with the ssh tests.)"""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,11 @@ def check_ports(*args: str) -> tuple[int, list[str]]:
 
 
 def test_check_ports_passes_against_a_live_server(live_server):
-    for args in (("--connection-file", str(live_server.connection_file)),
-                 ("--connection-file", str(live_server.connection_file), "--server"),
-                 ("--port", str(live_server.port), "--token", TOKEN)):
+    for args in (
+        ("--connection-file", str(live_server.connection_file)),
+        ("--connection-file", str(live_server.connection_file), "--server"),
+        ("--port", str(live_server.port), "--token", TOKEN),
+    ):
         rc, lines = check_ports(*args)
         assert rc == 0 and len(lines) == 4 and all(line.startswith("PASS") for line in lines), lines
 
@@ -45,8 +48,9 @@ def test_check_ports_without_tunnel_prints_the_ssh_command(live_server, tmp_path
     copy.write_text(json.dumps(info))
     rc, lines = check_ports("--connection-file", str(copy))
     assert rc == 1 and lines[0].startswith("FAIL")
-    assert f"nothing listens on localhost:{info['local_port']}: is the tunnel up? run: {info['ssh_command']}" \
-        in lines[0]
+    assert (
+        f"nothing listens on localhost:{info['local_port']}: is the tunnel up? run: {info['ssh_command']}" in lines[0]
+    )
     assert all(line.startswith("SKIP") for line in lines[1:])
 
 
@@ -90,8 +94,10 @@ def test_check_ports_spots_another_program_on_the_port():
     with foreign_http_server() as port:
         rc, lines = check_ports("--port", str(port), "--token", TOKEN)
     assert rc == 1 and lines[0].startswith("PASS") and lines[1].startswith("FAIL")
-    assert f"port {port} answers (HTTP 404) but is not clip-hpc: another program holds it, pick another local port" \
+    assert (
+        f"port {port} answers (HTTP 404) but is not clip-hpc: another program holds it, pick another local port"
         in lines[1]
+    )
 
 
 def test_check_ports_spots_a_tunnel_with_nothing_behind_it():
@@ -134,8 +140,10 @@ def test_check_ports_names_a_server_that_stops_answering_after_its_health_check(
 
 def test_check_ports_needs_a_port_or_a_file():
     proc = run_cli("check-ports")
-    assert proc.returncode == 2 and proc.stderr.strip() == \
-        "clip-hpc check-ports: error: give --port P or --connection-file PATH"
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == "clip-hpc check-ports: error: give --port P or --connection-file PATH"
+    )
 
 
 # --- the CLI client ----------------------------------------------------------------------------------------------
@@ -146,8 +154,9 @@ def test_cli_client_by_url_and_by_connection_file(live_server):
     assert [h["path"] for h in json.loads(by_url.stdout)["results"]] == expected
     by_file = run_cli("search", "--connection-file", live_server.connection_file, "yellow", "-k", "4", check=True)
     assert [line.split()[-1] for line in by_file.stdout.splitlines()] == expected
-    image = run_cli("search", "--connection-file", live_server.connection_file, "--image", expected[0], "-k", "1",
-                    check=True)
+    image = run_cli(
+        "search", "--connection-file", live_server.connection_file, "--image", expected[0], "-k", "1", check=True
+    )
     assert image.stdout.split()[-1] == expected[0]
     denied = run_cli("search", "--url", live_server.url, "--token", "wrong", "yellow")
     assert denied.returncode == 2 and denied.stderr.startswith("clip-hpc search: error: server answered 401")
@@ -158,13 +167,16 @@ def test_server_mode_over_a_unix_socket(served_index, tmp_path):
         rc, lines = check_ports("--connection-file", str(srv.connection_file), "--server")
         assert rc == 0 and all(line.startswith("PASS") for line in lines), lines
         assert str(tmp_path / "clip.sock") in lines[0]
-        found = run_cli("search", "--connection-file", srv.connection_file, "--server", "red", "-k", "2",
-                        check=True)
+        found = run_cli("search", "--connection-file", srv.connection_file, "--server", "red", "-k", "2", check=True)
         assert len(found.stdout.splitlines()) == 2
 
 
 def test_check_ports_script_is_the_same_command():
     port = free_port()
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_ports.py"), "--port", str(port), "--token",
-                           "t"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_ports.py"), "--port", str(port), "--token", "t"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1 and proc.stdout.startswith(f"FAIL  1 something listens on localhost:{port}")

@@ -1,4 +1,5 @@
 """The CLI's own behaviour: a closed pipe ends a command quietly, and help text quotes the code's constants."""
+
 from __future__ import annotations
 
 import json
@@ -56,15 +57,25 @@ def test_index_ends_with_a_summary_of_numbers_or_one_json_document(emb_dir, tmp_
     info = json.loads((out / "index.json").read_text())
     assert len(lines) == 1 and "{" not in lines[0], lines
     number = r"(\d+(?:\.\d+)?)"
-    found = re.fullmatch(rf"(.+): {number} vectors, (\S+) nprobe {number}, {number} B/vector, built in {number} s on "
-                         rf"1 rank\(s\); recall@10 {number} served \(in-distribution {number}, text-like {number}"
-                         r"(?:, captions [\d.]+)?(?:, below the [\d.]+ target)?\)", lines[0])
+    found = re.fullmatch(
+        rf"(.+): {number} vectors, (\S+) nprobe {number}, {number} B/vector, built in {number} s on "
+        rf"1 rank\(s\); recall@10 {number} served \(in-distribution {number}, text-like {number}"
+        r"(?:, captions [\d.]+)?(?:, below the [\d.]+ target)?\)",
+        lines[0],
+    )
     assert found, lines[0]
     label = "refine" if info["refine"] else "no_refine"
-    assert found.groups() == (str(out), str(info["n"]), info["index_key"], str(info["nprobe"]),
-                              str(info["bytes_per_vector"]), str(info["timings"]["total_s"]),
-                              f"{info['recall']['served']:.4f}", f"{info['recall']['in_distribution'][label]:.4f}",
-                              f"{info['recall']['off_distribution'][label]:.4f}")
+    assert found.groups() == (
+        str(out),
+        str(info["n"]),
+        info["index_key"],
+        str(info["nprobe"]),
+        str(info["bytes_per_vector"]),
+        str(info["timings"]["total_s"]),
+        f"{info['recall']['served']:.4f}",
+        f"{info['recall']['in_distribution'][label]:.4f}",
+        f"{info['recall']['off_distribution'][label]:.4f}",
+    )
     as_json = run_cli("index", emb_dir, "--out", tmp_path / "json", "--quiet", "--json", check=True).stdout
     report = json.loads(as_json)
     assert report.pop("path") == str(tmp_path / "json")
@@ -77,8 +88,9 @@ def test_search_prints_one_line_per_hit_whatever_the_path_or_caption_holds(capsy
     from clip_hpc.cli import print_hits
 
     odd = ["two\nlines", "cr\rhere", "ls\u2028ps\u2029", "form\x0cfeed\x85nel", "bidi\u202eevil\u2066x"]
-    print_hits([{"id": i, "score": 0.5, "path": f"/d/{text}.jpg", "caption": text} for i, text in enumerate(odd)],
-               False)
+    print_hits(
+        [{"id": i, "score": 0.5, "path": f"/d/{text}.jpg", "caption": text} for i, text in enumerate(odd)], False
+    )
     lines = capsys.readouterr().out.splitlines()  # splitlines also breaks at \x0c, \x85, U+2028 and U+2029
     assert len(lines) == len(odd)
     assert lines[0] == "  1  0.5000  /d/two\\nlines.jpg  two\\nlines"
@@ -100,9 +112,14 @@ def test_a_caption_filter_in_bytes_that_are_not_utf8_is_read_as_cp1252(tmp_path,
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     emb = EmbDir(tmp_path / "emb")
     emb.write_inputs([f"/img/{i}.jpg" for i in range(12)])
-    emb.write_shard(0, embeddings=rows.astype(np.float16), ids=range(12), paths=[f"/img/{i}.jpg" for i in range(12)],
-                    captions=["café au lait" if i == 7 else "a cup of tea" for i in range(12)],
-                    attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 12, "dtype": "float16"})
+    emb.write_shard(
+        0,
+        embeddings=rows.astype(np.float16),
+        ids=range(12),
+        paths=[f"/img/{i}.jpg" for i in range(12)],
+        captions=["café au lait" if i == 7 else "a cup of tea" for i in range(12)],
+        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 12, "dtype": "float16"},
+    )
     build_index(emb.root, tmp_path / "index", progress=False)
     assert main(["search", str(tmp_path / "index"), "a drink", "--caption", "caf\udce9", "--json"]) == 0
     assert [hit["id"] for hit in json.loads(capsys.readouterr().out)["results"]] == [7]

@@ -1,5 +1,6 @@
 """The laptop side's pieces: the ssh command, the connection file (private, atomic, only our own removed, clear
 errors) and `resolve_endpoint`, the one place a connection file, URL or port becomes an endpoint."""
+
 from __future__ import annotations
 
 import json
@@ -8,18 +9,22 @@ import stat
 
 import pytest
 
-from clip_hpc.formats import connection
-from clip_hpc.formats.connection import ConnectionInfo
 from clip_hpc.client.endpoint import resolve_endpoint
 from clip_hpc.errors import UserError
+from clip_hpc.formats import connection
+from clip_hpc.formats.connection import ConnectionInfo
 
 
 def test_ssh_command_ends_where_the_server_listens(monkeypatch):
     monkeypatch.setenv(connection.LOGIN_HOST_ENV, "me@login1")
     assert connection.ssh_command("nid001", port=9000) == "ssh -N -L 9000:localhost:9000 -J me@login1 nid001"
-    assert connection.ssh_command("nid001", port=9000, bind_host="0.0.0.0", local_port=8000) == \
-        "ssh -N -L 8000:nid001:9000 me@login1"
-    assert connection.ssh_command("nid001", uds="/home/me/s.sock") == "ssh -N -L 8765:/home/me/s.sock -J me@login1 nid001"
+    assert (
+        connection.ssh_command("nid001", port=9000, bind_host="0.0.0.0", local_port=8000)
+        == "ssh -N -L 8000:nid001:9000 me@login1"
+    )
+    assert (
+        connection.ssh_command("nid001", uds="/home/me/s.sock") == "ssh -N -L 8765:/home/me/s.sock -J me@login1 nid001"
+    )
     monkeypatch.delenv(connection.LOGIN_HOST_ENV)
     assert connection.ssh_command("nid001", port=1, bind_host="0.0.0.0").endswith(" <login-node>")
 
@@ -30,8 +35,7 @@ def test_ssh_command_for_a_socket_path_with_spaces_can_be_pasted(monkeypatch):
 
     monkeypatch.setenv(connection.LOGIN_HOST_ENV, "me@login1")
     command = connection.ssh_command("nid001", uds="/home/me/My Project/s.sock")
-    assert shlex.split(command) == ["ssh", "-N", "-L", "8765:/home/me/My Project/s.sock", "-J", "me@login1",
-                                    "nid001"]
+    assert shlex.split(command) == ["ssh", "-N", "-L", "8765:/home/me/My Project/s.sock", "-J", "me@login1", "nid001"]
 
 
 def test_connection_file_is_private_whatever_the_umask(tmp_path):
@@ -57,8 +61,10 @@ def test_someone_elses_connection_file_is_left_alone(tmp_path):
     assert path.exists()
 
 
-@pytest.mark.parametrize("content,message", [(None, "does not exist"), ("{not json", "cannot read"),
-                                             ('{"port": 1}', "not a clip-hpc connection file")])
+@pytest.mark.parametrize(
+    "content,message",
+    [(None, "does not exist"), ("{not json", "cannot read"), ('{"port": 1}', "not a clip-hpc connection file")],
+)
 def test_bad_connection_files_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "c.json"
     if content is not None:
@@ -69,8 +75,19 @@ def test_bad_connection_files_are_one_line_errors(tmp_path, content, message):
 
 def test_connection_file_keeps_its_json_keys(tmp_path):
     path = connection.write_connection_file(tmp_path / "c.json", ConnectionInfo.for_this_server(token="t", uds="/s"))
-    assert list(json.loads(path.read_text())) == ["host", "bind_host", "port", "uds", "local_port", "token", "pid",
-                                                  "started", "url", "index_dir", "ssh_command"]
+    assert list(json.loads(path.read_text())) == [
+        "host",
+        "bind_host",
+        "port",
+        "uds",
+        "local_port",
+        "token",
+        "pid",
+        "started",
+        "url",
+        "index_dir",
+        "ssh_command",
+    ]
 
 
 def _file(tmp_path, **fields) -> str:
@@ -88,11 +105,15 @@ def test_endpoint_on_the_laptop_is_the_tunnel_end(tmp_path):
 
 
 def test_endpoint_on_the_node_is_the_servers_own_port_or_socket(tmp_path):
-    wildcard = resolve_endpoint(connection_file=_file(tmp_path, port=9000, local_port=8000, bind_host="0.0.0.0"),
-                                server=True)
+    wildcard = resolve_endpoint(
+        connection_file=_file(tmp_path, port=9000, local_port=8000, bind_host="0.0.0.0"), server=True
+    )
     assert wildcard.base_url == "http://127.0.0.1:9000" and wildcard.port == 9000
-    ep = resolve_endpoint(connection_file=_file(tmp_path, uds="/run/s.sock", port=None, local_port=8765),
-                          server=True, url="http://ignored")
+    ep = resolve_endpoint(
+        connection_file=_file(tmp_path, uds="/run/s.sock", port=None, local_port=8765),
+        server=True,
+        url="http://ignored",
+    )
     assert (ep.base_url, ep.uds, ep.where, ep.port) == ("http://localhost", "/run/s.sock", "/run/s.sock", None)
 
 
@@ -106,14 +127,17 @@ def test_endpoint_from_a_url_or_a_port():
         resolve_endpoint(ask_for="--port P")
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"port": "abc"}, r"'port' is 'abc': expected a port number 1-65535"),
-    ({"port": 99999}, r"'port' is 99999: expected a port number 1-65535"),
-    ({"port": 8765, "local_port": "x"}, r"'local_port' is 'x'"),
-    ({"port": 8765, "pid": "abc"}, r"'pid' is 'abc': expected a process id"),
-    ({"port": 8765, "host": 7}, r"'host' is 7: expected a string"),
-    ({"uds": ["/s"]}, r"'uds' is \['/s'\]: expected a string"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"port": "abc"}, r"'port' is 'abc': expected a port number 1-65535"),
+        ({"port": 99999}, r"'port' is 99999: expected a port number 1-65535"),
+        ({"port": 8765, "local_port": "x"}, r"'local_port' is 'x'"),
+        ({"port": 8765, "pid": "abc"}, r"'pid' is 'abc': expected a process id"),
+        ({"port": 8765, "host": 7}, r"'host' is 7: expected a string"),
+        ({"uds": ["/s"]}, r"'uds' is \['/s'\]: expected a string"),
+    ],
+)
 def test_connection_file_fields_of_the_wrong_type_are_one_line_errors(tmp_path, fields, message):
     """A hand-edited or half-copied file: one line naming the field, never a traceback in check-ports."""
     with pytest.raises(UserError, match=r"^.*c\.json: " + message):
@@ -135,7 +159,7 @@ def test_a_port_out_of_range_is_a_one_line_error():
 def _started_at(seconds_ago: float) -> str:
     import datetime as dt
 
-    when = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds_ago)
+    when = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds_ago)
     return when.isoformat(timespec="seconds")
 
 
@@ -148,12 +172,18 @@ def test_a_pid_reused_by_a_later_process_is_not_the_server(tmp_path):
     later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         path = tmp_path / "c.json"
-        path.write_text(json.dumps({"host": socket.gethostname(), "token": "t", "port": 1, "pid": later.pid,
-                                    "started": _started_at(3600)}))
+        path.write_text(
+            json.dumps(
+                {"host": socket.gethostname(), "token": "t", "port": 1, "pid": later.pid, "started": _started_at(3600)}
+            )
+        )
         assert connection.claim_connection_file(path) == path
         assert "is gone" in connection.read_connection_file(path).stale_reason()
-        path.write_text(json.dumps({"host": socket.gethostname(), "token": "t", "port": 1, "pid": later.pid,
-                                    "started": _started_at(-5)}))  # written after that process started: its own
+        path.write_text(
+            json.dumps(
+                {"host": socket.gethostname(), "token": "t", "port": 1, "pid": later.pid, "started": _started_at(-5)}
+            )
+        )  # written after that process started: its own
         with pytest.raises(UserError, match="belongs to a running server"):
             connection.claim_connection_file(path)
         assert connection.read_connection_file(path).stale_reason() is None
@@ -172,8 +202,11 @@ def test_a_file_claimed_by_another_live_server_meanwhile_is_not_overwritten(tmp_
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         path = tmp_path / "c.json"
-        path.write_text(json.dumps({"host": socket.gethostname(), "token": "t", "port": 1, "pid": other.pid,
-                                    "started": _started_at(-5)}))
+        path.write_text(
+            json.dumps(
+                {"host": socket.gethostname(), "token": "t", "port": 1, "pid": other.pid, "started": _started_at(-5)}
+            )
+        )
         with pytest.raises(UserError, match="belongs to a running server"):
             connection.write_connection_file(path, ConnectionInfo.for_this_server(token="mine", port=2))
         assert json.loads(path.read_text())["pid"] == other.pid
@@ -189,6 +222,9 @@ def test_a_connection_file_that_cannot_be_written_is_refused_at_the_claim(tmp_pa
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     for path in (blocker / "c.json", "/proc/clip-hpc-nonexistent/connections/c.json"):
-        with pytest.raises(UserError, match=r"^cannot write the connection file .*c\.json .*: give "
-                                            r"--connection-file PATH in a writable directory$"):
+        with pytest.raises(
+            UserError,
+            match=r"^cannot write the connection file .*c\.json .*: give "
+            r"--connection-file PATH in a writable directory$",
+        ):
             connection.claim_connection_file(path)

@@ -1,5 +1,6 @@
 """The laptop commands stay light: `check-ports` and `search --url` (client mode), run for real against a closed
 port, load neither torch, FAISS, h5py nor numpy, and still fail with their one-line diagnosis."""
+
 from __future__ import annotations
 
 import subprocess
@@ -24,8 +25,13 @@ def imported_modules(stderr: str) -> set[str]:
 
 
 def run_importtime(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "clip_hpc", *args], capture_output=True,
-                          text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"})
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "clip_hpc", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
+    )
     return proc, imported_modules(proc.stderr)
 
 

@@ -1,4 +1,5 @@
 """The quick-start demo command, as `make demo` runs it but stopping after its example queries."""
+
 import json
 import re
 

@@ -1,5 +1,6 @@
 """The honest end-to-end semantic check: the shipped demo model through every stage (2 MPI ranks, shards,
 IVF-PQ with refine, a real server) retrieves captioned shapes by colour and shape as well as exact search does."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from clip_hpc.devdata import captioned_shapes as cs
-from clip_hpc.model.loading import load_model
 from clip_hpc.formats.emb_dir import EmbDir
+from clip_hpc.model.loading import load_model
 from conftest import BIN, run_cli
 from server_fixtures import start_server
 
@@ -23,12 +24,31 @@ def demo_index(tmp_path_factory) -> tuple[Path, list[cs.Attrs]]:
     """Captioned images -> `mpiexec -n 2 clip-hpc embed --model clip-hpc-demo` -> IVF-PQ index with refine."""
     root = tmp_path_factory.mktemp("demo-e2e")
     rows = cs.write_demo_images(root / "images", N_IMAGES, seed=cs.HELDOUT_SEED)
-    proc = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "clip-hpc"), "embed", str(root / "images"),
-                           "--out", str(root / "emb"), "--model", "clip-hpc-demo", "--shard-size", "100",
-                           "--workers", "0"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            "2",
+            str(BIN / "clip-hpc"),
+            "embed",
+            str(root / "images"),
+            "--out",
+            str(root / "emb"),
+            "--model",
+            "clip-hpc-demo",
+            "--shard-size",
+            "100",
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
-    run_cli("index", root / "emb", "--out", root / "index", "--index-key", "IVF16,PQ16x4", "--refine", "--quiet",
-            check=True)
+    run_cli(
+        "index", root / "emb", "--out", root / "index", "--index-key", "IVF16,PQ16x4", "--refine", "--quiet", check=True
+    )
     return root, [a for _, _, a in rows]
 
 
@@ -44,7 +64,7 @@ def _server_ranking(client, names: list[str]) -> np.ndarray:
         resp = client.get("/api/search", params={"q": text, "k": 10})
         assert resp.status_code == 200, resp.text
         hits = [row_of[Path(r["path"]).name] for r in resp.json()["results"]]
-        ranked[q, :len(hits)] = hits
+        ranked[q, : len(hits)] = hits
     return ranked
 
 

@@ -1,5 +1,6 @@
 """The shipped demo model: loads by name with no --pretrained, retrieves held-out shapes by colour and shape,
 and its training recipe is reproducible (checked on a few steps; the full run is not repeated here)."""
+
 from __future__ import annotations
 
 from pathlib import Path

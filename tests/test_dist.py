@@ -1,8 +1,9 @@
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -26,16 +27,25 @@ def test_env_fallbacks_in_order():
 
 @pytest.mark.mpi
 def test_mpiexec_gives_ranks_and_a_working_gather(tmp_path):
-    code = ("import sys; from clip_hpc.cluster.world import world; w = world(); "
-            "open(f'{sys.argv[1]}/r{w.rank}', 'w').write(f'{w.rank} {w.size} {w.backend} {w.gather(w.rank * 10)}')")
-    subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                   text=True, timeout=120, check=True)
+    code = (
+        "import sys; from clip_hpc.cluster.world import world; w = world(); "
+        "open(f'{sys.argv[1]}/r{w.rank}', 'w').write(f'{w.rank} {w.size} {w.backend} {w.gather(w.rank * 10)}')"
+    )
+    subprocess.run(
+        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert (tmp_path / "r0").read_text() == "0 2 mpi [0, 10]"
     assert (tmp_path / "r1").read_text() == "1 2 mpi None"
 
 
 def test_single_process_without_launcher_never_loads_mpi():
-    code = "import sys; from clip_hpc.cluster.world import world; w = world(); print(w.size, 'mpi4py.MPI' in sys.modules)"
+    code = (
+        "import sys; from clip_hpc.cluster.world import world; w = world(); print(w.size, 'mpi4py.MPI' in sys.modules)"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("PMI", "SLURM", "OMPI", "HYDRA"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["1", "False"]

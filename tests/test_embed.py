@@ -1,21 +1,27 @@
 """The embed stage end to end through the real CLI: MPI ranks, resume after SIGKILL, bad images, clear errors."""
+
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from clip_hpc.devdata.sample_images import write_bad_images
 from clip_hpc.formats.emb_dir import EmbDir, file_sha256
 from clip_hpc.formats.shard import read_shard
-from clip_hpc.devdata.sample_images import write_bad_images
 from conftest import BIN, ROOT, kill_after_shards, run_cli
 
 TINY = ["--model", "clip-hpc-tiny", "--pretrained", "none"]
 
 
 def mpi_embed(n: int, *args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mpiexec"), "-n", str(n), str(BIN / "clip-hpc"), "embed", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(
+        [str(BIN / "mpiexec"), "-n", str(n), str(BIN / "clip-hpc"), "embed", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
 
 
 def coverage(emb_dir: Path) -> tuple[np.ndarray, list[str]]:
@@ -78,8 +84,23 @@ def test_rerun_skips_every_valid_shard(two_rank_run, sample_images):
 @pytest.mark.slow
 def test_sigkill_then_resume_with_another_world_size(sample_images, tmp_path):
     out = tmp_path / "emb"
-    cmd = [str(BIN / "mpiexec"), "-n", "2", str(BIN / "clip-hpc"), "embed", str(sample_images), "--out", str(out),
-           *TINY, "--shard-size", "10", "--batch-size", "2", "--workers", "0"]
+    cmd = [
+        str(BIN / "mpiexec"),
+        "-n",
+        "2",
+        str(BIN / "clip-hpc"),
+        "embed",
+        str(sample_images),
+        "--out",
+        str(out),
+        *TINY,
+        "--shard-size",
+        "10",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+    ]
     kill_after_shards(cmd, out)
     survivors = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in EmbDir(out).shard_files()}
     n_units = -(-len(EmbDir(out).read_inputs()) // 10)
@@ -134,7 +155,8 @@ def test_bad_input_gives_a_one_line_error(tmp_path):
     (img_dir / "a.jpg").write_bytes((ROOT / "pyproject.toml").read_bytes())
     assert "unknown model" in one_line_error(run_cli("embed", img_dir, "--out", out, "--model", "nope"))
     assert "cannot read checkpoint" in one_line_error(
-        run_cli("embed", img_dir, "--out", out, "--model", "clip-hpc-tiny", "--pretrained", corrupt))
+        run_cli("embed", img_dir, "--out", out, "--model", "clip-hpc-tiny", "--pretrained", corrupt)
+    )
     offline = run_cli("embed", img_dir, "--out", out, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert "clip-hpc fetch-model ViT-B-32 laion2b_s34b_b79k" in one_line_error(offline)
     assert "is not a directory" in one_line_error(run_cli("info", tmp_path / "missing"))
@@ -154,8 +176,13 @@ def test_pending_units_redoes_exactly_what_the_shard_check_rejects(tmp_path):
     units = plan_work_units(12, 5)  # units of 5, 5 and 2 ids
     for unit, model in ((0, "m"), (1, "other"), (2, "m")):
         ids = list(units[unit].ids)
-        emb.write_shard(unit, embeddings=np.zeros((len(ids), 4), np.float16), ids=ids, paths=[str(i) for i in ids],
-                        attrs={"model": model, "pretrained": "none", "unit_size": 5})
+        emb.write_shard(
+            unit,
+            embeddings=np.zeros((len(ids), 4), np.float16),
+            ids=ids,
+            paths=[str(i) for i in ids],
+            attrs={"model": model, "pretrained": "none", "unit_size": 5},
+        )
     assert [u.index for u in pending_units(emb, units, 5, "m", "none")] == [1]  # another model: redone
     path = emb.shard_path(0)
     path.write_bytes(path.read_bytes()[:100])
@@ -179,11 +206,11 @@ def test_rerun_with_another_shard_size_or_model_is_refused_and_touches_nothing(t
     before = {p.name: p.stat().st_mtime_ns for p in EmbDir(out).shard_files()}
     inputs = (out / "inputs.txt").read_bytes()
     make_images(images / "more", 2, seed=4)
-    line = one_line_error(run_cli("embed", images, "--out", out, *TINY, "--shard-size", 6, "--workers", 0,
-                                  "--append"))
+    line = one_line_error(run_cli("embed", images, "--out", out, *TINY, "--shard-size", 6, "--workers", 0, "--append"))
     assert "made with --shard-size 4" in line and "new --out" in line
-    line = one_line_error(run_cli("embed", images, "--out", out, "--model", "clip-hpc-demo", "--shard-size", 4,
-                                  "--append"))
+    line = one_line_error(
+        run_cli("embed", images, "--out", out, "--model", "clip-hpc-demo", "--shard-size", 4, "--append")
+    )
     assert "made with --model clip-hpc-tiny --pretrained none" in line
     assert (out / "inputs.txt").read_bytes() == inputs
     assert {p.name: p.stat().st_mtime_ns for p in EmbDir(out).shard_files()} == before

@@ -1,6 +1,7 @@
 """Embedding WebDataset tars end to end through the real CLI: every member embedded or failed exactly once with 1
 and 2 ranks and after a SIGKILL, the same vectors as the same images given as loose files, captions and offsets in
 the shards. About 25 s on 2 cores (the SIGKILL test, marked slow, another 15 s)."""
+
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,10 @@ def test_every_member_once_same_vectors_as_loose_files(tar_set, one_rank):
         for i, path, caption, offset, size in zip(shard.ids, shard.paths, shard.captions, shard.offsets, shard.sizes):
             if i < N_GOOD:
                 assert caption == captions[i]
-                assert read_member(path.split("::")[0], Member(int(offset), int(size))) == \
-                    Path(loose_paths[i]).read_bytes()
+                assert (
+                    read_member(path.split("::")[0], Member(int(offset), int(size)))
+                    == Path(loose_paths[i]).read_bytes()
+                )
                 assert f'"url": "https://ex.org/{i:09d}"' in shard.meta[list(shard.ids).index(i)]
     manifest = EmbDir(out).load_manifest()
     assert manifest.failed_by_reason == {"not an image": 1, "no image": 1, "truncated tar": 1}
@@ -88,8 +91,23 @@ def test_two_ranks_cover_every_member_once_and_match_one_rank(tar_set, one_rank)
 def test_sigkill_then_resume_tars(tar_set, one_rank, tmp_path):
     root, _, _, _ = tar_set
     out = tmp_path / "emb"
-    cmd = [str(BIN / "mpiexec"), "-n", "2", str(BIN / "clip-hpc"), "embed", str(root / "tars"), "--out", str(out),
-           *TINY, "--shard-size", "4", "--batch-size", "1", "--workers", "0"]
+    cmd = [
+        str(BIN / "mpiexec"),
+        "-n",
+        "2",
+        str(BIN / "clip-hpc"),
+        "embed",
+        str(root / "tars"),
+        "--out",
+        str(out),
+        *TINY,
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+    ]
     kill_after_shards(cmd, out)
     survivors = {p.name: p.stat().st_mtime_ns for p in EmbDir(out).shard_files()}
     n_units = -(-len(EmbDir(out).read_inputs()) // 4)
@@ -124,8 +142,9 @@ def test_a_tar_rewritten_after_listing_is_a_recorded_failure_never_another_membe
     samples = [("a", {"bmp": bmp("red"), "txt": b"red"}), ("b", {"bmp": bmp("blue"), "txt": b"blue"})]
     tar = write_tar(tmp_path / "x.tar", samples)
     listing = list_inputs([tar])
-    data = ImageDataset(range(2), listing.lines, lambda im: torch.from_numpy(np.asarray(im).copy()), 32, 1 << 20,
-                        listing.tar_samples)
+    data = ImageDataset(
+        range(2), listing.lines, lambda im: torch.from_numpy(np.asarray(im).copy()), 32, 1 << 20, listing.tar_samples
+    )
     assert [data[i][1][0, 0, 0].item() for i in range(2)] == [255, 0]  # red, then blue: read as listed
     write_tar(tar, samples[::-1])  # the same members, same sizes, swapped
     data = ImageDataset(range(2), listing.lines, data.preprocess, 32, 1 << 20, listing.tar_samples)

@@ -1,8 +1,7 @@
 """Reading clip-retrieval's embedding folder (formats/embedding_folder.py) into an EMB_DIR: whatever a folder holds,
 `clip-hpc index` on it ends in an index or one line naming the file. No model; about 2 s."""
-from __future__ import annotations
 
-from pathlib import Path
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -43,15 +42,32 @@ def test_text_emb_of_an_export_is_read_so_a_caption_index_builds_from_it(tmp_pat
     similarity = np.where(captioned, np.einsum("ij,ij->i", image, text, dtype=np.float32), np.nan)
     for unit in (0, 1):
         rows = slice(6 * unit, 6 * unit + 6)
-        emb.write_shard(unit, embeddings=image[rows], ids=range(n)[rows],
-                        paths=[f"/img/{i}.jpg" for i in range(n)][rows],
-                        captions=[f"caption {i}" if captioned[i] else "" for i in range(n)][rows],
-                        caption_embeddings=text[rows], similarity=similarity[rows],
-                        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 6})
+        emb.write_shard(
+            unit,
+            embeddings=image[rows],
+            ids=range(n)[rows],
+            paths=[f"/img/{i}.jpg" for i in range(n)][rows],
+            captions=[f"caption {i}" if captioned[i] else "" for i in range(n)][rows],
+            caption_embeddings=text[rows],
+            similarity=similarity[rows],
+            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 6},
+        )
     assert emb.write_manifest(2, 6) is not None
     run_cli("export", emb.root, "--out", tmp_path / "er", check=True)
-    run_cli("index", tmp_path / "er", "--out", tmp_path / "idx", "--vectors", "captions", "--model", "clip-hpc-tiny",
-            "--pretrained", "none", "--quiet", check=True)
+    run_cli(
+        "index",
+        tmp_path / "er",
+        "--out",
+        tmp_path / "idx",
+        "--vectors",
+        "captions",
+        "--model",
+        "clip-hpc-tiny",
+        "--pretrained",
+        "none",
+        "--quiet",
+        check=True,
+    )
     index_dir = IndexDir(tmp_path / "idx")
     assert index_dir.load_info().n == int(captioned.sum())
     with index_dir.open_metadata() as meta:
@@ -62,9 +78,14 @@ def test_text_emb_of_an_export_is_read_so_a_caption_index_builds_from_it(tmp_pat
     assert np.array_equal(vectors[captioned], text[captioned].astype(np.float32))
 
 
-@pytest.mark.parametrize("rows, problem", [(np.full((4, 32), np.nan, np.float16), "hold NaN or infinite values"),
-                                           (np.ones((4, 32), np.float32), "are not unit length"),
-                                           (np.zeros((4, 32), np.float16), "are not unit length")])
+@pytest.mark.parametrize(
+    "rows, problem",
+    [
+        (np.full((4, 32), np.nan, np.float16), "hold NaN or infinite values"),
+        (np.ones((4, 32), np.float32), "are not unit length"),
+        (np.zeros((4, 32), np.float16), "are not unit length"),
+    ],
+)
 def test_vectors_an_index_cannot_take_are_named_by_their_npy_file(tmp_path, rows, problem):
     """The check ran on the imported shard: its message named a temporary shard already removed and said to
     re-run clip-hpc embed, which never made these vectors."""
@@ -76,12 +97,18 @@ def test_vectors_an_index_cannot_take_are_named_by_their_npy_file(tmp_path, rows
         import_embedding_folder(folder, tmp_path / "emb", model="m", pretrained="p")
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"not an npy file", r"img_emb_0\.npy: not a \.npy array"),
-    (np.array([[1.0, 0.0]], dtype=object), r"img_emb_0\.npy: not a \.npy array"),
-    (np.array([[1.0, 0.0]], dtype=np.complex64), r"img_emb_0\.npy: expected floating-point vectors, found complex64"),
-    (np.array([[1, 0]], dtype=np.int64), r"img_emb_0\.npy: expected floating-point vectors, found int64"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not an npy file", r"img_emb_0\.npy: not a \.npy array"),
+        (np.array([[1.0, 0.0]], dtype=object), r"img_emb_0\.npy: not a \.npy array"),
+        (
+            np.array([[1.0, 0.0]], dtype=np.complex64),
+            r"img_emb_0\.npy: expected floating-point vectors, found complex64",
+        ),
+        (np.array([[1, 0]], dtype=np.int64), r"img_emb_0\.npy: expected floating-point vectors, found int64"),
+    ],
+)
 def test_a_file_that_is_not_an_array_of_floats_is_one_line(tmp_path, content, message):
     """Random bytes and an object array were numpy tracebacks; complex vectors were indexed by their real part."""
     folder = tmp_path / "folder"

@@ -1,13 +1,14 @@
 """`SearchEngine` takes its encoder as an argument: a query reaches exactly the encoder it was given, and one that
 does not fit the index is refused up front. The default is the lazy model encoder."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from clip_hpc.model.encoders import ModelEncoder
 from clip_hpc.errors import UserError
 from clip_hpc.index.build import build_index
+from clip_hpc.model.encoders import ModelEncoder
 from clip_hpc.search.engine import SearchEngine
 from clip_hpc.server.runtime import ServingRuntime
 from clip_hpc.server.shared_encoder import SharedEncoder

@@ -3,6 +3,7 @@ tmpfs (B8), embed onto a read-only mount under real `mpiexec -n 2` (B1), bit-rot
 
 The mounts need root (tmpfs, remount ro); those tests skip elsewhere. Cost: ~90 s in all (the index kills
 dominate: 2 builds x 4 runs of ~4 s; B1 starts two ranks)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,8 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -52,8 +53,22 @@ def one_error_line(stderr: str, command: str) -> str:
 def test_read_only_output_is_one_error_on_every_rank_not_a_hang(tmp_path):
     images = make_images(tmp_path / "images", 8)
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
-        proc = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "clip-hpc"), "embed", str(images),
-                               "--out", str(ro / "emb"), *MODEL_ARGS], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                str(BIN / "mpiexec"),
+                "-n",
+                "2",
+                str(BIN / "clip-hpc"),
+                "embed",
+                str(images),
+                "--out",
+                str(ro / "emb"),
+                *MODEL_ARGS,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
         assert "Read-only file system" in one_error_line(proc.stderr, "embed")
         single = run_cli("embed", images, "--out", ro / "emb", *MODEL_ARGS, timeout=300)

@@ -1,4 +1,5 @@
 """EmbDir and the shard file: atomic writes, the one validity check, the typed summary and the manifest."""
+
 import json
 import re
 
@@ -15,9 +16,15 @@ def write(tmp_path, unit=0, n=5, start=0, failed=(), dim=8, model="m"):
     ids = [i for i in range(start, start + n) if i not in failed]
     emb = rng.normal(size=(len(ids), dim)).astype(np.float16)
     return EmbDir(tmp_path).write_shard(
-        unit, embeddings=emb, ids=ids[::-1], paths=[f"/img/{i}.jpg" for i in ids[::-1]], failed_ids=list(failed),
-        failed_paths=[f"/img/{i}.jpg" for i in failed], failed_reasons=["truncated: x"] * len(failed),
-        attrs={"model": model, "pretrained": "none", "unit": unit, "unit_size": n})
+        unit,
+        embeddings=emb,
+        ids=ids[::-1],
+        paths=[f"/img/{i}.jpg" for i in ids[::-1]],
+        failed_ids=list(failed),
+        failed_paths=[f"/img/{i}.jpg" for i in failed],
+        failed_reasons=["truncated: x"] * len(failed),
+        attrs={"model": model, "pretrained": "none", "unit": unit, "unit_size": n},
+    )
 
 
 def write_inputs(tmp_path, n):
@@ -68,6 +75,7 @@ def _set_attr(name, value):
     def damage(path):
         with h5py.File(path, "r+") as f:
             f.attrs[name] = value
+
     return damage
 
 
@@ -76,6 +84,7 @@ def _replace_dataset(name, values):
         with h5py.File(path, "r+") as f:
             del f[name]
             f.create_dataset(name, data=values)
+
     return damage
 
 
@@ -84,8 +93,13 @@ def _truncate(path):
 
 
 def _other_unit(path):
-    write_shard(path, embeddings=np.zeros((5, 8), np.float16), ids=range(5), paths=list("abcde"),
-                attrs={"model": "m", "pretrained": "none", "unit": 0, "unit_size": 5})
+    write_shard(
+        path,
+        embeddings=np.zeros((5, 8), np.float16),
+        ids=range(5),
+        paths=list("abcde"),
+        attrs={"model": "m", "pretrained": "none", "unit": 0, "unit_size": 5},
+    )
 
 
 BAD_SHARDS = [  # (damage to unit 1 of a 2-unit, 10-id EMB_DIR, what the reason says)
@@ -219,9 +233,15 @@ def test_manifest_leaves_a_live_writers_temporary_shard_alone(tmp_path):
         live.wait()
 
 
-@pytest.mark.parametrize("wanted, flag", [
-    ({"unit_size": 4}, "--shard-size 5"), ({"model": "other"}, "--model m"), ({"dtype": "float32"}, "--dtype float16"),
-    ({"precision": "bf16"}, "--precision fp32")])
+@pytest.mark.parametrize(
+    "wanted, flag",
+    [
+        ({"unit_size": 4}, "--shard-size 5"),
+        ({"model": "other"}, "--model m"),
+        ({"dtype": "float32"}, "--dtype float16"),
+        ({"precision": "bf16"}, "--precision fp32"),
+    ],
+)
 def test_a_run_with_other_settings_is_refused_naming_the_recorded_one(tmp_path, wanted, flag):
     """A re-run with another unit size, model or dtype re-embedded every unit (or mixed two dtypes under one manifest);
     now it is one line naming what the EMB_DIR was made with. Shards from before `precision` was recorded pass."""
@@ -231,8 +251,13 @@ def test_a_run_with_other_settings_is_refused_naming_the_recorded_one(tmp_path, 
     emb = EmbDir(tmp_path)
     emb.refuse_other_settings({**same, **wanted})  # an empty EMB_DIR takes any settings
     write_inputs(tmp_path, 10)
-    emb.write_shard(0, embeddings=np.zeros((5, 8), np.float16), ids=list(range(5)), paths=list("abcde"),
-                    attrs={**same, "pretrained": "none"})
+    emb.write_shard(
+        0,
+        embeddings=np.zeros((5, 8), np.float16),
+        ids=list(range(5)),
+        paths=list("abcde"),
+        attrs={**same, "pretrained": "none"},
+    )
     emb.refuse_other_settings(same)
     with pytest.raises(UserError, match=f"made with {flag}.*use a new --out"):
         emb.refuse_other_settings({**same, **wanted})

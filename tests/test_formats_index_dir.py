@@ -1,4 +1,5 @@
 """IndexDir: the one owner of INDEX_DIR's file names, index.json (IndexInfo), opening the files, the swap-in."""
+
 import json
 import re
 import socket
@@ -14,13 +15,30 @@ from clip_hpc.formats.index_dir import OWNER_FILE, IndexDir, IndexInfo, recover_
 from clip_hpc.procs import process_start
 
 FULL_INFO = {  # every key `clip-hpc index` writes today, with values of the types it writes
-    "format": "clip-hpc-index", "version": 1, "index_key": "IVF16,PQ8x4fs", "dim": 32, "n": 990, "nprobe": 4,
-    "model": "m", "pretrained": "none", "refine": True, "refine_factor": 10, "row_layout": "global_id",
-    "n_rows": 1000, "unit_counts": {"0": 495, "1": 495}, "unit_size": 500, "emb_dir": "/data/emb", "seed": 0,
-    "created": "2024-01-01T00:00:00+00:00", "updates": [{"units": [1], "added": 10, "timings": {"add_s": 0.1},
-                                                         "at": "2024-01-02T00:00:00+00:00"}],
-    "train_size": 480, "timings": {"train_s": 0.5, "add_s": 0.1}, "recall": {"served": 0.97, "refine_factor": 10},
-    "index_bytes": 12345, "bytes_per_vector": 12.47, "faiss_version": "1.8.0",
+    "format": "clip-hpc-index",
+    "version": 1,
+    "index_key": "IVF16,PQ8x4fs",
+    "dim": 32,
+    "n": 990,
+    "nprobe": 4,
+    "model": "m",
+    "pretrained": "none",
+    "refine": True,
+    "refine_factor": 10,
+    "row_layout": "global_id",
+    "n_rows": 1000,
+    "unit_counts": {"0": 495, "1": 495},
+    "unit_size": 500,
+    "emb_dir": "/data/emb",
+    "seed": 0,
+    "created": "2024-01-01T00:00:00+00:00",
+    "updates": [{"units": [1], "added": 10, "timings": {"add_s": 0.1}, "at": "2024-01-02T00:00:00+00:00"}],
+    "train_size": 480,
+    "timings": {"train_s": 0.5, "add_s": 0.1},
+    "recall": {"served": 0.97, "refine_factor": 10},
+    "index_bytes": 12345,
+    "bytes_per_vector": 12.47,
+    "faiss_version": "1.8.0",
 }
 
 
@@ -51,7 +69,8 @@ def test_index_info_round_trips_every_key_and_value():
 def test_index_info_keeps_unknown_keys_and_an_old_file_gains_no_keys():
     newer = {**FULL_INFO, "ivfdata": "index.ivfdata"}
     assert IndexInfo.from_dict(newer).to_dict() == newer and IndexInfo.from_dict(newer).extra == {
-        "ivfdata": "index.ivfdata"}
+        "ivfdata": "index.ivfdata"
+    }
     old = {k: v for k, v in FULL_INFO.items() if k not in ("refine_factor", "updates", "unit_counts", "seed")}
     info = IndexInfo.from_dict(old)
     assert info.to_dict() == old  # absent stays absent: readers still see their own defaults
@@ -61,13 +80,16 @@ def test_index_info_keeps_unknown_keys_and_an_old_file_gains_no_keys():
 
 
 # --- load_info: the same clear errors as before ------------------------------------------------------------------
-@pytest.mark.parametrize("content, message", [
-    (None, "not an index directory (no index.json); build one with clip-hpc index"),
-    ("{not json", "unreadable"),
-    ('{"format": "something-else", "dim": 4}', "not a clip-hpc index (format='something-else')"),
-    ("[1, 2]", "not a clip-hpc index"),
-    ('{"format": "clip-hpc-index", "index_key": "Flat"}', "unreadable"),  # no dim
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not an index directory (no index.json); build one with clip-hpc index"),
+        ("{not json", "unreadable"),
+        ('{"format": "something-else", "dim": 4}', "not a clip-hpc index (format='something-else')"),
+        ("[1, 2]", "not a clip-hpc index"),
+        ('{"format": "clip-hpc-index", "index_key": "Flat"}', "unreadable"),  # no dim
+    ],
+)
 def test_a_bad_index_json_is_a_clear_error_naming_the_directory(tmp_path, content, message):
     if content is not None:
         (tmp_path / "index.json").write_text(content)
@@ -135,10 +157,16 @@ def test_write_info_is_exactly_to_dict(tmp_path):
 # --- nothing outside clip_hpc/formats/ names an index or shard file or opens HDF5 ----------------------------------
 def test_only_the_formats_package_names_the_files():
     package = Path(__file__).resolve().parents[1] / "clip_hpc"
-    pattern = re.compile(r"""(?:import|from) h5py|h5py\.|["'](index\.json|vectors\.npy|meta\.sqlite|index\.faiss)["']|shard-\{""")
-    offenders = [f"{path.relative_to(package)}:{n}" for path in package.rglob("*.py")
-                 if "formats" not in path.relative_to(package).parts
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    pattern = re.compile(
+        r"""(?:import|from) h5py|h5py\.|["'](index\.json|vectors\.npy|meta\.sqlite|index\.faiss)["']|shard-\{"""
+    )
+    offenders = [
+        f"{path.relative_to(package)}:{n}"
+        for path in package.rglob("*.py")
+        if "formats" not in path.relative_to(package).parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert offenders == []
 
 

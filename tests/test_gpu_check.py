@@ -1,5 +1,6 @@
 """scripts/gpu_check.py must not rot between GPU runs: its dry run (every stage, CPU stand-ins) passes here; and the
 torch k-means it checks on the GPU (index/gpu_train.py) trains IVF quantizers as well as FAISS does, on the CPU."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,13 @@ def numbers(stage: dict) -> list[float]:
 def test_dry_run_has_every_stage_with_numbers_and_passing_checks(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry-run", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     result = json.loads(out.read_text())
     failed = {n: s.get("error") or s["checks"] for n, s in result["stages"].items() if not s["ok"]}
     assert proc.returncode == 0 and result["ok"], (failed, proc.stderr[-3000:])
@@ -72,7 +78,7 @@ def mixture(n: int = 20_000, dim: int = 64) -> tuple[np.ndarray, np.ndarray, np.
 
 def ivf_recall(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray, torch_kmeans: bool) -> float:
     index = make_index("IVF128,Flat", vectors.shape[1])
-    sample = vectors[:128 * 40]
+    sample = vectors[: 128 * 40]
     if torch_kmeans:
         assert pretrain_coarse_quantizer(index, sample) is not None
         assert faiss.extract_index_ivf(index).quantizer.ntotal == 128

@@ -1,6 +1,7 @@
 """The device JPEG route (ingest/gpu_decode.py), run on the CPU: torchvision's decode_jpeg takes the same code path
 with device="cpu", so the routing, the fallbacks and the failure records are tested here; nvJPEG itself only on a
 GPU (scripts/gpu_check.py)."""
+
 from __future__ import annotations
 
 import io
@@ -15,8 +16,15 @@ from clip_hpc.devdata.sample_images import synth_image, write_bad_images, write_
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.ingest.embed import EmbedConfig, collate, embed
-from clip_hpc.ingest.gpu_decode import CpuRoute, DevicePreprocess, DeviceRoute, choose_route, decode_on_device, \
-    gpu_decodable, prefetched
+from clip_hpc.ingest.gpu_decode import (
+    CpuRoute,
+    DevicePreprocess,
+    DeviceRoute,
+    choose_route,
+    decode_on_device,
+    gpu_decodable,
+    prefetched,
+)
 from clip_hpc.ingest.images import decode_image
 from clip_hpc.model.loading import load_model
 
@@ -82,8 +90,19 @@ def test_embed_device_route_records_the_same_failures_as_the_cpu_route(tmp_path:
     (images / "bad" / "bad_tables.jpg").write_bytes(bad_quant_table(jpeg((64, 48))))  # device fails, CPU records
     shards = {}
     for decode in ("cpu", "gpu"):
-        embed(EmbedConfig(inputs=[str(images)], out=str(tmp_path / decode), model="clip-hpc-tiny", pretrained="none",
-                          workers=1, progress=False, decode=decode, device="cpu", dtype="float32"))
+        embed(
+            EmbedConfig(
+                inputs=[str(images)],
+                out=str(tmp_path / decode),
+                model="clip-hpc-tiny",
+                pretrained="none",
+                workers=1,
+                progress=False,
+                decode=decode,
+                device="cpu",
+                dtype="float32",
+            )
+        )
         shards[decode] = EmbDir(tmp_path / decode).read_shard(0)
     cpu, gpu = shards["cpu"], shards["gpu"]
     failures = {d: dict(zip(map(int, s.failed_ids), s.failed_reasons)) for d, s in shards.items()}
@@ -105,6 +124,7 @@ def test_route_choice(tiny) -> None:
 
 def test_auto_takes_the_device_route_for_a_cuda_model_on_jpegs(tiny, monkeypatch) -> None:
     """A stand-in for a CUDA model (only the device type is read when choosing): auto needs mostly JPEGs."""
+
     class OnCuda:
         model, name, device = tiny.model, tiny.name, torch.device("cuda", 0)
 

@@ -1,19 +1,23 @@
-"""The held-out recall check (clip_hpc.search.heldout, scripts/heldout_recall.py): its queries are what they claim to be,
+"""The held-out recall check (clip_hpc.search.heldout, scripts/heldout_recall.py): its queries are what they claim
+to be,
 its mixtures vary, and `evaluate` scores an index against exact search. Cost: a few seconds (a 3k Flat index)."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from clip_hpc.search.heldout import evaluate, heldout_mixture_params, heldout_queries
 from clip_hpc.index.build import build_index
 from clip_hpc.search.core import normalise_rows
+from clip_hpc.search.heldout import evaluate, heldout_mixture_params, heldout_queries
 from index_fixtures import synthetic_emb_dir
 
 
 def test_mixtures_vary_within_their_documented_ranges():
     drawn = [heldout_mixture_params(100_000, seed) for seed in range(1, 9)]
-    assert all(50 <= p.clusters < 2000 and 0.55 <= p.spread <= 0.75 and p.latent in (24, 32, 48)
-               and 0.1 <= p.noise <= 0.3 for p in drawn)
+    assert all(
+        50 <= p.clusters < 2000 and 0.55 <= p.spread <= 0.75 and p.latent in (24, 32, 48) and 0.1 <= p.noise <= 0.3
+        for p in drawn
+    )
     assert len({p.clusters for p in drawn}) == len(drawn) and len({p.latent for p in drawn}) > 1
     assert heldout_mixture_params(100_000, 3) == drawn[2]  # a seed names one data set
 

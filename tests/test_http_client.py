@@ -1,5 +1,6 @@
 """`clip-hpc search --url` (client/http_client.py) against a real server: any text a shell can hand it is one
 line of results or one line of error, never a traceback. About 15 s (the session's live server)."""
+
 from __future__ import annotations
 
 import json

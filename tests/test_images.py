@@ -5,8 +5,8 @@ import warnings
 import pytest
 from PIL import Image
 
-from clip_hpc.ingest.images import DecodeFailure, decode_image
 from clip_hpc.devdata.sample_images import bomb_png, write_bad_images
+from clip_hpc.ingest.images import DecodeFailure, decode_image
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,11 @@ def test_exif_rotation_and_sixteen_bit_scaling(bad_dir):
 
 def test_import_leaves_pil_globals_alone():
     """Importing the package must not change how PIL behaves for the rest of the process."""
-    code = ("from PIL import Image, ImageFile; before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES); "
-            "import clip_hpc.ingest.images, clip_hpc.ingest.embed, clip_hpc.search.engine; "
-            "print(before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES), Image.MAX_IMAGE_PIXELS)")
+    code = (
+        "from PIL import Image, ImageFile; before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES); "
+        "import clip_hpc.ingest.images, clip_hpc.ingest.embed, clip_hpc.search.engine; "
+        "print(before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES), Image.MAX_IMAGE_PIXELS)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "89478485"]
 
@@ -55,7 +57,6 @@ def test_pil_bomb_guard_and_our_limit_both_become_a_failure(bad_dir):
     with pytest.warns(Image.DecompressionBombWarning):  # PIL's own warning is left alone; the image is refused
         assert decode_image(big).kind == "too many pixels"
         assert decode_image(big, max_pixels=10_000).kind == "too many pixels"
-
 
 
 def test_a_directory_named_where_an_image_was_expected_says_so(tmp_path):

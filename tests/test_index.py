@@ -1,4 +1,5 @@
 """The index stage: parameter choice, the recall self-check, builds from real shards, refusals, --update."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,13 @@ import numpy as np
 import pytest
 
 from clip_hpc.errors import UserError
-from clip_hpc.index.update import update_index
-from clip_hpc.index.build import build_index, choose_index_key, choose_train_size, ivf_lists
+from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
+from clip_hpc.index.build import build_index, choose_index_key, choose_train_size, ivf_lists
 from clip_hpc.index.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.index.selfcheck import off_distribution_queries
+from clip_hpc.index.update import update_index
 from clip_hpc.search.engine import SearchEngine
-from clip_hpc.formats.emb_dir import EmbDir
 from conftest import make_images, run_cli
 from index_fixtures import synthetic, synthetic_emb_dir
 
@@ -97,8 +98,11 @@ def test_ivf_build_tunes_nprobe_and_its_recall_is_real(tmp_path):
     info = build_index(emb, tmp_path / "index", index_key=IVF_KEY, progress=False)
     recall, nprobe = info.recall, info.nprobe
     assert info.refine is True and recall["target_met"] and recall["served"] >= 0.95
-    tuned = {int(k.split(",")[0][6:]): v for k, v in recall["tuning_lower_bounds"].items()
-             if k.endswith(f"refine{info.refine_factor}")}
+    tuned = {
+        int(k.split(",")[0][6:]): v
+        for k, v in recall["tuning_lower_bounds"].items()
+        if k.endswith(f"refine{info.refine_factor}")
+    }
     assert all(v < 0.95 for p, v in tuned.items() if p < nprobe)  # the smallest that reaches the target
     # measured again, independently, with queries the self-check never saw
     rng = np.random.default_rng(42)
@@ -114,8 +118,13 @@ def test_ivf_build_tunes_nprobe_and_its_recall_is_real(tmp_path):
 
 # --- refusals: a clear error and no INDEX_DIR ------------------------------------------------------------------
 def _break_dims(emb):
-    EmbDir(emb).write_shard(1, embeddings=np.ones((2, 16), np.float16), ids=[500, 501], paths=["a", "b"],
-                attrs={"model": synthetic.MODEL, "pretrained": "none", "dim": 16, "unit": 1, "unit_size": 500})
+    EmbDir(emb).write_shard(
+        1,
+        embeddings=np.ones((2, 16), np.float16),
+        ids=[500, 501],
+        paths=["a", "b"],
+        attrs={"model": synthetic.MODEL, "pretrained": "none", "dim": 16, "unit": 1, "unit_size": 500},
+    )
 
 
 def _break_model(emb):
@@ -133,8 +142,10 @@ def _break_truncated(emb):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("damage, message", [(_break_dims, "dims"), (_break_model, "models"),
-                                             (_break_missing, "missing units"), (_break_truncated, "shard")])
+@pytest.mark.parametrize(
+    "damage, message",
+    [(_break_dims, "dims"), (_break_model, "models"), (_break_missing, "missing units"), (_break_truncated, "shard")],
+)
 def test_a_bad_shard_set_is_refused_and_nothing_is_written(tmp_path, damage, message):
     emb, _ = synthetic_emb_dir(tmp_path / "emb", 1500)
     damage(emb)
@@ -147,8 +158,9 @@ def test_a_bad_shard_set_is_refused_and_nothing_is_written(tmp_path, damage, mes
     assert not (tmp_path / "index").exists()
 
 
-@pytest.mark.parametrize("key, message", [("IVF99999,PQ8", "needs at least"), ("NotAnIndex", "factory"),
-                                          ("IVF16,PQ7", "factory")])
+@pytest.mark.parametrize(
+    "key, message", [("IVF99999,PQ8", "needs at least"), ("NotAnIndex", "factory"), ("IVF16,PQ7", "factory")]
+)
 def test_a_bad_index_key_is_refused(tmp_path, key, message):
     emb, _ = synthetic_emb_dir(tmp_path / "emb", 600)
     with pytest.raises(UserError, match=message):
@@ -192,8 +204,10 @@ def test_update_adds_new_units_without_retraining(tmp_path):
     after = faiss.read_index(str(tmp_path / "index" / "index.faiss"))
     assert after.ntotal == 3000 and info.n == 3000 and info.updates[0]["added"] == 1000
     assert info.updates[0]["units"] == [4, 5] and info.updates[0]["timings"]["train_s"] == 0
-    np.testing.assert_array_equal(faiss.extract_index_ivf(after).quantizer.reconstruct_n(0, 16),
-                                  faiss.extract_index_ivf(before).quantizer.reconstruct_n(0, 16))
+    np.testing.assert_array_equal(
+        faiss.extract_index_ivf(after).quantizer.reconstruct_n(0, 16),
+        faiss.extract_index_ivf(before).quantizer.reconstruct_n(0, 16),
+    )
     engine = SearchEngine(tmp_path / "index")
     assert engine.meta.paths_of(range(2000)) == old_paths
     new_ids = list(range(2000, 3000, 37))
@@ -213,10 +227,16 @@ def test_update_follows_a_unit_re_embedded_with_as_many_images_but_other_ones(tm
 
     def unit(u: int, failed: int | None) -> None:
         ids = [i for i in range(10 * u, 10 * u + 10) if i != failed]
-        emb.write_shard(u, embeddings=vectors[ids], ids=ids, paths=[f"/img/{i}.jpg" for i in ids],
-                        failed_ids=[failed] if failed is not None else [], failed_paths=[f"/img/{failed}.jpg"]
-                        if failed is not None else [], failed_reasons=["missing file"] if failed is not None else [],
-                        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 10})
+        emb.write_shard(
+            u,
+            embeddings=vectors[ids],
+            ids=ids,
+            paths=[f"/img/{i}.jpg" for i in ids],
+            failed_ids=[failed] if failed is not None else [],
+            failed_paths=[f"/img/{failed}.jpg"] if failed is not None else [],
+            failed_reasons=["missing file"] if failed is not None else [],
+            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 10},
+        )
 
     unit(0, None)
     unit(1, 12)
@@ -248,9 +268,16 @@ def _listing(out, names, dim=16, unit_size=25):
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     for start in range(0, len(names), unit_size):
         ids = np.arange(start, min(len(names), start + unit_size))
-        emb.write_shard(start // unit_size, embeddings=rows[ids].astype(np.float16), ids=ids,
-                        paths=[names[i] for i in ids], failed_ids=[], failed_paths=[], failed_reasons=[],
-                        attrs={"model": "m", "pretrained": "none", "dim": dim, "unit_size": unit_size})
+        emb.write_shard(
+            start // unit_size,
+            embeddings=rows[ids].astype(np.float16),
+            ids=ids,
+            paths=[names[i] for i in ids],
+            failed_ids=[],
+            failed_paths=[],
+            failed_reasons=[],
+            attrs={"model": "m", "pretrained": "none", "dim": dim, "unit_size": unit_size},
+        )
     return out
 
 
@@ -273,16 +300,32 @@ def test_update_refuses_an_emb_dir_whose_listing_moved_the_indexed_ids(tmp_path)
 def embedded(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     images = make_images(root / "images", 45)
-    run_cli("embed", images, "--out", root / "emb", "--model", "clip-hpc-tiny", "--pretrained", "none",
-            "--shard-size", "20", "--workers", "0", check=True)
+    run_cli(
+        "embed",
+        images,
+        "--out",
+        root / "emb",
+        "--model",
+        "clip-hpc-tiny",
+        "--pretrained",
+        "none",
+        "--shard-size",
+        "20",
+        "--workers",
+        "0",
+        check=True,
+    )
     run_cli("index", root / "emb", "--out", root / "index", "--quiet", check=True)
     return root
 
 
 def test_every_embedded_image_is_searchable_by_id(embedded):
     engine = SearchEngine(embedded / "index")
-    assert EmbDir(embedded / "emb").read_shard(0, with_embeddings=False).attrs["model"] == engine.info.model \
+    assert (
+        EmbDir(embedded / "emb").read_shard(0, with_embeddings=False).attrs["model"]
+        == engine.info.model
         == "clip-hpc-tiny"
+    )
     ids = engine.meta.all_ids()
     assert len(ids) == engine.n >= 40
     for i in ids:
@@ -298,8 +341,9 @@ def test_search_cli_prints_ranked_paths(embedded):
     assert scores == sorted(scores, reverse=True)
     engine = SearchEngine(embedded / "index")
     some = engine.path_of(engine.meta.all_ids()[7])
-    result = json.loads(run_cli("search", embedded / "index", "--image", some, "-k", "3", "--json",
-                                check=True).stdout)["results"]
+    result = json.loads(run_cli("search", embedded / "index", "--image", some, "-k", "3", "--json", check=True).stdout)[
+        "results"
+    ]
     assert result[0]["path"] == some and result[0]["score"] == pytest.approx(1.0, abs=1e-2)
     bad = run_cli("search", embedded / "index")
     assert bad.returncode == 2 and bad.stderr.startswith("clip-hpc search: error:")
@@ -314,8 +358,23 @@ def test_update_after_embed_append(embedded, tmp_path):
     old = SearchEngine(index)
     old_ids, old_paths = old.meta.all_ids(), old.meta.paths_of(old.meta.all_ids())
     more = make_images(tmp_path / "more", 12, seed=7)
-    run_cli("embed", embedded / "images", more, "--out", emb, "--model", "clip-hpc-tiny", "--pretrained", "none",
-            "--shard-size", "20", "--workers", "0", "--append", check=True)
+    run_cli(
+        "embed",
+        embedded / "images",
+        more,
+        "--out",
+        emb,
+        "--model",
+        "clip-hpc-tiny",
+        "--pretrained",
+        "none",
+        "--shard-size",
+        "20",
+        "--workers",
+        "0",
+        "--append",
+        check=True,
+    )
     proc = run_cli("index", emb, "--out", index, "--update", "--quiet", check=True)
     info = json.loads((index / "index.json").read_text())
     assert info["updates"] and info["updates"][-1]["timings"]["train_s"] == 0, proc.stdout

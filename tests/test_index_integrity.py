@@ -1,15 +1,16 @@
 """Issue 20, the INDEX_DIR part: a damaged or truncated file is one line naming it (exit 2) when search or serve
 loads the index, never a signal or a traceback; a full disk in index, --update or export is one line and leaves
 nothing behind; index.json tells the truth after --update. Synthetic vectors (no model in the builds), ~40 s."""
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ import pytest
 from clip_hpc.devdata import synthetic_vectors as synthetic
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.index_integrity import DamagedIndex
-from clip_hpc.index.update import update_index
 from clip_hpc.index.build import build_index
+from clip_hpc.index.update import update_index
 from clip_hpc.search.engine import SearchEngine
 from conftest import BIN, run_cli
 from test_faults import needs_root, one_error_line, tmpfs
@@ -28,8 +29,9 @@ KEY = ("--index-key", "IVF8,Flat", "--lists", "disk")
 
 
 def _write_emb(out: Path, vectors: np.ndarray, labels: np.ndarray, first_id: int = 0) -> Path:
-    return synthetic.write_emb_dir(out, vectors, labels, UNIT, first_id=first_id, model="clip-hpc-tiny",
-                                   pretrained="none")
+    return synthetic.write_emb_dir(
+        out, vectors, labels, UNIT, first_id=first_id, model="clip-hpc-tiny", pretrained="none"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +81,19 @@ def test_n2_truncated_ivfdata_is_one_line_exit_2(disk_index, tmp_path, record):
     if not record:
         return
     conn = tmp_path / "conn.json"
-    serve = subprocess.Popen([str(BIN / "clip-hpc"), "serve", str(damaged), "--port", "0", "--connection-file",
-                              str(conn)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    serve = subprocess.Popen(
+        [str(BIN / "clip-hpc"), "serve", str(damaged), "--port", "0", "--connection-file", str(conn)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = serve.communicate(timeout=60)  # the old code served on, and died at the first query
     finally:
         serve.kill()
-    _assert_names_damage(subprocess.CompletedProcess(serve.args, serve.returncode, out, err), "serve",
-                         damaged / "lists.ivfdata")
+    _assert_names_damage(
+        subprocess.CompletedProcess(serve.args, serve.returncode, out, err), "serve", damaged / "lists.ivfdata"
+    )
     assert not conn.exists() and "listening" not in out
 
 
@@ -155,8 +162,9 @@ def test_n4_full_disk_during_index(embs, small_disk):
 
     for free_kib in (56, 600):  # --update: fails copying meta.sqlite, then writing the lists; the old index stays
         _fill(small_disk, free_kib)
-        _assert_full_disk(run_cli("index", embs.more, "--out", out, "--update", "--quiet"), "index", small_disk,
-                          {"index"})
+        _assert_full_disk(
+            run_cli("index", embs.more, "--out", out, "--update", "--quiet"), "index", small_disk, {"index"}
+        )
         assert IndexDir(out).check_integrity().n == before.n == N_BASE
     (small_disk / "filler").unlink()
     run_cli("index", embs.more, "--out", out, "--update", "--quiet", check=True)
@@ -170,8 +178,9 @@ def test_n4_full_disk_during_index(embs, small_disk):
 
 
 def test_a_changed_file_of_the_same_size_is_named(disk_index, tmp_path):
-    damaged = _damaged_copy(disk_index, tmp_path, "vectors.npy", (disk_index / "vectors.npy").stat().st_size,
-                            record=True)
+    damaged = _damaged_copy(
+        disk_index, tmp_path, "vectors.npy", (disk_index / "vectors.npy").stat().st_size, record=True
+    )
     with open(damaged / "vectors.npy", "r+b") as f:
         f.seek(-4, os.SEEK_END)
         f.write(b"\xff\xff\xff\xff")

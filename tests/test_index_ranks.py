@@ -1,6 +1,7 @@
 """The many-rank index build: real mpiexec ranks, errors reaching every rank, lists merged on disk and served
 memory-mapped. Costs: ~20 s (20k vectors, one rank, on-disk lists, a real `clip-hpc serve`), ~40 s for the
 mpi tests, ~2 min for the slow 100k comparison."""
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,18 @@ from clip_hpc.index.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.search.engine import SearchEngine
 from conftest import BIN
 from index_fixtures import synthetic
-from server_fixtures import TOKEN, start_server
+from server_fixtures import start_server
 
 
 def _index_ids(index_dir) -> np.ndarray:
     """Every id in every inverted list, sorted."""
     index = IndexDir(index_dir).open_index()
     ivf = faiss.extract_index_ivf(index)
-    lists = [faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
-             for i in range(ivf.nlist) if ivf.invlists.list_size(i)]
+    lists = [
+        faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
+        for i in range(ivf.nlist)
+        if ivf.invlists.list_size(i)
+    ]
     return np.sort(np.concatenate(lists))
 
 
@@ -45,8 +49,23 @@ class _Vectors:
 
 
 def _mpiexec_index(n_ranks, emb, out, *extra):
-    return subprocess.run([str(BIN / "mpiexec"), "-n", str(n_ranks), str(BIN / "clip-hpc"), "index", str(emb),
-                           "--out", str(out), "--quiet", *extra], capture_output=True, text=True, timeout=1200)
+    return subprocess.run(
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            str(n_ranks),
+            str(BIN / "clip-hpc"),
+            "index",
+            str(emb),
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +116,9 @@ def test_mpiexec_two_ranks_build_the_same_index(tiny_model_vectors, tmp_path, li
     for d in ("one", "two"):
         assert IndexDir(tmp_path / d).has_tier() == bool(json.loads((tmp_path / d / "index.json").read_text())["tier"])
     if IndexDir(tmp_path / "one").has_tier() and IndexDir(tmp_path / "two").has_tier():
-        np.testing.assert_array_equal(np.load(tmp_path / "one" / "tier_codes.npy"),
-                                      np.load(tmp_path / "two" / "tier_codes.npy"))
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "one" / "tier_codes.npy"), np.load(tmp_path / "two" / "tier_codes.npy")
+        )
 
 
 @pytest.mark.mpi
@@ -121,8 +141,9 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
         "    raise SystemExit(2)\n"
         "print('no error', flush=True)\n"
     )
-    proc = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", script], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0 and "no error" not in proc.stdout
     assert "rank 0: rank 1 failed: shard 3 unreadable" in proc.stdout
     assert "rank 1: shard 3 unreadable" in proc.stdout

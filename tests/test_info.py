@@ -1,5 +1,6 @@
 """`clip-hpc info` (info.py) on directories half made or damaged: what it reports must not call them complete.
 No model; about 1 s."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,9 +14,13 @@ def test_an_emb_dir_that_lost_its_inputs_list_is_not_complete(tmp_path):
     0 inputs, 0 embedded, while index and export refuse the directory for that very file."""
     emb = EmbDir(tmp_path / "emb")
     emb.write_inputs([f"/img/{i}.jpg" for i in range(4)])
-    emb.write_shard(0, embeddings=np.eye(4, 8, dtype=np.float16), ids=range(4),
-                    paths=[f"/img/{i}.jpg" for i in range(4)],
-                    attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 4})
+    emb.write_shard(
+        0,
+        embeddings=np.eye(4, 8, dtype=np.float16),
+        ids=range(4),
+        paths=[f"/img/{i}.jpg" for i in range(4)],
+        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 4},
+    )
     assert describe(emb.root)["complete"] and describe(emb.root)["n_embedded"] == 4
     emb.inputs_path.unlink()
     info = describe(emb.root)

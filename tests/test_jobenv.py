@@ -1,5 +1,6 @@
 """The job environment from mappings: what SLURM, an MPI launcher, OpenMP and the affinity mask say, and the
 answers embed, index and serve derive from it (CPUs, threads, DataLoader workers, the rank fallbacks)."""
+
 from clip_hpc.cluster.jobenv import DEFAULT_WORKERS, JobEnv, Place, job_env, tasks_on_node
 from clip_hpc.cluster.world import World, world_from_env
 
@@ -15,9 +16,21 @@ def test_nothing_set_is_a_lone_process_on_the_node():
 
 
 def test_slurm_only():
-    env = JobEnv.from_mapping({"SLURM_JOB_ID": "123", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "8",
-                               "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "6",
-                               "SLURMD_NODENAME": "nid0042"}, EIGHT, 128, "nid0042.example")
+    env = JobEnv.from_mapping(
+        {
+            "SLURM_JOB_ID": "123",
+            "SLURM_STEP_ID": "0",
+            "SLURM_PROCID": "3",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_NTASKS_PER_NODE": "4",
+            "SLURM_CPUS_PER_TASK": "6",
+            "SLURMD_NODENAME": "nid0042",
+        },
+        EIGHT,
+        128,
+        "nid0042.example",
+    )
     assert (env.slurm_job_id, env.slurm_step_id, env.nodename) == ("123", "0", "nid0042")
     assert env.launcher_place == Place("slurm", 3, 8, 1, 4) and not env.mpi_launched
     assert env.cpus == 6 and env.threads_per_rank(4) == 6  # stated per task: not split again between the ranks
@@ -57,32 +70,65 @@ def test_this_process_is_read_once():
 
 def test_the_batch_script_is_one_process_not_rank_0_of_the_job():
     # what the batch step of `sbatch -n 4` really gets (SLURM 22.05): rank variables, but no step id
-    batch = {"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_NPROCS": "4", "SLURM_LOCALID": "0",
-             "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "2"}
+    batch = {
+        "SLURM_JOB_ID": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "4",
+        "SLURM_NPROCS": "4",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_TASKS_PER_NODE": "4",
+        "SLURM_CPUS_PER_TASK": "2",
+    }
     assert JobEnv.from_mapping(batch).launcher_place is None and world_from_env(batch) == World()
-    step = {**batch, "SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_LOCALID": "2", "SLURM_NTASKS": "3",
-            "SLURM_STEP_NUM_TASKS": "3", "SLURM_STEP_TASKS_PER_NODE": "3", "SLURM_TASKS_PER_NODE": "3"}
+    step = {
+        **batch,
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "2",
+        "SLURM_LOCALID": "2",
+        "SLURM_NTASKS": "3",
+        "SLURM_STEP_NUM_TASKS": "3",
+        "SLURM_STEP_TASKS_PER_NODE": "3",
+        "SLURM_TASKS_PER_NODE": "3",
+    }
     assert JobEnv.from_mapping(step).launcher_place == Place("slurm", 2, 3, 2, 3)
 
 
 def test_slurm_local_size_is_the_steps_count_on_this_node():
     # srun without --ntasks-per-node sets no SLURM_NTASKS_PER_NODE: every local rank must still see the same size
-    step = {"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "10", "SLURM_STEP_NUM_TASKS": "10",
-            "SLURM_STEP_TASKS_PER_NODE": "4(x2),2", "SLURM_NTASKS_PER_NODE": "8"}
-    sizes = {(node, local): JobEnv.from_mapping({**step, "SLURM_NODEID": str(node), "SLURM_LOCALID": str(local),
-                                                 "SLURM_PROCID": str(4 * node + local)}).launcher_place.local_size
-             for node, local in ((0, 0), (0, 3), (1, 1), (2, 0), (2, 1))}
+    step = {
+        "SLURM_JOB_ID": "9",
+        "SLURM_STEP_ID": "0",
+        "SLURM_NTASKS": "10",
+        "SLURM_STEP_NUM_TASKS": "10",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2),2",
+        "SLURM_NTASKS_PER_NODE": "8",
+    }
+    sizes = {
+        (node, local): JobEnv.from_mapping(
+            {**step, "SLURM_NODEID": str(node), "SLURM_LOCALID": str(local), "SLURM_PROCID": str(4 * node + local)}
+        ).launcher_place.local_size
+        for node, local in ((0, 0), (0, 3), (1, 1), (2, 0), (2, 1))
+    }
     assert sizes == {(0, 0): 4, (0, 3): 4, (1, 1): 4, (2, 0): 2, (2, 1): 2}
-    rank0 = JobEnv.from_mapping({**step, "SLURM_NODEID": "0", "SLURM_LOCALID": "0", "SLURM_PROCID": "0",
-                                 "SLURM_NTASKS_PER_NODE": ""}, EIGHT, 8)
+    rank0 = JobEnv.from_mapping(
+        {**step, "SLURM_NODEID": "0", "SLURM_LOCALID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS_PER_NODE": ""}, EIGHT, 8
+    )
     assert rank0.threads_per_rank(rank0.launcher_place.local_size) == 2  # a quarter of the node, not all of it
     assert tasks_on_node("2(x3)", 2) == 2 and tasks_on_node("2(x3)", 3) is None and tasks_on_node("x", 0) is None
 
 
 def test_torchrun_under_srun_gives_each_worker_its_own_rank():
     # `srun -N 2 --ntasks-per-node=1 torchrun --nproc_per_node=4`: the workers inherit their srun task's variables
-    srun_task = {"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
-                 "SLURM_LOCALID": "0", "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+    srun_task = {
+        "SLURM_JOB_ID": "5",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+    }
     worker = {**srun_task, "RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4"}
     assert world_from_env(worker) == World(6, 8, 2, 4, "torchrun")
     assert world_from_env(srun_task) == World(1, 2, 0, 1, "slurm")

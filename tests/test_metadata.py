@@ -1,4 +1,5 @@
 """MetadataStore: the id -> path table behind every search result and path filter."""
+
 from __future__ import annotations
 
 import sqlite3

@@ -100,8 +100,7 @@ def test_loading_leaves_the_process_rng_and_threads_as_they_were():
     assert torch.get_num_threads() == threads
     torch.rand(5)  # the caller's RNG moves on; the model's weights must not depend on it
     second = load_model("clip-hpc-tiny", pretrained="none", device="cpu")
-    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
-                                                 second.model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
 
 
 def test_a_checkpoint_named_relative_or_absolute_is_one_checkpoint(tmp_path, monkeypatch):
@@ -113,7 +112,6 @@ def test_a_checkpoint_named_relative_or_absolute_is_one_checkpoint(tmp_path, mon
     torch.save({}, tmp_path / "w" / "ckpt.pt")
     monkeypatch.chdir(tmp_path)
     absolute = str(tmp_path / "w" / "ckpt.pt")
-    assert resolve_pretrained("clip-hpc-tiny", "w/ckpt.pt") == resolve_pretrained("clip-hpc-tiny", absolute) \
-        == absolute
+    assert resolve_pretrained("clip-hpc-tiny", "w/ckpt.pt") == resolve_pretrained("clip-hpc-tiny", absolute) == absolute
     assert resolve_pretrained("ViT-B-32", "laion2b_s34b_b79k") == "laion2b_s34b_b79k"  # a tag stays a tag
     assert resolve_pretrained("clip-hpc-tiny", "None") == "None"

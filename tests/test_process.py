@@ -1,6 +1,7 @@
 """Process hygiene: `clip-hpc demo` takes its children with it on SIGTERM (and on kill -9), `clip-hpc serve`
 removes its connection file on SIGHUP and SIGUSR1, two servers never share a connection file, and a reader of a
 file whose server was killed is told so (B6, D5, 6b). Cost: ~60 s (a 100-image demo, three small servers)."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,11 @@ def wait_until(condition, timeout: float) -> bool:
 
 def start_demo(out: Path) -> subprocess.Popen:
     log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen([str(BIN / "clip-hpc"), "demo", "--out", str(out), "--images", "100", "--ranks", "1",
-                             "--index-key", "Flat"], stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [str(BIN / "clip-hpc"), "demo", "--out", str(out), "--images", "100", "--ranks", "1", "--index-key", "Flat"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 @pytest.mark.slow
@@ -59,8 +63,10 @@ def test_stopping_the_demo_while_it_serves_leaves_no_process_and_no_connection_f
         wait_for_server(conn, timeout=120)
         assert len(processes_mentioning(str(out))) >= 2  # the demo and its server
         demo.send_signal(how)
-        assert wait_until(lambda: not processes_mentioning(str(out)) and not conn.exists(), 10), \
-            (processes_mentioning(str(out)), conn.exists())
+        assert wait_until(lambda: not processes_mentioning(str(out)) and not conn.exists(), 10), (
+            processes_mentioning(str(out)),
+            conn.exists(),
+        )
     finally:
         if demo.poll() is None:
             demo.kill()
@@ -77,8 +83,16 @@ def test_serve_removes_its_connection_file_on_every_stop_signal(served_index, tm
 
 def test_a_second_server_refuses_a_live_servers_file_and_takes_over_a_dead_ones(served_index, tmp_path):
     with start_server(served_index, tmp_path / "srv") as first:
-        second = run_cli("serve", served_index, "--port", "0", "--connection-file", first.connection_file,
-                         env={"CLIP_HPC_TOKEN": "other-" + TOKEN}, timeout=120)
+        second = run_cli(
+            "serve",
+            served_index,
+            "--port",
+            "0",
+            "--connection-file",
+            first.connection_file,
+            env={"CLIP_HPC_TOKEN": "other-" + TOKEN},
+            timeout=120,
+        )
         assert second.returncode == 2 and "belongs to a running server" in second.stderr, second.stderr[-2000:]
         assert json.loads(first.connection_file.read_text())["pid"] == first.proc.pid
         os.kill(first.proc.pid, signal.SIGKILL)  # D5: kill -9 cannot clean up; readers must see it is stale
@@ -91,9 +105,16 @@ def test_a_second_server_refuses_a_live_servers_file_and_takes_over_a_dead_ones(
 
 def test_a_child_dies_with_its_parent_even_on_kill_9(tmp_path):
     marker = f"clip-hpc-orphan-check-{os.getpid()}"
-    parent = subprocess.Popen([str(BIN / "python"), "-c", (
-        "import sys, time; from clip_hpc.client.process import start_child;"
-        f"start_child([sys.executable, '-c', 'import time; time.sleep(300)', '{marker}']); time.sleep(300)")])
+    parent = subprocess.Popen(
+        [
+            str(BIN / "python"),
+            "-c",
+            (
+                "import sys, time; from clip_hpc.client.process import start_child;"
+                f"start_child([sys.executable, '-c', 'import time; time.sleep(300)', '{marker}']); time.sleep(300)"
+            ),
+        ]
+    )
     assert wait_until(lambda: len(processes_mentioning(marker)) == 2, 30)  # the parent and its child
     parent.kill()
     parent.wait()

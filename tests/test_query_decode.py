@@ -2,6 +2,7 @@
 `clip-hpc embed`, used as a query by `clip-hpc search --image`, or uploaded to the server (multipart or base64).
 The old bare-PIL query decode (no EXIF rotation, alpha dropped) is shown to give different vectors, so the
 equality below is not vacuous."""
+
 from __future__ import annotations
 
 import base64
@@ -29,8 +30,9 @@ def write_query_images(out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     x = np.linspace(0, 255, 640, dtype=np.float32)
     y = np.linspace(0, 255, 480, dtype=np.float32)
-    arr = np.stack([x[None, :] + 0 * y[:, None], y[:, None] + 0 * x[None, :], (x[None, :] * y[:, None]) / 255],
-                   axis=-1).astype(np.uint8)
+    arr = np.stack(
+        [x[None, :] + 0 * y[:, None], y[:, None] + 0 * x[None, :], (x[None, :] * y[:, None]) / 255], axis=-1
+    ).astype(np.uint8)
     arr[40:200, 60:300] = (250, 20, 20)
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -52,8 +54,7 @@ def embedded(tmp_path_factory):
     """Real `clip-hpc embed --dtype float32` (one DataLoader worker) and `clip-hpc index` of the query images."""
     root = tmp_path_factory.mktemp("query-decode")
     files = write_query_images(root / "images")
-    run_cli("embed", root / "images", "--out", root / "emb", *TINY, "--dtype", "float32", "--workers", "1",
-            check=True)
+    run_cli("embed", root / "images", "--out", root / "emb", *TINY, "--dtype", "float32", "--workers", "1", check=True)
     run_cli("index", root / "emb", "--out", root / "index", "--quiet", check=True)
     vectors = {}
     for shard in sorted((root / "emb" / "shards").glob("shard-*.h5")):
@@ -75,15 +76,19 @@ def test_every_route_gives_the_embed_vector(embedded, tmp_path):
         for name, path in files.items():
             expected = embed_vectors[name]
             data = path.read_bytes()
-            upload = client.post("/api/search/image", params={"return_vector": "true", "k": 1},
-                                 files={"file": (path.name, data)})
+            upload = client.post(
+                "/api/search/image", params={"return_vector": "true", "k": 1}, files={"file": (path.name, data)}
+            )
             assert upload.status_code == 200, upload.text
-            b64 = client.post("/api/search", json={"image_b64": base64.b64encode(data).decode(), "k": 1,
-                                                   "return_vector": True})
+            b64 = client.post(
+                "/api/search", json={"image_b64": base64.b64encode(data).decode(), "k": 1, "return_vector": True}
+            )
             assert b64.status_code == 200, b64.text
-            routes = {"cli": cli_query_vector(root / "index", path),
-                      "upload": np.asarray(upload.json()["query_vector"], dtype=np.float32),
-                      "image_b64": np.asarray(b64.json()["query_vector"], dtype=np.float32)}
+            routes = {
+                "cli": cli_query_vector(root / "index", path),
+                "upload": np.asarray(upload.json()["query_vector"], dtype=np.float32),
+                "image_b64": np.asarray(b64.json()["query_vector"], dtype=np.float32),
+            }
             for route, vector in routes.items():
                 assert vector.shape == expected.shape, (name, route)
                 assert np.abs(vector - expected).max() <= SAME, (name, route, np.abs(vector - expected).max())

@@ -1,4 +1,5 @@
 """The recall self-check's pure parts: recall@k, its lower bound, exact search, nprobe tuning, shifted queries."""
+
 from __future__ import annotations
 
 import json
@@ -6,10 +7,22 @@ import json
 import numpy as np
 import pytest
 
-from clip_hpc.index.ground_truth import (exact_top_k, exact_truth, hit_positions, recall_at_k, recall_per_query,
-                                         tie_aware_positions)
-from clip_hpc.index.selfcheck import (off_distribution_groups, off_distribution_queries, probe_ladder,
-                                      recall_lower_bound, recall_prediction_bound, sweep)
+from clip_hpc.index.ground_truth import (
+    exact_top_k,
+    exact_truth,
+    hit_positions,
+    recall_at_k,
+    recall_per_query,
+    tie_aware_positions,
+)
+from clip_hpc.index.selfcheck import (
+    off_distribution_groups,
+    off_distribution_queries,
+    probe_ladder,
+    recall_lower_bound,
+    recall_prediction_bound,
+    sweep,
+)
 from clip_hpc.search.core import rerank
 from index_fixtures import synthetic
 
@@ -59,11 +72,15 @@ def test_sweep_takes_the_cheapest_pair_and_stops_when_wider_probes_cost_more():
     assert out.best == (32, 25) and not out.budget_hit  # 64+10 costs more than 32+25
     assert searched == [1, 2, 4, 8, 16, 32]  # one search per nprobe; 64 alone costs more than the best pair
     assert out.bounds[(32, 50)] == pytest.approx(0.962)
-    out = sweep(lambda p, live: (lambda f: 0.5), [1, 2, 4], [10, 25], cost=lambda p, f: p + f,
-                deadline=float("inf"))
+    out = sweep(lambda p, live: lambda f: 0.5, [1, 2, 4], [10, 25], cost=lambda p, f: p + f, deadline=float("inf"))
     assert out.best == (1, 10)  # none reaches the target: the best bound, then the cheapest
-    out = sweep(lambda p, live: (lambda f: {10: 0.5, 25: 0.801, 50: 0.804}[f]), [1, 2], [10, 25, 50],
-                cost=lambda p, f: p + f, deadline=float("inf"))
+    out = sweep(
+        lambda p, live: lambda f: {10: 0.5, 25: 0.801, 50: 0.804}[f],
+        [1, 2],
+        [10, 25, 50],
+        cost=lambda p, f: p + f,
+        deadline=float("inf"),
+    )
     assert out.best == (1, 25)  # within 0.005 of the best bound and cheaper
     searched.clear()
     out = sweep(bound_of, [1, 2, 4, 8], [10], cost=lambda p, f: p + f, deadline=0.0)
@@ -105,7 +122,7 @@ def test_off_distribution_groups_use_one_direction_each():
     x, _ = synthetic.gaussian_mixture(400, 64, 5)
     groups = off_distribution_groups(x, rng, directions=8)
     assert [len(g) for g in groups] == [50] * 8
-    shifts = np.stack([(g - x[i * 50:(i + 1) * 50]).mean(axis=0) for i, g in enumerate(groups)])
+    shifts = np.stack([(g - x[i * 50 : (i + 1) * 50]).mean(axis=0) for i, g in enumerate(groups)])
     cos = (shifts @ shifts.T) / np.outer(np.linalg.norm(shifts, axis=1), np.linalg.norm(shifts, axis=1))
     assert np.all(np.abs(cos[~np.eye(8, dtype=bool)]) < 0.5)  # eight different offsets, not one
 
@@ -135,6 +152,7 @@ def test_an_index_of_fewer_than_k_vectors_has_the_recall_of_what_exists(tmp_path
 
     def strict(token: str) -> None:
         raise ValueError(f"index.json holds {token}")
+
     recorded = json.loads((tmp_path / "index" / "index.json").read_text(), parse_constant=strict)
     assert recorded["recall"]["served"] == info.recall["served"] == 1.0 and info.recall["target_met"]
     assert recorded["recall"]["in_distribution"] == {"no_refine": 1.0, "refine": 1.0}

@@ -1,5 +1,6 @@
 """The re-rank tier (index/rerank_tier.py, formats/tier_codes.py): codes written by separate writers, the served
 search (codes -> tier -> exact rows), and the self-check's account of it matching what is served, query by query."""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +10,12 @@ import pytest
 
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.tier_codes import copy_codes, create_codes, write_codes
-from clip_hpc.index.update import update_index
 from clip_hpc.index.build import build_index
-from clip_hpc.index.rerank_tier import load_tier
 from clip_hpc.index.ground_truth import exact_top_k, hit_positions
+from clip_hpc.index.rerank_tier import load_tier
 from clip_hpc.index.selfcheck import tier_ranks, tier_scores
 from clip_hpc.index.text_queries import text_like_groups
+from clip_hpc.index.update import update_index
 from clip_hpc.search.core import normalise_rows, rerank, set_nprobe
 from clip_hpc.search.engine import SearchEngine
 from clip_hpc.search.heldout import VectorQueriesOnly, heldout_mixture_params
@@ -49,8 +50,9 @@ def tiered(tmp_path_factory):
     """A hard small mixture (many small low-rank clusters) indexed with the tier, and text-like queries."""
     root = tmp_path_factory.mktemp("tier")
     p = heldout_mixture_params(N, 1)
-    vectors, labels = synthetic.gaussian_mixture(N, DIM, p.clusters, latent=p.latent, spread=p.spread, noise=p.noise,
-                                                 seed=11)
+    vectors, labels = synthetic.gaussian_mixture(
+        N, DIM, p.clusters, latent=p.latent, spread=p.spread, noise=p.noise, seed=11
+    )
     synthetic.write_emb_dir(root / "emb", vectors, labels, 10_000, failed_every=97)
     info = build_index(root / "emb", root / "index", progress=False, rerank_tier="on")
     rows = np.asarray(IndexDir(root / "index").open_vectors(), dtype=np.float32)
@@ -82,8 +84,9 @@ def test_served_search_is_codes_then_tier_then_exact_rows(tiered):
         n_cand, n_exact = 10 * engine.refine_factor, 10 * engine.exact_factor
         set_nprobe(index, engine.nprobe)
         _, cand = index.search(queries, n_cand)
-        decoded = tier.sa_decode(np.load(engine.index_dir / "tier_codes.npy")[np.maximum(cand, 0)].reshape(
-            -1, DIM // 2)).reshape(len(queries), n_cand, DIM)
+        decoded = tier.sa_decode(
+            np.load(engine.index_dir / "tier_codes.npy")[np.maximum(cand, 0)].reshape(-1, DIM // 2)
+        ).reshape(len(queries), n_cand, DIM)
         tier_score = np.where(cand >= 0, np.einsum("qcd,qd->qc", decoded, queries), -np.inf)
         best = np.take_along_axis(cand, np.argsort(-tier_score, axis=1, kind="stable")[:, :n_exact], 1)
         _, by_hand = rerank(queries, best, rows, 10)
@@ -119,9 +122,11 @@ def test_the_self_checks_account_of_the_tier_is_what_is_served(tiered):
 def test_update_encodes_the_new_rows_of_the_tier(tiered, tmp_path):
     root, info, rows, _ = tiered
     p = heldout_mixture_params(N, 1)
-    more, labels = synthetic.gaussian_mixture(5_000, DIM, p.clusters, latent=p.latent, spread=p.spread,
-                                              noise=p.noise, seed=12)
+    more, labels = synthetic.gaussian_mixture(
+        5_000, DIM, p.clusters, latent=p.latent, spread=p.spread, noise=p.noise, seed=12
+    )
     import shutil
+
     shutil.copytree(root / "emb", tmp_path / "emb")
     shutil.copytree(root / "index", tmp_path / "index")
     synthetic.write_emb_dir(tmp_path / "emb", more, labels, 10_000, first_id=N)
@@ -143,5 +148,6 @@ def test_a_search_time_refine_factor_overrides_the_recorded_one(tiered):
     finally:
         engine.close()
     from clip_hpc.errors import UserError
+
     with pytest.raises(UserError, match="refine-factor"):
         SearchEngine(root / "index", encoder=VectorQueriesOnly(DIM), refine_factor=0)

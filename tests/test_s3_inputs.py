@@ -4,6 +4,7 @@ credentials in the environment, killed with SIGKILL part-way and re-run (every i
 recorded with its reason, captions kept, no tar ever fetched whole; then index and serve, and the served bytes are
 the objects' bytes, and a tar rewritten after indexing is a 404. About 75 s on 2 cores, most of it the mpiexec,
 index and serve start-ups."""
+
 from __future__ import annotations
 
 import io
@@ -93,8 +94,9 @@ def embedded(s3_endpoint: S3Endpoint, bucket, tmp_path_factory) -> tuple[Path, s
     with pytest.MonkeyPatch.context() as mp:  # kill_after_shards's child inherits the environment
         for k, v in s3_endpoint.env.items():
             mp.setenv(k, v)
-        kill_after_shards([str(BIN / "mpiexec"), "-n", "2", str(BIN / "clip-hpc"), "embed", *args, "--batch-size",
-                           "1"], out)
+        kill_after_shards(
+            [str(BIN / "mpiexec"), "-n", "2", str(BIN / "clip-hpc"), "embed", *args, "--batch-size", "1"], out
+        )
         survivors = {p.name: p.stat().st_mtime_ns for p in EmbDir(out).shard_files()}
         n_units = -(-len(EmbDir(out).read_inputs()) // 4)
         assert 3 <= len(survivors) < n_units, "the run must be killed part-way"
@@ -116,8 +118,10 @@ def test_two_ranks_sigkill_resume_every_id_once_captions_and_the_throttled_objec
         failed.update(zip(shard.failed_paths, shard.failed_reasons))
         captions.update(zip(shard.paths, shard.captions))
     assert list(failed) == [f"s3://{THROTTLED}"], failed  # every other image embedded
-    assert failed[f"s3://{THROTTLED}"].startswith("read error") and "reduce your request rate" in \
-        failed[f"s3://{THROTTLED}"]
+    assert (
+        failed[f"s3://{THROTTLED}"].startswith("read error")
+        and "reduce your request rate" in failed[f"s3://{THROTTLED}"]
+    )
     assert len([r for r in s3_endpoint.gets(THROTTLED) if r.status == 503]) >= 2  # retried before giving up
     for line, caption in captions.items():
         member = line.partition("::")[2]
@@ -130,8 +134,7 @@ def test_two_ranks_sigkill_resume_every_id_once_captions_and_the_throttled_objec
 def test_index_and_serve_the_objects_bytes(s3_endpoint, bucket, embedded, tmp_path):
     out, _, _ = embedded
     run_cli("index", out, "--out", tmp_path / "index", "--quiet", check=True)
-    with start_server(tmp_path / "index", tmp_path / "serve", env=s3_endpoint.env) as served, \
-            served.client() as client:
+    with start_server(tmp_path / "index", tmp_path / "serve", env=s3_endpoint.env) as served, served.client() as client:
         hits = client.get("/api/search", params={"q": "a red kite", "k": 50}).json()["results"]
         assert len(hits) == N_TARS * PER_TAR + N_LOOSE
         start = len(s3_endpoint.log)
@@ -176,8 +179,9 @@ def test_listing_is_sorted_by_ranged_reads_and_out_must_be_posix(s3_endpoint, bu
     assert_ranged(s3_endpoint, bucket, start)
     member = listing.tar_samples[listing.lines[-1]]
     tar_key = member.tar.removeprefix("s3://")
-    assert bucket[tar_key][member.image.offset:member.image.offset + member.image.size] == \
-        member_bytes(bucket, listing.lines[-1])
+    assert bucket[tar_key][member.image.offset : member.image.offset + member.image.size] == member_bytes(
+        bucket, listing.lines[-1]
+    )
     proc = run_cli("embed", INPUTS[1], "--out", "s3://b/emb", *TINY)
     assert proc.returncode != 0 and "POSIX" in proc.stderr and "Traceback" not in proc.stderr
     assert "POSIX" in run_cli("embed", "--help").stdout
@@ -208,8 +212,20 @@ def test_append_adds_new_objects_at_the_end(s3_endpoint, bucket, embedded, tmp_p
     shutil.copytree(embedded[0], out)
     before = EmbDir(out).read_inputs()
     upload(s3_endpoint.direct, {f"{BUCKET}/extra/new.jpg": bucket[THROTTLED]})
-    proc = run_cli("embed", *INPUTS, f"s3://{BUCKET}/extra/", "--out", out, *TINY, "--shard-size", 4, "--workers",
-                   0, "--append", env=s3_endpoint.env)
+    proc = run_cli(
+        "embed",
+        *INPUTS,
+        f"s3://{BUCKET}/extra/",
+        "--out",
+        out,
+        *TINY,
+        "--shard-size",
+        4,
+        "--workers",
+        0,
+        "--append",
+        env=s3_endpoint.env,
+    )
     assert proc.returncode == 0, proc.stderr
     after = EmbDir(out).read_inputs()
     assert after == before + [f"s3://{BUCKET}/extra/new.jpg"]
@@ -229,11 +245,13 @@ def test_retries_only_what_may_pass_and_urls_are_never_paths(monkeypatch):
         if len(calls) < 3:
             raise ConnectionResetError("reset")
         return "ok"
+
     assert object_store.with_retries(flaky, 4) == "ok" and len(calls) == 3
 
     def missing() -> None:
         calls.append(1)
         raise FileNotFoundError("gone")
+
     calls.clear()
     with pytest.raises(FileNotFoundError):
         object_store.with_retries(missing, 4)
@@ -249,11 +267,17 @@ def test_local_paths_never_import_fsspec(tmp_path):
     """fsspec, s3fs and botocore load only when a URL is given: listing local tars and images and the server's file
     rules stay as light as before."""
     write_wds_tars(make_images(tmp_path / "images", 3, seed=1), tmp_path / "tars", per_tar=2)
-    code = ("import sys; from clip_hpc.ingest.sources import list_inputs; import clip_hpc.server.image_source, "
-            "clip_hpc.server.files, clip_hpc.cli; list_inputs([sys.argv[1], sys.argv[2]]); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 's3fs', 'botocore', 'aiobotocore')))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tars"), str(tmp_path / "images")],
-                         capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys; from clip_hpc.ingest.sources import list_inputs; import clip_hpc.server.image_source, "
+        "clip_hpc.server.files, clip_hpc.cli; list_inputs([sys.argv[1], sys.argv[2]]); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 's3fs', 'botocore', 'aiobotocore')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "tars"), str(tmp_path / "images")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip() == "[]"
 
 

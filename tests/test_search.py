@@ -1,4 +1,5 @@
 """SearchEngine and its pure core: refine, MMR, combined queries, filters and refusals."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -125,17 +126,20 @@ def test_diversity_reorders_the_same_pool(engine):
     assert (vecs @ vecs.T).mean() < (plain_vecs @ plain_vecs.T).mean()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({}, "empty query"),
-    ({"vector": [0.1, 0.2]}, "length 32"),
-    ({"vector": [float("nan")] * 32}, "NaN"),
-    ({"image_ids": [99]}, "unknown image id"),  # a failed id: in vectors.npy (zero row), not in the index
-    ({"image_ids": [10**12]}, "unknown image id"),
-    ({"image_ids": [1], "weights": {"colour": 1.0}}, "unknown weight"),
-    ({"image_ids": [1], "diversity": 2.0}, "diversity"),
-    ({"image_ids": [1], "k": 0}, "k must be"),
-    ({"negative_ids": [1]}, "empty query"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "empty query"),
+        ({"vector": [0.1, 0.2]}, "length 32"),
+        ({"vector": [float("nan")] * 32}, "NaN"),
+        ({"image_ids": [99]}, "unknown image id"),  # a failed id: in vectors.npy (zero row), not in the index
+        ({"image_ids": [10**12]}, "unknown image id"),
+        ({"image_ids": [1], "weights": {"colour": 1.0}}, "unknown weight"),
+        ({"image_ids": [1], "diversity": 2.0}, "diversity"),
+        ({"image_ids": [1], "k": 0}, "k must be"),
+        ({"negative_ids": [1]}, "empty query"),
+    ],
+)
 def test_bad_queries_raise_user_errors(engine, kwargs, message):
     with pytest.raises(UserError, match=message):
         engine.query(**kwargs)
@@ -163,16 +167,20 @@ def test_missing_index_dir_is_a_user_error(tmp_path):
 def tiny_engine(tmp_path_factory):
     import torch
 
-    from clip_hpc.model.loading import load_model
     from clip_hpc.formats.emb_dir import EmbDir
+    from clip_hpc.model.loading import load_model
 
     model = load_model("clip-hpc-tiny", "none", device="cpu")
     root = tmp_path_factory.mktemp("tiny")
     images = [Image.new("RGB", (64, 64), ((i * 40) % 256, (i * 90) % 256, (i * 15) % 256)) for i in range(24)]
     real = model.encode_images(torch.stack([model.preprocess(im) for im in images]))
-    EmbDir(root / "emb").write_shard(0, embeddings=real.astype(np.float16), ids=range(24),
-                                     paths=[f"/img/{i}.png" for i in range(24)],
-                                     attrs={"model": "clip-hpc-tiny", "pretrained": "none", "dim": model.dim, "unit": 0, "unit_size": 24})
+    EmbDir(root / "emb").write_shard(
+        0,
+        embeddings=real.astype(np.float16),
+        ids=range(24),
+        paths=[f"/img/{i}.png" for i in range(24)],
+        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "dim": model.dim, "unit": 0, "unit_size": 24},
+    )
     (root / "emb" / "inputs.txt").write_text("".join(f"/img/{i}.png\n" for i in range(24)))
     build_index(root / "emb", root / "index", progress=False)
     return SearchEngine(root / "index", device="cpu"), images, model
@@ -183,8 +191,9 @@ def test_text_and_image_queries_use_the_recorded_model(tiny_engine):
     assert engine.info.model == "clip-hpc-tiny"
     hits = engine.search_text("a photo of a dog", k=5)
     assert len(hits) == 5
-    np.testing.assert_allclose(engine.encoder.encode_text(["a photo of a dog"]),
-                               model.encode_text(["a photo of a dog"]), atol=1e-5)
+    np.testing.assert_allclose(
+        engine.encoder.encode_text(["a photo of a dog"]), model.encode_text(["a photo of a dog"]), atol=1e-5
+    )
     assert engine.search_image(images[13], k=1)[0].id == 13
     both = engine.query(text="a photo of a dog", images=[images[13]], weights={"text": 0.0}, k=1)
     assert both[0].id == 13

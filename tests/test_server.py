@@ -1,5 +1,6 @@
 """The HTTP API against a real `clip-hpc serve` process (uvicorn on 127.0.0.1, the real index and tiny model):
 auth on every route, every route's behaviour, the error statuses, the unix socket, and schemathesis for 5xx."""
+
 from __future__ import annotations
 
 import base64
@@ -14,9 +15,9 @@ import zipfile
 import numpy as np
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
+from schemathesis import GenerationMode
 
 from clip_hpc.formats.metadata import MetadataStore
 from server_fixtures import TOKEN, start_server
@@ -136,10 +137,15 @@ def test_uploaded_image_finds_its_indexed_copy(live_server, meta):
 def test_weights_decide_which_part_counts(live_server):
     with live_server.client() as c:
         text_only = _ids(c.post("/api/search", json={"text": "blue square", "k": 10}))
-        muted_image = _ids(c.post("/api/search", json={"text": "blue square", "image_id": 5, "k": 10,
-                                                      "weights": {"image": 0.0}}))
-        muted_text = _ids(c.post("/api/search", json={"text": "blue square", "image_id": 5, "k": 10,
-                                                     "weights": {"text": 0.0, "image": 1.0}}))
+        muted_image = _ids(
+            c.post("/api/search", json={"text": "blue square", "image_id": 5, "k": 10, "weights": {"image": 0.0}})
+        )
+        muted_text = _ids(
+            c.post(
+                "/api/search",
+                json={"text": "blue square", "image_id": 5, "k": 10, "weights": {"text": 0.0, "image": 1.0}},
+            )
+        )
     assert muted_image == text_only
     assert muted_text[0] == 5
 
@@ -147,8 +153,17 @@ def test_weights_decide_which_part_counts(live_server):
 def test_negative_examples_push_results_down(live_server):
     with live_server.client() as c:
         pos = _ids(c.post("/api/search", json={"positive_ids": [3, 4], "k": 60}))
-        neg = _ids(c.post("/api/search", json={"positive_ids": [3, 4], "negative_ids": [4], "k": 60,
-                                              "weights": {"positive": 1.0, "negative": 1.0}}))
+        neg = _ids(
+            c.post(
+                "/api/search",
+                json={
+                    "positive_ids": [3, 4],
+                    "negative_ids": [4],
+                    "k": 60,
+                    "weights": {"positive": 1.0, "negative": 1.0},
+                },
+            )
+        )
     assert pos.index(4) < neg.index(4)
 
 
@@ -203,8 +218,10 @@ def test_image_and_thumbnail_are_the_indexed_file(live_server, meta):
 
 def _raw_get(port: int, raw_path: str) -> tuple[int, bytes]:
     """Send the path byte for byte: HTTP clients normalise '..' away before it reaches the server."""
-    return _raw_request(port, f"GET {raw_path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                              f"Connection: close\r\n\r\n".encode())
+    return _raw_request(
+        port,
+        f"GET {raw_path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n".encode(),
+    )
 
 
 def _raw_request(port: int, request: bytes) -> tuple[int, bytes]:
@@ -216,11 +233,23 @@ def _raw_request(port: int, request: bytes) -> tuple[int, bytes]:
     return int(data.split(b" ", 2)[1]), data
 
 
-TRAVERSALS = ["/api/images/999999", "/api/images/-1", "/api/images/9223372036854775808", "/api/images/1e3", "/api/images/0x1",
-              "/api/images/..%2F..%2F..%2Fetc%2Fpasswd", "/api/images/%2Fetc%2Fpasswd",
-              "/api/images/0/..%2F..%2Fetc%2Fpasswd", "/api/images/999999/thumb", "/static/../server.py",
-              "/static/..%2Fserver.py", "/static/../../../../etc/passwd", "/static/%2e%2e/server.py",
-              "/api/images/../../../etc/passwd", "/etc/passwd"]
+TRAVERSALS = [
+    "/api/images/999999",
+    "/api/images/-1",
+    "/api/images/9223372036854775808",
+    "/api/images/1e3",
+    "/api/images/0x1",
+    "/api/images/..%2F..%2F..%2Fetc%2Fpasswd",
+    "/api/images/%2Fetc%2Fpasswd",
+    "/api/images/0/..%2F..%2Fetc%2Fpasswd",
+    "/api/images/999999/thumb",
+    "/static/../server.py",
+    "/static/..%2Fserver.py",
+    "/static/../../../../etc/passwd",
+    "/static/%2e%2e/server.py",
+    "/api/images/../../../etc/passwd",
+    "/etc/passwd",
+]
 
 
 @pytest.mark.parametrize("raw_path", TRAVERSALS)
@@ -232,8 +261,11 @@ def test_traversal_and_unknown_ids_are_404(live_server, raw_path):
 
 def test_search_and_export_with_unknown_ids_are_404(live_server):
     with live_server.client() as c:
-        for r in (c.post("/api/search", json={"image_id": 999999}), c.post("/api/export", json={"ids": [0, 999999]}),
-                  c.post("/api/search", json={"positive_ids": [999999]})):
+        for r in (
+            c.post("/api/search", json={"image_id": 999999}),
+            c.post("/api/export", json={"ids": [0, 999999]}),
+            c.post("/api/search", json={"positive_ids": [999999]}),
+        ):
             assert r.status_code == 404 and "999999" in r.json()["error"]
 
 
@@ -255,8 +287,9 @@ def test_oversize_upload_is_413(live_server):
     with live_server.client() as c:
         upload = c.post("/api/search/image", files={"file": ("big.png", big, "image/png")})
         b64 = c.post("/api/search", json={"image_b64": base64.b64encode(big).decode()})
-        chunked = c.post("/api/search", content=iter([b"{" + b" " * 2**19] * 3),
-                         headers={"content-type": "application/json"})
+        chunked = c.post(
+            "/api/search", content=iter([b"{" + b" " * 2**19] * 3), headers={"content-type": "application/json"}
+        )
     for r in (upload, b64, chunked):
         assert r.status_code == 413 and "too large" in r.json()["error"]
 
@@ -287,8 +320,10 @@ def test_malformed_requests_get_a_message(live_server):
 def test_a_request_the_http_parser_rejects_gets_a_json_400(live_server):
     """It never reaches the app (uvicorn answers it), yet its error is JSON like every other (the schema fuzzer
     found uvicorn's plain-text 'Invalid HTTP request received.')."""
-    for request in (b"GET /health HTTP/1.1\r\nHost: x\r\nno colon in this header\r\n\r\n",
-                    b"GET /api/search?q=a\x01b HTTP/1.1\r\nHost: x\r\n\r\n"):
+    for request in (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nno colon in this header\r\n\r\n",
+        b"GET /api/search?q=a\x01b HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
         status, data = _raw_request(live_server.port, request)
         head, _, body = data.partition(b"\r\n\r\n")
         assert status == 400 and b"application/json" in head.lower(), data
@@ -328,8 +363,9 @@ def test_docs_and_schema(live_server):
 # --- unix socket and the announcement ----------------------------------------------------------------------------
 def test_unix_socket_is_private_and_cleaned_up(served_index, tmp_path):
     sock_path = tmp_path / "s" / "clip.sock"
-    with start_server(served_index, tmp_path, "--uds", str(sock_path),
-                      env={"CLIP_HPC_LOGIN_HOST": "me@login.example"}) as srv:
+    with start_server(
+        served_index, tmp_path, "--uds", str(sock_path), env={"CLIP_HPC_LOGIN_HOST": "me@login.example"}
+    ) as srv:
         assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
         assert stat.S_IMODE(os.stat(srv.connection_file).st_mode) == 0o600
         info = json.loads(srv.connection_file.read_text())

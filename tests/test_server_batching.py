@@ -1,6 +1,7 @@
 """Micro-batching: the batch stage's logic in-process (who waits for whom, one bad item fails alone), the engine's
 batched search against its one-at-a-time search, the thread counts, and a real `clip-hpc serve` where concurrent
 queries get the same answers as sequential ones. About 20 s, most of it the server's start."""
+
 from __future__ import annotations
 
 import base64
@@ -71,8 +72,12 @@ def test_a_lone_request_does_not_wait_for_the_window():
 
 def test_a_batch_is_never_larger_than_max_batch():
     sizes: list[int] = []
-    stage = MicroBatcher("max", lambda items: sizes.append(len(items)) or items,
-                         BatchSettings(window_ms=200, max_batch=3), expected=lambda: 10)
+    stage = MicroBatcher(
+        "max",
+        lambda items: sizes.append(len(items)) or items,
+        BatchSettings(window_ms=200, max_batch=3),
+        expected=lambda: 10,
+    )
     assert run_threads(stage.submit, list(range(10))) == list(range(10))
     assert max(sizes) <= 3 and sum(sizes) == 10
 
@@ -240,10 +245,14 @@ def test_the_old_design_really_encodes_at_the_full_context(served_index):
 # --- a real server -----------------------------------------------------------------------------------------------
 def _batch_counts(metrics: str, stage: str) -> tuple[float, float]:
     """(batches, batches of exactly one) of a stage so far."""
+
     def value(prefix):
         return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix))
-    return (value(f'clip_hpc_batch_size_count{{stage="{stage}"}}'),
-            value(f'clip_hpc_batch_size_bucket{{stage="{stage}",le="1"}}'))
+
+    return (
+        value(f'clip_hpc_batch_size_count{{stage="{stage}"}}'),
+        value(f'clip_hpc_batch_size_bucket{{stage="{stage}",le="1"}}'),
+    )
 
 
 def _same_results(a: dict, b: dict) -> None:
@@ -254,19 +263,23 @@ def _same_results(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def batching_server(served_index, tmp_path_factory):
     """A window long enough that concurrent requests surely meet (a lone one still never waits for it)."""
-    with start_server(served_index, tmp_path_factory.mktemp("batching"), "--port", "0",
-                      "--batch-window-ms", "500") as srv:
+    with start_server(
+        served_index, tmp_path_factory.mktemp("batching"), "--port", "0", "--batch-window-ms", "500"
+    ) as srv:
         yield srv
 
 
 def test_concurrent_queries_get_what_sequential_ones_get(batching_server):
-    texts = [f"a {colour} {shape} on grey" for colour in ("red", "green", "blue", "yellow")
-             for shape in ("circle", "square")]
+    texts = [
+        f"a {colour} {shape} on grey" for colour in ("red", "green", "blue", "yellow") for shape in ("circle", "square")
+    ]
     with batching_server.client() as c:
         sequential = [c.get("/api/search", params={"q": t, "k": 5}).json() for t in texts]
         before = c.get("/metrics").text
     with batching_server.client() as c:  # fresh texts (no cache hits), sent all at once
-        concurrent = run_threads(lambda t: c.get("/api/search", params={"q": t + " ", "k": 5}), texts, 60)  # same tokens
+        concurrent = run_threads(
+            lambda t: c.get("/api/search", params={"q": t + " ", "k": 5}), texts, 60
+        )  # same tokens
         after = c.get("/metrics").text
     for one, many in zip(sequential, concurrent):
         assert many.status_code == 200
@@ -282,8 +295,9 @@ def test_concurrent_combined_queries_share_the_text_and_search_stages(batching_s
     with batching_server.client() as c:
         alone = [c.post("/api/search", json={"text": t, "k": 5, "weights": {"text": 2.0}}).json() for t in texts]
         before = c.get("/metrics").text
-        together = run_threads(lambda t: c.post("/api/search", json={"text": t + " ", "k": 5,
-                                                                    "weights": {"text": 2.0}}), texts, 60)
+        together = run_threads(
+            lambda t: c.post("/api/search", json={"text": t + " ", "k": 5, "weights": {"text": 2.0}}), texts, 60
+        )
         after = c.get("/metrics").text
     for one, many in zip(alone, together):
         assert many.status_code == 200
@@ -295,14 +309,17 @@ def test_concurrent_combined_queries_share_the_text_and_search_stages(batching_s
 
 def test_a_bad_request_in_a_batch_fails_alone(batching_server):
     good = [{"text": f"a photo number {i}", "k": 4} for i in range(5)]
-    bad = [({"text": "fine text", "vector": [1.0, 2.0]}, 400),  # wrong length, after its text was encoded
-           ({"text": "fine text 2", "positive_ids": [10**9]}, 404),
-           ({"text": "fine text 3", "image_b64": base64.b64encode(b"not an image").decode()}, 400)]
+    bad = [
+        ({"text": "fine text", "vector": [1.0, 2.0]}, 400),  # wrong length, after its text was encoded
+        ({"text": "fine text 2", "positive_ids": [10**9]}, 404),
+        ({"text": "fine text 3", "image_b64": base64.b64encode(b"not an image").decode()}, 400),
+    ]
     with batching_server.client() as c:
         expected = [c.post("/api/search", json=body).json() for body in good]
         bodies = [{**body, "text": body["text"] + " "} for body in good]  # same tokens, not in the cache
-        answers = run_threads(lambda body: c.post("/api/search", json=body),
-                              [*bodies[:2], *[b for b, _ in bad], *bodies[2:]], 60)
+        answers = run_threads(
+            lambda body: c.post("/api/search", json=body), [*bodies[:2], *[b for b, _ in bad], *bodies[2:]], 60
+        )
     for want, got in zip(expected, [*answers[:2], *answers[5:]]):
         assert got.status_code == 200
         _same_results(want, got.json())

@@ -2,6 +2,7 @@
 (B5, D1, D4), export copies (D3), the cookie (D2), HEAD, weight overflow. Real `clip-hpc serve` processes.
 
 Cost: ~40 s (one small index, four short-lived servers; the RSS test decodes four 9400x9400 PNGs)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,21 @@ def own_index(tmp_path_factory) -> Path:
     """A small index of its own: these tests replace and chmod its files."""
     root = tmp_path_factory.mktemp("hardening")
     make_images(root / "images", 12)
-    run_cli("embed", root / "images", "--out", root / "emb", "--model", "clip-hpc-tiny", "--pretrained", "none",
-            "--shard-size", "50", "--workers", "0", check=True)
+    run_cli(
+        "embed",
+        root / "images",
+        "--out",
+        root / "emb",
+        "--model",
+        "clip-hpc-tiny",
+        "--pretrained",
+        "none",
+        "--shard-size",
+        "50",
+        "--workers",
+        "0",
+        check=True,
+    )
     run_cli("index", root / "emb", "--out", root / "index", "--quiet", check=True)
     return root
 
@@ -92,8 +106,10 @@ def test_unreadable_image_is_a_json_404_before_any_header(own_index, tmp_path, t
     path.chmod(0)
     env, tmp = tmpdir_env
     try:
-        with start_server(own_index / "index", tmp_path / "srv", env=env, preexec=drop_all_capabilities) as srv, \
-                srv.client() as c:
+        with (
+            start_server(own_index / "index", tmp_path / "srv", env=env, preexec=drop_all_capabilities) as srv,
+            srv.client() as c,
+        ):
             resp = c.get(f"/api/images/{image_id}")
             assert resp.status_code == 404 and "cannot be read" in resp.json()["error"], resp.text[:200]
             resp = c.post("/api/export", json={"ids": [image_id, list(paths)[8]]})
@@ -112,13 +128,16 @@ def test_head_export_dedupe_cookie_thumbnail_identity_weight_overflow_and_two_up
         head = c.head(f"/api/images/{image_id}")
         assert head.status_code == 200 and int(head.headers["content-length"]) == path.stat().st_size
         # two parts named `file`: the last one was searched without a word
-        two = c.post("/api/search/image", files=[("file", ("a.png", _small_png(), "image/png")),
-                                                 ("file", ("b.png", _small_png(), "image/png"))])
+        two = c.post(
+            "/api/search/image",
+            files=[("file", ("a.png", _small_png(), "image/png")), ("file", ("b.png", _small_png(), "image/png"))],
+        )
         assert two.status_code == 400 and "one image" in two.json()["error"]
         # D3: one copy per id
         resp = c.post("/api/export", json={"ids": [image_id] * 1000})
         assert resp.status_code == 200
         import zipfile
+
         names = zipfile.ZipFile(io.BytesIO(resp.content)).namelist()
         assert len([n for n in names if n.startswith("images/")]) == 1
         # D2: the cookie is not the token, and works as a cookie only
@@ -146,8 +165,9 @@ def test_head_export_dedupe_cookie_thumbnail_identity_weight_overflow_and_two_up
 
 def test_k_returns_min_k_n_results_when_ivf_lists_run_dry(tmp_path):  # D6
     emb, _ = synthetic_emb_dir(tmp_path / "emb", 2000, dim=32, clusters=40)
-    run_cli("index", emb, "--out", tmp_path / "index", "--index-key", "IVF32,Flat", "--nprobe", "1", "--quiet",
-            check=True)
+    run_cli(
+        "index", emb, "--out", tmp_path / "index", "--index-key", "IVF32,Flat", "--nprobe", "1", "--quiet", check=True
+    )
     engine = SearchEngine(tmp_path / "index", model_name="clip-hpc-tiny", pretrained="none")
     query = engine.vectors_for_ids([5])
     assert len(engine.search_vectors(query, 1000)[0]) == 1000

@@ -1,5 +1,6 @@
 """The server's listening sockets: a taken port is a clear error, a unix socket is private from birth and a stale
 one is replaced."""
+
 from __future__ import annotations
 
 import stat
@@ -61,8 +62,11 @@ def test_a_unix_socket_path_too_long_is_named_and_leaves_nothing(tmp_path):
     """sun_path holds 107 bytes: a deep project directory on a cluster file system exceeds it easily. The error
     names the path, its length and the way out, and no directory is made for a socket that cannot exist."""
     deep = tmp_path / ("d" * 120)
-    with pytest.raises(UserError, match=r"^--uds path .* is \d+ bytes; a unix socket path holds at most 107: "
-                                        r"choose a shorter one \(e\.g\. under /tmp\)$"):
+    with pytest.raises(
+        UserError,
+        match=r"^--uds path .* is \d+ bytes; a unix socket path holds at most 107: "
+        r"choose a shorter one \(e\.g\. under /tmp\)$",
+    ):
         sockets.bind_unix(deep / "s.sock")
     assert not deep.exists()
 
@@ -71,10 +75,12 @@ def test_serve_refuses_a_bad_port_or_socket_path_before_loading(tmp_path):
     """Checked before the model and index load (minutes for a real one), with a one-line error."""
     from conftest import run_cli
 
-    for args, message in ((["--port", "70000"], "--port 70000 is not a port number (0-65535"),
-                          (["--port", "-1"], "--port -1 is not a port number (0-65535"),
-                          (["--uds", str(tmp_path / ("d" * 120) / "s.sock")], "a unix socket path holds at most"),
-                          (["--host", ""], "--host is empty")):
+    for args, message in (
+        (["--port", "70000"], "--port 70000 is not a port number (0-65535"),
+        (["--port", "-1"], "--port -1 is not a port number (0-65535"),
+        (["--uds", str(tmp_path / ("d" * 120) / "s.sock")], "a unix socket path holds at most"),
+        (["--host", ""], "--host is empty"),
+    ):
         proc = run_cli("serve", tmp_path / "no-index", *args, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 

@@ -1,6 +1,7 @@
 """Serving an index built from WebDataset tars through a real `clip-hpc serve`: hits carry the member's caption,
 /api/images/{id} and the ZIP export return the member's exact bytes, a caption filter narrows the results.
 About 15 s (embed + index of 40 images, one server start)."""
+
 import io
 import mimetypes
 import tarfile
@@ -20,8 +21,21 @@ pytest.importorskip("webdataset")
 def tar_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("tar-serve")
     write_wds_tars(make_images(root / "images", 40, seed=5), root / "tars", per_tar=16)
-    run_cli("embed", root / "tars", "--out", root / "emb", "--model", "clip-hpc-tiny", "--pretrained", "none",
-            "--shard-size", "20", "--workers", "0", check=True)
+    run_cli(
+        "embed",
+        root / "tars",
+        "--out",
+        root / "emb",
+        "--model",
+        "clip-hpc-tiny",
+        "--pretrained",
+        "none",
+        "--shard-size",
+        "20",
+        "--workers",
+        "0",
+        check=True,
+    )
     run_cli("index", root / "emb", "--out", root / "index", "--quiet", check=True)
     with start_server(root / "index", root / "serve") as served:
         yield served
@@ -82,8 +96,19 @@ def test_n13_tar_under_a_directory_with_double_colon(tmp_path):
     samples[2] = ("odd::name", samples[2][1])
     tar = write_tar(tmp_path / "d::x" / "00000.tar", samples)
     want = {f"{tar}::{key}.jpg": members["jpg"] for key, members in samples}
-    run_cli("embed", tar.parent, "--out", tmp_path / "emb", "--model", "clip-hpc-tiny", "--pretrained", "none",
-            "--workers", "0", check=True)
+    run_cli(
+        "embed",
+        tar.parent,
+        "--out",
+        tmp_path / "emb",
+        "--model",
+        "clip-hpc-tiny",
+        "--pretrained",
+        "none",
+        "--workers",
+        "0",
+        check=True,
+    )
     run_cli("index", tmp_path / "emb", "--out", tmp_path / "index", "--quiet", check=True)
     with IndexDir(tmp_path / "index").open_metadata() as meta:
         assert embedded_root(meta.path_bounds()) == os.path.realpath(tar.parent)

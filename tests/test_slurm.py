@@ -1,5 +1,6 @@
 """The sbatch path on a real local SLURM cluster: MPI ranks under srun, the embed job, a requeue mid-run, and the
 whole pipeline (embed -> index -> serve) answered over HTTP."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from clip_hpc.formats.emb_dir import EmbDir
 from conftest import BIN, ROOT, make_images
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
-
 TINY = ("--model", "clip-hpc-tiny", "--pretrained", "none")
 TWO_TASKS = ("--ntasks=2", "--cpus-per-task=1")
 
@@ -32,15 +32,30 @@ def profile_vars(profile: str, *names: str, env: dict[str, str] | None = None) -
     """Source hpc/PROFILE.sh the way the sbatch scripts do (no module system, no job) and read variables back."""
     script = f'source "$CLIP_HPC_HOME/hpc/{profile}.sh" && ' + " && ".join(f'echo "{n}=${{{n}:-}}"' for n in names)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SBATCH_", "CLIP_HPC_", "SLURM_"))}
-    proc = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, timeout=30,
-                          env={**clean, "CLIP_HPC_HOME": str(ROOT), "SCRATCH": "/scratch/u", **(env or {})})
+    proc = subprocess.run(
+        ["bash", "-euc", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**clean, "CLIP_HPC_HOME": str(ROOT), "SCRATCH": "/scratch/u", **(env or {})},
+    )
     assert proc.returncode == 0, proc.stderr
     return dict(line.split("=", 1) for line in proc.stdout.splitlines())
 
 
 def test_profiles_set_what_the_scripts_need() -> None:
-    names = ("CLIP_HPC_VENV", "CLIP_HPC_SRUN_MPI", "CLIP_HPC_GPUS_PER_NODE", "CLIP_HPC_EMBED_SBATCH",
-             "CLIP_HPC_LOGIN_HOST", "CLIP_HPC_DATA", "SBATCH_CONSTRAINT", "SBATCH_QOS", "SBATCH_ACCOUNT", "PATH")
+    names = (
+        "CLIP_HPC_VENV",
+        "CLIP_HPC_SRUN_MPI",
+        "CLIP_HPC_GPUS_PER_NODE",
+        "CLIP_HPC_EMBED_SBATCH",
+        "CLIP_HPC_LOGIN_HOST",
+        "CLIP_HPC_DATA",
+        "SBATCH_CONSTRAINT",
+        "SBATCH_QOS",
+        "SBATCH_ACCOUNT",
+        "PATH",
+    )
     generic = profile_vars("generic", *names)
     assert generic["CLIP_HPC_VENV"] == str(ROOT / ".venv") and generic["CLIP_HPC_SRUN_MPI"] == "pmi2"
     assert generic["PATH"].split(":")[0] == str(ROOT / ".venv" / "bin")
@@ -57,8 +72,13 @@ def test_profiles_set_what_the_scripts_need() -> None:
 
 def test_unknown_profile_and_bad_pipeline_use_fail_with_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "CLIP_HPC_PROFILE": "nosuchcluster", "CLIP_HPC_HOME": str(ROOT)}
-    proc = subprocess.run(["bash", ROOT / "slurm" / "embed.sbatch", "x", "--out", tmp_path], capture_output=True,
-                          text=True, env=env, timeout=30)
+    proc = subprocess.run(
+        ["bash", ROOT / "slurm" / "embed.sbatch", "x", "--out", tmp_path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "no profile 'nosuchcluster'" in proc.stderr
     assert all(p in proc.stderr for p in ("generic", "local", "perlmutter")), "the error lists the profiles"
     proc = subprocess.run([ROOT / "slurm" / "pipeline.sh", tmp_path], capture_output=True, text=True, timeout=30)
@@ -90,11 +110,21 @@ def test_srun_starts_two_mpi_ranks(slurm_cluster: SlurmCluster) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_embed_sbatch_two_tasks_covers_every_id_once(slurm_cluster: SlurmCluster, images_120: Path,
-                                                     tmp_path: Path) -> None:
+def test_embed_sbatch_two_tasks_covers_every_id_once(
+    slurm_cluster: SlurmCluster, images_120: Path, tmp_path: Path
+) -> None:
     emb, log = tmp_path / "emb", tmp_path / "embed.log"
-    job = slurm_cluster.sbatch(*TWO_TASKS, f"--output={log}", ROOT / "slurm" / "embed.sbatch",
-                               images_120, "--out", emb, *TINY, "--shard-size", "20")
+    job = slurm_cluster.sbatch(
+        *TWO_TASKS,
+        f"--output={log}",
+        ROOT / "slurm" / "embed.sbatch",
+        images_120,
+        "--out",
+        emb,
+        *TINY,
+        "--shard-size",
+        "20",
+    )
     info = slurm_cluster.wait(job, log=log)
     assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
     manifest = json.loads((emb / "manifest.json").read_text())
@@ -121,13 +151,27 @@ def shard_stamps(emb_dir: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_requeued_embed_resumes_without_recomputing(slurm_cluster: SlurmCluster, images_120: Path,
-                                                    tmp_path: Path) -> None:
+def test_requeued_embed_resumes_without_recomputing(
+    slurm_cluster: SlurmCluster, images_120: Path, tmp_path: Path
+) -> None:
     n, unit, images = 120, 10, images_120
     emb, log = tmp_path / "emb", tmp_path / "embed.log"
     # Small batches and no DataLoader workers: slow enough to catch the job between its first and last shard.
-    job = slurm_cluster.sbatch(*TWO_TASKS, f"--output={log}", ROOT / "slurm" / "embed.sbatch", images,
-                               "--out", emb, *TINY, "--shard-size", str(unit), "--batch-size", "2", "--workers", "0")
+    job = slurm_cluster.sbatch(
+        *TWO_TASKS,
+        f"--output={log}",
+        ROOT / "slurm" / "embed.sbatch",
+        images,
+        "--out",
+        emb,
+        *TINY,
+        "--shard-size",
+        str(unit),
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+    )
     wait_for(lambda: EmbDir(emb).shard_files() if (emb / "shards").is_dir() else [], 240, "the first shard")
     slurm_cluster.run("scontrol", "requeue", str(job))
     # Once the killed run's processes are gone the job waits to start again: what is on disk now is its work.
@@ -153,12 +197,22 @@ def test_requeued_embed_resumes_without_recomputing(slurm_cluster: SlurmCluster,
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_pipeline_embed_index_serve_answers_a_query(slurm_cluster: SlurmCluster, images_120: Path,
-                                                    tmp_path: Path) -> None:
+def test_pipeline_embed_index_serve_answers_a_query(
+    slurm_cluster: SlurmCluster, images_120: Path, tmp_path: Path
+) -> None:
     conn = tmp_path / "connection.json"
     env = {**slurm_cluster.env, "CLIP_HPC_CONNECTION_FILE": str(conn)}
-    out = slurm_cluster.run(ROOT / "slurm" / "pipeline.sh", "--serve", tmp_path / "work", images_120,
-                            "--", *TINY, "--shard-size", "30", env=env).stdout
+    out = slurm_cluster.run(
+        ROOT / "slurm" / "pipeline.sh",
+        "--serve",
+        tmp_path / "work",
+        images_120,
+        "--",
+        *TINY,
+        "--shard-size",
+        "30",
+        env=env,
+    ).stdout
     jobs = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert set(jobs) == {"embed", "index", "serve", "connection_file"} and jobs["connection_file"] == str(conn)
     logs = tmp_path / "work" / "logs"
@@ -177,8 +231,13 @@ def test_pipeline_embed_index_serve_answers_a_query(slurm_cluster: SlurmCluster,
 
         tunnel = wait_for(tunnel_line, 180, "the tunnel command in the serve job's log", poll=0.5)
         info = json.loads(conn.read_text())
-        resp = httpx.get(f"http://127.0.0.1:{info['port']}/api/search", params={"q": "a red circle", "k": 5},
-                         headers={"Authorization": f"Bearer {info['token']}"}, timeout=60, trust_env=False)
+        resp = httpx.get(
+            f"http://127.0.0.1:{info['port']}/api/search",
+            params={"q": "a red circle", "k": 5},
+            headers={"Authorization": f"Bearer {info['token']}"},
+            timeout=60,
+            trust_env=False,
+        )
         assert resp.status_code == 200, resp.text
         results = resp.json()["results"]
         assert len(results) == 5 and all(0 <= r["id"] < 120 for r in results)

@@ -1,6 +1,7 @@
 """The laptop -> ssh tunnel -> compute node chain, for real: an sshd on loopback with throwaway keys
 (scripts/sshd-local.sh) stands for the login node, a `clip-hpc serve` process for the compute node, and
 `clip-hpc check-ports` runs on the "laptop" side of an `ssh -N -L` tunnel."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -54,16 +55,22 @@ def sshd(tmp_path_factory) -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def node_server(served_index: Path, tmp_path_factory) -> Iterator[Served]:
     """The "compute node": clip-hpc serve on 127.0.0.1, port 0, connection file with the token."""
-    with start_server(served_index, tmp_path_factory.mktemp("node"),
-                      env={"CLIP_HPC_LOGIN_HOST": "root@127.0.0.1"}) as served:
+    with start_server(
+        served_index, tmp_path_factory.mktemp("node"), env={"CLIP_HPC_LOGIN_HOST": "root@127.0.0.1"}
+    ) as served:
         yield served
 
 
 @contextlib.contextmanager
 def tunnel(sshd: dict[str, str], local_port: int, remote_port: int) -> Iterator[subprocess.Popen]:
     """`ssh -N -L local:127.0.0.1:remote` through the loopback sshd, up until the local port accepts."""
-    proc = subprocess.Popen([str(SSHD_LOCAL), "tunnel", str(local_port), str(remote_port)], env=sshd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(SSHD_LOCAL), "tunnel", str(local_port), str(remote_port)],
+        env=sshd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not accepts(local_port):
@@ -104,8 +111,13 @@ def test_check_ports_passes_every_step_through_the_tunnel(sshd, node_server: Ser
         assert (code, statuses(lines)) == (0, ["PASS"] * 4), lines
         code, lines = check_ports("--connection-file", laptop_connection_file(node_server, local, tmp_path))
         assert (code, statuses(lines)) == (0, ["PASS"] * 4), lines
-        resp = httpx.get(f"http://127.0.0.1:{local}/api/search", params={"q": "a blue square", "k": 3},
-                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60, trust_env=False)
+        resp = httpx.get(
+            f"http://127.0.0.1:{local}/api/search",
+            params={"q": "a blue square", "k": 3},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=60,
+            trust_env=False,
+        )
         assert resp.status_code == 200 and len(resp.json()["results"]) == 3
     log = (Path(sshd["CLIP_HPC_SSHD_DIR"]) / "sshd.log").read_text()
     assert "Accepted publickey for" in log, "the requests did not go through the sshd"
@@ -133,8 +145,12 @@ def test_wrong_token_fails_at_step_3(sshd, node_server: Served) -> None:
 
 def test_another_program_on_the_port_fails_at_step_2(node_server: Served, tmp_path: Path) -> None:
     taken = free_port()
-    other = subprocess.Popen([sys.executable, "-m", "http.server", str(taken), "--bind", "127.0.0.1"],
-                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    other = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(taken), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         while not accepts(taken):

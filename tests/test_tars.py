@@ -1,13 +1,13 @@
 """Tar listing without embedding (sub-second): member order, offsets that read back exactly, bad members and cut
 tars as input lines with their reason, brace patterns, loose files and tars side by side."""
+
 import io
 import os
 import tarfile
 
-
 from clip_hpc.devdata.sample_images import captioned_samples, write_sample_tars, write_tar
-from clip_hpc.ingest.sources import list_inputs
 from clip_hpc.formats.tar_member import file_on_disk, split_member_line
+from clip_hpc.ingest.sources import list_inputs
 from clip_hpc.ingest.tars import expand_braces, header_describes, index_tar, read_member
 
 
@@ -48,17 +48,18 @@ def test_member_lines_split_after_the_tar_that_exists(tmp_path):
 
 def test_sidecars_without_image_and_cut_tars_become_failing_lines(tmp_path):
     good = captioned_samples(3)
-    tar = write_tar(tmp_path / "a.tar", [good[0], ("lonely", {"txt": b"no picture"}), good[1],
-                                         ("other", {"cls": b"3"})])
+    tar = write_tar(
+        tmp_path / "a.tar", [good[0], ("lonely", {"txt": b"no picture"}), good[1], ("other", {"cls": b"3"})]
+    )
     problems = [s.problem.split(":")[0] for s in index_tar(tar)]
     assert problems == ["", "no image", ""]  # a member of no known kind is no input at all
     whole = write_tar(tmp_path / "b.tar", good).read_bytes()
     in_data = tmp_path / "cut-in-data.tar"
-    in_data.write_bytes(whole[:whole.rindex(good[2][1]["jpg"][:64]) + 100])
+    in_data.write_bytes(whole[: whole.rindex(good[2][1]["jpg"][:64]) + 100])
     assert [s.problem.split(":")[0] for s in index_tar(in_data)] == ["", "", "truncated tar"]
     header_at = whole.index(b"000000002.jpg")
     in_header = tmp_path / "cut-in-header.tar"
-    in_header.write_bytes(whole[:header_at + 300])  # the third sample's header is cut half-way
+    in_header.write_bytes(whole[: header_at + 300])  # the third sample's header is cut half-way
     listed = index_tar(in_header)
     assert [s.problem.split(":")[0] for s in listed] == ["", "", "truncated tar"]
     assert listed[-1].name.startswith("<unreadable after byte")
@@ -106,8 +107,12 @@ def test_member_names_with_several_dots_are_images_not_dropped(tmp_path):
     """`photo.2019.jpg` has the WebDataset key `photo` and the extension `2019.jpg`, which is no image suffix: the
     image was neither embedded nor recorded. Such a member is keyed by its name less the last suffix, and shares
     sidecars of that key only (`photo.2019.txt`), never another sample's."""
-    samples = [("photo.2019", {"jpg": b"A", "txt": b"own caption"}), ("photo", {"jpg": b"B", "txt": b"other"}),
-               ("seg.mask", {"png": b"C"}), ("lone.v2", {"txt": b"orphan field"})]
+    samples = [
+        ("photo.2019", {"jpg": b"A", "txt": b"own caption"}),
+        ("photo", {"jpg": b"B", "txt": b"other"}),
+        ("seg.mask", {"png": b"C"}),
+        ("lone.v2", {"txt": b"orphan field"}),
+    ]
     tar = tmp_path / "dots.tar"
     with tarfile.open(tar, "w") as tf:
         for key, parts in samples:
@@ -128,7 +133,7 @@ def test_long_member_names_pass_the_header_check_however_the_writer_spelled_them
     long = "d" * 120 + "/k.jpg"
     info = tarfile.TarInfo(long)
     info.size = 3
-    plain = bytearray(info.tobuf(tarfile.GNU_FORMAT)[-tarfile.BLOCKSIZE:])  # the header before the data
+    plain = bytearray(info.tobuf(tarfile.GNU_FORMAT)[-tarfile.BLOCKSIZE :])  # the header before the data
 
     def spelled_as(stored: bytes) -> bytes:
         block = bytearray(plain)

@@ -1,5 +1,6 @@
 """Short-context text encoding is exact where it is used, and falls back to the full context where it cannot be
 proven: the same features (within 1e-5) for batches of mixed lengths, on the shipped configs and on ViT-B-32."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,14 @@ import torch
 from clip_hpc.model import text_context
 from clip_hpc.model.loading import load_model
 
-MIXED = ["a", "a photo of a dog on a red sofa in the morning sun", "zebra", "",
-         " ".join(["a very long caption that runs past the context"] * 12), "two cats and a bird"]
+MIXED = [
+    "a",
+    "a photo of a dog on a red sofa in the morning sun",
+    "zebra",
+    "",
+    " ".join(["a very long caption that runs past the context"] * 12),
+    "two cats and a bird",
+]
 
 
 def full_context(loaded):
@@ -66,8 +73,9 @@ def test_a_probe_mismatch_falls_back(monkeypatch):
     monkeypatch.setattr(text_context, "encode_text_short", lambda model, tokens: torch.zeros(len(tokens), 16))
     import open_clip
 
-    chosen = text_context.choose_text_context(_tiny_clip(), open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"),
-                                              torch.float32)
+    chosen = text_context.choose_text_context(
+        _tiny_clip(), open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"), torch.float32
+    )
     assert not chosen.short and "probe differs" in chosen.reason
 
 
@@ -76,8 +84,9 @@ def test_the_prefix_path_matches_where_packing_does_not_apply():
     import open_clip
 
     model = _tiny_clip(ls_init_value=0.5)
-    chosen = text_context.choose_text_context(model, open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"),
-                                              torch.float32)
+    chosen = text_context.choose_text_context(
+        model, open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"), torch.float32
+    )
     assert chosen.short and chosen.packed is None and "layer scale" in chosen.describe()
     tokens = open_clip.get_tokenizer("ViT-B-32")(MIXED)
     with torch.inference_mode():
@@ -88,8 +97,14 @@ def test_packed_texts_see_only_their_own_earlier_tokens():
     from clip_hpc.model.text_packed import block_causal_mask
 
     mask = block_causal_mask([2, 1, 3], torch.device("cpu")).int().tolist()
-    assert mask == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
-                    [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+    assert mask == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1, 1],
+    ]
     shared = block_causal_mask([2, 1], torch.device("cpu"), shared_prefix=1).int().tolist()
     assert shared == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]  # every text also sees the shared first token
 
@@ -127,6 +142,7 @@ def test_a_packed_probe_mismatch_keeps_the_prefix_path(monkeypatch):
     from clip_hpc.model import text_packed
 
     monkeypatch.setattr(text_packed.PackedTextTower, "encode", lambda self, tokens: torch.zeros(len(tokens), 16))
-    chosen = text_context.choose_text_context(_tiny_clip(), open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"),
-                                              torch.float32)
+    chosen = text_context.choose_text_context(
+        _tiny_clip(), open_clip.get_tokenizer("ViT-B-32"), torch.device("cpu"), torch.float32
+    )
     assert chosen.short and chosen.packed is None and "packed probe differs" in chosen.describe()

@@ -1,5 +1,6 @@
 """The gallery in a real browser: headless Chromium opens it with the token, as a user does through the tunnel, and
 the test reads the DOM the page's JavaScript built from the live server's answers."""
+
 from __future__ import annotations
 
 import re
@@ -12,18 +13,38 @@ import pytest
 from server_fixtures import TOKEN
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                 reason=f"{CHROMIUM} is absent (scripts/install_test_services.sh installs it)")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (scripts/install_test_services.sh installs it)"
+    ),
+]
 
 
 def chromium(url: str, profile: Path, *args: str) -> str:
     """One headless run with a fresh profile; --virtual-time-budget lets the page's fetches finish first."""
     shutil.rmtree(profile, ignore_errors=True)
-    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                           f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--window-size=1280,900",
-                           *args, url], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=15000",
+            "--window-size=1280,900",
+            *args,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 

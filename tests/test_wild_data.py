@@ -2,11 +2,11 @@
 broken and odd images, names with every separator, captions with NUL and lone surrogates, megabyte and
 bottomless JSON, duplicate keys, special and sparse tar members, a cut tar) through `mpiexec -n 2 clip-hpc embed`,
 `clip-hpc index` and `clip-hpc serve`. Set WILD_SEED to replay a failing run. About 60 s on 2 cores."""
+
 from __future__ import annotations
 
 import os
 import random
-import resource
 import subprocess
 import sys
 import tarfile
@@ -34,12 +34,29 @@ def member_or_file(line: str) -> str:
 
 def embed_with_peak_rss(out: Path, inputs: list[Path]) -> tuple[subprocess.CompletedProcess, int]:
     """`mpiexec -n 2 clip-hpc embed` from a fresh interpreter, so RUSAGE_CHILDREN's peak is this run's alone."""
-    cmd = [str(BIN / "mpiexec"), "-n", "2", str(BIN / "clip-hpc"), "embed", *map(str, inputs), "--out", str(out),
-           *TINY, "--shard-size", "16", "--workers", "1", "--batch-size", "8"]
-    probe = ("import resource, subprocess, sys\n"
-             f"p = subprocess.run({cmd!r}, capture_output=True, text=True, timeout=600)\n"
-             "sys.stderr.write(p.stderr)\n"
-             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n")
+    cmd = [
+        str(BIN / "mpiexec"),
+        "-n",
+        "2",
+        str(BIN / "clip-hpc"),
+        "embed",
+        *map(str, inputs),
+        "--out",
+        str(out),
+        *TINY,
+        "--shard-size",
+        "16",
+        "--workers",
+        "1",
+        "--batch-size",
+        "8",
+    ]
+    probe = (
+        "import resource, subprocess, sys\n"
+        f"p = subprocess.run({cmd!r}, capture_output=True, text=True, timeout=600)\n"
+        "sys.stderr.write(p.stderr)\n"
+        "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=700)
     code, peak = proc.stdout.split()[-2:]
     return subprocess.CompletedProcess(cmd, int(code), proc.stdout, proc.stderr), int(peak)

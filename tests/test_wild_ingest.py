@@ -1,5 +1,6 @@
 """Issue 20, the ingest part: web-scale inputs (thin images, any caption bytes, any file or member name, sparse
 and duplicate tar members, any exception in a worker) never crash a run and never cost unbounded memory."""
+
 from __future__ import annotations
 
 import io
@@ -8,15 +9,14 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.ingest import embed as embed_module
-from clip_hpc.ingest.embed import EmbedConfig, ImageDataset, embed
 from clip_hpc.ingest import images
+from clip_hpc.ingest.embed import EmbedConfig, ImageDataset, embed
 from clip_hpc.ingest.images import decode_image
 from clip_hpc.ingest.sources import list_inputs
 from conftest import make_images, run_cli
@@ -35,8 +35,17 @@ def tiny():
 
 def run_embed(inputs: list, out: Path) -> dict:
     """In process, no workers: the dataset code runs here, so a failure is a traceback in the test."""
-    return embed(EmbedConfig(inputs=[str(p) for p in inputs], out=str(out), model="clip-hpc-tiny",
-                             pretrained="none", workers=0, progress=False, shard_size=50))
+    return embed(
+        EmbedConfig(
+            inputs=[str(p) for p in inputs],
+            out=str(out),
+            model="clip-hpc-tiny",
+            pretrained="none",
+            workers=0,
+            progress=False,
+            shard_size=50,
+        )
+    )
 
 
 def all_rows(out: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -87,20 +96,31 @@ def test_n1_thin_png_uploads_stay_bounded(tmp_path):
         for t in threads:
             t.join()
         peak = rss_bytes(srv.proc.pid, "VmHWM")
-    assert all(code == 200 and "results" in body or 400 <= code < 500 and "error" in body
-               for code, body in answers), answers
+    assert all(code == 200 and "results" in body or 400 <= code < 500 and "error" in body for code, body in answers), (
+        answers
+    )
     assert peak - before < 300 * 2**20, (before >> 20, peak >> 20)
 
 
 def test_n3_any_caption_or_sidecar_bytes_are_stored_or_noted(tmp_path):
     deep = b"[" * 200_000 + b"]" * 200_000
-    members = [("a.jpg", jpeg_bytes(1)), ("a.txt", b"red\x00barn"),
-               ("b.jpg", jpeg_bytes(2)), ("b.json", b'{"caption": "half an emoji \\ud83d", "url": "u\\u0000v"}'),
-               ("c.jpg", jpeg_bytes(3)), ("c.txt", "caf\xe9 cr\xe8me".encode("latin-1")),
-               ("d.jpg", jpeg_bytes(4)), ("d.txt", "a barn \u2603".encode("utf-16")),
-               ("e.jpg", jpeg_bytes(5)), ("e.txt", b"long " * 400_000),
-               ("f.jpg", jpeg_bytes(6)), ("f.json", deep),
-               ("g.jpg", jpeg_bytes(7)), ("g.json", b"{not json"), ("g.txt", b"\xff\xfe\x00")]
+    members = [
+        ("a.jpg", jpeg_bytes(1)),
+        ("a.txt", b"red\x00barn"),
+        ("b.jpg", jpeg_bytes(2)),
+        ("b.json", b'{"caption": "half an emoji \\ud83d", "url": "u\\u0000v"}'),
+        ("c.jpg", jpeg_bytes(3)),
+        ("c.txt", "caf\xe9 cr\xe8me".encode("latin-1")),
+        ("d.jpg", jpeg_bytes(4)),
+        ("d.txt", "a barn \u2603".encode("utf-16")),
+        ("e.jpg", jpeg_bytes(5)),
+        ("e.txt", b"long " * 400_000),
+        ("f.jpg", jpeg_bytes(6)),
+        ("f.json", deep),
+        ("g.jpg", jpeg_bytes(7)),
+        ("g.json", b"{not json"),
+        ("g.txt", b"\xff\xfe\x00"),
+    ]
     tar = write_tar(tmp_path / "caps.tar", members)
     summary = run_embed([tar], tmp_path / "emb")
     assert summary["complete"] and summary["manifest"].n_embedded == 7
@@ -174,9 +194,16 @@ def test_n8_sparse_member_is_a_recorded_failure_never_other_members_bytes(tmp_pa
 
 
 def test_n14_duplicate_keys_each_image_embedded_or_recorded(tmp_path):
-    tar = write_tar(tmp_path / "dup.tar", [("d.jpg", jpeg_bytes(1)), ("d.png", png_bytes(40, 30)),
-                                           ("d.txt", b"a red barn"), ("c.jpg", jpeg_bytes(2)),
-                                           ("c.jpg", jpeg_bytes(3))])
+    tar = write_tar(
+        tmp_path / "dup.tar",
+        [
+            ("d.jpg", jpeg_bytes(1)),
+            ("d.png", png_bytes(40, 30)),
+            ("d.txt", b"a red barn"),
+            ("c.jpg", jpeg_bytes(2)),
+            ("c.jpg", jpeg_bytes(3)),
+        ],
+    )
     assert run_embed([tar], tmp_path / "emb")["complete"]
     done, failed = all_rows(tmp_path / "emb")
     members = sorted(p.split("::")[-1] for p in done)

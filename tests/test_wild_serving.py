@@ -1,6 +1,7 @@
 """The serving findings of the wild-data red team: batched searches that came back short (N6), a listen queue cut
 to 8 (N7), path prefixes at the ends of Unicode (N11) and the connection cap evicting a working client (N12).
 Real `clip-hpc serve` processes on 127.0.0.1; ~30 s."""
+
 from __future__ import annotations
 
 import io
@@ -12,7 +13,6 @@ import tarfile
 from pathlib import Path
 from urllib.parse import quote
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,8 +24,9 @@ from server_fixtures import start_server
 
 def test_n6_batched_search_widens_like_a_single_search(tmp_path):
     emb, _ = synthetic_emb_dir(tmp_path / "emb", 2000, dim=32, clusters=40)
-    run_cli("index", emb, "--out", tmp_path / "index", "--index-key", "IVF32,Flat", "--nprobe", "1", "--quiet",
-            check=True)
+    run_cli(
+        "index", emb, "--out", tmp_path / "index", "--index-key", "IVF32,Flat", "--nprobe", "1", "--quiet", check=True
+    )
     engine = SearchEngine(tmp_path / "index", model_name="clip-hpc-tiny", pretrained="none")
     try:
         queries = engine.vectors_for_ids([5, 700, 1900])
@@ -118,13 +119,27 @@ def small_jpeg(colour: tuple[int, int, int]) -> bytes:
 
 
 def test_n9_a_tar_replaced_after_indexing_is_a_404_not_other_bytes(tmp_path):
-    images = [("a.jpg", small_jpeg((200, 10, 10))), ("dir/" + "long" * 30 + ".jpg", small_jpeg((10, 200, 10))),
-              ("\u00fcmlaut \u2028 b.jpg", small_jpeg((10, 10, 200)))]
+    images = [
+        ("a.jpg", small_jpeg((200, 10, 10))),
+        ("dir/" + "long" * 30 + ".jpg", small_jpeg((10, 200, 10))),
+        ("\u00fcmlaut \u2028 b.jpg", small_jpeg((10, 10, 200))),
+    ]
     tar = tmp_path / "tars" / "00000.tar"
     tar.parent.mkdir()
     write_tar(tar, images)
-    run_cli("embed", tar.parent, "--out", tmp_path / "emb", "--model", "clip-hpc-tiny", "--pretrained", "none",
-            "--workers", "0", check=True)
+    run_cli(
+        "embed",
+        tar.parent,
+        "--out",
+        tmp_path / "emb",
+        "--model",
+        "clip-hpc-tiny",
+        "--pretrained",
+        "none",
+        "--workers",
+        "0",
+        check=True,
+    )
     run_cli("index", tmp_path / "emb", "--out", tmp_path / "index", "--quiet", check=True)
     secret = b"SECRET " * 500
     with start_server(tmp_path / "index", tmp_path / "srv") as srv, srv.client() as c:
@@ -133,7 +148,7 @@ def test_n9_a_tar_replaced_after_indexing_is_a_404_not_other_bytes(tmp_path):
         assert sorted(r.content for r in served.values()) == sorted(data for _, data in images)
         write_tar(tar, images)  # rewritten the same: still served
         assert all(c.get(f"/api/images/{i}").content == served[i].content for i in served)
-        write_tar(tar, [("z_secret.txt", secret[:len(images[0][1])]), *images])  # a new first member
+        write_tar(tar, [("z_secret.txt", secret[: len(images[0][1])]), *images])  # a new first member
         for i in served:
             for url in (f"/api/images/{i}", f"/api/images/{i}/thumb"):
                 resp = c.get(url)

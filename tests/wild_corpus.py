@@ -3,6 +3,7 @@ with every family of oddity the red teams found, several of each, drawn with var
 
 Nothing here knows how clip-hpc handles a case; the test only asks that every input ends embedded or recorded,
 that a re-run changes nothing, and that what is served is byte for byte what was indexed."""
+
 from __future__ import annotations
 
 import io
@@ -10,10 +11,10 @@ import json
 import os
 import random
 import shutil
+import struct
 import subprocess
 import tarfile
 import zlib
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +23,24 @@ from PIL import Image
 
 from clip_hpc.devdata.sample_images import write_bad_images
 
-NAME_ODDITIES = ["new\nline", "carriage\rreturn", "form\x0cfeed", "ls\u2028sep", "ps\u2029sep", "nel\x85next",
-                 "tab\there", "emoji \U0001f431 cat", "-rf", "quote ' \" both", "ümlaut é", "back\\slash",
-                 "x::y", "trailing space ", "#hash?query", "%41percent"]
+NAME_ODDITIES = [
+    "new\nline",
+    "carriage\rreturn",
+    "form\x0cfeed",
+    "ls\u2028sep",
+    "ps\u2029sep",
+    "nel\x85next",
+    "tab\there",
+    "emoji \U0001f431 cat",
+    "-rf",
+    "quote ' \" both",
+    "ümlaut é",
+    "back\\slash",
+    "x::y",
+    "trailing space ",
+    "#hash?query",
+    "%41percent",
+]
 
 
 @dataclass
@@ -40,8 +56,10 @@ def png_bytes(width: int, height: int, rng: random.Random) -> bytes:
     """A valid RGB PNG, written by hand row by row so a 1×200,000 image costs a few hundred bytes to make."""
     colour = bytes(rng.randrange(256) for _ in range(3))
     raw = b"".join(b"\x00" + colour * width for _ in range(height))
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
 
@@ -99,12 +117,19 @@ def add_member(tf: tarfile.TarFile, name: str, data: bytes, **kw) -> None:
 
 def odd_captions(rng: random.Random) -> list[tuple[str, bytes]]:
     """(sidecar extension, bytes): every kind of text a scraper writes."""
-    return [("txt", b"red\x00barn"), ("json", b'{"caption": "half an emoji \\ud83d"}'),
-            ("txt", "caf\u00e9 latin-1".encode("latin-1")), ("txt", "\ufeffutf-16 text".encode("utf-16")),
-            ("txt", b"x" * rng.randrange(1_100_000, 1_600_000)), ("json", b"[" * 100_000 + b"]" * 100_000),
-            ("json", b"{not json"), ("json", b"42"), ("txt", b"\xff\xfe\xfd invalid utf-8 \xc3"),
-            ("json", json.dumps({"caption": "ok", "url": "\udcff" * 3}, ensure_ascii=True).encode()),
-            ("txt", "bidi \u202e reversed \u0000 and nul".encode("utf-8", "surrogatepass"))]
+    return [
+        ("txt", b"red\x00barn"),
+        ("json", b'{"caption": "half an emoji \\ud83d"}'),
+        ("txt", "caf\u00e9 latin-1".encode("latin-1")),
+        ("txt", "\ufeffutf-16 text".encode("utf-16")),
+        ("txt", b"x" * rng.randrange(1_100_000, 1_600_000)),
+        ("json", b"[" * 100_000 + b"]" * 100_000),
+        ("json", b"{not json"),
+        ("json", b"42"),
+        ("txt", b"\xff\xfe\xfd invalid utf-8 \xc3"),
+        ("json", json.dumps({"caption": "ok", "url": "\udcff" * 3}, ensure_ascii=True).encode()),
+        ("txt", "bidi \u202e reversed \u0000 and nul".encode("utf-8", "surrogatepass")),
+    ]
 
 
 def write_tars(root: Path, rng: random.Random) -> set[str]:
@@ -159,8 +184,21 @@ def write_sparse_tar(path: Path, rng: random.Random) -> set[str] | None:
         f.write(photo_jpeg(rng, (40, 40)))
         f.truncate(rng.randrange(20_000, 60_000))  # a hole after the data
     (scratch / "z_secret.json").write_text('{"secret": "sparse neighbour"}')
-    subprocess.run(["tar", "-S", "--format=gnu", "-cf", str(path), "-C", str(scratch), "a_good.jpg",
-                    "m_sparse.jpg", "z_secret.json"], check=True)
+    subprocess.run(
+        [
+            "tar",
+            "-S",
+            "--format=gnu",
+            "-cf",
+            str(path),
+            "-C",
+            str(scratch),
+            "a_good.jpg",
+            "m_sparse.jpg",
+            "z_secret.json",
+        ],
+        check=True,
+    )
     shutil.rmtree(scratch)
     return {"a_good.jpg"}
 

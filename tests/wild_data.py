@@ -1,4 +1,5 @@
 """Small generators of hostile inputs for tests/test_wild_ingest.py: thin PNGs, odd captions, odd tar members."""
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,14 @@ def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
     y, x = np.mgrid[0:height, 0:width]
     rng = np.random.default_rng(seed)
     phase = rng.uniform(0, 6, 3)
-    arr = np.stack([128 + 100 * np.sin(y / 37.0 + x / 5.0 + phase[0]), 128 + 100 * np.cos(y / 53.0 + phase[1]),
-                    (x * 7 + y + int(phase[2] * 40)) % 256], -1)
+    arr = np.stack(
+        [
+            128 + 100 * np.sin(y / 37.0 + x / 5.0 + phase[0]),
+            128 + 100 * np.cos(y / 53.0 + phase[1]),
+            (x * 7 + y + int(phase[2] * 40)) % 256,
+        ],
+        -1,
+    )
     buf = io.BytesIO()
     Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "PNG")
     return buf.getvalue()
@@ -50,6 +57,7 @@ def write_sparse_tar(path: Path, scratch: Path) -> Path:
         f.seek(8192, os.SEEK_CUR)
         f.write(b"end")
     (scratch / "z_secret.json").write_text(json.dumps({"secret": "x" * 20_000}))
-    subprocess.run(["tar", "-S", "--format=gnu", "-cf", str(path), "-C", str(scratch), "a.jpg", "z_secret.json"],
-                   check=True)
+    subprocess.run(
+        ["tar", "-S", "--format=gnu", "-cf", str(path), "-C", str(scratch), "a.jpg", "z_secret.json"], check=True
+    )
     return path

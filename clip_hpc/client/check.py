@@ -1,17 +1,18 @@
 """`check_ports`: which hop of the chain browser -> laptop port -> ssh tunnel -> node port or unix socket ->
 clip-hpc server is broken, and how to fix it. Each step tests one more hop, so the first FAIL names the broken one."""
+
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import httpx
 
-from clip_hpc.formats.connection import DEFAULT_LOCAL_PORT, ssh_command
 from clip_hpc.client.endpoint import Endpoint, resolve_endpoint
 from clip_hpc.client.http_client import client_for, error_text
+from clip_hpc.formats.connection import DEFAULT_LOCAL_PORT, ssh_command
 
 
 @dataclass
@@ -25,20 +26,35 @@ class Step:
         return f"{status}  {self.name}" + (f": {self.detail}" if self.detail else "")
 
 
-def check_ports(*, connection_file: str | os.PathLike | None = None, port: int | None = None,
-                token: str | None = None, host: str = "localhost", server: bool = False,
-                timeout: float = 10.0) -> list[Step]:
+def check_ports(
+    *,
+    connection_file: str | os.PathLike | None = None,
+    port: int | None = None,
+    token: str | None = None,
+    host: str = "localhost",
+    server: bool = False,
+    timeout: float = 10.0,
+) -> list[Step]:
     """Test each hop in order and stop at the first broken one; every FAIL carries its remedy."""
-    endpoint = resolve_endpoint(connection_file=connection_file, port=port, host=host, token=token, server=server,
-                                ask_for="--port P")
+    endpoint = resolve_endpoint(
+        connection_file=connection_file, port=port, host=host, token=token, server=server, ask_for="--port P"
+    )
     info = endpoint.info
-    ssh = (info.ssh_command if info else "") or ssh_command("<node>", port=endpoint.port, bind_host="0.0.0.0",
-                                                            local_port=endpoint.port)
-    remedy = _Remedies(where=endpoint.where, ssh=ssh, server=server,
-                       connection_file=str(connection_file) if connection_file else None, port=endpoint.port)
+    ssh = (info.ssh_command if info else "") or ssh_command(
+        "<node>", port=endpoint.port, bind_host="0.0.0.0", local_port=endpoint.port
+    )
+    remedy = _Remedies(
+        where=endpoint.where,
+        ssh=ssh,
+        server=server,
+        connection_file=str(connection_file) if connection_file else None,
+        port=endpoint.port,
+    )
     checks: list[tuple[str, Callable[[httpx.Client], str | None]]] = [
-        ("1 something listens on " + endpoint.where,
-         lambda _c: None if _listens(endpoint) else remedy.listen(info.stale_reason() if info else None)),
+        (
+            "1 something listens on " + endpoint.where,
+            lambda _c: None if _listens(endpoint) else remedy.listen(info.stale_reason() if info else None),
+        ),
         ("2 it is a clip-hpc server (/health)", remedy.health),
         ("3 the token is accepted", lambda c: remedy.token(c, endpoint.token)),
         ("4 a test query answers", remedy.query),
@@ -81,8 +97,10 @@ class _Remedies:
         if stale:
             return f"nothing listens on {self.where}; {stale}"
         if self.server:
-            return (f"nothing listens on {self.where} on this node: the server is not running; look at the job's "
-                    f"log, then start it again (clip-hpc serve INDEX_DIR --port 0 --connection-file FILE)")
+            return (
+                f"nothing listens on {self.where} on this node: the server is not running; look at the job's "
+                f"log, then start it again (clip-hpc serve INDEX_DIR --port 0 --connection-file FILE)"
+            )
         return f"nothing listens on {self.where}: is the tunnel up? run: {self.ssh}"
 
     def health(self, client: httpx.Client) -> str | None:
@@ -91,9 +109,11 @@ class _Remedies:
         except httpx.HTTPError as exc:
             if self.server:
                 return f"{self.where} accepts connections but does not speak HTTP ({type(exc).__name__})"
-            return (f"the tunnel on {self.where} is up but nothing answers behind it ({type(exc).__name__}): is "
-                    f"the server job still running (squeue --me)? do the node and port in the ssh command match "
-                    f"the connection file? restart the tunnel with: {self.ssh}")
+            return (
+                f"the tunnel on {self.where} is up but nothing answers behind it ({type(exc).__name__}): is "
+                f"the server job still running (squeue --me)? do the node and port in the ssh command match "
+                f"the connection file? restart the tunnel with: {self.ssh}"
+            )
         try:
             ok = resp.status_code == 200 and resp.json() == {"status": "ok"}
         except ValueError:
@@ -101,8 +121,10 @@ class _Remedies:
         if ok:
             return None
         port = self.port or DEFAULT_LOCAL_PORT
-        return (f"port {port} answers (HTTP {resp.status_code}) but is not clip-hpc: another program holds it, "
-                f"pick another local port (e.g. ssh -N -L {port + 1}:... and check-ports --port {port + 1})")
+        return (
+            f"port {port} answers (HTTP {resp.status_code}) but is not clip-hpc: another program holds it, "
+            f"pick another local port (e.g. ssh -N -L {port + 1}:... and check-ports --port {port + 1})"
+        )
 
     def token(self, client: httpx.Client, token: str | None) -> str | None:
         if not token:
@@ -110,12 +132,17 @@ class _Remedies:
         try:
             resp = client.get("/api/info")
         except httpx.HTTPError as exc:  # it answered /health a moment ago: it died or hung between the steps
-            return (f"the server stopped answering after its health check ({type(exc).__name__}): is the job still "
-                    f"running (squeue --me)? look at its log")
+            return (
+                f"the server stopped answering after its health check ({type(exc).__name__}): is the job still "
+                f"running (squeue --me)? look at its log"
+            )
         if resp.status_code == 200:
             return None
-        source = f"copy it from the connection file {self.connection_file}" if self.connection_file \
+        source = (
+            f"copy it from the connection file {self.connection_file}"
+            if self.connection_file
             else "copy it from the connection file (~/.clip-hpc/connections/*.json on the cluster) or the job log"
+        )
         if resp.status_code == 401:
             return f"token rejected: {source}; a restarted server has a new token"
         return f"/api/info answered HTTP {resp.status_code}: {error_text(resp)}"

@@ -1,14 +1,15 @@
 """Where a server is and how to get in: the one place a connection file, a URL or a port (plus a token) becomes
 a base URL, a unix socket and a token. `server=True` means "I am on the node itself", which reaches the server's
 own port or socket; otherwise the laptop's end of the tunnel."""
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from clip_hpc.formats.connection import ConnectionInfo, read_connection_file
 from clip_hpc.errors import UserError
+from clip_hpc.formats.connection import ConnectionInfo, read_connection_file
 
 WILDCARD = ("0.0.0.0", "::")
 
@@ -40,9 +41,16 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def resolve_endpoint(*, connection_file: str | os.PathLike | None = None, url: str | None = None,
-                     port: int | None = None, host: str = "localhost", token: str | None = None,
-                     server: bool = False, ask_for: str = "--url URL (and --token)") -> Endpoint:
+def resolve_endpoint(
+    *,
+    connection_file: str | os.PathLike | None = None,
+    url: str | None = None,
+    port: int | None = None,
+    host: str = "localhost",
+    token: str | None = None,
+    server: bool = False,
+    ask_for: str = "--url URL (and --token)",
+) -> Endpoint:
     """An explicit URL or port wins over the file's; on the node a socket in the file wins over both.
 
     `ask_for` names the option the caller's command offers, for the error when nothing says where to go.

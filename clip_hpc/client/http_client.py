@@ -1,4 +1,5 @@
 """The HTTP client: an httpx client for a server (by URL or unix socket), and the CLI's client-mode search."""
+
 from __future__ import annotations
 
 import base64
@@ -12,13 +13,15 @@ from clip_hpc.errors import UserError
 GET_TEXT_CHARS = 1000  # a longer text goes in a POST body: a URL holds at most 64 KiB (httpx refuses more)
 
 
-def make_client(base_url: str | None = None, *, uds: str | None = None, token: str | None = None,
-                timeout: float = 30.0) -> httpx.Client:
+def make_client(
+    base_url: str | None = None, *, uds: str | None = None, token: str | None = None, timeout: float = 30.0
+) -> httpx.Client:
     """An httpx client for a server reached by URL or, on the node itself, by unix socket."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     transport = httpx.HTTPTransport(uds=uds) if uds else None
-    return httpx.Client(base_url=base_url or "http://localhost", headers=headers, transport=transport,
-                        timeout=timeout, trust_env=False)
+    return httpx.Client(
+        base_url=base_url or "http://localhost", headers=headers, transport=transport, timeout=timeout, trust_env=False
+    )
 
 
 def client_for(endpoint: Endpoint, timeout: float = 30.0) -> httpx.Client:
@@ -35,7 +38,7 @@ def remote_search(endpoint: Endpoint, text: str | None = None, *, image: str | N
         try:
             data = Path(image).read_bytes()
         except OSError as exc:
-            raise UserError(f"cannot read {image}: {exc.strerror}")
+            raise UserError(f"cannot read {image}: {exc.strerror}") from None
     with client_for(endpoint) as client:
         try:
             if data is not None and text:
@@ -48,8 +51,9 @@ def remote_search(endpoint: Endpoint, text: str | None = None, *, image: str | N
             else:
                 resp = client.get("/api/search", params={"q": text, "k": k})
         except httpx.HTTPError as exc:
-            raise UserError(f"cannot reach {endpoint.base_url}: {exc}; run clip-hpc check-ports to find the "
-                            f"broken hop")
+            raise UserError(
+                f"cannot reach {endpoint.base_url}: {exc}; run clip-hpc check-ports to find the broken hop"
+            ) from None
     if resp.status_code != 200:
         raise UserError(f"server answered {resp.status_code}: {error_text(resp)}")
     return resp.json()

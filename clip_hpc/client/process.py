@@ -2,6 +2,7 @@
 parent (PR_SET_PDEATHSIG, so even a kill -9 of the parent takes them down), SIGTERM/SIGHUP end a parent as Ctrl-C
 would (its `finally` blocks run and stop its children), and a started server is waited for and stopped by its pid.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,16 +11,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import httpx
 
-from clip_hpc.formats.connection import read_connection_file
 from clip_hpc.client.endpoint import Endpoint, resolve_endpoint
 from clip_hpc.client.http_client import client_for
 from clip_hpc.errors import UserError
+from clip_hpc.formats.connection import read_connection_file
 from clip_hpc.procs import die_with_parent
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT already raises KeyboardInterrupt
@@ -27,10 +29,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT already raises Keyboard
 
 def child_preexec(extra: Callable[[], None] | None = None) -> Callable[[], None]:
     """A preexec_fn that ties the child to this process, then runs `extra` (e.g. a resource limit in a test)."""
+
     def preexec() -> None:
         die_with_parent()
         if extra is not None:
             extra()
+
     return preexec
 
 
@@ -69,8 +73,9 @@ def stop_signals_raise() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def wait_for_server(connection_file: str | os.PathLike, proc: subprocess.Popen | None = None,
-                    timeout: float = 300) -> Endpoint:
+def wait_for_server(
+    connection_file: str | os.PathLike, proc: subprocess.Popen | None = None, timeout: float = 300
+) -> Endpoint:
     """The server's endpoint on this node (port or socket) once its connection file exists and /health answers."""
     deadline = time.monotonic() + timeout
     path = Path(connection_file)
@@ -118,9 +123,15 @@ class ChildServer:
 
 
 @contextlib.contextmanager
-def serve_child(index_dir: str | os.PathLike, workdir: Path, *switches: str, name: str = "serve",
-                env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None,
-                timeout: float = 300) -> Iterator[ChildServer]:
+def serve_child(
+    index_dir: str | os.PathLike,
+    workdir: Path,
+    *switches: str,
+    name: str = "serve",
+    env: dict[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
+    timeout: float = 300,
+) -> Iterator[ChildServer]:
     """`clip-hpc serve INDEX --connection-file WORKDIR/NAME.json [switches: default --port 0]` as a child of this
     process, yielded once /health answers and stopped by its pid after; its output goes to WORKDIR/NAME.log. For
     the scripts and tests that need a real server (the demo starts its own, with its own options)."""
@@ -128,9 +139,20 @@ def serve_child(index_dir: str | os.PathLike, workdir: Path, *switches: str, nam
     conn, log = workdir / f"{name}.json", workdir / f"{name}.log"
     conn.unlink(missing_ok=True)
     with open(log, "w") as out:
-        proc = start_child([str(Path(sys.executable).parent / "clip-hpc"), "serve", str(index_dir),
-                            "--connection-file", str(conn), *(switches or ("--port", "0"))], stdout=out,
-                           stderr=subprocess.STDOUT, preexec=preexec, env={**os.environ, **(env or {})})
+        proc = start_child(
+            [
+                str(Path(sys.executable).parent / "clip-hpc"),
+                "serve",
+                str(index_dir),
+                "--connection-file",
+                str(conn),
+                *(switches or ("--port", "0")),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec=preexec,
+            env={**os.environ, **(env or {})},
+        )
     try:
         try:
             endpoint = wait_for_server(conn, proc, timeout=timeout)

@@ -6,11 +6,13 @@ and learn every rank's outcome. A rank whose step failed raises its own error: a
 was, a bug as a one-line `UserError` after printing its traceback there (once, where it happened); a lone process
 just re-raises the bug. The other ranks raise `RankFailed`, naming the rank and the cause.
 """
+
 from __future__ import annotations
 
 import time
 import traceback
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from clip_hpc.cluster.world import World, speaks_for_job
 from clip_hpc.errors import UserError, os_error_message
@@ -72,8 +74,9 @@ def _attempt(world: World, step: Callable[[], T]) -> tuple[T | None, BaseExcepti
 def _settle(world: World, error: BaseException | None) -> None:
     """Wait for every rank, exchange what failed, and raise on every rank if anything did."""
     wait_for_all(world)
-    failures = [message for message in world.allgather(None if error is None else _describe(error, world.rank))
-                if message]
+    failures = [
+        message for message in world.allgather(None if error is None else _describe(error, world.rank)) if message
+    ]
     if error is not None:
         raise error
     if failures:

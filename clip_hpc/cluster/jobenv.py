@@ -4,17 +4,27 @@ One typed record instead of `os.environ` lookups spread over the package, so "ho
 "which node" get the same answer in embed, index and serve. `JobEnv.from_mapping` is pure (tests build one from a
 dict); `job_env()` is the edge that reads this process's once; `use_threads` is for entry points only.
 """
+
 from __future__ import annotations
 
 import functools
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 # variables an MPI launcher (Hydra/MPICH, PMI/PMIx, Open MPI) sets in the processes it starts
-MPI_HINTS = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
-             "HYDRA_CONTROL_FD", "MPICH_INTERFACE_HOSTNAME")
+MPI_HINTS = (
+    "PMI_RANK",
+    "PMI_SIZE",
+    "PMI_FD",
+    "PMIX_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "MPI_LOCALNRANKS",
+    "HYDRA_CONTROL_FD",
+    "MPICH_INTERFACE_HOSTNAME",
+)
 DEFAULT_WORKERS = 2  # DataLoader workers per rank when SLURM does not say how many CPUs a task has
 
 
@@ -94,9 +104,12 @@ def _slurm_vars(environ: Mapping[str, str]) -> LaunchVars:
     node = _int(environ, "SLURM_NODEID")
     per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
     local_size = tasks_on_node(per_node, node) if per_node and node is not None and node >= 0 else None
-    return LaunchVars(_int(environ, "SLURM_PROCID"),
-                      _count(environ, "SLURM_STEP_NUM_TASKS") or _int(environ, "SLURM_NTASKS"),
-                      _int(environ, "SLURM_LOCALID"), local_size or _int(environ, "SLURM_NTASKS_PER_NODE"))
+    return LaunchVars(
+        _int(environ, "SLURM_PROCID"),
+        _count(environ, "SLURM_STEP_NUM_TASKS") or _int(environ, "SLURM_NTASKS"),
+        _int(environ, "SLURM_LOCALID"),
+        local_size or _int(environ, "SLURM_NTASKS_PER_NODE"),
+    )
 
 
 @dataclass(frozen=True)
@@ -116,8 +129,13 @@ class JobEnv:
     nodename: str = ""  # SLURMD_NODENAME, else the kernel's host name
 
     @classmethod
-    def from_mapping(cls, environ: Mapping[str, str], affinity: set[int] | frozenset[int] | None = None,
-                     cpu_count: int | None = None, hostname: str = "") -> JobEnv:
+    def from_mapping(
+        cls,
+        environ: Mapping[str, str],
+        affinity: set[int] | frozenset[int] | None = None,
+        cpu_count: int | None = None,
+        hostname: str = "",
+    ) -> JobEnv:
         """Pure: the environment as a mapping plus what the kernel said, so tests need no real job."""
         return cls(
             slurm_job_id=environ.get("SLURM_JOB_ID") or None,

@@ -3,13 +3,15 @@
 MPI comes first because it also gives us a barrier and a gather; the environment fallbacks keep a job useful
 when mpi4py cannot load an MPI library (each rank then works alone on its share, and shards still join up).
 """
+
 from __future__ import annotations
 
 import functools
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from clip_hpc.cluster.jobenv import JobEnv, job_env
 
@@ -66,7 +68,9 @@ def _mpi_world() -> World | None:
         from mpi4py import MPI
     except Exception as exc:  # no libmpi, wrong ABI, ...
         if job_env().mpi_launched:
-            warnings.warn(f"MPI launch variables are set but mpi4py cannot load MPI ({exc}); running without it")
+            warnings.warn(
+                f"MPI launch variables are set but mpi4py cannot load MPI ({exc}); running without it", stacklevel=2
+            )
         return None
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -89,6 +93,9 @@ def world() -> World:
             found = None  # e.g. srun without --mpi=pmi2: each task is an MPI singleton
     env_world = world_from_env()
     if found is None and env_world.size > 1 and env_world.backend == "slurm" and "PMI_FD" not in env.mpi_hints:
-        print(f"clip-hpc: rank {env_world.rank}/{env_world.size} from SLURM variables, without MPI "
-              "(use srun --mpi=pmi2 for a coordinated job)", file=sys.stderr)
+        print(
+            f"clip-hpc: rank {env_world.rank}/{env_world.size} from SLURM variables, without MPI "
+            "(use srun --mpi=pmi2 for a coordinated job)",
+            file=sys.stderr,
+        )
     return found or env_world

@@ -3,13 +3,14 @@
 Pure and seeded: image `i` of stream `seed` is a function of `(seed, i)` alone, so the training set, the fixed
 held-out split and the demo images are reproducible anywhere, and no image depends on how many were asked for.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,8 +18,14 @@ from PIL import Image, ImageDraw
 from clip_hpc.formats.atomic import atomic_write_bytes
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 225), "yellow": (245, 225, 30),
-    "orange": (250, 140, 20), "purple": (140, 50, 190), "white": (245, 245, 245), "black": (15, 15, 15),
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 225),
+    "yellow": (245, 225, 30),
+    "orange": (250, 140, 20),
+    "purple": (140, 50, 190),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 TEXTURES = ("plain", "striped", "dotted", "noisy")
@@ -34,12 +41,26 @@ DEMO_SEED = 2
 
 _NUMBER_WORDS = {2: "two", 3: "three"}
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-_SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",),
-                "star": ("star",), "cross": ("cross", "plus sign")}
-_TEXTURE_WORDS = {"plain": ("plain",), "striped": ("striped",), "dotted": ("dotted", "spotted", "polka-dot"),
-                  "noisy": ("noisy", "grainy")}
-_POSITION_WORDS = {"left": ("on the left",), "right": ("on the right",), "top": ("at the top",),
-                   "bottom": ("at the bottom",), "center": ("in the center", "in the middle")}
+_SHAPE_WORDS = {
+    "circle": ("circle", "disc"),
+    "square": ("square",),
+    "triangle": ("triangle",),
+    "star": ("star",),
+    "cross": ("cross", "plus sign"),
+}
+_TEXTURE_WORDS = {
+    "plain": ("plain",),
+    "striped": ("striped",),
+    "dotted": ("dotted", "spotted", "polka-dot"),
+    "noisy": ("noisy", "grainy"),
+}
+_POSITION_WORDS = {
+    "left": ("on the left",),
+    "right": ("on the right",),
+    "top": ("at the top",),
+    "bottom": ("at the bottom",),
+    "center": ("in the center", "in the middle"),
+}
 _PREFIXES = ("{}", "a photo of {}", "a picture of {}", "an image of {}", "a drawing of {}", "an illustration of {}")
 _BACKGROUNDS = (" on a {} background", " against a {} background", " on {}")
 QUERY_TEMPLATES = ("{}", "a photo of {}", "a picture of {}")  # the colour-and-shape queries of the evaluation
@@ -69,14 +90,21 @@ def _pick(rng: np.random.Generator, options: Sequence) -> object:
 def sample_attrs(rng: np.random.Generator) -> Attrs:
     colour = _pick(rng, tuple(COLOURS))
     count = int(rng.choice(COUNTS, p=COUNT_WEIGHTS))
-    return Attrs(shape=_pick(rng, SHAPES), colour=colour, count=count, size=_pick(rng, SIZES),
-                 position=_pick(rng, POSITIONS) if count == 1 else None,
-                 background=_pick(rng, tuple(c for c in COLOURS if c != colour)), texture=_pick(rng, TEXTURES))
+    return Attrs(
+        shape=_pick(rng, SHAPES),
+        colour=colour,
+        count=count,
+        size=_pick(rng, SIZES),
+        position=_pick(rng, POSITIONS) if count == 1 else None,
+        background=_pick(rng, tuple(c for c in COLOURS if c != colour)),
+        texture=_pick(rng, TEXTURES),
+    )
 
 
-def object_phrase(colour: str, shape: str, count: int = 1, size_word: str | None = None,
-                  shape_word: str | None = None) -> str:
-    """"a red circle", "two big yellow squares": the noun phrase every caption is built around."""
+def object_phrase(
+    colour: str, shape: str, count: int = 1, size_word: str | None = None, shape_word: str | None = None
+) -> str:
+    """ "a red circle", "two big yellow squares": the noun phrase every caption is built around."""
     noun = shape_word or shape
     if count > 1:
         noun = noun + ("es" if noun.endswith("s") else "s")
@@ -111,16 +139,32 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
         r *= 0.85
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
-        return [(cx + r * math.cos(a), cy + r * 1.1 * math.sin(a) + 0.15 * r)
-                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        return [
+            (cx + r * math.cos(a), cy + r * 1.1 * math.sin(a) + 0.15 * r)
+            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
     if shape == "star":
-        return [(cx + rr * math.cos(a), cy + rr * math.sin(a))
-                for k in range(10) for a, rr in [(-math.pi / 2 + k * math.pi / 5, r if k % 2 == 0 else 0.42 * r)]]
+        return [
+            (cx + rr * math.cos(a), cy + rr * math.sin(a))
+            for k in range(10)
+            for a, rr in [(-math.pi / 2 + k * math.pi / 5, r if k % 2 == 0 else 0.42 * r)]
+        ]
     if shape == "cross":
         t = 0.33 * r
-        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
-                (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
-                (cx - r, cy - t), (cx - t, cy - t)]
+        return [
+            (cx - t, cy - r),
+            (cx + t, cy - r),
+            (cx + t, cy - t),
+            (cx + r, cy - t),
+            (cx + r, cy + t),
+            (cx + t, cy + t),
+            (cx + t, cy + r),
+            (cx - t, cy + r),
+            (cx - t, cy + t),
+            (cx - r, cy + t),
+            (cx - r, cy - t),
+            (cx - t, cy - t),
+        ]
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -129,9 +173,13 @@ def _centres(attrs: Attrs, rng: np.random.Generator, r: float) -> list[tuple[flo
     lo, hi = r + 1, 63 - r
     if attrs.count == 1:
         mid = (max(lo, 24), min(hi, 40))
-        x_range, y_range = {"left": ((lo, max(lo, 20)), mid), "right": ((min(hi, 44), hi), mid),
-                            "top": (mid, (lo, max(lo, 20))), "bottom": (mid, (min(hi, 44), hi)),
-                            "center": ((28, 36), (28, 36))}[attrs.position or "center"]
+        x_range, y_range = {
+            "left": ((lo, max(lo, 20)), mid),
+            "right": ((min(hi, 44), hi), mid),
+            "top": (mid, (lo, max(lo, 20))),
+            "bottom": (mid, (min(hi, 44), hi)),
+            "center": ((28, 36), (28, 36)),
+        }[attrs.position or "center"]
         return [(rng.uniform(*x_range), rng.uniform(*y_range))]
     for _ in range(200):
         pts = [(rng.uniform(lo, hi), rng.uniform(lo, hi)) for _ in range(attrs.count)]
@@ -194,8 +242,9 @@ def make_example(seed: int, index: int, size: int = 64, n_captions: int = 1) -> 
     return render(attrs, rng, size), captions, attrs
 
 
-def make_dataset(seed: int, n: int, size: int = 64, n_captions: int = 1, start: int = 0
-                 ) -> tuple[np.ndarray, list[list[str]], list[Attrs]]:
+def make_dataset(
+    seed: int, n: int, size: int = 64, n_captions: int = 1, start: int = 0
+) -> tuple[np.ndarray, list[list[str]], list[Attrs]]:
     """n examples as one uint8 array [n, size, size, 3], their captions and attributes."""
     pixels = np.empty((n, size, size, 3), dtype=np.uint8)
     captions, attrs = [], []
@@ -211,8 +260,9 @@ def heldout_split(n: int = HELDOUT_SIZE, size: int = 64) -> tuple[np.ndarray, li
     return make_dataset(HELDOUT_SEED, n, size)
 
 
-def write_demo_images(out_dir: str | Path, n: int, seed: int = DEMO_SEED, size: int = 128
-                      ) -> list[tuple[Path, str, Attrs]]:
+def write_demo_images(
+    out_dir: str | Path, n: int, seed: int = DEMO_SEED, size: int = 128
+) -> list[tuple[Path, str, Attrs]]:
     """PNG files `out_dir/shape-NNNNN.png` plus `out_dir/captions.jsonl`; returns (path, caption, attrs) per image."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,5 +293,5 @@ def retrieval_metrics(ranked: np.ndarray, relevant: np.ndarray, ks: Sequence[int
     rows = np.arange(len(ranked))[:, None]
     hits = np.where(ranked >= 0, relevant[rows, np.maximum(ranked, 0)], False)
     out = {f"R@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
-    out[f"P@{max(ks)}"] = float(hits[:, :max(ks)].mean())
+    out[f"P@{max(ks)}"] = float(hits[:, : max(ks)].mean())
     return out

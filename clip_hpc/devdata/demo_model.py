@@ -7,6 +7,7 @@ same checkpoint bytes: the fp16 state_dict in safetensors, loaded by `load_model
 held-out text-to-image retrieval (R@1, R@5, R@10) for colour-and-shape queries, through the model's own inference
 preprocess, as `clip-hpc embed` does.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ def make_training_data(n: int, n_captions: int, image_size: int) -> tuple[torch.
     pixels, captions, _ = cs.make_dataset(cs.TRAIN_SEED, n, image_size, n_captions)
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     flat = [c for caps in captions for c in caps]
-    tokens = torch.cat([tokenizer(flat[i:i + 4096]) for i in range(0, len(flat), 4096)])
+    tokens = torch.cat([tokenizer(flat[i : i + 4096]) for i in range(0, len(flat), 4096)])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), tokens.view(n, n_captions, -1)
 
 
@@ -61,8 +62,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train(steps: int, batch_size: int, train_size: int, lr: float, seed: int, n_captions: int = 4,
-          log_every: int = 50) -> tuple[torch.nn.Module, dict]:
+def train(
+    steps: int, batch_size: int, train_size: int, lr: float, seed: int, n_captions: int = 4, log_every: int = 50
+) -> tuple[torch.nn.Module, dict]:
     """The whole recipe; returns the model (fp32, train mode off) and a log of losses and timings."""
     from open_clip.loss import ClipLoss
 
@@ -75,8 +77,12 @@ def train(steps: int, batch_size: int, train_size: int, lr: float, seed: int, n_
     normalise, loss_fn = Normaliser(model), ClipLoss()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     gen = torch.Generator().manual_seed(seed)
     warmup = max(1, steps // 20)
     model.train()
@@ -84,7 +90,7 @@ def train(steps: int, batch_size: int, train_size: int, lr: float, seed: int, n_
     for step in range(steps):
         if pos + batch_size > train_size:
             order, pos = torch.randperm(train_size, generator=gen), 0
-        idx = order[pos:pos + batch_size]
+        idx = order[pos : pos + batch_size]
         pos += batch_size
         which = torch.randint(n_captions, (len(idx),), generator=gen)
         for group in opt.param_groups:
@@ -98,12 +104,24 @@ def train(steps: int, batch_size: int, train_size: int, lr: float, seed: int, n_
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
-                  f"scale {model.logit_scale.exp().item():.1f} {time.perf_counter() - t0:.0f}s", flush=True)
+            print(
+                f"step {step:5d}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
+                f"scale {model.logit_scale.exp().item():.1f} {time.perf_counter() - t0:.0f}s",
+                flush=True,
+            )
     model.eval()
-    log = {"steps": steps, "batch_size": batch_size, "train_size": train_size, "lr": lr, "seed": seed,
-           "n_captions": n_captions, "threads": torch.get_num_threads(), "data_s": round(t_data, 1),
-           "train_s": round(time.perf_counter() - t0 - t_data, 1), "final_loss": float(np.mean(losses[-50:]))}
+    log = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "train_size": train_size,
+        "lr": lr,
+        "seed": seed,
+        "n_captions": n_captions,
+        "threads": torch.get_num_threads(),
+        "data_s": round(t_data, 1),
+        "train_s": round(time.perf_counter() - t0 - t_data, 1),
+        "final_loss": float(np.mean(losses[-50:])),
+    }
     return model, log
 
 
@@ -111,8 +129,7 @@ def checkpoint_bytes(model: torch.nn.Module, recipe: dict) -> bytes:
     """fp16 weights (half the size; the fp32 model reloads them exactly) plus the recipe as metadata."""
     from safetensors.torch import save
 
-    state = {k: (v.half() if v.is_floating_point() else v).detach().contiguous()
-             for k, v in model.state_dict().items()}
+    state = {k: (v.half() if v.is_floating_point() else v).detach().contiguous() for k, v in model.state_dict().items()}
     # one metadata key: safetensors writes several in hash order, which would break byte-for-byte reproducibility
     return save(state, metadata={"clip_hpc": json.dumps({"model": MODEL_NAME, **recipe}, sort_keys=True)})
 
@@ -122,7 +139,7 @@ def embed_pixels(model: LoadedModel, pixels: np.ndarray, batch_size: int = 256) 
     """uint8 [n, H, W, 3] through the inference preprocess (PIL in, tensor out) and the image tower."""
     out = []
     for i in range(0, len(pixels), batch_size):
-        batch = torch.stack([model.preprocess(Image.fromarray(p)) for p in pixels[i:i + batch_size]])
+        batch = torch.stack([model.preprocess(Image.fromarray(p)) for p in pixels[i : i + batch_size]])
         out.append(model.encode_images(batch))
     return np.concatenate(out)
 
@@ -140,6 +157,9 @@ def evaluate(pretrained: str | None = None, n: int = cs.HELDOUT_SIZE, image_size
     queries = cs.colour_shape_queries()
     ranked = rank(model.encode_text([q for q, _, _ in queries]), embed_pixels(model, pixels), 10)
     metrics = cs.retrieval_metrics(ranked, cs.colour_shape_relevance(queries, attrs))
-    return {"images": n, "image_size": image_size, "queries": len(queries),
-            **{k: round(v, 4) for k, v in metrics.items()}}
-
+    return {
+        "images": n,
+        "image_size": image_size,
+        "queries": len(queries),
+        **{k: round(v, 4) for k, v in metrics.items()},
+    }

@@ -3,6 +3,7 @@ slow-loris connections that send a header line now and then and never finish. Co
 latency percentiles per kind, and the server's RSS before and after (read from /proc: run it on the node).
 
 `scripts/bench_load.py` prints it as JSON and a table; `tests/test_load.py` runs a short version."""
+
 from __future__ import annotations
 
 import io
@@ -10,9 +11,10 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 import numpy as np
@@ -21,8 +23,26 @@ from PIL import Image
 from clip_hpc.client.endpoint import Endpoint
 from clip_hpc.client.http_client import client_for
 
-WORDS = ("red", "blue", "green", "circle", "square", "star", "two", "small", "large", "on", "white", "dark",
-         "photo", "drawing", "striped", "yellow", "triangle", "background")
+WORDS = (
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "star",
+    "two",
+    "small",
+    "large",
+    "on",
+    "white",
+    "dark",
+    "photo",
+    "drawing",
+    "striped",
+    "yellow",
+    "triangle",
+    "background",
+)
 KINDS = ("text", "upload", "by_id")
 
 
@@ -66,30 +86,56 @@ class LoadResult:
         def pct(values: list[float], q: float) -> float | None:
             return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
-        rows = {k: {"requests": self.requests[k], "errors": self.errors[k], "p50_ms": pct(self.latencies[k], 50),
-                    "p99_ms": pct(self.latencies[k], 99)} for k in KINDS}
+        rows = {
+            k: {
+                "requests": self.requests[k],
+                "errors": self.errors[k],
+                "p50_ms": pct(self.latencies[k], 50),
+                "p99_ms": pct(self.latencies[k], 99),
+            }
+            for k in KINDS
+        }
         every = [x for k in KINDS for x in self.latencies[k]]
-        rows["all"] = {"requests": sum(self.requests.values()), "errors": sum(self.errors.values()),
-                       "p50_ms": pct(every, 50), "p99_ms": pct(every, 99)}
-        return {"seconds": self.seconds, "clients": self.clients, "slowloris": self.slowloris, "kinds": rows,
-                "slowloris_closed_by_server": self.slowloris_closed_by_server,
-                "rss_before_mb": round(self.rss_before_mb, 1), "rss_after_mb": round(self.rss_after_mb, 1),
-                "error_samples": self.error_samples[:5]}
+        rows["all"] = {
+            "requests": sum(self.requests.values()),
+            "errors": sum(self.errors.values()),
+            "p50_ms": pct(every, 50),
+            "p99_ms": pct(every, 99),
+        }
+        return {
+            "seconds": self.seconds,
+            "clients": self.clients,
+            "slowloris": self.slowloris,
+            "kinds": rows,
+            "slowloris_closed_by_server": self.slowloris_closed_by_server,
+            "rss_before_mb": round(self.rss_before_mb, 1),
+            "rss_after_mb": round(self.rss_after_mb, 1),
+            "error_samples": self.error_samples[:5],
+        }
 
 
-def _one_request(client: httpx.Client, kind: str, rng: random.Random, ids: Sequence[int],
-                 images: Sequence[bytes]) -> httpx.Response:
+def _one_request(
+    client: httpx.Client, kind: str, rng: random.Random, ids: Sequence[int], images: Sequence[bytes]
+) -> httpx.Response:
     if kind == "text":
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) + f" {rng.randint(0, 10**6)}"
         return client.get("/api/search", params={"q": text, "k": 10})
     if kind == "upload":
-        return client.post("/api/search/image", params={"k": 10},
-                           files={"file": ("q.png", rng.choice(images), "image/png")})
+        return client.post(
+            "/api/search/image", params={"k": 10}, files={"file": ("q.png", rng.choice(images), "image/png")}
+        )
     return client.post("/api/search", json={"image_id": rng.choice(ids), "k": 10})
 
 
-def _client_loop(endpoint: Endpoint, stop: threading.Event, result: LoadResult, lock: threading.Lock, seed: int,
-                 ids: Sequence[int], images: Sequence[bytes]) -> None:
+def _client_loop(
+    endpoint: Endpoint,
+    stop: threading.Event,
+    result: LoadResult,
+    lock: threading.Lock,
+    seed: int,
+    ids: Sequence[int],
+    images: Sequence[bytes],
+) -> None:
     rng = random.Random(seed)
     with client_for(endpoint, timeout=60) as client:
         while not stop.is_set():
@@ -110,8 +156,9 @@ def _client_loop(endpoint: Endpoint, stop: threading.Event, result: LoadResult, 
                     result.error_samples.append(f"{kind}: {detail}")
 
 
-def _slowloris(host: str, port: int, n: int, stop: threading.Event, result: LoadResult, lock: threading.Lock,
-               drip_s: float = 2.0) -> None:
+def _slowloris(
+    host: str, port: int, n: int, stop: threading.Event, result: LoadResult, lock: threading.Lock, drip_s: float = 2.0
+) -> None:
     """Keep `n` connections that dribble header bytes and never end their headers; reopen what the server closes."""
     socks: list[socket.socket | None] = [None] * n
     while not stop.is_set():
@@ -136,8 +183,16 @@ def _slowloris(host: str, port: int, n: int, stop: threading.Event, result: Load
             sock.close()
 
 
-def run_load(endpoint: Endpoint, *, server_pid: int | None, ids: Sequence[int], clients: int = 32,
-             seconds: float = 60.0, slowloris: int = 200, seed: int = 0) -> LoadResult:
+def run_load(
+    endpoint: Endpoint,
+    *,
+    server_pid: int | None,
+    ids: Sequence[int],
+    clients: int = 32,
+    seconds: float = 60.0,
+    slowloris: int = 200,
+    seed: int = 0,
+) -> LoadResult:
     """Run the mixed load for `seconds`; the slow-loris connections start first and stay for the whole run."""
     result = LoadResult(seconds=seconds, clients=clients, slowloris=slowloris)
     result.rss_before_mb = rss_mb(server_pid) if server_pid else 0.0
@@ -145,10 +200,17 @@ def run_load(endpoint: Endpoint, *, server_pid: int | None, ids: Sequence[int], 
     images = upload_images(seed=seed)
     threads = []
     if slowloris and endpoint.port:
-        threads.append(threading.Thread(target=_slowloris, args=(endpoint.host, endpoint.port, slowloris, stop,
-                                                                 result, lock), daemon=True))
-    threads += [threading.Thread(target=_client_loop, args=(endpoint, stop, result, lock, seed * 1000 + i, ids,
-                                                            images), daemon=True) for i in range(clients)]
+        threads.append(
+            threading.Thread(
+                target=_slowloris, args=(endpoint.host, endpoint.port, slowloris, stop, result, lock), daemon=True
+            )
+        )
+    threads += [
+        threading.Thread(
+            target=_client_loop, args=(endpoint, stop, result, lock, seed * 1000 + i, ids, images), daemon=True
+        )
+        for i in range(clients)
+    ]
     for t in threads:
         t.start()
     stop.wait(seconds)
@@ -160,10 +222,12 @@ def run_load(endpoint: Endpoint, *, server_pid: int | None, ids: Sequence[int], 
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    lines = [f"{summary['clients']} clients, {summary['slowloris']} slow-loris connections, {summary['seconds']:g} s; "
-             f"server RSS {summary['rss_before_mb']} -> {summary['rss_after_mb']} MiB; slow-loris connections "
-             f"closed by the server: {summary['slowloris_closed_by_server']}",
-             f"{'kind':8} {'requests':>9} {'errors':>7} {'p50 ms':>8} {'p99 ms':>8}"]
+    lines = [
+        f"{summary['clients']} clients, {summary['slowloris']} slow-loris connections, {summary['seconds']:g} s; "
+        f"server RSS {summary['rss_before_mb']} -> {summary['rss_after_mb']} MiB; slow-loris connections "
+        f"closed by the server: {summary['slowloris_closed_by_server']}",
+        f"{'kind':8} {'requests':>9} {'errors':>7} {'p50 ms':>8} {'p99 ms':>8}",
+    ]
     for kind, row in summary["kinds"].items():
         lines.append(f"{kind:8} {row['requests']:>9} {row['errors']:>7} {row['p50_ms']!s:>8} {row['p99_ms']!s:>8}")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """A local S3 endpoint for tests and the benchmark: moto's standalone server (`moto[server]`, as s3fs's own test
 suite runs it) on 127.0.0.1, stopped by its PID, and the environment a child process needs to use it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,11 +10,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
-TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1"}
+TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def free_port() -> int:
@@ -24,16 +29,24 @@ def free_port() -> int:
 
 def s3_env(endpoint: str) -> dict[str, str]:
     """Test credentials and the endpoint, and nothing from this user's ~/.aws: all `clip-hpc embed` needs."""
-    return {**TEST_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    return {
+        **TEST_CREDENTIALS,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
 
 
 @contextlib.contextmanager
 def moto_server(timeout: float = 60) -> Iterator[str]:
     """`python -m moto.server` on a free loopback port; yields its URL and kills it by PID on exit."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + timeout
         while True:
@@ -58,9 +71,13 @@ def client(endpoint: str) -> Any:
     """An s3fs file system straight to `endpoint` with the test credentials (no listing cache: uploads show)."""
     import s3fs
 
-    return s3fs.S3FileSystem(key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"], secret=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                             client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True,
-                             use_listings_cache=False)
+    return s3fs.S3FileSystem(
+        key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        client_kwargs={"endpoint_url": endpoint},
+        skip_instance_cache=True,
+        use_listings_cache=False,
+    )
 
 
 def upload(endpoint: str, objects: Mapping[str, bytes | Path]) -> None:

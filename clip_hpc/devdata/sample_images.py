@@ -3,6 +3,7 @@ for tests, the demo and benchmarks. `write_bad_images` writes one file of each a
 
 The command line is scripts/make_sample_images.py; tests and benchmarks import the writers from here.
 """
+
 from __future__ import annotations
 
 import io
@@ -88,23 +89,32 @@ def write_bad_images(out: Path, seed: int = 1) -> dict[str, str]:
     good.save(buf, "JPEG", quality=90)
     jpeg = buf.getvalue()
     expect = {}
-    (out / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2]); expect["truncated.jpg"] = "failed"
-    (out / "empty.jpg").write_bytes(b""); expect["empty.jpg"] = "failed"
-    (out / "text.jpg").write_text("this is not an image\n"); expect["text.jpg"] = "failed"
-    (out / "bomb.png").write_bytes(bomb_png()); expect["bomb.png"] = "failed"
-    good.convert("CMYK").save(out / "cmyk.jpg"); expect["cmyk.jpg"] = "ok"
+    (out / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    expect["truncated.jpg"] = "failed"
+    (out / "empty.jpg").write_bytes(b"")
+    expect["empty.jpg"] = "failed"
+    (out / "text.jpg").write_text("this is not an image\n")
+    expect["text.jpg"] = "failed"
+    (out / "bomb.png").write_bytes(bomb_png())
+    expect["bomb.png"] = "failed"
+    good.convert("CMYK").save(out / "cmyk.jpg")
+    expect["cmyk.jpg"] = "ok"
     arr16 = (np.linspace(0, 65535, 300 * 200).reshape(200, 300)).astype(np.uint16)
-    Image.fromarray(arr16).save(out / "gray16.png"); expect["gray16.png"] = "ok"
+    Image.fromarray(arr16).save(out / "gray16.png")
+    expect["gray16.png"] = "ok"
     pal = good.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     pal.info["transparency"] = 0
-    pal.save(out / "palette_alpha.png", transparency=0); expect["palette_alpha.png"] = "ok"
+    pal.save(out / "palette_alpha.png", transparency=0)
+    expect["palette_alpha.png"] = "ok"
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 CW on display
-    good.resize((400, 200)).save(out / "exif_rotated.jpg", exif=exif.tobytes()); expect["exif_rotated.jpg"] = "ok"
-    good.convert("RGBA").save(out / "rgba.png"); expect["rgba.png"] = "ok"
-    good.save(out / "good.jpg"); expect["good.jpg"] = "ok"
+    good.resize((400, 200)).save(out / "exif_rotated.jpg", exif=exif.tobytes())
+    expect["exif_rotated.jpg"] = "ok"
+    good.convert("RGBA").save(out / "rgba.png")
+    expect["rgba.png"] = "ok"
+    good.save(out / "good.jpg")
+    expect["good.jpg"] = "ok"
     return expect
-
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
@@ -136,8 +146,14 @@ def captioned_samples(n: int, start: int = 0, seed: int = 0, size: int = 128) ->
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, "JPEG", quality=90)
         key = f"{i:09d}"
-        meta = {"key": key, "url": f"https://example.org/shapes/{key}.jpg", "width": size, "height": size,
-                "caption": captions[0], "status": "success"}
+        meta = {
+            "key": key,
+            "url": f"https://example.org/shapes/{key}.jpg",
+            "width": size,
+            "height": size,
+            "caption": captions[0],
+            "status": "success",
+        }
         samples.append((key, {"jpg": buf.getvalue(), "txt": captions[0].encode(), "json": json.dumps(meta).encode()}))
     return samples
 
@@ -151,7 +167,9 @@ def pack_into_tars(paths: list[Path], out: Path, per_tar: int) -> list[Path]:
     """The same image files, byte for byte, as tars of `per_tar` samples (keys in the given order)."""
     tars = []
     for t, lo in enumerate(range(0, len(paths), per_tar)):
-        samples = [(f"{i:09d}", {p.suffix.lstrip(".").lower(): p.read_bytes()})
-                   for i, p in enumerate(paths[lo:lo + per_tar], lo)]
+        samples = [
+            (f"{i:09d}", {p.suffix.lstrip(".").lower(): p.read_bytes()})
+            for i, p in enumerate(paths[lo : lo + per_tar], lo)
+        ]
         tars.append(write_tar(out / f"{t:05d}.tar", samples))
     return tars

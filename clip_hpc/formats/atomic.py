@@ -2,6 +2,7 @@
 
 Plain standard library, so laptop-side commands (check-ports, the connection file) can use it without h5py.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ def temp_path(path: str | os.PathLike, pid: int | None = None, host: str | None 
     """The temporary name `atomic_write_bytes` writes `path` under: `.NAME.tmp.HOST.PID`. The host is in the name
     because EMB_DIR sits on a file system shared by nodes, where a pid means something only on its own node."""
     path = Path(path)
-    return path.with_name(f".{path.name}{TEMP_MARK}{host or socket.gethostname()}.{os.getpid() if pid is None else pid}")
+    return path.with_name(
+        f".{path.name}{TEMP_MARK}{host or socket.gethostname()}.{os.getpid() if pid is None else pid}"
+    )
 
 
 def temp_writer_gone(tmp: Path, now: float | None = None) -> bool:

@@ -4,6 +4,7 @@ The index build reads shards, counts and ids through `EmbDir`; this view answers
 caption embeddings in place of its image embeddings and only the rows that have a caption, so the build (train,
 add, self-check, metadata) is the image build, unchanged, and ids stay the image ids.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ class CaptionVectors(EmbDir):
     def read_shard(self, unit: int, *, with_embeddings: bool = True) -> Shard:
         shard = super().read_shard(unit, with_embeddings=with_embeddings)
         if not shard.has_captions:
-            raise ShardError(f"{self.shard_path(unit)}: embedded without --captions; re-run clip-hpc embed with "
-                             "--captions (it redoes only such units) before indexing --vectors captions")
+            raise ShardError(
+                f"{self.shard_path(unit)}: embedded without --captions; re-run clip-hpc embed with "
+                "--captions (it redoes only such units) before indexing --vectors captions"
+            )
         shard.select(shard.caption_embedded.copy())
         if with_embeddings:
             shard.embeddings = shard.caption_embeddings

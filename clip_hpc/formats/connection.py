@@ -4,6 +4,7 @@ URL, are made here too, because the server writes them into the file and prints 
 
 Standard library only (plus clip_hpc's light modules): `clip-hpc check-ports` reads this file without torch,
 FAISS, h5py or numpy."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,15 @@ def login_host() -> str:
     return os.environ.get(LOGIN_HOST_ENV) or LOGIN_PLACEHOLDER
 
 
-def ssh_command(node: str, *, port: int | None = None, uds: str | None = None, bind_host: str = "127.0.0.1",
-                local_port: int | None = None, login: str | None = None) -> str:
+def ssh_command(
+    node: str,
+    *,
+    port: int | None = None,
+    uds: str | None = None,
+    bind_host: str = "127.0.0.1",
+    local_port: int | None = None,
+    login: str | None = None,
+) -> str:
     """The tunnel that reaches this server from a laptop.
 
     A server bound to the node's loopback or a unix socket is only reachable from the node itself, so the tunnel
@@ -95,16 +103,31 @@ class ConnectionInfo:
     ssh_command: str = ""
 
     @classmethod
-    def for_this_server(cls, *, token: str, port: int | None = None, uds: str | None = None,
-                        bind_host: str = "127.0.0.1", index_dir: str = "") -> ConnectionInfo:
+    def for_this_server(
+        cls,
+        *,
+        token: str,
+        port: int | None = None,
+        uds: str | None = None,
+        bind_host: str = "127.0.0.1",
+        index_dir: str = "",
+    ) -> ConnectionInfo:
         """What this process, a server that has just bound `port` or `uds`, writes about itself."""
         node = socket.gethostname()
         local_port = port or DEFAULT_LOCAL_PORT
-        return cls(host=node, bind_host=None if uds else bind_host, port=port, uds=uds, local_port=local_port,
-                   token=token, pid=os.getpid(),
-                   started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                   url=browser_url(local_port, token), index_dir=index_dir,
-                   ssh_command=ssh_command(node, port=port, uds=uds, bind_host=bind_host, local_port=local_port))
+        return cls(
+            host=node,
+            bind_host=None if uds else bind_host,
+            port=port,
+            uds=uds,
+            local_port=local_port,
+            token=token,
+            pid=os.getpid(),
+            started=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            url=browser_url(local_port, token),
+            index_dir=index_dir,
+            ssh_command=ssh_command(node, port=port, uds=uds, bind_host=bind_host, local_port=local_port),
+        )
 
     @classmethod
     def from_json(cls, data: Any) -> ConnectionInfo | None:
@@ -154,16 +177,24 @@ def claim_connection_file(path: str | os.PathLike) -> Path:
         if not os.access(path.parent, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as exc:
-        raise UserError(f"cannot write the connection file {path} ({exc.strerror or exc}): give --connection-file "
-                        f"PATH in a writable directory") from None
+        raise UserError(
+            f"cannot write the connection file {path} ({exc.strerror or exc}): give --connection-file "
+            f"PATH in a writable directory"
+        ) from None
     try:
         current = ConnectionInfo.from_json(json.loads(path.read_text()))
     except (OSError, ValueError):  # missing, unreadable or malformed (UserError is a ValueError): ours to take
         return path
-    if current is not None and current.host == socket.gethostname() and current.pid != os.getpid() \
-            and current.server_alive():
-        raise UserError(f"{path} belongs to a running server (pid {current.pid}): stop it first, or give this "
-                        f"server another --connection-file")
+    if (
+        current is not None
+        and current.host == socket.gethostname()
+        and current.pid != os.getpid()
+        and current.server_alive()
+    ):
+        raise UserError(
+            f"{path} belongs to a running server (pid {current.pid}): stop it first, or give this "
+            f"server another --connection-file"
+        )
     return path
 
 
@@ -186,15 +217,18 @@ def read_connection_file(path: str | os.PathLike) -> ConnectionInfo:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"connection file {path} does not exist: is the server started? (clip-hpc serve ... "
-                        f"--connection-file {path})")
+        raise UserError(
+            f"connection file {path} does not exist: is the server started? (clip-hpc serve ... "
+            f"--connection-file {path})"
+        ) from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read connection file {path}: {exc}")
+        raise UserError(f"cannot read connection file {path}: {exc}") from None
     try:
         info = ConnectionInfo.from_json(data)
     except UserError as exc:
-        raise UserError(f"bad connection file {path}: {exc} (copy it again from the cluster, or start the server "
-                        f"again)") from None
+        raise UserError(
+            f"bad connection file {path}: {exc} (copy it again from the cluster, or start the server again)"
+        ) from None
     if info is None:
         raise UserError(f"{path} is not a clip-hpc connection file (no token, port or uds)")
     return info

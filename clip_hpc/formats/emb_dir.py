@@ -3,32 +3,48 @@
 Every question about a shard (resume, `info`, the manifest, indexing) goes through `EmbDir.check_unit`, so the
 whole project agrees on what a good unit is. Summaries are typed (`EmbSummary`, `Manifest`), not loose dicts.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
 import os
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-import re
+from typing import Any
 
 import numpy as np
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json, temp_writer_gone
-from clip_hpc.formats.shard import (FORMAT, VERSION, Shard, ShardCheck, ShardError, read_shard, read_shard_for_index,
-                                    read_shard_ids, shard_check, write_shard)
+from clip_hpc.formats.shard import (
+    FORMAT,
+    VERSION,
+    Shard,
+    ShardCheck,
+    ShardError,
+    read_shard,
+    read_shard_for_index,
+    read_shard_ids,
+    shard_check,
+    write_shard,
+)
 
 INPUTS_FILE = "inputs.txt"
 MANIFEST_FILE = "manifest.json"
 SHARD_DIR = "shards"
 MANIFEST_FORMAT = FORMAT + "-manifest"
 # What every shard of one EMB_DIR shares, as the shard attrs name it -> the `embed` flag that sets it.
-RUN_SETTINGS = {"model": "--model", "pretrained": "--pretrained", "unit_size": "--shard-size", "dtype": "--dtype",
-                "precision": "--precision"}
+RUN_SETTINGS = {
+    "model": "--model",
+    "pretrained": "--pretrained",
+    "unit_size": "--shard-size",
+    "dtype": "--dtype",
+    "precision": "--precision",
+}
 # inputs.txt holds one name a line, as is, unless a name needs escaping: then this first line, and every line has
 # `\\`, line breaks (everything str.splitlines splits on), other controls and undecodable (surrogate-escaped)
 # bytes written as \\xHH or \\uHHHH. Files without the header (all older ones) are read line by line, as is.
@@ -38,8 +54,10 @@ _ESCAPED = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})")
 
 
 def _escape(name: str) -> str:
-    return _NEEDS_ESCAPE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else
-                             f"\\u{ord(m.group()):04x}", name.replace("\\", "\\\\"))
+    return _NEEDS_ESCAPE.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+        name.replace("\\", "\\\\"),
+    )
 
 
 def _unescape(line: str) -> str:
@@ -78,7 +96,7 @@ def unit_length(unit: int, unit_size: int, n_inputs: int) -> int:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -139,7 +157,7 @@ class Manifest(UnitCounts):
     created: str = ""
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["shards"] = [ShardEntry(**entry) for entry in data.get("shards", [])]
@@ -242,15 +260,23 @@ class EmbDir:
         or --precision mixed two kinds of vectors under one manifest. Settings a shard does not record (older
         shards: precision) and `None` in `wanted` are not compared."""
         recorded = self.recorded_settings()
-        differ = [key for key, flag in RUN_SETTINGS.items()
-                  if key in recorded and wanted.get(key) is not None and str(wanted[key]) != recorded[key]]
+        differ = [
+            key
+            for key, flag in RUN_SETTINGS.items()
+            if key in recorded and wanted.get(key) is not None and str(wanted[key]) != recorded[key]
+        ]
         if not differ:
             return
-        made = " ".join(f"{RUN_SETTINGS[k]} {recorded[k]}" for k in RUN_SETTINGS if k in recorded and
-                        (k in differ or (k == "pretrained" and "model" in differ)))
+        made = " ".join(
+            f"{RUN_SETTINGS[k]} {recorded[k]}"
+            for k in RUN_SETTINGS
+            if k in recorded and (k in differ or (k == "pretrained" and "model" in differ))
+        )
         asked = " ".join(f"{RUN_SETTINGS[k]} {wanted[k]}" for k in differ)
-        raise UserError(f"{self.root} was made with {made}; this run asks for {asked}: re-run with the same "
-                        "settings, or use a new --out")
+        raise UserError(
+            f"{self.root} was made with {made}; this run asks for {asked}: re-run with the same "
+            "settings, or use a new --out"
+        )
 
     def remove_stale_temp_files(self) -> None:
         """Temporary shards left by killed writers, never one a live process (another run on this EMB_DIR, a
@@ -314,10 +340,23 @@ class EmbDir:
             entries.append(ShardEntry(check.path.name, unit, self.rows_of(shard), len(shard.failed_ids)))
             n_captioned += int(shard.caption_embedded.sum())
         return EmbSummary(
-            model=model, pretrained=pretrained, dim=dim, dtype=dtype, n_inputs=n_inputs, unit_size=unit_size,
-            n_units=n_units, n_embedded=sum(e.n for e in entries), n_failed=sum(e.n_failed for e in entries),
-            failed_by_reason=reasons, shards=entries, n_captioned=n_captioned, missing_units=missing, invalid_shards=invalid,
-            models=sorted(models), dims=sorted(dims))
+            model=model,
+            pretrained=pretrained,
+            dim=dim,
+            dtype=dtype,
+            n_inputs=n_inputs,
+            unit_size=unit_size,
+            n_units=n_units,
+            n_embedded=sum(e.n for e in entries),
+            n_failed=sum(e.n_failed for e in entries),
+            failed_by_reason=reasons,
+            shards=entries,
+            n_captioned=n_captioned,
+            missing_units=missing,
+            invalid_shards=invalid,
+            models=sorted(models),
+            dims=sorted(dims),
+        )
 
     def summarise_found(self) -> EmbSummary | None:
         """The summary for the unit size the shards record; None before any shard is readable."""

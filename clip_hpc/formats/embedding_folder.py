@@ -7,13 +7,15 @@ Row i of the folder (files in numeric order) becomes global id i; the parquet's 
 `key` become the shard's paths, captions and meta, and `text_emb/` (where present) the caption embeddings, so
 `--vectors captions` builds from it too. One unit of rows is in memory at a time.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +47,9 @@ def metadata_file(folder: Path, n: int | str) -> Path:
     return folder / META_SUBDIR / f"{META_STEM}{n}.parquet"
 
 
-def metadata_columns(paths: Sequence[str], captions: Sequence[str], urls: Sequence[str],
-                     keys: Sequence[str]) -> dict[str, Sequence[Any]]:
+def metadata_columns(
+    paths: Sequence[str], captions: Sequence[str], urls: Sequence[str], keys: Sequence[str]
+) -> dict[str, Sequence[Any]]:
     """One parquet file's columns, by name, in clip-retrieval's order."""
     return dict(zip(META_COLUMNS, (paths, captions, urls, keys)))
 
@@ -98,8 +101,9 @@ def _checked(path: Path, rows: np.ndarray, *, zero_rows: bool = False) -> np.nda
     return rows
 
 
-def _caption_rows(folder: Path, number: str, emb: np.ndarray,
-                  similarity: list | None) -> tuple[np.ndarray, np.ndarray] | None:
+def _caption_rows(
+    folder: Path, number: str, emb: np.ndarray, similarity: list | None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """`text_emb_{number}.npy` with each row's image-caption cosine, or None where the folder has no text_emb/. A
     zero row has no caption (our export writes one there, with a null similarity): NaN, so it stays out of a
     caption index. Without a `similarity` column (clip-retrieval writes none) the cosine is computed."""
@@ -120,8 +124,9 @@ def _caption_rows(folder: Path, number: str, emb: np.ndarray,
     return text, sims
 
 
-def _rows(folder: Path) -> Iterator[tuple[np.ndarray, list[str], list[str], list[str],
-                                          tuple[np.ndarray, np.ndarray] | None]]:
+def _rows(
+    folder: Path,
+) -> Iterator[tuple[np.ndarray, list[str], list[str], list[str], tuple[np.ndarray, np.ndarray] | None]]:
     """(embeddings, paths, captions, meta JSON, caption rows or None) per npy file, its parquet's columns row for
     row."""
     npys = _numbered_emb_files(folder)
@@ -144,19 +149,23 @@ def _rows(folder: Path) -> Iterator[tuple[np.ndarray, list[str], list[str], list
                 raise UserError(f"{parquet}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
             if table.num_rows != n:
                 raise UserError(f"{parquet}: {table.num_rows} rows for the {n} vectors of {npy.name}")
-            columns = {c: table.column(c).to_pylist() for c in (*META_COLUMNS, SIMILARITY_COLUMN)
-                       if c in table.column_names}
+            columns = {
+                c: table.column(c).to_pylist() for c in (*META_COLUMNS, SIMILARITY_COLUMN) if c in table.column_names
+            }
         path_col, caption_col, url_col, key_col = META_COLUMNS
         paths = [str(p) if p else f"{npy.name}#{i}" for i, p in enumerate(columns.get(path_col, [None] * n))]
         captions = [str(c or "") for c in columns.get(caption_col, [None] * n)]
-        meta = [json.dumps({k: columns[k][i] for k in (key_col, url_col) if k in columns and columns[k][i]})
-                for i in range(n)]
+        meta = [
+            json.dumps({k: columns[k][i] for k in (key_col, url_col) if k in columns and columns[k][i]})
+            for i in range(n)
+        ]
         emb = _checked(npy, emb)
         yield emb, paths, captions, meta, _caption_rows(folder, number, emb, columns.get(SIMILARITY_COLUMN))
 
 
-def import_embedding_folder(folder: str | os.PathLike, emb_dir: str | os.PathLike, *, model: str,
-                            pretrained: str, unit_size: int = UNIT_SIZE) -> EmbDir:
+def import_embedding_folder(
+    folder: str | os.PathLike, emb_dir: str | os.PathLike, *, model: str, pretrained: str, unit_size: int = UNIT_SIZE
+) -> EmbDir:
     """Write `folder` as an EMB_DIR (inputs.txt, shards, manifest) at `emb_dir`."""
     folder, out = Path(folder), EmbDir(emb_dir)
     buf: dict[str, list] = {"emb": [], "paths": [], "captions": [], "meta": [], "text": [], "sims": []}
@@ -169,12 +178,17 @@ def import_embedding_folder(folder: str | os.PathLike, emb_dir: str | os.PathLik
         text = np.concatenate(buf["text"]) if buf["text"] else None
         sims = np.concatenate(buf["sims"]) if buf["sims"] else None
         start = unit * unit_size
-        out.write_shard(unit, embeddings=emb[:count], ids=range(start, start + count), paths=buf["paths"][:count],
-                        captions=buf["captions"][:count], meta=buf["meta"][:count],
-                        caption_embeddings=None if text is None else text[:count],
-                        similarity=None if sims is None else sims[:count],
-                        attrs={"model": model, "pretrained": pretrained, "unit_size": unit_size,
-                               "dtype": str(emb.dtype)})
+        out.write_shard(
+            unit,
+            embeddings=emb[:count],
+            ids=range(start, start + count),
+            paths=buf["paths"][:count],
+            captions=buf["captions"][:count],
+            meta=buf["meta"][:count],
+            caption_embeddings=None if text is None else text[:count],
+            similarity=None if sims is None else sims[:count],
+            attrs={"model": model, "pretrained": pretrained, "unit_size": unit_size, "dtype": str(emb.dtype)},
+        )
         buf["emb"] = [emb[count:]]
         buf["text"], buf["sims"] = ([] if text is None else [text[count:]]), ([] if sims is None else [sims[count:]])
         for key in ("paths", "captions", "meta"):

@@ -3,6 +3,7 @@ building a new one beside it that is swapped in whole (an INDEX_DIR is absent, t
 
 FAISS loads only inside the methods that read or write the index, so `info` and the laptop side stay light.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -12,17 +13,25 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_json
-from clip_hpc.formats.index_integrity import (DamagedIndex, check_mapped_lists, check_npy, check_recorded,
-                                              check_sqlite, describe_file, describe_npy)
+from clip_hpc.formats.index_integrity import (
+    DamagedIndex,
+    check_mapped_lists,
+    check_npy,
+    check_recorded,
+    check_sqlite,
+    describe_file,
+    describe_npy,
+)
 from clip_hpc.formats.metadata import MetadataStore
 from clip_hpc.formats.tier_codes import allocate_npy
 from clip_hpc.procs import process_start, same_process_alive
@@ -89,13 +98,16 @@ class IndexInfo:
         return dict(sorted(out.items()))  # the order index.json is written in
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "IndexInfo":
+    def from_dict(cls, data: dict[str, Any]) -> IndexInfo:
         known = {f.name for f in fields(cls)} - {"extra", "absent"}
-        return cls(**{k: v for k, v in data.items() if k in known},
-                   extra={k: v for k, v in data.items() if k not in known}, absent=frozenset(known - set(data)))
+        return cls(
+            **{k: v for k, v in data.items() if k in known},
+            extra={k: v for k, v in data.items() if k not in known},
+            absent=frozenset(known - set(data)),
+        )
 
 
-def _lists_into_memory(index: "faiss.Index") -> "faiss.Index":
+def _lists_into_memory(index: faiss.Index) -> faiss.Index:
     """Swap memory-mapped on-disk lists for in-memory ones, so adds never write into the served file."""
     import faiss
 
@@ -118,7 +130,7 @@ def _last_line(exc: BaseException) -> str:
     return text.rsplit("failed: ", 1)[-1].rsplit("Error: ", 1)[-1][:200]
 
 
-def _write_faiss(index: "faiss.Index", path: Path) -> None:
+def _write_faiss(index: faiss.Index, path: Path) -> None:
     """faiss.write_index; a failed write (a full disk) is an OSError naming the file, as Python's own writes are."""
     import faiss
 
@@ -223,10 +235,15 @@ class IndexDir:
         """Put into `info` what each data file is now (size, end hashes, vectors.npy's shape, meta.sqlite's rows),
         for `check_integrity` to compare with when the index loads, and where the inverted lists are."""
         info.lists = "disk" if self.has_ondisk_lists() else "memory"
-        names = self.FILES + ((IVFDATA_FILE,) if self.has_ondisk_lists() else ()) + \
-            ((TIER_FILE, TIER_CODES_FILE) if self.has_tier() else ())
-        info.files = {name: describe_npy(self.root / name) if name.endswith(".npy") else describe_file(self.root / name)
-                      for name in names}
+        names = (
+            self.FILES
+            + ((IVFDATA_FILE,) if self.has_ondisk_lists() else ())
+            + ((TIER_FILE, TIER_CODES_FILE) if self.has_tier() else ())
+        )
+        info.files = {
+            name: describe_npy(self.root / name) if name.endswith(".npy") else describe_file(self.root / name)
+            for name in names
+        }
         with self.open_metadata() as meta:
             info.files[META_FILE]["rows"] = meta.count()
 
@@ -244,7 +261,7 @@ class IndexDir:
         return info
 
     # --- opening the files ---
-    def open_index(self, *, writable: bool = False) -> "faiss.Index":
+    def open_index(self, *, writable: bool = False) -> faiss.Index:
         """Read-only: memory-mapped where the index type allows it (RAM holds only the pages queries touch),
         else read whole; on-disk lists are always memory-mapped, found beside index.faiss wherever the directory
         moved. Writable (to add to it): read whole, on-disk lists copied into memory."""
@@ -261,7 +278,7 @@ class IndexDir:
                 pass  # a type FAISS cannot memory-map: read it whole
         return self._read_index(0)
 
-    def _read_index(self, flags: int) -> "faiss.Index":
+    def _read_index(self, flags: int) -> faiss.Index:
         """faiss.read_index, its errors (a truncated or foreign file) one line naming the file, and memory-mapped
         lists checked to end inside their file before anything reads them."""
         import faiss
@@ -273,13 +290,13 @@ class IndexDir:
         check_mapped_lists(index, self.index_path)
         return index
 
-    def write_index(self, index: "faiss.Index") -> int:
+    def write_index(self, index: faiss.Index) -> int:
         """Save the index; returns its size in bytes, on-disk lists included (index.json records it)."""
         _write_faiss(index, self.index_path)
         shutil.rmtree(self.root / PARTS_DIR, ignore_errors=True)
         return self.index_path.stat().st_size + (self.ivfdata_path.stat().st_size if self.has_ondisk_lists() else 0)
 
-    def write_part(self, index: "faiss.Index", rank: int) -> Path:
+    def write_part(self, index: faiss.Index, rank: int) -> Path:
         """One rank's index (its own adds) for the merge; written under a temporary name, then renamed."""
         path = self.part_path(rank)
         path.parent.mkdir(exist_ok=True)
@@ -304,13 +321,13 @@ class IndexDir:
     def open_metadata(self, *, readonly: bool = True) -> MetadataStore:
         return MetadataStore(self.meta_path, readonly=readonly)
 
-    def copy_metadata_from(self, other: "IndexDir") -> None:
+    def copy_metadata_from(self, other: IndexDir) -> None:
         shutil.copy2(other.meta_path, self.meta_path)
 
     # --- building a new one ---
     @classmethod
     @contextmanager
-    def build_beside(cls, out: str | os.PathLike) -> Iterator["IndexDir"]:
+    def build_beside(cls, out: str | os.PathLike) -> Iterator[IndexDir]:
         """A fresh temporary directory beside `out`, removed if the build fails; call `swap_in(out)` to finish.
         Leftovers of killed builds (kill -9, a node crash) are cleaned up first (`recover_interrupted`)."""
         out = Path(out)
@@ -326,7 +343,7 @@ class IndexDir:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def swap_in(self, out: str | os.PathLike) -> "IndexDir":
+    def swap_in(self, out: str | os.PathLike) -> IndexDir:
         """Put this finished directory in place of `out`: one atomic exchange where the filesystem supports it
         (there is never a moment without an INDEX_DIR), else old aside + rename (`recover_interrupted` puts the
         old one back if a kill lands in between)."""
@@ -351,7 +368,8 @@ def _beside(out: Path, kind: str, pid: int) -> Path:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """renameat2(RENAME_EXCHANGE): swap two paths atomically (Linux >= 3.15, local filesystems); False if unsupported."""
+    """renameat2(RENAME_EXCHANGE): swap two paths atomically (Linux >= 3.15, local filesystems);
+    False if unsupported."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
@@ -372,7 +390,7 @@ def recover_interrupted(out: str | os.PathLike) -> list[Path]:
     out = Path(out)
     touched = []
     for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
-        kind, _, pid = leftover.name[len(out.name) + 2:].rpartition("-")
+        kind, _, pid = leftover.name[len(out.name) + 2 :].rpartition("-")
         if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
             continue
         owner = leftover / OWNER_FILE

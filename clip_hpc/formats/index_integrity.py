@@ -5,6 +5,7 @@ SIGBUS at the first query, not an exception; so every damaged file is found here
 Cheap checks only (a load must stay fast at web scale): each file's size and a hash of its first and last KiB from
 the record, and for an index.json without one, what the files' own headers say they need.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,14 +56,17 @@ def check_recorded(path: Path, want: dict[str, Any]) -> None:
     size = path.stat().st_size
     if "bytes" in want and size != int(want["bytes"]):
         raise DamagedIndex(path, f"is {size} bytes, index.json recorded {int(want['bytes'])}")
-    if want.get("head") not in (None, _digest(path, 0)) or \
-            want.get("tail") not in (None, _digest(path, max(0, size - HASH_SPAN))):
+    if want.get("head") not in (None, _digest(path, 0)) or want.get("tail") not in (
+        None,
+        _digest(path, max(0, size - HASH_SPAN)),
+    ):
         raise DamagedIndex(path, "is not the file index.json recorded (its first or last KiB changed)")
     if "shape" in want:
         shape, dtype, _ = npy_header(path)
         if list(shape) != list(want["shape"]) or dtype.str != want.get("dtype", dtype.str):
-            raise DamagedIndex(path, f"holds {list(shape)} {dtype.str}, index.json recorded "
-                                     f"{want['shape']} {want.get('dtype')}")
+            raise DamagedIndex(
+                path, f"holds {list(shape)} {dtype.str}, index.json recorded {want['shape']} {want.get('dtype')}"
+            )
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -103,7 +107,7 @@ def check_sqlite(path: Path) -> None:
         raise DamagedIndex(path, f"is {size} bytes, its header says {page_size * pages}")
 
 
-def check_mapped_lists(index: "faiss.Index", index_path: Path) -> None:
+def check_mapped_lists(index: faiss.Index, index_path: Path) -> None:
     """Inverted lists read through a memory map (on-disk lists.ivfdata, or a memory-mapped index.faiss) end
     inside their file. Every layout clip-hpc writes has lists in order, so the last list's end is the file's."""
     import faiss

@@ -3,6 +3,7 @@
 FAISS only knows integer ids; everything a user sees (paths, captions, prefix and caption filters, exports) goes
 through this table. Captions are also in an FTS5 table (`captions`, rowid = id) for the full-text filter.
 """
+
 from __future__ import annotations
 
 import errno
@@ -12,9 +13,9 @@ import re
 import sqlite3
 import sys
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_integrity import DamagedIndex
@@ -69,8 +70,9 @@ def checked_text(name: str, value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise UserError(f"{name} holds {value[exc.start]!a} at position {exc.start}, a lone surrogate: "
-                        "not valid Unicode text") from None
+        raise UserError(
+            f"{name} holds {value[exc.start]!a} at position {exc.start}, a lone surrogate: not valid Unicode text"
+        ) from None
     return value
 
 
@@ -89,8 +91,9 @@ class MetadataStore:
                 self._add_new_columns()
                 self.conn.executescript(SCHEMA)
             have = {row[1] for row in self.conn.execute("PRAGMA table_info(images)")}
-            self.has_fts = bool(self.conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE name = 'captions' AND type = 'table'").fetchall())
+            self.has_fts = bool(
+                self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'captions' AND type = 'table'").fetchall()
+            )
         if not have:
             self.conn.close()
             raise DamagedIndex(self.path, "has no images table")
@@ -120,18 +123,28 @@ class MetadataStore:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "MetadataStore":
+    def __enter__(self) -> MetadataStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, ids: Sequence[int], paths: Sequence[str], sizes: Sequence[int | None] | None = None,
-            mtimes: Sequence[float | None] | None = None, *, captions: Sequence[str] | None = None,
-            keys: Sequence[str] | None = None, urls: Sequence[str] | None = None,
-            offsets: Sequence[int | None] | None = None, similarities: Sequence[float] | None = None) -> None:
+    def add(
+        self,
+        ids: Sequence[int],
+        paths: Sequence[str],
+        sizes: Sequence[int | None] | None = None,
+        mtimes: Sequence[float | None] | None = None,
+        *,
+        captions: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+        urls: Sequence[str] | None = None,
+        offsets: Sequence[int | None] | None = None,
+        similarities: Sequence[float] | None = None,
+    ) -> None:
         """Insert one batch in one transaction (a shard at a time keeps memory flat); "" and -1 are stored as NULL,
         and so is a NaN similarity (a row without a caption embedding)."""
+
         def column(values: Sequence | None, empty: object) -> list:
             if values is None:
                 return [None] * len(ids)
@@ -140,13 +153,23 @@ class MetadataStore:
         ids = [int(i) for i in ids]
         caps = column(captions, "")
         sims = [float(v) if v == v else None for v in similarities] if similarities is not None else [None] * len(ids)
-        rows = zip(ids, paths, column(sizes, -1), mtimes if mtimes is not None else [None] * len(ids), caps,
-                   column(keys, ""), column(urls, ""), column(offsets, -1), sims)
+        rows = zip(
+            ids,
+            paths,
+            column(sizes, -1),
+            mtimes if mtimes is not None else [None] * len(ids),
+            caps,
+            column(keys, ""),
+            column(urls, ""),
+            column(offsets, -1),
+            sims,
+        )
         with self._errors(opening=False), self.conn:
             self.conn.executemany(INSERT, rows)
             self.conn.executemany("DELETE FROM captions WHERE rowid = ?", ((i,) for i in ids))
-            self.conn.executemany("INSERT INTO captions(rowid, caption) VALUES (?, ?)",
-                                  ((i, c) for i, c in zip(ids, caps) if c))
+            self.conn.executemany(
+                "INSERT INTO captions(rowid, caption) VALUES (?, ?)", ((i, c) for i, c in zip(ids, caps) if c)
+            )
 
     def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         with self._lock:
@@ -181,10 +204,11 @@ class MetadataStore:
         ids = [int(i) for i in ids]
         out: dict[int, object] = {}
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+            chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            out.update(self._rows(f"SELECT id, {column} FROM images WHERE id IN ({marks}) AND {column} IS NOT NULL",
-                                  chunk))
+            out.update(
+                self._rows(f"SELECT id, {column} FROM images WHERE id IN ({marks}) AND {column} IS NOT NULL", chunk)
+            )
         return out
 
     def record(self, id: int) -> dict | None:
@@ -210,8 +234,14 @@ class MetadataStore:
         """The image-caption similarities of `ids` that have one ({} for a meta.sqlite written before them)."""
         return self._column_of("similarity", ids) if "similarity" in self.columns else {}
 
-    def ids_matching(self, *, path_prefix: str | None = None, caption: str | None = None,
-                     min_similarity: float | None = None, limit: int | None = None) -> list[int]:
+    def ids_matching(
+        self,
+        *,
+        path_prefix: str | None = None,
+        caption: str | None = None,
+        min_similarity: float | None = None,
+        limit: int | None = None,
+    ) -> list[int]:
         """Ids passing every filter given: a path prefix (range scan on the path index), a caption full-text
         match (FTS5: every word of `caption`, any order) and an image-caption similarity of at least
         `min_similarity` (rows without one never pass)."""
@@ -264,7 +294,7 @@ class MetadataStore:
         import random
 
         rng = random.Random(seed)
-        (lo, hi), = self._rows("SELECT MIN(id), MAX(id) FROM images")
+        ((lo, hi),) = self._rows("SELECT MIN(id), MAX(id) FROM images")
         if lo is None:
             return []
         n = self.count()

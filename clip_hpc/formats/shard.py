@@ -3,6 +3,7 @@
 A shard is the unit of resume: if `shard_check` finds nothing wrong, the unit is done and never recomputed.
 `EmbDir` (emb_dir.py) is the only user; it knows where the files live, this module only what is in one.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -10,9 +11,10 @@ import io
 import json
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -81,8 +83,9 @@ class Shard:
         self.caption_embedded, self.similarity = self.caption_embedded[keep], self.similarity[keep]
         if self.caption_embeddings is not None:
             self.caption_embeddings = self.caption_embeddings[keep]
-        self.paths, self.captions, self.meta = ([v for v, kept in zip(values, keep) if kept]
-                                                for values in (self.paths, self.captions, self.meta))
+        self.paths, self.captions, self.meta = (
+            [v for v, kept in zip(values, keep) if kept] for values in (self.paths, self.captions, self.meta)
+        )
 
 
 @dataclass(frozen=True)
@@ -147,10 +150,13 @@ def write_shard(
     for name, values in extras.items():
         if values is not None and len(values) != len(ids):
             raise ShardError(f"{path}: {len(values)} {name} for {len(ids)} ids")
-    if caption_embeddings is not None and (np.shape(caption_embeddings) != embeddings.shape or similarity is None
-                                           or len(similarity) != len(ids)):
-        raise ShardError(f"{path}: caption embeddings {np.shape(caption_embeddings)} or similarity do not match "
-                         f"embeddings {embeddings.shape}")
+    if caption_embeddings is not None and (
+        np.shape(caption_embeddings) != embeddings.shape or similarity is None or len(similarity) != len(ids)
+    ):
+        raise ShardError(
+            f"{path}: caption embeddings {np.shape(caption_embeddings)} or similarity do not match "
+            f"embeddings {embeddings.shape}"
+        )
     order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
     meta = {
         "format": FORMAT,
@@ -158,7 +164,7 @@ def write_shard(
         "dim": int(embeddings.shape[1]),
         "n": int(len(ids)),
         "n_failed": int(len(failed_ids)),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "library_versions": json.dumps(library_versions()),
     }
@@ -233,8 +239,11 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
         raise ShardError(f"{path}: {n} embeddings but {len(ids)} ids and {len(shard.paths)} paths")
     if any(len(getattr(shard, name)) != n for name in TEXT_EXTRAS + INT_EXTRAS):
         raise ShardError(f"{path}: captions, meta, offsets or sizes do not have one entry per embedding")
-    if len(shard.caption_embedded) != n or len(shard.similarity) != n or \
-            (shard.caption_embeddings is not None and with_embeddings and shard.caption_embeddings.shape != (n, dim)):
+    if (
+        len(shard.caption_embedded) != n
+        or len(shard.similarity) != n
+        or (shard.caption_embeddings is not None and with_embeddings and shard.caption_embeddings.shape != (n, dim))
+    ):
         raise ShardError(f"{path}: caption embeddings or similarity do not have one entry per embedding")
     if dim != int(attrs.get("dim", dim)):
         raise ShardError(f"{path}: embeddings have dim {dim}, attrs say {attrs.get('dim')}")
@@ -253,8 +262,9 @@ def _read_captions(f: h5py.File, shard: Shard, with_embeddings: bool) -> None:
         return
     shard.caption_embedded = f["caption_embedded"][...].astype(bool)
     shard.similarity = f["similarity"][...].astype(np.float32)
-    shard.caption_embeddings = f["caption_embeddings"][...] if with_embeddings else \
-        np.empty((f["caption_embeddings"].shape[0], 0), np.float16)
+    shard.caption_embeddings = (
+        f["caption_embeddings"][...] if with_embeddings else np.empty((f["caption_embeddings"].shape[0], 0), np.float16)
+    )
 
 
 NORM_TOLERANCE = 0.02  # float16 storage rounds a unit vector's norm by well under 1e-2
@@ -280,8 +290,11 @@ def read_shard_for_index(path: str | os.PathLike) -> Shard:
     """`read_shard` plus the embeddings' own check: what indexing reads, so a corrupted shard is named, not
     passed on to FAISS."""
     shard = read_shard(path)
-    problem = embedding_problem(shard.embeddings) or (embedding_problem(
-        shard.caption_embeddings[shard.caption_embedded]) if shard.caption_embeddings is not None else None)
+    problem = embedding_problem(shard.embeddings) or (
+        embedding_problem(shard.caption_embeddings[shard.caption_embedded])
+        if shard.caption_embeddings is not None
+        else None
+    )
     if problem:
         raise ShardError(f"{path}: {problem}; re-embed this unit (delete the file and re-run clip-hpc embed)")
     return shard

@@ -5,10 +5,11 @@ The separator can also occur in a directory name (`d::x/00000.tar::a.jpg`) or a 
 so a line is split at the first `::` whose left side ends in `.tar` and names an existing file, not at the first
 `::`. Standard library only: the laptop side and the server's file checks import it.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 SEPARATOR = "::"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # compressed ones only to say they cannot be read (ingest/tars.py)
@@ -48,7 +49,7 @@ def split_member_line(line: str, is_file: Callable[[str], bool] = os.path.isfile
         if is_file(line):
             return None
         at = candidates[-1]
-    return line[:at], line[at + len(SEPARATOR):]
+    return line[:at], line[at + len(SEPARATOR) :]
 
 
 def file_on_disk(line: str) -> str:

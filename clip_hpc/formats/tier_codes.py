@@ -1,6 +1,7 @@
 """tier_codes.npy: the re-rank tier's codes (index/rerank_tier.py), one uint8 row per global id as in vectors.npy,
 zero rows for ids never embedded. Every rank writes the rows of its own ids with positioned writes, not through a
 shared memory map: ranks on other nodes never write back each other's pages of the file."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Choosing an index for N vectors of dimension d: the factory key, the training sample's size. Pure functions:
 the CLI's help, the build and the benchmarks call them without building anything."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """What `index --update` must redo: the units whose shard no longer holds exactly the ids the index holds."""
+
 from __future__ import annotations
 
 import numpy as np

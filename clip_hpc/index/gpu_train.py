@@ -6,6 +6,7 @@ tensors, so `TorchAssign` does the nearest-centroid search with a matrix product
 centroids go into the empty IVF quantizer; FAISS then sees `ntotal == nlist`, skips its own k-means and trains
 only what follows (the PQ codebooks on the residuals) on the CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,12 +48,13 @@ class TorchAssign:
         rows = max(1024, DISTANCES_PER_CHUNK // len(centroids))
         dist, nearest = [], []
         for lo in range(0, self.count(), rows):
-            d, i = torch.min(c_norms[None, :] - 2.0 * self.x[lo:lo + rows] @ centroids.T, dim=1)
-            dist.append(d + self.sq_norms[lo:lo + rows])
+            d, i = torch.min(c_norms[None, :] - 2.0 * self.x[lo : lo + rows] @ centroids.T, dim=1)
+            dist.append(d + self.sq_norms[lo : lo + rows])
             nearest.append(i)
         assign, distances = torch.cat(nearest), torch.cat(dist)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, self.x if weights is None
-                                                       else self.x * weights[:, None])
+        sums = torch.zeros_like(centroids).index_add_(
+            0, assign, self.x if weights is None else self.x * weights[:, None]
+        )
         return assign.cpu().numpy().astype(np.int64), distances, sums
 
 
@@ -73,8 +75,9 @@ def kmeans_device(local_rank: int = 0) -> str | None:
     return f"cuda:{local_rank % torch.cuda.device_count()}"
 
 
-def train_ivf_centroids(sample: np.ndarray, nlist: int, device: str, *, niter: int = 25, seed: int = 1234,
-                        spherical: bool = False) -> np.ndarray:
+def train_ivf_centroids(
+    sample: np.ndarray, nlist: int, device: str, *, niter: int = 25, seed: int = 1234, spherical: bool = False
+) -> np.ndarray:
     """(nlist, d) float32 k-means centroids of `sample` computed on `device` by FAISS's Python k-means."""
     import torch
     from faiss.contrib.clustering import kmeans
@@ -110,7 +113,13 @@ def pretrain_coarse_quantizer(index: faiss.Index, sample: np.ndarray, local_rank
         return None
     start = time.perf_counter()
     x = _untrained_transforms_applied(index, np.ascontiguousarray(sample, dtype=np.float32))
-    centroids = train_ivf_centroids(x, ivf.nlist, device, niter=ivf.cp.niter, seed=ivf.cp.seed,
-                                    spherical=ivf.cp.spherical or ivf.metric_type == faiss.METRIC_INNER_PRODUCT)
+    centroids = train_ivf_centroids(
+        x,
+        ivf.nlist,
+        device,
+        niter=ivf.cp.niter,
+        seed=ivf.cp.seed,
+        spherical=ivf.cp.spherical or ivf.metric_type == faiss.METRIC_INNER_PRODUCT,
+    )
     ivf.quantizer.add(centroids)
     return round(time.perf_counter() - start, 3)

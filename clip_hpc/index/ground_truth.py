@@ -6,6 +6,7 @@ index that returns other copies wrong (300 equal vectors: recall 0 for an exact 
 result as found when its exact score reaches the k-th exact score; for the queries with no tie at the k-th place
 that is the same as matching ids, and only tied queries pay for reading their candidates' rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int = RECALL_K
     return float(per_query.mean()) if len(per_query) else 0.0
 
 
-def exact_scored(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = EXACT_CHUNK
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def exact_scored(
+    queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = EXACT_CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k ids and scores over a (memory-mapped) matrix, chunk by chunk through FAISS's
     brute-force knn (7x numpy's argpartition at 1,600 queries); all-zero rows (ids never embedded) never match
     (id -1, score -inf)."""
@@ -45,7 +47,7 @@ def exact_scored(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(vectors), chunk):
-        block = np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32)
+        block = np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32)
         empty = ~block.any(axis=1)
         wanted = min(len(block), k + int(empty.sum()))  # enough that dropping the empty rows leaves k
         scores, ids = faiss.knn(queries, block, wanted, metric=faiss.METRIC_INNER_PRODUCT)
@@ -93,7 +95,7 @@ def hit_positions(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
     found, exact = np.asarray(found), np.asarray(exact)
     positions = np.full(exact.shape, ABSENT, dtype=np.int64)
     for j in range(exact.shape[1]):
-        match = (found == exact[:, j:j + 1]) & (exact[:, j:j + 1] >= 0)
+        match = (found == exact[:, j : j + 1]) & (exact[:, j : j + 1] >= 0)
         hit = match.any(axis=1)
         positions[hit, j] = match[hit].argmax(axis=1)
     return positions
@@ -112,9 +114,9 @@ def tie_aware_positions(found: np.ndarray, truth: Truth, queries: np.ndarray, ve
         scores = np.empty(len(at), dtype=np.float32)
         query = np.asarray(queries[q], dtype=np.float32)
         for lo in range(0, len(at), EXACT_CHUNK):  # rows in id order: a memory map reads forward
-            part = order[lo:lo + EXACT_CHUNK]
+            part = order[lo : lo + EXACT_CHUNK]
             scores[part] = np.asarray(vectors[cand[at[part]]], dtype=np.float32) @ query
         good = at[scores >= truth.kth[q] - TIE_TOLERANCE][:k]
         positions[q] = ABSENT
-        positions[q, :len(good)] = good
+        positions[q, : len(good)] = good
     return positions

@@ -6,11 +6,13 @@ writes its lists; rank 0 merges them, in memory when they are small, else into o
 (FAISS OnDiskInvertedLists) that the server memory-maps. The merge writes that file with ordinary writes, not
 FAISS's own merge: that one writes through a memory map, and a full disk is then a SIGBUS instead of an OSError.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import faiss
 import numpy as np

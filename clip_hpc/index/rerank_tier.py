@@ -4,6 +4,7 @@ badly, the true top 10 hide among 10,000-50,000 candidates; re-reading that many
 the tier re-scores them in RAM and hands only its best 20-500 to the exact re-rank (FAISS's IndexRefine over
 IndexScalarQuantizer). The self-check decides whether it pays (index.json `tier`); where it does not, it is removed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,7 +47,7 @@ def load_tier(trained_path: Path, codes_path: Path, chunk: int = 1 << 20) -> fai
     tier = faiss.read_index(str(trained_path))
     codes = np.load(codes_path, mmap_mode="r")
     for lo in range(0, len(codes), chunk):
-        tier.add_sa_codes(np.ascontiguousarray(codes[lo:lo + chunk]))
+        tier.add_sa_codes(np.ascontiguousarray(codes[lo : lo + chunk]))
     return tier
 
 

@@ -7,20 +7,22 @@ The gap's direction is unknown when the index is built, and recall depends on it
 direction gave 0.98 and another 0.94 with the same nprobe), so the off-distribution queries come in groups, each
 with its own direction and noise, and tuning holds a *fresh* group, not the mean, above the target.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import numpy as np
 
-from clip_hpc.search.core import normalise_rows, search_index, set_nprobe
 from clip_hpc.index.ground_truth import ABSENT, RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
 from clip_hpc.index.rerank_tier import EXACT_FACTORS, refine_over
 from clip_hpc.index.text_queries import caption_queries, text_like_groups
+from clip_hpc.search.core import normalise_rows, search_index, set_nprobe
 
 TARGET_RECALL = 0.95
 RECALL_QUERIES = 800  # indexed vectors sampled: half tune, half report (each also the base of text-like groups)
@@ -56,8 +58,9 @@ def recall_prediction_bound(group_means: np.ndarray, z: float = PREDICTION_Z) ->
     return float(group_means.mean() - z * group_means.std(ddof=1))
 
 
-def off_distribution_queries(queries: np.ndarray, rng: np.random.Generator, offset_norm: float = 1.0,
-                             noise: float = 0.3) -> np.ndarray:
+def off_distribution_queries(
+    queries: np.ndarray, rng: np.random.Generator, offset_norm: float = 1.0, noise: float = 0.3
+) -> np.ndarray:
     """A stand-in for text queries against image vectors: one constant offset (the "modality gap") plus noise."""
     dim = queries.shape[1]
     offset = normalise_rows(rng.standard_normal(dim))[None, :] * offset_norm
@@ -65,15 +68,24 @@ def off_distribution_queries(queries: np.ndarray, rng: np.random.Generator, offs
     return normalise_rows(queries + offset + jitter)
 
 
-def off_distribution_groups(queries: np.ndarray, rng: np.random.Generator,
-                            directions: int = OFF_DIRECTIONS) -> list[np.ndarray]:
+def off_distribution_groups(
+    queries: np.ndarray, rng: np.random.Generator, directions: int = OFF_DIRECTIONS
+) -> list[np.ndarray]:
     """The queries cut into `directions` groups, each shifted by its own random offset, with noise levels cycled."""
     groups = np.array_split(np.asarray(queries, dtype=np.float32), max(1, min(directions, len(queries))))
     return [off_distribution_queries(g, rng, noise=OFF_NOISES[i % len(OFF_NOISES)]) for i, g in enumerate(groups)]
 
 
-def serving_cost(nprobe: int, factor: int, *, list_size: float, code_size: float, dim: int, tier_bytes: int = 0,
-                 exact_factor: int = 0) -> float:
+def serving_cost(
+    nprobe: int,
+    factor: int,
+    *,
+    list_size: float,
+    code_size: float,
+    dim: int,
+    tier_bytes: int = 0,
+    exact_factor: int = 0,
+) -> float:
     """Bytes one query touches, weighted: the codes of `nprobe` inverted lists, then either the re-ranked float16
     rows of every candidate, or the tier's codes of every candidate and the float16 rows of its best."""
     rows = exact_factor if tier_bytes and exact_factor else factor
@@ -102,8 +114,11 @@ def tier_scores(index: faiss.Index, tier: faiss.Index, queries: np.ndarray, foun
     """The tier's score of every candidate in `found` (the index's own list at its nprobe; -inf where -1), from
     FAISS's IndexRefine over the same candidates, re-scored and mapped back to their places."""
     refine = refine_over(index, tier)
-    got_scores, got_ids = refine.search(np.ascontiguousarray(queries, dtype=np.float32), found.shape[1],
-                                        params=faiss.IndexRefineSearchParameters(k_factor=1.0))
+    got_scores, got_ids = refine.search(
+        np.ascontiguousarray(queries, dtype=np.float32),
+        found.shape[1],
+        params=faiss.IndexRefineSearchParameters(k_factor=1.0),
+    )
     out = np.full(found.shape, -np.inf, dtype=np.float32)
     for i in range(len(found)):
         order = np.argsort(got_ids[i], kind="stable")
@@ -124,12 +139,19 @@ class Sweep:
     probes: list[int] = field(default_factory=list)
 
 
-def sweep(bound_of: Callable[[int, list[Any]], Callable[[Any], float]], probes: list[int], factors: list[Any],
-          cost: Callable[[int, Any], float], deadline: float, target: float = TARGET_RECALL) -> Sweep:
+def sweep(
+    bound_of: Callable[[int, list[Any]], Callable[[Any], float]],
+    probes: list[int],
+    factors: list[Any],
+    cost: Callable[[int, Any], float],
+    deadline: float,
+    target: float = TARGET_RECALL,
+) -> Sweep:
     """nprobe from small to large, every factor still cheaper than the best pair priced from one search each
     (`bound_of(probe, live)(factor)`); the cheapest pair reaching `target` wins; stops once a wider nprobe alone
     costs more than that pair, or at `deadline` (perf_counter seconds) after at least one nprobe, saying so (and
-    then, if nothing reached the target yet, prices the widest nprobe before it stops). None reaching it: the cheapest within FALLBACK_SLACK of the best bound (the tier at a hair's less recall
+    then, if nothing reached the target yet, prices the widest nprobe before it stops).
+    None reaching it: the cheapest within FALLBACK_SLACK of the best bound (the tier at a hair's less recall
     than re-reading 50,000 rows, on data where nothing reaches the target)."""
     out = Sweep()
     queue = list(probes)
@@ -174,8 +196,9 @@ def _family_spans(families: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, di
     return np.concatenate(parts), spans
 
 
-def _query_families(vectors: np.ndarray, ids: np.ndarray, captions: np.ndarray | None,
-                    rng: np.random.Generator) -> tuple[dict[str, list[np.ndarray]], list[float]]:
+def _query_families(
+    vectors: np.ndarray, ids: np.ndarray, captions: np.ndarray | None, rng: np.random.Generator
+) -> tuple[dict[str, list[np.ndarray]], list[float]]:
     """in_distribution (indexed vectors), text_like (gap groups, cosines 0.45-0.25), captions (if any)."""
     images = normalise_rows(np.asarray(vectors[np.sort(ids)], dtype=np.float32))
     text = text_like_groups(images, rng, TEXT_GROUPS)
@@ -192,10 +215,20 @@ def _label(probe: int, config: Config) -> str:
     return f"nprobe{probe},refine{config[0]}" + (f",tier{config[1]}" if config[1] else "")
 
 
-def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *, refine_factor: int | None,
-               refine: bool, nprobe: int | None, seed: int = 0, model: str | None = None,
-               pretrained: str | None = None, budget_s: float | None = None,
-               tier: faiss.Index | None = None) -> tuple[int, dict[str, Any]]:
+def self_check(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    query_ids: np.ndarray,
+    *,
+    refine_factor: int | None,
+    refine: bool,
+    nprobe: int | None,
+    seed: int = 0,
+    model: str | None = None,
+    pretrained: str | None = None,
+    budget_s: float | None = None,
+    tier: faiss.Index | None = None,
+) -> tuple[int, dict[str, Any]]:
     """Recall@10 of the served configuration against exact search, for three query families: indexed vectors,
     synthetic text-like groups (one gap direction each, cosine to their image 0.45 down to 0.25) and the built-in
     captions through the index's own text tower (when its weights load here). Half of every family tunes nprobe
@@ -239,10 +272,12 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
                 c = min(RECALL_K * factor, found.shape[1])
                 if not ranks:
                     prefixes = sorted({min(RECALL_K * f, found.shape[1]) for f, e in configs if e})
-                    ranks.update(zip(prefixes, tier_ranks(found, tier_scores(index, tier, queries, found), pos,
-                                                          prefixes)))
+                    ranks.update(
+                        zip(prefixes, tier_ranks(found, tier_scores(index, tier, queries, found), pos, prefixes))
+                    )
                 hit &= ranks[c] < RECALL_K * exact_factor
             return hit.sum(axis=1) / true_neighbours(exact.ids)
+
         return recall
 
     tuning: dict[str, float] = {}
@@ -254,47 +289,72 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
 
         def bound(config: Config) -> float:
             factor, exact_factor = config
-            if exact_factor and exact.get(factor, 0.0) < TARGET_RECALL and \
-                    (probe != probes[-1] or factor < max(exact, default=0)):
+            if (
+                exact_factor
+                and exact.get(factor, 0.0) < TARGET_RECALL
+                and (probe != probes[-1] or factor < max(exact, default=0))
+            ):
                 return 0.0  # the tier only loses recall against the exact re-rank of the same candidates: priced
                 # where that reaches the target, or at the widest nprobe and factor (the best there is when nothing
                 # does)
             recall = recall_at(config)
             bounds = [recall_prediction_bound(np.array([recall[a:b].mean() for a, b in tune_spans["text_like"]]))]
-            bounds += [recall_lower_bound(recall[a:b]) for name in ("in_distribution", "captions")
-                       for a, b in tune_spans.get(name, [])]
+            bounds += [
+                recall_lower_bound(recall[a:b])
+                for name in ("in_distribution", "captions")
+                for a, b in tune_spans.get(name, [])
+            ]
             value = round(min(bounds), 4)
             tuning[_label(probe, config)] = value
             if not exact_factor:
                 exact[factor] = value
             return value
+
         return bound
 
     ivf = faiss.try_extract_index_ivf(index)
-    longest = max(1, max((ivf.get_list_size(i) for i in range(ivf.nlist)), default=1)) if ivf is not None \
-        else n_cand  # nprobe lists never hold more candidates than nprobe x the longest
+    longest = (
+        max(1, max((ivf.get_list_size(i) for i in range(ivf.nlist)), default=1)) if ivf is not None else n_cand
+    )  # nprobe lists never hold more candidates than nprobe x the longest
     scan = FAST_SCAN_BYTE_COST if ivf is not None and "FastScan" in type(faiss.downcast_index(ivf)).__name__ else 1.0
     tier_bytes = int(tier.sa_code_size()) if tiered else 0
 
     def cost(probe: int, config: Config) -> float:
         list_size = 0.0 if ivf is None else ivf.ntotal / ivf.nlist
         code_size = 0.0 if ivf is None else ivf.code_size * scan
-        return serving_cost(probe, config[0], list_size=list_size, code_size=code_size, dim=int(vectors.shape[1]),
-                            tier_bytes=tier_bytes, exact_factor=config[1])
+        return serving_cost(
+            probe,
+            config[0],
+            list_size=list_size,
+            code_size=code_size,
+            dim=int(vectors.shape[1]),
+            tier_bytes=tier_bytes,
+            exact_factor=config[1],
+        )
+
     probes = [1 if ivf is None else int(nprobe)] if ivf is None or nprobe else probe_ladder(ivf.nlist)
     budget = budget_s if budget_s is not None else math.inf
     tuned = sweep(bound_of, probes, configs, cost, deadline=time.perf_counter() + budget)
     nprobe, (factor, exact_factor) = tuned.best
     shown_factor = factor or refine_factor or REFINE_FACTORS[0]  # refine numbers are shown even when it is off
     report: dict[str, Any] = {
-        "k": RECALL_K, "target": TARGET_RECALL, "nprobe": nprobe, "refine_factor": shown_factor,
-        "tier_exact_factor": exact_factor or None, "tier_code_bytes": tier_bytes or None,
-        "tuning_queries": int(len(tune_queries)), "queries": int(len(report_queries)),
-        "off_directions": len(report_spans["text_like"]), "text_like_cosines": list(report_cosines),
+        "k": RECALL_K,
+        "target": TARGET_RECALL,
+        "nprobe": nprobe,
+        "refine_factor": shown_factor,
+        "tier_exact_factor": exact_factor or None,
+        "tier_code_bytes": tier_bytes or None,
+        "tuning_queries": int(len(tune_queries)),
+        "queries": int(len(report_queries)),
+        "off_directions": len(report_spans["text_like"]),
+        "text_like_cosines": list(report_cosines),
         "captions_source": text.source if text is not None else "none",
-        "tuning_lower_bounds": tuning, "probes_swept": tuned.probes,
-        "sweep_budget_s": None if budget_s is None else round(budget_s, 1), "sweep_budget_hit": tuned.budget_hit,
-        "ground_truth_s": round(truth_s, 3)}
+        "tuning_lower_bounds": tuning,
+        "probes_swept": tuned.probes,
+        "sweep_budget_s": None if budget_s is None else round(budget_s, 1),
+        "sweep_budget_hit": tuned.budget_hit,
+        "ground_truth_s": round(truth_s, 3),
+    }
     if text is not None and text.reason:
         report["captions_fallback"] = text.reason
     label = "refine" if factor else "no_refine"
@@ -304,14 +364,16 @@ def self_check(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, *
         for family, spans in report_spans.items():
             key = "off_distribution" if family == "text_like" else family
             means = np.array([recall[a:b].mean() for a, b in spans])
-            report.setdefault(key, {})[name] = round(float(recall[spans[0][0]:spans[-1][1]].mean()), 4)
+            report.setdefault(key, {})[name] = round(float(recall[spans[0][0] : spans[-1][1]].mean()), 4)
             if family == "text_like":
                 report[key][f"{name}_worst_direction"] = round(float(means.min()), 4)
                 report[key][f"{name}_by_cosine"] = {
                     f"{c:.2f}": round(float(np.mean([m for m, cc in zip(means, report_cosines) if cc == c])), 4)
-                    for c in sorted(set(report_cosines), reverse=True)}
-    report["served"] = round(min(report[f][label] for f in ("in_distribution", "off_distribution", "captions")
-                                 if f in report), 4)
+                    for c in sorted(set(report_cosines), reverse=True)
+                }
+    report["served"] = round(
+        min(report[f][label] for f in ("in_distribution", "off_distribution", "captions") if f in report), 4
+    )
     report["served_bound"] = tuning[_label(nprobe, (factor, exact_factor))]
     report["target_met"] = report["served_bound"] >= TARGET_RECALL and report["served"] >= TARGET_RECALL
     set_nprobe(index, nprobe)

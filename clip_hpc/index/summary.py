@@ -3,6 +3,7 @@
 The self-check's report (index.json `recall`) holds each query family's recall with and without re-ranking; a user
 needs the served configuration's figure per family, not the nested dicts, so this picks those out.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,8 +30,10 @@ def summary_line(info: IndexInfo, out: str, *, updated: bool = False) -> str:
     timings = info.updates[-1].get("timings", {}) if updated and info.updates else info.timings
     took = timings.get("total_s")
     verb = "last update took" if updated else "built in"
-    head = (f"{out}: {info.n} vectors, {info.index_key} nprobe {info.nprobe}, {info.bytes_per_vector} B/vector, "
-            f"{verb} {took if took is not None else '?'} s on {info.ranks} rank(s)")
+    head = (
+        f"{out}: {info.n} vectors, {info.index_key} nprobe {info.nprobe}, {info.bytes_per_vector} B/vector, "
+        f"{verb} {took if took is not None else '?'} s on {info.ranks} rank(s)"
+    )
     served = info.recall.get("served")
     if served is None:
         return head + "; recall not measured"

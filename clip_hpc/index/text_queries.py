@@ -6,6 +6,7 @@ synthetic ones copy that: q = a·image + 0.9·gap + noise, one fixed gap directi
 query's cosine to its image is the target (0.45 down to 0.25); the image-side offset alone (cosine ~0.7) was too
 soft, and the self-check over-claimed recall with it.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,15 +18,47 @@ GAP_WEIGHT = 0.9
 TEXT_COSINES = (0.45, 0.40, 0.35, 0.30, 0.25)  # cosine of a query to its own image, strongest gap last
 TEXT_NOISES = (0.2, 0.4, 0.6)  # norm of the per-query noise, cycled over the groups
 SUBJECTS = (
-    "a dog", "a cat", "a red car", "a bicycle", "a mountain", "a sandy beach", "a city street at night",
-    "a bowl of soup", "a wooden table", "an old man", "a child playing", "a bird on a branch", "a sailing boat",
-    "a forest path", "a bowl of fruit", "a laptop on a desk", "a train station", "a snowy field", "a pizza",
-    "a guitar", "a horse", "a butterfly", "a stone bridge", "a castle", "a sunset over the sea", "a cup of coffee",
-    "a bookshelf", "a flower garden", "an airplane", "a skyscraper",
+    "a dog",
+    "a cat",
+    "a red car",
+    "a bicycle",
+    "a mountain",
+    "a sandy beach",
+    "a city street at night",
+    "a bowl of soup",
+    "a wooden table",
+    "an old man",
+    "a child playing",
+    "a bird on a branch",
+    "a sailing boat",
+    "a forest path",
+    "a bowl of fruit",
+    "a laptop on a desk",
+    "a train station",
+    "a snowy field",
+    "a pizza",
+    "a guitar",
+    "a horse",
+    "a butterfly",
+    "a stone bridge",
+    "a castle",
+    "a sunset over the sea",
+    "a cup of coffee",
+    "a bookshelf",
+    "a flower garden",
+    "an airplane",
+    "a skyscraper",
 )
 TEMPLATES = (
-    "a photo of {}", "a close-up photo of {}", "a drawing of {}", "a blurry photo of {}", "{} in the rain",
-    "a black and white photo of {}", "a painting of {}", "{} seen from above", "a small picture of {}",
+    "a photo of {}",
+    "a close-up photo of {}",
+    "a drawing of {}",
+    "a blurry photo of {}",
+    "{} in the rain",
+    "a black and white photo of {}",
+    "a painting of {}",
+    "{} seen from above",
+    "a small picture of {}",
     "{} on a sunny day",
 )
 
@@ -72,8 +105,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def text_like(images: np.ndarray, gap_direction: np.ndarray, cosine: float, noise: float,
-              rng: np.random.Generator, gap: float = GAP_WEIGHT) -> np.ndarray:
+def text_like(
+    images: np.ndarray,
+    gap_direction: np.ndarray,
+    cosine: float,
+    noise: float,
+    rng: np.random.Generator,
+    gap: float = GAP_WEIGHT,
+) -> np.ndarray:
     """a·image + gap·direction + noise of norm `noise`, normalised; `a` from `image_weight`."""
     images = _unit(images)
     a = image_weight(cosine, noise, gap)
@@ -81,9 +120,13 @@ def text_like(images: np.ndarray, gap_direction: np.ndarray, cosine: float, nois
     return _unit(a * images + gap * _unit(gap_direction)[None, :] + jitter)
 
 
-def text_like_groups(images: np.ndarray, rng: np.random.Generator, groups: int = 10,
-                     cosines: tuple[float, ...] = TEXT_COSINES,
-                     noises: tuple[float, ...] = TEXT_NOISES) -> list[tuple[float, np.ndarray]]:
+def text_like_groups(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    groups: int = 10,
+    cosines: tuple[float, ...] = TEXT_COSINES,
+    noises: tuple[float, ...] = TEXT_NOISES,
+) -> list[tuple[float, np.ndarray]]:
     """The images cut into `groups`, each with its own random gap direction; cosines and noises cycled.
     Returns (target cosine, queries) per group."""
     out = []

@@ -5,6 +5,7 @@ An id is a line number of inputs.txt, so an update is only sound when the EMB_DI
 indexed image its id: a fresh `embed` of a grown folder sorts new files in between old ones, and adding "the ids
 past the old end" would then index some images twice and others never. `_check_listing` refuses that.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,7 @@ from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir, IndexInfo
 from clip_hpc.formats.metadata import MetadataStore
 from clip_hpc.formats.tier_codes import copy_codes
-from clip_hpc.index.build import (_add, _checked_set, _finish, _n_rows, _now, _unit_counts, _write_vectors,
-                                  job_world)
+from clip_hpc.index.build import _add, _checked_set, _finish, _n_rows, _now, _unit_counts, _write_vectors, job_world
 from clip_hpc.index.drift import drifted_units
 from clip_hpc.index.ranks import lists_to_disk
 from clip_hpc.index.rerank_tier import start_codes
@@ -36,8 +36,10 @@ def _check_listing(emb: EmbDir, known: MetadataStore, out: Path) -> None:
     mismatch = known.first_other_path(emb.read_inputs())
     if mismatch is not None:
         id, indexed, listed = mismatch
-        raise UserError(f"{emb.root} lists other images under the ids {out} indexes (id {id} is {indexed!r} in the "
-                        f"index, {listed!r} in inputs.txt): only `clip-hpc embed --append` keeps ids; build a new index")
+        raise UserError(
+            f"{emb.root} lists other images under the ids {out} indexes (id {id} is {indexed!r} in the "
+            f"index, {listed!r} in inputs.txt): only `clip-hpc embed --append` keeps ids; build a new index"
+        )
 
 
 def _carry_tier(current: IndexDir, tmp: IndexDir, n_rows: int) -> None:
@@ -48,27 +50,40 @@ def _carry_tier(current: IndexDir, tmp: IndexDir, n_rows: int) -> None:
         copy_codes(current.tier_codes_path, tmp.tier_codes_path)
 
 
-def update_index(emb_dir: str | os.PathLike, out: str | os.PathLike, *, nprobe: int | None = None,
-                 refine: bool | None = None, progress: bool = True, world: World | None = None) -> IndexInfo:
+def update_index(
+    emb_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    nprobe: int | None = None,
+    refine: bool | None = None,
+    progress: bool = True,
+    world: World | None = None,
+) -> IndexInfo:
     """Add the ids of EMB_DIR not yet in INDEX_DIR (new units, or a last unit that `embed --append` refilled) to
     its trained index, without retraining; the new INDEX_DIR replaces the old one whole. Rank 0 does it all (the
     adds are a fraction of a build); every rank returns index.json."""
     world = job_world(world)
     with full_disk_is_a_user_error(out, "clip-hpc index"):  # the temporary directory is gone by then
-        return IndexInfo.from_dict(from_root(world, lambda: _update(emb_dir, Path(out), nprobe=nprobe, refine=refine,
-                                                                    progress=progress).to_dict()))
+        return IndexInfo.from_dict(
+            from_root(
+                world, lambda: _update(emb_dir, Path(out), nprobe=nprobe, refine=refine, progress=progress).to_dict()
+            )
+        )
 
 
-def _update(emb_dir: str | os.PathLike, out: Path, *, nprobe: int | None, refine: bool | None,
-            progress: bool) -> IndexInfo:
+def _update(
+    emb_dir: str | os.PathLike, out: Path, *, nprobe: int | None, refine: bool | None, progress: bool
+) -> IndexInfo:
     started = time.perf_counter()
     current = IndexDir(out)
     info = current.check_integrity()
     emb = emb_view(emb_dir, info.vectors)
     summary = _checked_set(emb)
     if (summary.model, summary.pretrained, int(summary.dim or 0)) != (info.model, info.pretrained, info.dim):
-        raise UserError(f"{emb_dir} holds {summary.model}/{summary.pretrained} {summary.dim}-d vectors, "
-                        f"{out} indexes {info.model}/{info.pretrained} {info.dim}-d; build a new index")
+        raise UserError(
+            f"{emb_dir} holds {summary.model}/{summary.pretrained} {summary.dim}-d vectors, "
+            f"{out} indexes {info.model}/{info.pretrained} {info.dim}-d; build a new index"
+        )
     counts = _unit_counts(summary.shards)
     with current.open_metadata() as known:
         _check_listing(emb, known, out)
@@ -83,8 +98,9 @@ def _update(emb_dir: str | os.PathLike, out: Path, *, nprobe: int | None, refine
         start = time.perf_counter()
         info.n_rows = max(int(info.n_rows), _n_rows(summary))
         with tmp.open_metadata(readonly=False) as meta, current.open_metadata() as known:
-            _write_vectors(tmp, emb, changed, info.n_rows, info.dim, meta, progress, old=current, known=known,
-                           removed=stale)
+            _write_vectors(
+                tmp, emb, changed, info.n_rows, info.dim, meta, progress, old=current, known=known, removed=stale
+            )
             timings["vectors_s"] = round(time.perf_counter() - start, 3)
             index = current.open_index(writable=True)
             if len(stale):  # indexed before, failed in the unit's new shard: its old vector must not be found
@@ -97,8 +113,14 @@ def _update(emb_dir: str | os.PathLike, out: Path, *, nprobe: int | None, refine
         if info.lists == "disk":  # they were read into memory to add to them: back out to disk
             index = lists_to_disk(index, tmp.ivfdata_path)
         info.unit_counts = counts
-        info.updates = info.updates + [{
-            "units": sorted(changed), "added": int(index.ntotal) - n_before, "removed": len(stale),
-            "timings": timings, "at": _now()}]
+        info.updates = info.updates + [
+            {
+                "units": sorted(changed),
+                "added": int(index.ntotal) - n_before,
+                "removed": len(stale),
+                "timings": timings,
+                "at": _now(),
+            }
+        ]
         query_ids = emb.sample_ids(summary.shards, RECALL_QUERIES, np.random.default_rng(info.seed))
         return _finish(tmp, out, index, info, query_ids, nprobe or info.nprobe, timings, started)

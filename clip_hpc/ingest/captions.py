@@ -4,10 +4,12 @@ the same pass, and the image-caption cosine (`similarity`, what LAION's curation
 Rows without a caption get a zero vector and a NaN similarity, which the shard stores as "no caption" (never an
 embedding of the empty string, which would look like a real, if poor, caption to every later stage).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +28,9 @@ class CaptionRows:
         return np.isfinite(self.similarity)
 
 
-def embed_captions(loaded: Any, captions: Sequence[str], image_embeddings: np.ndarray,
-                   batch_size: int = CAPTION_BATCH) -> CaptionRows:
+def embed_captions(
+    loaded: Any, captions: Sequence[str], image_embeddings: np.ndarray, batch_size: int = CAPTION_BATCH
+) -> CaptionRows:
     """Encode the non-blank `captions` with `loaded.encode_text` (the exact short-context, packed encoder where
     the model allows it: model/text_context.py) in batches; `image_embeddings` (unit rows) give the similarity."""
     image = np.asarray(image_embeddings, dtype=np.float32)
@@ -35,7 +38,7 @@ def embed_captions(loaded: Any, captions: Sequence[str], image_embeddings: np.nd
     similarity = np.full(len(captions), np.nan, dtype=np.float32)
     rows = [i for i, text in enumerate(captions) if text and text.strip()]
     for lo in range(0, len(rows), batch_size):
-        chunk = rows[lo:lo + batch_size]
+        chunk = rows[lo : lo + batch_size]
         out[chunk] = loaded.encode_text([captions[i] for i in chunk])
     if rows:
         similarity[rows] = np.einsum("ij,ij->i", out[rows], image[rows])

@@ -3,13 +3,15 @@
 Every unit is independent and written atomically, so a killed or requeued job redoes at most one unit per rank,
 and a re-run may use another world size.
 """
+
 from __future__ import annotations
 
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -26,9 +28,19 @@ from clip_hpc.ingest.gpu_decode import choose_route, default_batch_size
 from clip_hpc.ingest.images import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
 from clip_hpc.ingest.object_store import is_url, require_posix
 from clip_hpc.ingest.sources import Listing, WorkUnit, list_inputs, plan_work_units, reconcile_inputs, units_for_rank
-from clip_hpc.ingest.tars import (CAPTION_READ_BYTES, MAX_SIDECAR_BYTES, Member, TarSample, decode_caption,
-                                  decode_meta, one_read, read_indexed_member, read_member, sample_meta,
-                                  sample_span)
+from clip_hpc.ingest.tars import (
+    CAPTION_READ_BYTES,
+    MAX_SIDECAR_BYTES,
+    Member,
+    TarSample,
+    decode_caption,
+    decode_meta,
+    one_read,
+    read_indexed_member,
+    read_member,
+    sample_meta,
+    sample_span,
+)
 
 
 class Extras(NamedTuple):
@@ -70,8 +82,15 @@ class ImageDataset(Dataset):
     Tar members (`tar_samples`) are read by offset through one open handle per worker: a unit's members are
     contiguous, so each worker reads its tar sequentially and never from the start."""
 
-    def __init__(self, ids: Sequence[int], paths: Sequence[str], preprocess: Callable, min_size: int,
-                 max_pixels: int, tar_samples: dict[str, TarSample] | None = None) -> None:
+    def __init__(
+        self,
+        ids: Sequence[int],
+        paths: Sequence[str],
+        preprocess: Callable,
+        min_size: int,
+        max_pixels: int,
+        tar_samples: dict[str, TarSample] | None = None,
+    ) -> None:
         self.ids, self.paths, self.preprocess = list(ids), list(paths), preprocess
         self.min_size, self.max_pixels = min_size, max_pixels
         self.tar_samples = tar_samples or {}
@@ -135,15 +154,21 @@ class ImageDataset(Dataset):
                 handle.prefetch(*span)
             data = read_indexed_member(sample.tar, sample.image, sample.name, handle)  # or ChangedTarError
             caption, notes = self._caption(sample, handle)
-            meta, meta_notes = ({}, [f"json: {sample.meta.size} bytes, over the {MAX_SIDECAR_BYTES} read"]) \
-                if sample.meta and sample.meta.size > MAX_SIDECAR_BYTES else \
-                decode_meta(read_member(sample.tar, sample.meta, handle)) if sample.meta else ({}, [])
+            meta, meta_notes = (
+                ({}, [f"json: {sample.meta.size} bytes, over the {MAX_SIDECAR_BYTES} read"])
+                if sample.meta and sample.meta.size > MAX_SIDECAR_BYTES
+                else decode_meta(read_member(sample.tar, sample.meta, handle))
+                if sample.meta
+                else ({}, [])
+            )
         except OSError as exc:
-            return DecodeFailure("truncated tar" if "truncated" in str(exc) else "read error", str(exc)[:160]), \
-                NO_EXTRAS
+            return DecodeFailure(
+                "truncated tar" if "truncated" in str(exc) else "read error", str(exc)[:160]
+            ), NO_EXTRAS
         caption = caption or str(meta.get("caption") or "")
-        return data, Extras(caption, sample_meta(sample, caption, meta, notes + meta_notes), sample.image.offset,
-                            sample.image.size)
+        return data, Extras(
+            caption, sample_meta(sample, caption, meta, notes + meta_notes), sample.image.offset, sample.image.size
+        )
 
     @staticmethod
     def _caption(sample: TarSample, handle: BinaryIO) -> tuple[str, list[str]]:
@@ -243,20 +268,26 @@ def prepare_inputs(cfg: EmbedConfig, w: World) -> Listing:
 def run_settings(cfg: EmbedConfig, w: World) -> dict[str, Any]:
     """What this run writes into every shard's attrs that every shard of one EMB_DIR must share
     (`formats.emb_dir.RUN_SETTINGS`); a precision the device cannot have is left to `load_model` to refuse."""
-    from clip_hpc.model.loading import ModelError, precision_name, resolve_device, resolve_precision, \
-        resolve_pretrained
+    from clip_hpc.model.loading import ModelError, precision_name, resolve_device, resolve_precision, resolve_pretrained
 
     try:
-        precision: str | None = precision_name(resolve_precision(cfg.precision, resolve_device(cfg.device,
-                                                                                               w.local_rank)))
+        precision: str | None = precision_name(
+            resolve_precision(cfg.precision, resolve_device(cfg.device, w.local_rank))
+        )
     except ModelError:
         precision = None
-    return {"model": cfg.model, "pretrained": resolve_pretrained(cfg.model, cfg.pretrained),
-            "unit_size": cfg.shard_size, "dtype": cfg.dtype, "precision": precision}
+    return {
+        "model": cfg.model,
+        "pretrained": resolve_pretrained(cfg.model, cfg.pretrained),
+        "unit_size": cfg.shard_size,
+        "dtype": cfg.dtype,
+        "precision": precision,
+    }
 
 
-def pending_units(out: EmbDir, units: Sequence[WorkUnit], unit_size: int, model: str,
-                  pretrained: str, captions: bool = False) -> list[WorkUnit]:
+def pending_units(
+    out: EmbDir, units: Sequence[WorkUnit], unit_size: int, model: str, pretrained: str, captions: bool = False
+) -> list[WorkUnit]:
     """Units whose shard is missing, does not validate (`EmbDir.check_unit`), was made by another model, or (with
     `captions`) lacks the caption embeddings asked for."""
     todo = []
@@ -264,32 +295,59 @@ def pending_units(out: EmbDir, units: Sequence[WorkUnit], unit_size: int, model:
         check = out.check_unit(unit.index, unit_size, len(unit.ids))
         if check.ok and check.shard is not None:
             attrs = check.shard.attrs
-            if (attrs.get("model"), attrs.get("pretrained")) == (model, pretrained) and \
-                    (check.shard.has_captions or not captions):
+            if (attrs.get("model"), attrs.get("pretrained")) == (model, pretrained) and (
+                check.shard.has_captions or not captions
+            ):
                 continue
         todo.append(unit)
     return todo
 
 
-def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing,
-              todo: Sequence[WorkUnit]) -> dict[str, Any]:
+def run_units(cfg: EmbedConfig, w: World, loaded: Any, listing: Listing, todo: Sequence[WorkUnit]) -> dict[str, Any]:
     """Embed `todo` and write one shard per unit; returns this rank's counts and timings."""
-    stats: dict[str, Any] = {"rank": w.rank, "host": job_env().nodename, "embedded": 0, "failed": 0,
-                             "units": len(todo), "seconds": 0.0, "reasons": Counter()}
+    stats: dict[str, Any] = {
+        "rank": w.rank,
+        "host": job_env().nodename,
+        "embedded": 0,
+        "failed": 0,
+        "units": len(todo),
+        "seconds": 0.0,
+        "reasons": Counter(),
+    }
     if not todo:
         return stats
     ids = [i for u in todo for i in u.ids]
     paths = listing.lines
     route = choose_route(cfg.decode, loaded, [paths[i] for i in ids], collate)
-    dataset = route.dataset(ImageDataset(ids, [paths[i] for i in ids], loaded.preprocess, loaded.image_size,
-                                         cfg.max_pixels or DEFAULT_MAX_PIXELS, listing.tar_samples))
+    dataset = route.dataset(
+        ImageDataset(
+            ids,
+            [paths[i] for i in ids],
+            loaded.preprocess,
+            loaded.image_size,
+            cfg.max_pixels or DEFAULT_MAX_PIXELS,
+            listing.tar_samples,
+        )
+    )
     sampler = UnitBatchSampler([len(u.ids) for u in todo], cfg.batch_size or default_batch_size(loaded.device))
     workers = job_env().dataloader_workers if cfg.workers is None else cfg.workers
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=route.collate,
-                        pin_memory=loaded.device.type == "cuda", prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=route.collate,
+        pin_memory=loaded.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
     out_dtype = np.float16 if cfg.dtype == "float16" else np.float32
-    bar = tqdm(total=len(ids), unit="img", desc=f"embed rank {w.rank}", disable=not (cfg.progress and w.is_root),
-               file=sys.stderr, smoothing=0.1)
+    bar = tqdm(
+        total=len(ids),
+        unit="img",
+        desc=f"embed rank {w.rank}",
+        disable=not (cfg.progress and w.is_root),
+        file=sys.stderr,
+        smoothing=0.1,
+    )
     acc: dict[str, list] = _empty_acc()
     t0 = time.perf_counter()
     for (u, _), batch in zip(sampler.batches, route.batches(loader)):  # the device route decodes JPEGs a batch ahead
@@ -318,24 +376,48 @@ def _empty_acc() -> dict[str, list]:
     return {"emb": [], "ids": [], "extras": [], "failed": [], "captions": []}
 
 
-def write_unit(cfg: EmbedConfig, w: World, loaded: Any, unit: WorkUnit, paths: Sequence[str],
-               acc: dict[str, list], out_dtype: type) -> None:
+def write_unit(
+    cfg: EmbedConfig, w: World, loaded: Any, unit: WorkUnit, paths: Sequence[str], acc: dict[str, list], out_dtype: type
+) -> None:
     from clip_hpc.model.loading import precision_name
 
     emb = np.concatenate(acc["emb"]) if acc["emb"] else np.zeros((0, loaded.dim), out_dtype)
-    caption_args = {} if not cfg.captions else {
-        "caption_embeddings": np.concatenate([c.embeddings for c in acc["captions"]]).astype(out_dtype)
-        if acc["captions"] else np.zeros((0, loaded.dim), out_dtype),
-        "similarity": np.concatenate([c.similarity for c in acc["captions"]]) if acc["captions"] else []}
+    caption_args = (
+        {}
+        if not cfg.captions
+        else {
+            "caption_embeddings": np.concatenate([c.embeddings for c in acc["captions"]]).astype(out_dtype)
+            if acc["captions"]
+            else np.zeros((0, loaded.dim), out_dtype),
+            "similarity": np.concatenate([c.similarity for c in acc["captions"]]) if acc["captions"] else [],
+        }
+    )
     EmbDir(cfg.out).write_shard(
-        unit.index, embeddings=emb, ids=acc["ids"], paths=[paths[i] for i in acc["ids"]],
-        captions=[x.caption for x in acc["extras"]], meta=[x.meta for x in acc["extras"]],
-        offsets=[x.offset for x in acc["extras"]], sizes=[x.size for x in acc["extras"]],
-        failed_ids=[i for i, _ in acc["failed"]], failed_paths=[paths[i] for i, _ in acc["failed"]],
-        failed_reasons=[r for _, r in acc["failed"]], **caption_args,
-        attrs={"model": loaded.name, "pretrained": loaded.pretrained, "unit": unit.index,
-               "unit_size": cfg.shard_size, "unit_start": unit.start, "unit_stop": unit.stop, "rank": w.rank,
-               "dtype": cfg.dtype, "precision": precision_name(loaded.dtype), **cfg.extra_attrs})
+        unit.index,
+        embeddings=emb,
+        ids=acc["ids"],
+        paths=[paths[i] for i in acc["ids"]],
+        captions=[x.caption for x in acc["extras"]],
+        meta=[x.meta for x in acc["extras"]],
+        offsets=[x.offset for x in acc["extras"]],
+        sizes=[x.size for x in acc["extras"]],
+        failed_ids=[i for i, _ in acc["failed"]],
+        failed_paths=[paths[i] for i, _ in acc["failed"]],
+        failed_reasons=[r for _, r in acc["failed"]],
+        **caption_args,
+        attrs={
+            "model": loaded.name,
+            "pretrained": loaded.pretrained,
+            "unit": unit.index,
+            "unit_size": cfg.shard_size,
+            "unit_start": unit.start,
+            "unit_stop": unit.stop,
+            "rank": w.rank,
+            "dtype": cfg.dtype,
+            "precision": precision_name(loaded.dtype),
+            **cfg.extra_attrs,
+        },
+    )
 
 
 def format_summary(manifest: Manifest | None, per_rank: list[dict[str, Any]], wall: float) -> str:
@@ -343,15 +425,19 @@ def format_summary(manifest: Manifest | None, per_rank: list[dict[str, Any]], wa
     done = sum(s["embedded"] + s["failed"] for s in per_rank)
     lines = []
     if manifest is not None:
-        lines.append(f"embedded {manifest.n_embedded} of {manifest.n_inputs} images into "
-                     f"{len(manifest.shards)} shards, {manifest.n_failed} failed")
+        lines.append(
+            f"embedded {manifest.n_embedded} of {manifest.n_inputs} images into "
+            f"{len(manifest.shards)} shards, {manifest.n_failed} failed"
+        )
         for reason, count in sorted(manifest.failed_by_reason.items()):
             lines.append(f"  failed ({reason}): {count}")
     lines.append(f"this run: {done} images in {wall:.1f} s = {done / wall if wall else 0:.1f} img/s overall")
     for s in per_rank:
         rate = (s["embedded"] + s["failed"]) / s["seconds"] if s["seconds"] else 0.0
-        lines.append(f"  rank {s['rank']} ({s['host']}): {s['units']} units, {s['embedded']} embedded, "
-                     f"{s['failed']} failed, {rate:.1f} img/s")
+        lines.append(
+            f"  rank {s['rank']} ({s['host']}): {s['units']} units, {s['embedded']} embedded, "
+            f"{s['failed']} failed, {rate:.1f} img/s"
+        )
     return "\n".join(lines)
 
 
@@ -374,11 +460,16 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     mine = units_for_rank(units, w.rank, w.size)
     todo = pending_units(out, mine, cfg.shard_size, cfg.model, pretrained, cfg.captions)
     # every rank must learn of a failure on any rank, or the others would wait forever (cluster/collective.py)
-    loaded = all_or_none(w, lambda: load_model(cfg.model, cfg.pretrained, cfg.device, cfg.precision, w.local_rank)
-                         if todo else None)
+    loaded = all_or_none(
+        w, lambda: load_model(cfg.model, cfg.pretrained, cfg.device, cfg.precision, w.local_rank) if todo else None
+    )
     if w.is_root:
-        print(f"clip-hpc embed: {len(paths)} inputs, {len(units)} units of {cfg.shard_size}, {w.size} rank(s) "
-              f"[{w.backend}]; rank 0 has {len(todo)} of its {len(mine)} units to do", file=sys.stderr, flush=True)
+        print(
+            f"clip-hpc embed: {len(paths)} inputs, {len(units)} units of {cfg.shard_size}, {w.size} rank(s) "
+            f"[{w.backend}]; rank 0 has {len(todo)} of its {len(mine)} units to do",
+            file=sys.stderr,
+            flush=True,
+        )
     stats = all_or_none(w, lambda: run_units(cfg, w, loaded, listing, todo))  # every rank has finished its units
     per_rank = w.gather(stats)
     manifest = from_root(w, lambda: out.write_manifest(len(units), cfg.shard_size))
@@ -388,6 +479,9 @@ def embed(cfg: EmbedConfig, w: World | None = None) -> dict[str, Any]:
     if w.is_root and per_rank is not None:
         print(format_summary(manifest, per_rank, time.perf_counter() - t0), flush=True)
         if manifest is None:
-            print("clip-hpc embed: some units are not done yet (other ranks still running or failed); "
-                  "re-run the same command to finish", file=sys.stderr)
+            print(
+                "clip-hpc embed: some units are not done yet (other ranks still running or failed); "
+                "re-run the same command to finish",
+                file=sys.stderr,
+            )
     return summary

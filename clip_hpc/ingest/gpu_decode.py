@@ -5,13 +5,15 @@ main process decodes a batch of JPEGs on the GPU and resizes, crops and normalis
 route cannot take exactly (PNG, CMYK/Adobe, progressive, EXIF-rotated, truncated, over the pixel bound, or a decode
 error) goes through the dataset's own CPU path item by item, so failure records are the CPU route's, byte for byte.
 """
+
 from __future__ import annotations
 
 import queue
 import struct
 import threading
 import warnings
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch.utils.data import Dataset
@@ -86,8 +88,8 @@ def gpu_decodable(data: bytes, max_pixels: int) -> bool:
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:
             pos += 2
             continue
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        payload = data[pos + 4:pos + 2 + length]
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        payload = data[pos + 4 : pos + 2 + length]
         if marker in BASELINE_SOF:
             if len(payload) < 6:
                 return False
@@ -125,14 +127,20 @@ class DevicePreprocess:
 
     @staticmethod
     def supports(cfg: dict[str, Any]) -> bool:
-        return cfg.get("resize_mode", "shortest") == "shortest" and cfg.get("interpolation", "bicubic") in (
-            "bicubic", "bilinear") and cfg.get("mode", "RGB") == "RGB" and "mean" in cfg and "std" in cfg
+        return (
+            cfg.get("resize_mode", "shortest") == "shortest"
+            and cfg.get("interpolation", "bicubic") in ("bicubic", "bilinear")
+            and cfg.get("mode", "RGB") == "RGB"
+            and "mean" in cfg
+            and "std" in cfg
+        )
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalisation constants in uint8 units, on the device."""
         if self._mean_std is None:
-            self._mean_std = tuple(torch.tensor(v, device=self.device).view(1, 3, 1, 1) * 255.0
-                                   for v in self.cfg_mean_std)  # type: ignore[assignment]
+            self._mean_std = tuple(
+                torch.tensor(v, device=self.device).view(1, 3, 1, 1) * 255.0 for v in self.cfg_mean_std
+            )  # type: ignore[assignment]
         return self._mean_std  # type: ignore[return-value]
 
     def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -147,11 +155,16 @@ class DevicePreprocess:
             new_long = int(self.size * long / short)
             new_h, new_w = (self.size, new_long) if h <= w else (new_long, self.size)
             if (new_h, new_w) != (h, w):
-                x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode=self.mode, antialias=True,
-                                                    align_corners=False).clamp_(0, 255).round_()
+                x = (
+                    torch.nn.functional.interpolate(
+                        x, size=(new_h, new_w), mode=self.mode, antialias=True, align_corners=False
+                    )
+                    .clamp_(0, 255)
+                    .round_()
+                )
             top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
             mean, std = self.mean_std()
-            x = (x[..., top:top + self.size, left:left + self.size] - mean) / std
+            x = (x[..., top : top + self.size, left : left + self.size] - mean) / std
             for k, row in zip(members, x):
                 out[k] = row
         return torch.stack(out)  # type: ignore[arg-type]
@@ -168,8 +181,9 @@ def decode_on_device(jpegs: Sequence[torch.Tensor], device: torch.device) -> lis
         return _decode(jpegs, device, decode_jpeg, ImageReadMode.RGB)
 
 
-def _decode(jpegs: Sequence[torch.Tensor], device: torch.device, decode_jpeg: Callable, rgb: Any
-            ) -> list[torch.Tensor | None]:
+def _decode(
+    jpegs: Sequence[torch.Tensor], device: torch.device, decode_jpeg: Callable, rgb: Any
+) -> list[torch.Tensor | None]:
     try:
         return list(decode_jpeg(list(jpegs), mode=rgb, device=device))
     except Exception:  # nvJPEG and libjpeg raise RuntimeError; a decoder bug must cost one image, not the run
@@ -250,8 +264,12 @@ def _read_file(source: Any) -> bytes | None:
 def collate_mixed(items: list[tuple[int, Any, str, Any]]) -> dict[str, Any]:
     """`embed.collate`'s batch, with `pixels` a list (tensors and `RawJpeg`s) that `DeviceRoute.finish` stacks."""
     good = [(i, t, x) for i, t, _, x in items if t is not None]
-    return {"ids": [i for i, _, _ in good], "pixels": [t for _, t, _ in good] or None,
-            "extras": [x for _, _, x in good], "failed": [(i, reason) for i, t, reason, _ in items if t is None]}
+    return {
+        "ids": [i for i, _, _ in good],
+        "pixels": [t for _, t, _ in good] or None,
+        "extras": [x for _, _, x in good],
+        "failed": [(i, reason) for i, t, reason, _ in items if t is None],
+    }
 
 
 class DeviceRoute:
@@ -306,8 +324,9 @@ class CpuRoute:
         return loader  # the DataLoader's workers already run ahead of the loop
 
 
-def choose_route(decode: str, loaded: Any, paths: Sequence[str], collate: Callable[[list], dict[str, Any]]
-                 ) -> DeviceRoute | CpuRoute:
+def choose_route(
+    decode: str, loaded: Any, paths: Sequence[str], collate: Callable[[list], dict[str, Any]]
+) -> DeviceRoute | CpuRoute:
     """`cpu`: workers decode. `gpu`: the device decodes JPEGs (on a CPU device, the same code through torchvision's
     CPU decoder: what the tests run). `auto`: the device route where it wins, a CUDA model and mostly JPEG inputs."""
     if decode not in DECODE_CHOICES:
@@ -315,8 +334,10 @@ def choose_route(decode: str, loaded: Any, paths: Sequence[str], collate: Callab
     cfg = dict(getattr(loaded.model.visual, "preprocess_cfg", {}) or {})
     supported = DevicePreprocess.supports(cfg)
     if decode == "gpu" and not supported:
-        raise UserError(f"--decode gpu: model {loaded.name}'s preprocessing ({cfg.get('resize_mode')}, "
-                        f"{cfg.get('interpolation')}) has no device version; use --decode cpu")
+        raise UserError(
+            f"--decode gpu: model {loaded.name}'s preprocessing ({cfg.get('resize_mode')}, "
+            f"{cfg.get('interpolation')}) has no device version; use --decode cpu"
+        )
     mostly_jpeg = sum(map(looks_jpeg, paths)) * 2 >= len(paths) > 0
     if decode == "gpu" or (decode == "auto" and supported and loaded.device.type == "cuda" and mostly_jpeg):
         return DeviceRoute(loaded.device, cfg)

@@ -3,6 +3,7 @@
 Real collections hold CMYK scans, 16-bit PNGs, palette images with transparency, rotated phone photos, truncated
 files and decompression bombs; each either becomes a sane RGB image or a short reason, never an exception.
 """
+
 from __future__ import annotations
 
 import io
@@ -81,19 +82,19 @@ def _coefficients(in_size: int, out_size: int, first: int, count: int) -> tuple[
     center = (np.arange(first, first + count) + 0.5) * scale
     xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
     xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
-    taps = [np.where(t < xmax, _bicubic(((xmin + t) - center + 0.5) * (1.0 / filterscale)), 0.0)
-            for t in range(int(np.ceil(support)) * 2 + 1)]
+    taps = [
+        np.where(t < xmax, _bicubic(((xmin + t) - center + 0.5) * (1.0 / filterscale)), 0.0)
+        for t in range(int(np.ceil(support)) * 2 + 1)
+    ]
     total = np.zeros(count)
     for weights in taps:  # summed tap by tap, as Resample.c does
         total = total + weights
     total[total == 0] = 1.0
-    fixed = [np.trunc(w / total * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5)).astype(np.int64)
-             for w in taps]
+    fixed = [np.trunc(w / total * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5)).astype(np.int64) for w in taps]
     return xmin, fixed
 
 
-def _resample_rows(rows: np.ndarray, start: int, in_size: int, out_size: int, first: int,
-                   count: int) -> np.ndarray:
+def _resample_rows(rows: np.ndarray, start: int, in_size: int, out_size: int, first: int, count: int) -> np.ndarray:
     """Rows [first, first + count) of PIL's 8-bit bicubic resize of axis 0 from `in_size` to `out_size`, bit for bit,
     given the source rows from `start` on (`rows`); the other `out_size - count` rows are never built."""
     xmin, fixed = _coefficients(in_size, out_size, first, count)
@@ -131,8 +132,9 @@ def centre_for_model(img: Image.Image, size: int, max_aspect: int = MAX_ASPECT) 
     return strip.resize((count, size), Image.Resampling.BICUBIC)
 
 
-def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | DecodeFailure:
+def decode_image(
+    source: str | os.PathLike | bytes | BinaryIO, *, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image | DecodeFailure:
     """Open, bound, draft-decode, EXIF-rotate and convert to RGB.
 
     `min_size` lets JPEG decode at a reduced scale (Image.draft) that still covers the model's input: decoding,
@@ -173,8 +175,12 @@ def decode_image(source: str | os.PathLike | bytes | BinaryIO, *, min_size: int 
         return DecodeFailure("decode error", f"{type(exc).__name__}: {str(exc)[:120]}")
 
 
-def as_query_image(source: Image.Image | str | os.PathLike | bytes | BinaryIO, *, min_size: int | None = None,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def as_query_image(
+    source: Image.Image | str | os.PathLike | bytes | BinaryIO,
+    *,
+    min_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
     """A query image as the embed path would see it: an already-decoded image passes (as RGB), anything else goes
     through `decode_image` with the same `min_size`; a failure is a one-line `UserError`, not an exception."""
     if isinstance(source, Image.Image):

@@ -6,6 +6,7 @@ Credentials and the endpoint come from the standard AWS sources (environment inc
 profiles). Every read is a ranged GET of exactly the bytes wanted, retried with backoff when the error may pass
 (throttling, a dropped connection); a missing or forbidden object fails at once.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,9 +14,10 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from clip_hpc.errors import UserError
 
@@ -38,8 +40,10 @@ def is_url(path: str | os.PathLike) -> bool:
 def require_posix(path: str | os.PathLike, flag: str = "--out") -> None:
     """Outputs stay on a POSIX file system: HDF5 shards, SQLite and FAISS need seekable, renameable local files."""
     if is_url(path):
-        raise UserError(f"{flag} {path}: outputs must be a directory on a POSIX file system (HDF5 and FAISS need "
-                        "one); only inputs may be object-store URLs")
+        raise UserError(
+            f"{flag} {path}: outputs must be a directory on a POSIX file system (HDF5 and FAISS need "
+            "one); only inputs may be object-store URLs"
+        )
 
 
 _filesystems: dict[tuple[str, int], Any] = {}
@@ -77,7 +81,7 @@ def with_retries(what: Callable[[], T], attempts: int = RETRIES) -> T:
         except OSError:
             if attempt == attempts - 1:
                 raise
-        time.sleep(BACKOFF_S * 2 ** attempt * (0.5 + random.random()))
+        time.sleep(BACKOFF_S * 2**attempt * (0.5 + random.random()))
     raise AssertionError("unreachable")
 
 
@@ -95,6 +99,7 @@ def read_range(url: str, start: int | None, stop: int | None) -> bytes:
             return fs.cat_file(url, start=start, end=stop)
         except Exception as exc:
             raise _as_oserror(exc, url) from exc
+
     return with_retries(get, _attempts(url))
 
 
@@ -112,7 +117,7 @@ class ObjectStat:
     identity: tuple
 
     @staticmethod
-    def of(info: dict[str, Any]) -> "ObjectStat":
+    def of(info: dict[str, Any]) -> ObjectStat:
         """The identity is the ETag when the store gives one, else the size and last-modified time: a rewritten
         object gets a new one, so a cache keyed by it never serves stale bytes."""
         size = int(info.get("size") or info.get("Size") or 0)
@@ -124,6 +129,7 @@ class ObjectStat:
 
 def stat_object(url: str, *, fresh: bool = True) -> ObjectStat:
     """The object's current state (FileNotFoundError when it is gone), retried; `fresh` bypasses listing caches."""
+
     def head() -> ObjectStat:
         fs = filesystem(url)
         try:
@@ -133,6 +139,7 @@ def stat_object(url: str, *, fresh: bool = True) -> ObjectStat:
         except Exception as exc:
             raise _as_oserror(exc, url) from exc
         return ObjectStat.of(info)
+
     return with_retries(head, _attempts(url))
 
 
@@ -206,8 +213,8 @@ class RangedReader(io.RawIOBase):
             stop = self.pos + max(want, self.block)
             self._buffer = read_range(self.url, self.pos, stop if self.size is None else min(stop, self.size))
             self._buffer_at, lo = self.pos, 0
-        got = self._buffer[lo:lo + want]
-        out[:len(got)] = got
+        got = self._buffer[lo : lo + want]
+        out[: len(got)] = got
         self.pos += len(got)
         return len(got)
 

@@ -3,17 +3,18 @@
 An image's global id is its line in EMB_DIR/inputs.txt; keeping that list stable across re-runs is what makes
 resume and incremental indexing safe.
 """
+
 from __future__ import annotations
 
 import codecs
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from clip_hpc.errors import UserError
-from clip_hpc.ingest.object_store import is_url
 from clip_hpc.formats.tar_member import is_tar_path
+from clip_hpc.ingest.object_store import is_url
 from clip_hpc.ingest.tars import TarSample, expand_braces, index_tar
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -182,8 +183,10 @@ def reconcile_inputs(saved: Sequence[str], listed: Sequence[str], append: bool) 
     if append:
         return list(saved) + new
     gone = len(saved_set - set(listed))
-    raise UserError(f"the inputs differ from the saved inputs.txt ({len(new)} new, {gone} missing); "
-                    "pass --append to add the new files, or use a new --out directory")
+    raise UserError(
+        f"the inputs differ from the saved inputs.txt ({len(new)} new, {gone} missing); "
+        "pass --append to add the new files, or use a new --out directory"
+    )
 
 
 def plan_work_units(n_inputs: int, shard_size: int) -> list[WorkUnit]:

@@ -5,6 +5,7 @@ afterwards every read is one seek and one `read(size)`, so no tar is ever scanne
 image member is one input line, `TARPATH::MEMBER`; a caption or json without an image, and the unreadable tail of
 a truncated tar, are input lines too, so they are recorded as failures like a bad file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,9 @@ import os
 import re
 import stat
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO
 
 from clip_hpc.formats.tar_member import member_line
 from clip_hpc.ingest.object_store import is_url
@@ -58,7 +60,7 @@ def expand_braces(pattern: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", pattern)
     if match is None:
         return [pattern]
-    head, body, tail = pattern[:match.start()], match.group(1), pattern[match.end():]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
     seq = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
     if seq:
         lo, hi = int(seq.group(1)), int(seq.group(2))
@@ -100,8 +102,17 @@ def _special(info: tarfile.TarInfo) -> str:
         return "sparse tar member not supported"
     if info.isfile():
         return ""
-    kind = "symlink" if info.issym() else "hard link" if info.islnk() else \
-        "fifo" if info.isfifo() else "device" if info.isdev() else f"type {info.type!r}"
+    kind = (
+        "symlink"
+        if info.issym()
+        else "hard link"
+        if info.islnk()
+        else "fifo"
+        if info.isfifo()
+        else "device"
+        if info.isdev()
+        else f"type {info.type!r}"
+    )
     return f"special tar member not supported: {kind}"
 
 
@@ -145,8 +156,11 @@ def _samples(path: str, infos: list[tarfile.TarInfo], file_size: int) -> list[Ta
             out.append(TarSample(path, name, image, *side, problem=problem))
         if not parts["images"] and (caption or meta) and "." not in key.rpartition("/")[2]:
             # (a dotted key is a `_sample_key` fallback: an orphan `x.v2.txt` is a WebDataset field, no lost image)
-            problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}" if cut else \
-                "no image: a caption or json member without an image beside it"
+            problem = (
+                f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
+                if cut
+                else "no image: a caption or json member without an image beside it"
+            )
             out.append(TarSample(path, (caption or meta)[0], None, *side, problem=problem))
     return out
 
@@ -191,7 +205,7 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
             if read_error is None:
                 stop = min(tf.offset, file_size)
                 tail_unread = stop < file_size and (stopped_early or _unread_tail(f, stop, file_size))
-    except tarfile.TarError as exc:  # not a tar at all (an empty or failed download): one failing line, go on
+    except tarfile.TarError:  # not a tar at all (an empty or failed download): one failing line, go on
         if path.lower().endswith((".gz", ".tgz")):  # listed so that its images are not lost without a word
             exc = tarfile.ReadError("a compressed tar cannot be read by offset; decompress it (gunzip) first")
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {exc}")]
@@ -201,12 +215,21 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"read error: {str(exc)[:160]}")]
     out = _samples(path, infos, file_size)
     if read_error is not None:
-        out.append(TarSample(path, f"{UNREADABLE_PREFIX}{stop}>",
-                             problem=f"read error: the headers after byte {stop} could not be read: "
-                                     f"{str(read_error)[:120]}"))
+        out.append(
+            TarSample(
+                path,
+                f"{UNREADABLE_PREFIX}{stop}>",
+                problem=f"read error: the headers after byte {stop} could not be read: {str(read_error)[:120]}",
+            )
+        )
     elif tail_unread and not any(sample.problem.startswith("truncated") for sample in out):
-        out.append(TarSample(path, f"{UNREADABLE_PREFIX}{stop}>",
-                             problem=f"truncated tar: the headers after byte {stop} could not be read"))
+        out.append(
+            TarSample(
+                path,
+                f"{UNREADABLE_PREFIX}{stop}>",
+                problem=f"truncated tar: the headers after byte {stop} could not be read",
+            )
+        )
     return out
 
 
@@ -232,8 +255,11 @@ def sample_span(sample: TarSample) -> tuple[int, int, int]:
     the read part of its sidecars."""
     image = sample.image and Member(sample.image.offset - tarfile.BLOCKSIZE, sample.image.size + tarfile.BLOCKSIZE)
     parts = [m for m in (image, sample.caption, sample.meta) if m is not None]
-    read = {m: min(m.size, CAPTION_READ_BYTES) if m is sample.caption else m.size for m in parts
-            if not (m is sample.meta and m.size > MAX_SIDECAR_BYTES)}
+    read = {
+        m: min(m.size, CAPTION_READ_BYTES) if m is sample.caption else m.size
+        for m in parts
+        if not (m is sample.meta and m.size > MAX_SIDECAR_BYTES)
+    }
     return min(m.offset for m in read), max(m.offset + n for m, n in read.items()), sum(read.values())
 
 
@@ -265,17 +291,20 @@ def read_indexed_member(tar: str | os.PathLike, member: Member, name: str, handl
         with contextlib.nullcontext(handle) if handle is not None else open(tar, "rb") as f:
             f.seek(header_at)
             block = f.read(tarfile.BLOCKSIZE + member.size)
-    _check_header(block[:tarfile.BLOCKSIZE], name, member)
+    _check_header(block[: tarfile.BLOCKSIZE], name, member)
     if len(block) != tarfile.BLOCKSIZE + member.size:
-        raise OSError(f"truncated tar: {max(len(block) - tarfile.BLOCKSIZE, 0)} of {member.size} bytes at offset "
-                      f"{member.offset}")
-    return block[tarfile.BLOCKSIZE:]
+        raise OSError(
+            f"truncated tar: {max(len(block) - tarfile.BLOCKSIZE, 0)} of {member.size} bytes at offset {member.offset}"
+        )
+    return block[tarfile.BLOCKSIZE :]
 
 
 def _check_header(header: bytes, name: str, member: Member) -> None:
     if not header_describes(header, name, member.size):
-        raise ChangedTarError(f"the tar changed after indexing: {name!r} is no longer at offset {member.offset}; "
-                              "re-run clip-hpc embed and index")
+        raise ChangedTarError(
+            f"the tar changed after indexing: {name!r} is no longer at offset {member.offset}; "
+            "re-run clip-hpc embed and index"
+        )
 
 
 def header_describes(header: bytes, name: str, size: int) -> bool:
@@ -361,4 +390,3 @@ def meta_key_url(meta_json: str) -> tuple[str, str]:
     except ValueError:
         return "", ""
     return str(value.get("key") or ""), str(value.get("url") or "")
-

@@ -3,6 +3,7 @@
 Web-scale captions come in every encoding and with every defect; a caption is never worth a failed unit, so each
 repair is made and named (a note stored in the image's meta) instead of raised.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -10,8 +11,13 @@ import os
 import re
 
 MAX_CAPTION_CHARS = 4096  # longer captions are cut here (CLIP reads 77 tokens), with a note in the meta
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 _SURROGATES = re.compile("[\ud800-\udfff]")  # what Python makes of argv bytes that are not UTF-8
 _LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")  # breaks or reorders
 _UNSTORABLE = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f\ud800-\udfff]")
@@ -28,7 +34,7 @@ def decode_text(data: bytes, *, cut: bool = False) -> tuple[str, list[str]]:
         return data.decode("utf-8"), []
     except UnicodeDecodeError as exc:
         if cut and exc.start >= len(data) - 3:
-            return data[:exc.start].decode("utf-8"), []
+            return data[: exc.start].decode("utf-8"), []
     try:
         return data.decode("cp1252"), ["not UTF-8: read as cp1252"]
     except UnicodeDecodeError:

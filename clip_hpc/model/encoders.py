@@ -1,9 +1,11 @@
 """What `SearchEngine` needs from a model: the `Encoder` interface, and its default, an open_clip model that loads
 on first use. torch loads with the model, never on import: a client or an id-only query never pays for it."""
+
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -33,8 +35,16 @@ class Encoder(Protocol):
 class ModelEncoder:
     """The default `Encoder`: `models.load_model(name, pretrained)` on first use, checked against the index's dim."""
 
-    def __init__(self, name: str | None, pretrained: str | None, device: str = "auto", *, dim: int,
-                 model: Any = None, full_context: bool = False) -> None:
+    def __init__(
+        self,
+        name: str | None,
+        pretrained: str | None,
+        device: str = "auto",
+        *,
+        dim: int,
+        model: Any = None,
+        full_context: bool = False,
+    ) -> None:
         self.name, self.pretrained, self.device = name, pretrained, device
         self.full_context = full_context  # text at the model's full context even where the short one is exact
         self.dim = int(dim)
@@ -47,11 +57,11 @@ class ModelEncoder:
             if self._model is None:
                 from clip_hpc.model.loading import load_model
 
-                self._model = load_model(self.name, self.pretrained, device=self.device,
-                                         full_context=self.full_context)
+                self._model = load_model(self.name, self.pretrained, device=self.device, full_context=self.full_context)
             if int(self._model.dim) != self.dim:
-                raise UserError(f"model {self._model.name} gives {self._model.dim}-d vectors, the index holds "
-                                f"{self.dim}-d")
+                raise UserError(
+                    f"model {self._model.name} gives {self._model.dim}-d vectors, the index holds {self.dim}-d"
+                )
             return self._model
 
     @property

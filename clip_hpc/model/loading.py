@@ -1,13 +1,15 @@
 """open_clip loading by name plus pretrained tag, local checkpoint or `none`, without ever surprising a
 compute node with a download: missing weights become a one-line error that says how to prefetch them."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,17 +143,21 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        raise ModelError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"checkpoint {path} holds no state_dict of tensors")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def fetch_hint(name: str, tag: str) -> str:
-    return (f"on a node with internet run: clip-hpc fetch-model {name} {tag} [--cache-dir DIR], "
-            f"then set HF_HOME (or pass the same --cache-dir via HF_HUB_CACHE) and HF_HUB_OFFLINE=1 on compute nodes")
+    return (
+        f"on a node with internet run: clip-hpc fetch-model {name} {tag} [--cache-dir DIR], "
+        f"then set HF_HOME (or pass the same --cache-dir via HF_HUB_CACHE) and HF_HUB_OFFLINE=1 on compute nodes"
+    )
 
 
 class _FromOpenClip(logging.Filter):
@@ -167,8 +173,9 @@ class _FromOpenClip(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_open_clip() -> Iterator[None]:
-    """Hide open_clip's chatter ("initialized randomly" for `none`, tokenizer notes) while it runs, leaving the root logger's
-    level and handlers as they were; a NullHandler stands in meanwhile so `logging.warning` cannot basicConfig."""
+    """Hide open_clip's chatter ("initialized randomly" for `none`, tokenizer notes) while it runs, leaving the root
+    logger's level and handlers as they were; a NullHandler stands in meanwhile so `logging.warning` cannot
+    basicConfig."""
     import open_clip
 
     root = logging.getLogger()
@@ -210,28 +217,40 @@ def _cached_tag_path(name: str, tag: str) -> str:
     cfg = get_pretrained_cfg(name, tag)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
-        raise ModelError(f"{tag!r} is neither a file nor a pretrained tag of {name} (tags: {', '.join(tags) or 'none'}; "
-                         f"or use --pretrained none)")
+        raise ModelError(
+            f"{tag!r} is neither a file nor a pretrained tag of {name} (tags: {', '.join(tags) or 'none'}; "
+            f"or use --pretrained none)"
+        )
     try:
         path = download_pretrained(cfg, cache_dir=os.environ.get("CLIP_HPC_CACHE_DIR"))
     except Exception as exc:
-        raise ModelError(f"weights {name}/{tag} are not in the local cache and cannot be downloaded "
-                         f"({type(exc).__name__}); {fetch_hint(name, tag)}") from None
+        raise ModelError(
+            f"weights {name}/{tag} are not in the local cache and cannot be downloaded "
+            f"({type(exc).__name__}); {fetch_hint(name, tag)}"
+        ) from None
     if not path:
         raise ModelError(f"weights {name}/{tag} not found; {fetch_hint(name, tag)}")
     return str(path)
 
 
-def load_model(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: str = "auto",
-               precision: str = "auto", local_rank: int = 0, *, full_context: bool = False) -> LoadedModel:
+def load_model(
+    name: str = DEFAULT_MODEL,
+    pretrained: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    local_rank: int = 0,
+    *,
+    full_context: bool = False,
+) -> LoadedModel:
     """Build the model and load its weights from a tag, a file, or nowhere (`none`, seeded random).
     Text is encoded at the short context where that is exact (see text_context.py), unless `full_context`."""
     with quiet_open_clip():
         return _build(name, pretrained, device, precision, local_rank, full_context)
 
 
-def _build(name: str, pretrained: str | None, device: str, precision: str, local_rank: int,
-           full_context: bool = False) -> LoadedModel:
+def _build(
+    name: str, pretrained: str | None, device: str, precision: str, local_rank: int, full_context: bool = False
+) -> LoadedModel:
     import open_clip
 
     pretrained = resolve_pretrained(name, pretrained)
@@ -239,8 +258,10 @@ def _build(name: str, pretrained: str | None, device: str, precision: str, local
     dtype = resolve_precision(precision, dev)
     register_model_configs()
     if name not in open_clip.list_models():
-        raise ModelError(f"unknown model {name!r}; known: clip-hpc-tiny, clip-hpc-demo, ViT-B-32, ... "
-                         f"(python -c 'import open_clip; print(open_clip.list_models())')")
+        raise ModelError(
+            f"unknown model {name!r}; known: clip-hpc-tiny, clip-hpc-demo, ViT-B-32, ... "
+            f"(python -c 'import open_clip; print(open_clip.list_models())')"
+        )
     state, tag_path = None, None
     if pretrained.lower() != "none":
         path = Path(pretrained).expanduser()
@@ -256,8 +277,10 @@ def _build(name: str, pretrained: str | None, device: str, precision: str, local
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             lines = str(exc).splitlines()
-            raise ModelError(f"checkpoint {pretrained} does not fit model {name}: "
-                             f"{lines[1].strip() if len(lines) > 1 else lines[0]}"[:300])
+            raise ModelError(
+                f"checkpoint {pretrained} does not fit model {name}: "
+                f"{lines[1].strip() if len(lines) > 1 else lines[0]}"[:300]
+            ) from None
     elif tag_path is not None:
         open_clip.load_checkpoint(model, tag_path)
     model.eval().to(dev)
@@ -267,10 +290,16 @@ def _build(name: str, pretrained: str | None, device: str, precision: str, local
     tokenizer = open_clip.get_tokenizer(name)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
-    dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
+    dim = (
+        int(model.text_projection.shape[1])
+        if getattr(model, "text_projection", None) is not None
         else int(model.encode_text(tokenizer(["x"])).shape[-1])
-    context = TextContext(False, "full context asked for") if full_context \
+    )
+    context = (
+        TextContext(False, "full context asked for")
+        if full_context
         else choose_text_context(model, tokenizer, dev, dtype)
+    )
     return LoadedModel(model, preprocess, tokenizer, dev, dtype, name, pretrained, dim, image_size, context)
 
 
@@ -285,4 +314,6 @@ def fetch_model(name: str, tag: str, cache_dir: str | None = None) -> str:
     try:
         return str(download_pretrained(cfg, cache_dir=cache_dir))
     except Exception as exc:
-        raise ModelError(f"download of {name}/{tag} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        raise ModelError(
+            f"download of {name}/{tag} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from None

@@ -6,6 +6,7 @@ it. Running the transformer on `tokens[:, :L]` (L = the last pooled position in 
 (up to float summation order, ~1e-6), in a fraction of the time. Any model where that cannot be proven from its
 structure (and then confirmed on a probe) is encoded at its full context, and `TextContext.describe` says why.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,8 +52,9 @@ def structural_check(model: torch.nn.Module) -> TextContext:
         return TextContext(False, "the text tower is not causal (no causal attention mask)")
     if model.text_pool_type not in EXACT_POOLS:
         return TextContext(False, f"text pooling {model.text_pool_type!r} reads past the end-of-text token")
-    if type(model.transformer) is not Transformer or \
-            not all(type(block) is ResidualAttentionBlock for block in model.transformer.resblocks):
+    if type(model.transformer) is not Transformer or not all(
+        type(block) is ResidualAttentionBlock for block in model.transformer.resblocks
+    ):
         return TextContext(False, "non-standard transformer blocks: truncation not proven exact")
     return TextContext(True, "causal text tower, exact")
 
@@ -107,7 +109,7 @@ def choose_text_context(model: torch.nn.Module, tokenizer, device: torch.device,
     if why_not is not None:
         return TextContext(True, context.reason, packed_note=f"not packed: {why_not}")
     tower = PackedTextTower(model, prepack=prepack_available(device, dtype))
-    alone = torch.cat([tower.encode(tokens[i:i + 1]) for i in range(len(tokens))])  # one text: no mask
+    alone = torch.cat([tower.encode(tokens[i : i + 1]) for i in range(len(tokens))])  # one text: no mask
     gap = probe_gap(full, tower.encode(tokens)) or probe_gap(full, alone)
     if gap is not None:
         return TextContext(True, context.reason, packed_note=f"not packed: the packed probe differs by {gap:.1e}")

@@ -7,10 +7,11 @@ batch x longest text, a packed one only its real tokens. Each token still sees e
 full context (its own text's, before it), so the features are the same up to float summation order; the probe in
 text_context.py checks that before this path is used.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +23,21 @@ def cannot_pack(model: torch.nn.Module) -> str | None:
     """Why this (already structurally causal) tower cannot be run packed, or None when it can."""
     for block in model.transformer.resblocks:
         attn = block.attn
-        if not isinstance(attn, torch.nn.MultiheadAttention) or not attn._qkv_same_embed_dim or \
-                attn.bias_k is not None or attn.add_zero_attn or attn.in_proj_bias is None:
+        if (
+            not isinstance(attn, torch.nn.MultiheadAttention)
+            or not attn._qkv_same_embed_dim
+            or attn.bias_k is not None
+            or attn.add_zero_attn
+            or attn.in_proj_bias is None
+        ):
             return "attention with extra key/value biases or separate projections"
         if not (isinstance(block.ls_1, torch.nn.Identity) and isinstance(block.ls_2, torch.nn.Identity)):
             return "layer scale in the text blocks"
-        if hasattr(block, "ln_1_kv") or list(block.mlp._modules) != ["c_fc", "gelu", "c_proj"] or \
-                type(block.mlp.gelu).__name__ not in ELEMENTWISE_ACTIVATIONS:
+        if (
+            hasattr(block, "ln_1_kv")
+            or list(block.mlp._modules) != ["c_fc", "gelu", "c_proj"]
+            or type(block.mlp.gelu).__name__ not in ELEMENTWISE_ACTIVATIONS
+        ):
             return "a non-standard MLP or cross-attention in the text blocks"
     return None
 
@@ -53,12 +62,18 @@ def project_text(model: torch.nn.Module, pooled: torch.Tensor) -> torch.Tensor:
 
 def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN weight packing: CPU, float32, and the op present in this torch build."""
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available() and \
-        hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
-def linear_fn(layer_weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool,
-              gelu: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def linear_fn(
+    layer_weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool, gelu: str | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """`x @ W.T + b`, through a weight packed once for oneDNN when `prepack` (the packing fits any row count); with
     `gelu` ("none" or "tanh", prepacked only) the GELU is applied in the same call, not in another pass over memory."""
     if not prepack:
@@ -69,8 +84,9 @@ def linear_fn(layer_weight: torch.Tensor, bias: torch.Tensor | None, prepack: bo
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def residual_linear_fn(layer_weight: torch.Tensor, bias: torch.Tensor | None,
-                       prepack: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def residual_linear_fn(
+    layer_weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """`residual + x @ W.T + b`: a block's output projections, with the residual added in the product's own call."""
     if not prepack:
         return lambda x, residual: residual + F.linear(x, layer_weight, bias)
@@ -99,8 +115,13 @@ class PackedBlock:
         tokens, width = x.shape
         return self.qkv(self.ln_1(x)).view(tokens, 3, self.heads, width // self.heads).permute(1, 2, 0, 3)
 
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None,
-                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """The block's output; at `rows` only when given (each text's pooled token, in the last block: the other
         rows' outputs are never read, so their attention output, projection and MLP are skipped). `prefix`: keys
         and values of a first token shared by every text, computed once (`FirstToken`), placed before the keys."""
@@ -156,12 +177,18 @@ class PackedTextTower:
         blocks = []
         for b in model.transformer.resblocks:
             gelu = fused_gelu(b.mlp.gelu, prepack)
-            blocks.append(PackedBlock(b.ln_1, linear_fn(b.attn.in_proj_weight, b.attn.in_proj_bias, prepack),
-                                      residual_linear_fn(b.attn.out_proj.weight, b.attn.out_proj.bias, prepack),
-                                      b.attn.num_heads, b.ln_2,
-                                      linear_fn(b.mlp.c_fc.weight, b.mlp.c_fc.bias, prepack, gelu),
-                                      torch.nn.Identity() if gelu is not None else b.mlp.gelu,
-                                      residual_linear_fn(b.mlp.c_proj.weight, b.mlp.c_proj.bias, prepack)))
+            blocks.append(
+                PackedBlock(
+                    b.ln_1,
+                    linear_fn(b.attn.in_proj_weight, b.attn.in_proj_bias, prepack),
+                    residual_linear_fn(b.attn.out_proj.weight, b.attn.out_proj.bias, prepack),
+                    b.attn.num_heads,
+                    b.ln_2,
+                    linear_fn(b.mlp.c_fc.weight, b.mlp.c_fc.bias, prepack, gelu),
+                    torch.nn.Identity() if gelu is not None else b.mlp.gelu,
+                    residual_linear_fn(b.mlp.c_proj.weight, b.mlp.c_proj.bias, prepack),
+                )
+            )
         return blocks
 
     def describe(self) -> str:
@@ -183,7 +210,7 @@ class PackedTextTower:
         ends = pooled_positions(model, tokens).tolist()  # each row's pooled token; its prefix is all it needs
         first = self.shared_first(tokens, ends)
         skip = 0 if first is None else 1  # the first token's rows are not run: its keys and values are cached
-        flat = torch.cat([row[skip:end + 1] for row, end in zip(tokens, ends)])
+        flat = torch.cat([row[skip : end + 1] for row, end in zip(tokens, ends)])
         positions = torch.cat([torch.arange(skip, end + 1, device=tokens.device) for end in ends])
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(flat).to(cast_dtype) + model.positional_embedding[positions].to(cast_dtype)

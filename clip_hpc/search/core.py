@@ -4,6 +4,7 @@ search through it, so the self-check measures exactly what is served without imp
 IVF-PQ finds candidates cheaply; `refine` re-ranks k×factor of them by exact dot product with the float16
 vectors in `vectors.npy`, which wins back the recall PQ loses on off-distribution (text) queries.
 """
+
 from __future__ import annotations
 
 import faiss
@@ -33,7 +34,7 @@ def rerank(queries: np.ndarray, cand_ids: np.ndarray, vectors: np.ndarray, k: in
             continue
         exact = np.asarray(vectors[cand], dtype=np.float32) @ queries[i].astype(np.float32)
         top = np.argsort(-exact, kind="stable")[:k]
-        scores[i, :len(top)], ids[i, :len(top)] = exact[top], cand[top]
+        scores[i, : len(top)], ids[i, : len(top)] = exact[top], cand[top]
     return scores, ids
 
 
@@ -61,8 +62,10 @@ def combine_parts(parts: dict[str, np.ndarray], weights: dict[str, float]) -> np
     """Weighted sum of the normalised query parts, `negative` subtracted (Rocchio), renormalised."""
     for name, weight in weights.items():
         if not np.isfinite(float(weight)) or abs(float(weight)) > MAX_WEIGHT:
-            raise UserError(f"weight {name!r} = {weight} would overflow: weights are relative, keep them finite and "
-                            f"at most {MAX_WEIGHT:g} in size")
+            raise UserError(
+                f"weight {name!r} = {weight} would overflow: weights are relative, keep them finite and "
+                f"at most {MAX_WEIGHT:g} in size"
+            )
     total = np.zeros_like(next(iter(parts.values())), dtype=np.float32)
     for name, vector in parts.items():
         sign = -1.0 if name == "negative" else 1.0
@@ -79,9 +82,18 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
 
 
-def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.ndarray, k: int, *,
-                 refine_factor: int = 0, selector: faiss.IDSelector | None = None, widen: bool = False,
-                 tier: faiss.IndexRefine | None = None, exact_factor: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def search_index(
+    index: faiss.Index,
+    vectors: np.ndarray | None,
+    queries: np.ndarray,
+    k: int,
+    *,
+    refine_factor: int = 0,
+    selector: faiss.IDSelector | None = None,
+    widen: bool = False,
+    tier: faiss.IndexRefine | None = None,
+    exact_factor: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """The served search: k×refine_factor candidates from FAISS, re-ranked exactly when refine_factor > 0; with a
     re-rank tier (an IndexRefine over `index`), the tier re-scores them in RAM and only its best k×exact_factor
     are re-ranked exactly. `widen` (the engine, not the recall self-check, which measures nprobe as it is) fills
@@ -95,8 +107,11 @@ def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.nda
     params = None
     if selector is not None:
         ivf = faiss.try_extract_index_ivf(index)
-        params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe) if ivf is not None \
+        params = (
+            faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+            if ivf is not None
             else faiss.SearchParameters(sel=selector)
+        )
     found = ivf_search(index, queries, n_cand) if params is None else None
     scores, ids = found if found is not None else index.search(queries, n_cand, params=params)
     if widen:
@@ -106,16 +121,27 @@ def search_index(index: faiss.Index, vectors: np.ndarray | None, queries: np.nda
     return scores[:, :k], ids[:, :k]
 
 
-def _search_tiered(index: faiss.Index, tier: faiss.IndexRefine, vectors: np.ndarray, queries: np.ndarray, k: int,
-                   n_cand: int, exact_factor: int, selector: faiss.IDSelector | None,
-                   widen: bool) -> tuple[np.ndarray, np.ndarray]:
+def _search_tiered(
+    index: faiss.Index,
+    tier: faiss.IndexRefine,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    n_cand: int,
+    exact_factor: int,
+    selector: faiss.IDSelector | None,
+    widen: bool,
+) -> tuple[np.ndarray, np.ndarray]:
     """Codes -> n_cand candidates -> the tier's best k×exact_factor -> exact re-rank of those."""
     n_exact = max(k, min(max(k, MIN_RERANK_K) * exact_factor, n_cand))
     ivf = faiss.try_extract_index_ivf(index)
 
     def run(rows: np.ndarray, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
-        base = faiss.SearchParametersIVF(sel=selector, nprobe=int(nprobe)) if ivf is not None \
+        base = (
+            faiss.SearchParametersIVF(sel=selector, nprobe=int(nprobe))
+            if ivf is not None
             else faiss.SearchParameters(sel=selector)
+        )
         params = faiss.IndexRefineSearchParameters(k_factor=n_cand / n_exact, base_index_params=base)
         return tier.search(np.ascontiguousarray(rows), n_exact, params=params)
 
@@ -145,8 +171,15 @@ def ivf_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndar
     return index.search_preassigned(queries, k, lists, coarse_scores)
 
 
-def _widen_if_short(index: faiss.Index, queries: np.ndarray, n_cand: int, wanted: int,
-                    selector: faiss.IDSelector | None, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _widen_if_short(
+    index: faiss.Index,
+    queries: np.ndarray,
+    n_cand: int,
+    wanted: int,
+    selector: faiss.IDSelector | None,
+    scores: np.ndarray,
+    ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """IVF returns fewer than k when the probed lists run dry (k=1000 of 2,000 vectors gave 536): search the short
     rows again over every list, so a query gets min(k, n) results whenever filters leave that many. Only the short
     rows: a row of a batch then gets what it would get searched alone."""
@@ -156,8 +189,11 @@ def _widen_if_short(index: faiss.Index, queries: np.ndarray, n_cand: int, wanted
     short = np.flatnonzero((ids >= 0).sum(axis=1) < wanted)
     if not len(short):
         return scores, ids
-    params = faiss.SearchParametersIVF(sel=selector, nprobe=int(ivf.nlist)) if selector is not None \
+    params = (
+        faiss.SearchParametersIVF(sel=selector, nprobe=int(ivf.nlist))
+        if selector is not None
         else faiss.SearchParametersIVF(nprobe=int(ivf.nlist))
+    )
     scores, ids = scores.copy(), ids.copy()
     scores[short], ids[short] = index.search(np.ascontiguousarray(queries[short]), n_cand, params=params)
     return scores, ids

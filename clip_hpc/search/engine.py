@@ -1,10 +1,12 @@
 """The serving engine: loads an INDEX_DIR (index, vectors, metadata, model) and answers queries by text, image,
 id, raw vector, or a weighted combination of them, through the pure core in `search.core`."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -16,7 +18,9 @@ from clip_hpc.model.encoders import Encoder, ModelEncoder
 from clip_hpc.search.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
 
 MAX_K = 10_000  # results per query, for the CLI and the HTTP API alike
-PREFILTER_LIMIT = 50_000  # a filter (path_prefix, caption, min_similarity) matching fewer ids is searched exactly over just those
+PREFILTER_LIMIT = (
+    50_000  # a filter (path_prefix, caption, min_similarity) matching fewer ids is searched exactly over just those
+)
 
 
 class UnknownIdError(UserError, KeyError):
@@ -40,8 +44,9 @@ class Hit:
 
 
 # --- the engine: I/O at the edges ------------------------------------------------------------------------------
-def default_encoder(info: IndexInfo, model_name: str | None = None, pretrained: str | None = None,
-                    device: str = "auto") -> ModelEncoder:
+def default_encoder(
+    info: IndexInfo, model_name: str | None = None, pretrained: str | None = None, device: str = "auto"
+) -> ModelEncoder:
     """The model index.json records (unless overridden), loaded on first use and checked against the index's dim."""
     return ModelEncoder(model_name or info.model, pretrained or info.pretrained, device, dim=int(info.dim))
 
@@ -49,10 +54,19 @@ def default_encoder(info: IndexInfo, model_name: str | None = None, pretrained: 
 class SearchEngine:
     """One INDEX_DIR ready for queries; thread-safe for concurrent searches (the model loads once, lazily)."""
 
-    def __init__(self, index_dir: str | Path, *, info: IndexInfo | None = None, encoder: Encoder | None = None,
-                 model_name: str | None = None, pretrained: str | None = None, device: str = "auto",
-                 nprobe: int | None = None, refine: bool | None = None,
-                 refine_factor: int | None = None) -> None:
+    def __init__(
+        self,
+        index_dir: str | Path,
+        *,
+        info: IndexInfo | None = None,
+        encoder: Encoder | None = None,
+        model_name: str | None = None,
+        pretrained: str | None = None,
+        device: str = "auto",
+        nprobe: int | None = None,
+        refine: bool | None = None,
+        refine_factor: int | None = None,
+    ) -> None:
         """`info`: index.json as `IndexDir.check_integrity` returned it, if the caller checked already (`serve` does,
         for the model), else checked and read here.
         `encoder` defaults to the model recorded in index.json (or `model_name`/`pretrained`), loaded lazily."""
@@ -121,9 +135,16 @@ class SearchEngine:
         return np.asarray(self.vectors[ids], dtype=np.float32)
 
     # --- searches ---
-    def search_vectors(self, queries: np.ndarray, k: int = 10, *, path_prefix: str | None = None,
-                       min_score: float | None = None, caption: str | None = None,
-                       min_similarity: float | None = None) -> list[list[Hit]]:
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        path_prefix: str | None = None,
+        min_score: float | None = None,
+        caption: str | None = None,
+        min_similarity: float | None = None,
+    ) -> list[list[Hit]]:
         """`path_prefix`, `caption` (full text: every word) and `min_similarity` (the stored image-caption cosine)
         restrict the results to the rows matching all three."""
         queries = self._check_queries(queries)
@@ -131,12 +152,21 @@ class SearchEngine:
         if path_prefix or caption or min_similarity is not None:
             scores, ids = self._search_filtered(queries, k, path_prefix or None, caption or None, min_similarity)
         else:
-            scores, ids = search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
-                                       widen=True, tier=self.tier, exact_factor=self.exact_factor)
+            scores, ids = search_index(
+                self.index,
+                self.vectors,
+                queries,
+                k,
+                refine_factor=self.refine_factor,
+                widen=True,
+                tier=self.tier,
+                exact_factor=self.exact_factor,
+            )
         return self._hits(scores, ids, min_score)
 
-    def search_batch(self, queries: np.ndarray, ks: Sequence[int],
-                     min_scores: Sequence[float | None] | None = None) -> list[list[Hit]]:
+    def search_batch(
+        self, queries: np.ndarray, ks: Sequence[int], min_scores: Sequence[float | None] | None = None
+    ) -> list[list[Hit]]:
         """Several unfiltered queries (the server's micro-batches): one FAISS call per distinct k, and row i gets
         exactly what `search_vectors(queries[i], ks[i], min_score=min_scores[i])` gives."""
         queries = self._check_queries(queries)
@@ -147,8 +177,16 @@ class SearchEngine:
         out: list[list[Hit]] = [[] for _ in ks]
         for k in sorted(set(ks)):  # k decides how many candidates are re-ranked: a k of its own, a call of its own
             rows = [i for i, row_k in enumerate(ks) if row_k == k]
-            scores, ids = search_index(self.index, self.vectors, queries[rows], k, refine_factor=self.refine_factor,
-                                       widen=True, tier=self.tier, exact_factor=self.exact_factor)
+            scores, ids = search_index(
+                self.index,
+                self.vectors,
+                queries[rows],
+                k,
+                refine_factor=self.refine_factor,
+                widen=True,
+                tier=self.tier,
+                exact_factor=self.exact_factor,
+            )
             for i, hits in zip(rows, self._hits(scores, ids, None)):
                 out[i] = [hit for hit in hits if min_scores[i] is None or hit.score >= min_scores[i]]
         return out
@@ -171,20 +209,54 @@ class SearchEngine:
         query = normalise_rows(self.vectors_for_ids(ids).mean(axis=0, keepdims=True))
         return self.search_vectors(query, k, **filters)[0]
 
-    def query(self, *, text: str | None = None, image_ids: Sequence[int] = (), images: Sequence[Any] = (),
-              vector: Sequence[float] | None = None, positive_ids: Sequence[int] = (),
-              negative_ids: Sequence[int] = (), weights: dict[str, float] | None = None, k: int = 10,
-              min_score: float | None = None, diversity: float = 0.0, path_prefix: str | None = None,
-              caption: str | None = None, min_similarity: float | None = None) -> list[Hit]:
+    def query(
+        self,
+        *,
+        text: str | None = None,
+        image_ids: Sequence[int] = (),
+        images: Sequence[Any] = (),
+        vector: Sequence[float] | None = None,
+        positive_ids: Sequence[int] = (),
+        negative_ids: Sequence[int] = (),
+        weights: dict[str, float] | None = None,
+        k: int = 10,
+        min_score: float | None = None,
+        diversity: float = 0.0,
+        path_prefix: str | None = None,
+        caption: str | None = None,
+        min_similarity: float | None = None,
+    ) -> list[Hit]:
         """Any combination of parts; see `combine_parts`. `diversity` in [0, 1] re-orders the results by MMR."""
-        combined = self.query_vector(text=text, image_ids=image_ids, images=images, vector=vector,
-                                     positive_ids=positive_ids, negative_ids=negative_ids, weights=weights)
-        return self.search_combined(combined, k, min_score=min_score, diversity=diversity, path_prefix=path_prefix,
-                                    caption=caption, min_similarity=min_similarity)
+        combined = self.query_vector(
+            text=text,
+            image_ids=image_ids,
+            images=images,
+            vector=vector,
+            positive_ids=positive_ids,
+            negative_ids=negative_ids,
+            weights=weights,
+        )
+        return self.search_combined(
+            combined,
+            k,
+            min_score=min_score,
+            diversity=diversity,
+            path_prefix=path_prefix,
+            caption=caption,
+            min_similarity=min_similarity,
+        )
 
-    def query_vector(self, *, text: str | None = None, image_ids: Sequence[int] = (), images: Sequence[Any] = (),
-                     vector: Sequence[float] | None = None, positive_ids: Sequence[int] = (),
-                     negative_ids: Sequence[int] = (), weights: dict[str, float] | None = None) -> np.ndarray:
+    def query_vector(
+        self,
+        *,
+        text: str | None = None,
+        image_ids: Sequence[int] = (),
+        images: Sequence[Any] = (),
+        vector: Sequence[float] | None = None,
+        positive_ids: Sequence[int] = (),
+        negative_ids: Sequence[int] = (),
+        weights: dict[str, float] | None = None,
+    ) -> np.ndarray:
         """The unit vector a query searches with; callers may return it (`--with-vector`, `return_vector`)."""
         parts = self._query_parts(text, image_ids, images, vector, positive_ids, negative_ids)
         unknown_weights = set(weights or {}) - set(DEFAULT_WEIGHTS)
@@ -192,9 +264,17 @@ class SearchEngine:
             raise UserError(f"unknown weight keys {sorted(unknown_weights)}; use {sorted(DEFAULT_WEIGHTS)}")
         return combine_parts(parts, weights or {})
 
-    def search_combined(self, query: np.ndarray, k: int = 10, *, min_score: float | None = None,
-                        diversity: float = 0.0, path_prefix: str | None = None,
-                        caption: str | None = None, min_similarity: float | None = None) -> list[Hit]:
+    def search_combined(
+        self,
+        query: np.ndarray,
+        k: int = 10,
+        *,
+        min_score: float | None = None,
+        diversity: float = 0.0,
+        path_prefix: str | None = None,
+        caption: str | None = None,
+        min_similarity: float | None = None,
+    ) -> list[Hit]:
         """Search with a `query_vector`; `diversity` in [0, 1] re-orders the results by MMR."""
         if not 0.0 <= float(diversity) <= 1.0:
             raise UserError("diversity must be between 0 and 1")
@@ -210,9 +290,15 @@ class SearchEngine:
         return [pool[i] for i in order]
 
     # --- helpers ---
-    def _query_parts(self, text: str | None, image_ids: Sequence[int], images: Sequence[Any],
-                     vector: Sequence[float] | None, positive_ids: Sequence[int],
-                     negative_ids: Sequence[int]) -> dict[str, np.ndarray]:
+    def _query_parts(
+        self,
+        text: str | None,
+        image_ids: Sequence[int],
+        images: Sequence[Any],
+        vector: Sequence[float] | None,
+        positive_ids: Sequence[int],
+        negative_ids: Sequence[int],
+    ) -> dict[str, np.ndarray]:
         parts: dict[str, np.ndarray] = {}
         if text is not None and text.strip():
             parts["text"] = self.encoder.encode_text([text])[0]
@@ -252,8 +338,9 @@ class SearchEngine:
             raise UserError(f"k must be an integer between 1 and {MAX_K}")
         return int(k)
 
-    def _search_filtered(self, queries: np.ndarray, k: int, prefix: str | None, caption: str | None,
-                         min_similarity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _search_filtered(
+        self, queries: np.ndarray, k: int, prefix: str | None, caption: str | None, min_similarity: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Few matching ids: exact search over just them. Many: the ANN search restricted by an id selector."""
         filters = dict(path_prefix=prefix, caption=caption, min_similarity=min_similarity)
         allowed = np.asarray(self.meta.ids_matching(**filters, limit=PREFILTER_LIMIT + 1), dtype=np.int64)
@@ -261,23 +348,44 @@ class SearchEngine:
             cand = np.broadcast_to(allowed, (len(queries), len(allowed)))
             return rerank(queries, cand, self.vectors, k)
         selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_matching(**filters), dtype=np.int64))
-        return search_index(self.index, self.vectors, queries, k, refine_factor=self.refine_factor,
-                            selector=selector, widen=True, tier=self.tier, exact_factor=self.exact_factor)
+        return search_index(
+            self.index,
+            self.vectors,
+            queries,
+            k,
+            refine_factor=self.refine_factor,
+            selector=selector,
+            widen=True,
+            tier=self.tier,
+            exact_factor=self.exact_factor,
+        )
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray, min_score: float | None) -> list[list[Hit]]:
         found = [int(i) for i in np.unique(ids) if i >= 0]
         paths, captions = self.meta.paths_of(found), self.meta.captions_of(found)
         out = []
         for row_scores, row_ids in zip(scores, ids):
-            out.append([Hit(int(i), float(s), paths.get(int(i), ""), captions.get(int(i), ""))
-                        for s, i in zip(row_scores, row_ids)
-                        if i >= 0 and np.isfinite(s) and (min_score is None or s >= min_score)])
+            out.append(
+                [
+                    Hit(int(i), float(s), paths.get(int(i), ""), captions.get(int(i), ""))
+                    for s, i in zip(row_scores, row_ids)
+                    if i >= 0 and np.isfinite(s) and (min_score is None or s >= min_score)
+                ]
+            )
         return out
 
 
-def search_local(index_dir: str | Path, *, text: str | None = None, image: str | None = None, k: int = 10,
-                 nprobe: int | None = None, device: str = "auto", caption: str | None = None,
-                 min_similarity: float | None = None) -> tuple[list[Hit], np.ndarray]:
+def search_local(
+    index_dir: str | Path,
+    *,
+    text: str | None = None,
+    image: str | None = None,
+    k: int = 10,
+    nprobe: int | None = None,
+    device: str = "auto",
+    caption: str | None = None,
+    min_similarity: float | None = None,
+) -> tuple[list[Hit], np.ndarray]:
     """What `clip-hpc search INDEX_DIR TEXT [--image PATH]` does in local mode: text, image, or both combined.
     Returns the hits and the query vector they were found with."""
     if not text and not image:

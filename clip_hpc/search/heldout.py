@@ -6,6 +6,7 @@ Data sets vary too: `heldout_mixture_params` draws the cluster count, spread, la
 synthetic mixture, so a benchmark is not run on the one mixture the defaults were chosen on. The command line is
 scripts/heldout_recall.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ import numpy as np
 
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.index.ground_truth import exact_top_k, recall_per_query
+from clip_hpc.index.text_queries import text_like
 from clip_hpc.search.core import normalise_rows
 from clip_hpc.search.engine import SearchEngine
-from clip_hpc.index.text_queries import text_like
 
 HELDOUT_SALT = 0x4E1D_0D7  # never the self-check's stream
 
@@ -36,13 +37,17 @@ def heldout_mixture_params(n: int, seed: int) -> MixtureParams:
     (Spread 0.88 in a 16-d latent, drawn first, makes top-10 neighbours sit at cosine ~0.7 across many lists:
     the self-check then honestly reports ~0.77 at nprobe K/4, a harder set than CLIP image neighbourhoods.)"""
     rng = np.random.default_rng([seed, HELDOUT_SALT, 1])
-    return MixtureParams(clusters=int(rng.integers(max(20, n // 2000), max(40, n // 50))),
-                         spread=round(float(rng.uniform(0.55, 0.75)), 3), latent=int(rng.choice([24, 32, 48])),
-                         noise=round(float(rng.uniform(0.1, 0.3)), 3))
+    return MixtureParams(
+        clusters=int(rng.integers(max(20, n // 2000), max(40, n // 50))),
+        spread=round(float(rng.uniform(0.55, 0.75)), 3),
+        latent=int(rng.choice([24, 32, 48])),
+        noise=round(float(rng.uniform(0.1, 0.3)), 3),
+    )
 
 
-def heldout_queries(vectors: np.ndarray, n_queries: int, seed: int, groups: int = 8,
-                    cosine_range: tuple[float, float] = (0.25, 0.45)) -> dict[str, Any]:
+def heldout_queries(
+    vectors: np.ndarray, n_queries: int, seed: int, groups: int = 8, cosine_range: tuple[float, float] = (0.25, 0.45)
+) -> dict[str, Any]:
     """In-distribution queries (indexed vectors plus a little noise) and `groups` text-like groups, each with a
     random cosine in `cosine_range`, random noise 0.1-0.7, and a gap direction tilted 0-30% into the data."""
     rng = np.random.default_rng([seed, HELDOUT_SALT])
@@ -51,8 +56,10 @@ def heldout_queries(vectors: np.ndarray, n_queries: int, seed: int, groups: int 
     picks = np.sort(rng.choice(rows, size=min(2 * n_queries, len(rows)), replace=False))
     images = normalise_rows(np.asarray(vectors[picks], dtype=np.float32))
     rng.shuffle(images)
-    in_dist = normalise_rows(images[:n_queries] + rng.standard_normal((min(n_queries, len(images)),
-                                                                        images.shape[1])).astype(np.float32) * 0.01)
+    in_dist = normalise_rows(
+        images[:n_queries]
+        + rng.standard_normal((min(n_queries, len(images)), images.shape[1])).astype(np.float32) * 0.01
+    )
     data_mean = normalise_rows(images.mean(axis=0))
     text_groups, params = [], []
     for part in np.array_split(images[n_queries:], groups):
@@ -76,8 +83,13 @@ def evaluate(index_dir: str | Path, n_queries: int = 400, seed: int = 2024, grou
     sets = heldout_queries(vectors, n_queries, seed, groups)
     engine = SearchEngine(index_dir, encoder=VectorQueriesOnly(info.dim))
     try:
-        results: dict[str, Any] = {"n": info.n, "index_key": info.index_key, "nprobe": engine.nprobe,
-                                   "refine_factor": engine.refine_factor, "groups": sets["params"]}
+        results: dict[str, Any] = {
+            "n": info.n,
+            "index_key": info.index_key,
+            "nprobe": engine.nprobe,
+            "refine_factor": engine.refine_factor,
+            "groups": sets["params"],
+        }
         text = np.concatenate(sets["text_like"])
         queries = np.concatenate([sets["in_distribution"], text])
         exact = exact_top_k(queries, vectors, 10)
@@ -91,9 +103,11 @@ def evaluate(index_dir: str | Path, n_queries: int = 400, seed: int = 2024, grou
         best = np.asarray(vectors[np.clip(exact[n_in:, 0], 0, None)], dtype=np.float32)
         results["text_like_top1_cosine"] = round(float(np.mean(np.sum(best * text, axis=1))), 3)
         claimed = info.recall
-        results["claimed"] = {"in_distribution": claimed.get("in_distribution", {}).get("refine"),
-                              "text_like": claimed.get("off_distribution", {}).get("refine"),
-                              "served": claimed.get("served")}
+        results["claimed"] = {
+            "in_distribution": claimed.get("in_distribution", {}).get("refine"),
+            "text_like": claimed.get("off_distribution", {}).get("refine"),
+            "served": claimed.get("served"),
+        }
         return results
     finally:
         engine.close()

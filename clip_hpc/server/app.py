@@ -4,6 +4,7 @@ Route handlers are plain `def`s, so FastAPI runs encoding and FAISS search in it
 loop (GET /api/search awaits its micro-batch there instead: still never blocking it); it therefore serves a
 `ServedEngine` (`serve.load_engine`), whose shared encoder runs every model call on the runtime's compute thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,28 +45,42 @@ from clip_hpc.server.upload_limit import BodySizeLimit
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 * 2**20,
-               thumb_cache_size: int = 512, max_decodes: int = 2) -> FastAPI:
+def create_app(
+    served: ServedEngine,
+    token: str,
+    *,
+    max_upload_bytes: int = 20 * 2**20,
+    thumb_cache_size: int = 512,
+    max_decodes: int = 2,
+) -> FastAPI:
     """The whole HTTP API over `served`; `token` guards every route but /health."""
     if not token:
         raise UserError("the server needs a non-empty token")
     engine, encoder, runtime = served.engine, served.encoder, served.runtime
-    app = FastAPI(title="clip-hpc", version="1", description="Search an image index by text, image or example. "
-                  "Every route but /health needs the token (Authorization: Bearer, ?token= or the cookie).")
+    app = FastAPI(
+        title="clip-hpc",
+        version="1",
+        description="Search an image index by text, image or example. "
+        "Every route but /health needs the token (Authorization: Bearer, ?token= or the cookie).",
+    )
     searcher = BatchedSearch(engine, encoder, runtime)
     recorded = engine.info.to_dict()  # /api/info reports what index.json records (null for a key it lacks)
     root = served_root(engine.meta)
     decode_slots = threading.BoundedSemaphore(max_decodes)  # a full-size decode can take hundreds of MB
-    metrics = Metrics(index_vectors=int(engine.n), cache_counts=encoder.cache_counts,
-                      extra=lambda: batch_metric_lines(runtime.batch_sizes()))
+    metrics = Metrics(
+        index_vectors=int(engine.n),
+        cache_counts=encoder.cache_counts,
+        extra=lambda: batch_metric_lines(runtime.batch_sizes()),
+    )
     install_error_handlers(app)
     app.add_middleware(CountInFlight, in_flight=runtime.in_flight)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
     install_auth(app, token, metrics)  # added last, so it runs first: no token, no 413 either
 
     def results(hits: list[Hit], took_start: float) -> Results:
-        return Results(results=[ServedHit.of(hit) for hit in hits],
-                       took_ms=round((time.perf_counter() - took_start) * 1000, 3))
+        return Results(
+            results=[ServedHit.of(hit) for hit in hits], took_ms=round((time.perf_counter() - took_start) * 1000, 3)
+        )
 
     def require_ids(ids: list[int]) -> None:
         missing = [i for i in ids if not engine.contains(i)]
@@ -79,20 +94,36 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
             raise HTTPException(400, f"cannot decode the image: {image}")
         return image
 
-    def run_query(return_vector: bool = False, *, k: int, min_score: float | None = None, diversity: float = 0.0,
-                  path_prefix: str | None = None, caption: str | None = None, min_similarity: float | None = None,
-                  **parts: Any) -> VectorResults:
+    def run_query(
+        return_vector: bool = False,
+        *,
+        k: int,
+        min_score: float | None = None,
+        diversity: float = 0.0,
+        path_prefix: str | None = None,
+        caption: str | None = None,
+        min_similarity: float | None = None,
+        **parts: Any,
+    ) -> VectorResults:
         start = time.perf_counter()
         text_alone = isinstance(parts.get("text"), str) and not any(v for name, v in parts.items() if name != "text")
         if text_alone and shares_batches(diversity, path_prefix, caption, min_similarity):
             query, hits = searcher.search_text(parts["text"], k, min_score=min_score)
         else:
             query = engine.query_vector(**parts)
-            hits = searcher.search_combined(query, k, min_score=min_score, diversity=diversity,
-                                            path_prefix=path_prefix, caption=caption, min_similarity=min_similarity)
+            hits = searcher.search_combined(
+                query,
+                k,
+                min_score=min_score,
+                diversity=diversity,
+                path_prefix=path_prefix,
+                caption=caption,
+                min_similarity=min_similarity,
+            )
         found = results(hits, start)
-        return VectorResults(results=found.results, took_ms=found.took_ms,
-                             **({"query_vector": query.tolist()} if return_vector else {}))
+        return VectorResults(
+            results=found.results, took_ms=found.took_ms, **({"query_vector": query.tolist()} if return_vector else {})
+        )
 
     def source_of(image_id: int) -> tuple[ImageSource, Servable | ServableObject]:
         """Only images listed in the index are ever served (the id is looked up, never a path from the request),
@@ -102,8 +133,7 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
         source = locate(engine.record(image_id))
         if source is None:
             raise HTTPException(404, f"image {image_id} not found")
-        found = servable_object(source.path) if isinstance(source.path, str) else \
-            servable_file(str(source.path), root)
+        found = servable_object(source.path) if isinstance(source.path, str) else servable_file(str(source.path), root)
         if isinstance(found, str):
             raise HTTPException(404, f"image {image_id} {found}")
         source = replace(source, path=found.path)
@@ -142,24 +172,38 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         keys = ("n", "dim", "model", "pretrained", "index_key", "nprobe", "refine")
-        return {**{k: recorded.get(k) for k in keys}, "vectors": engine.info.vectors,  # images or captions
-                "text_context": encoder.text_context}
+        return {
+            **{k: recorded.get(k) for k in keys},
+            "vectors": engine.info.vectors,  # images or captions
+            "text_context": encoder.text_context,
+        }
 
     @app.get("/api/search", response_model=Results)
-    async def search_get(q: Annotated[str, Query(max_length=2000)], k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
-                         min_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
-                         diversity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
-                         path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
-                         caption: Annotated[str | None, Query(max_length=2000)] = None,
-                         min_similarity: Annotated[float | None, Query(allow_inf_nan=False)] = None) -> Results:
+    async def search_get(
+        q: Annotated[str, Query(max_length=2000)],
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+        min_score: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+        diversity: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
+        path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
+        caption: Annotated[str | None, Query(max_length=2000)] = None,
+        min_similarity: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+    ) -> Results:
         """Async so that the common query (a new text, no filters) awaits its micro-batch on the event loop; any
         other runs in the threadpool like the other routes."""
         if shares_batches(diversity, path_prefix, caption, min_similarity) and searcher.fuses(q):
             start = time.perf_counter()
             _query, hits = await asyncio.wrap_future(searcher.search_text_future(q, k, min_score=min_score))
             return results(hits, start)
-        return await run_in_threadpool(run_query, text=q, k=k, min_score=min_score, diversity=diversity,
-                                       path_prefix=path_prefix, caption=caption, min_similarity=min_similarity)
+        return await run_in_threadpool(
+            run_query,
+            text=q,
+            k=k,
+            min_score=min_score,
+            diversity=diversity,
+            path_prefix=path_prefix,
+            caption=caption,
+            min_similarity=min_similarity,
+        )
 
     @app.post("/api/search", response_model=VectorResults, response_model_exclude_unset=True)
     def search_post(body: SearchRequest) -> VectorResults:
@@ -170,24 +214,36 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
             try:
                 images = [decoded(base64.b64decode(body.image_b64.split(",")[-1], validate=True))]
             except (binascii.Error, ValueError):
-                raise HTTPException(400, "image_b64 is not valid base64")
-        return run_query(text=body.text, image_ids=image_ids, images=images, vector=body.vector,
-                         positive_ids=body.positive_ids, negative_ids=body.negative_ids, weights=body.weights,
-                         k=body.k, min_score=body.min_score, diversity=body.diversity,
-                         path_prefix=body.filters.path_prefix if body.filters else None,
-                         caption=body.filters.caption if body.filters else None,
-                         min_similarity=body.filters.min_similarity if body.filters else None,
-                         return_vector=body.return_vector)
+                raise HTTPException(400, "image_b64 is not valid base64") from None
+        return run_query(
+            text=body.text,
+            image_ids=image_ids,
+            images=images,
+            vector=body.vector,
+            positive_ids=body.positive_ids,
+            negative_ids=body.negative_ids,
+            weights=body.weights,
+            k=body.k,
+            min_score=body.min_score,
+            diversity=body.diversity,
+            path_prefix=body.filters.path_prefix if body.filters else None,
+            caption=body.filters.caption if body.filters else None,
+            min_similarity=body.filters.min_similarity if body.filters else None,
+            return_vector=body.return_vector,
+        )
 
     @app.post("/api/search/image", response_model=VectorResults, response_model_exclude_unset=True)
-    def search_image(file: Annotated[list[UploadFile], File(description="one image file")],
-                     k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
-                     path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
-                     return_vector: bool = False) -> VectorResults:
+    def search_image(
+        file: Annotated[list[UploadFile], File(description="one image file")],
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+        path_prefix: Annotated[str | None, Query(max_length=4096)] = None,
+        return_vector: bool = False,
+    ) -> VectorResults:
         if len(file) != 1:  # several parts named `file` were answered for the last one, without a word
             raise HTTPException(400, f"send one image in the form field 'file', not {len(file)}")
-        return run_query(images=[decoded(file[0].file.read())], k=k, path_prefix=path_prefix,
-                         return_vector=return_vector)
+        return run_query(
+            images=[decoded(file[0].file.read())], k=k, path_prefix=path_prefix, return_vector=return_vector
+        )
 
     @app.get("/api/random", response_model=Results)
     def random(k: Annotated[int, Query(ge=1, le=MAX_K)] = 20) -> Results:
@@ -207,8 +263,9 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
     def thumb(image_id: PathId, size: Annotated[int, Query(ge=16, le=MAX_THUMB)] = 256) -> Response:
         if not engine.contains(image_id):
             raise HTTPException(404, f"image {image_id} not found")
-        return Response(thumbnail(image_id, size), media_type="image/jpeg",
-                        headers={"Cache-Control": "private, max-age=3600"})
+        return Response(
+            thumbnail(image_id, size), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"}
+        )
 
     @app.post("/api/export", response_class=FileResponse)
     def export(body: ExportRequest) -> Response:
@@ -218,8 +275,12 @@ def create_app(served: ServedEngine, token: str, *, max_upload_bytes: int = 20 *
         scores = body.scores or [None] * len(body.ids)
         chosen = dict(zip(reversed(body.ids), reversed(scores)))  # one copy per id, its first score
         zip_path = build_zip([(i, source_of(i)[0], chosen[i]) for i in dict.fromkeys(body.ids)])
-        return FileResponse(zip_path, media_type="application/zip", filename="clip-hpc-export.zip",
-                            background=BackgroundTask(os.unlink, zip_path))
+        return FileResponse(
+            zip_path,
+            media_type="application/zip",
+            filename="clip-hpc-export.zip",
+            background=BackgroundTask(os.unlink, zip_path),
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:

@@ -3,6 +3,7 @@ name, and the middleware that guards every route but /health (and times each req
 
 The node is shared with other users, so binding to localhost keeps nobody out: the token does.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,9 +89,11 @@ class TokenAuth:
             if scope["path"] in OPEN_PATHS:
                 await self.app(scope, receive, send_noting_status)
             elif given is None or not secrets.compare_digest(given.encode(), self.expected[source]):
-                await error_response(401, "token missing or wrong: open the URL printed by clip-hpc serve (it ends "
-                                          "in ?token=...) or send 'Authorization: Bearer TOKEN'")(
-                    scope, receive, send_noting_status)
+                await error_response(
+                    401,
+                    "token missing or wrong: open the URL printed by clip-hpc serve (it ends "
+                    "in ?token=...) or send 'Authorization: Bearer TOKEN'",
+                )(scope, receive, send_noting_status)
             else:
                 add_cookie = source == "query"
                 await self.app(scope, receive, send_noting_status)

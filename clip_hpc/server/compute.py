@@ -7,11 +7,13 @@ regions of a text encode pays a wake-up (ViT-B-32, 13 tokens, 2 cores: 17 ms on 
 thread had called torch too). FAISS brings its own OpenMP; it searches with one thread while torch has the cores
 (`serving_threads`), and that count is per calling thread, so every thread that searches sets it first.
 """
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from clip_hpc.server.threads import use_job_cpus
 

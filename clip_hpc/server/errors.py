@@ -1,5 +1,6 @@
 """Every error the API returns is JSON `{"error": "what is wrong"}`: FastAPI's own errors and a `UserError` from
 the engine are mapped here, to the status that says whose fault it is."""
+
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
@@ -18,7 +19,9 @@ def validation_message(exc: RequestValidationError) -> tuple[int, str]:
     """Malformed JSON is a 400; a bad id in the path is a 404 (it names nothing we serve); the rest is a 422."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return 400, "malformed JSON body: " + "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors)
+        return 400, "malformed JSON body: " + "; ".join(
+            str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors
+        )
     if errors and all(e.get("loc", ("",))[0] == "path" for e in errors):
         return 404, "not found"
     parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5]]

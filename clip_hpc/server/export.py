@@ -1,11 +1,13 @@
 """`POST /api/export`: the chosen images and their metadata as one ZIP."""
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 import zipfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from starlette.exceptions import HTTPException
 

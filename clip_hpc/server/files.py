@@ -4,6 +4,7 @@ An indexed path is only a name: by serving time it may be a symlink to /etc/pass
 A file is served only if, with symlinks resolved, it is a readable regular file under the directory tree the
 index was built from (the common root of its paths), and never from /proc, /sys or /dev.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@
   has waited longest for its headers is closed, so a working client always gets in.
 - The log says so at a bounded rate instead of one traceback per refused connection.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +39,8 @@ def connection_cap(requested: int | None = None) -> int:
 
 
 class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's HTTP protocol (httptools, else h11) with an absolute header deadline and a connection cap (set by `guarded_protocol`)."""
+    """uvicorn's HTTP protocol (httptools, else h11) with an absolute header deadline and a connection cap
+    (set by `guarded_protocol`)."""
 
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -68,8 +70,10 @@ class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
         """A request the HTTP parser rejects never reaches the app, and uvicorn answers it in plain text; every
         error of this API is JSON, this one too (then the connection closes, as uvicorn's does)."""
         body = json.dumps({"error": f"{msg.rstrip('.')}: not a valid HTTP/1.1 request"}).encode()
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
         self.transport.close()
 
     # --- the guard ---
@@ -92,15 +96,19 @@ class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
     def _header_timeout_expired(self) -> None:
         self._deadline = None
         if not self._busy() and not self.transport.is_closing():
-            RATE_LIMITED.note("closed connections whose request headers did not arrive within "
-                              f"{self.header_timeout:g} s")
+            RATE_LIMITED.note(
+                f"closed connections whose request headers did not arrive within {self.header_timeout:g} s"
+            )
             self.transport.close()
 
     def _evict_one(self) -> None:
         """Close a connection waiting for its headers: first those that never completed a request (idle or
         half-sent sockets), the longest waiting first, then kept-alive clients; if every one is busy, the newest."""
-        waiting = [c for c in self.connections if getattr(c, "_waiting_since", None) is not None and not c._busy()
-                   and not c.transport.is_closing()]
+        waiting = [
+            c
+            for c in self.connections
+            if getattr(c, "_waiting_since", None) is not None and not c._busy() and not c.transport.is_closing()
+        ]
         victim = min(waiting, key=lambda c: (getattr(c, "_answered", 0) > 0, c._waiting_since)) if waiting else self
         RATE_LIMITED.note(f"at the connection cap ({self.max_connections}): closed idle connections")
         victim.transport.close()
@@ -108,8 +116,11 @@ class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
 
 def guarded_protocol(header_timeout: float = DEFAULT_HEADER_TIMEOUT, max_connections: int | None = None) -> type:
     """A `GuardedProtocol` subclass with these limits, for `uvicorn.Config(http=...)`."""
-    return type("GuardedProtocol", (GuardedProtocol,), {"header_timeout": float(header_timeout),
-                                                       "max_connections": connection_cap(max_connections)})
+    return type(
+        "GuardedProtocol",
+        (GuardedProtocol,),
+        {"header_timeout": float(header_timeout), "max_connections": connection_cap(max_connections)},
+    )
 
 
 class RateLimitedLog(logging.Filter):

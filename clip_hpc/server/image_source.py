@@ -3,6 +3,7 @@
 The one place the server turns a meta.sqlite row into bytes (the image route, thumbnails and the ZIP export all ask
 here), so a tar member is served by one seek and one read, never by scanning its tar.
 """
+
 from __future__ import annotations
 
 import mimetypes
@@ -38,8 +39,9 @@ class ImageSource:
         """The file is there (for a member: the tar is, and is long enough to hold it); an object's `object_size` is
         what the server's HEAD found."""
         if self.remote:
-            return object_size is not None and (self.member is None or
-                                                object_size >= self.member.offset + self.member.size)
+            return object_size is not None and (
+                self.member is None or object_size >= self.member.offset + self.member.size
+            )
         try:
             if self.member is None:
                 return self.path.is_file()
@@ -75,8 +77,7 @@ def locate(record: dict[str, Any] | None) -> ImageSource | None:
     if tar_member is None:
         return ImageSource(path if remote else Path(path), os.path.basename(path))
     tar, member = tar_member
-    return ImageSource(tar if remote else Path(tar), os.path.basename(member), Member(int(offset), int(size)),
-                       member)
+    return ImageSource(tar if remote else Path(tar), os.path.basename(member), Member(int(offset), int(size)), member)
 
 
 def _object_exists(url: str) -> bool:

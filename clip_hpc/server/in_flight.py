@@ -1,12 +1,14 @@
 """The in-flight heuristic that tells a micro-batch stage whether to wait: how many requests on the batched routes
 are on their way to it (`InFlight`), counted by an ASGI middleware (`CountInFlight`). Nobody waits longer than the
 window for an unrelated request, and a lone client never waits at all."""
+
 from __future__ import annotations
 
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from clip_hpc.server.micro_batch import BatchSettings, Item, MicroBatcher, Result
 
@@ -28,8 +30,9 @@ class InFlight:
         self.lock = threading.Lock()
         self.stages: list[MicroBatcher] = []
 
-    def stage(self, name: str, run_batch: Callable[[list[Item]], Sequence[Result]],
-              settings: BatchSettings) -> MicroBatcher[Item, Result]:
+    def stage(
+        self, name: str, run_batch: Callable[[list[Item]], Sequence[Result]], settings: BatchSettings
+    ) -> MicroBatcher[Item, Result]:
         """A stage that waits for the requests on their way to it (see `expected_for`)."""
         stage: MicroBatcher = MicroBatcher(name, run_batch, settings, lambda: self.expected_for(stage))
         self.stages.append(stage)

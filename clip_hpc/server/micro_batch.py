@@ -6,13 +6,15 @@ A stage (`MicroBatcher`) runs on its own thread. It waits for more items only wh
 their way (in the server: `in_flight.InFlight`), so a lone caller never waits for a window. A batch that fails is
 re-run item by item, so one bad item gets its own error and the others their results.
 """
+
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 from clip_hpc.errors import UserError
 from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
@@ -34,11 +36,19 @@ class BatchSettings:
             raise UserError("--batch-window-ms must be between 0 and 10000 and --max-batch at least 1")
 
 
+DEFAULT_BATCHING = BatchSettings()  # frozen: one shared default instance is safe
+
+
 class MicroBatcher(Generic[Item, Result]):
     """`submit(item)` from any thread blocks until `run_batch([..., item, ...])` has produced that item's result."""
 
-    def __init__(self, name: str, run_batch: Callable[[list[Item]], Sequence[Result]], settings: BatchSettings,
-                 expected: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[Item]], Sequence[Result]],
+        settings: BatchSettings,
+        expected: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.name, self.run_batch, self.settings, self.expected = name, run_batch, settings, expected
         self.cond = threading.Condition()
         self.queue: list[tuple[Item, Future]] = []
@@ -79,7 +89,7 @@ class MicroBatcher(Generic[Item, Result]):
                 if left <= 0:
                     break
                 self.cond.wait(left)
-            batch, self.queue[:] = self.queue[:self.settings.max_batch], self.queue[self.settings.max_batch:]
+            batch, self.queue[:] = self.queue[: self.settings.max_batch], self.queue[self.settings.max_batch :]
             self.running = len(batch)
             return batch
 

@@ -1,5 +1,6 @@
 """The API's request and response bodies. A hit is the engine's `Hit` plus the two URLs the gallery needs; the
 bounds (`MAX_K`) are the engine's, so the HTTP API and the CLI accept the same queries."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ class Filters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path_prefix: str | None = Field(None, max_length=4096)
     caption: str | None = Field(None, max_length=2000, description="full-text filter: captions holding every word")
-    min_similarity: Finite | None = Field(None, description="only images whose stored image-caption cosine "
-                                                            "(embed --captions) is at least this")
+    min_similarity: Finite | None = Field(
+        None, description="only images whose stored image-caption cosine (embed --captions) is at least this"
+    )
 
 
 class SearchRequest(BaseModel):
@@ -60,8 +62,9 @@ class ServedHit(Hit):
 
     @classmethod
     def of(cls, hit: Hit) -> ServedHit:
-        return cls(hit.id, hit.score, hit.path, hit.caption, url=f"/api/images/{hit.id}",
-                   thumb=f"/api/images/{hit.id}/thumb")
+        return cls(
+            hit.id, hit.score, hit.path, hit.caption, url=f"/api/images/{hit.id}", thumb=f"/api/images/{hit.id}/thumb"
+        )
 
 
 class Results(BaseModel):

@@ -1,6 +1,7 @@
 """`clip-hpc serve`: load the model and index once, bind a port or a 0600 unix socket, announce the server
 (connection file, ssh command, URL), then run uvicorn until SIGINT, SIGTERM, SIGHUP or SIGUSR1 and clean up after
 itself (the connection file holds the token: no clean exit leaves it behind)."""
+
 from __future__ import annotations
 
 import gc
@@ -9,14 +10,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clip_hpc.formats.connection import (LOOPBACK, ConnectionInfo, claim_connection_file, default_connection_path,
-                                         remove_connection_file, ssh_command, write_connection_file)
+from clip_hpc.formats.connection import (
+    LOOPBACK,
+    ConnectionInfo,
+    claim_connection_file,
+    default_connection_path,
+    remove_connection_file,
+    ssh_command,
+    write_connection_file,
+)
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.search.engine import SearchEngine, default_encoder
 from clip_hpc.server.app import create_app
 from clip_hpc.server.auth import resolve_token
 from clip_hpc.server.guard import ACCEPT_BATCH, DEFAULT_HEADER_TIMEOUT, guarded_protocol, install_log_rate_limit
-from clip_hpc.server.micro_batch import BatchSettings
+from clip_hpc.server.micro_batch import DEFAULT_BATCHING, BatchSettings
 from clip_hpc.server.runtime import ServingRuntime
 from clip_hpc.server.served_engine import ServedEngine
 from clip_hpc.server.shared_encoder import SharedEncoder
@@ -53,9 +61,17 @@ def _tune_malloc() -> None:
         pass
 
 
-def load_engine(index_dir: str, *, model: str | None = None, pretrained: str | None = None, device: str = "auto",
-                nprobe: int | None = None, text_cache_size: int = 1024,
-                batching: BatchSettings | None = BatchSettings(), full_context: bool = False) -> ServedEngine:
+def load_engine(
+    index_dir: str,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    device: str = "auto",
+    nprobe: int | None = None,
+    text_cache_size: int = 1024,
+    batching: BatchSettings | None = DEFAULT_BATCHING,
+    full_context: bool = False,
+) -> ServedEngine:
     """The engine with its model loaded now (not on the first user's query), shared by every request thread;
     torch uses as many threads as this job has CPUs, all on the runtime's one compute thread (compute.py), which
     also loads the model. index.json is read once, here. `batching=None`, `full_context`: the old design."""
@@ -80,23 +96,40 @@ def freeze_loaded_objects() -> None:
 
 def announce(n: int, info: ConnectionInfo, conn_path: Path, where: str, loopback_port: int | None) -> None:
     """What the job log shows: where the server listens, the connection file, the ssh command and the URL."""
-    print(f"clip-hpc serve: {n} images, listening on {where} (node {info.host})\n"
-          f"  connection file: {conn_path}\n"
-          f"  on your laptop:  {info.ssh_command}\n"
-          f"  then open:       {info.url}", flush=True)
+    print(
+        f"clip-hpc serve: {n} images, listening on {where} (node {info.host})\n"
+        f"  connection file: {conn_path}\n"
+        f"  on your laptop:  {info.ssh_command}\n"
+        f"  then open:       {info.url}",
+        flush=True,
+    )
     if loopback_port is not None:
-        print("  (if compute nodes refuse ssh, restart with --host 0.0.0.0 and tunnel through the login node: "
-              f"{ssh_command(info.host, port=loopback_port, bind_host='0.0.0.0')}; the token still guards it)",
-              flush=True)
+        print(
+            "  (if compute nodes refuse ssh, restart with --host 0.0.0.0 and tunnel through the login node: "
+            f"{ssh_command(info.host, port=loopback_port, bind_host='0.0.0.0')}; the token still guards it)",
+            flush=True,
+        )
     sys.stdout.flush()
 
 
-def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | None = None,
-          connection_file: str | None = None, model: str | None = None, pretrained: str | None = None,
-          device: str = "auto", nprobe: int | None = None, max_upload_mb: float = 20.0,
-          log_level: str = "warning", batching: BatchSettings | None = BatchSettings(),
-          full_context: bool = False, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-          max_connections: int | None = None) -> int:
+def serve(
+    index_dir: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    uds: str | None = None,
+    connection_file: str | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    device: str = "auto",
+    nprobe: int | None = None,
+    max_upload_mb: float = 20.0,
+    log_level: str = "warning",
+    batching: BatchSettings | None = DEFAULT_BATCHING,
+    full_context: bool = False,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    max_connections: int | None = None,
+) -> int:
     """Load once, bind, announce (connection file, ssh command, URL), then serve until a stop signal."""
     import uvicorn
 
@@ -107,18 +140,32 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
         check_port(port)
     conn_path = claim_connection_file(connection_file or default_connection_path())
     _tune_malloc()
-    served = load_engine(index_dir, model=model, pretrained=pretrained, device=device, nprobe=nprobe,
-                         batching=batching, full_context=full_context)
+    served = load_engine(
+        index_dir,
+        model=model,
+        pretrained=pretrained,
+        device=device,
+        nprobe=nprobe,
+        batching=batching,
+        full_context=full_context,
+    )
     token = resolve_token()
     app = create_app(served, token, max_upload_bytes=int(max_upload_mb * 2**20))
     freeze_loaded_objects()
     sock = bind_unix(uds) if uds else bind_tcp(host, port)
     bound_port = None if uds else int(sock.getsockname()[1])
-    info = ConnectionInfo.for_this_server(token=token, port=bound_port, uds=uds, bind_host=host,
-                                          index_dir=str(Path(index_dir).absolute()))
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
-                            server_header=False, http=guarded_protocol(header_timeout, max_connections),
-                            backlog=ACCEPT_BATCH)
+    info = ConnectionInfo.for_this_server(
+        token=token, port=bound_port, uds=uds, bind_host=host, index_dir=str(Path(index_dir).absolute())
+    )
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+        http=guarded_protocol(header_timeout, max_connections),
+        backlog=ACCEPT_BATCH,
+    )
     server = uvicorn.Server(config)
     install_log_rate_limit()
 
@@ -130,8 +177,13 @@ def serve(index_dir: str, *, host: str = "127.0.0.1", port: int = 0, uds: str | 
     previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _stop)  # uvicorn re-raises it after shutting down
     try:
         conn_path = write_connection_file(conn_path, info)
-        announce(served.engine.n, info, conn_path, uds or f"{host}:{bound_port}",
-                 None if uds or host not in LOOPBACK else bound_port)
+        announce(
+            served.engine.n,
+            info,
+            conn_path,
+            uds or f"{host}:{bound_port}",
+            None if uds or host not in LOOPBACK else bound_port,
+        )
         server.run(sockets=[sock])
     except _Stopped:
         pass

@@ -1,5 +1,6 @@
 """`ServedEngine`: an index loaded for serving, as `serve.load_engine` makes it and `app.create_app` takes it, so
 the app gets the shared encoder and the runtime by name instead of fishing them out of the engine."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ class ServedEngine:
 
     def __post_init__(self) -> None:
         if self.engine.encoder is not self.encoder:
-            raise ValueError("the engine must query through the served shared encoder: request threads would "
-                             "otherwise call the model concurrently")
+            raise ValueError(
+                "the engine must query through the served shared encoder: request threads would "
+                "otherwise call the model concurrently"
+            )
 
     def close(self) -> None:
         self.engine.close()

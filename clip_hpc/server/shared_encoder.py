@@ -8,12 +8,13 @@ micro_batch.py); without it each request's call runs alone (the old design, kept
 and the benchmark). The compute thread and the batch settings come from the `ServingRuntime` it is given
 (runtime.py). It is itself an `Encoder`, handed to `SearchEngine`.
 """
+
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Sequence
 
 import numpy as np
 from PIL import Image

@@ -1,5 +1,6 @@
 """Binding the server's listening socket before anyone is told where it is: a TCP port (port 0 picks a free one
 without a race) or a unix socket that is mode 0600 from birth."""
+
 from __future__ import annotations
 
 import errno
@@ -52,8 +53,10 @@ def bind_tcp(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is taken: pick another with --port, or --port 0 for a free one")
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}")
+            raise UserError(
+                f"port {port} on {host} is taken: pick another with --port, or --port 0 for a free one"
+            ) from None
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.listen()
     return sock
 
@@ -64,8 +67,10 @@ def unix_socket_path(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser().absolute()
     size = len(os.fsencode(path))
     if size > UNIX_PATH_MAX:
-        raise UserError(f"--uds path {path} is {size} bytes; a unix socket path holds at most {UNIX_PATH_MAX}: "
-                        f"choose a shorter one (e.g. under /tmp)")
+        raise UserError(
+            f"--uds path {path} is {size} bytes; a unix socket path holds at most {UNIX_PATH_MAX}: "
+            f"choose a shorter one (e.g. under /tmp)"
+        )
     return path
 
 

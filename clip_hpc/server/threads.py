@@ -1,9 +1,10 @@
 """Thread counts for serving from the CPUs this job was given, not the node's: torch and FAISS (OpenMP) default to
 every core of the node, and on a shared node a 4-CPU job running 64 threads mostly waits on itself. The CPU count
 itself is the job environment's (cluster/jobenv.py), the same one embed and index use."""
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from clip_hpc.cluster.jobenv import JobEnv, job_env, use_threads
 

@@ -1,4 +1,5 @@
 """The request body size limit (`serve --max-upload-mb`), enforced before a large upload is read into memory."""
+
 from __future__ import annotations
 
 from starlette.exceptions import HTTPException
@@ -22,8 +23,9 @@ class BodySizeLimit:
             return
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            await JSONResponse({"error": self._message()}, status_code=413,
-                               headers={"Connection": "close"})(scope, receive, send)
+            await JSONResponse({"error": self._message()}, status_code=413, headers={"Connection": "close"})(
+                scope, receive, send
+            )
             return
         seen = 0
 
