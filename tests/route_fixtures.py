@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from clip_hpc.server.app import create_app
+from clip_hpc.server.routes.state import AppState
 from clip_hpc.server.serve import load_engine
 from clip_hpc.server.served_engine import ServedEngine
 
@@ -22,6 +23,7 @@ class InProcessApp:
     """The served engine (for direct searches to compare with) and clients with and without the token."""
 
     served: ServedEngine
+    state: AppState
     client: TestClient
     anonymous: TestClient
 
@@ -33,7 +35,7 @@ def routes_app(served_index) -> Iterator[InProcessApp]:
         app = create_app(served, ROUTE_TOKEN, max_upload_bytes=UPLOAD_LIMIT)
         headers = {"Authorization": f"Bearer {ROUTE_TOKEN}"}
         with TestClient(app, headers=headers) as client, TestClient(app) as anonymous:
-            yield InProcessApp(served, client, anonymous)
+            yield InProcessApp(served, app.state.clip_hpc, client, anonymous)
     finally:
         served.close()  # the index, then the runtime's compute thread
         assert not served.runtime.compute.thread.is_alive()

@@ -55,6 +55,10 @@ class ServedImages:
         source, found = self.source_of(image_id)
         return self._cached_thumbnail(image_id, source, found.identity, size)
 
+    def thumbnail_cache_hits(self) -> int:
+        """How many thumbnails were answered from the cache (for tests and debugging)."""
+        return self._cached_thumbnail.cache_info().hits
+
     def _render_thumbnail(self, image_id: int, source: ImageSource, _identity: tuple, size: int) -> bytes:
         data = source.path if source.member is None and not source.remote else self.read(image_id, source)
         with self.decode_slots:

@@ -21,8 +21,8 @@ def health() -> dict[str, str]:
 
 @router.get("/api/info")
 def info(state: State) -> dict[str, Any]:
-    """What index.json records (null for a key it lacks), what the index holds, the text context served."""
-    return {
+    # no docstring: it would become the route's OpenAPI description
+    return {  # what index.json records (null for a key it lacks), what the index holds, the text context served
         **{k: state.recorded.get(k) for k in INFO_KEYS},
         "vectors": state.engine.info.vectors,  # images or captions
         "text_context": state.encoder.text_context,
