@@ -15,6 +15,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.index.defaults import train_size_help
 from clip_hpc.ingest.text import argv_text, one_line  # search text in (cp1252 if not UTF-8), hits out (escaped)
 from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
+from clip_hpc.server.token_env import TOKEN_ENV
 
 Handler = Callable[[argparse.Namespace], int]
 SIGPIPE_EXIT = 141  # what a shell reports for a process ended by SIGPIPE: the reader closed the pipe
@@ -303,7 +304,7 @@ def cmd_search_remote(args: argparse.Namespace) -> int:
     text = argv_text(args.text or args.index_dir or "")
     endpoint = resolve_endpoint(
         url=args.url,
-        token=args.token or os.environ.get("CLIP_HPC_TOKEN"),
+        token=args.token or os.environ.get(TOKEN_ENV),
         connection_file=args.connection_file,
         server=args.server,
     )
@@ -326,7 +327,7 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="?", default=None, help="the text query")
     p.add_argument("--image", help="an image file to search by")
     p.add_argument("--url", help="client mode: ask the server at this URL (the tunnel's http://localhost:PORT)")
-    p.add_argument("--token", help="client mode: the server's token (default $CLIP_HPC_TOKEN or the connection file)")
+    p.add_argument("--token", help=f"client mode: the server's token (default ${TOKEN_ENV} or the connection file)")
     p.add_argument("--connection-file", help="client mode: the file written by clip-hpc serve")
     p.add_argument("--server", action="store_true", help="client mode on the node itself (port or unix socket)")
     p.add_argument("-k", type=int, default=10, help="number of results")
@@ -387,7 +388,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve an INDEX_DIR over HTTP (token auth; port or 0600 unix socket)",
-        description="The token comes from $CLIP_HPC_TOKEN, else it is random; the ssh command names "
+        description=f"The token comes from ${TOKEN_ENV}, else it is random; the ssh command names "
         "the login host from $CLIP_HPC_LOGIN_HOST.",
     )
     p.add_argument("index_dir")

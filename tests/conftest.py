@@ -14,7 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ARTIFACTS = ROOT / "test-artifacts"
-pytest_plugins = ["server_fixtures", "caption_fixtures", "s3_fixtures"]  # stage fixture plugins (tests/*_fixtures.py)
+pytest_plugins = [
+    "server_fixtures",
+    "caption_fixtures",
+    "s3_fixtures",
+    "route_fixtures",
+]  # stage fixture plugins (tests/*_fixtures.py)
 
 
 def run_cli(

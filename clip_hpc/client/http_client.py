@@ -33,8 +33,9 @@ def remote_search(endpoint: Endpoint, text: str | None = None, *, image: str | N
     both (POST /api/search)."""
     if not text and not image:
         raise UserError("give a text query, --image PATH, or both")
-    data = None
+    data, file_name = None, ""
     if image:
+        file_name = Path(image).name
         try:
             data = Path(image).read_bytes()
         except OSError as exc:
@@ -45,8 +46,8 @@ def remote_search(endpoint: Endpoint, text: str | None = None, *, image: str | N
                 payload = {"text": text, "image_b64": base64.b64encode(data).decode(), "k": k}
                 resp = client.post("/api/search", json=payload)
             elif data is not None:
-                resp = client.post("/api/search/image", params={"k": k}, files={"file": (Path(image).name, data)})
-            elif len(text) > GET_TEXT_CHARS:  # the server's own length limit then answers in one line
+                resp = client.post("/api/search/image", params={"k": k}, files={"file": (file_name, data)})
+            elif text and len(text) > GET_TEXT_CHARS:  # the server's own length limit then answers in one line
                 resp = client.post("/api/search", json={"text": text, "k": k})
             else:
                 resp = client.get("/api/search", params={"q": text, "k": k})

@@ -18,13 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_hpc.server.errors import error_response
 from clip_hpc.server.metrics import Metrics
+from clip_hpc.server.token_env import TOKEN_ENV
 
-TOKEN_ENV = "CLIP_HPC_TOKEN"
 OPEN_PATHS = {"/health"}
 
 
 def resolve_token() -> str:
-    """From CLIP_HPC_TOKEN (tests, sbatch), else fresh; never a CLI flag, which `ps` would show to everyone."""
+    """From TOKEN_ENV (tests, sbatch), else fresh; never a CLI flag, which `ps` would show to everyone."""
     return os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(32)
 
 

@@ -33,6 +33,10 @@ class ComputeThread:
             return fn(*args, **kwargs)
         return self.executor.submit(fn, *args, **kwargs).result()
 
+    def close(self) -> None:
+        """Finish what was submitted, then end the thread (an in-process app's teardown; a server exits instead)."""
+        self.executor.shutdown(wait=True)
+
     def encoder_on_gpu(self) -> None:
         """With the model on a GPU the CPU cores are FAISS's."""
         _, self.faiss_threads = self.run(use_job_cpus, True)

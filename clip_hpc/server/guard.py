@@ -15,13 +15,15 @@ import logging
 import os
 import resource
 import time
+from typing import TYPE_CHECKING
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
-
-try:  # uvicorn's C parser: less CPU a request than h11's pure Python, on cores the model needs
+if TYPE_CHECKING:  # checked against the parser uvicorn uses when httptools is installed (a dependency)
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as FastestProtocol
-except ImportError:  # httptools is a dependency; a source install without a compiler still serves, on h11
-    FastestProtocol = H11Protocol
+else:
+    try:  # uvicorn's C parser: less CPU a request than h11's pure Python, on cores the model needs
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as FastestProtocol
+    except ImportError:  # httptools is a dependency; a source install without a compiler still serves, on h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol as FastestProtocol
 
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -38,12 +40,15 @@ def connection_cap(requested: int | None = None) -> int:
     return max(8, min(requested or DEFAULT_MAX_CONNECTIONS, room))
 
 
-class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
+class GuardedProtocol(FastestProtocol):
     """uvicorn's HTTP protocol (httptools, else h11) with an absolute header deadline and a connection cap
     (set by `guarded_protocol`)."""
 
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    _deadline: asyncio.TimerHandle | None = None  # when the headers must have arrived by
+    _waiting_since: float | None = None  # since when this connection has waited for request headers
+    _answered: int = 0  # responses completed on this connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -58,7 +63,7 @@ class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._answered = getattr(self, "_answered", 0) + 1
+        self._answered += 1
         if not self.transport.is_closing():
             self._arm_header_deadline()
 
@@ -87,9 +92,8 @@ class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
         self._deadline = self.loop.call_later(self.header_timeout, self._header_timeout_expired)
 
     def _cancel_header_deadline(self) -> None:
-        deadline = getattr(self, "_deadline", None)
-        if deadline is not None:
-            deadline.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
         self._deadline = None
         self._waiting_since = None
 
@@ -105,11 +109,14 @@ class GuardedProtocol(FastestProtocol):  # type: ignore[misc, valid-type]
         """Close a connection waiting for its headers: first those that never completed a request (idle or
         half-sent sockets), the longest waiting first, then kept-alive clients; if every one is busy, the newest."""
         waiting = [
-            c
+            (c._answered > 0, c._waiting_since, c)
             for c in self.connections
-            if getattr(c, "_waiting_since", None) is not None and not c._busy() and not c.transport.is_closing()
+            if isinstance(c, GuardedProtocol)  # every connection of a server running this protocol
+            and c._waiting_since is not None
+            and not c._busy()
+            and not c.transport.is_closing()
         ]
-        victim = min(waiting, key=lambda c: (getattr(c, "_answered", 0) > 0, c._waiting_since)) if waiting else self
+        victim = min(waiting, key=lambda entry: entry[:2])[2] if waiting else self
         RATE_LIMITED.note(f"at the connection cap ({self.max_connections}): closed idle connections")
         victim.transport.close()
 

@@ -42,10 +42,11 @@ class ImageSource:
             return object_size is not None and (
                 self.member is None or object_size >= self.member.offset + self.member.size
             )
+        path = Path(self.path)
         try:
             if self.member is None:
-                return self.path.is_file()
-            return self.path.stat().st_size >= self.member.offset + self.member.size
+                return path.is_file()
+            return path.stat().st_size >= self.member.offset + self.member.size
         except OSError:
             return False
 
@@ -74,7 +75,7 @@ def locate(record: dict[str, Any] | None) -> ImageSource | None:
     offset, size = record.get("offset"), record.get("size")
     is_file = _object_exists if remote else os.path.isfile
     tar_member = None if offset is None or size is None or offset < 0 else split_member_line(path, is_file)
-    if tar_member is None:
+    if tar_member is None or offset is None or size is None:
         return ImageSource(path if remote else Path(path), os.path.basename(path))
     tar, member = tar_member
     return ImageSource(tar if remote else Path(tar), os.path.basename(member), Member(int(offset), int(size)), member)

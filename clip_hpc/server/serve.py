@@ -8,7 +8,7 @@ import gc
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clip_hpc.formats.connection import (
     LOOPBACK,
@@ -29,6 +29,10 @@ from clip_hpc.server.runtime import ServingRuntime
 from clip_hpc.server.served_engine import ServedEngine
 from clip_hpc.server.shared_encoder import SharedEncoder
 from clip_hpc.server.sockets import bind_tcp, bind_unix, check_bind_host, check_port, unix_socket_path
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
 
 
 class _Stopped(Exception):
@@ -112,6 +116,24 @@ def announce(n: int, info: ConnectionInfo, conn_path: Path, where: str, loopback
     sys.stdout.flush()
 
 
+def guarded_server(app: FastAPI, log_level: str, header_timeout: float, max_connections: int | None) -> uvicorn.Server:
+    """uvicorn with the slow-loris guard (guard.py) as its HTTP protocol, no access log or server header, and a
+    rate-limited log."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+        http=guarded_protocol(header_timeout, max_connections),
+        backlog=ACCEPT_BATCH,
+    )
+    install_log_rate_limit()
+    return uvicorn.Server(config)
+
+
 def serve(
     index_dir: str,
     *,
@@ -131,8 +153,6 @@ def serve(
     max_connections: int | None = None,
 ) -> int:
     """Load once, bind, announce (connection file, ssh command, URL), then serve until a stop signal."""
-    import uvicorn
-
     if uds:  # a socket path or an address that cannot work fails now, not after the model and index have loaded
         uds = str(unix_socket_path(uds))
     else:
@@ -157,17 +177,7 @@ def serve(
     info = ConnectionInfo.for_this_server(
         token=token, port=bound_port, uds=uds, bind_host=host, index_dir=str(Path(index_dir).absolute())
     )
-    config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        server_header=False,
-        http=guarded_protocol(header_timeout, max_connections),
-        backlog=ACCEPT_BATCH,
-    )
-    server = uvicorn.Server(config)
-    install_log_rate_limit()
+    server = guarded_server(app, log_level, header_timeout, max_connections)
 
     def _graceful(_signum: int, _frame: Any) -> None:
         server.should_exit = True

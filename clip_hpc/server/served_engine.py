@@ -27,4 +27,6 @@ class ServedEngine:
             )
 
     def close(self) -> None:
+        """The index files, then the compute thread: nothing may query it afterwards."""
         self.engine.close()
+        self.runtime.compute.close()
