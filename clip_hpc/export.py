@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from clip_hpc.errors import UserError, full_disk_is_a_user_error
-from clip_hpc.formats.atomic import atomic_write_bytes
+from clip_hpc.formats.atomic import atomic_write_bytes, temp_path
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.embedding_folder import (
     EMB_SUBDIR,
@@ -29,7 +29,7 @@ from clip_hpc.formats.embedding_folder import (
     require_pyarrow,
     text_emb_file,
 )
-from clip_hpc.ingest.tars import meta_key_url
+from clip_hpc.formats.shard import meta_key_url
 
 FORMATS = ("embedding-reader",)
 
@@ -62,7 +62,7 @@ def export_embeddings(
         )
     units = [entry.unit for entry in summary.shards]  # never a shard file outside the unit plan
     with_text = _all_or_no_captions(emb, units)
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / EMB_SUBDIR).mkdir(parents=True)
     (tmp / META_SUBDIR).mkdir()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from clip_hpc.formats.shard import ShardBatch
 from clip_hpc.index.defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX
 from conftest import BIN, run_cli
 from index_fixtures import synthetic_emb_dir
@@ -114,11 +115,13 @@ def test_a_caption_filter_in_bytes_that_are_not_utf8_is_read_as_cp1252(tmp_path,
     emb.write_inputs([f"/img/{i}.jpg" for i in range(12)])
     emb.write_shard(
         0,
-        embeddings=rows.astype(np.float16),
-        ids=range(12),
-        paths=[f"/img/{i}.jpg" for i in range(12)],
-        captions=["café au lait" if i == 7 else "a cup of tea" for i in range(12)],
-        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 12, "dtype": "float16"},
+        ShardBatch(
+            embeddings=rows.astype(np.float16),
+            ids=range(12),
+            paths=[f"/img/{i}.jpg" for i in range(12)],
+            captions=["café au lait" if i == 7 else "a cup of tea" for i in range(12)],
+            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 12, "dtype": "float16"},
+        ),
     )
     build_index(emb.root, tmp_path / "index", progress=False)
     assert main(["search", str(tmp_path / "index"), "a drink", "--caption", "caf\udce9", "--json"]) == 0

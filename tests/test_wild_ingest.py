@@ -16,7 +16,8 @@ from PIL import Image
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.ingest import embed as embed_module
 from clip_hpc.ingest import images
-from clip_hpc.ingest.embed import EmbedConfig, ImageDataset, embed
+from clip_hpc.ingest.embed import EmbedConfig, embed
+from clip_hpc.ingest.image_dataset import ImageDataset
 from clip_hpc.ingest.images import decode_image
 from clip_hpc.ingest.sources import list_inputs
 from conftest import make_images, run_cli

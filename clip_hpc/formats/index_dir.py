@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clip_hpc.errors import UserError
-from clip_hpc.formats.atomic import atomic_write_json
+from clip_hpc.formats.atomic import atomic_write_json, hidden_sibling, temp_path
 from clip_hpc.formats.index_integrity import (
     DamagedIndex,
     check_mapped_lists,
@@ -300,7 +300,7 @@ class IndexDir:
         """One rank's index (its own adds) for the merge; written under a temporary name, then renamed."""
         path = self.part_path(rank)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = temp_path(path)
         _write_faiss(index, tmp)
         os.replace(tmp, path)
         return path
@@ -364,7 +364,8 @@ OWNER_FILE = ".building-host"  # a temporary build directory names the node its 
 
 
 def _beside(out: Path, kind: str, pid: int) -> Path:
-    return out.parent / f".{out.name}.{kind}-{pid}"
+    """`.OUT.KIND-PID`: what `recover_interrupted` globs for (`.OUT.*-*`)."""
+    return hidden_sibling(out, f"{kind}-{pid}")
 
 
 def _exchange(a: Path, b: Path) -> bool:

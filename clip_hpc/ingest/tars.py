@@ -379,14 +379,3 @@ def sample_meta(sample: TarSample, caption: str, meta: dict[str, Any], notes: li
     if notes:
         fields["notes"] = list(notes)
     return json.dumps(fields, ensure_ascii=False, sort_keys=True)
-
-
-def meta_key_url(meta_json: str) -> tuple[str, str]:
-    """(key, url) out of a shard's `meta` string; ("", "") for a loose file."""
-    if not meta_json:
-        return "", ""
-    try:
-        value = json.loads(meta_json)
-    except ValueError:
-        return "", ""
-    return str(value.get("key") or ""), str(value.get("url") or "")

@@ -33,7 +33,7 @@ class Encoder(Protocol):
 
 
 class ModelEncoder:
-    """The default `Encoder`: `models.load_model(name, pretrained)` on first use, checked against the index's dim."""
+    """The default `Encoder`: `loading.load_model(name, pretrained)` on first use, checked against the index's dim."""
 
     def __init__(
         self,
