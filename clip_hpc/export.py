@@ -81,8 +81,8 @@ def export_embeddings(
                     ID_COLUMN: pa.array(shard.ids, pa.int64()),
                 }
                 dtype = dtype or shard.embeddings.dtype
-                if with_text:  # NaN (no caption) becomes null
-                    columns[SIMILARITY_COLUMN] = pa.array(shard.similarity, pa.float32(), from_pandas=True)
+                if with_text and shard.caption_embeddings is not None:  # with_text: every shard has them
+                    columns[SIMILARITY_COLUMN] = pa.array(shard.similarity, pa.float32(), from_pandas=True)  # NaN: null
                     atomic_write_bytes(text_emb_file(tmp, n_files), _npy_bytes(shard.caption_embeddings, dtype))
                 table = pa.table(columns)
                 atomic_write_bytes(emb_file(tmp, n_files), _npy_bytes(shard.embeddings, dtype))

@@ -86,7 +86,7 @@ def test_index_ends_with_a_summary_of_numbers_or_one_json_document(emb_dir, tmp_
 def test_search_prints_one_line_per_hit_whatever_the_path_or_caption_holds(capsys):
     """A caption or name with a line break (`\\n`, `\\r`, U+2028: captions keep them) or a bidi override printed
     as is: a hit ran over two lines for `head -k`/`cut`, or the terminal drew the line reversed."""
-    from clip_hpc.cli import print_hits
+    from clip_hpc.cli.searching import print_hits
 
     odd = ["two\nlines", "cr\rhere", "ls\u2028ps\u2029", "form\x0cfeed\x85nel", "bidi\u202eevil\u2066x"]
     print_hits(

@@ -295,10 +295,10 @@ class EmbDir:
                 dim, dtype = int(attrs["dim"]), attrs.get("dtype")
                 models.add((str(model), str(pretrained)))
                 dims.add(dim)
-            if not check.ok:
+            shard = check.shard
+            if not check.ok or shard is None:  # (an ok check always holds its shard)
                 invalid.append(str(check.problem))
                 continue
-            shard = check.shard
             for r in shard.failed_reasons:
                 key = r.split(":")[0]
                 reasons[key] = reasons.get(key, 0) + 1

@@ -54,7 +54,7 @@ def metadata_columns(
     return dict(zip(META_COLUMNS, (paths, captions, urls, keys)))
 
 
-def require_pyarrow():  # type: ignore[no-untyped-def]
+def require_pyarrow() -> Any:  # pyarrow ships no types
     """pyarrow, or the one-line error naming the install: parquet is optional for everything else."""
     try:
         import pyarrow

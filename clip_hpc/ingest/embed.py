@@ -158,7 +158,7 @@ class UnitBuffer:
         self, paths: Sequence[str], dim: int, out_dtype: type, with_captions: bool, attrs: dict[str, AttrValue]
     ) -> ShardBatch:
         """Pure: the shard's content; caption rows only `with_captions` (a unit may have none yet need them)."""
-        empty = np.zeros((0, dim), out_dtype)
+        empty: np.ndarray = np.zeros((0, dim), out_dtype)
         caption_rows = np.concatenate([c.embeddings for c in self.captions]) if self.captions else empty
         return ShardBatch(
             embeddings=np.concatenate(self.embeddings) if self.embeddings else empty,
@@ -209,12 +209,15 @@ def _loader(
     return loader, sampler, route
 
 
-def run_units(cfg: EmbedConfig, w: World, loaded: LoadedModel, listing: Listing, todo: Sequence[WorkUnit]) -> RankStats:
-    """Embed `todo` and write one shard per unit; returns this rank's counts and timings."""
+def run_units(
+    cfg: EmbedConfig, w: World, loaded: LoadedModel | None, listing: Listing, todo: Sequence[WorkUnit]
+) -> RankStats:
+    """Embed `todo` and write one shard per unit (`loaded` is None only when there is nothing to do); returns this
+    rank's counts and timings."""
     stats = RankStats(
         rank=w.rank, host=job_env().nodename, embedded=0, failed=0, units=len(todo), seconds=0.0, reasons=Counter()
     )
-    if not todo:
+    if not todo or loaded is None:
         return stats
     loader, sampler, route = _loader(cfg, loaded, listing, todo)
     out_dtype = np.float16 if cfg.dtype == "float16" else np.float32

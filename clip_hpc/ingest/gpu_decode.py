@@ -161,7 +161,8 @@ class DevicePreprocess:
         out: list[torch.Tensor | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for k, image in enumerate(images):
-            groups.setdefault(tuple(image.shape[-2:]), []).append(k)
+            h, w = image.shape[-2:]
+            groups.setdefault((h, w), []).append(k)
         for (h, w), members in groups.items():
             x = torch.stack([images[k] for k in members]).float()
             short, long = (h, w) if h <= w else (w, h)
@@ -258,7 +259,7 @@ class DeviceJpegDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | RawJpeg | None, str, Any]:
         source, extras = self.inner._source(self.inner.paths[i])
-        data = source if isinstance(source, (bytes, bytearray)) else _read_file(source)
+        data = bytes(source) if isinstance(source, (bytes, bytearray)) else _read_file(source)
         if data is None or not gpu_decodable(data, self.inner.max_pixels):
             return self.inner[i]  # the CPU path, and its failure record, unchanged
         return self.inner.ids[i], RawJpeg(i, torch.frombuffer(bytearray(data), dtype=torch.uint8)), "", extras
@@ -308,8 +309,8 @@ class DeviceRoute:
         items = batch["pixels"] or []
         raw = [k for k, t in enumerate(items) if isinstance(t, RawJpeg)]
         decoded = dict(zip(raw, decode_on_device([items[k].data for k in raw], self.device)))
-        ready = [k for k in raw if decoded[k] is not None]
-        on_device = dict(zip(ready, self.preprocess([decoded[k] for k in ready]))) if ready else {}
+        ready = {k: image for k, image in decoded.items() if image is not None}
+        on_device = dict(zip(ready, self.preprocess(list(ready.values())))) if ready else {}
         ids, pixels, extras, failed = [], [], [], list(batch["failed"])
         for k, item in enumerate(items):
             if isinstance(item, RawJpeg) and k not in on_device:

@@ -97,7 +97,7 @@ class ImageDataset(Dataset):
         for i in positions:
             sample = self.tar_samples.get(self.paths[i])
             span = one_read(groups.pop(sample.tar)) if sample is not None and sample.tar in groups else None
-            if span is not None:
+            if sample is not None and span is not None:
                 try:
                     self._tar_handle(sample.tar).prefetch(*span)  # type: ignore[attr-defined]
                 except OSError:
@@ -152,9 +152,10 @@ class ImageDataset(Dataset):
             if is_url(tar):
                 from clip_hpc.ingest.object_store import RangedReader
 
-                self._handle = (tar, RangedReader(tar, block=0))  # type: ignore[assignment]
+                handle: BinaryIO = RangedReader(tar, block=0)  # type: ignore[assignment]  # reads like a file
             else:
-                self._handle = (tar, open(tar, "rb"))
+                handle = open(tar, "rb")
+            self._handle = (tar, handle)
         return self._handle[1]
 
     def __getstate__(self) -> dict[str, Any]:  # an open file does not travel to the worker processes

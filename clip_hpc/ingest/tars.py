@@ -154,14 +154,15 @@ def _samples(path: str, infos: list[tarfile.TarInfo], file_size: int) -> list[Ta
             if cut and not problem:
                 problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
             out.append(TarSample(path, name, image, *side, problem=problem))
-        if not parts["images"] and (caption or meta) and "." not in key.rpartition("/")[2]:
+        orphan = caption or meta
+        if not parts["images"] and orphan and "." not in key.rpartition("/")[2]:
             # (a dotted key is a `_sample_key` fallback: an orphan `x.v2.txt` is a WebDataset field, no lost image)
             problem = (
                 f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
                 if cut
                 else "no image: a caption or json member without an image beside it"
             )
-            out.append(TarSample(path, (caption or meta)[0], None, *side, problem=problem))
+            out.append(TarSample(path, orphan[0], None, *side, problem=problem))
     return out
 
 
@@ -205,9 +206,10 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
             if read_error is None:
                 stop = min(tf.offset, file_size)
                 tail_unread = stop < file_size and (stopped_early or _unread_tail(f, stop, file_size))
-    except tarfile.TarError:  # not a tar at all (an empty or failed download): one failing line, go on
+    except tarfile.TarError as exc:  # not a tar at all (an empty or failed download): one failing line, go on
         if path.lower().endswith((".gz", ".tgz")):  # listed so that its images are not lost without a word
-            exc = tarfile.ReadError("a compressed tar cannot be read by offset; decompress it (gunzip) first")
+            why = "a compressed tar cannot be read by offset; decompress it (gunzip) first"
+            return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {why}")]
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {exc}")]
     except FileNotFoundError:  # one failed download among thousands of tars: recorded like a missing image
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem="missing file")]
@@ -316,9 +318,9 @@ def header_describes(header: bytes, name: str, size: int) -> bool:
     if len(header) != tarfile.BLOCKSIZE or header[156:157] not in (b"0", b"\0", b"7"):
         return False
     try:
-        if int(header[148:156].split(b"\0")[0].strip() or b"-1", 8) not in tarfile.calc_chksums(header):
+        if int(header[148:156].split(b"\0")[0].strip() or b"-1", 8) not in tarfile.calc_chksums(header):  # type: ignore[attr-defined]  # tarfile's own helper, not in typeshed
             return False
-        if tarfile.nti(header[124:136]) != size:
+        if tarfile.nti(header[124:136]) != size:  # type: ignore[attr-defined]  # as above
             return False
     except (ValueError, tarfile.HeaderError):
         return False
@@ -369,7 +371,7 @@ def decode_meta(data: bytes) -> tuple[dict[str, Any], list[str]]:
     return {k: v for k, v in fields.items() if v is not None}, notes
 
 
-def sample_meta(sample: TarSample, caption: str, meta: dict[str, Any], notes: list[str] = ()) -> str:
+def sample_meta(sample: TarSample, caption: str, meta: dict[str, Any], notes: Sequence[str] = ()) -> str:
     """The shard's per-image `meta` JSON: the img2dataset fields that matter (key from the name if absent), and
     `notes` on repaired captions and sidecars."""
     fields = {k: meta[k] for k in META_FIELDS if k in meta and meta[k] is not None}

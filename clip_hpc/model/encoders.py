@@ -57,6 +57,9 @@ class ModelEncoder:
             if self._model is None:
                 from clip_hpc.model.loading import load_model
 
+                if self.name is None:
+                    raise UserError("index.json records no model: give --model")
+
                 self._model = load_model(self.name, self.pretrained, device=self.device, full_context=self.full_context)
             if int(self._model.dim) != self.dim:
                 raise UserError(
