@@ -10,7 +10,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ INPUTS_FILE = "inputs.txt"
 MANIFEST_FILE = "manifest.json"
 SHARD_DIR = "shards"
 MANIFEST_FORMAT = FORMAT + "-manifest"
+RunSetting = str | int | None  # a value of `RUN_SETTINGS` (None: not known, not compared)
 # What every shard of one EMB_DIR shares, as the shard attrs name it -> the `embed` flag that sets it.
 RUN_SETTINGS = {
     "model": "--model",
@@ -217,7 +218,7 @@ class EmbDir:
         recorded = self.recorded_settings()
         return int(recorded["unit_size"]) if recorded else None
 
-    def refuse_other_settings(self, wanted: dict[str, Any]) -> None:
+    def refuse_other_settings(self, wanted: Mapping[str, RunSetting]) -> None:
         """UserError when a run's settings (`RUN_SETTINGS` keys) differ from those the shards were made with.
 
         Resume judges shards one unit at a time, so a re-run with another --shard-size or --model redid every unit

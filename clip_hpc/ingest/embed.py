@@ -21,7 +21,7 @@ from clip_hpc.cluster.collective import all_or_none, from_root
 from clip_hpc.cluster.jobenv import job_env
 from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
-from clip_hpc.formats.emb_dir import EmbDir, Manifest
+from clip_hpc.formats.emb_dir import EmbDir, Manifest, RunSetting
 from clip_hpc.formats.shard import AttrValue, ShardBatch
 from clip_hpc.ingest.captions import CaptionRows, embed_captions
 from clip_hpc.ingest.gpu_decode import Batch, CpuRoute, DeviceRoute, choose_route, default_batch_size
@@ -75,7 +75,7 @@ def prepare_inputs(cfg: EmbedConfig, w: World) -> Listing:
     return from_root(w, listed)
 
 
-def run_settings(cfg: EmbedConfig, w: World) -> dict[str, str | int | None]:
+def run_settings(cfg: EmbedConfig, w: World) -> dict[str, RunSetting]:
     """What this run writes into every shard's attrs that every shard of one EMB_DIR must share
     (`formats.emb_dir.RUN_SETTINGS`); a precision the device cannot have is left to `load_model` to refuse."""
     from clip_hpc.model.loading import ModelError, precision_name, resolve_device, resolve_precision, resolve_pretrained

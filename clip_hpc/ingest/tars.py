@@ -16,7 +16,7 @@ import re
 import stat
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from clip_hpc.formats.tar_member import member_line
@@ -124,15 +124,25 @@ def _unique(name: str, taken: set[str]) -> str:
     return f"{name} (duplicate {k})"
 
 
+@dataclass
+class _KeyParts:
+    """The members of one sample key: its images (name, member or None, problem or "") and its first caption and
+    json."""
+
+    images: list[tuple[str, Member | None, str]] = field(default_factory=list)
+    caption: tuple[str, Member] | None = None
+    meta: tuple[str, Member] | None = None
+
+
 def _samples(path: str, infos: list[tarfile.TarInfo], file_size: int) -> list[TarSample]:
     """Every image member becomes a sample (a duplicate name or a special member as a failure); all images of a
     key share its first caption and json; a key with sidecars only is one 'no image' sample."""
     taken = {info.name for info in infos}
-    keys: dict[str, dict[str, Any]] = {}
+    keys: dict[str, _KeyParts] = {}
     seen: set[str] = set()
     for info in infos:
         key, ext = _sample_key(info.name)
-        parts = keys.setdefault(key, {"images": []})
+        parts = keys.setdefault(key, _KeyParts())
         problem = _special(info)
         member = Member(info.offset_data, info.size)
         if ext in IMAGE_SUFFIXES:
@@ -142,20 +152,22 @@ def _samples(path: str, infos: list[tarfile.TarInfo], file_size: int) -> list[Ta
             elif not problem and info.offset_data + info.size > file_size:
                 problem = f"truncated tar: member {info.name} is cut at byte {file_size}"
             seen.add(info.name)
-            parts["images"].append((name, None if problem else member, problem))
-        elif ext in (".txt", ".json") and not problem:
-            parts.setdefault("caption" if ext == ".txt" else "meta", (info.name, member))
+            parts.images.append((name, None if problem else member, problem))
+        elif ext == ".txt" and not problem and parts.caption is None:
+            parts.caption = (info.name, member)
+        elif ext == ".json" and not problem and parts.meta is None:
+            parts.meta = (info.name, member)
     out = []
-    for parts in keys.values():
-        caption, meta = parts.get("caption"), parts.get("meta")
+    for key, parts in keys.items():
+        caption, meta = parts.caption, parts.meta
         cut = [m for m in (caption, meta) if m and m[1].offset + m[1].size > file_size]
         side = (caption and caption[1], meta and meta[1])
-        for name, image, problem in parts["images"]:
+        for name, image, problem in parts.images:
             if cut and not problem:
                 problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
             out.append(TarSample(path, name, image, *side, problem=problem))
         orphan = caption or meta
-        if not parts["images"] and orphan and "." not in key.rpartition("/")[2]:
+        if not parts.images and orphan and "." not in key.rpartition("/")[2]:
             # (a dotted key is a `_sample_key` fallback: an orphan `x.v2.txt` is a WebDataset field, no lost image)
             problem = (
                 f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
