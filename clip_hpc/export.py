@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from clip_hpc.errors import UserError, full_disk_is_a_user_error
-from clip_hpc.formats.atomic import atomic_write_bytes
+from clip_hpc.formats.atomic import atomic_write_bytes, temp_path
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.embedding_folder import (
     EMB_SUBDIR,
@@ -29,7 +29,7 @@ from clip_hpc.formats.embedding_folder import (
     require_pyarrow,
     text_emb_file,
 )
-from clip_hpc.ingest.tars import meta_key_url
+from clip_hpc.formats.shard import meta_key_url
 
 FORMATS = ("embedding-reader",)
 
@@ -62,7 +62,7 @@ def export_embeddings(
         )
     units = [entry.unit for entry in summary.shards]  # never a shard file outside the unit plan
     with_text = _all_or_no_captions(emb, units)
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / EMB_SUBDIR).mkdir(parents=True)
     (tmp / META_SUBDIR).mkdir()
@@ -81,8 +81,8 @@ def export_embeddings(
                     ID_COLUMN: pa.array(shard.ids, pa.int64()),
                 }
                 dtype = dtype or shard.embeddings.dtype
-                if with_text:  # NaN (no caption) becomes null
-                    columns[SIMILARITY_COLUMN] = pa.array(shard.similarity, pa.float32(), from_pandas=True)
+                if with_text and shard.caption_embeddings is not None:  # with_text: every shard has them
+                    columns[SIMILARITY_COLUMN] = pa.array(shard.similarity, pa.float32(), from_pandas=True)  # NaN: null
                     atomic_write_bytes(text_emb_file(tmp, n_files), _npy_bytes(shard.caption_embeddings, dtype))
                 table = pa.table(columns)
                 atomic_write_bytes(emb_file(tmp, n_files), _npy_bytes(shard.embeddings, dtype))

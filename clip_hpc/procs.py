@@ -11,6 +11,16 @@ from pathlib import Path
 PR_SET_PDEATHSIG = 1
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (field 3 on: state, ppid, ...), which may itself hold spaces
+    and parentheses, hence the split at the last ')'; None where unreadable (no such process, no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields or None
+
+
 def pid_alive(pid: int | None) -> bool:
     """Whether a process with this pid exists on this machine (a zombie counts as gone)."""
     if not pid or pid <= 0:
@@ -21,24 +31,20 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] != "Z"
 
 
 def process_start(pid: int) -> str | None:
     """When the process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None where unknown. With the
     pid it names one process for good: a pid is soon reused (pid_max is often 32768, and threads take pids too)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = _stat_fields(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def process_started_at(pid: int) -> float | None:
     """When the process `pid` started, in seconds since the epoch (boot time + its start tick); None where unknown.
-    For records that hold a wall-clock time rather than `process_start` (the connection file's `started`)."""
+    For records that hold only a wall-clock time rather than `process_start` (connection files from before it)."""
     start = process_start(pid)
     try:
         btime = next(

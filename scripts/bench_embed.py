@@ -95,7 +95,7 @@ def decode_rate(images: Path, model: str, workers: int, batch: int) -> float:
     """The reader alone: DataLoader workers decode and preprocess, nothing runs the model."""
     from torch.utils.data import DataLoader
 
-    from clip_hpc.ingest.embed import ImageDataset, collate
+    from clip_hpc.ingest.image_dataset import ImageDataset, collate
     from clip_hpc.model.loading import load_model
 
     loaded = load_model(model, "none", device="cpu")

@@ -162,8 +162,8 @@ def device_decode_rate(p: dict[str, Any], loose: Path) -> float:
     import torch
     from torch.utils.data import DataLoader
 
-    from clip_hpc.ingest.embed import ImageDataset, collate
     from clip_hpc.ingest.gpu_decode import choose_route
+    from clip_hpc.ingest.image_dataset import ImageDataset, collate
     from clip_hpc.ingest.sources import list_images
     from clip_hpc.model.loading import load_model
 

@@ -13,7 +13,7 @@ import pytest
 
 from caption_fixtures import DEMO, NO_CAPTION, N, stored
 from clip_hpc.formats.emb_dir import EmbDir
-from clip_hpc.formats.shard import read_shard
+from clip_hpc.formats.shard import ShardBatch, read_shard
 from clip_hpc.ingest.captions import similarity_auc
 from conftest import run_cli
 
@@ -66,14 +66,16 @@ def test_rerun_with_captions_redoes_only_units_without_them(swapped, tmp_path):
     old = read_shard(emb.shard_path(1))
     emb.write_shard(
         1,
-        embeddings=old.embeddings,
-        ids=old.ids,
-        paths=old.paths,
-        captions=old.captions,
-        meta=old.meta,
-        offsets=old.offsets,
-        sizes=old.sizes,
-        attrs=old.attrs,
+        ShardBatch(
+            embeddings=old.embeddings,
+            ids=old.ids,
+            paths=old.paths,
+            captions=old.captions,
+            meta=old.meta,
+            offsets=old.offsets,
+            sizes=old.sizes,
+            attrs=old.attrs,
+        ),
     )  # no caption datasets
     plain = read_shard(emb.shard_path(1))
     assert not plain.has_captions and not plain.caption_embedded.any() and np.isnan(plain.similarity).all()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from clip_hpc.formats.shard import ShardBatch
 from clip_hpc.index.defaults import TRAIN_PER_LIST, TRAIN_PER_LIST_MAX
 from conftest import BIN, run_cli
 from index_fixtures import synthetic_emb_dir
@@ -85,7 +86,7 @@ def test_index_ends_with_a_summary_of_numbers_or_one_json_document(emb_dir, tmp_
 def test_search_prints_one_line_per_hit_whatever_the_path_or_caption_holds(capsys):
     """A caption or name with a line break (`\\n`, `\\r`, U+2028: captions keep them) or a bidi override printed
     as is: a hit ran over two lines for `head -k`/`cut`, or the terminal drew the line reversed."""
-    from clip_hpc.cli import print_hits
+    from clip_hpc.cli.searching import print_hits
 
     odd = ["two\nlines", "cr\rhere", "ls\u2028ps\u2029", "form\x0cfeed\x85nel", "bidi\u202eevil\u2066x"]
     print_hits(
@@ -114,11 +115,13 @@ def test_a_caption_filter_in_bytes_that_are_not_utf8_is_read_as_cp1252(tmp_path,
     emb.write_inputs([f"/img/{i}.jpg" for i in range(12)])
     emb.write_shard(
         0,
-        embeddings=rows.astype(np.float16),
-        ids=range(12),
-        paths=[f"/img/{i}.jpg" for i in range(12)],
-        captions=["café au lait" if i == 7 else "a cup of tea" for i in range(12)],
-        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 12, "dtype": "float16"},
+        ShardBatch(
+            embeddings=rows.astype(np.float16),
+            ids=range(12),
+            paths=[f"/img/{i}.jpg" for i in range(12)],
+            captions=["café au lait" if i == 7 else "a cup of tea" for i in range(12)],
+            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 12, "dtype": "float16"},
+        ),
     )
     build_index(emb.root, tmp_path / "index", progress=False)
     assert main(["search", str(tmp_path / "index"), "a drink", "--caption", "caf\udce9", "--json"]) == 0

@@ -83,6 +83,7 @@ def test_connection_file_keeps_its_json_keys(tmp_path):
         "local_port",
         "token",
         "pid",
+        "process_start",
         "started",
         "url",
         "index_dir",

@@ -8,7 +8,7 @@ import pytest
 
 from clip_hpc.devdata.sample_images import write_bad_images
 from clip_hpc.formats.emb_dir import EmbDir, file_sha256
-from clip_hpc.formats.shard import read_shard
+from clip_hpc.formats.shard import ShardBatch, read_shard
 from conftest import BIN, ROOT, kill_after_shards, run_cli
 
 TINY = ["--model", "clip-hpc-tiny", "--pretrained", "none"]
@@ -178,10 +178,12 @@ def test_pending_units_redoes_exactly_what_the_shard_check_rejects(tmp_path):
         ids = list(units[unit].ids)
         emb.write_shard(
             unit,
-            embeddings=np.zeros((len(ids), 4), np.float16),
-            ids=ids,
-            paths=[str(i) for i in ids],
-            attrs={"model": model, "pretrained": "none", "unit_size": 5},
+            ShardBatch(
+                embeddings=np.zeros((len(ids), 4), np.float16),
+                ids=ids,
+                paths=[str(i) for i in ids],
+                attrs={"model": model, "pretrained": "none", "unit_size": 5},
+            ),
         )
     assert [u.index for u in pending_units(emb, units, 5, "m", "none")] == [1]  # another model: redone
     path = emb.shard_path(0)

@@ -131,7 +131,7 @@ def test_a_tar_rewritten_after_listing_is_a_recorded_failure_never_another_membe
     from PIL import Image
 
     from clip_hpc.devdata.sample_images import write_tar
-    from clip_hpc.ingest.embed import ImageDataset
+    from clip_hpc.ingest.image_dataset import ImageDataset
     from clip_hpc.ingest.sources import list_inputs
 
     def bmp(colour: str) -> bytes:

@@ -8,6 +8,7 @@ import pytest
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.embedding_folder import emb_file, import_embedding_folder
+from clip_hpc.formats.shard import ShardBatch
 
 pytest.importorskip("pyarrow")
 
@@ -44,13 +45,15 @@ def test_text_emb_of_an_export_is_read_so_a_caption_index_builds_from_it(tmp_pat
         rows = slice(6 * unit, 6 * unit + 6)
         emb.write_shard(
             unit,
-            embeddings=image[rows],
-            ids=range(n)[rows],
-            paths=[f"/img/{i}.jpg" for i in range(n)][rows],
-            captions=[f"caption {i}" if captioned[i] else "" for i in range(n)][rows],
-            caption_embeddings=text[rows],
-            similarity=similarity[rows],
-            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 6},
+            ShardBatch(
+                embeddings=image[rows],
+                ids=range(n)[rows],
+                paths=[f"/img/{i}.jpg" for i in range(n)][rows],
+                captions=[f"caption {i}" if captioned[i] else "" for i in range(n)][rows],
+                caption_embeddings=text[rows],
+                similarity=similarity[rows],
+                attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 6},
+            ),
         )
     assert emb.write_manifest(2, 6) is not None
     run_cli("export", emb.root, "--out", tmp_path / "er", check=True)

@@ -11,6 +11,7 @@ import pytest
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.metadata import MetadataStore
+from clip_hpc.formats.shard import ShardBatch
 from conftest import run_cli
 
 pytest.importorskip("pyarrow")
@@ -33,17 +34,19 @@ def captioned_emb_dir(tmp_path_factory):
         vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)  # as embed writes
         emb.write_shard(
             unit,
-            embeddings=vectors,
-            ids=ids,
-            paths=[f"/data/x::{i}.jpg" for i in ids],
-            captions=[f"caption {i}" for i in ids],
-            meta=[json.dumps({"key": f"{i:09d}", "url": f"https://e/{i}"}) for i in ids],
-            offsets=[512 * i for i in ids],
-            sizes=[100] * len(ids),
-            failed_ids=failed,
-            failed_paths=[str(i) for i in failed],
-            failed_reasons=["not an image"] * len(failed),
-            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": size, "dtype": "float16"},
+            ShardBatch(
+                embeddings=vectors,
+                ids=ids,
+                paths=[f"/data/x::{i}.jpg" for i in ids],
+                captions=[f"caption {i}" for i in ids],
+                meta=[json.dumps({"key": f"{i:09d}", "url": f"https://e/{i}"}) for i in ids],
+                offsets=[512 * i for i in ids],
+                sizes=[100] * len(ids),
+                failed_ids=failed,
+                failed_paths=[str(i) for i in failed],
+                failed_reasons=["not an image"] * len(failed),
+                attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": size, "dtype": "float16"},
+            ),
         )
         kept.append((np.asarray(ids, dtype=np.int64), vectors))
     assert emb.write_manifest(-(-n // size), size) is not None
@@ -118,7 +121,10 @@ def test_index_builds_from_an_embedding_reader_folder(captioned_emb_dir):
 def test_shards_and_metadata_from_before_captions_still_read(tmp_path):
     emb = EmbDir(tmp_path / "emb")
     emb.write_shard(
-        0, embeddings=np.eye(2, 4, dtype=np.float16), ids=[0, 1], paths=["/a.jpg", "/b.jpg"], attrs={"unit_size": 2}
+        0,
+        ShardBatch(
+            embeddings=np.eye(2, 4, dtype=np.float16), ids=[0, 1], paths=["/a.jpg", "/b.jpg"], attrs={"unit_size": 2}
+        ),
     )
     with h5py.File(emb.shard_path(0), "a") as f:
         for name in ("captions", "meta", "offsets", "sizes"):
@@ -148,10 +154,12 @@ def test_export_reads_only_the_units_the_checked_set_holds(tmp_path):
     for unit, size, ids in ((0, 3, [0, 1, 2]), (1, 3, [3, 4, 5]), (3, 2, [6, 7])):
         emb.write_shard(
             unit,
-            embeddings=vectors[: len(ids)],
-            ids=ids,
-            paths=[f"/img/{i}.jpg" for i in ids],
-            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": size},
+            ShardBatch(
+                embeddings=vectors[: len(ids)],
+                ids=ids,
+                paths=[f"/img/{i}.jpg" for i in ids],
+                attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": size},
+            ),
         )
     proc = run_cli("export", tmp_path / "emb", "--format", "embedding-reader", "--out", tmp_path / "er")
     assert proc.returncode == 0, proc.stderr
@@ -165,13 +173,15 @@ def test_export_of_an_emb_dir_where_nothing_was_embedded_is_refused(tmp_path):
     emb.write_inputs(["/img/0.jpg", "/img/1.jpg"])
     emb.write_shard(
         0,
-        embeddings=np.zeros((0, DIM), np.float16),
-        ids=[],
-        paths=[],
-        failed_ids=[0, 1],
-        failed_paths=["/img/0.jpg", "/img/1.jpg"],
-        failed_reasons=["not an image"] * 2,
-        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 2},
+        ShardBatch(
+            embeddings=np.zeros((0, DIM), np.float16),
+            ids=[],
+            paths=[],
+            failed_ids=[0, 1],
+            failed_paths=["/img/0.jpg", "/img/1.jpg"],
+            failed_reasons=["not an image"] * 2,
+            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 2},
+        ),
     )
     assert emb.write_manifest(1, 2) is not None
     proc = run_cli("export", emb.root, "--out", tmp_path / "er")
@@ -206,10 +216,12 @@ def test_export_writes_one_dtype_when_shards_hold_two(tmp_path):
     for unit, dtype in ((0, "float32"), (1, "float16")):
         emb.write_shard(
             unit,
-            embeddings=rows[4 * unit : 4 * unit + 4].astype(dtype),
-            ids=range(4 * unit, 4 * unit + 4),
-            paths=[f"/img/{i}.jpg" for i in range(4 * unit, 4 * unit + 4)],
-            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 4, "dtype": dtype},
+            ShardBatch(
+                embeddings=rows[4 * unit : 4 * unit + 4].astype(dtype),
+                ids=range(4 * unit, 4 * unit + 4),
+                paths=[f"/img/{i}.jpg" for i in range(4 * unit, 4 * unit + 4)],
+                attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 4, "dtype": dtype},
+            ),
         )
     assert emb.write_manifest(2, 4) is not None
     run_cli("export", emb.root, "--out", tmp_path / "er", check=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clip_hpc.formats.emb_dir import EmbDir, Manifest, file_sha256
-from clip_hpc.formats.shard import ShardError, read_shard, write_shard
+from clip_hpc.formats.shard import ShardBatch, ShardError, read_shard, write_shard
 
 
 def write(tmp_path, unit=0, n=5, start=0, failed=(), dim=8, model="m"):
@@ -17,13 +17,15 @@ def write(tmp_path, unit=0, n=5, start=0, failed=(), dim=8, model="m"):
     emb = rng.normal(size=(len(ids), dim)).astype(np.float16)
     return EmbDir(tmp_path).write_shard(
         unit,
-        embeddings=emb,
-        ids=ids[::-1],
-        paths=[f"/img/{i}.jpg" for i in ids[::-1]],
-        failed_ids=list(failed),
-        failed_paths=[f"/img/{i}.jpg" for i in failed],
-        failed_reasons=["truncated: x"] * len(failed),
-        attrs={"model": model, "pretrained": "none", "unit": unit, "unit_size": n},
+        ShardBatch(
+            embeddings=emb,
+            ids=ids[::-1],
+            paths=[f"/img/{i}.jpg" for i in ids[::-1]],
+            failed_ids=list(failed),
+            failed_paths=[f"/img/{i}.jpg" for i in failed],
+            failed_reasons=["truncated: x"] * len(failed),
+            attrs={"model": model, "pretrained": "none", "unit": unit, "unit_size": n},
+        ),
     )
 
 
@@ -95,10 +97,12 @@ def _truncate(path):
 def _other_unit(path):
     write_shard(
         path,
-        embeddings=np.zeros((5, 8), np.float16),
-        ids=range(5),
-        paths=list("abcde"),
-        attrs={"model": "m", "pretrained": "none", "unit": 0, "unit_size": 5},
+        ShardBatch(
+            embeddings=np.zeros((5, 8), np.float16),
+            ids=range(5),
+            paths=list("abcde"),
+            attrs={"model": "m", "pretrained": "none", "unit": 0, "unit_size": 5},
+        ),
     )
 
 
@@ -253,10 +257,12 @@ def test_a_run_with_other_settings_is_refused_naming_the_recorded_one(tmp_path, 
     write_inputs(tmp_path, 10)
     emb.write_shard(
         0,
-        embeddings=np.zeros((5, 8), np.float16),
-        ids=list(range(5)),
-        paths=list("abcde"),
-        attrs={**same, "pretrained": "none"},
+        ShardBatch(
+            embeddings=np.zeros((5, 8), np.float16),
+            ids=list(range(5)),
+            paths=list("abcde"),
+            attrs={**same, "pretrained": "none"},
+        ),
     )
     emb.refuse_other_settings(same)
     with pytest.raises(UserError, match=f"made with {flag}.*use a new --out"):

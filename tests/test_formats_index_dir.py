@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from clip_hpc.errors import UserError
-from clip_hpc.formats.index_dir import OWNER_FILE, IndexDir, IndexInfo, recover_interrupted
+from clip_hpc.formats.index_dir import IndexDir, IndexInfo
+from clip_hpc.formats.index_swap import OWNER_FILE, recover_interrupted
 from clip_hpc.procs import process_start
 
 FULL_INFO = {  # every key `clip-hpc index` writes today, with values of the types it writes

@@ -15,7 +15,7 @@ from PIL import Image
 from clip_hpc.devdata.sample_images import synth_image, write_bad_images, write_samples
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
-from clip_hpc.ingest.embed import EmbedConfig, collate, embed
+from clip_hpc.ingest.embed import EmbedConfig, embed
 from clip_hpc.ingest.gpu_decode import (
     CpuRoute,
     DevicePreprocess,
@@ -25,6 +25,7 @@ from clip_hpc.ingest.gpu_decode import (
     gpu_decodable,
     prefetched,
 )
+from clip_hpc.ingest.image_dataset import collate
 from clip_hpc.ingest.images import decode_image
 from clip_hpc.model.loading import load_model
 

@@ -14,6 +14,7 @@ import pytest
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
+from clip_hpc.formats.shard import ShardBatch
 from clip_hpc.index.build import build_index, choose_index_key, choose_train_size, ivf_lists
 from clip_hpc.index.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.index.selfcheck import off_distribution_queries
@@ -120,10 +121,12 @@ def test_ivf_build_tunes_nprobe_and_its_recall_is_real(tmp_path):
 def _break_dims(emb):
     EmbDir(emb).write_shard(
         1,
-        embeddings=np.ones((2, 16), np.float16),
-        ids=[500, 501],
-        paths=["a", "b"],
-        attrs={"model": synthetic.MODEL, "pretrained": "none", "dim": 16, "unit": 1, "unit_size": 500},
+        ShardBatch(
+            embeddings=np.ones((2, 16), np.float16),
+            ids=[500, 501],
+            paths=["a", "b"],
+            attrs={"model": synthetic.MODEL, "pretrained": "none", "dim": 16, "unit": 1, "unit_size": 500},
+        ),
     )
 
 
@@ -229,13 +232,15 @@ def test_update_follows_a_unit_re_embedded_with_as_many_images_but_other_ones(tm
         ids = [i for i in range(10 * u, 10 * u + 10) if i != failed]
         emb.write_shard(
             u,
-            embeddings=vectors[ids],
-            ids=ids,
-            paths=[f"/img/{i}.jpg" for i in ids],
-            failed_ids=[failed] if failed is not None else [],
-            failed_paths=[f"/img/{failed}.jpg"] if failed is not None else [],
-            failed_reasons=["missing file"] if failed is not None else [],
-            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 10},
+            ShardBatch(
+                embeddings=vectors[ids],
+                ids=ids,
+                paths=[f"/img/{i}.jpg" for i in ids],
+                failed_ids=[failed] if failed is not None else [],
+                failed_paths=[f"/img/{failed}.jpg"] if failed is not None else [],
+                failed_reasons=["missing file"] if failed is not None else [],
+                attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 10},
+            ),
         )
 
     unit(0, None)
@@ -270,13 +275,15 @@ def _listing(out, names, dim=16, unit_size=25):
         ids = np.arange(start, min(len(names), start + unit_size))
         emb.write_shard(
             start // unit_size,
-            embeddings=rows[ids].astype(np.float16),
-            ids=ids,
-            paths=[names[i] for i in ids],
-            failed_ids=[],
-            failed_paths=[],
-            failed_reasons=[],
-            attrs={"model": "m", "pretrained": "none", "dim": dim, "unit_size": unit_size},
+            ShardBatch(
+                embeddings=rows[ids].astype(np.float16),
+                ids=ids,
+                paths=[names[i] for i in ids],
+                failed_ids=[],
+                failed_paths=[],
+                failed_reasons=[],
+                attrs={"model": "m", "pretrained": "none", "dim": dim, "unit_size": unit_size},
+            ),
         )
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from clip_hpc.formats.emb_dir import EmbDir
+from clip_hpc.formats.shard import ShardBatch
 from clip_hpc.info import describe
 
 
@@ -16,10 +17,12 @@ def test_an_emb_dir_that_lost_its_inputs_list_is_not_complete(tmp_path):
     emb.write_inputs([f"/img/{i}.jpg" for i in range(4)])
     emb.write_shard(
         0,
-        embeddings=np.eye(4, 8, dtype=np.float16),
-        ids=range(4),
-        paths=[f"/img/{i}.jpg" for i in range(4)],
-        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 4},
+        ShardBatch(
+            embeddings=np.eye(4, 8, dtype=np.float16),
+            ids=range(4),
+            paths=[f"/img/{i}.jpg" for i in range(4)],
+            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 4},
+        ),
     )
     assert describe(emb.root)["complete"] and describe(emb.root)["n_embedded"] == 4
     emb.inputs_path.unlink()

@@ -8,6 +8,7 @@ from PIL import Image
 
 import clip_hpc.search.engine as search_mod
 from clip_hpc.errors import UserError
+from clip_hpc.formats.shard import ShardBatch
 from clip_hpc.index.build import build_index
 from clip_hpc.search.core import combine_parts, ivf_search, mmr, normalise_rows, rerank
 from clip_hpc.search.engine import SearchEngine, UnknownIdError
@@ -176,10 +177,12 @@ def tiny_engine(tmp_path_factory):
     real = model.encode_images(torch.stack([model.preprocess(im) for im in images]))
     EmbDir(root / "emb").write_shard(
         0,
-        embeddings=real.astype(np.float16),
-        ids=range(24),
-        paths=[f"/img/{i}.png" for i in range(24)],
-        attrs={"model": "clip-hpc-tiny", "pretrained": "none", "dim": model.dim, "unit": 0, "unit_size": 24},
+        ShardBatch(
+            embeddings=real.astype(np.float16),
+            ids=range(24),
+            paths=[f"/img/{i}.png" for i in range(24)],
+            attrs={"model": "clip-hpc-tiny", "pretrained": "none", "dim": model.dim, "unit": 0, "unit_size": 24},
+        ),
     )
     (root / "emb" / "inputs.txt").write_text("".join(f"/img/{i}.png\n" for i in range(24)))
     build_index(root / "emb", root / "index", progress=False)

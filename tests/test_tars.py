@@ -127,6 +127,19 @@ def test_member_names_with_several_dots_are_images_not_dropped(tmp_path):
     assert listed["seg.mask.png"].caption is None and not listed["seg.mask.png"].problem
 
 
+def test_an_orphan_field_is_judged_by_its_own_key_not_the_last_one_listed(tmp_path):
+    """Whether sidecars without an image are a lost image was decided by the last key in the tar, not their own:
+    a WebDataset field (`lone.v2.txt`) before an ordinary sample became a failing 'no image' line."""
+    tar = tmp_path / "order.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name, data in (("lone.v2.txt", b"orphan field"), ("photo.jpg", b"B"), ("gone.txt", b"no image")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    problems = {s.name: s.problem.split(":")[0] for s in index_tar(tar)}
+    assert problems == {"photo.jpg": "", "gone.txt": "no image"}
+
+
 def test_long_member_names_pass_the_header_check_however_the_writer_spelled_them():
     """GNU tar's oldgnu format keeps 99 bytes of a long name, libarchive an abbreviation: the check demanded
     Python's 100-byte prefix, so such members failed as 'the tar changed after indexing' (embed and server)."""
@@ -146,6 +159,14 @@ def test_long_member_names_pass_the_header_check_however_the_writer_spelled_them
     assert not header_describes(spelled_as(b"other.jpg"), long, 4)  # the size still decides
     short = spelled_as(b"k.jpg")
     assert header_describes(short, "k.jpg", 3) and not header_describes(short, "j.jpg", 3)
+
+
+def test_a_file_named_tar_that_is_no_tar_is_a_failing_line_not_a_crash(tmp_path):
+    """A failed download named `.tar` (plain text, not gzip) raised UnboundLocalError while the inputs were listed:
+    the 'not a tar' line read an exception variable only the `.gz` branch had set."""
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all, only some bytes " * 40)
+    (sample,) = index_tar(tmp_path / "junk.tar")
+    assert sample.image is None and sample.problem.startswith("not a tar: ")
 
 
 def test_a_compressed_tar_in_a_directory_is_a_failing_line_not_skipped(tmp_path):

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from clip_hpc.formats.emb_dir import EmbDir
-from clip_hpc.ingest import embed as embed_module
+from clip_hpc.ingest import image_dataset as dataset_module
 from clip_hpc.ingest import images
-from clip_hpc.ingest.embed import EmbedConfig, ImageDataset, embed
+from clip_hpc.ingest.embed import EmbedConfig, embed
+from clip_hpc.ingest.image_dataset import ImageDataset
 from clip_hpc.ingest.images import decode_image
 from clip_hpc.ingest.sources import list_inputs
 from conftest import make_images, run_cli
@@ -138,13 +139,13 @@ def test_n3_any_caption_or_sidecar_bytes_are_stored_or_noted(tmp_path):
 def test_item2_any_exception_for_one_sample_is_its_recorded_failure(tmp_path, monkeypatch):
     images = make_images(tmp_path / "images", 4)
     paths = sorted(str(p) for p in images.rglob("*") if p.is_file())
-    real = embed_module.decode_image
+    real = dataset_module.decode_image
     errors = iter([RecursionError("deep"), ValueError("weird mode"), Image.DecompressionBombError("bomb")])
 
     def flaky(source, **kw):
         return real(source, **kw) if source != paths[1] else (_ for _ in ()).throw(next(errors))
 
-    monkeypatch.setattr(embed_module, "decode_image", flaky)
+    monkeypatch.setattr(dataset_module, "decode_image", flaky)
     dataset = ImageDataset([0, 1], paths[:2], lambda img: torch.zeros(3), 224, 10**8)
     good, bad = dataset[0], dataset[1]
     assert good[2] == "" and "RecursionError" in bad[2] and bad[1] is None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from clip_hpc.cluster.world import World, speaks_for_job
 from clip_hpc.errors import UserError, os_error_message
@@ -29,7 +29,7 @@ def all_or_none(world: World, step: Callable[[], T]) -> T:
     """Every rank runs `step` and gets its own result, or, if it failed on any rank, every rank raises."""
     value, error = _attempt(world, step)
     _settle(world, error)
-    return value
+    return cast(T, value)  # no error anywhere: `step` returned it
 
 
 def on_every_rank(world: World, step: Callable[[], T]) -> list[T]:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -83,7 +84,10 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _pick(rng: np.random.Generator, options: Sequence) -> object:
+T = TypeVar("T")
+
+
+def _pick(rng: np.random.Generator, options: Sequence[T]) -> T:
     return options[int(rng.integers(len(options)))]
 
 
@@ -191,7 +195,8 @@ def _centres(attrs: Attrs, rng: np.random.Generator, r: float) -> list[tuple[flo
 def _shade(rgb: tuple[int, int, int], amount: float) -> tuple[int, int, int]:
     """Lighter (amount > 0) or darker version of a colour, so that a texture keeps its background's colour."""
     target = 255 if amount > 0 else 0
-    return tuple(int(c + (target - c) * abs(amount)) for c in rgb)
+    r, g, b = (int(c + (target - c) * abs(amount)) for c in rgb)
+    return r, g, b
 
 
 def _draw_texture(draw: ImageDraw.ImageDraw, attrs: Attrs, rng: np.random.Generator, side: int) -> None:
@@ -227,7 +232,7 @@ def render(attrs: Attrs, rng: np.random.Generator, size: int = 64, supersample: 
             draw.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=COLOURS[attrs.colour])
         else:
             draw.polygon(_shape_polygon(attrs.shape, cx, cy, rr), fill=COLOURS[attrs.colour])
-    pixels = np.asarray(img.resize((size, size), Image.BOX) if supersample > 1 else img)
+    pixels = np.asarray(img.resize((size, size), Image.Resampling.BOX) if supersample > 1 else img)
     if attrs.texture == "noisy":
         noise = rng.normal(0, 18, size=(size, size, 1))
         pixels = np.clip(pixels.astype(np.float32) + noise, 0, 255).astype(np.uint8)

@@ -20,12 +20,13 @@ from PIL import Image
 
 from clip_hpc.devdata import captioned_shapes as cs
 from clip_hpc.model.loading import WEIGHTS_DIR, LoadedModel, load_model, register_model_configs, seeded
+from clip_hpc.model.open_clip_types import OpenClipModel
 
 MODEL_NAME = "clip-hpc-demo"
 DEFAULT_OUT = WEIGHTS_DIR / f"{MODEL_NAME}.safetensors"
 
 
-def build_model(seed: int) -> torch.nn.Module:
+def build_model(seed: int) -> OpenClipModel:
     import open_clip
 
     register_model_configs()
@@ -47,7 +48,7 @@ def make_training_data(n: int, n_captions: int, image_size: int) -> tuple[torch.
 class Normaliser:
     """uint8 batches to the model's input, with the same mean and std as the inference preprocess."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: OpenClipModel):
         cfg = model.visual.preprocess_cfg
         self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1) * 255
@@ -64,7 +65,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(
     steps: int, batch_size: int, train_size: int, lr: float, seed: int, n_captions: int = 4, log_every: int = 50
-) -> tuple[torch.nn.Module, dict]:
+) -> tuple[OpenClipModel, dict]:
     """The whole recipe; returns the model (fp32, train mode off) and a log of losses and timings."""
     from open_clip.loss import ClipLoss
 
@@ -125,7 +126,7 @@ def train(
     return model, log
 
 
-def checkpoint_bytes(model: torch.nn.Module, recipe: dict) -> bytes:
+def checkpoint_bytes(model: OpenClipModel, recipe: dict) -> bytes:
     """fp16 weights (half the size; the fp32 model reloads them exactly) plus the recipe as metadata."""
     from safetensors.torch import save
 

@@ -64,7 +64,7 @@ def upload_images(n: int = 8, seed: int = 0) -> list[bytes]:
     for _ in range(n):
         blocks = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
         buf = io.BytesIO()
-        Image.fromarray(blocks).resize((160, 120), Image.NEAREST).save(buf, "PNG")
+        Image.fromarray(blocks).resize((160, 120), Image.Resampling.NEAREST).save(buf, "PNG")
         out.append(buf.getvalue())
     return out
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from clip_hpc.formats.emb_dir import EmbDir
+from clip_hpc.formats.shard import ShardBatch
 
 MODEL = "synthetic-mixture"
 
@@ -71,18 +72,20 @@ def write_emb_dir(
         local = ids - first_id
         emb.write_shard(
             int(ids[0]) // shard_size,
-            embeddings=vectors[local[ok]].astype(np.float16),
-            ids=ids[ok],
-            paths=[paths[i] for i in local[ok]],
-            failed_ids=ids[~ok],
-            failed_paths=[paths[i] for i in local[~ok]],
-            failed_reasons=["synthetic failure"] * int((~ok).sum()),
-            attrs={
-                "model": model,
-                "pretrained": pretrained,
-                "dim": dim,
-                "unit": int(ids[0]) // shard_size,
-                "unit_size": shard_size,
-            },
+            ShardBatch(
+                embeddings=vectors[local[ok]].astype(np.float16),
+                ids=ids[ok],
+                paths=[paths[i] for i in local[ok]],
+                failed_ids=ids[~ok],
+                failed_paths=[paths[i] for i in local[~ok]],
+                failed_reasons=["synthetic failure"] * int((~ok).sum()),
+                attrs={
+                    "model": model,
+                    "pretrained": pretrained,
+                    "dim": dim,
+                    "unit": int(ids[0]) // shard_size,
+                    "unit_size": shard_size,
+                },
+            ),
         )
     return out

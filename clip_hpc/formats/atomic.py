@@ -18,13 +18,18 @@ TEMP_MARK = ".tmp."
 FOREIGN_TEMP_AGE_S = 3600.0  # another node's writer cannot be asked if it lives; one this quiet is long gone
 
 
-def temp_path(path: str | os.PathLike, pid: int | None = None, host: str | None = None) -> Path:
+def hidden_sibling(path: str | os.PathLike[str], suffix: str) -> Path:
+    """`.NAME.SUFFIX` beside `path`: THE naming of every temporary or set-aside file and directory here (shard
+    temp files, an export or index being built, an old index moved aside), so `.NAME.*` finds them all."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{suffix}")
+
+
+def temp_path(path: str | os.PathLike[str], pid: int | None = None, host: str | None = None) -> Path:
     """The temporary name `atomic_write_bytes` writes `path` under: `.NAME.tmp.HOST.PID`. The host is in the name
     because EMB_DIR sits on a file system shared by nodes, where a pid means something only on its own node."""
-    path = Path(path)
-    return path.with_name(
-        f".{path.name}{TEMP_MARK}{host or socket.gethostname()}.{os.getpid() if pid is None else pid}"
-    )
+    owner = f"{host or socket.gethostname()}.{os.getpid() if pid is None else pid}"
+    return hidden_sibling(path, f"tmp.{owner}")  # TEMP_MARK: what `temp_writer_gone` parses
 
 
 def temp_writer_gone(tmp: Path, now: float | None = None) -> bool:
@@ -43,7 +48,7 @@ def temp_writer_gone(tmp: Path, now: float | None = None) -> bool:
         return False
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
     """Write to a temporary name in the same directory, fsync, rename: readers never see half a file."""
     path = Path(path)
     tmp = temp_path(path)
@@ -58,5 +63,5 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -33,7 +33,7 @@ class CaptionVectors(EmbDir):
                 "--captions (it redoes only such units) before indexing --vectors captions"
             )
         shard.select(shard.caption_embedded.copy())
-        if with_embeddings:
+        if with_embeddings and shard.caption_embeddings is not None:  # it is: `has_captions`
             shard.embeddings = shard.caption_embeddings
         return shard
 

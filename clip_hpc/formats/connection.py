@@ -19,7 +19,7 @@ from typing import Any
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_bytes
-from clip_hpc.procs import pid_alive, process_started_at
+from clip_hpc.procs import pid_alive, process_start, process_started_at, same_process_alive
 
 DEFAULT_LOCAL_PORT = 8765  # what the laptop side of a unix-socket tunnel listens on
 LOGIN_HOST_ENV = "CLIP_HPC_LOGIN_HOST"
@@ -27,7 +27,7 @@ LOGIN_PLACEHOLDER = "<login-node>"
 CONNECTIONS_DIR = Path("~/.clip-hpc/connections")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 PORT_FIELDS = ("port", "local_port")
-STRING_FIELDS = ("host", "bind_host", "uds", "started", "url", "index_dir", "ssh_command")
+STRING_FIELDS = ("host", "bind_host", "uds", "process_start", "started", "url", "index_dir", "ssh_command")
 START_SLACK_S = 2.0  # `started` is whole seconds, written after the process began: later by this much, another one
 
 
@@ -97,6 +97,7 @@ class ConnectionInfo:
     local_port: int | None = None
     token: str = ""
     pid: int | None = None
+    process_start: str | None = None  # `procs.process_start` of `pid`: with it, the pid names one process for good
     started: str = ""
     url: str = ""
     index_dir: str = ""
@@ -123,6 +124,7 @@ class ConnectionInfo:
             local_port=local_port,
             token=token,
             pid=os.getpid(),
+            process_start=process_start(os.getpid()),
             started=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             url=browser_url(local_port, token),
             index_dir=index_dir,
@@ -150,9 +152,12 @@ class ConnectionInfo:
 
     def server_alive(self) -> bool:
         """Whether the process that wrote this file, on this node, still runs. A pid alone is not enough: after a
-        kill -9 the pid is soon another process's, and one that started after the file's `started` time (the
-        server writes the file only after loading) is not the server, so it neither blocks a new server nor
-        passes for one in check-ports."""
+        kill -9 the pid is soon another process's, which neither blocks a new server nor passes for one in
+        check-ports. The recorded `process_start` tells (`procs.same_process_alive`, as `IndexDir` builds do);
+        files from before it hold only `started`: a process that began after that time (the server writes the
+        file only after loading) is not the server."""
+        if self.pid and self.process_start is not None:
+            return same_process_alive(self.pid, self.process_start)
         if not pid_alive(self.pid):
             return False
         began = process_started_at(self.pid) if self.pid else None

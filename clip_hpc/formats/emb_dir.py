@@ -10,9 +10,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import re
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,12 @@ import numpy as np
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json, temp_writer_gone
+from clip_hpc.formats.inputs_list import decode_inputs, encode_inputs
 from clip_hpc.formats.shard import (
     FORMAT,
     VERSION,
     Shard,
+    ShardBatch,
     ShardCheck,
     ShardError,
     read_shard,
@@ -37,6 +38,7 @@ INPUTS_FILE = "inputs.txt"
 MANIFEST_FILE = "manifest.json"
 SHARD_DIR = "shards"
 MANIFEST_FORMAT = FORMAT + "-manifest"
+RunSetting = str | int | None  # a value of `RUN_SETTINGS` (None: not known, not compared)
 # What every shard of one EMB_DIR shares, as the shard attrs name it -> the `embed` flag that sets it.
 RUN_SETTINGS = {
     "model": "--model",
@@ -45,41 +47,6 @@ RUN_SETTINGS = {
     "dtype": "--dtype",
     "precision": "--precision",
 }
-# inputs.txt holds one name a line, as is, unless a name needs escaping: then this first line, and every line has
-# `\\`, line breaks (everything str.splitlines splits on), other controls and undecodable (surrogate-escaped)
-# bytes written as \\xHH or \\uHHHH. Files without the header (all older ones) are read line by line, as is.
-ESCAPED_INPUTS_HEADER = "#clip-hpc-inputs escaped v2"
-_NEEDS_ESCAPE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-_ESCAPED = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})")
-
-
-def _escape(name: str) -> str:
-    return _NEEDS_ESCAPE.sub(
-        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
-        name.replace("\\", "\\\\"),
-    )
-
-
-def _unescape(line: str) -> str:
-    return _ESCAPED.sub(lambda m: "\\" if m.group(1) == "\\" else chr(int(m.group(1)[1:], 16)), line)
-
-
-def encode_inputs(names: Sequence[str]) -> bytes:
-    """Pure: the bytes of inputs.txt for `names`; plain (as before) when no name needs escaping, so the same
-    inputs always give the same bytes (and sha256)."""
-    if not any(_NEEDS_ESCAPE.search(name) for name in names) and names[:1] != [ESCAPED_INPUTS_HEADER]:
-        return ("\n".join(names) + "\n").encode()
-    return ("\n".join([ESCAPED_INPUTS_HEADER, *map(_escape, names)]) + "\n").encode()
-
-
-def decode_inputs(data: bytes) -> list[str]:
-    """Pure: inverse of `encode_inputs`, also for files written before the escaped form (split on \\n only)."""
-    lines = data.decode("utf-8", errors="surrogateescape").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if lines and lines[0] == ESCAPED_INPUTS_HEADER:
-        return [_unescape(line) for line in lines[1:]]
-    return lines
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -214,10 +181,9 @@ class EmbDir:
         return file_sha256(self.inputs_path)
 
     # --- shards ---
-    def write_shard(self, unit: int, **kwargs: Any) -> Path:
+    def write_shard(self, unit: int, batch: ShardBatch) -> Path:
         """`shard.write_shard` at the unit's path; the unit is recorded in the attrs unless they say otherwise."""
-        kwargs["attrs"] = {"unit": unit, **(kwargs.get("attrs") or {})}
-        return write_shard(self.shard_path(unit), **kwargs)
+        return write_shard(self.shard_path(unit), replace(batch, attrs={"unit": unit, **batch.attrs}))
 
     def read_shard(self, unit: int, *, with_embeddings: bool = True) -> Shard:
         """With embeddings (what indexing reads) they are checked too: finite, unit norm (`embedding_problem`)."""
@@ -252,7 +218,7 @@ class EmbDir:
         recorded = self.recorded_settings()
         return int(recorded["unit_size"]) if recorded else None
 
-    def refuse_other_settings(self, wanted: dict[str, Any]) -> None:
+    def refuse_other_settings(self, wanted: Mapping[str, RunSetting]) -> None:
         """UserError when a run's settings (`RUN_SETTINGS` keys) differ from those the shards were made with.
 
         Resume judges shards one unit at a time, so a re-run with another --shard-size or --model redid every unit
@@ -330,10 +296,10 @@ class EmbDir:
                 dim, dtype = int(attrs["dim"]), attrs.get("dtype")
                 models.add((str(model), str(pretrained)))
                 dims.add(dim)
-            if not check.ok:
+            shard = check.shard
+            if not check.ok or shard is None:  # (an ok check always holds its shard)
                 invalid.append(str(check.problem))
                 continue
-            shard = check.shard
             for r in shard.failed_reasons:
                 key = r.split(":")[0]
                 reasons[key] = reasons.get(key, 0) + 1

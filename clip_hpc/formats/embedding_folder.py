@@ -21,7 +21,7 @@ import numpy as np
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
-from clip_hpc.formats.shard import embedding_problem
+from clip_hpc.formats.shard import ShardBatch, embedding_problem
 
 EMB_SUBDIR, META_SUBDIR = "img_emb", "metadata"
 EMB_STEM, META_STEM = "img_emb_", "metadata_"
@@ -54,7 +54,7 @@ def metadata_columns(
     return dict(zip(META_COLUMNS, (paths, captions, urls, keys)))
 
 
-def require_pyarrow():  # type: ignore[no-untyped-def]
+def require_pyarrow() -> Any:  # pyarrow ships no types
     """pyarrow, or the one-line error naming the install: parquet is optional for everything else."""
     try:
         import pyarrow
@@ -180,14 +180,16 @@ def import_embedding_folder(
         start = unit * unit_size
         out.write_shard(
             unit,
-            embeddings=emb[:count],
-            ids=range(start, start + count),
-            paths=buf["paths"][:count],
-            captions=buf["captions"][:count],
-            meta=buf["meta"][:count],
-            caption_embeddings=None if text is None else text[:count],
-            similarity=None if sims is None else sims[:count],
-            attrs={"model": model, "pretrained": pretrained, "unit_size": unit_size, "dtype": str(emb.dtype)},
+            ShardBatch(
+                embeddings=emb[:count],
+                ids=range(start, start + count),
+                paths=buf["paths"][:count],
+                captions=buf["captions"][:count],
+                meta=buf["meta"][:count],
+                caption_embeddings=None if text is None else text[:count],
+                similarity=None if sims is None else sims[:count],
+                attrs={"model": model, "pretrained": pretrained, "unit_size": unit_size, "dtype": str(emb.dtype)},
+            ),
         )
         buf["emb"] = [emb[count:]]
         buf["text"], buf["sims"] = ([] if text is None else [text[count:]]), ([] if sims is None else [sims[count:]])

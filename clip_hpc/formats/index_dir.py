@@ -6,13 +6,10 @@ FAISS loads only inside the methods that read or write the index, so `info` and 
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import glob
 import json
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
@@ -22,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clip_hpc.errors import UserError
-from clip_hpc.formats.atomic import atomic_write_json
+from clip_hpc.formats.atomic import atomic_write_json, temp_path
 from clip_hpc.formats.index_integrity import (
     DamagedIndex,
     check_mapped_lists,
@@ -32,9 +29,9 @@ from clip_hpc.formats.index_integrity import (
     describe_file,
     describe_npy,
 )
+from clip_hpc.formats.index_swap import new_build_dir, put_in_place, recover_interrupted
 from clip_hpc.formats.metadata import MetadataStore
 from clip_hpc.formats.tier_codes import allocate_npy
-from clip_hpc.procs import process_start, same_process_alive
 
 if TYPE_CHECKING:
     import faiss
@@ -113,9 +110,9 @@ def _lists_into_memory(index: faiss.Index) -> faiss.Index:
 
     ivf = faiss.extract_index_ivf(index)
     lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-    lists.merge_from(ivf.invlists, 0)
+    lists.merge_from(ivf.invlists, 0)  # type: ignore[arg-type]  # an IVF index always has lists
     ivf.replace_invlists(lists, True)
-    lists.this.disown()
+    lists.this.disown()  # type: ignore[attr-defined]  # SWIG's ownership handle, not in faiss's stubs
     return index
 
 
@@ -300,7 +297,7 @@ class IndexDir:
         """One rank's index (its own adds) for the merge; written under a temporary name, then renamed."""
         path = self.part_path(rank)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = temp_path(path)
         _write_faiss(index, tmp)
         os.replace(tmp, path)
         return path
@@ -324,82 +321,20 @@ class IndexDir:
     def copy_metadata_from(self, other: IndexDir) -> None:
         shutil.copy2(other.meta_path, self.meta_path)
 
-    # --- building a new one ---
+    # --- building a new one (formats/index_swap.py) ---
     @classmethod
     @contextmanager
-    def build_beside(cls, out: str | os.PathLike) -> Iterator[IndexDir]:
+    def build_beside(cls, out: str | os.PathLike[str]) -> Iterator[IndexDir]:
         """A fresh temporary directory beside `out`, removed if the build fails; call `swap_in(out)` to finish.
         Leftovers of killed builds (kill -9, a node crash) are cleaned up first (`recover_interrupted`)."""
-        out = Path(out)
-        recover_interrupted(out)
-        tmp = _beside(out, "tmp", os.getpid())
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        (tmp / OWNER_FILE).write_text(f"{socket.gethostname()}\n{process_start(os.getpid()) or ''}\n")
+        tmp = new_build_dir(Path(out))
         try:
             yield cls(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def swap_in(self, out: str | os.PathLike) -> IndexDir:
-        """Put this finished directory in place of `out`: one atomic exchange where the filesystem supports it
-        (there is never a moment without an INDEX_DIR), else old aside + rename (`recover_interrupted` puts the
-        old one back if a kill lands in between)."""
-        out = Path(out)
-        (self.root / OWNER_FILE).unlink(missing_ok=True)
-        if out.exists() and _exchange(self.root, out):
-            shutil.rmtree(self.root, ignore_errors=True)  # now holds the old index
-            return IndexDir(out)
-        old = _beside(out, "old", os.getpid())
-        if out.exists():
-            os.replace(out, old)
-        os.replace(self.root, out)
-        shutil.rmtree(old, ignore_errors=True)
+    def swap_in(self, out: str | os.PathLike[str]) -> IndexDir:
+        """Put this finished directory in place of `out` (`index_swap.put_in_place`)."""
+        put_in_place(self.root, Path(out))
         return IndexDir(out)
-
-
-OWNER_FILE = ".building-host"  # a temporary build directory names the node its pid lives on, and when it started
-
-
-def _beside(out: Path, kind: str, pid: int) -> Path:
-    return out.parent / f".{out.name}.{kind}-{pid}"
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """renameat2(RENAME_EXCHANGE): swap two paths atomically (Linux >= 3.15, local filesystems);
-    False if unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
-    except (OSError, AttributeError):
-        return False
-
-
-def _owner(path: Path) -> tuple[str, str | None]:
-    """(host, start time) of a build directory's owner; older records hold only the host."""
-    lines = path.read_text().splitlines() + ["", ""]
-    return lines[0].strip(), lines[1].strip() or None
-
-
-def recover_interrupted(out: str | os.PathLike) -> list[Path]:
-    """Clean up after builds of `out` that were killed: `.OUT.tmp-PID/` of a dead pid on this node is removed (it
-    never was an index); `.OUT.old-PID/` is the previous index, put back if `out` is missing, else removed.
-    Returns what it touched."""
-    out = Path(out)
-    touched = []
-    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
-        kind, _, pid = leftover.name[len(out.name) + 2 :].rpartition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        owner = leftover / OWNER_FILE
-        host, start = _owner(owner) if owner.is_file() else (socket.gethostname(), None)
-        if host != socket.gethostname() or same_process_alive(int(pid), start):
-            continue  # a build that may still be running (here, or on another node)
-        if kind == "old" and not out.exists():
-            os.replace(leftover, out)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-        touched.append(leftover)
-    return touched

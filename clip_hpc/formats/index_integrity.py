@@ -113,13 +113,13 @@ def check_mapped_lists(index: faiss.Index, index_path: Path) -> None:
     import faiss
 
     ivf = faiss.try_extract_index_ivf(index)
-    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None and ivf.invlists is not None else None
     if not isinstance(lists, faiss.OnDiskInvertedLists) or lists.nlist == 0:
         return
     path = Path(lists.filename) if lists.filename else index_path
     need = int(lists.totsize) if lists.filename else 0
     for list_no in range(lists.nlist - 1, -1, -1):  # the last non-empty list: usually the very last one
-        last = lists.lists.at(list_no)
+        last = lists.lists.at(list_no)  # type: ignore[attr-defined]  # a SWIG vector, typed a list in faiss's stubs
         if last.capacity:
             need = max(need, int(last.offset) + int(last.capacity) * (int(lists.code_size) + 8))
             break

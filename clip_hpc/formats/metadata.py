@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_integrity import DamagedIndex
@@ -199,10 +200,10 @@ class MetadataStore:
             last = rows[-1][0]
         return None
 
-    def _column_of(self, column: str, ids: Iterable[int]) -> dict[int, object]:
+    def _column_of(self, column: str, ids: Iterable[int]) -> dict[int, Any]:
         """id -> `column` for the `ids` present where it is not NULL, one query per 500 ids."""
         ids = [int(i) for i in ids]
-        out: dict[int, object] = {}
+        out: dict[int, Any] = {}  # SQLite's values, as the column's type says
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))

@@ -11,7 +11,7 @@ import io
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,18 @@ def _storable(values: Sequence[str]) -> np.ndarray:
         except UnicodeEncodeError:
             out.append(value.encode("utf-8", "replace").replace(b"\0", "\ufffd".encode()))
     return np.asarray(out, dtype=object)
+
+
+def meta_key_url(meta_json: str) -> tuple[str, str]:
+    """(key, url) out of a shard's `meta` string (img2dataset's fields, as embed stores them for a tar member);
+    ("", "") for a loose file."""
+    if not meta_json:
+        return "", ""
+    try:
+        value = json.loads(meta_json)
+    except ValueError:
+        return "", ""
+    return str(value.get("key") or ""), str(value.get("url") or "")
 
 
 class ShardError(UserError):
@@ -114,84 +126,107 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def write_shard(
-    path: str | os.PathLike,
-    *,
-    embeddings: np.ndarray,
-    ids: Sequence[int],
-    paths: Sequence[str],
-    failed_ids: Sequence[int] = (),
-    failed_paths: Sequence[str] = (),
-    failed_reasons: Sequence[str] = (),
-    attrs: dict[str, Any] | None = None,
-    captions: Sequence[str] | None = None,
-    meta: Sequence[str] | None = None,
-    offsets: Sequence[int] | None = None,
-    sizes: Sequence[int] | None = None,
-    caption_embeddings: np.ndarray | None = None,
-    similarity: Sequence[float] | None = None,
-) -> Path:
-    """Write one shard under a temporary name and rename it, so a killed writer leaves no valid-looking file.
+AttrValue = str | int | float | bool
+"""What an HDF5 attribute holds here: a shard's attrs are plain scalars (lists travel as JSON strings)."""
 
-    `captions`, `meta` (a JSON string per image), `offsets` and `sizes` (of a tar member) default to "" and -1.
-    `caption_embeddings` (with `similarity`, NaN where a row has no caption) are stored only when given; a row
-    without a caption is marked by `caption_embedded` false and a zero row, never by an invented vector.
+
+@dataclass(frozen=True)
+class ShardBatch:
+    """One unit's results on their way to disk: what `write_shard` stores, one entry per embedded image, plus
+    the failures and the attrs. `captions`, `meta` (a JSON string per image), `offsets` and `sizes` (of a tar
+    member) None: stored as "" and -1. `caption_embeddings` (with `similarity`, NaN where a row has no caption)
+    are stored only when given; a row without a caption is marked by `caption_embedded` false and a zero row."""
+
+    embeddings: np.ndarray
+    ids: Sequence[int] | np.ndarray
+    paths: Sequence[str]
+    failed_ids: Sequence[int] | np.ndarray = ()
+    failed_paths: Sequence[str] = ()
+    failed_reasons: Sequence[str] = ()
+    attrs: Mapping[str, AttrValue] = field(default_factory=dict)
+    captions: Sequence[str] | None = None
+    meta: Sequence[str] | None = None
+    offsets: Sequence[int] | None = None
+    sizes: Sequence[int] | None = None
+    caption_embeddings: np.ndarray | None = None
+    similarity: Sequence[float] | np.ndarray | None = None
+
+
+def _batch_problem(batch: ShardBatch) -> str | None:
+    """Pure: why the batch's parts disagree in length or shape, or None."""
+    embeddings, n = np.asarray(batch.embeddings), len(batch.ids)
+    if embeddings.ndim != 2 or embeddings.shape[0] != n or n != len(batch.paths):
+        return f"embeddings {embeddings.shape}, {n} ids and {len(batch.paths)} paths disagree"
+    if not (len(batch.failed_ids) == len(batch.failed_paths) == len(batch.failed_reasons)):
+        return "failed_ids, failed_paths and failed_reasons differ in length"
+    for name in TEXT_EXTRAS + INT_EXTRAS:
+        values = getattr(batch, name)
+        if values is not None and len(values) != n:
+            return f"{len(values)} {name} for {n} ids"
+    similarity = batch.similarity
+    if batch.caption_embeddings is not None and (
+        np.shape(batch.caption_embeddings) != embeddings.shape or similarity is None or len(similarity) != n
+    ):
+        return (
+            f"caption embeddings {np.shape(batch.caption_embeddings)} or similarity do not match "
+            f"embeddings {embeddings.shape}"
+        )
+    return None
+
+
+def write_shard(path: str | os.PathLike[str], batch: ShardBatch) -> Path:
+    """Write one shard under a temporary name and rename it, so a killed writer leaves no valid-looking file.
 
     The HDF5 file is built in memory and written with plain file I/O (`atomic_write_bytes`): a full disk is then
     an ordinary OSError with the temporary file removed, never an HDF5 error inside a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    embeddings = np.asarray(embeddings)
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(ids) or len(ids) != len(paths):
-        raise ShardError(f"{path}: embeddings {embeddings.shape}, {len(ids)} ids and {len(paths)} paths disagree")
-    if not (len(failed_ids) == len(failed_paths) == len(failed_reasons)):
-        raise ShardError(f"{path}: failed_ids, failed_paths and failed_reasons differ in length")
-    extras = {"captions": captions, "meta": meta, "offsets": offsets, "sizes": sizes}
-    for name, values in extras.items():
-        if values is not None and len(values) != len(ids):
-            raise ShardError(f"{path}: {len(values)} {name} for {len(ids)} ids")
-    if caption_embeddings is not None and (
-        np.shape(caption_embeddings) != embeddings.shape or similarity is None or len(similarity) != len(ids)
-    ):
-        raise ShardError(
-            f"{path}: caption embeddings {np.shape(caption_embeddings)} or similarity do not match "
-            f"embeddings {embeddings.shape}"
-        )
-    order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
-    meta = {
+    problem = _batch_problem(batch)
+    if problem:
+        raise ShardError(f"{path}: {problem}")
+    atomic_write_bytes(path, _hdf5_bytes(batch))
+    return path
+
+
+def _hdf5_bytes(batch: ShardBatch) -> memoryview:
+    """The shard file's bytes, rows in id order."""
+    embeddings, ids = np.asarray(batch.embeddings), np.asarray(batch.ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    attrs: dict[str, AttrValue] = {
         "format": FORMAT,
         "version": VERSION,
         "dim": int(embeddings.shape[1]),
         "n": int(len(ids)),
-        "n_failed": int(len(failed_ids)),
+        "n_failed": int(len(batch.failed_ids)),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "library_versions": json.dumps(library_versions()),
+        **batch.attrs,
     }
-    meta.update(attrs or {})
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
         f.create_dataset("embeddings", data=embeddings[order])
-        f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64)[order])
-        f.create_dataset("paths", data=_storable([paths[i] for i in order]), dtype=_STR)
-        f.create_dataset("failed_ids", data=np.asarray(failed_ids, dtype=np.int64))
-        f.create_dataset("failed_paths", data=_storable(list(failed_paths)), dtype=_STR)
-        f.create_dataset("failed_reasons", data=_storable(list(failed_reasons)), dtype=_STR)
+        f.create_dataset("ids", data=ids[order])
+        f.create_dataset("paths", data=_storable([batch.paths[i] for i in order]), dtype=_STR)
+        f.create_dataset("failed_ids", data=np.asarray(batch.failed_ids, dtype=np.int64))
+        f.create_dataset("failed_paths", data=_storable(list(batch.failed_paths)), dtype=_STR)
+        f.create_dataset("failed_reasons", data=_storable(list(batch.failed_reasons)), dtype=_STR)
         for name in TEXT_EXTRAS:
-            values = extras[name] if extras[name] is not None else [""] * len(ids)
-            f.create_dataset(name, data=_storable([values[i] for i in order]), dtype=_STR)
+            given_texts: Sequence[str] | None = getattr(batch, name)
+            texts = given_texts if given_texts is not None else [""] * len(ids)
+            f.create_dataset(name, data=_storable([texts[i] for i in order]), dtype=_STR)
         for name in INT_EXTRAS:
-            values = np.asarray(extras[name] if extras[name] is not None else [-1] * len(ids), dtype=np.int64)
+            given = getattr(batch, name)
+            values = np.asarray(given if given is not None else [-1] * len(ids), dtype=np.int64)
             f.create_dataset(name, data=values[order] if len(values) else values)
-        if caption_embeddings is not None:
-            sims = np.asarray(similarity, dtype=np.float32)[order]
-            f.create_dataset("caption_embeddings", data=np.asarray(caption_embeddings)[order])
+        if batch.caption_embeddings is not None:
+            sims = np.asarray(batch.similarity, dtype=np.float32)[order]
+            f.create_dataset("caption_embeddings", data=np.asarray(batch.caption_embeddings)[order])
             f.create_dataset("caption_embedded", data=np.isfinite(sims))
             f.create_dataset("similarity", data=sims)
-        for key, value in meta.items():
+        for key, value in attrs.items():
             f.attrs[key] = value
-    atomic_write_bytes(path, buffer.getbuffer())
-    return path
+    return buffer.getbuffer()
 
 
 def _decode(values: np.ndarray) -> list[str]:

@@ -27,7 +27,7 @@ from clip_hpc.formats.caption_view import emb_view
 from clip_hpc.formats.emb_dir import EmbDir, EmbSummary, ShardEntry
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.formats.metadata import MetadataStore
-from clip_hpc.formats.shard import Shard
+from clip_hpc.formats.shard import Shard, meta_key_url
 from clip_hpc.index.choose import (
     ADD_BATCH,
     KMEANS_ITERATIONS,
@@ -44,7 +44,6 @@ from clip_hpc.index.gpu_train import pretrain_coarse_quantizer
 from clip_hpc.index.ranks import choose_lists, deserialize, merge_in_memory, merge_on_disk, my_units, serialize
 from clip_hpc.index.rerank_tier import TIER_KEY, encode_into, load_tier, start_codes, train_tier, wants_tier
 from clip_hpc.index.selfcheck import RECALL_QUERIES, SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE, self_check
-from clip_hpc.ingest.tars import meta_key_url
 
 
 # --- FAISS objects ---------------------------------------------------------------------------------------------

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from clip_hpc.model.loading import LoadedModel
 
 CAPTION_BATCH = 256  # texts per text-tower call; the packed encoder's cost is its real tokens, not the batch
 
@@ -29,7 +32,7 @@ class CaptionRows:
 
 
 def embed_captions(
-    loaded: Any, captions: Sequence[str], image_embeddings: np.ndarray, batch_size: int = CAPTION_BATCH
+    loaded: LoadedModel, captions: Sequence[str], image_embeddings: np.ndarray, batch_size: int = CAPTION_BATCH
 ) -> CaptionRows:
     """Encode the non-blank `captions` with `loaded.encode_text` (the exact short-context, packed encoder where
     the model allows it: model/text_context.py) in batches; `image_embeddings` (unit rows) give the similarity."""

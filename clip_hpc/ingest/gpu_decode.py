@@ -13,12 +13,15 @@ import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypedDict, TypeVar
 
 import torch
 from torch.utils.data import Dataset
 
 from clip_hpc.errors import UserError
+
+if TYPE_CHECKING:
+    from clip_hpc.model.loading import LoadedModel
 
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 BASELINE_SOF = (0xC0, 0xC1)  # Huffman baseline and extended sequential: what nvJPEG's batched decode takes
@@ -31,8 +34,18 @@ PREFETCH_BATCHES = 2  # device-decoded batches ready ahead of inference (each ~1
 T = TypeVar("T")
 
 
+class Batch(TypedDict):
+    """What the loop gets per batch (`image_dataset.collate`): embedded ids, their pixels (None: every item failed),
+    their `Extras`, and (id, reason) of each failure. A dict, which DataLoader workers and pinning pass as is."""
+
+    ids: list[int]
+    pixels: Any  # a stacked tensor; in `collate_mixed`'s batch, a list of tensors and `RawJpeg`s until `finish`
+    extras: list[Any]
+    failed: list[tuple[int, str]]
+
+
 class CpuDataset(Protocol):
-    """What the route needs from `embed.ImageDataset` (a Protocol, so this module never imports embed)."""
+    """What the route needs from `image_dataset.ImageDataset` (a Protocol, so this module never imports embed)."""
 
     ids: list[int]
     paths: list[str]
@@ -148,7 +161,8 @@ class DevicePreprocess:
         out: list[torch.Tensor | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for k, image in enumerate(images):
-            groups.setdefault(tuple(image.shape[-2:]), []).append(k)
+            h, w = image.shape[-2:]
+            groups.setdefault((h, w), []).append(k)
         for (h, w), members in groups.items():
             x = torch.stack([images[k] for k in members]).float()
             short, long = (h, w) if h <= w else (w, h)
@@ -245,7 +259,7 @@ class DeviceJpegDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | RawJpeg | None, str, Any]:
         source, extras = self.inner._source(self.inner.paths[i])
-        data = source if isinstance(source, (bytes, bytearray)) else _read_file(source)
+        data = bytes(source) if isinstance(source, (bytes, bytearray)) else _read_file(source)
         if data is None or not gpu_decodable(data, self.inner.max_pixels):
             return self.inner[i]  # the CPU path, and its failure record, unchanged
         return self.inner.ids[i], RawJpeg(i, torch.frombuffer(bytearray(data), dtype=torch.uint8)), "", extras
@@ -261,8 +275,8 @@ def _read_file(source: Any) -> bytes | None:
         return None
 
 
-def collate_mixed(items: list[tuple[int, Any, str, Any]]) -> dict[str, Any]:
-    """`embed.collate`'s batch, with `pixels` a list (tensors and `RawJpeg`s) that `DeviceRoute.finish` stacks."""
+def collate_mixed(items: list[tuple[int, Any, str, Any]]) -> Batch:
+    """`image_dataset.collate`'s batch, `pixels` a list (tensors and `RawJpeg`s) that `DeviceRoute.finish` stacks."""
     good = [(i, t, x) for i, t, _, x in items if t is not None]
     return {
         "ids": [i for i, _, _ in good],
@@ -280,23 +294,23 @@ class DeviceRoute:
         self.device = device
         self.preprocess = DevicePreprocess(preprocess_cfg, device)
         self.inner: CpuDataset | None = None
-        self.collate: Callable[[list], dict[str, Any]] = collate_mixed
+        self.collate: Callable[[list[Any]], Batch] = collate_mixed
 
     def dataset(self, inner: CpuDataset) -> Dataset:
         self.inner = inner
         return DeviceJpegDataset(inner)
 
-    def batches(self, loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def batches(self, loader: Iterable[Batch]) -> Iterator[Batch]:
         """The loader's batches finished one step ahead in a thread: the next batch's decode overlaps this one's
         inference (the GPU work shares a stream; the host work, and the wait for the GPU, overlap)."""
         return prefetched(map(self.finish, loader), PREFETCH_BATCHES)
 
-    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, batch: Batch) -> Batch:
         items = batch["pixels"] or []
         raw = [k for k, t in enumerate(items) if isinstance(t, RawJpeg)]
         decoded = dict(zip(raw, decode_on_device([items[k].data for k in raw], self.device)))
-        ready = [k for k in raw if decoded[k] is not None]
-        on_device = dict(zip(ready, self.preprocess([decoded[k] for k in ready]))) if ready else {}
+        ready = {k: image for k, image in decoded.items() if image is not None}
+        on_device = dict(zip(ready, self.preprocess(list(ready.values())))) if ready else {}
         ids, pixels, extras, failed = [], [], [], list(batch["failed"])
         for k, item in enumerate(items):
             if isinstance(item, RawJpeg) and k not in on_device:
@@ -314,18 +328,18 @@ class DeviceRoute:
 class CpuRoute:
     """Workers decode and preprocess (the project's default); batches pass through unchanged."""
 
-    def __init__(self, collate: Callable[[list], dict[str, Any]]) -> None:
+    def __init__(self, collate: Callable[[list[Any]], Batch]) -> None:
         self.collate = collate
 
     def dataset(self, inner: CpuDataset) -> Dataset:
         return inner  # type: ignore[return-value]
 
-    def batches(self, loader: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    def batches(self, loader: Iterable[Batch]) -> Iterable[Batch]:
         return loader  # the DataLoader's workers already run ahead of the loop
 
 
 def choose_route(
-    decode: str, loaded: Any, paths: Sequence[str], collate: Callable[[list], dict[str, Any]]
+    decode: str, loaded: LoadedModel, paths: Sequence[str], collate: Callable[[list[Any]], Batch]
 ) -> DeviceRoute | CpuRoute:
     """`cpu`: workers decode. `gpu`: the device decodes JPEGs (on a CPU device, the same code through torchvision's
     CPU decoder: what the tests run). `auto`: the device route where it wins, a CUDA model and mostly JPEG inputs."""

@@ -152,13 +152,14 @@ def decode_image(
                 return DecodeFailure("a directory", "give it as an input to embed the images in it")
             if os.path.getsize(source) == 0:
                 return DecodeFailure("empty file")
-        with Image.open(source) as img:
+        with Image.open(source) as file:
+            img: Image.Image = file
             w, h = img.size
             if w * h > max_pixels:
                 return DecodeFailure("too many pixels", f"{w}x{h} > {max_pixels}")
-            if min_size and img.format == "JPEG":
-                img.draft("RGB", (min_size, min_size))
-            img.load()
+            if min_size and file.format == "JPEG":
+                file.draft("RGB", (min_size, min_size))
+            file.load()
             img = _reduced(img, min_size)  # before exif_transpose, which copies the image
             img = ImageOps.exif_transpose(img) or img
             img = _reduced(_to_rgb(img), min_size)

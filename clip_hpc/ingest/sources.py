@@ -52,7 +52,9 @@ def _walk(root: Path) -> Iterable[str]:
     make the walk exponential, and a link to a walked directory would list its images twice. Plain directories come
     before linked ones, so an image keeps its real path. An entry whose type cannot be read (a link to itself:
     ELOOP) is treated as a file: with an image name it is listed and fails later with a reason, never the job."""
-    stack, linked, seen = [root], [], set()
+    stack: list[Path] = [root]
+    linked: list[Path] = []
+    seen: set[tuple[int, int]] = set()
     while stack or linked:
         d = stack.pop() if stack else linked.pop()
         try:

@@ -16,7 +16,7 @@ import re
 import stat
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from clip_hpc.formats.tar_member import member_line
@@ -124,15 +124,25 @@ def _unique(name: str, taken: set[str]) -> str:
     return f"{name} (duplicate {k})"
 
 
+@dataclass
+class _KeyParts:
+    """The members of one sample key: its images (name, member or None, problem or "") and its first caption and
+    json."""
+
+    images: list[tuple[str, Member | None, str]] = field(default_factory=list)
+    caption: tuple[str, Member] | None = None
+    meta: tuple[str, Member] | None = None
+
+
 def _samples(path: str, infos: list[tarfile.TarInfo], file_size: int) -> list[TarSample]:
     """Every image member becomes a sample (a duplicate name or a special member as a failure); all images of a
     key share its first caption and json; a key with sidecars only is one 'no image' sample."""
     taken = {info.name for info in infos}
-    keys: dict[str, dict[str, Any]] = {}
+    keys: dict[str, _KeyParts] = {}
     seen: set[str] = set()
     for info in infos:
         key, ext = _sample_key(info.name)
-        parts = keys.setdefault(key, {"images": []})
+        parts = keys.setdefault(key, _KeyParts())
         problem = _special(info)
         member = Member(info.offset_data, info.size)
         if ext in IMAGE_SUFFIXES:
@@ -142,26 +152,29 @@ def _samples(path: str, infos: list[tarfile.TarInfo], file_size: int) -> list[Ta
             elif not problem and info.offset_data + info.size > file_size:
                 problem = f"truncated tar: member {info.name} is cut at byte {file_size}"
             seen.add(info.name)
-            parts["images"].append((name, None if problem else member, problem))
-        elif ext in (".txt", ".json") and not problem:
-            parts.setdefault("caption" if ext == ".txt" else "meta", (info.name, member))
+            parts.images.append((name, None if problem else member, problem))
+        elif ext == ".txt" and not problem and parts.caption is None:
+            parts.caption = (info.name, member)
+        elif ext == ".json" and not problem and parts.meta is None:
+            parts.meta = (info.name, member)
     out = []
-    for parts in keys.values():
-        caption, meta = parts.get("caption"), parts.get("meta")
+    for key, parts in keys.items():
+        caption, meta = parts.caption, parts.meta
         cut = [m for m in (caption, meta) if m and m[1].offset + m[1].size > file_size]
         side = (caption and caption[1], meta and meta[1])
-        for name, image, problem in parts["images"]:
+        for name, image, problem in parts.images:
             if cut and not problem:
                 problem = f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
             out.append(TarSample(path, name, image, *side, problem=problem))
-        if not parts["images"] and (caption or meta) and "." not in key.rpartition("/")[2]:
+        orphan = caption or meta
+        if not parts.images and orphan and "." not in key.rpartition("/")[2]:
             # (a dotted key is a `_sample_key` fallback: an orphan `x.v2.txt` is a WebDataset field, no lost image)
             problem = (
                 f"truncated tar: member {cut[0][0]} is cut at byte {file_size}"
                 if cut
                 else "no image: a caption or json member without an image beside it"
             )
-            out.append(TarSample(path, (caption or meta)[0], None, *side, problem=problem))
+            out.append(TarSample(path, orphan[0], None, *side, problem=problem))
     return out
 
 
@@ -205,9 +218,10 @@ def index_tar(path: str | os.PathLike) -> list[TarSample]:
             if read_error is None:
                 stop = min(tf.offset, file_size)
                 tail_unread = stop < file_size and (stopped_early or _unread_tail(f, stop, file_size))
-    except tarfile.TarError:  # not a tar at all (an empty or failed download): one failing line, go on
+    except tarfile.TarError as exc:  # not a tar at all (an empty or failed download): one failing line, go on
         if path.lower().endswith((".gz", ".tgz")):  # listed so that its images are not lost without a word
-            exc = tarfile.ReadError("a compressed tar cannot be read by offset; decompress it (gunzip) first")
+            why = "a compressed tar cannot be read by offset; decompress it (gunzip) first"
+            return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {why}")]
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem=f"not a tar: {exc}")]
     except FileNotFoundError:  # one failed download among thousands of tars: recorded like a missing image
         return [TarSample(path, f"{UNREADABLE_PREFIX}0>", problem="missing file")]
@@ -316,9 +330,9 @@ def header_describes(header: bytes, name: str, size: int) -> bool:
     if len(header) != tarfile.BLOCKSIZE or header[156:157] not in (b"0", b"\0", b"7"):
         return False
     try:
-        if int(header[148:156].split(b"\0")[0].strip() or b"-1", 8) not in tarfile.calc_chksums(header):
+        if int(header[148:156].split(b"\0")[0].strip() or b"-1", 8) not in tarfile.calc_chksums(header):  # type: ignore[attr-defined]  # tarfile's own helper, not in typeshed
             return False
-        if tarfile.nti(header[124:136]) != size:
+        if tarfile.nti(header[124:136]) != size:  # type: ignore[attr-defined]  # as above
             return False
     except (ValueError, tarfile.HeaderError):
         return False
@@ -369,7 +383,7 @@ def decode_meta(data: bytes) -> tuple[dict[str, Any], list[str]]:
     return {k: v for k, v in fields.items() if v is not None}, notes
 
 
-def sample_meta(sample: TarSample, caption: str, meta: dict[str, Any], notes: list[str] = ()) -> str:
+def sample_meta(sample: TarSample, caption: str, meta: dict[str, Any], notes: Sequence[str] = ()) -> str:
     """The shard's per-image `meta` JSON: the img2dataset fields that matter (key from the name if absent), and
     `notes` on repaired captions and sidecars."""
     fields = {k: meta[k] for k in META_FIELDS if k in meta and meta[k] is not None}
@@ -379,14 +393,3 @@ def sample_meta(sample: TarSample, caption: str, meta: dict[str, Any], notes: li
     if notes:
         fields["notes"] = list(notes)
     return json.dumps(fields, ensure_ascii=False, sort_keys=True)
-
-
-def meta_key_url(meta_json: str) -> tuple[str, str]:
-    """(key, url) out of a shard's `meta` string; ("", "") for a loose file."""
-    if not meta_json:
-        return "", ""
-    try:
-        value = json.loads(meta_json)
-    except ValueError:
-        return "", ""
-    return str(value.get("key") or ""), str(value.get("url") or "")

@@ -33,7 +33,7 @@ class Encoder(Protocol):
 
 
 class ModelEncoder:
-    """The default `Encoder`: `models.load_model(name, pretrained)` on first use, checked against the index's dim."""
+    """The default `Encoder`: `loading.load_model(name, pretrained)` on first use, checked against the index's dim."""
 
     def __init__(
         self,
@@ -56,6 +56,9 @@ class ModelEncoder:
         with self._lock:
             if self._model is None:
                 from clip_hpc.model.loading import load_model
+
+                if self.name is None:
+                    raise UserError("index.json records no model: give --model")
 
                 self._model = load_model(self.name, self.pretrained, device=self.device, full_context=self.full_context)
             if int(self._model.dim) != self.dim:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from clip_hpc.errors import UserError
+from clip_hpc.model.open_clip_types import OpenClipModel
 from clip_hpc.model.text_context import TextContext, choose_text_context
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -97,7 +98,7 @@ def precision_name(dtype: torch.dtype) -> str:
 class LoadedModel:
     """A CLIP model ready for inference, with the matching preprocessing and tokenizer."""
 
-    model: torch.nn.Module
+    model: OpenClipModel
     preprocess: Callable[[Any], torch.Tensor]
     tokenizer: Callable[[Sequence[str]], torch.Tensor]
     device: torch.device
@@ -201,7 +202,7 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _create(name: str) -> torch.nn.Module:
+def _create(name: str) -> OpenClipModel:
     """Seeded construction: with `--pretrained none` every rank (every process, every call) builds the same model."""
     import open_clip
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clip_hpc.model.open_clip_types import OpenClipModel
 from clip_hpc.model.text_packed import PackedTextTower, cannot_pack, pooled_positions, prepack_available, project_text
 
 PROBE_TOLERANCE = 1e-4  # largest difference from the full context accepted on the probe (float32: ~1e-6 seen)
@@ -33,14 +34,14 @@ class TextContext:
         note = f"; {self.packed_note}" if self.short and self.packed_note else ""
         return f"{'short' if self.short else 'full'} ({self.reason}{note})"
 
-    def encode(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    def encode(self, model: OpenClipModel, tokens: torch.Tensor) -> torch.Tensor:
         """Unnormalised text features: packed, else the short prefix, else open_clip's own full context."""
         if not self.short:
             return model.encode_text(tokens)
         return self.packed.encode(tokens) if self.packed is not None else encode_text_short(model, tokens)
 
 
-def structural_check(model: torch.nn.Module) -> TextContext:
+def structural_check(model: OpenClipModel) -> TextContext:
     """The conditions under which truncation is exact, read off the model; the first one that fails is the reason."""
     from open_clip.model import CLIP
     from open_clip.transformer import ResidualAttentionBlock, Transformer
@@ -67,12 +68,12 @@ def is_causal_mask(mask: torch.Tensor) -> bool:
     return bool(torch.all(torch.isneginf(mask[above]))) and bool(torch.all(mask[~above] == 0))
 
 
-def needed_length(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+def needed_length(model: OpenClipModel, tokens: torch.Tensor) -> int:
     """The shortest prefix that holds every row's pooled position."""
     return int(pooled_positions(model, tokens).max()) + 1 if len(tokens) else 1
 
 
-def encode_text_short(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text_short(model: OpenClipModel, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's `CLIP.encode_text` on the needed prefix of the context only (unnormalised features)."""
     from open_clip.model import text_global_pool
 
@@ -94,7 +95,7 @@ def probe_gap(full: torch.Tensor, other: torch.Tensor) -> float | None:
 
 
 @torch.inference_mode()
-def choose_text_context(model: torch.nn.Module, tokenizer, device: torch.device, dtype: torch.dtype) -> TextContext:
+def choose_text_context(model: OpenClipModel, tokenizer, device: torch.device, dtype: torch.dtype) -> TextContext:
     """The structural check, then a probe (texts of mixed lengths) that must match the full context; then the
     packed path (text_packed.py), kept only when it matches too."""
     context = structural_check(model)

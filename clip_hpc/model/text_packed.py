@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clip_hpc.model.open_clip_types import OpenClipModel
+
 ELEMENTWISE_ACTIVATIONS = ("GELU", "QuickGELU", "SiLU", "ReLU")
 
 
-def cannot_pack(model: torch.nn.Module) -> str | None:
+def cannot_pack(model: OpenClipModel) -> str | None:
     """Why this (already structurally causal) tower cannot be run packed, or None when it can."""
     for block in model.transformer.resblocks:
         attn = block.attn
@@ -42,7 +44,7 @@ def cannot_pack(model: torch.nn.Module) -> str | None:
     return None
 
 
-def pooled_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def pooled_positions(model: OpenClipModel, tokens: torch.Tensor) -> torch.Tensor:
     """Each row's pooled position (argmax = EOT for CLIP's tokenizer)."""
     pool = model.text_pool_type
     if pool == "first":
@@ -52,7 +54,7 @@ def pooled_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tens
     return tokens.argmax(dim=-1)
 
 
-def project_text(model: torch.nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+def project_text(model: OpenClipModel, pooled: torch.Tensor) -> torch.Tensor:
     """open_clip's last text step: the projection, a matrix or a Linear (or none)."""
     projection = model.text_projection
     if projection is None:
@@ -146,7 +148,7 @@ class FirstToken:
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
-    def compute(cls, model: torch.nn.Module, blocks: list[PackedBlock], token: int) -> FirstToken:
+    def compute(cls, model: OpenClipModel, blocks: list[PackedBlock], token: int) -> FirstToken:
         cast_dtype = model.transformer.get_cast_dtype()
         ids = torch.tensor([token], device=model.positional_embedding.device)
         x = model.token_embedding(ids).to(cast_dtype) + model.positional_embedding[:1].to(cast_dtype)
@@ -161,7 +163,7 @@ class FirstToken:
 class PackedTextTower:
     """`encode(tokens)`: open_clip's `CLIP.encode_text` features (unnormalised) for padded token rows."""
 
-    def __init__(self, model: torch.nn.Module, prepack: bool) -> None:
+    def __init__(self, model: OpenClipModel, prepack: bool) -> None:
         self.model, self.prepack = model, prepack
         self.blocks = self._pack()
         self.versions = self._weight_versions()
