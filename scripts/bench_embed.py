@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from clip_hpc.bench.embed_rates import decode_rate, model_rate
 from clip_hpc.devdata.local_s3 import moto_server, s3_env, upload
 from clip_hpc.devdata.sample_images import pack_into_tars, write_sample_tars
 from clip_hpc.ingest.sources import list_images
@@ -89,36 +90,6 @@ def run_ranks(
         "wall_s_with_startup": wall,
         "per_rank_img_per_s": [(r["embedded"] + r["failed"]) / r["seconds"] for r in per_rank if r["seconds"]],
     }
-
-
-def decode_rate(images: Path, model: str, workers: int, batch: int) -> float:
-    """The reader alone: DataLoader workers decode and preprocess, nothing runs the model."""
-    from torch.utils.data import DataLoader
-
-    from clip_hpc.ingest.embed import ImageDataset, collate
-    from clip_hpc.model.loading import load_model
-
-    loaded = load_model(model, "none", device="cpu")
-    paths = list_images([images])
-    ds = ImageDataset(range(len(paths)), paths, loaded.preprocess, loaded.image_size, 10**9)
-    loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
-    t0 = time.perf_counter()
-    n = sum(len(b["ids"]) for b in loader)
-    return n / (time.perf_counter() - t0)
-
-
-def model_rate(model: str, batch: int, seconds: float = 8.0) -> float:
-    """The mapper alone: inference on ready tensors, all cores to one process."""
-    from clip_hpc.model.loading import load_model
-
-    loaded = load_model(model, "none", device="auto")
-    x = torch.randn(batch, 3, loaded.image_size, loaded.image_size)
-    loaded.encode_images(x)  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        loaded.encode_images(x)
-        n += batch
-    return n / (time.perf_counter() - t0)
 
 
 def main() -> None:

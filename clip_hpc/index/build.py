@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from clip_hpc.ann.tier import load_tier
 from clip_hpc.cluster.collective import from_root, on_every_rank
 from clip_hpc.cluster.world import World
 from clip_hpc.cluster.world import world as current_world
@@ -42,7 +43,7 @@ from clip_hpc.index.choose import (
 from clip_hpc.index.defaults import TRAIN_PER_LIST
 from clip_hpc.index.gpu_train import pretrain_coarse_quantizer
 from clip_hpc.index.ranks import choose_lists, deserialize, merge_in_memory, merge_on_disk, my_units, serialize
-from clip_hpc.index.rerank_tier import TIER_KEY, encode_into, load_tier, start_codes, train_tier, wants_tier
+from clip_hpc.index.rerank_tier import TIER_KEY, encode_into, start_codes, train_tier, wants_tier
 from clip_hpc.index.selfcheck import RECALL_QUERIES, SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE, self_check
 from clip_hpc.ingest.tars import meta_key_url
 

@@ -1,5 +1,5 @@
 """The recall self-check of an index: recall@10 of the served configuration against exact inner-product search,
-for indexed vectors used as queries, for text-like ones (clip_hpc.index.text_queries: CLIP's "modality gap" puts a
+for indexed vectors used as queries, for text-like ones (clip_hpc.ann.text_queries: CLIP's "modality gap" puts a
 text query at cosine ~0.25-0.45 from its best image) and for real captions through the index's own model, and
 the nprobe / refine-factor tuning built on it. Tuning and reporting use disjoint halves of every query family.
 
@@ -19,10 +19,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from clip_hpc.index.ground_truth import ABSENT, RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
-from clip_hpc.index.rerank_tier import EXACT_FACTORS, refine_over
-from clip_hpc.index.text_queries import caption_queries, text_like_groups
-from clip_hpc.search.core import normalise_rows, search_index, set_nprobe
+from clip_hpc.ann.core import normalise_rows, search_index, set_nprobe
+from clip_hpc.ann.ground_truth import ABSENT, RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
+from clip_hpc.ann.text_queries import caption_queries, text_like_groups
+from clip_hpc.ann.tier import EXACT_FACTORS, refine_over
 
 TARGET_RECALL = 0.95
 RECALL_QUERIES = 800  # indexed vectors sampled: half tune, half report (each also the base of text-like groups)

@@ -1,5 +1,5 @@
 """The serving engine: loads an INDEX_DIR (index, vectors, metadata, model) and answers queries by text, image,
-id, raw vector, or a weighted combination of them, through the pure core in `search.core`."""
+id, raw vector, or a weighted combination of them, through the pure core in `ann.core`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 import faiss
 import numpy as np
 
+from clip_hpc.ann.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir, IndexInfo
 from clip_hpc.ingest.images import as_query_image
 from clip_hpc.model.encoders import Encoder, ModelEncoder
-from clip_hpc.search.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
 
 MAX_K = 10_000  # results per query, for the CLI and the HTTP API alike
 PREFILTER_LIMIT = (
@@ -99,7 +99,7 @@ class SearchEngine:
         factor = int((self.info.tier or {}).get("exact_factor") or 0)
         if not (self.refine and factor and files.has_tier()):
             return None, 0
-        from clip_hpc.index.rerank_tier import load_tier, refine_over
+        from clip_hpc.ann.tier import load_tier, refine_over
 
         self._tier_codes = load_tier(files.tier_path, files.tier_codes_path)
         return refine_over(self.index, self._tier_codes), factor

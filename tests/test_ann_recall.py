@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from clip_hpc.index.ground_truth import (
+from clip_hpc.ann.core import rerank
+from clip_hpc.ann.ground_truth import (
     exact_top_k,
     exact_truth,
     hit_positions,
@@ -23,7 +24,6 @@ from clip_hpc.index.selfcheck import (
     recall_prediction_bound,
     sweep,
 )
-from clip_hpc.search.core import rerank
 from index_fixtures import synthetic
 
 
