@@ -272,8 +272,9 @@ def stage_index(p: dict[str, Any], work: Path) -> dict[str, Any]:
 
     from clip_hpc.ann.ground_truth import exact_top_k, recall_at_k
     from clip_hpc.devdata.synthetic_vectors import gaussian_mixture
-    from clip_hpc.index.build import choose_index_key, choose_train_size, gpu_index, ivf_lists, make_index
+    from clip_hpc.index.choose import choose_index_key, choose_train_size, ivf_lists
     from clip_hpc.index.gpu_train import DEVICE_ENV, kmeans_device, pretrain_coarse_quantizer
+    from clip_hpc.index.stages import gpu_index, make_index
 
     n, dim = p["vectors"], p["dim"]
     vectors, _ = gaussian_mixture(n, dim, clusters=max(10, n // 500), seed=3)

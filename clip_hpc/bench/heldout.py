@@ -66,7 +66,7 @@ def heldout_queries(
         cosine = float(rng.uniform(*cosine_range))
         noise = float(rng.uniform(0.1, 0.7))
         tilt = float(rng.uniform(0.0, 0.3))
-        direction = normalise_rows(rng.standard_normal(images.shape[1]))
+        direction = normalise_rows(rng.standard_normal((images.shape[1],)))
         inside = normalise_rows(images[rng.integers(len(images))] + data_mean)
         direction = normalise_rows((1 - tilt) * direction + tilt * inside)
         text_groups.append(text_like(part, direction, cosine, noise, rng))

@@ -30,7 +30,7 @@ SENT: set[str] = set()  # every text this run has sent: no server sees a text tw
 def query_texts(n: int, seed: int) -> list[str]:
     """`n` texts of 2 to 14 words (lengths vary like real queries: 4 to 16 tokens with the start and end tokens),
     none sent before in this run."""
-    rng, out = random.Random(seed), []
+    rng, out = random.Random(seed), list[str]()
     while len(out) < n:
         text = " ".join(rng.choices(WORDS, k=rng.randint(2, 14)))
         if text not in SENT:

@@ -63,7 +63,7 @@ def off_distribution_queries(
 ) -> np.ndarray:
     """A stand-in for text queries against image vectors: one constant offset (the "modality gap") plus noise."""
     dim = queries.shape[1]
-    offset = normalise_rows(rng.standard_normal(dim))[None, :] * offset_norm
+    offset = normalise_rows(rng.standard_normal((dim,)))[None, :] * offset_norm
     jitter = rng.standard_normal(queries.shape).astype(np.float32) * (noise / math.sqrt(dim))
     return normalise_rows(queries + offset + jitter)
 
@@ -186,7 +186,9 @@ def probe_ladder(nlist: int) -> list[int]:
 
 def _family_spans(families: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, dict[str, list[tuple[int, int]]]]:
     """All query groups stacked into one matrix, and each family's (start, stop) rows per group."""
-    parts, spans, at = [], {}, 0
+    parts: list[np.ndarray] = []
+    spans: dict[str, list[tuple[int, int]]] = {}
+    at = 0
     for name, groups in families.items():
         spans[name] = []
         for group in groups:
@@ -317,7 +319,7 @@ def self_check(
         max(1, max((ivf.get_list_size(i) for i in range(ivf.nlist)), default=1)) if ivf is not None else n_cand
     )  # nprobe lists never hold more candidates than nprobe x the longest
     scan = FAST_SCAN_BYTE_COST if ivf is not None and "FastScan" in type(faiss.downcast_index(ivf)).__name__ else 1.0
-    tier_bytes = int(tier.sa_code_size()) if tiered else 0
+    tier_bytes = int(tier.sa_code_size()) if tier is not None and tiered else 0
 
     def cost(probe: int, config: Config) -> float:
         list_size = 0.0 if ivf is None else ivf.ntotal / ivf.nlist
@@ -332,9 +334,10 @@ def self_check(
             exact_factor=config[1],
         )
 
-    probes = [1 if ivf is None else int(nprobe)] if ivf is None or nprobe else probe_ladder(ivf.nlist)
+    probes = [1] if ivf is None else [int(nprobe)] if nprobe else probe_ladder(ivf.nlist)
     budget = budget_s if budget_s is not None else math.inf
     tuned = sweep(bound_of, probes, configs, cost, deadline=time.perf_counter() + budget)
+    assert tuned.best is not None  # sweep always chooses a pair
     nprobe, (factor, exact_factor) = tuned.best
     shown_factor = factor or refine_factor or REFINE_FACTORS[0]  # refine numbers are shown even when it is off
     report: dict[str, Any] = {

@@ -188,7 +188,8 @@ class SearchEngine:
                 exact_factor=self.exact_factor,
             )
             for i, hits in zip(rows, self._hits(scores, ids, None)):
-                out[i] = [hit for hit in hits if min_scores[i] is None or hit.score >= min_scores[i]]
+                floor = min_scores[i]
+                out[i] = [hit for hit in hits if floor is None or (hit.score is not None and hit.score >= floor)]
         return out
 
     def search_text(self, text: str, k: int = 10, **filters: Any) -> list[Hit]:
@@ -280,10 +281,20 @@ class SearchEngine:
             raise UserError("diversity must be between 0 and 1")
         combined = np.asarray(query, dtype=np.float32)[None, :]
         k = self._check_k(k)
-        filters = dict(path_prefix=path_prefix, min_score=min_score, caption=caption, min_similarity=min_similarity)
+
+        def search(n: int) -> list[Hit]:
+            return self.search_vectors(
+                combined,
+                n,
+                path_prefix=path_prefix,
+                min_score=min_score,
+                caption=caption,
+                min_similarity=min_similarity,
+            )[0]
+
         if diversity <= 0:
-            return self.search_vectors(combined, k, **filters)[0]
-        pool = self.search_vectors(combined, min(MAX_K, max(4 * k, 50)), **filters)[0]
+            return search(k)
+        pool = search(min(MAX_K, max(4 * k, 50)))
         if not pool:
             return []
         order = mmr(combined[0], np.asarray(self.vectors[[h.id for h in pool]], dtype=np.float32), k, diversity)
@@ -342,12 +353,18 @@ class SearchEngine:
         self, queries: np.ndarray, k: int, prefix: str | None, caption: str | None, min_similarity: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Few matching ids: exact search over just them. Many: the ANN search restricted by an id selector."""
-        filters = dict(path_prefix=prefix, caption=caption, min_similarity=min_similarity)
-        allowed = np.asarray(self.meta.ids_matching(**filters, limit=PREFILTER_LIMIT + 1), dtype=np.int64)
+
+        def matching(limit: int | None) -> np.ndarray:
+            ids = self.meta.ids_matching(
+                path_prefix=prefix, caption=caption, min_similarity=min_similarity, limit=limit
+            )
+            return np.asarray(ids, dtype=np.int64)
+
+        allowed = matching(PREFILTER_LIMIT + 1)
         if len(allowed) <= PREFILTER_LIMIT:
             cand = np.broadcast_to(allowed, (len(queries), len(allowed)))
             return rerank(queries, cand, self.vectors, k)
-        selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_matching(**filters), dtype=np.int64))
+        selector = faiss.IDSelectorBatch(matching(None))
         return search_index(
             self.index,
             self.vectors,
