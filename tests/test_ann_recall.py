@@ -16,14 +16,8 @@ from clip_hpc.ann.ground_truth import (
     recall_per_query,
     tie_aware_positions,
 )
-from clip_hpc.index.selfcheck import (
-    off_distribution_groups,
-    off_distribution_queries,
-    probe_ladder,
-    recall_lower_bound,
-    recall_prediction_bound,
-    sweep,
-)
+from clip_hpc.index.selfcheck import off_distribution_groups, off_distribution_queries
+from clip_hpc.index.tuning import probe_ladder, recall_lower_bound, recall_prediction_bound, sweep
 from index_fixtures import synthetic
 
 
