@@ -23,6 +23,7 @@ from clip_hpc.ann.core import normalise_rows, search_index, set_nprobe
 from clip_hpc.ann.ground_truth import ABSENT, RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
 from clip_hpc.ann.text_queries import caption_queries, text_like_groups
 from clip_hpc.ann.tier import EXACT_FACTORS, refine_over
+from clip_hpc.index.recall_report import FamilyFigures, RecallReport
 from clip_hpc.index.tuning import TARGET_RECALL, probe_ladder, recall_lower_bound, recall_prediction_bound, sweep
 
 RECALL_QUERIES = 800  # indexed vectors sampled: half tune, half report (each also the base of text-like groups)
@@ -277,11 +278,11 @@ def _tuning_bounds(
 
 
 def _served_figures(
-    report: dict[str, Any], served_recall: Callable[[Config], np.ndarray], checked: CheckQueries, config: Config
-) -> None:
-    """The reporting half's recall, refine (at `config`) and no_refine, per family into `report`; the text-like
+    served_recall: Callable[[Config], np.ndarray], checked: CheckQueries, config: Config
+) -> dict[str, FamilyFigures]:
+    """The reporting half's recall, refine (at `config`) and no_refine, per family; the text-like
     family as off_distribution with its worst direction and its mean by target cosine."""
-    cosines = checked.cosines
+    cosines, report = checked.cosines, dict[str, FamilyFigures]()
     for name, each in (("refine", config), ("no_refine", (0, 0))):
         recall = served_recall(each)
         for family, spans in checked.spans.items():
@@ -294,6 +295,7 @@ def _served_figures(
                     f"{c:.2f}": round(float(np.mean([m for m, cc in zip(means, cosines) if cc == c])), 4)
                     for c in sorted(set(cosines), reverse=True)
                 }
+    return report
 
 
 def self_check(
@@ -309,7 +311,7 @@ def self_check(
     pretrained: str | None = None,
     budget_s: float | None = None,
     tier: faiss.Index | None = None,
-) -> tuple[int, dict[str, Any]]:
+) -> RecallReport:
     """Recall@10 of the served configuration against exact search, for three query families: indexed vectors,
     synthetic text-like groups (one gap direction each, cosine to their image 0.45 down to 0.25) and the built-in
     captions through the index's own text tower (when its weights load here). Half of every family tunes nprobe
@@ -338,33 +340,30 @@ def self_check(
     assert tuned.best is not None  # sweep always chooses a pair
     nprobe, (factor, exact_factor) = tuned.best
     shown_factor = factor or refine_factor or REFINE_FACTORS[0]  # refine numbers are shown even when it is off
-    report: dict[str, Any] = {
-        "k": RECALL_K,
-        "target": TARGET_RECALL,
-        "nprobe": nprobe,
-        "refine_factor": shown_factor,
-        "tier_exact_factor": exact_factor or None,
-        "tier_code_bytes": tier_bytes or None,
-        "tuning_queries": int(len(tune.queries)),
-        "queries": int(len(served.queries)),
-        "off_directions": len(served.spans["text_like"]),
-        "text_like_cosines": list(served.cosines),
-        "captions_source": text.source if text is not None else "none",
-        "tuning_lower_bounds": tuning,
-        "probes_swept": tuned.probes,
-        "sweep_budget_s": None if budget_s is None else round(budget_s, 1),
-        "sweep_budget_hit": tuned.budget_hit,
-        "ground_truth_s": round(truth_s, 3),
-    }
-    if text is not None and text.reason:
-        report["captions_fallback"] = text.reason
-    served_recall = recall.at(served, nprobe, RECALL_K * max(shown_factor, 1))
-    _served_figures(report, served_recall, served, (shown_factor, exact_factor))
-    label = "refine" if factor else "no_refine"
-    report["served"] = round(
-        min(report[f][label] for f in ("in_distribution", "off_distribution", "captions") if f in report), 4
+    report = RecallReport(
+        k=RECALL_K,
+        target=TARGET_RECALL,
+        nprobe=nprobe,
+        refine_factor=shown_factor,
+        tier_exact_factor=exact_factor or None,
+        tier_code_bytes=tier_bytes or None,
+        tuning_queries=int(len(tune.queries)),
+        queries=int(len(served.queries)),
+        off_directions=len(served.spans["text_like"]),
+        text_like_cosines=list(served.cosines),
+        captions_source=text.source if text is not None else "none",
+        tuning_lower_bounds=tuning,
+        probes_swept=tuned.probes,
+        sweep_budget_s=None if budget_s is None else round(budget_s, 1),
+        sweep_budget_hit=tuned.budget_hit,
+        ground_truth_s=round(truth_s, 3),
+        captions_fallback=text.reason if text is not None and text.reason else None,
     )
-    report["served_bound"] = tuning[_label(nprobe, (factor, exact_factor))]
-    report["target_met"] = report["served_bound"] >= TARGET_RECALL and report["served"] >= TARGET_RECALL
+    served_recall = recall.at(served, nprobe, RECALL_K * max(shown_factor, 1))
+    report.families = _served_figures(served_recall, served, (shown_factor, exact_factor))
+    label = "refine" if factor else "no_refine"
+    report.served = round(min(figures[label] for figures in report.families.values()), 4)
+    report.served_bound = tuning[_label(nprobe, (factor, exact_factor))]
+    report.target_met = report.served_bound >= TARGET_RECALL and report.served >= TARGET_RECALL
     set_nprobe(index, nprobe)
-    return nprobe, report
+    return report

@@ -239,7 +239,7 @@ def finish(
     vectors = tmp.open_vectors()
     budget = max(SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE * (start - started))  # a stated share of the build
     tier = load_tier(tmp.tier_path, tmp.tier_codes_path) if tmp.has_tier() else None
-    info.nprobe, info.recall = self_check(
+    check = self_check(
         index,
         vectors,
         query_ids,
@@ -252,11 +252,11 @@ def finish(
         budget_s=budget,
         tier=tier,
     )
-    info.refine_factor = info.recall["refine_factor"]
-    if tier is not None and not info.recall.get("tier_exact_factor"):
+    info.nprobe, info.recall, info.refine_factor = check.nprobe, check.to_dict(), check.refine_factor
+    if tier is not None and not check.tier_exact_factor:
         tmp.remove_tier()  # it does not pay on this data: neither RAM nor disk keeps it
     info.tier = (
-        {"key": TIER_KEY, "code_bytes": int(tier.sa_code_size()), "exact_factor": info.recall["tier_exact_factor"]}
+        {"key": TIER_KEY, "code_bytes": int(tier.sa_code_size()), "exact_factor": check.tier_exact_factor}
         if tier is not None and tmp.has_tier()
         else None
     )
