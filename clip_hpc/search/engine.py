@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import faiss
 import numpy as np
@@ -21,6 +21,20 @@ MAX_K = 10_000  # results per query, for the CLI and the HTTP API alike
 PREFILTER_LIMIT = (
     50_000  # a filter (path_prefix, caption, min_similarity) matching fewer ids is searched exactly over just those
 )
+
+
+class MetaFilters(TypedDict):
+    """The filters meta.sqlite answers (`MetadataStore.ids_matching`)."""
+
+    path_prefix: str | None
+    caption: str | None
+    min_similarity: float | None
+
+
+class Filters(MetaFilters):
+    """Every filter of a search: meta.sqlite's and the score floor."""
+
+    min_score: float | None
 
 
 class UnknownIdError(UserError, KeyError):
@@ -281,20 +295,10 @@ class SearchEngine:
             raise UserError("diversity must be between 0 and 1")
         combined = np.asarray(query, dtype=np.float32)[None, :]
         k = self._check_k(k)
-
-        def search(n: int) -> list[Hit]:
-            return self.search_vectors(
-                combined,
-                n,
-                path_prefix=path_prefix,
-                min_score=min_score,
-                caption=caption,
-                min_similarity=min_similarity,
-            )[0]
-
+        filters = Filters(path_prefix=path_prefix, min_score=min_score, caption=caption, min_similarity=min_similarity)
         if diversity <= 0:
-            return search(k)
-        pool = search(min(MAX_K, max(4 * k, 50)))
+            return self.search_vectors(combined, k, **filters)[0]
+        pool = self.search_vectors(combined, min(MAX_K, max(4 * k, 50)), **filters)[0]
         if not pool:
             return []
         order = mmr(combined[0], np.asarray(self.vectors[[h.id for h in pool]], dtype=np.float32), k, diversity)
@@ -353,18 +357,12 @@ class SearchEngine:
         self, queries: np.ndarray, k: int, prefix: str | None, caption: str | None, min_similarity: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Few matching ids: exact search over just them. Many: the ANN search restricted by an id selector."""
-
-        def matching(limit: int | None) -> np.ndarray:
-            ids = self.meta.ids_matching(
-                path_prefix=prefix, caption=caption, min_similarity=min_similarity, limit=limit
-            )
-            return np.asarray(ids, dtype=np.int64)
-
-        allowed = matching(PREFILTER_LIMIT + 1)
+        filters = MetaFilters(path_prefix=prefix, caption=caption, min_similarity=min_similarity)
+        allowed = np.asarray(self.meta.ids_matching(**filters, limit=PREFILTER_LIMIT + 1), dtype=np.int64)
         if len(allowed) <= PREFILTER_LIMIT:
             cand = np.broadcast_to(allowed, (len(queries), len(allowed)))
             return rerank(queries, cand, self.vectors, k)
-        selector = faiss.IDSelectorBatch(matching(None))
+        selector = faiss.IDSelectorBatch(np.asarray(self.meta.ids_matching(**filters), dtype=np.int64))
         return search_index(
             self.index,
             self.vectors,
