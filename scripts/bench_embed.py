@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from clip_hpc.bench.embed_rates import decode_rate, model_rate
 from clip_hpc.devdata.local_s3 import moto_server, s3_env, upload
 from clip_hpc.devdata.sample_images import pack_into_tars, write_sample_tars
 from clip_hpc.ingest.sources import list_images
@@ -91,37 +92,7 @@ def run_ranks(
     }
 
 
-def decode_rate(images: Path, model: str, workers: int, batch: int) -> float:
-    """The reader alone: DataLoader workers decode and preprocess, nothing runs the model."""
-    from torch.utils.data import DataLoader
-
-    from clip_hpc.ingest.image_dataset import ImageDataset, collate
-    from clip_hpc.model.loading import load_model
-
-    loaded = load_model(model, "none", device="cpu")
-    paths = list_images([images])
-    ds = ImageDataset(range(len(paths)), paths, loaded.preprocess, loaded.image_size, 10**9)
-    loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
-    t0 = time.perf_counter()
-    n = sum(len(b["ids"]) for b in loader)
-    return n / (time.perf_counter() - t0)
-
-
-def model_rate(model: str, batch: int, seconds: float = 8.0) -> float:
-    """The mapper alone: inference on ready tensors, all cores to one process."""
-    from clip_hpc.model.loading import load_model
-
-    loaded = load_model(model, "none", device="auto")
-    x = torch.randn(batch, 3, loaded.image_size, loaded.image_size)
-    loaded.encode_images(x)  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        loaded.encode_images(x)
-        n += batch
-    return n / (time.perf_counter() - t0)
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--big-model-images", type=int, default=64, help="fewer images for ViT-B-32 on a CPU")
@@ -138,73 +109,67 @@ def main() -> None:
     ap.add_argument(
         "--captions", action="store_true", help="add captioned tars embedded without and with --captions, side by side"
     )
-    args = ap.parse_args()
-    results = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__,
-        },
-        "runs": [],
-        "decode_only": {},
-        "model_only": {},
+    return ap.parse_args()
+
+
+def machine() -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
     }
+
+
+def sample_inputs(tmp: Path, n: int, kinds: list[str], per_tar: int, s3: str | None) -> tuple[Path, Path]:
+    """`n` sample images as loose files, and packed into tars (uploaded to the local S3 server when there is one)."""
+    images = tmp / f"images-{n}"
+    if not images.exists():
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "make_sample_images.py"), str(images), "-n", str(n)],
+            check=True,
+            capture_output=True,
+        )
+    tars = tmp / f"tars-{n}"
+    if ("tar" in kinds or "s3" in kinds) and not tars.exists():
+        pack_into_tars([Path(p) for p in list_images([images])], tars, per_tar)
+        if s3:
+            upload(s3, {f"bench/{tars.name}/{p.name}": p for p in sorted(tars.glob("*.tar"))})
+    return images, tars
+
+
+def model_runs(model: str, n: int, args: argparse.Namespace, tmp: Path, s3: str | None) -> list[dict]:
+    """Every rank count, each input kind side by side (so all see the same machine load), then the captioned tars."""
     kinds = args.inputs.split(",")
-    with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
-        tmp = Path(tmp_s)
-        s3 = stack.enter_context(moto_server()) if "s3" in kinds else None
-        for model in args.models.split(","):
-            n = args.images if model == "clip-hpc-tiny" else args.big_model_images
-            images = tmp / f"images-{n}"
-            if not images.exists():
-                subprocess.run(
-                    [sys.executable, str(ROOT / "scripts" / "make_sample_images.py"), str(images), "-n", str(n)],
-                    check=True,
-                    capture_output=True,
-                )
-            tars = tmp / f"tars-{n}"
-            if ("tar" in kinds or "s3" in kinds) and not tars.exists():
-                pack_into_tars([Path(p) for p in list_images([images])], tars, args.per_tar)
-                if s3:
-                    upload(s3, {f"bench/{tars.name}/{p.name}": p for p in sorted(tars.glob("*.tar"))})
-            for ranks in map(int, args.ranks.split(",")):
-                for kind in kinds:  # side by side, so all see the same machine load
-                    source = {"tar": tars, "s3": f"s3://bench/{tars.name}/"}.get(kind, images)
-                    results["runs"].append(
-                        run_ranks(
-                            source,
-                            model,
-                            ranks,
-                            n,
-                            args.batch_size,
-                            args.workers,
-                            tmp,
-                            kind,
-                            env=s3_env(s3) if kind == "s3" else None,
-                        )
+    images, tars = sample_inputs(tmp, n, kinds, args.per_tar, s3)
+    runs = []
+    for ranks in map(int, args.ranks.split(",")):
+        for kind in kinds:
+            source = {"tar": tars, "s3": f"s3://bench/{tars.name}/"}.get(kind, images)
+            env = s3_env(s3) if kind == "s3" and s3 else None
+            runs.append(run_ranks(source, model, ranks, n, args.batch_size, args.workers, tmp, kind, env=env))
+        if args.captions:  # the shapes' real captions; without, then with the text tower
+            captioned, per = tmp / f"captioned-{n}", min(n, args.per_tar)
+            if not captioned.exists():
+                write_sample_tars(captioned, -(-n // per), per)
+            for with_captions in (False, True):
+                runs.append(
+                    run_ranks(
+                        captioned,
+                        model,
+                        ranks,
+                        -(-n // per) * per,
+                        args.batch_size,
+                        args.workers,
+                        tmp,
+                        "captioned tar",
+                        with_captions,
                     )
-                if args.captions:  # the shapes' real captions; without, then with the text tower
-                    captioned, per = tmp / f"captioned-{n}", min(n, args.per_tar)
-                    if not captioned.exists():
-                        write_sample_tars(captioned, -(-n // per), per)
-                    for with_captions in (False, True):
-                        results["runs"].append(
-                            run_ranks(
-                                captioned,
-                                model,
-                                ranks,
-                                -(-n // per) * per,
-                                args.batch_size,
-                                args.workers,
-                                tmp,
-                                "captioned tar",
-                                with_captions,
-                            )
-                        )
-            results["decode_only"][model] = decode_rate(images, model, max(1, args.workers), args.batch_size)
-            results["model_only"][model] = model_rate(model, args.batch_size)
-    print(json.dumps(results, indent=2))
+                )
+    return runs
+
+
+def print_table(results: dict) -> None:
     print(
         "\n| model | inputs | ranks | end-to-end img/s | with start-up and listing img/s | decode-only img/s | "
         "model-only img/s |\n|---|---|---|---|---|---|---|"
@@ -216,6 +181,22 @@ def main() -> None:
             f"{results['decode_only'][r['model']]:.1f} | "
             f"{results['model_only'][r['model']]:.1f} |"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    results: dict = {"machine": machine(), "runs": [], "decode_only": {}, "model_only": {}}
+    with tempfile.TemporaryDirectory() as tmp_s, contextlib.ExitStack() as stack:
+        tmp = Path(tmp_s)
+        s3 = stack.enter_context(moto_server()) if "s3" in args.inputs.split(",") else None
+        for model in args.models.split(","):
+            n = args.images if model == "clip-hpc-tiny" else args.big_model_images
+            results["runs"] += model_runs(model, n, args, tmp, s3)
+            images = tmp / f"images-{n}"
+            results["decode_only"][model] = decode_rate(images, model, max(1, args.workers), args.batch_size)
+            results["model_only"][model] = model_rate(model, args.batch_size)
+    print(json.dumps(results, indent=2))
+    print_table(results)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ the same vectors at its default memory budget and at ours. Prints JSON (one obje
     bench_index.py [--sizes 500000,1000000] [--seeds 3,1] [--ranks 1] [--keys OPQ32,IVF2048,PQ32]
                    [--no-autofaiss] [--work DIR]
 
-The data is clip_hpc.search.heldout's mixture with drawn parameters (cluster count, spread, latent rank, noise); the
+The data is clip_hpc.bench.heldout's mixture with drawn parameters (cluster count, spread, latent rank, noise); the
 queries are its text-like groups (cosine 0.25-0.45 to their image, gap directions tilted into the data) and
 perturbed indexed vectors, drawn from a seed no build or self-check uses. Recall@10 is against exact search on the
 float16 vectors the index holds. autofaiss is installed for the benchmark only (`make setup` adds it).
@@ -30,10 +30,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from clip_hpc.ann.ground_truth import exact_top_k, recall_at_k
+from clip_hpc.bench.heldout import VectorQueriesOnly, heldout_mixture_params, heldout_queries
 from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
-from clip_hpc.index.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.search.engine import SearchEngine
-from clip_hpc.search.heldout import VectorQueriesOnly, heldout_mixture_params, heldout_queries
 
 BIN = Path(sys.executable).parent
 AUTOFAISS_DEFAULT_BUDGET = "16G"  # autofaiss build_index's own defaults: max_index_memory_usage 16G of 32G
@@ -306,7 +306,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, faiss "
-        f"{faiss.__version__}; held-out queries (clip_hpc.search.heldout), k=10\n"
+        f"{faiss.__version__}; held-out queries (clip_hpc.bench.heldout), k=10\n"
     )
     print(table(rows))
 

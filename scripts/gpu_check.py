@@ -28,8 +28,6 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks whose pieces are reused
-
 PHOTO_SIZES = [(640, 480), (800, 600), (1024, 768), (480, 640), (1280, 960), (1600, 1200)]
 SERVE_CLIENTS = (1, 8, 32)
 
@@ -187,7 +185,7 @@ def device_decode_rate(p: dict[str, Any], loose: Path) -> float:
 
 
 def stage_embed(p: dict[str, Any], work: Path, images: tuple[Path, Path]) -> dict[str, Any]:
-    from bench_embed import decode_rate, model_rate
+    from clip_hpc.bench.embed_rates import decode_rate, model_rate
 
     loose, tars = images
     runs = {}
@@ -272,10 +270,11 @@ def stage_index(p: dict[str, Any], work: Path) -> dict[str, Any]:
     recall@10 at the same nprobe; then a real build through build.py's hook."""
     import faiss
 
+    from clip_hpc.ann.ground_truth import exact_top_k, recall_at_k
     from clip_hpc.devdata.synthetic_vectors import gaussian_mixture
-    from clip_hpc.index.build import choose_index_key, choose_train_size, gpu_index, ivf_lists, make_index
+    from clip_hpc.index.choose import choose_index_key, choose_train_size, ivf_lists
     from clip_hpc.index.gpu_train import DEVICE_ENV, kmeans_device, pretrain_coarse_quantizer
-    from clip_hpc.index.ground_truth import exact_top_k, recall_at_k
+    from clip_hpc.index.stages import gpu_index, make_index
 
     n, dim = p["vectors"], p["dim"]
     vectors, _ = gaussian_mixture(n, dim, clusters=max(10, n // 500), seed=3)
@@ -348,22 +347,22 @@ def build_through_hook(p: dict[str, Any], work: Path, faiss_gpu: bool) -> dict[s
 # --- serve ---------------------------------------------------------------------------------------------------------
 def stage_serve(p: dict[str, Any], work: Path) -> dict[str, Any]:
     """`clip-hpc serve --device DEVICE` under 1, 8 and 32 clients (bench_serve's load generator and check)."""
-    import bench_serve
+    from clip_hpc.bench import serve_load
     from clip_hpc.client.process import serve_child
     from clip_hpc.model.loading import load_model
 
-    index, index_info = bench_serve.build(work / "serve", p["model"], p["serve_vectors"], "auto")
+    index, index_info = serve_load.build(work / "serve", p["model"], p["serve_vectors"], "auto")
     rows = []
     with serve_child(
-        index, work / "serve", "--port", "0", "--device", p["device"], env={"CLIP_HPC_TOKEN": bench_serve.TOKEN}
+        index, work / "serve", "--port", "0", "--device", p["device"], env={"CLIP_HPC_TOKEN": serve_load.TOKEN}
     ) as child:
         url = child.endpoint.base_url
-        asyncio.run(bench_serve.load(url, 4, bench_serve.query_texts(16, seed=999)))  # warm up
+        asyncio.run(serve_load.load(url, 4, serve_load.query_texts(16, seed=999)))  # warm up
         for clients in SERVE_CLIENTS:
-            texts = bench_serve.query_texts(max(p["requests"], 4 * clients), seed=clients)
-            rows.append(asyncio.run(bench_serve.load(url, clients, texts)))
+            texts = serve_load.query_texts(max(p["requests"], 4 * clients), seed=clients)
+            rows.append(asyncio.run(serve_load.load(url, clients, texts)))
         reference = load_model(p["model"], "none", device="cpu", full_context=True)
-        same = bench_serve.served_equals_full_context(url, index, reference, bench_serve.query_texts(10, seed=7))
+        same = serve_load.served_equals_full_context(url, index, reference, serve_load.query_texts(10, seed=7))
     out = {
         "index": index_info,
         "device": p["device"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Held-out recall check (see clip_hpc.search.heldout): make a synthetic EMB_DIR with randomly drawn mixture parameters,
+"""Held-out recall check (see clip_hpc.bench.heldout): make a synthetic EMB_DIR with randomly drawn mixture parameters,
 or measure an INDEX_DIR's served recall@10 on fresh text-like and in-distribution queries against its claim.
 
     heldout_recall.py make OUT -n 100000 [--dim 512] [--seed 1] [--shard-size 50000]
@@ -14,8 +14,8 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from clip_hpc.bench.heldout import evaluate, heldout_mixture_params
 from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
-from clip_hpc.search.heldout import evaluate, heldout_mixture_params
 
 
 def main(argv: list[str] | None = None) -> None:

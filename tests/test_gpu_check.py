@@ -13,10 +13,10 @@ import faiss
 import numpy as np
 import pytest
 
+from clip_hpc.ann.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.devdata.synthetic_vectors import gaussian_mixture
-from clip_hpc.index.build import make_index
 from clip_hpc.index.gpu_train import DEVICE_ENV, kmeans_device, pretrain_coarse_quantizer, train_ivf_centroids
-from clip_hpc.index.ground_truth import exact_top_k, recall_at_k
+from clip_hpc.index.stages import make_index
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("environment", "embed", "gpu_decode", "index", "serve")

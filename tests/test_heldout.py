@@ -1,4 +1,4 @@
-"""The held-out recall check (clip_hpc.search.heldout, scripts/heldout_recall.py): its queries are what they claim
+"""The held-out recall check (clip_hpc.bench.heldout, scripts/heldout_recall.py): its queries are what they claim
 to be,
 its mixtures vary, and `evaluate` scores an index against exact search. Cost: a few seconds (a 3k Flat index)."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from clip_hpc.ann.core import normalise_rows
+from clip_hpc.bench.heldout import evaluate, heldout_mixture_params, heldout_queries
 from clip_hpc.index.build import build_index
-from clip_hpc.search.core import normalise_rows
-from clip_hpc.search.heldout import evaluate, heldout_mixture_params, heldout_queries
 from index_fixtures import synthetic_emb_dir
 
 

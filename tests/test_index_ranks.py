@@ -12,9 +12,9 @@ import faiss
 import numpy as np
 import pytest
 
+from clip_hpc.ann.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.index.build import build_index
-from clip_hpc.index.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.search.engine import SearchEngine
 from conftest import BIN
 from index_fixtures import synthetic

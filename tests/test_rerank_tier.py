@@ -8,17 +8,17 @@ import json
 import numpy as np
 import pytest
 
+from clip_hpc.ann.core import normalise_rows, rerank, set_nprobe
+from clip_hpc.ann.ground_truth import exact_top_k, hit_positions
+from clip_hpc.ann.text_queries import text_like_groups
+from clip_hpc.ann.tier import load_tier
+from clip_hpc.bench.heldout import VectorQueriesOnly, heldout_mixture_params
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.tier_codes import copy_codes, create_codes, write_codes
 from clip_hpc.index.build import build_index
-from clip_hpc.index.ground_truth import exact_top_k, hit_positions
-from clip_hpc.index.rerank_tier import load_tier
 from clip_hpc.index.selfcheck import tier_ranks, tier_scores
-from clip_hpc.index.text_queries import text_like_groups
 from clip_hpc.index.update import update_index
-from clip_hpc.search.core import normalise_rows, rerank, set_nprobe
 from clip_hpc.search.engine import SearchEngine
-from clip_hpc.search.heldout import VectorQueriesOnly, heldout_mixture_params
 from index_fixtures import synthetic
 
 N, DIM = 60_000, 64

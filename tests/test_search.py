@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 import clip_hpc.search.engine as search_mod
+from clip_hpc.ann.core import combine_parts, ivf_search, mmr, normalise_rows, rerank
 from clip_hpc.errors import UserError
 from clip_hpc.formats.shard import ShardBatch
 from clip_hpc.index.build import build_index
-from clip_hpc.search.core import combine_parts, ivf_search, mmr, normalise_rows, rerank
 from clip_hpc.search.engine import SearchEngine, UnknownIdError
 from index_fixtures import synthetic_emb_dir
 

@@ -110,9 +110,9 @@ def _lists_into_memory(index: faiss.Index) -> faiss.Index:
 
     ivf = faiss.extract_index_ivf(index)
     lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-    lists.merge_from(ivf.invlists, 0)  # type: ignore[arg-type]  # an IVF index always has lists
+    lists.merge_from(ivf.invlists, 0)  # an IVF index always has lists
     ivf.replace_invlists(lists, True)
-    lists.this.disown()  # type: ignore[attr-defined]  # SWIG's ownership handle, not in faiss's stubs
+    lists.this.disown()  # SWIG ownership handle
     return index
 
 

@@ -119,7 +119,7 @@ def check_mapped_lists(index: faiss.Index, index_path: Path) -> None:
     path = Path(lists.filename) if lists.filename else index_path
     need = int(lists.totsize) if lists.filename else 0
     for list_no in range(lists.nlist - 1, -1, -1):  # the last non-empty list: usually the very last one
-        last = lists.lists.at(list_no)  # type: ignore[attr-defined]  # a SWIG vector, typed a list in faiss's stubs
+        last = lists.lists.at(list_no)  # a SWIG vector
         if last.capacity:
             need = max(need, int(last.offset) + int(last.capacity) * (int(lists.code_size) + 8))
             break

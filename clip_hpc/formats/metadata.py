@@ -280,6 +280,12 @@ class MetadataStore:
         """The ids in [lo, hi), ascending, by a primary-key range scan: one unit's rows (`index --update`)."""
         return [r[0] for r in self._rows("SELECT id FROM images WHERE id >= ? AND id < ? ORDER BY id", (lo, hi))]
 
+    def id_paths_between(self, lo: int, hi: int) -> list[tuple[int, str]]:
+        """(id, path) for the ids in [lo, hi), ascending, by a primary-key range scan: one unit's rows, which
+        `index --update` compares with the unit's shard and with inputs.txt in one pass."""
+        rows = self._rows("SELECT id, path FROM images WHERE id >= ? AND id < ? ORDER BY id", (lo, hi))
+        return [(int(id), str(path)) for id, path in rows]
+
     def remove(self, ids: Iterable[int]) -> None:
         """Drop rows and their captions: images a re-embedded unit no longer holds (`index --update`)."""
         rows = [(int(i),) for i in ids]

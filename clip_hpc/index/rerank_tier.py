@@ -3,6 +3,7 @@ the IVF codes and the exact float16 rows of vectors.npy. On data where the 32-by
 badly, the true top 10 hide among 10,000-50,000 candidates; re-reading that many 1 KiB rows costs ~2 µs each, while
 the tier re-scores them in RAM and hands only its best 20-500 to the exact re-rank (FAISS's IndexRefine over
 IndexScalarQuantizer). The self-check decides whether it pays (index.json `tier`); where it does not, it is removed.
+This is the build side; loading and refining over the tier (the query side) is in `clip_hpc.ann.tier`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from clip_hpc.formats.tier_codes import create_codes, write_codes
 
 TIER_KEY = "SQ4"
 TIER_FROM = 50_000  # vectors: below, re-ranking a few thousand exact rows is cheap and the tier is not built
-EXACT_FACTORS = (2, 5, 10, 20, 50)  # rows per result the tier hands to the exact re-rank
 
 
 def wants_tier(choice: str, n: int, is_ivf: bool, refine: bool) -> bool:
@@ -39,28 +39,5 @@ def encode_into(tier: faiss.Index, codes_path: Path, ids: np.ndarray, vectors: n
 
 
 def start_codes(tier: faiss.Index, codes_path: Path, n_rows: int) -> None:
+    """An empty tier_codes.npy of one row per global id, for the ranks to fill."""
     create_codes(codes_path, n_rows, int(tier.sa_code_size()))
-
-
-def load_tier(trained_path: Path, codes_path: Path, chunk: int = 1 << 20) -> faiss.Index:
-    """The trained tier with every row's codes, read into RAM (row i is global id i)."""
-    tier = faiss.read_index(str(trained_path))
-    codes = np.load(codes_path, mmap_mode="r")
-    for lo in range(0, len(codes), chunk):
-        tier.add_sa_codes(np.ascontiguousarray(codes[lo : lo + chunk]))
-    return tier
-
-
-def refine_over(index: faiss.Index, tier: faiss.Index) -> faiss.IndexRefine:
-    """FAISS's IndexRefine of `index` by the tier. It asks both for the same ntotal, but the tier has a row per
-    global id, failed ones too (more rows than the index holds vectors): the check is met for the constructor,
-    then the tier's true count is put back, and the refine index takes it too: it checks each candidate id
-    against its own count, and ids run up to the last row, not to the number of vectors."""
-    rows = tier.ntotal
-    tier.ntotal = index.ntotal
-    try:
-        refine = faiss.IndexRefine(index, tier)
-    finally:
-        tier.ntotal = rows
-    refine.ntotal = rows
-    return refine

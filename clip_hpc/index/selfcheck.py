@@ -1,5 +1,5 @@
 """The recall self-check of an index: recall@10 of the served configuration against exact inner-product search,
-for indexed vectors used as queries, for text-like ones (clip_hpc.index.text_queries: CLIP's "modality gap" puts a
+for indexed vectors used as queries, for text-like ones (clip_hpc.ann.text_queries: CLIP's "modality gap" puts a
 text query at cosine ~0.25-0.45 from its best image) and for real captions through the index's own model, and
 the nprobe / refine-factor tuning built on it. Tuning and reporting use disjoint halves of every query family.
 
@@ -13,49 +13,32 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 
-from clip_hpc.index.ground_truth import ABSENT, RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
-from clip_hpc.index.rerank_tier import EXACT_FACTORS, refine_over
-from clip_hpc.index.text_queries import caption_queries, text_like_groups
-from clip_hpc.search.core import normalise_rows, search_index, set_nprobe
+from clip_hpc.ann.core import normalise_rows, search_index, set_nprobe
+from clip_hpc.ann.ground_truth import ABSENT, RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
+from clip_hpc.ann.text_queries import caption_queries, text_like_groups
+from clip_hpc.ann.tier import EXACT_FACTORS, refine_over
+from clip_hpc.index.recall_report import FamilyFigures, RecallReport
+from clip_hpc.index.tuning import TARGET_RECALL, probe_ladder, recall_lower_bound, recall_prediction_bound, sweep
 
-TARGET_RECALL = 0.95
 RECALL_QUERIES = 800  # indexed vectors sampled: half tune, half report (each also the base of text-like groups)
 TEXT_GROUPS = 10  # text-like gap groups per half, each with its own direction
 OFF_DIRECTIONS = 8  # offset directions in the off-distribution set, one group of queries each
 OFF_NOISES = (0.2, 0.3, 0.5)  # per-query noise, cycled over the groups
-PREDICTION_Z = 2.0  # t(0.95, 7 d.f.)·√(1 + 1/8): a one-sided 95% prediction bound for a 9th group of 8
 REFINE_FACTORS = (10, 25, 50, 100, 200, 500, 1000, 2000, 3000, 5000)  # candidates per result re-ranked exactly (1 KiB
 # rows at d=512). Past 200 only for data where the 32-byte code ranks text-like queries badly (many small clusters:
 # at 300k, nprobe all, x200 gave 0.887, x500 0.955, x1000 0.980): recall first, at the latency bench_index shows.
 RERANK_BYTE_COST = 7  # a re-ranked float16 row costs ~7x its bytes in scanned 8-bit PQ codes (2 cores, d=512)
 TIER_BYTE_COST = 1.5  # a tier code byte re-scored in RAM (SQ4 via IndexRefine), in scanned 8-bit code bytes
 FAST_SCAN_BYTE_COST = 0.25  # a fast-scan 4-bit code byte costs a quarter of an 8-bit one (1M: 10 ms vs 39 a query)
-FALLBACK_SLACK = 0.005
 SWEEP_BUDGET_MIN_S = 60.0  # the nprobe sweep stops after max(this, SWEEP_BUDGET_SHARE x the rest of the build)
 SWEEP_BUDGET_SHARE = 0.5
 SELF_CHECK_SALT = 0x5E1F_C4EC  # default_rng(seed + 1) drew offsets equal to the synthetic data's cluster centres
-
-
-def recall_lower_bound(per_query: np.ndarray) -> float:
-    """Mean minus three standard errors: for i.i.d. queries (indexed vectors), tuning on this keeps fresh ones
-    above the target, not just the sample that was measured."""
-    if len(per_query) < 2:
-        return float(per_query.mean()) if len(per_query) else 0.0
-    return float(per_query.mean() - 3 * per_query.std(ddof=1) / np.sqrt(len(per_query)))
-
-
-def recall_prediction_bound(group_means: np.ndarray, z: float = PREDICTION_Z) -> float:
-    """Mean minus z standard deviations of the group means: what a fresh group (another gap direction, other
-    queries) stays above 95% of the time; the spread between directions, not the number of queries, limits it."""
-    if len(group_means) < 2:
-        return float(group_means.mean()) if len(group_means) else 0.0
-    return float(group_means.mean() - z * group_means.std(ddof=1))
 
 
 def off_distribution_queries(
@@ -63,7 +46,7 @@ def off_distribution_queries(
 ) -> np.ndarray:
     """A stand-in for text queries against image vectors: one constant offset (the "modality gap") plus noise."""
     dim = queries.shape[1]
-    offset = normalise_rows(rng.standard_normal(dim))[None, :] * offset_norm
+    offset = normalise_rows(rng.standard_normal((dim,)))[None, :] * offset_norm
     jitter = rng.standard_normal(queries.shape).astype(np.float32) * (noise / math.sqrt(dim))
     return normalise_rows(queries + offset + jitter)
 
@@ -129,64 +112,11 @@ def tier_scores(index: faiss.Index, tier: faiss.Index, queries: np.ndarray, foun
     return out
 
 
-@dataclass
-class Sweep:
-    """What tuning tried: (nprobe, factor) -> the bound it reached, the pair chosen, and whether time ran out."""
-
-    bounds: dict[tuple[int, Any], float] = field(default_factory=dict)
-    best: tuple[int, Any] | None = None
-    budget_hit: bool = False
-    probes: list[int] = field(default_factory=list)
-
-
-def sweep(
-    bound_of: Callable[[int, list[Any]], Callable[[Any], float]],
-    probes: list[int],
-    factors: list[Any],
-    cost: Callable[[int, Any], float],
-    deadline: float,
-    target: float = TARGET_RECALL,
-) -> Sweep:
-    """nprobe from small to large, every factor still cheaper than the best pair priced from one search each
-    (`bound_of(probe, live)(factor)`); the cheapest pair reaching `target` wins; stops once a wider nprobe alone
-    costs more than that pair, or at `deadline` (perf_counter seconds) after at least one nprobe, saying so (and
-    then, if nothing reached the target yet, prices the widest nprobe before it stops).
-    None reaching it: the cheapest within FALLBACK_SLACK of the best bound (the tier at a hair's less recall
-    than re-reading 50,000 rows, on data where nothing reaches the target)."""
-    out = Sweep()
-    queue = list(probes)
-    while queue:
-        probe = queue.pop(0)
-        live = [f for f in factors if out.best is None or cost(probe, f) < cost(*out.best)]
-        if not live:
-            break
-        if out.probes and time.perf_counter() > deadline and not out.budget_hit:
-            out.budget_hit = True  # out of time: the widest nprobe still, when nothing reached the target
-            queue = [probes[-1]] if out.best is None and probes[-1] != probe else []
-            if not queue:
-                break
-            probe = queue.pop(0)
-        bound = bound_of(probe, live)
-        out.probes.append(probe)
-        for factor in live:
-            out.bounds[(probe, factor)] = value = bound(factor)
-            if value >= target and (out.best is None or cost(probe, factor) < cost(*out.best)):
-                out.best = (probe, factor)
-    if out.best is None:  # the cheapest of those within FALLBACK_SLACK of the best bound
-        top = max(out.bounds.values())
-        out.best = min((pf for pf, b in out.bounds.items() if b >= top - FALLBACK_SLACK), key=lambda pf: cost(*pf))
-    return out
-
-
-def probe_ladder(nlist: int) -> list[int]:
-    """1, 2, 4, ... up to every list."""
-    ladder = [1 << i for i in range(max(1, nlist).bit_length()) if (1 << i) < nlist]
-    return ladder + [nlist]
-
-
 def _family_spans(families: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, dict[str, list[tuple[int, int]]]]:
     """All query groups stacked into one matrix, and each family's (start, stop) rows per group."""
-    parts, spans, at = [], {}, 0
+    parts: list[np.ndarray] = []
+    spans: dict[str, list[tuple[int, int]]] = {}
+    at = 0
     for name, groups in families.items():
         spans[name] = []
         for group in groups:
@@ -215,6 +145,159 @@ def _label(probe: int, config: Config) -> str:
     return f"nprobe{probe},refine{config[0]}" + (f",tier{config[1]}" if config[1] else "")
 
 
+@dataclass
+class CheckQueries:
+    """One half of the self-check's queries (tuning or reporting): every family stacked, each family's row spans,
+    the exact top 10 of every row, and the text-like groups' target cosines."""
+
+    queries: np.ndarray
+    spans: dict[str, list[tuple[int, int]]]
+    truth: Truth
+    cosines: list[float]
+
+
+def _check_queries(
+    vectors: np.ndarray, query_ids: np.ndarray, rng: np.random.Generator, caption_vectors: np.ndarray | None
+) -> tuple[CheckQueries, CheckQueries]:
+    """The tuning and the reporting halves of every family, with one exact search for both."""
+    ids = np.asarray(query_ids)
+    halves = []
+    for half in range(2):  # one query id (a 1-vector index) serves both halves: an empty half's recall is NaN
+        step = slice(half, None, 2) if len(ids) > 1 else slice(None)
+        caps = None if caption_vectors is None else caption_vectors[half::2]
+        halves.append(_query_families(vectors, ids[step], caps, rng))
+    (tune_families, tune_cosines), (report_families, report_cosines) = halves
+    tune_queries, tune_spans = _family_spans(tune_families)
+    report_queries, report_spans = _family_spans(report_families)
+    truth = exact_truth(np.concatenate([tune_queries, report_queries]), vectors, RECALL_K)  # one pass for all
+    cut = len(tune_queries)
+    return (
+        CheckQueries(tune_queries, tune_spans, truth.rows(slice(0, cut)), tune_cosines),
+        CheckQueries(report_queries, report_spans, truth.rows(slice(cut, None)), report_cosines),
+    )
+
+
+class _Recall:
+    """Per-query recall@10 of any (refine factor, tier exact factor) at an nprobe, from one search at the largest
+    candidate count (`hit_positions` prices every refine factor; the tier re-scores the candidates once)."""
+
+    def __init__(self, index: faiss.Index, vectors: np.ndarray, tier: faiss.Index | None, configs: list[Config]):
+        self.index, self.vectors, self.tier, self.configs = index, vectors, tier, configs
+
+    def at(self, checked: CheckQueries, probe: int, n: int) -> Callable[[Config], np.ndarray]:
+        set_nprobe(self.index, probe)
+        found = search_index(self.index, None, checked.queries, max(RECALL_K, n))[1]
+        pos = tie_aware_positions(found, checked.truth, checked.queries, self.vectors)
+        ranks: dict[int, np.ndarray] = {}
+
+        def recall(config: Config) -> np.ndarray:
+            factor, exact_factor = config
+            hit = pos < RECALL_K * max(factor, 1)
+            if exact_factor and self.tier is not None:
+                c = min(RECALL_K * factor, found.shape[1])
+                if not ranks:
+                    prefixes = sorted({min(RECALL_K * f, found.shape[1]) for f, e in self.configs if e})
+                    scores = tier_scores(self.index, self.tier, checked.queries, found)
+                    ranks.update(zip(prefixes, tier_ranks(found, scores, pos, prefixes)))
+                hit &= ranks[c] < RECALL_K * exact_factor
+            return hit.sum(axis=1) / true_neighbours(checked.truth.ids)
+
+        return recall
+
+
+@dataclass
+class _Costs:
+    """What a (nprobe, config) costs to serve, in scanned 8-bit code bytes (`serving_cost`), and the most candidates
+    nprobe lists can hold (nprobe x the longest list)."""
+
+    ivf: Any
+    dim: int
+    tier_bytes: int
+    longest: int
+    scan: float
+
+    @classmethod
+    def of(cls, index: faiss.Index, dim: int, tier_bytes: int, n_cand: int) -> _Costs:
+        ivf = faiss.try_extract_index_ivf(index)
+        longest = (
+            max(1, max((ivf.get_list_size(i) for i in range(ivf.nlist)), default=1)) if ivf is not None else n_cand
+        )
+        fast = ivf is not None and "FastScan" in type(faiss.downcast_index(ivf)).__name__
+        return cls(ivf, dim, tier_bytes, longest, FAST_SCAN_BYTE_COST if fast else 1.0)
+
+    def __call__(self, probe: int, config: Config) -> float:
+        return serving_cost(
+            probe,
+            config[0],
+            list_size=0.0 if self.ivf is None else self.ivf.ntotal / self.ivf.nlist,
+            code_size=0.0 if self.ivf is None else self.ivf.code_size * self.scan,
+            dim=self.dim,
+            tier_bytes=self.tier_bytes,
+            exact_factor=config[1],
+        )
+
+
+def _tuning_bounds(
+    recall: _Recall, tune: CheckQueries, probes: list[int], n_cand: int, longest: int, tuning: dict[str, float]
+) -> Callable[[int, list[Config]], Callable[[Config], float]]:
+    """`sweep`'s bound_of: the lowest of the text-like prediction bound and the other families' 3-sigma bounds on
+    the tuning half, each recorded in `tuning` under its label."""
+
+    def bound_of(probe: int, live: list[Config]) -> Callable[[Config], float]:
+        widest = RECALL_K * max(max(f for f, _ in live), 1)  # candidates the settings still worth pricing need
+        recall_at = recall.at(tune, probe, min(n_cand, probe * longest, widest))
+        exact: dict[int, float] = {}
+
+        def bound(config: Config) -> float:
+            factor, exact_factor = config
+            if (
+                exact_factor
+                and exact.get(factor, 0.0) < TARGET_RECALL
+                and (probe != probes[-1] or factor < max(exact, default=0))
+            ):
+                return 0.0  # the tier only loses recall against the exact re-rank of the same candidates: priced
+                # where that reaches the target, or at the widest nprobe and factor (the best there is when nothing
+                # does)
+            per_query = recall_at(config)
+            spans = tune.spans
+            bounds = [recall_prediction_bound(np.array([per_query[a:b].mean() for a, b in spans["text_like"]]))]
+            bounds += [
+                recall_lower_bound(per_query[a:b])
+                for name in ("in_distribution", "captions")
+                for a, b in spans.get(name, [])
+            ]
+            value = round(min(bounds), 4)
+            tuning[_label(probe, config)] = value
+            if not exact_factor:
+                exact[factor] = value
+            return value
+
+        return bound
+
+    return bound_of
+
+
+def _served_figures(
+    served_recall: Callable[[Config], np.ndarray], checked: CheckQueries, config: Config
+) -> dict[str, FamilyFigures]:
+    """The reporting half's recall, refine (at `config`) and no_refine, per family; the text-like
+    family as off_distribution with its worst direction and its mean by target cosine."""
+    cosines, report = checked.cosines, dict[str, FamilyFigures]()
+    for name, each in (("refine", config), ("no_refine", (0, 0))):
+        recall = served_recall(each)
+        for family, spans in checked.spans.items():
+            key = "off_distribution" if family == "text_like" else family
+            means = np.array([recall[a:b].mean() for a, b in spans])
+            report.setdefault(key, {})[name] = round(float(recall[spans[0][0] : spans[-1][1]].mean()), 4)
+            if family == "text_like":
+                report[key][f"{name}_worst_direction"] = round(float(means.min()), 4)
+                report[key][f"{name}_by_cosine"] = {
+                    f"{c:.2f}": round(float(np.mean([m for m, cc in zip(means, cosines) if cc == c])), 4)
+                    for c in sorted(set(cosines), reverse=True)
+                }
+    return report
+
+
 def self_check(
     index: faiss.Index,
     vectors: np.ndarray,
@@ -228,7 +311,7 @@ def self_check(
     pretrained: str | None = None,
     budget_s: float | None = None,
     tier: faiss.Index | None = None,
-) -> tuple[int, dict[str, Any]]:
+) -> RecallReport:
     """Recall@10 of the served configuration against exact search, for three query families: indexed vectors,
     synthetic text-like groups (one gap direction each, cosine to their image 0.45 down to 0.25) and the built-in
     captions through the index's own text tower (when its weights load here). Half of every family tunes nprobe
@@ -238,143 +321,49 @@ def self_check(
     which prices every refine factor (`hit_positions`); the sweep stops after `budget_s` and says so."""
     started = time.perf_counter()
     rng = np.random.default_rng([seed, SELF_CHECK_SALT])  # a stream of its own: never the one data came from
-    ids = np.asarray(query_ids)
     text = caption_queries(model, pretrained, int(vectors.shape[1])) if model else None
-    caption_vectors = text.vectors if text is not None else None
-    halves = []
-    for half in range(2):  # one query id (a 1-vector index) serves both halves: an empty half's recall is NaN
-        step = slice(half, None, 2) if len(ids) > 1 else slice(None)
-        caps = None if caption_vectors is None else caption_vectors[half::2]
-        halves.append(_query_families(vectors, ids[step], caps, rng))
-    (tune_families, _), (report_families, report_cosines) = halves
-    tune_queries, tune_spans = _family_spans(tune_families)
-    report_queries, report_spans = _family_spans(report_families)
-    truth = exact_truth(np.concatenate([tune_queries, report_queries]), vectors, RECALL_K)  # one pass for all
-    tune_truth, report_truth = truth.rows(slice(0, len(tune_queries))), truth.rows(slice(len(tune_queries), None))
+    tune, served = _check_queries(vectors, query_ids, rng, text.vectors if text is not None else None)
     truth_s = time.perf_counter() - started
 
     f1s = [refine_factor] if refine and refine_factor else list(REFINE_FACTORS) if refine else [0]
     tiered = tier is not None and refine
     configs = [(f, 0) for f in f1s] + ([(f, e) for f in f1s for e in EXACT_FACTORS if e < f] if tiered else [])
     n_cand = int(min(max(1, index.ntotal), RECALL_K * max(max(f1s), 1)))
-
-    def recall_of(queries: np.ndarray, exact: Truth, probe: int, n: int) -> Callable[[Config], np.ndarray]:
-        """Per-query recall@10 of any (refine factor, tier exact factor) at `probe`, from one search of `n`."""
-        set_nprobe(index, probe)
-        found = search_index(index, None, queries, max(RECALL_K, n))[1]
-        pos = tie_aware_positions(found, exact, queries, vectors)
-        ranks: dict[int, np.ndarray] = {}
-
-        def recall(config: Config) -> np.ndarray:
-            factor, exact_factor = config
-            hit = pos < RECALL_K * max(factor, 1)
-            if exact_factor:
-                c = min(RECALL_K * factor, found.shape[1])
-                if not ranks:
-                    prefixes = sorted({min(RECALL_K * f, found.shape[1]) for f, e in configs if e})
-                    ranks.update(
-                        zip(prefixes, tier_ranks(found, tier_scores(index, tier, queries, found), pos, prefixes))
-                    )
-                hit &= ranks[c] < RECALL_K * exact_factor
-            return hit.sum(axis=1) / true_neighbours(exact.ids)
-
-        return recall
-
+    tier_bytes = int(tier.sa_code_size()) if tier is not None and tiered else 0
+    cost = _Costs.of(index, int(vectors.shape[1]), tier_bytes, n_cand)
+    recall = _Recall(index, vectors, tier, configs)
+    probes = [1] if cost.ivf is None else [int(nprobe)] if nprobe else probe_ladder(cost.ivf.nlist)
     tuning: dict[str, float] = {}
-
-    def bound_of(probe: int, live: list[Config]) -> Callable[[Config], float]:
-        widest = RECALL_K * max(max(f for f, _ in live), 1)  # candidates the settings still worth pricing need
-        recall_at = recall_of(tune_queries, tune_truth, probe, min(n_cand, probe * longest, widest))
-        exact: dict[int, float] = {}
-
-        def bound(config: Config) -> float:
-            factor, exact_factor = config
-            if (
-                exact_factor
-                and exact.get(factor, 0.0) < TARGET_RECALL
-                and (probe != probes[-1] or factor < max(exact, default=0))
-            ):
-                return 0.0  # the tier only loses recall against the exact re-rank of the same candidates: priced
-                # where that reaches the target, or at the widest nprobe and factor (the best there is when nothing
-                # does)
-            recall = recall_at(config)
-            bounds = [recall_prediction_bound(np.array([recall[a:b].mean() for a, b in tune_spans["text_like"]]))]
-            bounds += [
-                recall_lower_bound(recall[a:b])
-                for name in ("in_distribution", "captions")
-                for a, b in tune_spans.get(name, [])
-            ]
-            value = round(min(bounds), 4)
-            tuning[_label(probe, config)] = value
-            if not exact_factor:
-                exact[factor] = value
-            return value
-
-        return bound
-
-    ivf = faiss.try_extract_index_ivf(index)
-    longest = (
-        max(1, max((ivf.get_list_size(i) for i in range(ivf.nlist)), default=1)) if ivf is not None else n_cand
-    )  # nprobe lists never hold more candidates than nprobe x the longest
-    scan = FAST_SCAN_BYTE_COST if ivf is not None and "FastScan" in type(faiss.downcast_index(ivf)).__name__ else 1.0
-    tier_bytes = int(tier.sa_code_size()) if tiered else 0
-
-    def cost(probe: int, config: Config) -> float:
-        list_size = 0.0 if ivf is None else ivf.ntotal / ivf.nlist
-        code_size = 0.0 if ivf is None else ivf.code_size * scan
-        return serving_cost(
-            probe,
-            config[0],
-            list_size=list_size,
-            code_size=code_size,
-            dim=int(vectors.shape[1]),
-            tier_bytes=tier_bytes,
-            exact_factor=config[1],
-        )
-
-    probes = [1 if ivf is None else int(nprobe)] if ivf is None or nprobe else probe_ladder(ivf.nlist)
+    bound_of = _tuning_bounds(recall, tune, probes, n_cand, cost.longest, tuning)
     budget = budget_s if budget_s is not None else math.inf
     tuned = sweep(bound_of, probes, configs, cost, deadline=time.perf_counter() + budget)
+    assert tuned.best is not None  # sweep always chooses a pair
     nprobe, (factor, exact_factor) = tuned.best
     shown_factor = factor or refine_factor or REFINE_FACTORS[0]  # refine numbers are shown even when it is off
-    report: dict[str, Any] = {
-        "k": RECALL_K,
-        "target": TARGET_RECALL,
-        "nprobe": nprobe,
-        "refine_factor": shown_factor,
-        "tier_exact_factor": exact_factor or None,
-        "tier_code_bytes": tier_bytes or None,
-        "tuning_queries": int(len(tune_queries)),
-        "queries": int(len(report_queries)),
-        "off_directions": len(report_spans["text_like"]),
-        "text_like_cosines": list(report_cosines),
-        "captions_source": text.source if text is not None else "none",
-        "tuning_lower_bounds": tuning,
-        "probes_swept": tuned.probes,
-        "sweep_budget_s": None if budget_s is None else round(budget_s, 1),
-        "sweep_budget_hit": tuned.budget_hit,
-        "ground_truth_s": round(truth_s, 3),
-    }
-    if text is not None and text.reason:
-        report["captions_fallback"] = text.reason
-    label = "refine" if factor else "no_refine"
-    served_recall = recall_of(report_queries, report_truth, nprobe, RECALL_K * max(shown_factor, 1))
-    for name, config in (("refine", (shown_factor, exact_factor)), ("no_refine", (0, 0))):
-        recall = served_recall(config)
-        for family, spans in report_spans.items():
-            key = "off_distribution" if family == "text_like" else family
-            means = np.array([recall[a:b].mean() for a, b in spans])
-            report.setdefault(key, {})[name] = round(float(recall[spans[0][0] : spans[-1][1]].mean()), 4)
-            if family == "text_like":
-                report[key][f"{name}_worst_direction"] = round(float(means.min()), 4)
-                report[key][f"{name}_by_cosine"] = {
-                    f"{c:.2f}": round(float(np.mean([m for m, cc in zip(means, report_cosines) if cc == c])), 4)
-                    for c in sorted(set(report_cosines), reverse=True)
-                }
-    report["served"] = round(
-        min(report[f][label] for f in ("in_distribution", "off_distribution", "captions") if f in report), 4
+    report = RecallReport(
+        k=RECALL_K,
+        target=TARGET_RECALL,
+        nprobe=nprobe,
+        refine_factor=shown_factor,
+        tier_exact_factor=exact_factor or None,
+        tier_code_bytes=tier_bytes or None,
+        tuning_queries=int(len(tune.queries)),
+        queries=int(len(served.queries)),
+        off_directions=len(served.spans["text_like"]),
+        text_like_cosines=list(served.cosines),
+        captions_source=text.source if text is not None else "none",
+        tuning_lower_bounds=tuning,
+        probes_swept=tuned.probes,
+        sweep_budget_s=None if budget_s is None else round(budget_s, 1),
+        sweep_budget_hit=tuned.budget_hit,
+        ground_truth_s=round(truth_s, 3),
+        captions_fallback=text.reason if text is not None and text.reason else None,
     )
-    report["served_bound"] = tuning[_label(nprobe, (factor, exact_factor))]
-    report["target_met"] = report["served_bound"] >= TARGET_RECALL and report["served"] >= TARGET_RECALL
+    served_recall = recall.at(served, nprobe, RECALL_K * max(shown_factor, 1))
+    report.families = _served_figures(served_recall, served, (shown_factor, exact_factor))
+    label = "refine" if factor else "no_refine"
+    report.served = round(min(figures[label] for figures in report.families.values()), 4)
+    report.served_bound = tuning[_label(nprobe, (factor, exact_factor))]
+    report.target_met = report.served_bound >= TARGET_RECALL and report.served >= TARGET_RECALL
     set_nprobe(index, nprobe)
-    return nprobe, report
+    return report

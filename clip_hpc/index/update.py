@@ -3,7 +3,7 @@ trained index, without retraining; the new INDEX_DIR replaces the old one whole,
 
 An id is a line number of inputs.txt, so an update is only sound when the EMB_DIR's listing still gives every
 indexed image its id: a fresh `embed` of a grown folder sorts new files in between old ones, and adding "the ids
-past the old end" would then index some images twice and others never. `_check_listing` refuses that.
+past the old end" would then index some images twice and others never. `_refuse_other_listing` refuses that.
 """
 
 from __future__ import annotations
@@ -22,23 +22,22 @@ from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.caption_view import emb_view
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir, IndexInfo
-from clip_hpc.formats.metadata import MetadataStore
 from clip_hpc.formats.tier_codes import copy_codes
-from clip_hpc.index.build import _add, _checked_set, _finish, _n_rows, _now, _unit_counts, _write_vectors, job_world
-from clip_hpc.index.drift import drifted_units
+from clip_hpc.index.build import job_world
+from clip_hpc.index.drift import ListingMismatch, drifted_units
 from clip_hpc.index.ranks import lists_to_disk
 from clip_hpc.index.rerank_tier import start_codes
 from clip_hpc.index.selfcheck import RECALL_QUERIES
+from clip_hpc.index.stages import add, checked_set, finish, n_rows, now, unit_counts, write_vectors
 
 
-def _check_listing(emb: EmbDir, known: MetadataStore, out: Path) -> None:
+def _refuse_other_listing(mismatch: ListingMismatch | None, emb: EmbDir, out: Path) -> None:
     """Refuse (UserError, nothing written) an EMB_DIR whose inputs.txt no longer gives an indexed id its image."""
-    mismatch = known.first_other_path(emb.read_inputs())
     if mismatch is not None:
-        id, indexed, listed = mismatch
         raise UserError(
-            f"{emb.root} lists other images under the ids {out} indexes (id {id} is {indexed!r} in the "
-            f"index, {listed!r} in inputs.txt): only `clip-hpc embed --append` keeps ids; build a new index"
+            f"{emb.root} lists other images under the ids {out} indexes (id {mismatch.id} is {mismatch.indexed!r} "
+            f"in the index, {mismatch.listed!r} in inputs.txt): only `clip-hpc embed --append` keeps ids; build a "
+            "new index"
         )
 
 
@@ -78,16 +77,17 @@ def _update(
     current = IndexDir(out)
     info = current.check_integrity()
     emb = emb_view(emb_dir, info.vectors)
-    summary = _checked_set(emb)
+    summary = checked_set(emb)
     if (summary.model, summary.pretrained, int(summary.dim or 0)) != (info.model, info.pretrained, info.dim):
         raise UserError(
             f"{emb_dir} holds {summary.model}/{summary.pretrained} {summary.dim}-d vectors, "
             f"{out} indexes {info.model}/{info.pretrained} {info.dim}-d; build a new index"
         )
-    counts = _unit_counts(summary.shards)
+    counts = unit_counts(summary.shards)
     with current.open_metadata() as known:
-        _check_listing(emb, known, out)
-        changed, stale = drifted_units(emb, summary, known)
+        drift = drifted_units(emb, summary, known, emb.read_inputs())
+    _refuse_other_listing(drift.mismatch, emb, out)
+    changed, stale = drift.changed, drift.stale
     if not changed:
         return info
     if refine is not None:
@@ -96,9 +96,9 @@ def _update(
     with IndexDir.build_beside(out) as tmp:
         tmp.copy_metadata_from(current)
         start = time.perf_counter()
-        info.n_rows = max(int(info.n_rows), _n_rows(summary))
+        info.n_rows = max(int(info.n_rows), n_rows(summary))
         with tmp.open_metadata(readonly=False) as meta, current.open_metadata() as known:
-            _write_vectors(
+            write_vectors(
                 tmp, emb, changed, info.n_rows, info.dim, meta, progress, old=current, known=known, removed=stale
             )
             timings["vectors_s"] = round(time.perf_counter() - start, 3)
@@ -108,7 +108,7 @@ def _update(
                 meta.remove(stale)
             n_before = int(index.ntotal)
             _carry_tier(current, tmp, info.n_rows)
-            index = _add(index, emb, changed, progress, timings, known=known, tier_dir=tmp)
+            index = add(index, emb, changed, progress, timings, known=known, tier_dir=tmp)
             timings["train_s"] = 0
         if info.lists == "disk":  # they were read into memory to add to them: back out to disk
             index = lists_to_disk(index, tmp.ivfdata_path)
@@ -119,8 +119,8 @@ def _update(
                 "added": int(index.ntotal) - n_before,
                 "removed": len(stale),
                 "timings": timings,
-                "at": _now(),
+                "at": now(),
             }
         ]
         query_ids = emb.sample_ids(summary.shards, RECALL_QUERIES, np.random.default_rng(info.seed))
-        return _finish(tmp, out, index, info, query_ids, nprobe or info.nprobe, timings, started)
+        return finish(tmp, out, index, info, query_ids, nprobe or info.nprobe, timings, started)

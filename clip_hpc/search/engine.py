@@ -1,26 +1,40 @@
 """The serving engine: loads an INDEX_DIR (index, vectors, metadata, model) and answers queries by text, image,
-id, raw vector, or a weighted combination of them, through the pure core in `search.core`."""
+id, raw vector, or a weighted combination of them, through the pure core in `ann.core`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import faiss
 import numpy as np
 
+from clip_hpc.ann.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir, IndexInfo
 from clip_hpc.ingest.images import as_query_image
 from clip_hpc.model.encoders import Encoder, ModelEncoder
-from clip_hpc.search.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
 
 MAX_K = 10_000  # results per query, for the CLI and the HTTP API alike
 PREFILTER_LIMIT = (
     50_000  # a filter (path_prefix, caption, min_similarity) matching fewer ids is searched exactly over just those
 )
+
+
+class MetaFilters(TypedDict):
+    """The filters meta.sqlite answers (`MetadataStore.ids_matching`)."""
+
+    path_prefix: str | None
+    caption: str | None
+    min_similarity: float | None
+
+
+class Filters(MetaFilters):
+    """Every filter of a search: meta.sqlite's and the score floor."""
+
+    min_score: float | None
 
 
 class UnknownIdError(UserError, KeyError):
@@ -99,7 +113,7 @@ class SearchEngine:
         factor = int((self.info.tier or {}).get("exact_factor") or 0)
         if not (self.refine and factor and files.has_tier()):
             return None, 0
-        from clip_hpc.index.rerank_tier import load_tier, refine_over
+        from clip_hpc.ann.tier import load_tier, refine_over
 
         self._tier_codes = load_tier(files.tier_path, files.tier_codes_path)
         return refine_over(self.index, self._tier_codes), factor
@@ -188,7 +202,8 @@ class SearchEngine:
                 exact_factor=self.exact_factor,
             )
             for i, hits in zip(rows, self._hits(scores, ids, None)):
-                out[i] = [hit for hit in hits if min_scores[i] is None or hit.score >= min_scores[i]]
+                floor = min_scores[i]
+                out[i] = [hit for hit in hits if floor is None or (hit.score is not None and hit.score >= floor)]
         return out
 
     def search_text(self, text: str, k: int = 10, **filters: Any) -> list[Hit]:
@@ -280,7 +295,7 @@ class SearchEngine:
             raise UserError("diversity must be between 0 and 1")
         combined = np.asarray(query, dtype=np.float32)[None, :]
         k = self._check_k(k)
-        filters = dict(path_prefix=path_prefix, min_score=min_score, caption=caption, min_similarity=min_similarity)
+        filters = Filters(path_prefix=path_prefix, min_score=min_score, caption=caption, min_similarity=min_similarity)
         if diversity <= 0:
             return self.search_vectors(combined, k, **filters)[0]
         pool = self.search_vectors(combined, min(MAX_K, max(4 * k, 50)), **filters)[0]
@@ -342,7 +357,7 @@ class SearchEngine:
         self, queries: np.ndarray, k: int, prefix: str | None, caption: str | None, min_similarity: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Few matching ids: exact search over just them. Many: the ANN search restricted by an id selector."""
-        filters = dict(path_prefix=prefix, caption=caption, min_similarity=min_similarity)
+        filters = MetaFilters(path_prefix=prefix, caption=caption, min_similarity=min_similarity)
         allowed = np.asarray(self.meta.ids_matching(**filters, limit=PREFILTER_LIMIT + 1), dtype=np.int64)
         if len(allowed) <= PREFILTER_LIMIT:
             cand = np.broadcast_to(allowed, (len(queries), len(allowed)))

@@ -48,7 +48,7 @@ def exact_scored(
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(vectors), chunk):
         block = np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32)
-        empty = ~block.any(axis=1)
+        empty = np.asarray(~block.any(axis=1))
         wanted = min(len(block), k + int(empty.sum()))  # enough that dropping the empty rows leaves k
         scores, ids = faiss.knn(queries, block, wanted, metric=faiss.METRIC_INNER_PRODUCT)
         scores[(ids < 0) | empty[np.maximum(ids, 0)]] = -np.inf

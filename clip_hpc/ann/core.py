@@ -136,7 +136,7 @@ def _search_tiered(
     n_exact = max(k, min(max(k, MIN_RERANK_K) * exact_factor, n_cand))
     ivf = faiss.try_extract_index_ivf(index)
 
-    def run(rows: np.ndarray, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def run(rows: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:  # nprobe: unused without IVF
         base = (
             faiss.SearchParametersIVF(sel=selector, nprobe=int(nprobe))
             if ivf is not None
@@ -145,7 +145,7 @@ def _search_tiered(
         params = faiss.IndexRefineSearchParameters(k_factor=n_cand / n_exact, base_index_params=base)
         return tier.search(np.ascontiguousarray(rows), n_exact, params=params)
 
-    scores, ids = run(queries, ivf.nprobe if ivf is not None else None)
+    scores, ids = run(queries, ivf.nprobe if ivf is not None else 0)
     if widen and ivf is not None and ivf.nprobe < ivf.nlist:
         short = np.flatnonzero((ids >= 0).sum(axis=1) < min(k, index.ntotal))
         if len(short):

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from clip_hpc.ann.core import normalise_rows
+from clip_hpc.ann.ground_truth import exact_top_k, recall_per_query
+from clip_hpc.ann.text_queries import text_like
 from clip_hpc.formats.index_dir import IndexDir
-from clip_hpc.index.ground_truth import exact_top_k, recall_per_query
-from clip_hpc.index.text_queries import text_like
-from clip_hpc.search.core import normalise_rows
 from clip_hpc.search.engine import SearchEngine
 
 HELDOUT_SALT = 0x4E1D_0D7  # never the self-check's stream
@@ -66,7 +66,7 @@ def heldout_queries(
         cosine = float(rng.uniform(*cosine_range))
         noise = float(rng.uniform(0.1, 0.7))
         tilt = float(rng.uniform(0.0, 0.3))
-        direction = normalise_rows(rng.standard_normal(images.shape[1]))
+        direction = normalise_rows(rng.standard_normal((images.shape[1],)))
         inside = normalise_rows(images[rng.integers(len(images))] + data_mean)
         direction = normalise_rows((1 - tilt) * direction + tilt * inside)
         text_groups.append(text_like(part, direction, cosine, noise, rng))

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from clip_hpc.index.ground_truth import (
+from clip_hpc.ann.core import rerank
+from clip_hpc.ann.ground_truth import (
     exact_top_k,
     exact_truth,
     hit_positions,
@@ -15,15 +16,8 @@ from clip_hpc.index.ground_truth import (
     recall_per_query,
     tie_aware_positions,
 )
-from clip_hpc.index.selfcheck import (
-    off_distribution_groups,
-    off_distribution_queries,
-    probe_ladder,
-    recall_lower_bound,
-    recall_prediction_bound,
-    sweep,
-)
-from clip_hpc.search.core import rerank
+from clip_hpc.index.selfcheck import off_distribution_groups, off_distribution_queries
+from clip_hpc.index.tuning import probe_ladder, recall_lower_bound, recall_prediction_bound, sweep
 from index_fixtures import synthetic
 
 

@@ -129,9 +129,9 @@ def text_like_groups(
 ) -> list[tuple[float, np.ndarray]]:
     """The images cut into `groups`, each with its own random gap direction; cosines and noises cycled.
     Returns (target cosine, queries) per group."""
-    out = []
+    out: list[tuple[float, np.ndarray]] = []
     for i, part in enumerate(np.array_split(np.asarray(images, dtype=np.float32), max(1, min(groups, len(images))))):
-        direction = rng.standard_normal(images.shape[1])
+        direction = rng.standard_normal((images.shape[1],))
         cosine = cosines[i % len(cosines)]
         out.append((cosine, text_like(part, direction, cosine, noises[i % len(noises)], rng)))
     return out
