@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from clip_hpc.cluster.submit import add_submit
 from clip_hpc.errors import UserError
 from clip_hpc.index.defaults import train_size_help
 from clip_hpc.ingest.text import argv_text, one_line  # search text in (cp1252 if not UTF-8), hits out (escaped)
@@ -131,9 +132,10 @@ def add_info(sub: argparse._SubParsersAction) -> None:
 
 # --- fetch-model -----------------------------------------------------------------------------------------------
 def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from clip_hpc.cluster.profile import profile_weights_dir
     from clip_hpc.model.loading import fetch_model
 
-    print(fetch_model(args.name, args.tag, args.cache_dir))
+    print(fetch_model(args.name, args.tag, args.cache_dir or profile_weights_dir(args.profile)))
     return 0
 
 
@@ -141,7 +143,12 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fetch-model", help="download weights once, on a node with internet, for offline compute nodes")
     p.add_argument("name")
     p.add_argument("tag")
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where to cache (default: the profile's CLIP_HPC_WEIGHTS, where its jobs look)",
+    )
+    p.add_argument("--profile", default=None, help="the jobs' cluster profile (default: $CLIP_HPC_PROFILE, if set)")
     p.set_defaults(func=cmd_fetch_model)
 
 
@@ -150,12 +157,17 @@ def cmd_index(args: argparse.Namespace) -> int:
     import tempfile
 
     from clip_hpc.cluster.jobenv import job_env, use_threads
-    from clip_hpc.cluster.world import world
+    from clip_hpc.cluster.world import idle_without_mpi, world
     from clip_hpc.formats.embedding_folder import import_embedding_folder, is_embedding_folder
     from clip_hpc.index.build import build_index
     from clip_hpc.index.update import update_index
     from clip_hpc.ingest.object_store import require_posix
 
+    idle = idle_without_mpi(world())
+    if idle:  # exit 0: srun --kill-on-bad-exit would take rank 0's build down with a failing rank
+        if world().rank == 1:  # one line for the job, not one per idle rank
+            print(f"clip-hpc index: {idle}", file=sys.stderr)
+        return 0
     require_posix(args.out)
     use_threads(faiss_threads=job_env().cpus)  # FAISS's OpenMP would take the node's cores, not the job's
     with tempfile.TemporaryDirectory(
@@ -474,6 +486,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
     add_check_ports,
     add_demo,
+    add_submit,
 ]
 
 
