@@ -69,9 +69,10 @@ def read_profile(choice: str | None = None, environ: Mapping[str, str] = os.envi
         known = " ".join(sorted(p.stem for p in (home / "hpc").glob("*.sh")))
         raise UserError(f"no profile {choice!r} ({path}); choose one of: {known}, or give a path")
     # A profile's own output (module load) is not the environment; its unexported settings (`: "${X:=...}"`) are.
-    script = (
+    script = (  # bash builtins only
         'set +u; source "$0" >&2 || exit 3; '
-        'for name in $(compgen -v | grep -E "^(CLIP_HPC_|SBATCH_)"); do export "$name"; done; env -0'
+        'for name in $(compgen -v); do case $name in CLIP_HPC_*|SBATCH_*) export "$name" ;; esac; done; '
+        "for name in $(compgen -e); do printf '%s=%s\\0' \"$name\" \"${!name}\"; done"
     )
     try:
         proc = subprocess.run(
