@@ -72,7 +72,7 @@ def read_profile(choice: str | None = None, environ: Mapping[str, str] = os.envi
     script = (  # bash builtins only
         'set +u; source "$0" >&2 || exit 3; '
         'for name in $(compgen -v); do case $name in CLIP_HPC_*|SBATCH_*) export "$name" ;; esac; done; '
-        "for name in $(compgen -e); do printf '%s=%s\\0' \"$name\" \"${!name}\"; done"
+        'for name in $(compgen -e); do printf \'%s=%s\\0\' "$name" "${!name}"; done'
     )
     try:
         proc = subprocess.run(
