@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,mpi-wheel]'   # mpi-wheel: the pip MPICH (mpiexec) of the demo and tests
 	# The LAION tool chain our export is tested against pins numpy<2 but runs on numpy 2: no deps, ours are in dev.
 	$(BIN)/python -m pip install -q --no-deps 'embedding-reader>=1.8' 'autofaiss>=2.18'
 	touch $@

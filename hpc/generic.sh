@@ -7,7 +7,11 @@
 #   CLIP_HPC_EMBED_SBATCH, CLIP_HPC_INDEX_SBATCH, CLIP_HPC_SERVE_SBATCH  (--ntasks in the index options = index ranks)
 #                            default sbatch options that slurm/pipeline.sh gives each job
 #   CLIP_HPC_DATA            where slurm/pipeline.sh puts EMB_DIR and INDEX_DIR when given a relative work dir
-#   CLIP_HPC_LOGIN_HOST      the [user@]host a laptop ssh-es to; printed in the serve job's tunnel command
+#   CLIP_HPC_LOGIN_HOST      the [user@]host[:port] a laptop ssh-es to; printed in the serve job's tunnel command,
+#                            whose every hop gets this user
+#   CLIP_HPC_SSH_KEY         the laptop's key for every hop of that command (ssh -i; Perlmutter: ~/.ssh/nersc)
+#   CLIP_HPC_WEIGHTS         the weights cache of fetch-model and of the jobs (default: open_clip's, HF_HOME)
+#   CLIP_HPC_SRUN_MPI is also the --mpi= that clip-hpc's hints name when ranks start without MPI
 #   SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_CONSTRAINT, SBATCH_PARTITION ...  read by sbatch itself
 : "${CLIP_HPC_VENV:=$CLIP_HPC_HOME/.venv}"
 if [ -x "$CLIP_HPC_VENV/bin/python" ]; then
@@ -22,3 +26,5 @@ fi
 : "${CLIP_HPC_DATA:=$PWD}"
 : "${CLIP_HPC_LOGIN_HOST:=$(id -un)@${SLURM_SUBMIT_HOST:-$(hostname -f 2>/dev/null || hostname)}}"
 export CLIP_HPC_VENV CLIP_HPC_SRUN_MPI CLIP_HPC_GPUS_PER_NODE CLIP_HPC_DATA CLIP_HPC_LOGIN_HOST
+if [ -n "${CLIP_HPC_WEIGHTS:-}" ]; then export CLIP_HPC_WEIGHTS; fi
+if [ -n "${CLIP_HPC_SSH_KEY:-}" ]; then export CLIP_HPC_SSH_KEY; fi

@@ -71,7 +71,8 @@ KillWait=5
 MinJobAge=600
 SlurmdTimeout=60
 SchedulerParameters=sched_interval=2
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$mem_mb State=UNKNOWN
+# Features are labels only (no GPUs behind "gpu"): jobs of a Perlmutter-like profile (-C gpu, -C cpu) are placed.
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$mem_mb Features=cpu,gpu State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 }

@@ -42,4 +42,16 @@ clip_hpc_banner() {
          "$(date -Is)"
 }
 
+# A profile with GPUs (CLIP_HPC_GPUS_PER_NODE > 0) whose job got none stops here with one line: a hand-submitted
+# `sbatch slurm/embed.sbatch` carries none of the profile's -C gpu / --gpus-per-node (they are options of
+# `clip-hpc submit` and pipeline.sh), and its ranks would otherwise crawl on CPUs for the whole time limit.
+clip_hpc_require_gpus() {
+    [ "${CLIP_HPC_GPUS_PER_NODE:-0}" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ] || return 0
+    local gpus=${SLURM_GPUS_ON_NODE:-${SLURM_JOB_GPUS:-${CUDA_VISIBLE_DEVICES:-}}}
+    [ -z "$gpus" ] || [ "$gpus" = 0 ] || return 0
+    clip_hpc_die "profile '$CLIP_HPC_PROFILE' expects $CLIP_HPC_GPUS_PER_NODE GPU(s) per node and this job has" \
+        "none: submit with 'clip-hpc submit $CLIP_HPC_STAGE ...' (it adds the profile's -C/-q/-A/--gpus-per-node)," \
+        "or set CLIP_HPC_GPUS_PER_NODE=0 to run on CPUs"
+}
+
 clip_hpc_load_profile

@@ -119,3 +119,26 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     finally:
         subprocess.run([str(SLURM_LOCAL), "down"], capture_output=True, text=True, env=env, timeout=120)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def perlmutter_like_profile(
+    path: Path, *, data: Path, weights: Path, gpus: int = 4, account: str = "m1234", srun_mpi: str = ""
+) -> Path:
+    """A profile in Perlmutter's shape (constraint, QOS and account through SBATCH_*, GPUs per node, a weights
+    cache, HF_HUB_OFFLINE in jobs) on the local cluster's small task counts; it ends like local.sh."""
+    path.write_text(
+        f"""# test profile: Perlmutter's kind of settings on the local cluster
+: "${{SBATCH_CONSTRAINT:=gpu}}"
+: "${{SBATCH_QOS:=regular}}"
+: "${{SBATCH_ACCOUNT:={account}}}"
+export SBATCH_CONSTRAINT SBATCH_QOS SBATCH_ACCOUNT
+: "${{CLIP_HPC_GPUS_PER_NODE:={gpus}}}"
+{f': "${{CLIP_HPC_SRUN_MPI:={srun_mpi}}}"' if srun_mpi else ""}
+: "${{CLIP_HPC_DATA:={data}}}"
+: "${{CLIP_HPC_WEIGHTS:={weights}}}"
+export CLIP_HPC_WEIGHTS
+if [ -n "${{SLURM_JOB_ID:-}}" ]; then export HF_HUB_OFFLINE=1; fi
+source "$CLIP_HPC_HOME/hpc/local.sh"
+"""
+    )
+    return path

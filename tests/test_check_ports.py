@@ -54,6 +54,23 @@ def test_check_ports_without_tunnel_prints_the_ssh_command(live_server, tmp_path
     assert all(line.startswith("SKIP") for line in lines[1:])
 
 
+def test_check_ports_without_tunnel_names_each_ssh_hop_to_test(live_server, tmp_path):
+    """A tunnel that will not come up fails at one hop (MFA or key on the login node, user or job on the node):
+    the FAIL line gives one command per hop, with the user and key of the printed command."""
+    info = json.loads(live_server.connection_file.read_text())
+    info["local_port"] = free_port()
+    info["ssh_command"] = (
+        "ssh -N -L 9000:localhost:9000 -i ~/.ssh/nersc "
+        "-o 'ProxyCommand=ssh -i ~/.ssh/nersc -W %h:%p me@perlmutter.nersc.gov' me@nid001234"
+    )
+    copy = tmp_path / "laptop-copy.json"
+    copy.write_text(json.dumps(info))
+    rc, lines = check_ports("--connection-file", str(copy))
+    assert rc == 1 and lines[0].startswith("FAIL")
+    assert "hop 1 laptop -> perlmutter.nersc.gov: ssh -i ~/.ssh/nersc me@perlmutter.nersc.gov true" in lines[0]
+    assert "hop 2 perlmutter.nersc.gov -> nid001234: ssh -i ~/.ssh/nersc -o 'ProxyCommand=" in lines[0]
+
+
 @contextlib.contextmanager
 def foreign_http_server():
     """Another program holding the port: any HTTP server that is not clip-hpc."""

@@ -13,17 +13,21 @@ from clip_hpc.client.endpoint import resolve_endpoint
 from clip_hpc.errors import UserError
 from clip_hpc.formats import connection
 from clip_hpc.formats.connection import ConnectionInfo
+from clip_hpc.formats.ssh_tunnel import SSH_KEY_ENV, hop_checks_for
 
 
 def test_ssh_command_ends_where_the_server_listens(monkeypatch):
     monkeypatch.setenv(connection.LOGIN_HOST_ENV, "me@login1")
-    assert connection.ssh_command("nid001", port=9000) == "ssh -N -L 9000:localhost:9000 -J me@login1 nid001"
+    monkeypatch.delenv(SSH_KEY_ENV, raising=False)
+    # the node hop names the user too: without it OpenSSH logs in to the node as the laptop's user
+    assert connection.ssh_command("nid001", port=9000) == "ssh -N -L 9000:localhost:9000 -J me@login1 me@nid001"
     assert (
         connection.ssh_command("nid001", port=9000, bind_host="0.0.0.0", local_port=8000)
         == "ssh -N -L 8000:nid001:9000 me@login1"
     )
     assert (
-        connection.ssh_command("nid001", uds="/home/me/s.sock") == "ssh -N -L 8765:/home/me/s.sock -J me@login1 nid001"
+        connection.ssh_command("nid001", uds="/home/me/s.sock")
+        == "ssh -N -L 8765:/home/me/s.sock -J me@login1 me@nid001"
     )
     monkeypatch.delenv(connection.LOGIN_HOST_ENV)
     assert connection.ssh_command("nid001", port=1, bind_host="0.0.0.0").endswith(" <login-node>")
@@ -34,8 +38,57 @@ def test_ssh_command_for_a_socket_path_with_spaces_can_be_pasted(monkeypatch):
     import shlex
 
     monkeypatch.setenv(connection.LOGIN_HOST_ENV, "me@login1")
+    monkeypatch.delenv(SSH_KEY_ENV, raising=False)
     command = connection.ssh_command("nid001", uds="/home/me/My Project/s.sock")
-    assert shlex.split(command) == ["ssh", "-N", "-L", "8765:/home/me/My Project/s.sock", "-J", "me@login1", "nid001"]
+    assert shlex.split(command) == [
+        "ssh",
+        "-N",
+        "-L",
+        "8765:/home/me/My Project/s.sock",
+        "-J",
+        "me@login1",
+        "me@nid001",
+    ]
+
+
+def test_ssh_command_with_the_profiles_key_gives_it_to_both_hops(monkeypatch):
+    """`-J` hands -i to the last hop only (its jump ssh starts without it): with a key the jump is a ProxyCommand
+    that carries the key and the user; a ~/ path stays unquoted for the laptop's shell to expand."""
+    import shlex
+
+    monkeypatch.setenv(connection.LOGIN_HOST_ENV, "me@perlmutter.nersc.gov")
+    monkeypatch.setenv(SSH_KEY_ENV, "~/.ssh/nersc")
+    command = connection.ssh_command("nid001234", port=9000)
+    assert command == (
+        "ssh -N -L 9000:localhost:9000 -i ~/.ssh/nersc "
+        "-o 'ProxyCommand=ssh -i ~/.ssh/nersc -W %h:%p me@perlmutter.nersc.gov' me@nid001234"
+    )
+    words = shlex.split(command)
+    assert words[-1] == "me@nid001234" and words[words.index("-i") + 1] == "~/.ssh/nersc"
+    proxy = shlex.split(words[-2].split("=", 1)[1])
+    assert proxy == ["ssh", "-i", "~/.ssh/nersc", "-W", "%h:%p", "me@perlmutter.nersc.gov"]
+    forwarded = connection.ssh_command("nid001234", port=9000, bind_host="0.0.0.0")
+    assert forwarded == "ssh -N -L 9000:nid001234:9000 -i ~/.ssh/nersc me@perlmutter.nersc.gov"
+    monkeypatch.setenv(SSH_KEY_ENV, "/home/me/my keys/nersc")
+    assert "-i '/home/me/my keys/nersc'" in connection.ssh_command("nid001234", port=9000)
+
+
+def test_hop_checks_name_each_hop_of_the_printed_command(monkeypatch):
+    monkeypatch.setenv(connection.LOGIN_HOST_ENV, "me@login1:2222")
+    for key, first, second in (
+        ("", "ssh -p 2222 me@login1 true", "ssh -J me@login1:2222 me@nid001 true"),
+        (
+            "~/.ssh/nersc",
+            "ssh -i ~/.ssh/nersc -p 2222 me@login1 true",
+            "ssh -i ~/.ssh/nersc -o 'ProxyCommand=ssh -i ~/.ssh/nersc -p 2222 -W %h:%p me@login1' me@nid001 true",
+        ),
+    ):
+        monkeypatch.setenv(SSH_KEY_ENV, key)
+        hops = hop_checks_for(connection.ssh_command("nid001", port=9000))
+        assert hops == [f"hop 1 laptop -> login1: {first}", f"hop 2 login1 -> nid001: {second}"]
+    forwarded = hop_checks_for(connection.ssh_command("nid001", port=9000, bind_host="0.0.0.0"))
+    assert forwarded == ["hop 1 laptop -> login1: ssh -i ~/.ssh/nersc -p 2222 me@login1 true"]
+    assert hop_checks_for("not ssh") == [] and hop_checks_for("ssh 'unbalanced") == []
 
 
 def test_connection_file_is_private_whatever_the_umask(tmp_path):

@@ -144,3 +144,22 @@ def test_default_workers_fit_the_mask_srun_binds_without_cpus_per_task():
     assert JobEnv.from_mapping({}, {3}, 64).dataloader_workers == 0  # one CPU: the main process decodes
     assert JobEnv.from_mapping({}, {3, 4}, 64).dataloader_workers == 1
     assert JobEnv.from_mapping({}, EIGHT, 64).dataloader_workers == DEFAULT_WORKERS
+
+
+def test_cray_shasta_ranks_are_mpi_launched_and_the_hint_is_the_profiles_plugin():
+    """srun's cray_shasta plugin (Perlmutter) sets PALS_RANKID, not PMI_RANK: without it MPI was never tried there."""
+    pals = JobEnv.from_mapping({"PALS_RANKID": "3", "PALS_LOCAL_RANKID": "3", "CLIP_HPC_SRUN_MPI": "cray_shasta"})
+    assert pals.mpi_launched and pals.mpi_hint.startswith("srun --mpi=cray_shasta")
+    assert JobEnv.from_mapping({}).mpi_hint.startswith("srun --mpi=pmi2"), "the generic profile's plugin"
+
+
+def test_an_idle_rank_without_mpi_is_told_to_exit_and_rank_0_is_not():
+    """Ranks that cannot talk: rank 0 builds the index alone, the others exit 0 (a non-zero exit makes srun
+    --kill-on-bad-exit take rank 0 down too)."""
+    from clip_hpc.cluster.world import idle_without_mpi
+
+    assert idle_without_mpi(World(0, 4, backend="slurm")) is None
+    assert idle_without_mpi(World(0, 1)) is None
+    message = idle_without_mpi(World(2, 4, backend="slurm"))
+    assert message is not None and "rank 2 of 4" in message and "srun --mpi=" in message
+    assert idle_without_mpi(World(2, 4, backend="mpi", comm=object())) is None

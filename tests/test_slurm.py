@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import stat
 import subprocess
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from clip_hpc.formats.emb_dir import EmbDir
 from conftest import BIN, ROOT, make_images
-from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+from slurm_fixtures import SlurmCluster, perlmutter_like_profile, slurm_cluster  # noqa: F401  (the fixture)
 
 TINY = ("--model", "clip-hpc-tiny", "--pretrained", "none")
 TWO_TASKS = ("--ntasks=2", "--cpus-per-task=1")
@@ -65,7 +66,8 @@ def test_profiles_set_what_the_scripts_need() -> None:
     pm = profile_vars("perlmutter", *names, env={"CLIP_HPC_ACCOUNT": "m1234"})
     assert (pm["SBATCH_CONSTRAINT"], pm["SBATCH_QOS"], pm["SBATCH_ACCOUNT"]) == ("gpu", "regular", "m1234")
     assert pm["CLIP_HPC_GPUS_PER_NODE"] == "4" and "--ntasks-per-node=4" in pm["CLIP_HPC_EMBED_SBATCH"]
-    assert "--gpus-per-task=1" in pm["CLIP_HPC_EMBED_SBATCH"] and pm["CLIP_HPC_DATA"] == "/scratch/u/clip-hpc"
+    assert "--gpus-per-node=4 --gpu-bind=none" in pm["CLIP_HPC_EMBED_SBATCH"]  # NERSC's GPU jobs: unbound GPUs
+    assert pm["CLIP_HPC_DATA"] == "/scratch/u/clip-hpc"
     assert pm["CLIP_HPC_LOGIN_HOST"].endswith("@perlmutter.nersc.gov")
     assert profile_vars("perlmutter", "SBATCH_ACCOUNT")["SBATCH_ACCOUNT"] == "", "no empty --account for sbatch"
 
@@ -244,6 +246,116 @@ def test_pipeline_embed_index_serve_answers_a_query(
         assert all(Path(r["path"]).parent.parent == images_120 for r in results)
 
         assert info["host"] in tunnel and slurm_cluster.env.get("CLIP_HPC_LOGIN_HOST", "@127.0.0.1") in tunnel
+        user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+        assert tunnel.strip().endswith(f"-J {user}@127.0.0.1 {user}@{info['host']}"), "the user on both hops"
         assert stat.S_IMODE(os.stat(serve_log).st_mode) == 0o600, "the log holds the token"
     finally:
         slurm_cluster.run("scancel", *(jobs[s] for s in ("embed", "index", "serve")), check=False)
+
+
+def submit_job(cluster: SlurmCluster, *args: str | Path, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """`clip-hpc submit ...` as a user on the login node: the job id and the sbatch command it printed."""
+    proc = cluster.run(BIN / "clip-hpc", "submit", *args, env=env or cluster.env)
+    printed = next(line for line in proc.stderr.splitlines() if line.startswith("$ sbatch "))
+    return int(proc.stdout.split()[-1]), shlex.split(printed[2:])
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_submitted_and_hand_submitted_gpu_jobs_carry_the_profile_and_stop_without_gpus(
+    slurm_cluster: SlurmCluster, images_120: Path, tmp_path: Path
+) -> None:
+    """The profile's constraint, QOS and account reach sbatch as options (the job record shows the constraint and
+    the account; this cluster keeps no QOS), and a GPU job placed where there are no GPUs stops with one line."""
+    profile = perlmutter_like_profile(tmp_path / "pm.sh", data=tmp_path / "data", weights=tmp_path / "w")
+    args = ("embed", images_120, "--out", tmp_path / "emb", *TINY)
+    job, command = submit_job(slurm_cluster, "--profile", profile, *args)
+    assert {"--constraint=gpu", "--qos=regular", "--account=m1234"} <= set(command)
+    test_only = slurm_cluster.run(command[0], "--test-only", *command[1:], check=False)
+    assert test_only.returncode == 0, test_only.stderr
+    log = tmp_path / "data" / "logs" / f"clip-embed-{job}.out"
+    info = slurm_cluster.wait(job, log=log)
+    assert (info["Features"], info["Account"], info["JobState"]) == ("gpu", "m1234", "FAILED")
+    errors = [line for line in log.read_text().splitlines() if "error:" in line]
+    assert len(errors) == 1 and "expects 4 GPU(s) per node and this job has none" in errors[0], errors
+
+    by_hand = tmp_path / "by-hand.out"  # sbatch slurm/embed.sbatch without the profile's options: no GPUs either
+    hand_env = {**slurm_cluster.env, "CLIP_HPC_PROFILE": str(profile)}
+    submitted = slurm_cluster.run(
+        "sbatch", "--parsable", f"--output={by_hand}", ROOT / "slurm" / "embed.sbatch", *args[1:], env=hand_env
+    )
+    job = int(submitted.stdout.strip().split(";")[0])
+    assert slurm_cluster.wait(job, log=by_hand)["JobState"] == "FAILED"
+    assert "this job has none: submit with 'clip-hpc submit embed" in by_hand.read_text()
+    assert not (tmp_path / "emb" / "shards").exists() or not any((tmp_path / "emb" / "shards").iterdir())
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_index_job_without_mpi_builds_on_rank_0_and_the_other_ranks_exit_0(
+    slurm_cluster: SlurmCluster, images_120: Path, tmp_path: Path
+) -> None:
+    """srun without a working MPI plugin: each task is its own world. Rank 0 builds the whole index, rank 1 has
+    nothing to do and says so once with exit 0 (exit 2 made --kill-on-bad-exit kill rank 0's build)."""
+    from conftest import run_cli
+
+    emb = tmp_path / "emb"
+    run_cli("embed", images_120, "--out", emb, *TINY, "--shard-size", "30", check=True)
+    env = {**slurm_cluster.env, "CLIP_HPC_SRUN_MPI": "none"}
+    job, command = submit_job(
+        slurm_cluster,
+        "--log-dir",
+        tmp_path / "logs",
+        "index",
+        "--ntasks=2",
+        "--",
+        emb,
+        "--out",
+        tmp_path / "idx",
+        env=env,
+    )
+    log = tmp_path / "logs" / f"clip-index-{job}.out"
+    info = slurm_cluster.wait(job, log=log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["n"] == 120
+    idle = [line for line in text.splitlines() if "cannot reach the others" in line]
+    assert len(idle) == 1 and "rank 1 of 2" in idle[0] and "srun --mpi=none" in idle[0], idle
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_fetch_model_then_a_submitted_job_find_the_same_weights(
+    slurm_cluster: SlurmCluster, images_120: Path, tmp_path: Path
+) -> None:
+    """fetch-model on the login node fills the profile's weights cache; the job (HF_HUB_OFFLINE, the same profile
+    sourced inside it) loads them from there: the shipped demo weights, no download."""
+    weights = tmp_path / "weights"
+    profile = perlmutter_like_profile(tmp_path / "pm.sh", data=tmp_path / "data", weights=weights, gpus=0)
+    login_env = {k: v for k, v in slurm_cluster.env.items() if not k.startswith(("CLIP_HPC_WEIGHTS", "HF_"))}
+    fetched = slurm_cluster.run(
+        BIN / "clip-hpc", "fetch-model", "--profile", profile, "clip-hpc-demo", "bundled", env=login_env
+    )
+    assert Path(fetched.stdout.strip()) == weights / "clip-hpc-demo.safetensors"
+    emb = tmp_path / "emb"
+    job, _ = submit_job(
+        slurm_cluster,
+        "--profile",
+        profile,
+        "embed",
+        images_120,
+        "--out",
+        emb,
+        "--model",
+        "clip-hpc-demo",
+        "--pretrained",
+        "bundled",
+        "--shard-size",
+        "60",
+        env=login_env,
+    )
+    log = tmp_path / "data" / "logs" / f"clip-embed-{job}.out"
+    info = slurm_cluster.wait(job, log=log)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    assert json.loads((emb / "manifest.json").read_text())["n_embedded"] == 120
+    assert {s.attrs["pretrained"] for s in EmbDir(emb).iter_shards(with_embeddings=False)} == {"bundled"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -163,3 +164,43 @@ def test_another_program_on_the_port_fails_at_step_2(node_server: Served, tmp_pa
     finally:
         other.terminate()
         other.wait(timeout=10)
+
+
+def test_the_printed_tunnel_with_a_key_logs_in_on_both_hops(sshd, node_server: Served, tmp_path: Path) -> None:
+    """The command the server prints, with the profile's key and user, through two real hops: the loopback sshd as
+    the login node, then again as the compute node ("localhost"). This user has no key of its own (-J would hand
+    -i to the node hop only), so both logins prove the key reached both. The test's ssh config only adds the node's
+    port and skips host-key checks, given to both ssh processes."""
+    from clip_hpc.formats.connection import ssh_command
+
+    user, port = sshd["SSHD_USER"], sshd["CLIP_HPC_SSHD_PORT"]
+    local = free_port()
+    command = ssh_command(
+        "localhost", port=node_server.port, local_port=local, login=f"{user}@127.0.0.1:{port}", key=sshd["SSHD_KEY"]
+    )
+    assert f"{user}@localhost" in command and command.count(sshd["SSHD_KEY"]) == 2, command
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  BatchMode yes\n"
+        f"  ExitOnForwardFailure yes\n  LogLevel ERROR\nHost localhost\n  Port {port}\n"
+    )
+    words = shlex.split(command.replace("ProxyCommand=ssh ", f"ProxyCommand=ssh -F {config} "))
+    log = Path(sshd["CLIP_HPC_SSHD_DIR"]) / "sshd.log"
+    logins_before = log.read_text().count("Accepted publickey")
+    proc = subprocess.Popen(
+        [words[0], "-F", str(config), *words[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not accepts(local):
+            if proc.poll() is not None:
+                raise AssertionError(f"the printed ssh command exited ({proc.returncode}): {proc.stdout.read()}")
+            assert time.monotonic() < deadline, "the tunnel did not come up in 30 s"
+            time.sleep(0.1)
+        code, lines = check_ports("--port", str(local), "--token", TOKEN)
+        assert (code, statuses(lines)) == (0, ["PASS"] * 4), lines
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+    assert log.read_text().count("Accepted publickey") - logins_before == 2, "one login per hop"

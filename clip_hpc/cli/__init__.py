@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from clip_hpc.cli.embedding import add_embed, add_export, add_fetch_model, add_info
 from clip_hpc.cli.searching import add_index, add_search
 from clip_hpc.cli.serving import add_check_ports, add_demo, add_serve
+from clip_hpc.cluster.submit import add_submit
 from clip_hpc.errors import UserError
 
 SIGPIPE_EXIT = 141  # what a shell reports for a process ended by SIGPIPE: the reader closed the pipe
@@ -28,6 +29,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
     add_check_ports,
     add_demo,
+    add_submit,
 ]
 
 

@@ -117,9 +117,10 @@ def add_info(sub: argparse._SubParsersAction) -> None:
 
 # --- fetch-model -----------------------------------------------------------------------------------------------
 def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from clip_hpc.cluster.profile import profile_weights_dir
     from clip_hpc.model.loading import fetch_model
 
-    print(fetch_model(args.name, args.tag, args.cache_dir))
+    print(fetch_model(args.name, args.tag, args.cache_dir or profile_weights_dir(args.profile)))
     return 0
 
 
@@ -127,7 +128,12 @@ def add_fetch_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fetch-model", help="download weights once, on a node with internet, for offline compute nodes")
     p.add_argument("name")
     p.add_argument("tag")
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where to cache (default: the profile's CLIP_HPC_WEIGHTS, where its jobs look)",
+    )
+    p.add_argument("--profile", default=None, help="the jobs' cluster profile (default: $CLIP_HPC_PROFILE, if set)")
     p.set_defaults(func=cmd_fetch_model)
 
 

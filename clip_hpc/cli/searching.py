@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from clip_hpc.errors import UserError
 from clip_hpc.index.defaults import train_size_help
@@ -17,12 +18,17 @@ def cmd_index(args: argparse.Namespace) -> int:
     import tempfile
 
     from clip_hpc.cluster.jobenv import job_env, use_threads
-    from clip_hpc.cluster.world import world
+    from clip_hpc.cluster.world import idle_without_mpi, world
     from clip_hpc.formats.embedding_folder import import_embedding_folder, is_embedding_folder
     from clip_hpc.index.build import build_index
     from clip_hpc.index.update import update_index
     from clip_hpc.ingest.object_store import require_posix
 
+    idle = idle_without_mpi(world())
+    if idle:  # exit 0: srun --kill-on-bad-exit would take rank 0's build down with a failing rank
+        if world().rank == 1:  # one line for the job, not one per idle rank
+            print(f"clip-hpc index: {idle}", file=sys.stderr)
+        return 0
     require_posix(args.out)
     use_threads(faiss_threads=job_env().cpus)  # FAISS's OpenMP would take the node's cores, not the job's
     with tempfile.TemporaryDirectory(

@@ -13,6 +13,7 @@ import httpx
 from clip_hpc.client.endpoint import Endpoint, resolve_endpoint
 from clip_hpc.client.http_client import client_for, error_text
 from clip_hpc.formats.connection import DEFAULT_LOCAL_PORT, ssh_command
+from clip_hpc.formats.ssh_tunnel import hop_checks_for
 
 
 @dataclass
@@ -101,7 +102,9 @@ class _Remedies:
                 f"nothing listens on {self.where} on this node: the server is not running; look at the job's "
                 f"log, then start it again (clip-hpc serve INDEX_DIR --port 0 --connection-file FILE)"
             )
-        return f"nothing listens on {self.where}: is the tunnel up? run: {self.ssh}"
+        hops = hop_checks_for(self.ssh)
+        tests = f"; if ssh fails, find the failing hop, one at a time: {'; '.join(hops)}" if hops else ""
+        return f"nothing listens on {self.where}: is the tunnel up? run: {self.ssh}{tests}"
 
     def health(self, client: httpx.Client) -> str | None:
         try:
@@ -110,7 +113,8 @@ class _Remedies:
             if self.server:
                 return f"{self.where} accepts connections but does not speak HTTP ({type(exc).__name__})"
             return (
-                f"the tunnel on {self.where} is up but nothing answers behind it ({type(exc).__name__}): is "
+                f"the tunnel on {self.where} is up but nothing answers behind it ({type(exc).__name__}): the ssh "
+                f"hops work, the last one (the node to the server's port) does not: is "
                 f"the server job still running (squeue --me)? do the node and port in the ssh command match "
                 f"the connection file? restart the tunnel with: {self.ssh}"
             )

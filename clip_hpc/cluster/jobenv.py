@@ -14,9 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-# variables an MPI launcher (Hydra/MPICH, PMI/PMIx, Open MPI) sets in the processes it starts
+# variables an MPI launcher (Hydra/MPICH, PMI/PMIx, Open MPI, HPE PALS) sets in the processes it starts; srun's
+# cray_shasta plugin (Perlmutter's default) sets PALS_RANKID and PALS_LOCAL_RANKID, not PMI_RANK
 MPI_HINTS = (
     "PMI_RANK",
+    "PALS_RANKID",
+    "PALS_LOCAL_RANKID",
     "PMI_SIZE",
     "PMI_FD",
     "PMIX_RANK",
@@ -25,6 +28,7 @@ MPI_HINTS = (
     "HYDRA_CONTROL_FD",
     "MPICH_INTERFACE_HOSTNAME",
 )
+DEFAULT_SRUN_MPI = "pmi2"  # the srun plugin of the pip MPICH wheel (hpc/generic.sh); profiles set their own
 DEFAULT_WORKERS = 2  # DataLoader workers per rank when SLURM does not say how many CPUs a task has
 
 
@@ -123,6 +127,7 @@ class JobEnv:
     torchrun: LaunchVars = LaunchVars()  # RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE
     mpi_hints: frozenset[str] = frozenset()  # which of MPI_HINTS are set
     force_mpi: bool = False  # CLIP_HPC_FORCE_MPI: try MPI even without launcher variables
+    srun_mpi: str = DEFAULT_SRUN_MPI  # CLIP_HPC_SRUN_MPI from the cluster profile: the srun --mpi= that works there
     omp_num_threads: int | None = None
     affinity: frozenset[int] | None = None  # the CPUs the kernel schedules this process on
     cpu_count: int | None = None  # the node's
@@ -145,6 +150,7 @@ class JobEnv:
             torchrun=_launch_vars(environ, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
             mpi_hints=frozenset(name for name in MPI_HINTS if name in environ),
             force_mpi=bool(environ.get("CLIP_HPC_FORCE_MPI")),
+            srun_mpi=environ.get("CLIP_HPC_SRUN_MPI") or DEFAULT_SRUN_MPI,
             omp_num_threads=_omp_threads(environ),
             affinity=frozenset(affinity) if affinity else None,
             cpu_count=cpu_count,
@@ -155,6 +161,11 @@ class JobEnv:
     def mpi_launched(self) -> bool:
         """Whether an MPI launcher started us (then MPI is worth its start-up cost)."""
         return bool(self.mpi_hints)
+
+    @property
+    def mpi_hint(self) -> str:
+        """How to start this job's ranks as one MPI world on this cluster (the profile's srun plugin)."""
+        return f"srun --mpi={self.srun_mpi} (or mpiexec)"
 
     @property
     def launcher_place(self) -> Place | None:

@@ -77,6 +77,17 @@ def _mpi_world() -> World | None:
     return World(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), "mpi", comm)
 
 
+def idle_without_mpi(w: World) -> str | None:
+    """Why this rank has nothing to do, or None: ranks that cannot talk leave a job that rank 0 does alone (the
+    index), and the others end with exit 0: a non-zero exit would make srun --kill-on-bad-exit kill rank 0 too."""
+    if w.coordinated or w.is_root:
+        return None
+    return (
+        f"rank {w.rank} of {w.size} cannot reach the others (no MPI): rank 0 works alone, this rank exits; "
+        f"use {job_env().mpi_hint} for all ranks to share the work"
+    )
+
+
 def speaks_for_job(w: World) -> bool:
     """Whether this process should print job-wide messages: rank 0, or any rank when ranks cannot talk."""
     return w.is_root or not w.coordinated
@@ -90,12 +101,12 @@ def world() -> World:
     if env.mpi_launched or env.force_mpi:
         found = _mpi_world()
         if found is not None and found.size == 1 and world_from_env().size > 1:
-            found = None  # e.g. srun without --mpi=pmi2: each task is an MPI singleton
+            found = None  # e.g. srun without the right --mpi plugin: each task is an MPI singleton
     env_world = world_from_env()
     if found is None and env_world.size > 1 and env_world.backend == "slurm" and "PMI_FD" not in env.mpi_hints:
         print(
             f"clip-hpc: rank {env_world.rank}/{env_world.size} from SLURM variables, without MPI "
-            "(use srun --mpi=pmi2 for a coordinated job)",
+            f"(use {env.mpi_hint} for a coordinated job)",
             file=sys.stderr,
         )
     return found or env_world

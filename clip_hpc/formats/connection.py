@@ -11,7 +11,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_bytes
+from clip_hpc.formats.ssh_tunnel import tunnel_command
 from clip_hpc.procs import pid_alive, process_start, process_started_at, same_process_alive
 
 DEFAULT_LOCAL_PORT = 8765  # what the laptop side of a unix-socket tunnel listens on
@@ -60,8 +60,10 @@ def ssh_command(
     bind_host: str = "127.0.0.1",
     local_port: int | None = None,
     login: str | None = None,
+    key: str | None = None,
 ) -> str:
-    """The tunnel that reaches this server from a laptop.
+    """The tunnel that reaches this server from a laptop, with the user (and the profile's key,
+    $CLIP_HPC_SSH_KEY) on every hop (formats/ssh_tunnel.py).
 
     A server bound to the node's loopback or a unix socket is only reachable from the node itself, so the tunnel
     must end there (`-J` hops through the login node); a server bound to the node's network interface can be
@@ -69,11 +71,11 @@ def ssh_command(
     """
     login = login or login_host()
     local = local_port or port or DEFAULT_LOCAL_PORT
-    if uds:  # quoted: the command is pasted into a shell, and a socket path may hold spaces
-        return f"ssh -N -L {shlex.quote(f'{local}:{uds}')} -J {login} {node}"
+    if uds:  # quoted (in tunnel_command): the command is pasted into a shell, and a socket path may hold spaces
+        return tunnel_command(f"{local}:{uds}", login, node, key)
     if bind_host in LOOPBACK:
-        return f"ssh -N -L {local}:localhost:{port} -J {login} {node}"
-    return f"ssh -N -L {local}:{node}:{port} {login}"
+        return tunnel_command(f"{local}:localhost:{port}", login, node, key)
+    return tunnel_command(f"{local}:{node}:{port}", login, None, key)
 
 
 def browser_url(local_port: int, token: str) -> str:

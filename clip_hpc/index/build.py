@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from clip_hpc.cluster.collective import from_root, on_every_rank
+from clip_hpc.cluster.jobenv import job_env
 from clip_hpc.cluster.world import World
 from clip_hpc.cluster.world import world as current_world
 from clip_hpc.errors import UserError, full_disk_is_a_user_error
@@ -182,7 +183,7 @@ def job_world(world: World | None = None) -> World:
         if not world.is_root:
             raise UserError(
                 f"rank {world.rank} of {world.size} cannot reach the others (no MPI); "
-                "run one task, or srun --mpi=pmi2 / mpiexec"
+                f"run one task, or {job_env().mpi_hint}"
             )
         world = World()
     return world

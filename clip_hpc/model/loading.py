@@ -17,11 +17,13 @@ import torch
 from clip_hpc.errors import UserError
 from clip_hpc.model.open_clip_types import OpenClipModel
 from clip_hpc.model.text_context import TextContext, choose_text_context
+from clip_hpc.model.weights_cache import offline, url_weights_missing, weights_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = {"ViT-B-32": "laion2b_s34b_b79k"}
+BUNDLED_TAG = "bundled"  # the pretrained tag of a model's shipped weights, read through the weights cache
 RANDOM_SEED = 0  # random weights are seeded so that every rank builds the same model
 
 
@@ -30,11 +32,18 @@ class ModelError(UserError):
 
 
 def register_model_configs() -> None:
-    """Make the configs shipped in the package (clip-hpc-tiny, clip-hpc-demo) known to open_clip by name."""
+    """Make the configs shipped in the package (clip-hpc-tiny, clip-hpc-demo) known to open_clip by name, and the
+    shipped weights a pretrained tag, BUNDLED_TAG, fetched (copied) into a cache like any other: the offline path
+    of `fetch-model` and the jobs is then testable without a download."""
     import open_clip
+    from open_clip import pretrained as open_clip_pretrained
 
     if "clip-hpc-tiny" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
+    for name in ("clip-hpc-demo",):
+        checkpoint = bundled_checkpoint(name)
+        if checkpoint is not None:  # open_clip has no public call to register a tag
+            open_clip_pretrained._PRETRAINED.setdefault(name, {})[BUNDLED_TAG] = {"url": checkpoint.as_uri()}
 
 
 def bundled_checkpoint(name: str) -> Path | None:
@@ -155,9 +164,15 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def fetch_hint(name: str, tag: str) -> str:
+    cache = weights_dir()
+    if cache:
+        return (
+            f"looked in {cache} (CLIP_HPC_WEIGHTS); on a node with internet run: clip-hpc fetch-model {name} {tag} "
+            f"--cache-dir {cache} (or --profile PROFILE, the job's)"
+        )
     return (
-        f"on a node with internet run: clip-hpc fetch-model {name} {tag} [--cache-dir DIR], "
-        f"then set HF_HOME (or pass the same --cache-dir via HF_HUB_CACHE) and HF_HUB_OFFLINE=1 on compute nodes"
+        f"on a node with internet run: clip-hpc fetch-model {name} {tag} [--profile PROFILE], "
+        f"then give jobs the same CLIP_HPC_WEIGHTS (a profile sets it) and HF_HUB_OFFLINE=1"
     )
 
 
@@ -222,8 +237,12 @@ def _cached_tag_path(name: str, tag: str) -> str:
             f"{tag!r} is neither a file nor a pretrained tag of {name} (tags: {', '.join(tags) or 'none'}; "
             f"or use --pretrained none)"
         )
+    cache = weights_dir()
+    missing = url_weights_missing(cfg, cache) if offline() else None
+    if missing:  # open_clip would download it, HF_HUB_OFFLINE or not
+        raise ModelError(f"weights {name}/{tag} are not in the local cache ({missing}); {fetch_hint(name, tag)}")
     try:
-        path = download_pretrained(cfg, cache_dir=os.environ.get("CLIP_HPC_CACHE_DIR"))
+        path = download_pretrained(cfg, cache_dir=cache)
     except Exception as exc:
         raise ModelError(
             f"weights {name}/{tag} are not in the local cache and cannot be downloaded "
@@ -313,7 +332,7 @@ def fetch_model(name: str, tag: str, cache_dir: str | None = None) -> str:
     if not cfg:
         raise ModelError(f"{name}/{tag} is not a known open_clip pretrained tag")
     try:
-        return str(download_pretrained(cfg, cache_dir=cache_dir))
+        return str(download_pretrained(cfg, cache_dir=weights_dir(cache_dir)))
     except Exception as exc:
         raise ModelError(
             f"download of {name}/{tag} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
