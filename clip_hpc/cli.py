@@ -15,6 +15,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.index.defaults import train_size_help
 from clip_hpc.ingest.text import argv_text, one_line  # search text in (cp1252 if not UTF-8), hits out (escaped)
 from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
+from clip_hpc.subsets.cli import add_filter
 
 Handler = Callable[[argparse.Namespace], int]
 SIGPIPE_EXIT = 141  # what a shell reports for a process ended by SIGPIPE: the reader closed the pipe
@@ -474,6 +475,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
     add_check_ports,
     add_demo,
+    add_filter,
 ]
 
 

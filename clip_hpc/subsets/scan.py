@@ -1,0 +1,48 @@
+"""The exact scan of one unit: all queries against every stored vector of its shard, and the part it leaves."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from clip_hpc.ingest.object_store import is_url
+from clip_hpc.ingest.tars import meta_key_url
+from clip_hpc.subsets.columns import read_row_details, read_scan_columns
+from clip_hpc.subsets.options import Settings
+from clip_hpc.subsets.out_dir import SCHEMA
+from clip_hpc.subsets.queries import QueryVectors
+from clip_hpc.subsets.scoring import best_first, kept, score_rows
+
+
+def url_of(path: str, meta: str) -> str:
+    """A sample's URL: img2dataset's `url` for a tar member, the input itself for an object-store input, else ""."""
+    return meta_key_url(meta)[1] or (path if is_url(path) else "")
+
+
+def scan_unit(
+    shard: str | os.PathLike, queries: QueryVectors, settings: Settings, device: object
+) -> tuple[pa.Table, int]:
+    """The unit's passing rows (for --top its best `top`, which is all a global top-N can need of it), described,
+    in id order; and how many rows were scanned."""
+    columns = read_scan_columns(shard)
+    scored = score_rows(columns.embeddings, queries.positives, queries.negatives, device)
+    passing = np.flatnonzero(kept(scored, settings.threshold, columns.similarity, settings.min_caption_similarity))
+    if settings.top is not None:
+        passing = np.sort(passing[best_first(scored.score[passing], columns.ids[passing], settings.top)])
+    details = read_row_details(shard, passing)
+    table = pa.table(
+        {
+            "id": columns.ids[passing],
+            "path": details.paths,
+            "url": [url_of(p, m) for p, m in zip(details.paths, details.meta)],
+            "caption": details.captions,
+            "score": scored.score[passing],
+            "query": scored.query[passing],
+            "offset": details.offsets,
+            "size": details.sizes,
+        },
+        schema=SCHEMA,
+    )
+    return table, len(columns.ids)
