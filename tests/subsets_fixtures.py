@@ -1,6 +1,6 @@
-"""The EMB_DIR the subset tests share: 36 loose images of varied formats and 36 captioned WebDataset tar members,
+"""The EMB_DIR the subset tests share: 24 loose images of varied formats and 24 captioned WebDataset tar members,
 embedded once per session by the real `clip-hpc embed --captions` with the random-weight tiny model, in units of
-12 (6 units, so two ranks each scan three)."""
+8 (6 units, so two ranks each scan three)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from conftest import make_images, run_cli
 from tar_fixtures import write_wds_tars
 
 TINY = ("--model", "clip-hpc-tiny", "--pretrained", "none")
-N_LOOSE, N_TARRED, PER_TAR, UNIT = 36, 36, 18, 12
+N_LOOSE, N_TARRED, PER_TAR, UNIT = 24, 24, 12, 8
 
 
 @dataclass
