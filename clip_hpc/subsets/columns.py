@@ -41,9 +41,22 @@ def _open(path: str | os.PathLike) -> h5py.File:
 
 
 def read_scan_columns(path: str | os.PathLike) -> ScanColumns:
+    """The vectors of a contiguous dataset (how `write_shard` stores them) come by one plain file read at the
+    offset HDF5 reports: unlike h5py, it lets go of the GIL, so the scan scores one shard while a thread reads the
+    next. Any other layout is read by h5py."""
     with _open(path) as f:
         similarity = f["similarity"][...].astype(np.float32) if "similarity" in f else None
-        return ScanColumns(f["ids"][...], f["embeddings"][...], similarity)
+        ids, stored = f["ids"][...], f["embeddings"]
+        offset = stored.id.get_offset() if stored.size else None
+        if offset is None:
+            return ScanColumns(ids, stored[...], similarity)
+        embeddings = np.empty(stored.shape, stored.dtype)
+    with open(path, "rb") as raw:
+        raw.seek(offset)
+        got = raw.readinto(embeddings.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy arrays are buffers
+    if got != embeddings.nbytes:
+        raise ShardError(f"{path}: truncated shard ({got} of {embeddings.nbytes} bytes of embeddings)")
+    return ScanColumns(ids, embeddings, similarity)
 
 
 def _text(values: np.ndarray) -> list[str]:
