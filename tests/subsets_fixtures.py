@@ -50,8 +50,13 @@ def _originals(root: Path) -> dict[str, bytes]:
     return found
 
 
+_BUILT: list[Source] = []  # the test modules each import the fixture, so pytest would otherwise build it twice
+
+
 @pytest.fixture(scope="session")
 def mixed_source(tmp_path_factory) -> Source:
+    if _BUILT:
+        return _BUILT[0]
     root = tmp_path_factory.mktemp("subsets")
     make_images(root / "loose", N_LOOSE, seed=11)
     write_wds_tars(make_images(root / "for-tars", N_TARRED, seed=12), root / "tars", PER_TAR)
@@ -59,4 +64,5 @@ def mixed_source(tmp_path_factory) -> Source:
         "embed", root / "loose", root / "tars", "--out", root / "emb", *TINY,
         "--workers", "0", "--shard-size", str(UNIT), "--captions", check=True,
     )  # fmt: skip
-    return Source(root, _originals(root))
+    _BUILT.append(Source(root, _originals(root)))
+    return _BUILT[0]
