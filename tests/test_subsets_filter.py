@@ -200,3 +200,19 @@ def test_tars_read_back_by_webdataset_and_embed(mixed_source: Source, model, tmp
         row = results[int(key)]
         assert caption == row["caption"]
         assert np.allclose(vector.astype(np.float32), original[row["id"]], atol=2e-3)
+
+
+def test_index_preview_is_marked_approximate_and_finds_what_the_scan_finds(mixed_source: Source, model, tmp_path):
+    """Through a Flat index every candidate is found, so the preview must equal the exact scan; it still says it
+    is approximate, since an IVF index need not."""
+    run_cli("index", mixed_source.emb, "--out", tmp_path / "idx", "--index-key", "Flat", "--quiet", check=True)
+    positives, negatives = text_vectors(model, TEXTS), text_vectors(model, NEGATIVE)
+    threshold = between_scores(mixed_source, positives, 0.5)
+    for name, rule in {"thr": {"threshold": threshold}, "top": {"top": 7}}.items():
+        options = {"texts": TEXTS, "negatives": NEGATIVE, "progress": False, **rule}
+        filter_subset(FilterOptions(str(tmp_path / "idx"), str(tmp_path / name), to=("tars",), **options), World())
+        expected = brute_force(mixed_source, positives, negatives, **rule)
+        assert_same(kept_scores(tmp_path / name), expected)
+        report = json.loads((tmp_path / name / "filter.json").read_text())
+        assert report["exact"] is False and report["counts"]["kept"] == len(expected)
+        assert_tars_hold_the_subset(mixed_source, tmp_path / name)
