@@ -188,18 +188,23 @@ def test_tars_read_back_by_webdataset_and_embed(mixed_source: Source, model, tmp
     loose = [r["path"] for r in results if "::" not in r["path"]]
     assert (out / "paths.txt").read_text().splitlines() == loose
     assert (out / "members.txt").read_text().splitlines() == [r["path"] for r in results if "::" in r["path"]]
-    # clip-hpc embed reads the subset's tars: the same images give the same vectors, the captions come along
-    run_cli("embed", out / "tars", "--out", tmp_path / "again", "--model", "clip-hpc-tiny", "--pretrained", "none",
-            "--workers", "0", check=True)  # fmt: skip
+    # clip-hpc embed reads the subset's tars and paths.txt as a file list: the same images give the same vectors
+    run_cli("embed", out / "tars", "--file-list", out / "paths.txt", "--out", tmp_path / "again",
+            "--model", "clip-hpc-tiny", "--pretrained", "none", "--workers", "0", check=True)  # fmt: skip
     again = list(EmbDir(tmp_path / "again").iter_shards())
+    assert not sum(len(s.failed_ids) for s in again)
     ids, vectors, _, _ = mixed_source.stored()
     original = dict(zip(ids.tolist(), vectors))
-    embedded = [(json.loads(m)["key"], c, v) for s in again for m, c, v in zip(s.meta, s.captions, s.embeddings)]
-    assert len(embedded) == len(results) and not sum(len(s.failed_ids) for s in again)
-    for key, caption, vector in embedded:
+    rows = [(p, m, c, v) for s in again for p, m, c, v in zip(s.paths, s.meta, s.captions, s.embeddings)]
+    from_tars = [(json.loads(m)["key"], c, v) for p, m, c, v in rows if "::" in p]
+    from_list = {p: v for p, m, c, v in rows if "::" not in p}
+    assert len(from_tars) == len(results) and sorted(from_list) == sorted(loose)
+    for key, caption, vector in from_tars:
         row = results[int(key)]
         assert caption == row["caption"]
         assert np.allclose(vector.astype(np.float32), original[row["id"]], atol=2e-3)
+    by_path = {r["path"]: r["id"] for r in results}
+    assert all(np.allclose(v.astype(np.float32), original[by_path[p]], atol=2e-3) for p, v in from_list.items())
 
 
 def test_index_preview_is_marked_approximate_and_finds_what_the_scan_finds(mixed_source: Source, model, tmp_path):

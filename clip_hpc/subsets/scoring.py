@@ -46,7 +46,7 @@ def query_products(embeddings: np.ndarray, queries: np.ndarray, device: str | No
             block = rows[lo : lo + GPU_BLOCK_ROWS].to(device, non_blocking=True).float()
             out[lo : lo + len(block)] = (block @ on_device.T).cpu()
         return out.numpy()
-    transposed = torch.from_numpy(queries).T
+    transposed = torch.from_numpy(queries).T.contiguous()  # (dim, queries): the faster kernel for thin products
     buffer = torch.empty((CPU_BLOCK_ROWS, embeddings.shape[1] if embeddings.ndim == 2 else 0), dtype=torch.float32)
     for lo in range(0, len(rows), CPU_BLOCK_ROWS):
         block = rows[lo : lo + CPU_BLOCK_ROWS]
