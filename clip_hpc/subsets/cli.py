@@ -34,6 +34,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
         ),
         w,
     )
+    if not result.complete:
+        return 1  # like embed: the outputs come from the rank that finishes last
     if w.is_root:
         kind = "exact" if result.exact else "approximate (index preview)"
         tars = f", {result.n_tars} tars" if "tars" in args.to else ""

@@ -108,3 +108,4 @@ class FilterResult:
     n_tars_skipped: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    complete: bool = True  # False on a rank that cannot talk to the others and finished before them

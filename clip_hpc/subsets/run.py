@@ -137,28 +137,36 @@ def merge_parts(options: FilterOptions, plan: Plan) -> tuple[int, int, list[str]
     out = OutDir(options.out)
     if any(not out.part_path(u).exists() for u in plan.shards):
         return None
-    parts = [out.read_part(u) for u in sorted(plan.shards)]
-    results = select_results([table for table, _ in parts], plan.settings.top)
-    return sum(n for _, n in parts), len(results), write_outputs(out, results, options.to)
+    top, tables, rows, scanned = plan.settings.top, [], 0, 0
+    for unit in sorted(plan.shards):
+        table, n = out.read_part(unit)
+        tables.append(table)
+        rows, scanned = rows + len(table), scanned + n
+        if top is not None and rows > 4 * top:  # a few top-Ns in memory at most, however many units
+            tables = [select_results(tables, top)]
+            rows = len(tables[0])
+    results = select_results(tables, top)
+    return scanned, len(results), write_outputs(out, results, options.to)
 
 
 def write_tars(options: FilterOptions, w: World) -> StepStats:
-    """This rank's tars that do not exist yet, from results.parquet (the same on every rank)."""
+    """This rank's tars that do not exist yet, from results.parquet (the same on every rank); ranks that cannot talk
+    leave every tar to the one that merged (the last to finish its scan)."""
     out = OutDir(options.out)
     results = pq.read_table(out.path(RESULTS_FILE))
     per_tar = options.samples_per_tar
-    mine = tar_numbers(len(results), per_tar, w.rank, w.size)
+    rank, size = (w.rank, w.size) if w.coordinated else (0, 1)
+    mine = tar_numbers(len(results), per_tar, rank, size)
     todo = [t for t in mine if not out.tar_path(t).exists()]
-    rows = [results.slice(t * per_tar, per_tar).to_pylist() for t in todo]
-    bar = _bar(options, w, sum(map(len, rows)), "img", f"tars rank {w.rank}")
+    n_samples = sum(len(results.slice(t * per_tar, per_tar)) for t in todo)
+    bar = _bar(options, w, n_samples, "img", f"tars rank {w.rank}")
     t0 = time.perf_counter()
-    for number, chunk in zip(todo, rows):
-        samples = [
-            Sample(r["id"], r["path"], r["url"], r["caption"], r["score"], r["offset"], r["size"]) for r in chunk
-        ]
+    for number in todo:
+        rows = results.slice(number * per_tar, per_tar).to_pylist()  # one tar's rows in memory at a time
+        samples = [Sample(r["id"], r["path"], r["url"], r["caption"], r["score"], r["offset"], r["size"]) for r in rows]
         write_tar(out.tar_path(number), samples, number * per_tar, lambda: bar.update(1))
     bar.close()
-    return StepStats(len(todo), len(mine) - len(todo), sum(map(len, rows)), time.perf_counter() - t0)
+    return StepStats(len(todo), len(mine) - len(todo), n_samples, time.perf_counter() - t0)
 
 
 def _total(per_rank: list[StepStats] | None) -> StepStats:
@@ -216,8 +224,9 @@ def filter_subset(options: FilterOptions, w: World | None = None) -> FilterResul
     t_scan = time.perf_counter()
     merged = from_root(w, lambda: merge_parts(options, plan))
     t_merge = time.perf_counter()
-    if merged is None:
-        raise UserError("some units have no part yet (other ranks still running or failed): re-run to finish")
+    if merged is None:  # only ranks that cannot talk get here: the last one to finish merges
+        print("clip-hpc filter: other ranks are still scanning; the last to finish writes the outputs", file=sys.stderr)
+        return FilterResult(options.out, True, 0, 0, len(plan.shards), scan.skipped, complete=False)
     n_scanned, n_kept, files = merged
     result = FilterResult(options.out, True, n_scanned, n_kept, len(plan.shards), scan.skipped, files=files)
     timings = {
