@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from clip_hpc.cli.embedding import add_embed, add_export, add_fetch_model, add_info
 from clip_hpc.cli.searching import add_index, add_search
 from clip_hpc.cli.serving import add_check_ports, add_demo, add_serve
+from clip_hpc.cli.subsets import add_filter
 from clip_hpc.cluster.submit import add_submit
 from clip_hpc.errors import UserError
 
@@ -30,6 +31,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_check_ports,
     add_demo,
     add_submit,
+    add_filter,
 ]
 
 

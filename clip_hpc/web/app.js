@@ -104,6 +104,7 @@ function render(data, what) {
 async function run(state) {
   const k = $("k").value;
   document.body.dataset.state = "loading";
+  $("subset").hidden = true;
   setUrl(state);
   try {
     await served;
@@ -114,6 +115,7 @@ async function run(state) {
       if (state.min_similarity) filter += `&min_similarity=${encodeURIComponent(state.min_similarity)}`;
       data = await (await api(`/api/search?q=${encodeURIComponent(state.q)}&k=${k}${filter}`)).json();
       what = `"${state.q}"` + (state.caption ? ` with captions matching "${state.caption}"` : "");
+      if (!state.caption && !state.min_similarity) subsetFor(state.q, data.results);
     } else if (state.like !== undefined) {
       data = await (await api("/api/search", {
         method: "POST", headers: { "Content-Type": "application/json" },
@@ -129,6 +131,41 @@ async function run(state) {
     status(err.message, true);
     document.body.dataset.state = "error";
   }
+}
+
+// The subset panel: how many images a threshold would keep, estimated from the index (its best SUBSET_K hits for
+// the query, with the index's approximate scores), and the exact `clip-hpc filter` command that extracts them.
+const SUBSET_K = 10000; // the server's MAX_K
+let subsetScores = [];
+let subsetQuery = "";
+
+function shellQuote(text) {
+  return "'" + text.replace(/'/g, "'\\''") + "'";
+}
+
+function showSubset() {
+  const threshold = Number($("threshold").value).toFixed(2);
+  $("threshold-value").textContent = threshold;
+  const n = subsetScores.filter((s) => s >= Number(threshold)).length;
+  const count = n >= SUBSET_K ? `at least ${SUBSET_K.toLocaleString()}` : `about ${n.toLocaleString()}`;
+  $("subset-count").textContent = `${count} images score \u2265 ${threshold} (estimated from the index)`;
+  const args = `EMB_DIR --out subset --text ${shellQuote(subsetQuery)} --threshold ${threshold} --to tars`;
+  $("filter-command").textContent = `clip-hpc filter ${args}`;
+  $("sbatch-command").textContent = `sbatch slurm/filter.sbatch ${args}`;
+}
+
+async function subsetFor(q, results) {
+  $("subset").hidden = vectors !== "images";
+  if (vectors !== "images") return;
+  subsetQuery = q;
+  // start at the last shown result's score, rounded down: every shown image is in the subset
+  if (results.length) $("threshold").value = (Math.floor(results[results.length - 1].score * 100) / 100).toFixed(2);
+  subsetScores = results.map((hit) => hit.score);
+  showSubset();
+  try {
+    const all = await (await api(`/api/search?q=${encodeURIComponent(q)}&k=${SUBSET_K}`)).json();
+    if (subsetQuery === q) { subsetScores = all.results.map((hit) => hit.score); showSubset(); }
+  } catch (err) { /* the estimate stays the shown results' */ }
 }
 
 async function upload(file) {
@@ -181,6 +218,7 @@ $("k").addEventListener("change", () => {
   delete state.k;
   if (Object.keys(state).length) run(state);
 });
+$("threshold").addEventListener("input", showSubset);
 $("upload").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
 $("random").addEventListener("click", () => run({ random: "1" }));
 $("export").addEventListener("click", exportZip);

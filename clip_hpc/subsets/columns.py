@@ -1,0 +1,82 @@
+"""Just the columns of a shard that a filter needs, read with h5py: the scan reads the float16 vectors, ids and
+caption similarities of every row but the names, captions and offsets only of the rows it keeps (decoding every
+path string would cost more than the products)."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import h5py
+import numpy as np
+
+from clip_hpc.formats.shard import FORMAT, ShardError
+
+
+class ScanColumns(NamedTuple):
+    ids: np.ndarray  # int64, ascending
+    embeddings: np.ndarray  # (n, dim) as stored (float16)
+    similarity: np.ndarray | None  # float32 image-caption cosine (NaN: no caption); None: embedded without --captions
+
+
+class RowDetails(NamedTuple):
+    """The kept rows' descriptions, in the order of the positions asked for."""
+
+    paths: list[str]
+    captions: list[str]
+    meta: list[str]
+    offsets: np.ndarray
+    sizes: np.ndarray
+
+
+def _open(path: str | os.PathLike) -> h5py.File:
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:  # h5py raises OSError/KeyError on a truncated or foreign file
+        raise ShardError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise ShardError(f"{path}: not a clip-hpc shard")
+    return f
+
+
+def read_scan_columns(path: str | os.PathLike) -> ScanColumns:
+    """The vectors of a contiguous dataset (how `write_shard` stores them) come by one plain file read at the
+    offset HDF5 reports: unlike h5py, it lets go of the GIL, so the scan scores one shard while a thread reads the
+    next. Any other layout is read by h5py."""
+    with _open(path) as f:
+        similarity = f["similarity"][...].astype(np.float32) if "similarity" in f else None
+        ids, stored = f["ids"][...], f["embeddings"]
+        offset = stored.id.get_offset() if stored.size else None
+        if offset is None:
+            return ScanColumns(ids, stored[...], similarity)
+        embeddings = np.empty(stored.shape, stored.dtype)
+    with open(path, "rb") as raw:
+        raw.seek(offset)
+        got = raw.readinto(embeddings.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy arrays are buffers
+    if got != embeddings.nbytes:
+        raise ShardError(f"{path}: truncated shard ({got} of {embeddings.nbytes} bytes of embeddings)")
+    return ScanColumns(ids, embeddings, similarity)
+
+
+def _text(values: np.ndarray) -> list[str]:
+    """Strings as parquet can hold them: UTF-8 (an undecodable byte, which embed never lets through, becomes U+FFFD)."""
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def read_row_details(path: str | os.PathLike, positions: np.ndarray) -> RowDetails:
+    """The descriptions of the rows at `positions` (any order); columns an older shard lacks read as "" and -1."""
+    positions = np.asarray(positions, np.int64)
+    order = np.argsort(positions, kind="stable")  # h5py reads increasing positions only
+    back = np.argsort(order, kind="stable")
+    n = len(positions)
+    with _open(path) as f:
+
+        def text(name: str) -> list[str]:
+            values = _text(f[name][positions[order]]) if name in f and n else [""] * n
+            return [values[i] for i in back]
+
+        def ints(name: str) -> np.ndarray:
+            return np.asarray(f[name][positions[order]], np.int64)[back] if name in f and n else np.full(n, -1)
+
+        return RowDetails(text("paths"), text("captions"), text("meta"), ints("offsets"), ints("sizes"))

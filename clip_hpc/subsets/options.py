@@ -1,0 +1,111 @@
+"""The typed options of a filter run and its result; what of the options a resume must agree with (`Settings`)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from clip_hpc.errors import UserError
+
+OUTPUT_KINDS = ("tars", "urls")
+DEFAULT_SAMPLES_PER_TAR = 10_000
+
+
+@dataclass(frozen=True)
+class FilterOptions:
+    """What `clip-hpc filter` was asked: the source, the queries and the rule that keeps an image."""
+
+    source: str
+    out: str
+    texts: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()
+    negatives: tuple[str, ...] = ()
+    threshold: float | None = None
+    top: int | None = None
+    min_caption_similarity: float | None = None
+    to: tuple[str, ...] = ()
+    samples_per_tar: int = DEFAULT_SAMPLES_PER_TAR
+    device: str = "auto"
+    progress: bool = True
+
+    def check(self) -> None:
+        """One-line refusals for options that cannot make a subset."""
+        if not self.texts and not self.images:
+            raise UserError("give at least one positive query: --text T or --image PATH")
+        if (self.threshold is None) == (self.top is None):
+            raise UserError("give exactly one of --threshold S or --top N")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise UserError(f"--threshold must be a number, not {self.threshold}")
+        if self.top is not None and self.top < 1:
+            raise UserError(f"--top must be at least 1, not {self.top}")
+        if self.min_caption_similarity is not None and not math.isfinite(self.min_caption_similarity):
+            raise UserError(f"--min-caption-similarity must be a number, not {self.min_caption_similarity}")
+        if self.samples_per_tar < 1:
+            raise UserError(f"--samples-per-tar must be at least 1, not {self.samples_per_tar}")
+        unknown = [kind for kind in self.to if kind not in OUTPUT_KINDS]
+        if unknown:
+            raise UserError(f"--to {unknown[0]}: choose from {', '.join(OUTPUT_KINDS)}")
+        for image in self.images:
+            if not os.path.isfile(image):
+                raise UserError(f"--image {image}: no such file")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every unit part in one output directory was made with; a re-run must ask for exactly this."""
+
+    source: str
+    source_inputs: str  # the sha256 of the source's inputs.txt (an EMB_DIR) or its index.json's `created` (INDEX_DIR)
+    model: str
+    pretrained: str
+    texts: list[str]
+    images: list[str]
+    negatives: list[str]
+    threshold: float | None
+    top: int | None
+    min_caption_similarity: float | None
+    samples_per_tar: int
+    exact: bool
+
+    @classmethod
+    def of(cls, options: FilterOptions, source_inputs: str, model: str, pretrained: str, exact: bool) -> Settings:
+        return cls(
+            source=os.path.abspath(options.source),
+            source_inputs=source_inputs,
+            model=model,
+            pretrained=pretrained,
+            texts=list(options.texts),
+            images=[os.path.abspath(p) for p in options.images],
+            negatives=list(options.negatives),
+            threshold=options.threshold,
+            top=options.top,
+            min_caption_similarity=options.min_caption_similarity,
+            samples_per_tar=options.samples_per_tar,
+            exact=exact,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def differences(self, recorded: dict[str, Any]) -> list[str]:
+        """The names of the settings `recorded` (an earlier run's) holds otherwise."""
+        return [name for name, value in self.to_dict().items() if recorded.get(name) != value]
+
+
+@dataclass
+class FilterResult:
+    """What a run produced (on rank 0; other ranks get the same counts)."""
+
+    out: str
+    exact: bool
+    n_scanned: int
+    n_kept: int
+    n_units: int
+    n_units_skipped: int
+    n_tars: int = 0
+    n_tars_skipped: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    complete: bool = True  # False on a rank that cannot talk to the others and finished before them

@@ -1,0 +1,60 @@
+"""The exact scan of one unit: all queries against every stored vector of its shard, and the part it leaves."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+from clip_hpc.formats.shard import meta_key_url
+from clip_hpc.ingest.object_store import is_url
+from clip_hpc.subsets.columns import ScanColumns, read_row_details, read_scan_columns
+from clip_hpc.subsets.options import Settings
+from clip_hpc.subsets.out_dir import SCHEMA
+from clip_hpc.subsets.queries import QueryVectors
+from clip_hpc.subsets.scoring import best_first, kept, score_rows
+
+
+def url_of(path: str, meta: str) -> str:
+    """A sample's URL: img2dataset's `url` for a tar member, the input itself for an object-store input, else ""."""
+    return meta_key_url(meta)[1] or (path if is_url(path) else "")
+
+
+def read_ahead(shards: Sequence[str]) -> Iterator[tuple[str, ScanColumns]]:
+    """Each shard's scan columns, the next one read by a thread while the caller scores this one (torch's products
+    release the GIL): the scan then costs about the larger of reading and scoring, not their sum."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read_scan_columns, shards[0]) if shards else None
+        for i, shard in enumerate(shards):
+            columns = pending.result()  # type: ignore[union-attr]  # set whenever shards is not empty
+            pending = pool.submit(read_scan_columns, shards[i + 1]) if i + 1 < len(shards) else None
+            yield shard, columns
+
+
+def scan_unit(
+    shard: str | os.PathLike, columns: ScanColumns, queries: QueryVectors, settings: Settings, device: str | None
+) -> tuple[pa.Table, int]:
+    """The unit's passing rows (for --top its best `top`, which is all a global top-N can need of it), described,
+    in id order; and how many rows were scanned."""
+    scored = score_rows(columns.embeddings, queries.positives, queries.negatives, device)
+    passing = np.flatnonzero(kept(scored, settings.threshold, columns.similarity, settings.min_caption_similarity))
+    if settings.top is not None:
+        passing = np.sort(passing[best_first(scored.score[passing], columns.ids[passing], settings.top)])
+    details = read_row_details(shard, passing)
+    table = pa.table(
+        {
+            "id": columns.ids[passing],
+            "path": details.paths,
+            "url": [url_of(p, m) for p, m in zip(details.paths, details.meta)],
+            "caption": details.captions,
+            "score": scored.score[passing],
+            "query": scored.query[passing],
+            "offset": details.offsets,
+            "size": details.sizes,
+        },
+        schema=SCHEMA,
+    )
+    return table, len(columns.ids)
