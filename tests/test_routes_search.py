@@ -8,7 +8,7 @@ import io
 
 from PIL import Image
 
-from clip_hpc.search.engine import MAX_K
+from clip_hpc.search.records import MAX_K
 
 
 def ids_of(response) -> list[int]:

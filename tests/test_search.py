@@ -11,7 +11,8 @@ from clip_hpc.ann.core import combine_parts, ivf_search, mmr, normalise_rows, re
 from clip_hpc.errors import UserError
 from clip_hpc.formats.shard import ShardBatch
 from clip_hpc.index.build import build_index
-from clip_hpc.search.engine import SearchEngine, UnknownIdError
+from clip_hpc.search.engine import SearchEngine
+from clip_hpc.search.records import UnknownIdError
 from index_fixtures import synthetic_emb_dir
 
 N = 1200

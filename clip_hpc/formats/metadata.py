@@ -187,19 +187,6 @@ class MetadataStore:
         """One query per 500 ids (SQLite's parameter limit), so a page of results costs one round trip."""
         return self._column_of("path", ids)
 
-    def first_other_path(self, names: Sequence[str], batch: int = 10_000) -> tuple[int, str, str | None] | None:
-        """The first stored (id, path, names[id]) where the path is not `names[id]` (None past its end), or None
-        when every stored id names what `names` says: an id is a line number of inputs.txt, so this tells whether
-        an EMB_DIR's listing still gives the indexed images their ids. Reads `batch` rows at a time."""
-        last = -1
-        while rows := self._rows("SELECT id, path FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, batch)):
-            for id, path in rows:
-                other = names[id] if id < len(names) else None
-                if path != other:
-                    return int(id), path, other
-            last = rows[-1][0]
-        return None
-
     def _column_of(self, column: str, ids: Iterable[int]) -> dict[int, Any]:
         """id -> `column` for the `ids` present where it is not NULL, one query per 500 ids."""
         ids = [int(i) for i in ids]

@@ -99,7 +99,7 @@ class ImageDataset(Dataset):
             span = one_read(groups.pop(sample.tar)) if sample is not None and sample.tar in groups else None
             if sample is not None and span is not None:
                 try:
-                    self._tar_handle(sample.tar).prefetch(*span)  # type: ignore[attr-defined]
+                    self._tar_handle(sample.tar).prefetch(*span)  # type: ignore[attr-defined]  # only tars use spans: a RangedReader
                 except OSError:
                     pass
             out.append(self[i])

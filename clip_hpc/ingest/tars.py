@@ -183,7 +183,7 @@ def _open_for_listing(path: str) -> tuple[BinaryIO, int]:
     if is_url(path):
         from clip_hpc.ingest.object_store import open_ranged
 
-        return open_ranged(path)  # type: ignore[return-value]
+        return open_ranged(path)  # type: ignore[return-value]  # RangedReader reads like a file, no full BinaryIO
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):  # open() of a FIFO waits for a writer forever; a device never ends
         raise tarfile.ReadError("not a regular file")

@@ -8,7 +8,8 @@ from concurrent.futures import Future
 import numpy as np
 
 from clip_hpc.ann.core import combine_parts
-from clip_hpc.search.engine import Hit, SearchEngine
+from clip_hpc.search.engine import SearchEngine
+from clip_hpc.search.records import Hit
 from clip_hpc.server.runtime import ServingRuntime
 from clip_hpc.server.shared_encoder import SharedEncoder
 

@@ -50,7 +50,7 @@ class GuardedProtocol(FastestProtocol):
     _waiting_since: float | None = None  # since when this connection has waited for request headers
     _answered: int = 0  # responses completed on this connection
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn: BaseTransport
         super().connection_made(transport)
         self._arm_header_deadline()
         if sum(not c.transport.is_closing() for c in self.connections) > self.max_connections:

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from fastapi import Path as FastAPIPath
 from pydantic import BaseModel, ConfigDict, Field
 
-from clip_hpc.search.engine import MAX_K, Hit
+from clip_hpc.search.records import MAX_K, Hit
 
 MAX_IDS = 1000
 MAX_THUMB = 512

@@ -18,7 +18,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from clip_hpc.ingest.images import DecodeFailure, decode_image
-from clip_hpc.search.engine import MAX_K, Hit
+from clip_hpc.search.records import MAX_K, Hit
 from clip_hpc.server.batched_search import shares_batches
 from clip_hpc.server.routes.state import AppState, State
 from clip_hpc.server.schemas import Results, SearchRequest, ServedHit, VectorResults
