@@ -15,6 +15,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.index.defaults import train_size_help
 from clip_hpc.ingest.text import argv_text, one_line  # search text in (cp1252 if not UTF-8), hits out (escaped)
 from clip_hpc.server.batch_defaults import BATCH_WINDOW_MS, MAX_BATCH
+from clip_hpc.subsets.dedup_cli import add_dedup
 
 Handler = Callable[[argparse.Namespace], int]
 SIGPIPE_EXIT = 141  # what a shell reports for a process ended by SIGPIPE: the reader closed the pipe
@@ -471,6 +472,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_index,
     add_search,
     add_export,
+    add_dedup,
     add_serve,
     add_check_ports,
     add_demo,
