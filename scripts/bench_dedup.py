@@ -128,6 +128,16 @@ def markdown(rows: list[dict], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machine(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line), cpu
+        )
+    return f"{cpu}, {os.cpu_count()} CPUs, {threads} BLAS/FAISS thread(s) per process"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 1_000_000])
@@ -148,8 +158,7 @@ def main() -> None:
         return
     args.work.mkdir(parents=True, exist_ok=True)
     rows = [bench_size(n, n in args.exact_sizes, args) for n in sorted(set(args.sizes) | set(args.exact_sizes))]
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s), {platform.processor() or ''}"
-    result = {"threshold": args.threshold, "dim": DIM, "machine": machine.strip(", "), "rows": rows}
+    result = {"threshold": args.threshold, "dim": DIM, "machine": machine(args.threads), "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(rows, result["machine"])

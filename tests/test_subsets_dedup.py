@@ -132,6 +132,7 @@ def test_dedup_finds_the_pairs_of_exact_search_and_groups_them(planted, one_rank
     }
     assert record["threshold"] == THRESHOLD and record["partitioning"]["count"] == 55  # about sqrt(3000)
     assert set(record["timings"]) >= {"kmeans", "assign", "pairs", "merge", "total"}
+    assert record["resumed"] == {"units": 0, "partitions": 0}
     assert not (one_rank / "work").exists(), "the work files are removed once the outputs are whole"
 
 
@@ -153,6 +154,23 @@ def test_rerun_says_done_and_refuses_other_settings(planted, one_rank):
     other = dedup(planted[0], one_rank, "--partitions", "7")
     assert other.returncode == 2 and other.stderr.count("\n") == 1
     assert "--partitions 55" in other.stderr and "--partitions 7" in other.stderr
+
+
+def test_an_interrupted_run_resumes_from_its_work_files(planted, one_rank, tmp_path):
+    from clip_hpc.cluster.world import World
+    from clip_hpc.subsets.dedup import DedupOptions, assign_units, centroids_for, dedup_embeddings, make_plan
+    from clip_hpc.subsets.dedup_work import WorkDir
+
+    options = DedupOptions(planted[0], tmp_path / "out", THRESHOLD)
+    plan = make_plan(options)  # what a killed run left: its settings, centroids and the first two units assigned
+    work, emb = WorkDir(options.out), EmbDir(options.emb_dir)
+    assign_units(work, emb, plan.units[:2], centroids_for(work, emb, plan), plan)
+    other = dedup(planted[0], options.out, "--seed", "3")
+    assert other.returncode == 2 and "an unfinished dedup" in other.stderr and "--seed 0" in other.stderr
+    result = dedup_embeddings(options, World())
+    assert result.resumed.units == 2 and result.resumed.partitions == 0, "units done before are not redone"
+    assert json.loads((options.out / "dedup.json").read_text())["resumed"] == {"units": 2, "partitions": 0}
+    assert table(options.out) == table(one_rank) and not result.already_done
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from clip_hpc.cluster.collective import all_or_none, from_root
+from clip_hpc.cluster.collective import all_or_none, from_root, on_every_rank
 from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
@@ -30,6 +30,7 @@ from clip_hpc.subsets.dedup_output import (
     DedupResult,
     DedupSettings,
     PartitionStats,
+    Resumed,
     read_record,
     write_outputs,
 )
@@ -76,14 +77,25 @@ def dedup_embeddings(options: DedupOptions, w: World | None = None) -> DedupResu
     work, emb, k = WorkDir(options.out), EmbDir(options.emb_dir), plan.settings.partitions
     centroids = _timed(timings, "kmeans", lambda: from_root(w, lambda: centroids_for(work, emb, plan)))
     mine = plan.units[w.rank :: w.size]
-    _timed(timings, "assign", lambda: all_or_none(w, lambda: assign_units(work, emb, mine, centroids, plan)))
+    units_done = _timed(
+        timings, "assign", lambda: on_every_rank(w, lambda: assign_units(work, emb, mine, centroids, plan))
+    )
     reader = all_or_none(w, lambda: PartitionReader(work, plan.units, plan.dim, plan.dtype))
     primary, total = reader.sizes()
     owner = core.balance(primary * total, w.size)
     todo = [p for p in range(k) if owner[p] == w.rank]
-    _timed(timings, "pairs", lambda: all_or_none(w, lambda: find_pairs(work, reader, todo, plan.settings.threshold)))
-    stats = PartitionStats(k, int(total.sum()), int(total.max()), core.border_margin(plan.settings.threshold))
-    return from_root(w, lambda: merge(work, emb, plan, stats, w.size, timings))
+    threshold = plan.settings.threshold
+    parts_done = _timed(timings, "pairs", lambda: on_every_rank(w, lambda: find_pairs(work, reader, todo, threshold)))
+    draft = DedupResult(
+        out=options.out,
+        settings=plan.settings,
+        counts=DedupCounts(plan.n_vectors, 0, 0, 0),
+        partitions=PartitionStats(k, int(total.sum()), int(total.max()), core.border_margin(threshold)),
+        ranks=w.size,
+        timings=timings,
+        resumed=Resumed(sum(units_done), sum(parts_done)),
+    )
+    return from_root(w, lambda: merge(work, emb, plan, draft))
 
 
 def _timed(timings: dict[str, float], name: str, step: Callable[[], T]) -> T:
@@ -166,11 +178,12 @@ def rows_at(emb: EmbDir, units: list[int], positions: np.ndarray) -> np.ndarray:
     return np.concatenate(picked)
 
 
-def assign_units(work: WorkDir, emb: EmbDir, units: list[int], centroids: np.ndarray, plan: RunPlan) -> None:
-    """This rank's units, each written once (a resumed run skips those done)."""
+def assign_units(work: WorkDir, emb: EmbDir, units: list[int], centroids: np.ndarray, plan: RunPlan) -> int:
+    """This rank's units, each written once; how many an interrupted run had done already (they are skipped)."""
     threshold, k = plan.settings.threshold, plan.settings.partitions
+    done = [unit for unit in units if work.unit_done(unit)]
     for unit in units:
-        if work.unit_done(unit):
+        if unit in done:
             continue
         shard = emb.read_shard(unit)
         chunks = range(0, len(shard.ids), ASSIGN_CHUNK)
@@ -179,39 +192,33 @@ def assign_units(work: WorkDir, emb: EmbDir, units: list[int], centroids: np.nda
             assignment = core.assign_partitions(core.unit_rows(vectors), centroids, threshold)
             work.write_piece((unit, chunk), *sort_unit(ids, vectors, assignment, k))
         work.finish_unit(unit, len(chunks))
+    return len(done)
 
 
-def find_pairs(work: WorkDir, reader: PartitionReader, partitions: list[int], threshold: float) -> None:
-    """This rank's partitions, each written once (a resumed run skips those done)."""
+def find_pairs(work: WorkDir, reader: PartitionReader, partitions: list[int], threshold: float) -> int:
+    """This rank's partitions, each written once; how many an interrupted run had done already (they are skipped)."""
+    done = [p for p in partitions if work.pairs_done(p)]
     for p in partitions:
-        if work.pairs_done(p):
+        if p in done:
             continue
         members = reader.members(p)
         work.write_pairs(p, core.pairs_above(members.vectors, members.ids, members.n_primary, threshold))
+    return len(done)
 
 
-def merge(
-    work: WorkDir, emb: EmbDir, plan: RunPlan, stats: PartitionStats, ranks: int, timings: dict[str, float]
-) -> DedupResult:
+def merge(work: WorkDir, emb: EmbDir, plan: RunPlan, draft: DedupResult) -> DedupResult:
     """Rank 0: every partition's pairs, once each, grouped; similarities to the kept ids; the outputs; work gone."""
     start = time.perf_counter()
-    pairs = core.unique_pairs(core.Pairs(*(np.concatenate(c) for c in zip(*work.iter_pairs(stats.count)))))
+    pairs = core.unique_pairs(core.Pairs(*(np.concatenate(c) for c in zip(*work.iter_pairs(plan.settings.partitions)))))
     groups = core.group_duplicates(pairs)
     needed = np.union1d(groups.ids, groups.kept)
     vectors, paths = rows_with_ids(emb, plan.units, needed, plan.dim)
     similarity = core.row_cosines(
         vectors[np.searchsorted(needed, groups.ids)], vectors[np.searchsorted(needed, groups.kept)]
     )
-    timings["merge"] = time.perf_counter() - start
-    timings["total"] = sum(timings.values())
-    result = DedupResult(
-        out=Path(work.root.parent),
-        settings=plan.settings,
-        counts=DedupCounts(plan.n_vectors, len(groups.ids), groups.n_groups, len(pairs.left)),
-        partitions=stats,
-        ranks=ranks,
-        timings=timings,
-    )
+    draft.timings["merge"] = time.perf_counter() - start
+    draft.timings["total"] = sum(draft.timings.values())
+    result = replace(draft, counts=DedupCounts(plan.n_vectors, len(groups.ids), groups.n_groups, len(pairs.left)))
     write_outputs(result, groups, similarity, paths)
     work.remove()
     return result

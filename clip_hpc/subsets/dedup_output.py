@@ -70,6 +70,14 @@ class PartitionStats:
     margin: float
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What this run found done by an interrupted one and did not redo."""
+
+    units: int = 0
+    partitions: int = 0
+
+
 @dataclass
 class DedupResult:
     """A finished dedup: exactly dedup.json (`to_json`), plus where it is and whether this call did the work."""
@@ -80,6 +88,7 @@ class DedupResult:
     partitions: PartitionStats
     ranks: int
     timings: dict[str, float] = field(default_factory=dict)
+    resumed: Resumed = field(default_factory=Resumed)
     created: str = ""
     already_done: bool = False
 
@@ -97,6 +106,7 @@ class DedupResult:
             "partitioning": {**asdict(self.partitions), "replication": round(self.replication, 4)},
             "ranks": self.ranks,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "resumed": asdict(self.resumed),
             "created": self.created,
             "outputs": [DUPLICATES_FILE, RECORD_FILE],
         }
@@ -112,6 +122,7 @@ class DedupResult:
             partitions=PartitionStats(**partitions),
             ranks=int(data["ranks"]),
             timings=dict(data["timings"]),
+            resumed=Resumed(**data.get("resumed", {})),
             created=str(data["created"]),
             already_done=True,
         )

@@ -27,7 +27,7 @@ import numpy as np
 from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json
 from clip_hpc.subsets.dedup_core import Assignment, Pairs
 
-ASSIGN_CHUNK = 4096  # rows assigned and written at a time: the similarity matrices and copies stay small
+ASSIGN_CHUNK = 16384  # rows assigned and written at a time: the similarity matrices and copies stay small
 Piece = tuple[int, int]  # (unit, chunk)
 
 
