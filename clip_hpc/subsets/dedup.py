@@ -43,7 +43,7 @@ KMEANS_ITERATIONS = 10  # better centroids only make it faster, never more exact
 
 @dataclass(frozen=True)
 class DedupOptions:
-    """What `clip-hpc dedup` asks for; `partitions` None: about sqrt(vectors), at least 39 vectors each."""
+    """What `clip-hpc dedup` asks for; `partitions` None: chosen from `partition_candidates` by estimated cost."""
 
     emb_dir: Path
     out: Path
@@ -61,8 +61,15 @@ class RunPlan(NamedTuple):
     done: DedupResult | None
 
 
-def default_partitions(n_vectors: int) -> int:
-    return max(1, min(round(n_vectors**0.5), n_vectors // 39))
+def partition_candidates(n_vectors: int, requested: int | None) -> list[int]:
+    """The k-means sizes to try: the requested one, else about sqrt(n) and twice that (at least 39 vectors each).
+    Too few partitions for the data's clusters put many vectors near borders; too many split clusters; which one
+    fits is only seen once trained, so both are trained on the sample and the cheaper kept (`core.estimated_cost`)."""
+    if requested is not None:
+        return [min(requested, n_vectors)]
+    most = max(1, n_vectors // 39)
+    root = max(1, min(round(n_vectors**0.5), most))
+    return sorted({root, min(2 * root, most)})
 
 
 def dedup_embeddings(options: DedupOptions, w: World | None = None) -> DedupResult:
@@ -74,8 +81,9 @@ def dedup_embeddings(options: DedupOptions, w: World | None = None) -> DedupResu
     plan = _timed(timings, "check", lambda: from_root(w, lambda: make_plan(options)))
     if plan.done is not None:
         return plan.done
-    work, emb, k = WorkDir(options.out), EmbDir(options.emb_dir), plan.settings.partitions
+    work, emb = WorkDir(options.out), EmbDir(options.emb_dir)
     centroids = _timed(timings, "kmeans", lambda: from_root(w, lambda: centroids_for(work, emb, plan)))
+    k = len(centroids)
     mine = plan.units[w.rank :: w.size]
     units_done = _timed(
         timings, "assign", lambda: on_every_rank(w, lambda: assign_units(work, emb, mine, centroids, plan))
@@ -118,10 +126,10 @@ def make_plan(options: DedupOptions) -> RunPlan:
     summary = emb.check_set()
     if not summary.n_embedded:
         raise UserError(f"{options.emb_dir} holds no embedded images: nothing to deduplicate")
-    k = min(options.partitions or default_partitions(summary.n_embedded), summary.n_embedded)
+    k = max(partition_candidates(summary.n_embedded, options.partitions))
     settings = DedupSettings(
         threshold=float(options.threshold),
-        partitions=k,
+        partitions=None if options.partitions is None else min(options.partitions, summary.n_embedded),
         seed=options.seed,
         sample=min(summary.n_embedded, SAMPLE_PER_PARTITION * k),
         emb_dir=str(emb.root),
@@ -143,28 +151,37 @@ def make_plan(options: DedupOptions) -> RunPlan:
 
 
 def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> np.ndarray:
-    """Rank 0: the centroids of an unfinished run, else spherical k-means on a uniform sample (seeded)."""
+    """Rank 0: the centroids of an unfinished run, else those of the candidate k-means (`partition_candidates`,
+    each trained on a seeded uniform sample) whose partitions cost least on that sample."""
     found = work.read_centroids()
     if found is not None:
         return found
     settings = plan.settings
     rng = np.random.default_rng(settings.seed)
     picks = np.sort(rng.choice(plan.n_vectors, settings.sample, replace=False))
-    sample = core.unit_rows(rows_at(emb, plan.units, picks))
-    if settings.partitions == 1:
-        centroids = core.unit_rows(sample.mean(axis=0, keepdims=True))
-    else:
-        import faiss
+    sample = core.unit_rows(rows_at(emb, plan.units, picks))[rng.permutation(len(picks))]  # any prefix: uniform
+    best: tuple[float, np.ndarray] | None = None
+    for k in partition_candidates(plan.n_vectors, settings.partitions):
+        centroids = spherical_kmeans(sample[: SAMPLE_PER_PARTITION * k], k, settings.seed)
+        cost = core.estimated_cost(core.assign_partitions(sample, centroids, settings.threshold), k, plan.n_vectors)
+        if best is None or cost < best[0]:
+            best = (cost, centroids)
+    assert best is not None  # there is always a candidate
+    work.write_centroids(best[1])
+    return best[1]
 
-        kmeans = faiss.Kmeans(
-            plan.dim, settings.partitions, niter=KMEANS_ITERATIONS, seed=settings.seed, spherical=True, verbose=False
-        )
-        kmeans.train(sample)
-        if kmeans.centroids is None:  # only before training, by FAISS's types
-            raise UserError("k-means training produced no centroids")
-        centroids = core.unit_rows(kmeans.centroids)
-    work.write_centroids(centroids)
-    return centroids
+
+def spherical_kmeans(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k unit centroids of the unit rows `sample` (FAISS, seeded)."""
+    if k == 1:
+        return core.unit_rows(sample.mean(axis=0, keepdims=True))
+    import faiss
+
+    kmeans = faiss.Kmeans(sample.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, verbose=False)
+    kmeans.train(sample)
+    if kmeans.centroids is None:  # only before training, by FAISS's types
+        raise UserError("k-means training produced no centroids")
+    return core.unit_rows(kmeans.centroids)
 
 
 def rows_at(emb: EmbDir, units: list[int], positions: np.ndarray) -> np.ndarray:
@@ -180,7 +197,7 @@ def rows_at(emb: EmbDir, units: list[int], positions: np.ndarray) -> np.ndarray:
 
 def assign_units(work: WorkDir, emb: EmbDir, units: list[int], centroids: np.ndarray, plan: RunPlan) -> int:
     """This rank's units, each written once; how many an interrupted run had done already (they are skipped)."""
-    threshold, k = plan.settings.threshold, plan.settings.partitions
+    threshold, k = plan.settings.threshold, len(centroids)
     done = [unit for unit in units if work.unit_done(unit)]
     for unit in units:
         if unit in done:
@@ -209,7 +226,7 @@ def find_pairs(work: WorkDir, reader: PartitionReader, partitions: list[int], th
 def merge(work: WorkDir, emb: EmbDir, plan: RunPlan, draft: DedupResult) -> DedupResult:
     """Rank 0: every partition's pairs, once each, grouped; similarities to the kept ids; the outputs; work gone."""
     start = time.perf_counter()
-    pairs = core.unique_pairs(core.Pairs(*(np.concatenate(c) for c in zip(*work.iter_pairs(plan.settings.partitions)))))
+    pairs = core.unique_pairs(core.Pairs(*(np.concatenate(c) for c in zip(*work.iter_pairs(draft.partitions.count)))))
     groups = core.group_duplicates(pairs)
     needed = np.union1d(groups.ids, groups.kept)
     vectors, paths = rows_with_ids(emb, plan.units, needed, plan.dim)

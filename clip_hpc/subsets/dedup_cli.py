@@ -60,7 +60,8 @@ def add_dedup(sub: argparse._SubParsersAction) -> None:
         "--partitions",
         type=int,
         default=None,
-        help="k-means partitions (default: about sqrt(vectors)); more: smaller exact searches, more copies at borders",
+        help="k-means partitions (default: about sqrt(vectors) or twice that, whichever costs less on the k-means "
+        "sample); more: smaller exact searches, more copies at borders",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the k-means sample and training")
     p.set_defaults(func=cmd_dedup)

@@ -149,6 +149,15 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", unit_rows(a), unit_rows(b)).astype(np.float32)
 
 
+def estimated_cost(sample: Assignment, k: int, n_vectors: int) -> float:
+    """Dot products a partitioning will cost on `n_vectors`, from a sample's assignment: assigning every vector
+    (n k) plus comparing each partition's primaries with its members (sum of P T, scaled from the sample)."""
+    n_sample = int(np.count_nonzero(sample.primary))
+    primaries = np.bincount(sample.partitions[sample.primary], minlength=k).astype(np.float64)
+    members = np.bincount(sample.partitions, minlength=k).astype(np.float64)
+    return float(n_vectors) * k + float(primaries @ members) * (n_vectors / max(1, n_sample)) ** 2
+
+
 def balance(costs: np.ndarray, n_ranks: int) -> np.ndarray:
     """The rank of each partition: largest cost first, each to the least loaded rank so far (deterministic)."""
     owner = np.zeros(len(costs), dtype=np.int64)

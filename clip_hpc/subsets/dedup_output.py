@@ -28,7 +28,7 @@ class DedupSettings:
     """What decides the result (and the work files): the threshold, the partitioning and the data."""
 
     threshold: float
-    partitions: int
+    partitions: int | None  # None: chosen by the run (`partition_candidates`); the count is in `PartitionStats`
     seed: int
     sample: int
     emb_dir: str
@@ -45,11 +45,15 @@ class DedupSettings:
                 f"{what} was made from another EMB_DIR ({recorded.get('emb_dir')}, or it changed since): "
                 "use a new --out"
             )
-        made = " ".join(f"{COMPARED[k]} {recorded.get(k)}" for k in differ)
-        asked = " ".join(f"{COMPARED[k]} {mine[k]}" for k in differ)
+        made = " ".join(f"{COMPARED[k]} {_shown(recorded.get(k))}" for k in differ)
+        asked = " ".join(f"{COMPARED[k]} {_shown(mine[k])}" for k in differ)
         raise UserError(
             f"{what} was made with {made}; this run asks for {asked}: re-run with those, or use a new --out"
         )
+
+
+def _shown(value: Any) -> str:
+    return "auto" if value is None else str(value)
 
 
 @dataclass(frozen=True)
