@@ -163,7 +163,8 @@ def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> np.ndarray:
     best: tuple[float, np.ndarray] | None = None
     for k in partition_candidates(plan.n_vectors, settings.partitions):
         centroids = spherical_kmeans(sample[: SAMPLE_PER_PARTITION * k], k, settings.seed)
-        cost = core.estimated_cost(core.assign_partitions(sample, centroids, settings.threshold), k, plan.n_vectors)
+        assignment = core.assign_in_chunks(sample, centroids, settings.threshold, ASSIGN_CHUNK)
+        cost = core.estimated_cost(assignment, k, plan.n_vectors)
         if best is None or cost < best[0]:
             best = (cost, centroids)
     assert best is not None  # there is always a candidate

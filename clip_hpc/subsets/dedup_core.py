@@ -81,6 +81,15 @@ def assign_partitions(vectors: np.ndarray, centroids: np.ndarray, threshold: flo
     return Assignment(rows.astype(np.int64), partitions.astype(np.int64), partitions == nearest[rows])
 
 
+def assign_in_chunks(vectors: np.ndarray, centroids: np.ndarray, threshold: float, chunk: int) -> Assignment:
+    """`assign_partitions` of `chunk` rows at a time, so the (rows x partitions) matrices stay small."""
+    parts = []
+    for start in range(0, len(vectors), chunk):
+        part = assign_partitions(vectors[start : start + chunk], centroids, threshold)
+        parts.append(part._replace(rows=part.rows + start))
+    return Assignment(*(np.concatenate(column) for column in zip(*parts)))
+
+
 def pairs_above(
     vectors: np.ndarray, ids: np.ndarray, n_primary: int, threshold: float, block_floats: int = BLOCK_FLOATS
 ) -> Pairs:
