@@ -186,6 +186,14 @@ def test_bad_settings_fail_in_one_line(planted, tmp_path, args, message):
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
 
 
+def test_a_damaged_record_fails_in_one_line(planted, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "dedup.json").write_text('{"format": "clip-hpc-dedup", "threshold": 0.9}')
+    proc = run_cli("dedup", planted[0], "--out", out, "--threshold", "0.9")
+    assert proc.returncode == 2 and "not a readable dedup record" in proc.stderr and proc.stderr.count("\n") == 1
+
+
 def test_missing_emb_dir_fails_in_one_line(tmp_path):
     proc = run_cli("dedup", tmp_path / "nothing", "--out", tmp_path / "o", "--threshold", "0.9")
     assert proc.returncode == 2 and "no such embedding directory" in proc.stderr and proc.stderr.count("\n") == 1

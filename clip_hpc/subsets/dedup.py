@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -137,10 +137,10 @@ def make_plan(options: DedupOptions) -> RunPlan:
     )
     units = [entry.unit for entry in summary.shards]
     plan = RunPlan(settings, units, summary.n_embedded, int(summary.dim or 0), str(summary.dtype or "float16"), None)
-    record = read_record(options.out)
-    if record is not None:
-        settings.refuse_other(record, str(options.out))
-        return plan._replace(done=DedupResult.from_json(options.out, record))
+    finished = read_record(options.out)
+    if finished is not None:
+        settings.refuse_other(asdict(finished.settings), str(options.out))
+        return plan._replace(done=finished)
     work = WorkDir(options.out)
     recorded = work.read_settings()
     if recorded is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,10 +133,8 @@ class DedupResult:
         )
 
 
-def read_record(out: Path) -> dict[str, Any] | None:
-    """dedup.json of a finished run, or None; one that cannot be read is a one-line error, not a traceback."""
-    import json
-
+def read_record(out: Path) -> DedupResult | None:
+    """The result dedup.json records (a finished run), or None; one that cannot be read is a one-line error."""
     path = out / RECORD_FILE
     if not path.exists():
         return None
@@ -143,9 +142,9 @@ def read_record(out: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}")
-        return data
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{path}: not a readable dedup record ({exc}); remove it or use a new --out") from None
+        return DedupResult.from_json(out, data)
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a readable dedup record ({exc!r}); remove it or use a new --out") from None
 
 
 def duplicates_table(groups: Groups, similarity: np.ndarray, paths: dict[int, str]) -> Any:
