@@ -33,7 +33,8 @@ POINTS_PER_CLUSTER = 1000  # the same density at every size: 1M vectors are 1000
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
-    """Wall seconds and peak RSS (MiB) of one child process."""
+    """Wall seconds, CPU seconds (user + system: what a shared machine's load does not inflate) and peak RSS (MiB)
+    of one child process."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
     _, status, usage = os.wait4(proc.pid, 0)
@@ -41,7 +42,12 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     out, err = proc.stdout.read().decode(), proc.stderr.read().decode()  # type: ignore[union-attr]
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out}{err}")
-    return {"seconds": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "stdout": out.strip()}
+    return {
+        "seconds": round(wall, 2),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "stdout": out.strip(),
+    }
 
 
 def make_emb_dir(n: int, root: Path) -> Path:
@@ -107,22 +113,23 @@ def markdown(rows: list[dict], machine: str) -> str:
     lines = [
         f"Machine: {machine}",
         "",
-        "| vectors | method | wall s | peak RSS MiB | pairs >= S | duplicates | groups | partitions | memberships "
-        "per vector | agreement with exact |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| vectors | method | wall s | CPU s | peak RSS MiB | pairs >= S | duplicates | groups | partitions | "
+        "memberships per vector | agreement with exact |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         d, c, p = row["dedup"], row["dedup"]["counts"], row["dedup"]["partitioning"]
         agree = row.get("agreement")
         verdict = f"pair recall {agree['pair_recall']}, same groups: {agree['same_groups']}" if agree else ""
         lines.append(
-            f"| {row['n']:,} | dedup | {d['seconds']} | {d['peak_rss_mib']} | {c['pairs']:,} | {c['duplicates']:,} "
+            f"| {row['n']:,} | dedup | {d['seconds']} | {d['cpu_seconds']} | {d['peak_rss_mib']} | {c['pairs']:,} "
+            f"| {c['duplicates']:,} "
             f"| {c['groups']:,} | {p['count']} | {p['replication']} | {verdict} |"
         )
         if "exact" in row:
             e = row["exact"]
             lines.append(
-                f"| {row['n']:,} | exact all-pairs | {e['seconds']} | {e['peak_rss_mib']} | "
+                f"| {row['n']:,} | exact all-pairs | {e['seconds']} | {e['cpu_seconds']} | {e['peak_rss_mib']} | "
                 f"{agree['exact_pairs']:,} | | | | | |"
             )
     return "\n".join(lines) + "\n"
