@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from clip_hpc.cli.dedup import add_dedup
 from clip_hpc.cli.embedding import add_embed, add_export, add_fetch_model, add_info
 from clip_hpc.cli.searching import add_index, add_search
 from clip_hpc.cli.serving import add_check_ports, add_demo, add_serve
@@ -32,6 +33,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_demo,
     add_submit,
     add_filter,
+    add_dedup,
 ]
 
 

@@ -1,0 +1,178 @@
+"""The pure core of `clip-hpc dedup`: numpy in, numpy out, no files and no ranks.
+
+- `border_margin` / `assign_partitions`: which k-means partitions a vector joins, so that no pair with cosine >= S
+  is split by a partition border (the proof is in `assign_partitions`' docstring).
+- `pairs_above`: every pair of one partition with cosine >= S, in float32 matrix blocks of bounded size.
+- `group_duplicates`: connected components of the pairs (a vectorised union-find), each kept as its lowest id.
+- `balance`: partitions spread over ranks by their cost.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+ROUNDING_SLACK = 1e-4  # float32 dot products of 512-d unit vectors err by ~1e-6; the margin is widened by far more
+BLOCK_FLOATS = 1 << 23  # one block of a similarity matrix: 8M float32 = 32 MiB
+
+
+class Assignment(NamedTuple):
+    """The partition memberships of a block of vectors: row `rows[i]` joins partition `partitions[i]`, as its
+    nearest centroid when `primary[i]` (exactly one per row), else as a copy near a border."""
+
+    rows: np.ndarray  # int64
+    partitions: np.ndarray  # int64
+    primary: np.ndarray  # bool
+
+
+class Pairs(NamedTuple):
+    """Pairs of ids with their cosine; `left < right`."""
+
+    left: np.ndarray  # int64
+    right: np.ndarray  # int64
+    similarity: np.ndarray  # float32
+
+
+class Groups(NamedTuple):
+    """Every id that duplicates another, the id kept for its group (the group's lowest), and how many groups."""
+
+    ids: np.ndarray  # int64, ascending
+    kept: np.ndarray  # int64
+    n_groups: int
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """float32 rows of norm 1: stored float16 embeddings are unit length only to ~1e-3."""
+    rows = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.maximum(norms, np.float32(1e-12))
+
+
+def border_margin(threshold: float) -> float:
+    """How far apart two unit vectors with cosine >= `threshold` can be: |x - y| = sqrt(2 - 2 cos) <= sqrt(2 - 2S).
+    For any unit c, |cos(x,c) - cos(y,c)| = |<x - y, c>| <= |x - y|, the bound this module's guarantee rests on."""
+    return float(np.sqrt(max(0.0, 2.0 - 2.0 * threshold)))
+
+
+def border_allowance(centroids: np.ndarray, threshold: float) -> np.ndarray:
+    """(k, k): how much less similar than its nearest centroid a a vector may be to centroid b and still join b,
+    m |a - b| (see `assign_partitions`), widened by the rounding slack."""
+    spacing = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (centroids @ centroids.T)))
+    return (border_margin(threshold) * spacing + ROUNDING_SLACK).astype(np.float32)
+
+
+def assign_partitions(vectors: np.ndarray, centroids: np.ndarray, threshold: float) -> Assignment:
+    """Each unit row joins its nearest centroid a, and also every other centroid b with
+    `<v, a - b> <= m |a - b|` (m = `border_margin`): v lies within m of the bisector between cells a and b.
+
+    Why no pair is lost: take x, y with cos(x, y) >= S, a = x's nearest centroid and b = y's. If a == b, both are
+    primaries of a. Else y joins a, because <y, b - a> = <x, b - a> + <y - x, b - a> <= 0 + m |b - a| (a is
+    x's nearest, so <x, b - a> <= 0; Cauchy-Schwarz with |y - x| <= m). So x and y always meet in x's nearest
+    partition, with x a primary there; `pairs_above` compares each primary with every member. This is the
+    brief's bound |cos(x,c) - cos(y,c)| <= m applied along the direction b - a; it is never looser than a flat
+    margin of 2m on the cosine (|a - b| <= 2) and much tighter between nearby centroids."""
+    sims = vectors @ centroids.T  # (n, k)
+    nearest = np.argmax(sims, axis=1)
+    best = sims[np.arange(len(sims)), nearest]
+    near_border = (best[:, None] - sims) <= border_allowance(centroids, threshold)[nearest]
+    near_border[np.arange(len(sims)), nearest] = True
+    rows, partitions = np.nonzero(near_border)
+    return Assignment(rows.astype(np.int64), partitions.astype(np.int64), partitions == nearest[rows])
+
+
+def assign_in_chunks(vectors: np.ndarray, centroids: np.ndarray, threshold: float, chunk: int) -> Assignment:
+    """`assign_partitions` of `chunk` rows at a time, so the (rows x partitions) matrices stay small."""
+    parts = []
+    for start in range(0, len(vectors), chunk):
+        part = assign_partitions(vectors[start : start + chunk], centroids, threshold)
+        parts.append(part._replace(rows=part.rows + start))
+    return Assignment(*(np.concatenate(column) for column in zip(*parts)))
+
+
+def pairs_above(
+    vectors: np.ndarray, ids: np.ndarray, n_primary: int, threshold: float, block_floats: int = BLOCK_FLOATS
+) -> Pairs:
+    """Every pair (i, j) with cos >= `threshold` where i is one of the first `n_primary` rows (the partition's
+    primaries) and j any later row: each pair once, in blocks of at most `block_floats` similarities."""
+    rows = unit_rows(vectors)
+    n = len(rows)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    step = max(1, min(n_primary, block_floats // max(1, n)))
+    for start in range(0, n_primary, step):
+        stop = min(n_primary, start + step)
+        block = rows[start:stop] @ rows[start:].T  # row r of the block is vector start + r; column c is start + c
+        block[np.tril_indices(stop - start, m=n - start)] = -np.inf  # j <= i: the pair's other order, or itself
+        r, c = np.nonzero(block >= threshold)
+        found.append((start + r, start + c, block[r, c]))
+    if not found:
+        return _ordered(ids[:0], ids[:0], np.zeros(0, np.float32))
+    i, j, sim = (np.concatenate(parts) for parts in zip(*found))
+    return _ordered(ids[i], ids[j], sim.astype(np.float32))
+
+
+def _ordered(a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> Pairs:
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    return Pairs(np.minimum(a, b), np.maximum(a, b), sim)
+
+
+def unique_pairs(pairs: Pairs) -> Pairs:
+    """The pairs without repeats (a pair near a border is found in every partition both ends joined), by id."""
+    if not len(pairs.left):
+        return pairs
+    keys = np.stack([pairs.left, pairs.right], axis=1)
+    _, first = np.unique(keys, axis=0, return_index=True)
+    return Pairs(pairs.left[first], pairs.right[first], pairs.similarity[first])
+
+
+def union_find_roots(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """The root of every element 0..n-1 after joining each (left[i], right[i]): a vectorised union-find whose
+    union hooks the larger root under the smaller and whose find compresses paths fully, so every component's
+    root is its lowest element. Parents only ever decrease, so it ends; every edge inside a component at the end."""
+    parent = np.arange(n, dtype=np.int64)
+    left, right = np.asarray(left, np.int64), np.asarray(right, np.int64)
+    while True:
+        while True:  # find: point every element at its root
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+        a, b = parent[left], parent[right]
+        apart = a != b
+        if not apart.any():
+            return parent
+        low, high = np.minimum(a[apart], b[apart]), np.maximum(a[apart], b[apart])
+        np.minimum.at(parent, high, low)  # union: each root hooks under the lowest root it touches
+
+
+def group_duplicates(pairs: Pairs) -> Groups:
+    """Connected components of the pairs: every member but the lowest id of its component, with that id."""
+    members = np.unique(np.concatenate([pairs.left, pairs.right]))
+    roots = union_find_roots(len(members), np.searchsorted(members, pairs.left), np.searchsorted(members, pairs.right))
+    duplicate = roots != np.arange(len(members))
+    return Groups(members[duplicate], members[roots[duplicate]], int(np.count_nonzero(~duplicate)))
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of `a` with the same row of `b` (stored rows, normalised here)."""
+    return np.einsum("ij,ij->i", unit_rows(a), unit_rows(b)).astype(np.float32)
+
+
+def estimated_cost(sample: Assignment, k: int, n_vectors: int) -> float:
+    """Dot products a partitioning will cost on `n_vectors`, from a sample's assignment: assigning every vector
+    (n k) plus comparing each partition's primaries with its members (sum of P T, scaled from the sample)."""
+    n_sample = int(np.count_nonzero(sample.primary))
+    primaries = np.bincount(sample.partitions[sample.primary], minlength=k).astype(np.float64)
+    members = np.bincount(sample.partitions, minlength=k).astype(np.float64)
+    return float(n_vectors) * k + float(primaries @ members) * (n_vectors / max(1, n_sample)) ** 2
+
+
+def balance(costs: np.ndarray, n_ranks: int) -> np.ndarray:
+    """The rank of each partition: largest cost first, each to the least loaded rank so far (deterministic)."""
+    owner = np.zeros(len(costs), dtype=np.int64)
+    load = np.zeros(n_ranks, dtype=np.float64)
+    for p in np.argsort(-np.asarray(costs, dtype=np.float64), kind="stable"):
+        rank = int(np.argmin(load))
+        owner[p] = rank
+        load[rank] += float(costs[p])
+    return owner
