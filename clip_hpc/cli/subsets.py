@@ -28,6 +28,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
             top=args.top,
             min_caption_similarity=args.min_caption_similarity,
             to=tuple(args.to),
+            dedup=args.dedup,
             samples_per_tar=args.samples_per_tar,
             device=args.device,
             progress=not args.quiet,
@@ -71,6 +72,12 @@ def add_filter(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="also require the image-caption cosine recorded by `embed --captions` to be >= S",
+    )
+    p.add_argument(
+        "--dedup",
+        type=float,
+        metavar="S",
+        help="drop near-duplicates within the subset (cosine >= S), keeping each group's lowest id",
     )
     p.add_argument("--to", action="append", default=[], choices=OUTPUT_KINDS, help="also write: tars, urls")
     p.add_argument("--samples-per-tar", type=int, default=DEFAULT_SAMPLES_PER_TAR)

@@ -145,6 +145,20 @@ def union_find_roots(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         np.minimum.at(parent, high, low)  # union: each root hooks under the lowest root it touches
 
 
+def duplicates_in(vectors: np.ndarray, ids: np.ndarray, centroids: np.ndarray, threshold: float) -> Groups:
+    """The duplicate groups of one in-memory set (a filter's subset): the same partitions with border copies and
+    exact pairs per partition as `clip-hpc dedup`, without files or ranks."""
+    rows = unit_rows(vectors)
+    assignment = assign_in_chunks(rows, centroids, threshold, chunk=16_384)
+    order = np.lexsort((~assignment.primary, assignment.partitions))  # each partition's primaries first
+    members, partitions, primary = (column[order] for column in assignment)
+    found = [_ordered(ids[:0], ids[:0], np.zeros(0, np.float32))]
+    for part in np.split(np.arange(len(partitions)), np.flatnonzero(np.diff(partitions)) + 1):
+        if len(part) > 1:
+            found.append(pairs_above(rows[members[part]], ids[members[part]], int(primary[part].sum()), threshold))
+    return group_duplicates(unique_pairs(Pairs(*(np.concatenate(column) for column in zip(*found)))))
+
+
 def group_duplicates(pairs: Pairs) -> Groups:
     """Connected components of the pairs: every member but the lowest id of its component, with that id."""
     members = np.unique(np.concatenate([pairs.left, pairs.right]))

@@ -25,6 +25,7 @@ class FilterOptions:
     threshold: float | None = None
     top: int | None = None
     min_caption_similarity: float | None = None
+    dedup: float | None = None  # drop near-duplicates (cosine >= this) within the subset, keeping the lowest id
     to: tuple[str, ...] = ()
     samples_per_tar: int = DEFAULT_SAMPLES_PER_TAR
     device: str = "auto"
@@ -42,6 +43,8 @@ class FilterOptions:
             raise UserError(f"--top must be at least 1, not {self.top}")
         if self.min_caption_similarity is not None and not math.isfinite(self.min_caption_similarity):
             raise UserError(f"--min-caption-similarity must be a number, not {self.min_caption_similarity}")
+        if self.dedup is not None and not -1.0 < self.dedup <= 1.0:
+            raise UserError(f"--dedup must be a cosine in (-1, 1], not {self.dedup}")
         if self.samples_per_tar < 1:
             raise UserError(f"--samples-per-tar must be at least 1, not {self.samples_per_tar}")
         unknown = [kind for kind in self.to if kind not in OUTPUT_KINDS]
@@ -68,6 +71,7 @@ class Settings:
     min_caption_similarity: float | None
     samples_per_tar: int
     exact: bool
+    dedup: float | None = None
 
     @classmethod
     def of(cls, options: FilterOptions, source_inputs: str, model: str, pretrained: str, exact: bool) -> Settings:
@@ -84,6 +88,7 @@ class Settings:
             min_caption_similarity=options.min_caption_similarity,
             samples_per_tar=options.samples_per_tar,
             exact=exact,
+            dedup=options.dedup,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +109,7 @@ class FilterResult:
     n_kept: int
     n_units: int
     n_units_skipped: int
+    n_duplicates: int = 0  # dropped by --dedup
     n_tars: int = 0
     n_tars_skipped: int = 0
     timings: dict[str, float] = field(default_factory=dict)

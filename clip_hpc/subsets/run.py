@@ -33,6 +33,7 @@ from clip_hpc.subsets.out_dir import RESULTS_FILE, OutDir
 from clip_hpc.subsets.outputs import select_results, write_outputs, write_report
 from clip_hpc.subsets.queries import QueryVectors, encode_queries
 from clip_hpc.subsets.scan import read_ahead, scan_unit
+from clip_hpc.subsets.subset_dedup import drop_duplicates
 from clip_hpc.subsets.tars import Sample, tar_numbers, write_tar
 
 
@@ -131,9 +132,18 @@ def one_cpu_thread(on_cpu: bool) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def merge_parts(options: FilterOptions, plan: Plan) -> tuple[int, int, list[str]] | None:
-    """Rank 0: every part joined into the outputs; (rows scanned, rows kept, files), or None while a unit has no
-    part (ranks that cannot talk finish at different times: the last one's run merges)."""
+class Merged(NamedTuple):
+    """Rank 0's merge: rows scanned, rows kept, near-duplicates dropped (--dedup), the files written."""
+
+    scanned: int
+    kept: int
+    duplicates: int
+    files: list[str]
+
+
+def merge_parts(options: FilterOptions, plan: Plan) -> Merged | None:
+    """Rank 0: every part joined into the outputs, less the subset's near-duplicates with --dedup; None while a unit
+    has no part (ranks that cannot talk finish at different times: the last one's run merges)."""
     out = OutDir(options.out)
     if any(not out.part_path(u).exists() for u in plan.shards):
         return None
@@ -145,8 +155,13 @@ def merge_parts(options: FilterOptions, plan: Plan) -> tuple[int, int, list[str]
         if top is not None and rows > 4 * top:  # a few top-Ns in memory at most, however many units
             tables = [select_results(tables, top)]
             rows = len(tables[0])
-    results = select_results(tables, top)
-    return scanned, len(results), write_outputs(out, results, options.to)
+    results, duplicates = select_results(tables, top), 0
+    if plan.settings.dedup is not None:
+        emb = EmbDir(options.source)
+        results, duplicates = drop_duplicates(
+            results, emb, sorted(plan.shards), plan.queries.positives.shape[1], plan.settings.dedup
+        )
+    return Merged(scanned, len(results), duplicates, write_outputs(out, results, options.to))
 
 
 def write_tars(options: FilterOptions, w: World) -> StepStats:
@@ -191,11 +206,13 @@ def report(options: FilterOptions, settings: Settings, result: FilterResult, w: 
         "threshold": settings.threshold,
         "top": settings.top,
         "min_caption_similarity": settings.min_caption_similarity,
+        "dedup": settings.dedup,
         "samples_per_tar": settings.samples_per_tar if "tars" in options.to else None,
         "ranks": w.size,
         "counts": {
             "scanned": result.n_scanned,
             "kept": result.n_kept,
+            "duplicates_dropped": result.n_duplicates,
             "units": result.n_units,
             "units_skipped": result.n_units_skipped,
             "tars": result.n_tars,
@@ -216,6 +233,9 @@ def filter_subset(options: FilterOptions, w: World | None = None) -> FilterResul
         if IndexDir(source).looks_like_one():
             from clip_hpc.subsets.preview import preview_subset
 
+            if options.dedup is not None:
+                raise UserError("--dedup needs an EMB_DIR source (exact vectors), not the INDEX_DIR preview")
+
             return preview_subset(options, w)
         raise UserError(f"{source} is neither an EMB_DIR (clip-hpc embed --out) nor an INDEX_DIR (clip-hpc index)")
     plan = from_root(w, lambda: plan_exact(options))
@@ -227,8 +247,16 @@ def filter_subset(options: FilterOptions, w: World | None = None) -> FilterResul
     if merged is None:  # only ranks that cannot talk get here: the last one to finish merges
         print("clip-hpc filter: other ranks are still scanning; the last to finish writes the outputs", file=sys.stderr)
         return FilterResult(options.out, True, 0, 0, len(plan.shards), scan.skipped, complete=False)
-    n_scanned, n_kept, files = merged
-    result = FilterResult(options.out, True, n_scanned, n_kept, len(plan.shards), scan.skipped, files=files)
+    result = FilterResult(
+        options.out,
+        True,
+        merged.scanned,
+        merged.kept,
+        len(plan.shards),
+        scan.skipped,
+        n_duplicates=merged.duplicates,
+        files=merged.files,
+    )
     timings = {
         "plan_s": t_plan - t0,
         "scan_s": t_scan - t_plan,
