@@ -2,7 +2,7 @@
 file), with the same `search`/`image`/`export` as a local `Index`.
 
 Standard library, httpx and PIL only: a laptop notebook never loads torch, FAISS, h5py or numpy
-(tests/test_api_imports.py checks this)."""
+(tests/test_api_remote.py checks this)."""
 
 from __future__ import annotations
 
