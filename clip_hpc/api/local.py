@@ -43,6 +43,7 @@ class Index:
         return f"Index({str(self.path)!r}, {self.engine.n} images, {self.engine.dim}-d, model {self.engine.info.model})"
 
     def close(self) -> None:
+        """Release the index's files (local) or the HTTP connections (remote)."""
         self.engine.close()
 
     def search(

@@ -45,6 +45,7 @@ class RemoteIndex:
         return f"RemoteIndex({self.endpoint.base_url!r})"
 
     def close(self) -> None:
+        """Release the index's files (local) or the HTTP connections (remote)."""
         self.client.close()
 
     def info(self) -> dict[str, Any]:

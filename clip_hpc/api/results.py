@@ -72,10 +72,12 @@ class Results(Sequence[Hit]):
 
     @property
     def ids(self) -> list[int]:
+        """The hits' ids, best first (what `export` and a `negatives` list take)."""
         return [h.id for h in self.hits]
 
     @property
     def scores(self) -> list[float | None]:
+        """The hits' scores, parallel to `ids`."""
         return [h.score for h in self.hits]
 
     def to_pandas(self) -> pandas.DataFrame:
