@@ -5,6 +5,7 @@ vector is searched as the `vector` part with the negative weight, subtracted (so
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ def plan_query(
         raise UserError("image must be an id, a path, bytes or a PIL image, not a bool")
     if isinstance(image, str | os.PathLike) and not os.path.isfile(image):
         raise UserError(f"image {image} is not a file")
-    negative_ids = [n for n in negatives or () if isinstance(n, int) and not isinstance(n, bool)]
+    negative_ids = [int(n) for n in negatives or () if is_id(n)]
     negative_texts = [n for n in negatives or () if isinstance(n, str)]
     if len(negative_ids) + len(negative_texts) != len(negatives or ()):
         raise UserError("negatives must be image ids (int) or texts (str)")
@@ -72,8 +73,8 @@ def plan_query(
         raise UserError(f"unknown filters {sorted(unknown)}; use {sorted(FILTER_KEYS)}")
     return SearchQuery(
         text=text,
-        image_id=image if isinstance(image, int) else None,
-        image=None if isinstance(image, int) else image,
+        image_id=int(image) if is_id(image) else None,
+        image=None if is_id(image) else image,
         vector=None if vector is None else [float(x) for x in vector],
         k=k,
         weights=dict(weights or {}),
@@ -83,6 +84,11 @@ def plan_query(
         diversity=float(diversity),
         min_score=min_score,
     )
+
+
+def is_id(value: Any) -> bool:
+    """An image id: any integer (numpy's too, as a DataFrame column gives them), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def mean_vector(rows: Sequence[Sequence[float]]) -> list[float]:
