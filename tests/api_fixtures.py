@@ -14,6 +14,7 @@ from conftest import run_cli
 from server_fixtures import Served, start_server
 
 DEMO_N, DEMO_PER_TAR = 48, 24
+SCORE_TOL = 1e-5  # float32 scores computed by the same code, in two processes
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,16 @@ def demo_index(tmp_path_factory) -> Path:
 def demo_server(demo_index: Path, tmp_path_factory) -> Iterator[Served]:
     with start_server(demo_index, tmp_path_factory.mktemp("api-serve"), "--port", "0") as served:
         yield served
+
+
+def pairs(hits) -> tuple[list[int], list[float]]:
+    """(ids, scores) of API hits or of JSON hit dicts."""
+    rows = [(h["id"], h["score"]) if isinstance(h, dict) else (h.id, h.score) for h in hits]
+    return [i for i, _ in rows], [s for _, s in rows]
+
+
+def assert_same(api_hits, other_hits) -> None:
+    api_ids, api_scores = pairs(api_hits)
+    other_ids, other_scores = pairs(other_hits)
+    assert api_ids == other_ids and api_ids
+    assert api_scores == pytest.approx(other_scores, abs=SCORE_TOL)

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import clip_hpc
+from api_fixtures import assert_same
 from clip_hpc.ann.core import DEFAULT_WEIGHTS
 from clip_hpc.api.query import NEGATIVE_WEIGHT
 from clip_hpc.api.results import Hit, Results
@@ -20,26 +21,11 @@ from clip_hpc.cli import main as cli_main
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 
-SCORE_TOL = 1e-5  # float32 scores computed by the same code, in two processes
-
 
 @pytest.fixture(scope="module")
 def index(demo_index):
     with clip_hpc.open_index(demo_index, device="cpu") as opened:
         yield opened
-
-
-def pairs(hits) -> tuple[list[int], list[float]]:
-    """(ids, scores) of API hits or of JSON hit dicts."""
-    rows = [(h["id"], h["score"]) if isinstance(h, dict) else (h.id, h.score) for h in hits]
-    return [i for i, _ in rows], [s for _, s in rows]
-
-
-def assert_same(api_hits, other_hits) -> None:
-    api_ids, api_scores = pairs(api_hits)
-    other_ids, other_scores = pairs(other_hits)
-    assert api_ids == other_ids and api_ids
-    assert api_scores == pytest.approx(other_scores, abs=SCORE_TOL)
 
 
 def cli_search(capsys, *args) -> list[dict]:

@@ -13,10 +13,10 @@ import zipfile
 import pytest
 
 import clip_hpc
+from api_fixtures import assert_same
 from clip_hpc.cli import main as cli_main
 from clip_hpc.errors import UserError
 from clip_hpc.server.sockets import free_port
-from test_api import assert_same
 from test_client_imports import HEAVY, imported_modules
 
 
