@@ -47,7 +47,7 @@ def check_run(notebook: nbformat.NotebookNode, export_to: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def local_grid(demo_index, tmp_path_factory, request) -> str:
+def local_grid(demo_index, tmp_path_factory) -> str:
     export_to = tmp_path_factory.mktemp("nb-local") / "picked.zip"
     with pytest.MonkeyPatch.context() as monkeypatch:
         return check_run(run_notebook(str(demo_index), export_to, monkeypatch), export_to)
