@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.clip-hpc-installed
 
-.PHONY: setup demo lint test test-fast clean
+.PHONY: setup demo lint test test-fast docs clean
 
 # torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml: the one pair whose torchvision imports here.
 $(STAMP): pyproject.toml
@@ -39,5 +39,9 @@ test: lint
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slurm and not ssh and not browser and not slow"
 
+# The documentation site (docs/, mkdocs.yml) into site/; tests/test_docs.py builds it the same way.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) demo-out test-artifacts .pytest_cache
+	rm -rf $(VENV) demo-out test-artifacts .pytest_cache site

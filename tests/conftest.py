@@ -19,6 +19,7 @@ pytest_plugins = [
     "caption_fixtures",
     "s3_fixtures",
     "route_fixtures",
+    "api_fixtures",
 ]  # stage fixture plugins (tests/*_fixtures.py)
 
 

@@ -54,3 +54,17 @@ def test_laptop_commands_load_nothing_heavy(command):
     assert "clip_hpc.cli" in modules and "httpx" in modules  # the parse saw the real imports
     heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
     assert heavy == [], f"clip-hpc {command} imported {heavy[:10]}"
+
+
+def test_import_clip_hpc_connect_loads_nothing_heavy():
+    """A laptop notebook's first lines: the package root and its `connect` (the other names load lazily)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import clip_hpc; clip_hpc.connect; clip_hpc.Results"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    modules = imported_modules(proc.stderr)
+    assert proc.returncode == 0 and "httpx" in modules and "clip_hpc.api.results" in modules, proc.stderr[-2000:]
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    assert heavy == [], f"import clip_hpc; clip_hpc.connect imported {heavy[:10]}"
