@@ -37,7 +37,7 @@ class RecallReport:
     target_met: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """index.json's `recall`: the fields in order, captions_fallback only when set, the families inline."""
+        """The `recall` of index.json: the fields in order, captions_fallback only when set, the families inline."""
         out: dict[str, Any] = {
             "k": self.k,
             "target": self.target,

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 
 from clip_hpc.formats.shard import meta_key_url
+from clip_hpc.formats.shard_columns import ScanColumns, read_row_details, read_scan_columns
 from clip_hpc.ingest.object_store import is_url
-from clip_hpc.subsets.columns import ScanColumns, read_row_details, read_scan_columns
 from clip_hpc.subsets.options import Settings
 from clip_hpc.subsets.out_dir import SCHEMA
 from clip_hpc.subsets.queries import QueryVectors
