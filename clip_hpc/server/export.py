@@ -11,7 +11,9 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from clip_hpc.formats.input_identity import ChangedInputError
 from clip_hpc.server.image_source import ImageSource
+from clip_hpc.server.served_images import changed
 
 
 def build_zip(items: Sequence[tuple[int, ImageSource, float | None]]) -> str:
@@ -32,6 +34,8 @@ def build_zip(items: Sequence[tuple[int, ImageSource, float | None]]) -> str:
                         zf.write(source.path, name)
                     else:
                         zf.writestr(name, source.read_bytes())
+                except ChangedInputError as exc:
+                    raise changed(image_id, exc) from None
                 except OSError as exc:  # vanished or unreadable since it was judged servable
                     raise HTTPException(404, f"image {image_id} cannot be read ({exc.strerror or exc})") from None
                 metadata.append({"id": image_id, "path": str(source.path), "score": score, "file": name})

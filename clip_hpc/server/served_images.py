@@ -10,10 +10,16 @@ from functools import lru_cache
 
 from starlette.exceptions import HTTPException
 
+from clip_hpc.formats.input_identity import ChangedInputError
 from clip_hpc.ingest.images import DecodeFailure, decode_image
 from clip_hpc.search.engine import SearchEngine
 from clip_hpc.server.files import Servable, ServableObject, servable_file, servable_object, served_root
 from clip_hpc.server.image_source import ImageSource, locate
+
+
+def changed(image_id: int, exc: ChangedInputError) -> HTTPException:
+    """409 naming the image: its input is no longer what was embedded, and other bytes are never sent for it."""
+    return HTTPException(409, f"image {image_id}: {exc}")
 
 
 class ServedImages:
@@ -41,11 +47,17 @@ class ServedImages:
         source = replace(source, path=found.path)
         if not source.available(getattr(found, "size", None)):
             raise HTTPException(404, f"image {image_id} is in the index but its bytes are gone (a shorter tar?)")
+        try:
+            source.check(getattr(found, "stat", None))
+        except ChangedInputError as exc:
+            raise changed(image_id, exc) from None
         return source, found
 
     def read(self, image_id: int, source: ImageSource) -> bytes:
         try:
             return source.read_bytes()
+        except ChangedInputError as exc:
+            raise changed(image_id, exc) from None
         except OSError as exc:  # vanished or unreadable since it was judged servable
             raise HTTPException(404, f"image {image_id} cannot be read ({exc.strerror or exc})") from None
 
