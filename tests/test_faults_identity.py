@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from clip_hpc.devdata.local_s3 import upload
+from clip_hpc.formats.emb_dir import EmbDir
 from conftest import run_cli
 from s3_fixtures import BUCKET, S3Endpoint
 from server_fixtures import start_server
@@ -73,3 +74,35 @@ def test_r1_a_replaced_object_member_or_file_is_refused_never_served(s3_endpoint
             export = client.post("/api/export", json={"ids": [image_id]})
             assert export.status_code == 409 and f"image {image_id}" in export.json()["error"], (name, export.text)
 
+
+def test_r8_a_file_named_like_a_member_line_is_refused_not_read_as_the_member(tmp_path: Path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "t.tar").write_bytes(one_member_tar("evil.jpg", jpeg((255, 0, 0))))
+    (folder / "t.tar::evil.jpg").write_bytes(jpeg((0, 0, 255)))
+    run_cli("embed", folder, "--out", tmp_path / "emb", *TINY, "--workers", "0", check=True)
+    lines = EmbDir(tmp_path / "emb").read_inputs()
+    assert len(lines) == len(set(lines)) == 2, lines  # two inputs, two lines
+    embedded, failed = [], {}
+    for shard in EmbDir(tmp_path / "emb").iter_shards(with_embeddings=False):
+        embedded += shard.paths
+        failed.update(zip(shard.failed_paths, shard.failed_reasons))
+    assert embedded == [f"{folder}/t.tar::evil.jpg"]  # the member, once
+    assert len(failed) == 1 and "refused name" in next(iter(failed.values())), failed
+
+
+def test_r8_objects_named_like_a_member_line_are_refused(s3_endpoint: S3Endpoint, monkeypatch):
+    from clip_hpc.ingest.image_dataset import ImageDataset
+    from clip_hpc.ingest.sources import list_inputs
+
+    upload(
+        s3_endpoint.direct,
+        {f"{BUCKET}/w/t.tar": one_member_tar("m.jpg", jpeg((255, 0, 0))), f"{BUCKET}/w/t.tar::m.jpg": jpeg((0, 9, 9))},
+    )
+    for key, value in s3_endpoint.env.items():
+        monkeypatch.setenv(key, value)
+    listing = list_inputs([f"s3://{BUCKET}/w/"])
+    assert len(listing.lines) == len(set(listing.lines)) == 2, listing.lines
+    dataset = ImageDataset(range(2), listing.lines, lambda img: img, 1, 1 << 30, listing.tar_samples)
+    reasons = [dataset[i][2] for i in range(2)]
+    assert reasons[0] == "" and reasons[1].startswith("refused name"), reasons

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from clip_hpc.formats.input_identity import content_identity, stat_identity
+from clip_hpc.formats.tar_member import refusal
 from clip_hpc.ingest.gpu_decode import Batch
 from clip_hpc.ingest.images import DecodeFailure, decode_image
 from clip_hpc.ingest.object_store import is_url
@@ -114,7 +115,8 @@ class ImageDataset(Dataset):
         (repairs noted in the meta)."""
         sample = self.tar_samples.get(path)
         if sample is None:
-            return _loose(path)
+            why = refusal(path)
+            return (DecodeFailure("refused name", why), NO_EXTRAS) if why else _loose(path)
         if sample.problem or sample.image is None:
             return DecodeFailure(sample.problem.split(":")[0], sample.problem.partition(": ")[2]), NO_EXTRAS
         try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clip_hpc.errors import UserError
-from clip_hpc.formats.tar_member import is_tar_path
+from clip_hpc.formats.tar_member import is_tar_path, loose_line
 from clip_hpc.ingest.object_store import is_url
 from clip_hpc.ingest.tars import TarSample, expand_braces, index_tar
 
@@ -146,14 +146,15 @@ def list_images(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.Pa
 
 
 def list_inputs(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.PathLike | None = None) -> Listing:
-    """`list_images`, with each tar replaced in place by its members in the tar's order (`TARPATH::MEMBER`)."""
+    """`list_images`, with each tar replaced in place by its members in the tar's order (`TARPATH::MEMBER`); a loose
+    file whose name reads as such a line gets a line of its own, recorded as a failure (`tar_member.loose_line`)."""
     lines: list[str] = []
     samples: dict[str, TarSample] = {}
     paths = list_images(inputs, file_list)
     remote = _index_remote_tars([p for p in paths if is_url(p) and is_tar_path(p)])
     for path in paths:
         if not is_tar_path(path):
-            lines.append(path)
+            lines.append(loose_line(path))
             continue
         for sample in remote[path] if path in remote else index_tar(path):
             lines.append(sample.line)
