@@ -115,10 +115,13 @@ def _list_url(url: str) -> list[str]:
     """An object-store input: the object itself, or every image and tar under the prefix (sorted, like `_walk`)."""
     from clip_hpc.ingest.object_store import is_object, is_prefix, list_prefix
 
-    if is_object(url):
-        return [url]
-    if is_prefix(url):
-        return list_prefix(url, lambda u: is_image_path(u) or is_tar_path(u))
+    try:
+        if is_object(url):
+            return [url]
+        if is_prefix(url):
+            return list_prefix(url, lambda u: is_image_path(u) or is_tar_path(u))
+    except OSError as exc:  # no answer, no or bad credentials, no endpoint: said as such, never "does not exist"
+        raise UserError(f"cannot read input {url}: {exc}") from None
     raise UserError(f"input {url} does not exist (no such object or prefix)")
 
 
