@@ -171,6 +171,16 @@ def test_r4_a_bad_access_key_is_access_denied_not_missing(monkeypatch):
     assert "\n" not in message
 
 
+def test_seen_a_url_file_list_and_an_upper_case_scheme(s3_endpoint: S3Endpoint, monkeypatch):
+    from clip_hpc.ingest.sources import list_images
+
+    with pytest.raises(UserError, match=f"--file-list s3://{BUCKET}/list.txt: a file list is a local file"):
+        list_images(file_list=f"s3://{BUCKET}/list.txt")
+    upload(s3_endpoint.direct, {f"{BUCKET}/up/a.jpg": b"x", f"{BUCKET}/up/b.png": b"y"})
+    use_endpoint(monkeypatch, s3_endpoint.env)
+    assert list_images([f"S3://{BUCKET}/up/"]) == [f"s3://{BUCKET}/up/a.jpg", f"s3://{BUCKET}/up/b.png"]
+
+
 def png(shade: int) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (48, 48), (shade, 255 - shade, 90)).save(out, "PNG")

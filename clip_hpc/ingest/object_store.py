@@ -70,6 +70,12 @@ def is_url(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and _URL.match(path) is not None
 
 
+def normal_url(url: str) -> str:
+    """The scheme in lower case (`S3://b/k` -> `s3://b/k`): clients only strip their own spelling of it."""
+    scheme, sep, rest = url.partition("://")
+    return scheme.lower() + sep + rest
+
+
 def require_posix(path: str | os.PathLike, flag: str = "--out") -> None:
     """Outputs stay on a POSIX file system: HDF5 shards, SQLite and FAISS need seekable, renameable local files."""
     if is_url(path):

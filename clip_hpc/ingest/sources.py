@@ -14,7 +14,7 @@ from pathlib import Path
 
 from clip_hpc.errors import UserError
 from clip_hpc.formats.tar_member import is_tar_path, loose_line
-from clip_hpc.ingest.object_store import is_url
+from clip_hpc.ingest.object_store import is_url, normal_url
 from clip_hpc.ingest.tars import TarSample, expand_braces, index_tar
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -83,6 +83,11 @@ def read_file_list(file_list: str | os.PathLike) -> list[str]:
     """One path a line (LF or CRLF), blank lines and `#` comments skipped, relative paths from the working directory.
     Bytes as the file system spells names (undecodable ones surrogate-escaped, as os.scandir gives them), unless a
     BOM says UTF-16/32: a BOM is never part of the first path."""
+    if is_url(file_list):
+        raise UserError(
+            f"--file-list {file_list}: a file list is a local file; to embed every image under a prefix, give the "
+            "prefix itself as an input (s3://bucket/prefix/)"
+        )
     path = Path(file_list)
     if not path.is_file():
         raise UserError(f"--file-list {path} does not exist")
@@ -94,7 +99,11 @@ def read_file_list(file_list: str | os.PathLike) -> list[str]:
     else:
         text = os.fsdecode(data.removeprefix(codecs.BOM_UTF8))
     lines = [line.strip() for line in text.split("\n")]  # not splitlines: U+2028, \x1c... may be in a name
-    return [line if is_url(line) else os.path.abspath(line) for line in lines if line and not line.startswith("#")]
+    return [
+        normal_url(line) if is_url(line) else os.path.abspath(line)
+        for line in lines
+        if line and not line.startswith("#")
+    ]
 
 
 def _expanded(inputs: Sequence[str | os.PathLike]) -> list[Path | str]:
@@ -105,7 +114,7 @@ def _expanded(inputs: Sequence[str | os.PathLike]) -> list[Path | str]:
     for item in inputs:
         text = str(item)
         if is_url(text):
-            out.extend(expand_braces(text))
+            out.extend(expand_braces(normal_url(text)))
         else:
             out.extend(map(Path, expand_braces(text)) if "{" in text and not os.path.exists(text) else [Path(text)])
     return out
