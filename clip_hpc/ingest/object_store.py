@@ -131,7 +131,7 @@ def with_retries(what: Callable[[], T], attempts: int = RETRIES) -> T:
 
 NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError", "UnauthorizedSSOTokenError")
 UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ProxyConnectionError")
-BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "AccessDenied", "403")
+BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "AccessDenied")
 
 
 def as_oserror(exc: BaseException, url: str) -> OSError:
@@ -147,7 +147,7 @@ def as_oserror(exc: BaseException, url: str) -> OSError:
         )
     if name in UNREACHABLE:
         return ConnectionError(f"{url}: cannot reach the object store: {exc}")
-    if isinstance(exc, PermissionError) or any(code in str(exc) for code in BAD_CREDENTIALS[:-1]):
+    if isinstance(exc, PermissionError) or any(code in str(exc) for code in BAD_CREDENTIALS):
         return PermissionError(f"{url}: access denied (bad credentials, or no permission to read it): {exc}")
     return exc if isinstance(exc, OSError) else OSError(f"{url}: {name}: {exc}")
 
