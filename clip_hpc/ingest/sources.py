@@ -130,7 +130,7 @@ def _list_url(url: str) -> list[str]:
         if is_prefix(url):
             return list_prefix(url, lambda u: is_image_path(u) or is_tar_path(u))
     except OSError as exc:  # no answer, no or bad credentials, no endpoint: said as such, never "does not exist"
-        raise UserError(f"cannot read input {url}: {exc}") from None
+        raise UserError(f"cannot read input {url}: {str(exc).removeprefix(f'{url}: ')}") from None
     raise UserError(f"input {url} does not exist (no such object or prefix)")
 
 
