@@ -88,8 +88,13 @@ class Index:
 
     def image_bytes(self, id: int) -> bytes:
         """The image's bytes as stored (a file, or a tar member read by its offset)."""
+        return self._read(id, self._source(id))
+
+    @staticmethod
+    def _read(id: int, source: ImageSource) -> bytes:
+        """The bytes, checked against what was embedded (a replaced file or object is an error, never other bytes)."""
         try:
-            return self._source(id).read_bytes()
+            return source.read_bytes()
         except OSError as exc:
             raise UserError(f"image {id} cannot be read ({exc.strerror or exc})") from None
 
@@ -116,7 +121,7 @@ class Index:
         from clip_hpc.server.export import build_zip
 
         try:
-            built = build_zip([(i, self._source(i), s) for i, s in zip(ids, scores)])
+            built = build_zip([(i, self._source(i), s) for i, s in zip(ids, scores)], self._read)
         except HTTPException as exc:
             raise UserError(str(exc.detail)) from None
         out = Path(path)

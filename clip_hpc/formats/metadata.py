@@ -31,6 +31,7 @@ COLUMN_TYPES = (  # the `images` table, in order; every other spelling of its co
     ("url", "TEXT"),
     ("offset", "INTEGER"),
     ("similarity", "REAL"),  # image-caption cosine (`embed --captions`); NULL where none was computed
+    ("identity", "TEXT"),  # what the server checks before sending the bytes (formats/input_identity.py); NULL: none
 )
 COLUMNS = tuple(name for name, _ in COLUMN_TYPES)
 FIRST_COLUMNS = COLUMNS[:4]  # what the first meta.sqlite held; an older file gains the rest, empty
@@ -142,6 +143,7 @@ class MetadataStore:
         urls: Sequence[str] | None = None,
         offsets: Sequence[int | None] | None = None,
         similarities: Sequence[float] | None = None,
+        identities: Sequence[str] | None = None,
     ) -> None:
         """Insert one batch in one transaction (a shard at a time keeps memory flat); "" and -1 are stored as NULL,
         and so is a NaN similarity (a row without a caption embedding)."""
@@ -164,6 +166,7 @@ class MetadataStore:
             column(urls, ""),
             column(offsets, -1),
             sims,
+            column(identities, ""),
         )
         with self._errors(opening=False), self.conn:
             self.conn.executemany(INSERT, rows)

@@ -26,7 +26,8 @@ FORMAT = "clip-hpc-shard"
 VERSION = 1
 DATASETS = ("embeddings", "ids", "paths", "failed_ids", "failed_paths", "failed_reasons")
 # Per embedded image, beside `paths`; absent in shards written before tar inputs, read as "" and -1 then.
-TEXT_EXTRAS = ("captions", "meta")
+# `identities` (formats/input_identity.py) came later still: absent in older shards, read as "" (nothing checked).
+TEXT_EXTRAS = ("captions", "meta", "identities")
 INT_EXTRAS = ("offsets", "sizes")
 # With `embed --captions`: each row's caption embedding (zeros where `caption_embedded` is false: no caption) and the
 # image-caption cosine `similarity` (NaN there). Absent in shards embedded without captions: `caption_embeddings` None.
@@ -77,6 +78,7 @@ class Shard:
     attrs: dict[str, Any] = field(default_factory=dict)
     captions: list[str] = field(default_factory=list)
     meta: list[str] = field(default_factory=list)
+    identities: list[str] = field(default_factory=list)
     offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     caption_embeddings: np.ndarray | None = None  # None: embedded without --captions (or before them)
@@ -95,8 +97,9 @@ class Shard:
         self.caption_embedded, self.similarity = self.caption_embedded[keep], self.similarity[keep]
         if self.caption_embeddings is not None:
             self.caption_embeddings = self.caption_embeddings[keep]
-        self.paths, self.captions, self.meta = (
-            [v for v, kept in zip(values, keep) if kept] for values in (self.paths, self.captions, self.meta)
+        self.paths, self.captions, self.meta, self.identities = (
+            [v for v, kept in zip(values, keep) if kept]
+            for values in (self.paths, self.captions, self.meta, self.identities)
         )
 
 
@@ -146,6 +149,7 @@ class ShardBatch:
     attrs: Mapping[str, AttrValue] = field(default_factory=dict)
     captions: Sequence[str] | None = None
     meta: Sequence[str] | None = None
+    identities: Sequence[str] | None = None
     offsets: Sequence[int] | None = None
     sizes: Sequence[int] | None = None
     caption_embeddings: np.ndarray | None = None
@@ -273,7 +277,7 @@ def read_shard(path: str | os.PathLike, *, with_embeddings: bool = True) -> Shar
     if n != len(ids) or n != len(shard.paths) or n != int(attrs.get("n", n)):
         raise ShardError(f"{path}: {n} embeddings but {len(ids)} ids and {len(shard.paths)} paths")
     if any(len(getattr(shard, name)) != n for name in TEXT_EXTRAS + INT_EXTRAS):
-        raise ShardError(f"{path}: captions, meta, offsets or sizes do not have one entry per embedding")
+        raise ShardError(f"{path}: captions, meta, identities, offsets or sizes do not have one entry per embedding")
     if (
         len(shard.caption_embedded) != n
         or len(shard.similarity) != n

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 
 SEPARATOR = "::"
+REFUSED = " (refused name)"  # appended to a loose input whose name reads as a member line (`loose_line`)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # compressed ones only to say they cannot be read (ingest/tars.py)
 
 
@@ -22,6 +23,23 @@ def is_tar_path(path: str | os.PathLike) -> bool:
 def member_line(tar: str, member: str) -> str:
     """The input line of `member` inside the tar at `tar`."""
     return f"{tar}{SEPARATOR}{member}"
+
+
+def loose_line(path: str) -> str:
+    """The input line of a loose file or object: its path, unless the path reads as a tar member's line (`t.tar::m.jpg`
+    beside `t.tar`): then a line of its own that no member has (members end in an image suffix), which embed
+    records as a failure (`refusal`). A line's syntax never makes two inputs one."""
+    return path + REFUSED if _candidates(path) else path
+
+
+def refusal(line: str) -> str | None:
+    """Why a line from `loose_line` is not embedded; None for any other line."""
+    if not (line.endswith(REFUSED) and _candidates(line.removesuffix(REFUSED))):
+        return None
+    return (
+        f"its name holds '{SEPARATOR}' after '.tar', so it would read as a tar member's line "
+        "(TARPATH::MEMBER); rename it"
+    )
 
 
 def _candidates(line: str) -> list[int]:

@@ -118,6 +118,7 @@ def add_metadata(meta: MetadataStore, shard: Shard) -> None:
         urls=urls,
         offsets=shard.offsets.tolist(),
         similarities=shard.similarity.tolist(),
+        identities=shard.identities,
     )
 
 

@@ -168,6 +168,7 @@ class UnitBuffer:
             meta=[x.meta for x in self.extras],
             offsets=[x.offset for x in self.extras],
             sizes=[x.size for x in self.extras],
+            identities=[x.identity for x in self.extras],
             failed_ids=[i for i, _ in self.failed],
             failed_paths=[paths[i] for i, _ in self.failed],
             failed_reasons=[r for _, r in self.failed],

@@ -6,12 +6,15 @@ they record a failure; `UnitBatchSampler` keeps every batch inside one work unit
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from clip_hpc.formats.input_identity import content_identity, stat_identity
+from clip_hpc.formats.tar_member import refusal
 from clip_hpc.ingest.gpu_decode import Batch
 from clip_hpc.ingest.images import DecodeFailure, decode_image
 from clip_hpc.ingest.object_store import is_url
@@ -31,12 +34,14 @@ from clip_hpc.ingest.tars import (
 
 
 class Extras(NamedTuple):
-    """What a shard stores beside an embedding: the caption, the metadata JSON, and a tar member's offset/size."""
+    """What a shard stores beside an embedding: the caption, the metadata JSON, a tar member's offset/size, and the
+    input's identity (formats/input_identity.py), which the server checks before it sends the bytes."""
 
     caption: str
     meta: str
     offset: int
     size: int
+    identity: str = ""
 
 
 NO_EXTRAS = Extras("", "", -1, -1)
@@ -110,7 +115,8 @@ class ImageDataset(Dataset):
         (repairs noted in the meta)."""
         sample = self.tar_samples.get(path)
         if sample is None:
-            return (_read_url(path) if is_url(path) else path), NO_EXTRAS
+            why = refusal(path)
+            return (DecodeFailure("refused name", why), NO_EXTRAS) if why else _loose(path)
         if sample.problem or sample.image is None:
             return DecodeFailure(sample.problem.split(":")[0], sample.problem.partition(": ")[2]), NO_EXTRAS
         try:
@@ -132,9 +138,8 @@ class ImageDataset(Dataset):
                 "truncated tar" if "truncated" in str(exc) else "read error", str(exc)[:160]
             ), NO_EXTRAS
         caption = caption or str(meta.get("caption") or "")
-        return data, Extras(
-            caption, sample_meta(sample, caption, meta, notes + meta_notes), sample.image.offset, sample.image.size
-        )
+        meta_json = sample_meta(sample, caption, meta, notes + meta_notes)
+        return data, Extras(caption, meta_json, sample.image.offset, sample.image.size, content_identity(data))
 
     @staticmethod
     def _caption(sample: TarSample, handle: BinaryIO) -> tuple[str, list[str]]:
@@ -160,6 +165,20 @@ class ImageDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:  # an open file does not travel to the worker processes
         return {**self.__dict__, "_handle": None}
+
+
+def _loose(path: str) -> tuple[str | bytes | DecodeFailure, Extras]:
+    """A loose object's bytes, or a local file's path (decoded lazily), with its identity: the bytes' digest, or the
+    file's size and mtime (a file that cannot be stat'ed fails when it is decoded, as before)."""
+    if is_url(path):
+        data = _read_url(path)
+        return data, NO_EXTRAS if isinstance(data, DecodeFailure) else NO_EXTRAS._replace(
+            identity=content_identity(data)
+        )
+    try:
+        return path, NO_EXTRAS._replace(identity=stat_identity(os.stat(path)))
+    except OSError:
+        return path, NO_EXTRAS
 
 
 def _read_url(url: str) -> bytes | DecodeFailure:

@@ -29,12 +29,51 @@ RETRIES = 4  # attempts per read, for protocols whose client does not retry by i
 SELF_RETRYING = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az"})
 BACKOFF_S = 0.2
 LISTING_BLOCK = 16 << 10  # bytes fetched per ranged read while walking tar headers: a header plus small sidecars
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# A stalled store is no reason to wait longer: a call that ran out of its deadline is not tried again.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class TimeBounds:
+    """How long one call to an object store may take: to connect, between bytes read (botocore's, per attempt),
+    and in all, its retries included (ours: the call is cancelled and fails with TimeoutError)."""
+
+    connect_s: float = 5.0
+    read_s: float = 15.0
+    call_s: float = 60.0
+
+    @staticmethod
+    def from_env() -> TimeBounds:
+        """`CLIP_HPC_STORE_CONNECT_TIMEOUT`, `CLIP_HPC_STORE_READ_TIMEOUT`, `CLIP_HPC_STORE_CALL_TIMEOUT` (seconds)."""
+        default = TimeBounds()
+        names = ("CONNECT", "READ", "CALL")
+        values = [
+            _seconds(f"CLIP_HPC_STORE_{n}_TIMEOUT", d)
+            for n, d in zip(names, (default.connect_s, default.read_s, default.call_s))
+        ]
+        return TimeBounds(*values)
+
+
+def _seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, "")
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        raise UserError(f"{name}={text!r}: not a number of seconds") from None
+    if not 0 < value < 1e6:
+        raise UserError(f"{name}={text!r}: must be a positive number of seconds")
+    return value
 
 
 def is_url(path: str | os.PathLike) -> bool:
     """`scheme://...`: an object-store input, never `os.path`'d (abspath would turn `s3://b` into `$PWD/s3:/b`)."""
     return isinstance(path, str) and _URL.match(path) is not None
+
+
+def normal_url(url: str) -> str:
+    """The scheme in lower case (`S3://b/k` -> `s3://b/k`): clients only strip their own spelling of it."""
+    scheme, sep, rest = url.partition("://")
+    return scheme.lower() + sep + rest
 
 
 def require_posix(path: str | os.PathLike, flag: str = "--out") -> None:
@@ -55,10 +94,15 @@ def filesystem(url: str) -> Any:
     protocol = url.split("://", 1)[0].lower()
     key = (protocol, os.getpid())
     if key not in _filesystems:
+        bounds = TimeBounds.from_env()
+        options: dict[str, Any] = {}
+        if protocol in ("s3", "s3a"):  # botocore's own bounds, per attempt
+            options["config_kwargs"] = {"connect_timeout": bounds.connect_s, "read_timeout": bounds.read_s}
         try:
             import fsspec
 
-            _filesystems[key] = fsspec.filesystem(protocol)
+            # our own cache (per process): fsspec's would hand back a client made for another endpoint or bounds
+            _filesystems[key] = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
         except ImportError as exc:
             hint = " (pip install 'clip-hpc[s3]')" if protocol in ("s3", "s3a") else ""
             raise UserError(f"cannot read {url}: the {protocol}:// protocol needs a package{hint}: {exc}") from None
@@ -85,22 +129,46 @@ def with_retries(what: Callable[[], T], attempts: int = RETRIES) -> T:
     raise AssertionError("unreachable")
 
 
-def _as_oserror(exc: Exception, url: str) -> OSError:
-    """Clients raise their own types for some failures (botocore's, ValueError for a bad range): one kind here."""
-    return exc if isinstance(exc, OSError) else OSError(f"{url}: {type(exc).__name__}: {exc}")
+NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError", "UnauthorizedSSOTokenError")
+UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ProxyConnectionError")
+BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "AccessDenied")
+
+
+def as_oserror(exc: BaseException, url: str) -> OSError:
+    """Pure: one kind for every failure of a client (botocore's own types are no OSError; ValueError for a bad
+    range), with a message a user can act on: a deadline passed, no or bad credentials, an endpoint not reached."""
+    name = type(exc).__name__
+    if isinstance(exc, TimeoutError) or name == "ReadTimeoutError":
+        return TimeoutError(f"{url}: the object store did not answer within {TimeBounds.from_env().call_s:g} s")
+    if name in NO_CREDENTIALS:
+        return PermissionError(
+            f"{url}: no credentials for the object store (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            f"AWS_PROFILE, or ~/.aws/credentials): {exc}"
+        )
+    if name in UNREACHABLE:
+        return ConnectionError(f"{url}: cannot reach the object store: {exc}")
+    if isinstance(exc, PermissionError) or any(code in str(exc) for code in BAD_CREDENTIALS):
+        return PermissionError(f"{url}: access denied (bad credentials, or no permission to read it): {exc}")
+    return exc if isinstance(exc, OSError) else OSError(f"{url}: {name}: {exc}")
+
+
+def _call(url: str, method: str, *args: Any, **kwargs: Any) -> Any:
+    """`filesystem(url).method(*args, **kwargs)` within `TimeBounds.call_s` in all (an async client's call is
+    cancelled then), its failures as `as_oserror` says. A missing package is a UserError, not a read error."""
+    fs = filesystem(url)
+    from fsspec.asyn import AsyncFileSystem
+
+    if isinstance(fs, AsyncFileSystem):
+        kwargs["timeout"] = TimeBounds.from_env().call_s  # fsspec's sync(): wait_for, then FSTimeoutError
+    try:
+        return getattr(fs, method)(*args, **kwargs)
+    except Exception as exc:
+        raise as_oserror(exc, url) from exc
 
 
 def read_range(url: str, start: int | None, stop: int | None) -> bytes:
     """Bytes [start, stop) of an object (to its end for None): one ranged GET, retried. Short at the object's end."""
-    fs = filesystem(url)  # a missing package is a UserError, not a read error
-
-    def get() -> bytes:
-        try:
-            return fs.cat_file(url, start=start, end=stop)
-        except Exception as exc:
-            raise _as_oserror(exc, url) from exc
-
-    return with_retries(get, _attempts(url))
+    return with_retries(lambda: _call(url, "cat_file", url, start=start, end=stop), _attempts(url))
 
 
 def read_object(url: str) -> bytes:
@@ -131,13 +199,12 @@ def stat_object(url: str, *, fresh: bool = True) -> ObjectStat:
     """The object's current state (FileNotFoundError when it is gone), retried; `fresh` bypasses listing caches."""
 
     def head() -> ObjectStat:
-        fs = filesystem(url)
         try:
-            info = fs.info(url, refresh=True) if fresh else fs.info(url)
-        except TypeError:  # a protocol whose info() takes no refresh
-            info = fs.info(url)
-        except Exception as exc:
-            raise _as_oserror(exc, url) from exc
+            info = _call(url, "info", url, refresh=True) if fresh else _call(url, "info", url)
+        except OSError as exc:
+            if not isinstance(exc.__cause__, TypeError):
+                raise
+            info = _call(url, "info", url)  # a protocol whose info() takes no refresh
         return ObjectStat.of(info)
 
     return with_retries(head, _attempts(url))
@@ -145,29 +212,30 @@ def stat_object(url: str, *, fresh: bool = True) -> ObjectStat:
 
 @lru_cache(maxsize=4096)
 def is_object(url: str) -> bool:
-    """Whether `url` names an object (not a prefix, not missing); cached: the server asks it to split member lines."""
+    """Whether `url` names an object (not a prefix, not missing); cached: the server asks it to split member lines.
+    A store that cannot be asked (no answer, no credentials, access denied) is an OSError saying so, never "no"."""
     try:
         return stat_object(url, fresh=False).is_file
-    except OSError:
+    except FileNotFoundError:
         return False
 
 
 def is_prefix(url: str) -> bool:
-    """A "directory": a prefix that holds objects."""
+    """A "directory": a prefix that holds objects (OSError as for `is_object`)."""
     try:
-        return with_retries(lambda: bool(filesystem(url).isdir(url)), _attempts(url))
-    except OSError:
+        return with_retries(lambda: bool(_call(url, "isdir", url)), _attempts(url))
+    except FileNotFoundError:
         return False
 
 
 def list_prefix(url: str, keep: Callable[[str], bool]) -> list[str]:
     """Every object under the prefix `url` whose name `keep`s, as URLs, sorted: the store's listing is paginated
     (s3fs's `find` follows continuation tokens), so 100k objects cost 100 list requests, no object is read."""
-    fs = filesystem(url)
     try:
-        found = with_retries(lambda: fs.find(url.rstrip("/") + "/"), _attempts(url))
+        found = with_retries(lambda: _call(url, "find", url.rstrip("/") + "/"), _attempts(url))
     except OSError as exc:
         raise UserError(f"cannot list {url}: {exc}") from None
+    fs = filesystem(url)
     return sorted(u for u in (fs.unstrip_protocol(p) for p in found) if keep(u))
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clip_hpc.errors import UserError
-from clip_hpc.formats.tar_member import is_tar_path
-from clip_hpc.ingest.object_store import is_url
+from clip_hpc.formats.tar_member import is_tar_path, loose_line
+from clip_hpc.ingest.object_store import is_url, normal_url
 from clip_hpc.ingest.tars import TarSample, expand_braces, index_tar
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -83,6 +83,11 @@ def read_file_list(file_list: str | os.PathLike) -> list[str]:
     """One path a line (LF or CRLF), blank lines and `#` comments skipped, relative paths from the working directory.
     Bytes as the file system spells names (undecodable ones surrogate-escaped, as os.scandir gives them), unless a
     BOM says UTF-16/32: a BOM is never part of the first path."""
+    if is_url(file_list):
+        raise UserError(
+            f"--file-list {file_list}: a file list is a local file; to embed every image under a prefix, give the "
+            "prefix itself as an input (s3://bucket/prefix/)"
+        )
     path = Path(file_list)
     if not path.is_file():
         raise UserError(f"--file-list {path} does not exist")
@@ -94,7 +99,11 @@ def read_file_list(file_list: str | os.PathLike) -> list[str]:
     else:
         text = os.fsdecode(data.removeprefix(codecs.BOM_UTF8))
     lines = [line.strip() for line in text.split("\n")]  # not splitlines: U+2028, \x1c... may be in a name
-    return [line if is_url(line) else os.path.abspath(line) for line in lines if line and not line.startswith("#")]
+    return [
+        normal_url(line) if is_url(line) else os.path.abspath(line)
+        for line in lines
+        if line and not line.startswith("#")
+    ]
 
 
 def _expanded(inputs: Sequence[str | os.PathLike]) -> list[Path | str]:
@@ -105,7 +114,7 @@ def _expanded(inputs: Sequence[str | os.PathLike]) -> list[Path | str]:
     for item in inputs:
         text = str(item)
         if is_url(text):
-            out.extend(expand_braces(text))
+            out.extend(expand_braces(normal_url(text)))
         else:
             out.extend(map(Path, expand_braces(text)) if "{" in text and not os.path.exists(text) else [Path(text)])
     return out
@@ -115,10 +124,13 @@ def _list_url(url: str) -> list[str]:
     """An object-store input: the object itself, or every image and tar under the prefix (sorted, like `_walk`)."""
     from clip_hpc.ingest.object_store import is_object, is_prefix, list_prefix
 
-    if is_object(url):
-        return [url]
-    if is_prefix(url):
-        return list_prefix(url, lambda u: is_image_path(u) or is_tar_path(u))
+    try:
+        if is_object(url):
+            return [url]
+        if is_prefix(url):
+            return list_prefix(url, lambda u: is_image_path(u) or is_tar_path(u))
+    except OSError as exc:  # no answer, no or bad credentials, no endpoint: said as such, never "does not exist"
+        raise UserError(f"cannot read input {url}: {str(exc).removeprefix(f'{url}: ')}") from None
     raise UserError(f"input {url} does not exist (no such object or prefix)")
 
 
@@ -146,14 +158,15 @@ def list_images(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.Pa
 
 
 def list_inputs(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.PathLike | None = None) -> Listing:
-    """`list_images`, with each tar replaced in place by its members in the tar's order (`TARPATH::MEMBER`)."""
+    """`list_images`, with each tar replaced in place by its members in the tar's order (`TARPATH::MEMBER`); a loose
+    file whose name reads as such a line gets a line of its own, recorded as a failure (`tar_member.loose_line`)."""
     lines: list[str] = []
     samples: dict[str, TarSample] = {}
     paths = list_images(inputs, file_list)
     remote = _index_remote_tars([p for p in paths if is_url(p) and is_tar_path(p)])
     for path in paths:
         if not is_tar_path(path):
-            lines.append(path)
+            lines.append(loose_line(path))
             continue
         for sample in remote[path] if path in remote else index_tar(path):
             lines.append(sample.line)

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -14,9 +14,10 @@ from starlette.exceptions import HTTPException
 from clip_hpc.server.image_source import ImageSource
 
 
-def build_zip(items: Sequence[tuple[int, ImageSource, float | None]]) -> str:
+def build_zip(items: Sequence[tuple[int, ImageSource, float | None]], read: Callable[[int, ImageSource], bytes]) -> str:
     """`images/<id>_<name>` plus `metadata.json` (id, path, score, file), in a temporary file the caller deletes.
-    A tar member's bytes are read by offset (`ImageSource`), exactly as stored in the tar.
+    A tar member's or object's bytes come from `read` (`ServedImages.read`: checked against what was embedded,
+    HTTP errors for what cannot be sent), a tar member's by offset, exactly as stored in the tar.
 
     Images are stored, not deflated: they are compressed already, and the ZIP may be large.
     """
@@ -27,13 +28,13 @@ def build_zip(items: Sequence[tuple[int, ImageSource, float | None]]) -> str:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             for image_id, source, score in items:
                 name = f"images/{image_id}_{source.name}"
-                try:
-                    if source.member is None and not source.remote:
+                if source.member is None and not source.remote:
+                    try:
                         zf.write(source.path, name)
-                    else:
-                        zf.writestr(name, source.read_bytes())
-                except OSError as exc:  # vanished or unreadable since it was judged servable
-                    raise HTTPException(404, f"image {image_id} cannot be read ({exc.strerror or exc})") from None
+                    except OSError as exc:  # vanished or unreadable since it was judged servable
+                        raise HTTPException(404, f"image {image_id} cannot be read ({exc.strerror or exc})") from None
+                else:
+                    zf.writestr(name, read(image_id, source))
                 metadata.append({"id": image_id, "path": str(source.path), "score": score, "file": name})
             zf.writestr("metadata.json", json.dumps(metadata, indent=2), compress_type=zipfile.ZIP_DEFLATED)
     except BaseException:

@@ -101,6 +101,8 @@ def servable_object(url: str) -> ServableObject | str:
         found = stat_object(url)
     except FileNotFoundError:
         return "is in the index but its object is gone"
+    except (TimeoutError, ConnectionError):  # the store's fault, not the object's: `ServedImages` says 504/502
+        raise
     except OSError as exc:
         return f"cannot be read ({str(exc)[:120]})"
     if not found.is_file:

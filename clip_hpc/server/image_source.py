@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clip_hpc.formats.input_identity import check_content, check_stat
 from clip_hpc.formats.tar_member import split_member_line
 from clip_hpc.ingest.object_store import is_url
 from clip_hpc.ingest.tars import Member, read_indexed_member
@@ -26,6 +27,7 @@ class ImageSource:
     name: str
     member: Member | None = None
     member_name: str = ""  # the member's full name in its tar, checked against its header before every read
+    identity: str = ""  # what was embedded (formats/input_identity.py): the bytes read are checked against it
 
     @property
     def media_type(self) -> str:
@@ -51,14 +53,21 @@ class ImageSource:
             return False
 
     def read_bytes(self) -> bytes:
-        """Exactly the image's bytes (OSError if they cannot be read, ChangedTarError if its tar was rewritten)."""
+        """Exactly the image's bytes (OSError if they cannot be read, ChangedTarError if its tar was rewritten,
+        ChangedInputError if they are not the bytes embedded; a local loose file is judged by its stat, `check`)."""
         if self.member is None:
             if isinstance(self.path, str):
                 from clip_hpc.ingest.object_store import read_object
 
-                return read_object(self.path)
+                return check_content(self.identity, read_object(self.path), self.path)
             return self.path.read_bytes()
-        return read_indexed_member(self.path, self.member, self.member_name)
+        data = read_indexed_member(self.path, self.member, self.member_name)
+        return check_content(self.identity, data, f"{self.path}::{self.member_name}")
+
+    def check(self, st: os.stat_result | None) -> None:
+        """ChangedInputError when a local loose file's stat (`st`, as judged servable) is not the embedded one's."""
+        if st is not None and self.member is None and not self.remote:
+            check_stat(self.identity, st, str(self.path))
 
     def decodable(self) -> str | Path | bytes:
         """What `images.decode_image` takes: the path of a file (decoded lazily), the bytes of a member or object."""
@@ -73,12 +82,14 @@ def locate(record: dict[str, Any] | None) -> ImageSource | None:
     path = str(record["path"])
     remote = is_url(path)
     offset, size = record.get("offset"), record.get("size")
+    identity = str(record.get("identity") or "")
     is_file = _object_exists if remote else os.path.isfile
     tar_member = None if offset is None or size is None or offset < 0 else split_member_line(path, is_file)
     if tar_member is None or offset is None or size is None:
-        return ImageSource(path if remote else Path(path), os.path.basename(path))
+        return ImageSource(path if remote else Path(path), os.path.basename(path), identity=identity)
     tar, member = tar_member
-    return ImageSource(tar if remote else Path(tar), os.path.basename(member), Member(int(offset), int(size)), member)
+    where = Member(int(offset), int(size))
+    return ImageSource(tar if remote else Path(tar), os.path.basename(member), where, member, identity)
 
 
 def _object_exists(url: str) -> bool:

@@ -23,7 +23,8 @@ def export(state: State, body: ExportRequest) -> Response:
         raise HTTPException(400, f"scores has {len(body.scores)} entries but ids has {len(body.ids)}")
     scores = body.scores or [None] * len(body.ids)
     chosen = dict(zip(reversed(body.ids), reversed(scores)))  # one copy per id, its first score
-    zip_path = build_zip([(i, state.images.source_of(i)[0], chosen[i]) for i in dict.fromkeys(body.ids)])
+    sources = [(i, state.images.source_of(i)[0], chosen[i]) for i in dict.fromkeys(body.ids)]
+    zip_path = build_zip(sources, state.images.read)
     return FileResponse(
         zip_path,
         media_type="application/zip",
