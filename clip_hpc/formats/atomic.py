@@ -5,12 +5,14 @@ Plain standard library, so laptop-side commands (check-ports, the connection fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from clip_hpc.procs import pid_alive
 
@@ -48,19 +50,27 @@ def temp_writer_gone(tmp: Path, now: float | None = None) -> bool:
         return False
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
-    """Write to a temporary name in the same directory, fsync, rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A file streamed into place: written under its temporary name, fsync'd, renamed when the block ends; removed
+    if the block raises, so a reader never takes half a file (a tar, a shard) for a whole one."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
+    """Write to a temporary name in the same directory, fsync, rename: readers never see half a file."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from clip_hpc.errors import UserError
-from clip_hpc.formats.atomic import temp_path
+from clip_hpc.formats.atomic import atomic_file
 from clip_hpc.formats.tar_member import split_member_line
 from clip_hpc.ingest.object_store import is_url
 from clip_hpc.ingest.tars import Member, read_indexed_member
@@ -71,28 +71,20 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_tar(dest: Path, samples: Sequence[Sample], first_key: int, on_sample: Callable[[], None]) -> None:
     """Write `samples` (keys first_key, first_key+1, ...) to `dest` through a temporary name, fsync'd, renamed."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dest)
-    try:
-        with open(tmp, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key_number, sample in enumerate(samples, first_key):
-                    data, name = original_bytes(sample)
-                    key = f"{key_number:09d}"
-                    record = {
-                        "key": key,
-                        "id": sample.id,
-                        "path": sample.path,
-                        "url": sample.url,
-                        "caption": sample.caption,
-                        "score": sample.score,
-                    }
-                    _add(tar, f"{key}.{extension(name)}", data)
-                    _add(tar, f"{key}.txt", sample.caption.encode())
-                    _add(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode())
-                    on_sample()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(dest) as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key_number, sample in enumerate(samples, first_key):
+                data, name = original_bytes(sample)
+                key = f"{key_number:09d}"
+                record = {
+                    "key": key,
+                    "id": sample.id,
+                    "path": sample.path,
+                    "url": sample.url,
+                    "caption": sample.caption,
+                    "score": sample.score,
+                }
+                _add(tar, f"{key}.{extension(name)}", data)
+                _add(tar, f"{key}.txt", sample.caption.encode())
+                _add(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode())
+                on_sample()
