@@ -14,6 +14,7 @@ import numpy as np
 from clip_hpc.ann.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir, IndexInfo
+from clip_hpc.index.defaults import check_refine_factor
 from clip_hpc.ingest.images import as_query_image
 from clip_hpc.model.encoders import Encoder, ModelEncoder
 
@@ -100,8 +101,7 @@ class SearchEngine:
         recorded_factor = self.info.refine_factor
         self.refine_factor = (10 if recorded_factor is None else int(recorded_factor)) if self.refine else 0
         if refine_factor is not None:  # another point of the recall/latency trade than the self-check chose
-            if refine_factor < 1:
-                raise UserError("--refine-factor must be at least 1")
+            check_refine_factor(refine_factor)
             self.refine_factor = int(refine_factor) if self.refine else 0
         self.tier, self.exact_factor = self._open_tier(files)
         self.encoder = encoder or default_encoder(self.info, model_name, pretrained, device)
