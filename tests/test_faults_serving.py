@@ -1,0 +1,38 @@
+"""Red-team findings on serving (R5, R7, R9, R10 and the smaller ones seen beside them): nothing is served that was
+not indexed, and every bad input is one line or a JSON 4xx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clip_hpc.devdata import synthetic_vectors as synthetic
+from clip_hpc.index.build import build_index
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory) -> Path:
+    """A Flat index whose index.json records clip-hpc-tiny (random weights), 128-d like clip-hpc-demo."""
+    root = tmp_path_factory.mktemp("recorded")
+    vectors, labels = synthetic.gaussian_mixture(300, 128, 5, latent=8, seed=1)
+    synthetic.write_emb_dir(root / "emb", vectors, labels, 100, model="clip-hpc-tiny", pretrained="none")
+    build_index(root / "emb", root / "index", progress=False)
+    return root / "index"
+
+
+@pytest.mark.parametrize("option", [("--model", "clip-hpc-demo"), ("--pretrained", "openai")])
+def test_r5_serving_with_another_model_than_index_json_is_one_line(tiny_index, tmp_path, option):
+    proc = run_cli("serve", tiny_index, *option, "--port", "0", "--connection-file", tmp_path / "c.json", timeout=90)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "built with clip-hpc-tiny" in lines[0] and "--other-model" in lines[0], lines
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_r5_the_recorded_model_named_again_is_no_override(tiny_index):
+    from clip_hpc.formats.index_dir import IndexDir
+    from clip_hpc.search.engine import check_recorded_model
+
+    check_recorded_model(IndexDir(tiny_index).load_info(), "clip-hpc-tiny", "none")  # no error
