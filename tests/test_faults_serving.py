@@ -36,3 +36,37 @@ def test_r5_the_recorded_model_named_again_is_no_override(tiny_index):
     from clip_hpc.search.engine import check_recorded_model
 
     check_recorded_model(IndexDir(tiny_index).load_info(), "clip-hpc-tiny", "none")  # no error
+
+
+def test_r7_zip_entries_keep_only_the_last_name_part_and_metadata_names_the_member(tmp_path):
+    import io
+    import json
+    import os
+    import tarfile
+    import zipfile
+
+    from clip_hpc.ingest.tars import Member
+    from clip_hpc.server.export import build_zip
+    from clip_hpc.server.image_source import ImageSource
+
+    tar = tmp_path / "evil.tar"
+    names = ["..\\..\\..\\..\\tarevil.jpg", "...hidden.jpg", ".."]
+    with tarfile.open(tar, "w") as tf:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"ab%d" % i))
+    with tarfile.open(tar) as tf:
+        members = {m.name: Member(m.offset_data, m.size) for m in tf.getmembers()}
+    sources = [ImageSource(tar, os.path.basename(n), members[n], n) for n in names]
+    zipped = build_zip([(i + 1, source, None) for i, source in enumerate(sources)])
+    try:
+        with zipfile.ZipFile(zipped) as zf:
+            entries = zf.namelist()
+            metadata = json.loads(zf.read("metadata.json"))
+            assert [zf.read(e) for e in entries[:3]] == [b"ab0", b"ab1", b"ab2"]
+    finally:
+        os.unlink(zipped)
+    assert entries == ["images/1_tarevil.jpg", "images/2_hidden.jpg", "images/3_image", "metadata.json"]
+    assert [m["path"] for m in metadata] == [f"{tar}::{n}" for n in names]
+    assert [m["file"] for m in metadata] == entries[:3]

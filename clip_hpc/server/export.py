@@ -14,9 +14,16 @@ from starlette.exceptions import HTTPException
 from clip_hpc.server.image_source import ImageSource
 
 
+def entry_name(image_id: int, name: str) -> str:
+    """`images/<id>_<name>` with only the name's last part (a tar member may be named `..\\..\\evil.jpg`), and no
+    leading dots: no entry an unzip could place outside its folder or hide."""
+    last = name.replace("\\", "/").rsplit("/", 1)[-1].lstrip(".")
+    return f"images/{image_id}_{last or 'image'}"
+
+
 def build_zip(items: Sequence[tuple[int, ImageSource, float | None]]) -> str:
-    """`images/<id>_<name>` plus `metadata.json` (id, path, score, file), in a temporary file the caller deletes.
-    A tar member's bytes are read by offset (`ImageSource`), exactly as stored in the tar.
+    """`images/<id>_<name>` (`entry_name`) plus `metadata.json` (id, indexed path, score, file), in a temporary file
+    the caller deletes. A tar member's bytes are read by offset (`ImageSource`), exactly as stored in the tar.
 
     Images are stored, not deflated: they are compressed already, and the ZIP may be large.
     """
@@ -26,7 +33,7 @@ def build_zip(items: Sequence[tuple[int, ImageSource, float | None]]) -> str:
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             for image_id, source, score in items:
-                name = f"images/{image_id}_{source.name}"
+                name = entry_name(image_id, source.name)
                 try:
                     if source.member is None and not source.remote:
                         zf.write(source.path, name)
@@ -34,7 +41,7 @@ def build_zip(items: Sequence[tuple[int, ImageSource, float | None]]) -> str:
                         zf.writestr(name, source.read_bytes())
                 except OSError as exc:  # vanished or unreadable since it was judged servable
                     raise HTTPException(404, f"image {image_id} cannot be read ({exc.strerror or exc})") from None
-                metadata.append({"id": image_id, "path": str(source.path), "score": score, "file": name})
+                metadata.append({"id": image_id, "path": source.indexed_path, "score": score, "file": name})
             zf.writestr("metadata.json", json.dumps(metadata, indent=2), compress_type=zipfile.ZIP_DEFLATED)
     except BaseException:
         os.unlink(tmp)  # no half-written export left in /tmp, whatever went wrong

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clip_hpc.formats.tar_member import split_member_line
+from clip_hpc.formats.tar_member import SEPARATOR, split_member_line
 from clip_hpc.ingest.object_store import is_url
 from clip_hpc.ingest.tars import Member, read_indexed_member
 
@@ -30,6 +30,11 @@ class ImageSource:
     @property
     def media_type(self) -> str:
         return mimetypes.guess_type(self.name)[0] or "application/octet-stream"
+
+    @property
+    def indexed_path(self) -> str:
+        """The path as meta.sqlite records it: `TAR::MEMBER` for a tar member."""
+        return f"{self.path}{SEPARATOR}{self.member_name}" if self.member is not None else str(self.path)
 
     @property
     def remote(self) -> bool:
