@@ -70,3 +70,13 @@ def test_r7_zip_entries_keep_only_the_last_name_part_and_metadata_names_the_memb
     assert entries == ["images/1_tarevil.jpg", "images/2_hidden.jpg", "images/3_image", "metadata.json"]
     assert [m["path"] for m in metadata] == [f"{tar}::{n}" for n in names]
     assert [m["file"] for m in metadata] == entries[:3]
+
+
+@pytest.mark.parametrize("caption", ["true", "42", "4.5", "false", "0"])
+def test_r9_a_json_caption_that_is_not_text_is_refused_like_a_list(caption):
+    from clip_hpc.ingest.tars import decode_meta
+
+    meta, notes = decode_meta(b'{"caption": ' + caption.encode() + b', "width": 3}')
+    assert meta == {"width": 3}, meta
+    assert any("caption" in note and "not text" in note for note in notes), notes
+    assert decode_meta(b'{"caption": "a cat"}')[0] == {"caption": "a cat"}
