@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clip_hpc.devdata import synthetic_vectors as synthetic
@@ -80,3 +81,31 @@ def test_r9_a_json_caption_that_is_not_text_is_refused_like_a_list(caption):
     assert meta == {"width": 3}, meta
     assert any("caption" in note and "not text" in note for note in notes), notes
     assert decode_meta(b'{"caption": "a cat"}')[0] == {"caption": "a cat"}
+
+
+@pytest.mark.parametrize(
+    ("range_header", "status"), [("bytes=abc", 400), ("pages=0-1", 400), ("bytes=5-2", 400), ("bytes=99999999-", 416)]
+)
+def test_r10_a_bad_range_header_is_a_json_error(routes_app, range_header, status):
+    got = routes_app.client.get("/api/images/5", headers={"Range": range_header})
+    assert got.status_code == status and got.headers["content-type"] == "application/json", got.text
+    assert got.json()["error"].startswith(("bad Range header", "Range not satisfiable"))
+    good = routes_app.client.get("/api/images/5", headers={"Range": "bytes=0-9"})
+    assert good.status_code == 206 and len(good.content) == 10
+
+
+def test_r10_head_on_a_thumbnail_says_what_get_would(routes_app):
+    head = routes_app.client.head("/api/images/7/thumb", params={"size": 32})
+    assert head.status_code == 200 and head.headers["content-type"] == "image/jpeg" and head.content == b""
+    assert routes_app.client.head("/api/images/1000000/thumb").status_code == 404
+
+
+@pytest.mark.parametrize("scale", [1e38, 1e-40, 1e300, 1e-310])
+def test_r10_a_huge_or_tiny_vector_is_searched_by_its_direction(routes_app, scale):
+    engine = routes_app.served.engine
+    row = np.asarray(engine.vectors[3], dtype=np.float64)
+    got = routes_app.client.post("/api/search", json={"vector": (row * scale).tolist(), "k": 1})
+    assert got.status_code == 200, got.text
+    assert got.json()["results"][0]["id"] == 3
+    zero = routes_app.client.post("/api/search", json={"vector": [0.0] * len(row), "k": 1})
+    assert zero.status_code == 400 and "all zeros" in zero.json()["error"]

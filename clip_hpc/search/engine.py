@@ -11,7 +11,16 @@ from typing import Any, TypedDict
 import faiss
 import numpy as np
 
-from clip_hpc.ann.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
+from clip_hpc.ann.core import (
+    DEFAULT_WEIGHTS,
+    combine_parts,
+    mmr,
+    normalise_rows,
+    rerank,
+    search_index,
+    set_nprobe,
+    unit_vector,
+)
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir, IndexInfo
 from clip_hpc.index.defaults import check_refine_factor
@@ -337,7 +346,7 @@ class SearchEngine:
         if image_vectors:
             parts["image"] = normalise_rows(np.concatenate(image_vectors)).mean(axis=0)
         if vector is not None:
-            parts["vector"] = self._check_queries(np.asarray(vector, dtype=np.float32)[None, :])[0]
+            parts["vector"] = unit_vector(self._check_queries(vector, dtype=np.float64)[0])  # 1e38, 1e-40 are fine
         if len(positive_ids):
             parts["positive"] = self.vectors_for_ids(positive_ids).mean(axis=0)
         if not parts:
@@ -346,9 +355,9 @@ class SearchEngine:
             parts["negative"] = self.vectors_for_ids(negative_ids).mean(axis=0)
         return parts
 
-    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+    def _check_queries(self, queries: Any, dtype: type = np.float32) -> np.ndarray:
         try:
-            queries = np.asarray(queries, dtype=np.float32)
+            queries = np.asarray(queries, dtype=dtype)
         except (TypeError, ValueError):
             raise UserError("the query vector must be a list of numbers") from None
         if queries.ndim == 1:
