@@ -56,3 +56,19 @@ def test_r2_a_refine_factor_out_of_range_is_one_line(small_emb, tmp_path, factor
         f"clip-hpc index: error: --refine-factor must be between 1 and 10,000, not {factor}"
     ]
     assert not (tmp_path / "index").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        (("--index-key", "Flat"), "Flat has no inverted lists"),
+        (("--index-key", "IVF16,PQ8", "--no-refine"), "--no-refine turns off"),
+        (("--index-key", "IVF16,PQ8", "--refine-factor", "2"), "needs --refine-factor 3 or more"),
+    ],
+)
+def test_r11_rerank_tier_on_that_cannot_be_honoured_is_one_line(small_emb, tmp_path, options, why):
+    proc = run_cli("index", small_emb, "--out", tmp_path / "index", "--rerank-tier", "on", *options, "--quiet")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--rerank-tier on cannot be honoured" in lines[0] and why in lines[0], lines
+    assert not (tmp_path / "index").exists()
