@@ -72,3 +72,14 @@ def test_r11_rerank_tier_on_that_cannot_be_honoured_is_one_line(small_emb, tmp_p
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--rerank-tier on cannot be honoured" in lines[0] and why in lines[0], lines
     assert not (tmp_path / "index").exists()
+
+
+def test_seen_update_of_an_image_index_with_vectors_captions_is_refused(small_emb, tmp_path):
+    run_cli("index", small_emb, "--out", tmp_path / "index", "--index-key", "Flat", "--quiet", check=True)
+    before = (tmp_path / "index" / "index.json").read_bytes()
+    proc = run_cli("index", small_emb, "--out", tmp_path / "index", "--update", "--vectors", "captions", "--quiet")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "indexes the images embeddings" in lines[0] and "--vectors captions" in lines[0], lines
+    assert (tmp_path / "index" / "index.json").read_bytes() == before
+    assert run_cli("index", small_emb, "--out", tmp_path / "index", "--update", "--quiet").returncode == 0

@@ -109,3 +109,29 @@ def test_r10_a_huge_or_tiny_vector_is_searched_by_its_direction(routes_app, scal
     assert got.json()["results"][0]["id"] == 3
     zero = routes_app.client.post("/api/search", json={"vector": [0.0] * len(row), "k": 1})
     assert zero.status_code == 400 and "all zeros" in zero.json()["error"]
+
+
+@pytest.mark.parametrize("body", [{"filters": {"min_similarity": True}}, {"min_score": False}, {"image_id": True}])
+def test_seen_a_boolean_where_a_number_belongs_is_refused(routes_app, body):
+    got = routes_app.client.post("/api/search", json={"text": "a red square", **body})
+    assert got.status_code == 422 and "not true or false" in got.json()["error"], got.text
+
+
+@pytest.mark.parametrize("value", ["-inf", "nan", "-1e400"])
+def test_seen_min_similarity_minus_inf_is_one_clear_line(value):
+    proc = run_cli("search", "/nonexistent-index", "cat", "--min-similarity", value)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"clip-hpc search: error: argument --min-similarity: must be a finite number, not {value}"
+    )
+
+
+def test_seen_a_resume_after_an_input_was_deleted_names_it_and_what_to_do():
+    from clip_hpc.errors import UserError
+    from clip_hpc.ingest.sources import reconcile_inputs
+
+    with pytest.raises(UserError) as raised:
+        reconcile_inputs(["s3://b/a.jpg", "s3://b/gone.jpg"], ["s3://b/a.jpg"], append=False)
+    message = str(raised.value)
+    assert "s3://b/gone.jpg" in message and "no longer there" in message and "new files" not in message
+    assert reconcile_inputs(["a", "gone"], ["a"], append=True) == ["a", "gone"]  # --append goes on, as it says
