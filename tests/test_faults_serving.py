@@ -34,7 +34,7 @@ def test_r5_serving_with_another_model_than_index_json_is_one_line(tiny_index, t
 
 def test_r5_the_recorded_model_named_again_is_no_override(tiny_index):
     from clip_hpc.formats.index_dir import IndexDir
-    from clip_hpc.search.engine import check_recorded_model
+    from clip_hpc.server.serve import check_recorded_model
 
     check_recorded_model(IndexDir(tiny_index).load_info(), "clip-hpc-tiny", "none")  # no error
 

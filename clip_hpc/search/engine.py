@@ -68,18 +68,6 @@ class Hit:
 
 
 # --- the engine: I/O at the edges ------------------------------------------------------------------------------
-def check_recorded_model(info: IndexInfo, model_name: str | None, pretrained: str | None) -> None:
-    """A model or weights other than index.json's would encode every query into another space, without a word
-    (clip-hpc-demo and clip-hpc-tiny are both 128-d): refused here, where a user named one (`serve --model`)."""
-    for flag, asked, recorded in (("--model", model_name, info.model), ("--pretrained", pretrained, info.pretrained)):
-        if asked is not None and recorded is not None and asked != recorded:
-            raise UserError(
-                f"the index was built with {info.model} (pretrained {info.pretrained}), not {flag} {asked}: its "
-                "queries would be encoded by another model; leave the option out, or pass --other-model to serve "
-                "it anyway"
-            )
-
-
 def default_encoder(
     info: IndexInfo, model_name: str | None = None, pretrained: str | None = None, device: str = "auto"
 ) -> ModelEncoder:

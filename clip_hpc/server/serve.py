@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clip_hpc.errors import UserError
 from clip_hpc.formats.connection import (
     LOOPBACK,
     ConnectionInfo,
@@ -19,8 +20,8 @@ from clip_hpc.formats.connection import (
     ssh_command,
     write_connection_file,
 )
-from clip_hpc.formats.index_dir import IndexDir
-from clip_hpc.search.engine import SearchEngine, check_recorded_model, default_encoder
+from clip_hpc.formats.index_dir import IndexDir, IndexInfo
+from clip_hpc.search.engine import SearchEngine, default_encoder
 from clip_hpc.server.app import create_app
 from clip_hpc.server.auth import resolve_token
 from clip_hpc.server.guard import ACCEPT_BATCH, DEFAULT_HEADER_TIMEOUT, guarded_protocol, install_log_rate_limit
@@ -63,6 +64,18 @@ def _tune_malloc() -> None:
         libc.mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def check_recorded_model(info: IndexInfo, model_name: str | None, pretrained: str | None) -> None:
+    """A model or weights other than index.json's would encode every query into another space, without a word
+    (clip-hpc-demo and clip-hpc-tiny are both 128-d): refused here, where a user named one (`serve --model`)."""
+    for flag, asked, recorded in (("--model", model_name, info.model), ("--pretrained", pretrained, info.pretrained)):
+        if asked is not None and recorded is not None and asked != recorded:
+            raise UserError(
+                f"the index was built with {info.model} (pretrained {info.pretrained}), not {flag} {asked}: its "
+                "queries would be encoded by another model; leave the option out, or pass --other-model to serve "
+                "it anyway"
+            )
 
 
 def load_engine(
