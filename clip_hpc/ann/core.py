@@ -23,6 +23,17 @@ def normalise_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def unit_vector(values: np.ndarray) -> np.ndarray:
+    """`values` scaled to length 1 in float64, by its largest entry first: in float32 a norm overflows from about
+    1e19 per entry and vanishes below 1e-23, and either read as a zero vector ("the parts cancel out")."""
+    v = np.asarray(values, dtype=np.float64)
+    top = float(np.abs(v).max(initial=0.0))
+    if top == 0.0:
+        raise UserError("the query vector is all zeros: it points nowhere; give a vector with a direction")
+    v = v / top
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
 def rerank(queries: np.ndarray, cand_ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact re-rank of candidate ids (-1 = none) by dot product with their full vectors; returns (scores, ids)."""
     m = len(queries)

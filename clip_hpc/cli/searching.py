@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 
 from clip_hpc.errors import UserError
@@ -50,7 +52,9 @@ def cmd_index(args: argparse.Namespace) -> int:
                 pretrained=resolve_pretrained(args.model, args.pretrained),
             ).root
         if args.update:
-            info = update_index(emb_dir, args.out, nprobe=args.nprobe, refine=args.refine, progress=not args.quiet)
+            info = update_index(
+                emb_dir, args.out, nprobe=args.nprobe, refine=args.refine, progress=not args.quiet, vectors=args.vectors
+            )
         else:
             info = build_index(
                 emb_dir,
@@ -62,7 +66,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                 refine_factor=args.refine_factor,
                 lists=args.lists,
                 progress=not args.quiet,
-                vectors=args.vectors,
+                vectors=args.vectors or "images",
                 rerank_tier=args.rerank_tier,
             )
     if not world().is_root:  # every rank built it; one reports
@@ -118,9 +122,9 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vectors",
         choices=("images", "captions"),
-        default="images",
-        help="index the image embeddings, or the caption embeddings of embed --captions (ids are the "
-        "image ids; images without a caption are left out)",
+        default=None,
+        help="index the image embeddings (default), or the caption embeddings of embed --captions (ids are the "
+        "image ids; images without a caption are left out); --update adds what the index holds",
     )
     p.add_argument(
         "--rerank-tier",
@@ -193,8 +197,24 @@ def print_hits(hits: list[dict], as_json: bool) -> None:
             print(f"{rank:3d}  {hit['score']:.4f}  {one_line(hit['path'])}{caption}")
 
 
+# argparse takes only -1 and -.5 for negative numbers: `--min-similarity -inf` (or -1e-3) was "expected one argument"
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def finite_float(text: str) -> float:
+    """A finite number, else argparse's one-line error naming the option."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
 def add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="query an INDEX_DIR by text or image; prints ranked paths and scores")
+    p._negative_number_matcher = NEGATIVE_NUMBER  # argparse's own attribute (typeshed declares it), no public hook
     p.add_argument("index_dir", nargs="?", default=None, help="the INDEX_DIR (not in client mode)")
     p.add_argument("text", nargs="?", default=None, help="the text query")
     p.add_argument("--image", help="an image file to search by")
@@ -206,7 +226,7 @@ def add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption", help="only images whose caption holds every word of this text (local mode)")
     p.add_argument(
         "--min-similarity",
-        type=float,
+        type=finite_float,
         default=None,
         help="only images whose image-caption cosine (embed --captions) is at least this (local mode)",
     )

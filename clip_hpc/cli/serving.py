@@ -28,6 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         batching=batching,
         full_context=args.full_context,
+        other_model=args.other_model,
     )
 
 
@@ -49,6 +50,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=None, help="model name (default: the one recorded in index.json)")
     p.add_argument("--pretrained", default=None, help="weights (default: the ones recorded in index.json)")
+    p.add_argument(
+        "--other-model",
+        action="store_true",
+        help="serve with a --model/--pretrained other than index.json's (queries land in another space)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger request bodies get 413")

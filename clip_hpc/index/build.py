@@ -25,8 +25,9 @@ from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.caption_view import emb_view
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.index.choose import choose_index_key, choose_train_size, is_fast_scan, ivf_lists
+from clip_hpc.index.defaults import check_refine_factor
 from clip_hpc.index.ranks import choose_lists, deserialize, merge_in_memory, merge_on_disk, my_units, serialize
-from clip_hpc.index.rerank_tier import start_codes, train_tier, wants_tier
+from clip_hpc.index.rerank_tier import check_tier_choice, start_codes, train_tier, wants_tier
 from clip_hpc.index.selfcheck import RECALL_QUERIES
 from clip_hpc.index.stages import add, checked_set, finish, make_index, n_rows, now, train, unit_counts, write_vectors
 
@@ -81,6 +82,7 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
         raise UserError(f"{key} needs at least {nlist} vectors to train, the shards hold {n}; use --index-key auto")
     refine = (key.split(",")[-1].strip() != "Flat") if o.refine is None else o.refine
     is_ivf = faiss.try_extract_index_ivf(index) is not None
+    check_tier_choice(o.rerank_tier, key, is_ivf, bool(refine), o.refine_factor)
     mode = ("disk" if on_disk else "memory") if is_ivf else "memory"
     info = IndexInfo(
         index_key=key,
@@ -208,6 +210,7 @@ def build_index(
     """EMB_DIR -> INDEX_DIR (see the module docstring) on every rank of `world` (default: this job's), over the
     image or the caption embeddings (`vectors`, formats/caption_view.py); returns index.json, on every rank.
     `index --update` is index/update.py."""
+    check_refine_factor(refine_factor)
     options = BuildOptions(
         index_key=index_key,
         train_size=train_size,

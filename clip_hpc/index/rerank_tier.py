@@ -13,6 +13,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from clip_hpc.ann.tier import EXACT_FACTORS
+from clip_hpc.errors import UserError
 from clip_hpc.formats.tier_codes import create_codes, write_codes
 
 TIER_KEY = "SQ4"
@@ -24,6 +26,24 @@ def wants_tier(choice: str, n: int, is_ivf: bool, refine: bool) -> bool:
     if choice not in ("auto", "on", "off"):
         raise ValueError(choice)
     return refine and is_ivf and (choice == "on" or (choice == "auto" and n >= TIER_FROM))
+
+
+def check_tier_choice(choice: str, key: str, is_ivf: bool, refine: bool, refine_factor: int | None) -> None:
+    """An explicit `--rerank-tier on` that could never be honoured is a one-line error, not a build without one."""
+    least = min(EXACT_FACTORS) + 1  # the tier hands the exact re-rank fewer rows than it was given
+    if choice != "on":
+        return
+    if not is_ivf:
+        why = f"{key} has no inverted lists (the tier re-scores an IVF index's candidates); use an IVF key"
+    elif not refine:
+        why = "the tier feeds the exact re-rank, which --no-refine turns off"
+    elif refine_factor is not None and refine_factor < least:
+        why = (
+            f"the tier needs --refine-factor {least} or more (it keeps {least - 1} rows a result), not {refine_factor}"
+        )
+    else:
+        return
+    raise UserError(f"--rerank-tier on cannot be honoured: {why}, or leave --rerank-tier at auto")
 
 
 def train_tier(sample: np.ndarray) -> faiss.IndexScalarQuantizer:

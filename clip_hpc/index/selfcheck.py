@@ -186,6 +186,7 @@ class _Recall:
 
     def at(self, checked: CheckQueries, probe: int, n: int) -> Callable[[Config], np.ndarray]:
         set_nprobe(self.index, probe)
+        n = min(n, max(1, self.index.ntotal))  # more candidates than vectors is memory, never recall
         found = search_index(self.index, None, checked.queries, max(RECALL_K, n))[1]
         pos = tie_aware_positions(found, checked.truth, checked.queries, self.vectors)
         ranks: dict[int, np.ndarray] = {}

@@ -57,25 +57,41 @@ def update_index(
     refine: bool | None = None,
     progress: bool = True,
     world: World | None = None,
+    vectors: str | None = None,
 ) -> IndexInfo:
     """Add the ids of EMB_DIR not yet in INDEX_DIR (new units, or a last unit that `embed --append` refilled) to
     its trained index, without retraining; the new INDEX_DIR replaces the old one whole. Rank 0 does it all (the
-    adds are a fraction of a build); every rank returns index.json."""
+    adds are a fraction of a build); every rank returns index.json. `vectors`, when given, must be what the index
+    holds (images or captions): an update adds the same kind."""
     world = job_world(world)
     with full_disk_is_a_user_error(out, "clip-hpc index"):  # the temporary directory is gone by then
         return IndexInfo.from_dict(
             from_root(
-                world, lambda: _update(emb_dir, Path(out), nprobe=nprobe, refine=refine, progress=progress).to_dict()
+                world,
+                lambda: _update(
+                    emb_dir, Path(out), nprobe=nprobe, refine=refine, progress=progress, vectors=vectors
+                ).to_dict(),
             )
         )
 
 
 def _update(
-    emb_dir: str | os.PathLike, out: Path, *, nprobe: int | None, refine: bool | None, progress: bool
+    emb_dir: str | os.PathLike,
+    out: Path,
+    *,
+    nprobe: int | None,
+    refine: bool | None,
+    progress: bool,
+    vectors: str | None = None,
 ) -> IndexInfo:
     started = time.perf_counter()
     current = IndexDir(out)
     info = current.check_integrity()
+    if vectors is not None and vectors != info.vectors:
+        raise UserError(
+            f"{out} indexes the {info.vectors} embeddings; --update adds the same kind, not --vectors {vectors}: "
+            f"leave --vectors out, or build a new index of the {vectors} embeddings"
+        )
     emb = emb_view(emb_dir, info.vectors)
     summary = checked_set(emb)
     if (summary.model, summary.pretrained, int(summary.dim or 0)) != (info.model, info.pretrained, info.dim):

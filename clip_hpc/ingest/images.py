@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from clip_hpc.errors import UserError
 
@@ -36,12 +36,44 @@ class DecodeFailure:
         return f"{self.kind}: {self.detail}" if self.detail else self.kind
 
 
+_HIGH_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_UNREDUCIBLE = ("1", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N")  # PIL cannot reduce them (PA: it averages indices)
+BAND_PIXELS = 1 << 20  # source pixels converted at a time: 8 MiB of float64, whatever the image's size
+_ORIENTATION = 0x0112  # EXIF Orientation -> the transpose that undoes it (as ImageOps.exif_transpose)
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _band_rows(width: int, multiple: int = 1) -> int:
+    """Rows per band: about BAND_PIXELS pixels, a whole number of `multiple`-row boxes."""
+    return multiple * max(1, BAND_PIXELS // max(1, width * multiple))
+
+
+def _high_bit_to_gray(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float pixels as 8-bit gray, scaled to the full range (16-bit: 65535; I and F: 65535 where
+    any pixel is above 255, else 255), one band of rows at a time: a full-size float64 copy costs 8 bytes a pixel."""
+    sixteen = img.mode.startswith("I;16")
+    hi = 65535.0 if sixteen or float(img.getextrema()[1]) > 255 else 255.0  # type: ignore[arg-type]  # I, F: numbers
+    w, h = img.size
+    out = np.empty((h, w), dtype=np.uint8)
+    rows = _band_rows(w)
+    for y in range(0, h, rows):
+        band = np.asarray(img.crop((0, y, w, min(h, y + rows))), dtype=np.float64)
+        out[y : y + len(band)] = np.clip(band / hi * 255.0, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Flatten any mode to 8-bit RGB; transparency goes onto white, 16-bit data is scaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode in _HIGH_BIT:
+        img = _high_bit_to_gray(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -51,17 +83,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def _reduced(img: Image.Image, min_size: int | None) -> Image.Image:
-    """Shrunk by a whole factor while the short side stays >= `min_size`: what draft does for JPEG, for every
-    format, so a 9400x9400 PNG is neither converted to RGB nor kept at full size. A mode PIL cannot reduce
-    (palette) is returned as is, and reduced after its RGB conversion."""
+def _reduced_rgb(img: Image.Image, factor: int) -> Image.Image:
+    """`_to_rgb(img).reduce(factor)` one band of whole `factor`-row boxes at a time, for the modes PIL cannot reduce
+    (16-bit, palette, 1-bit): their full-size RGB copy would cost 4 bytes a source pixel, 16-bit's float 24."""
+    w, h = img.size
+    out = Image.new("RGB", (-(-w // factor), -(-h // factor)))
+    rows = _band_rows(w, factor)
+    for y in range(0, h, rows):
+        out.paste(_to_rgb(img.crop((0, y, w, min(h, y + rows)))).reduce(factor), (0, y // factor))
+    return out
+
+
+def _as_rgb(img: Image.Image, min_size: int | None) -> Image.Image:
+    """8-bit RGB, shrunk by a whole factor while the short side stays >= `min_size`: what draft does for JPEG, for
+    every format and mode, so a 9400x9400 PNG is neither converted at full size nor kept at it. Modes PIL reduces
+    are reduced first (the result is small), the others converted and reduced a band at a time."""
     factor = min(img.size) // min_size if min_size else 1
     if factor < 2:
-        return img
-    try:
-        return img.reduce(factor)
-    except (ValueError, NotImplementedError):
-        return img
+        return _to_rgb(img)
+    if img.mode in _UNREDUCIBLE:
+        return _reduced_rgb(img, factor)
+    return _to_rgb(img.reduce(factor))
+
+
+def _upright(img: Image.Image, orientation: int) -> Image.Image:
+    """`img` turned as its source's EXIF orientation says (ImageOps.exif_transpose, on the small converted image)."""
+    method = _TRANSPOSES.get(orientation)
+    return img.transpose(method) if method is not None else img
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -160,9 +208,8 @@ def decode_image(
             if min_size and file.format == "JPEG":
                 file.draft("RGB", (min_size, min_size))
             file.load()
-            img = _reduced(img, min_size)  # before exif_transpose, which copies the image
-            img = ImageOps.exif_transpose(img) or img
-            img = _reduced(_to_rgb(img), min_size)
+            orientation = int(file.getexif().get(_ORIENTATION, 1))
+            img = _upright(_as_rgb(img, min_size), orientation)  # converted small, then turned (no full-size copy)
             return centre_for_model(img, min_size) if min_size else img
     except UnidentifiedImageError:
         return DecodeFailure("not an image")

@@ -16,6 +16,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.formats.tar_member import is_tar_path, loose_line
 from clip_hpc.ingest.object_store import is_url, normal_url
 from clip_hpc.ingest.tars import TarSample, expand_braces, index_tar
+from clip_hpc.ingest.text import one_line
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -197,9 +198,16 @@ def reconcile_inputs(saved: Sequence[str], listed: Sequence[str], append: bool) 
         return list(saved)
     if append:
         return list(saved) + new
-    gone = len(saved_set - set(listed))
+    listed_set = set(listed)
+    gone = [p for p in saved if p not in listed_set]
+    if not new:  # nothing to append: an input listed before has been deleted or moved
+        raise UserError(
+            f"{len(gone)} input(s) of the saved inputs.txt are no longer there (first: {one_line(gone[0])}): put "
+            "them back, or pass --append to go on with the saved list (any not yet embedded is recorded as failed), "
+            "or use a new --out directory"
+        )
     raise UserError(
-        f"the inputs differ from the saved inputs.txt ({len(new)} new, {gone} missing); "
+        f"the inputs differ from the saved inputs.txt ({len(new)} new, {len(gone)} missing); "
         "pass --append to add the new files, or use a new --out directory"
     )
 

@@ -380,6 +380,9 @@ def decode_meta(data: bytes) -> tuple[dict[str, Any], list[str]]:
     dropped = sorted(k for k, v in fields.items() if v is None and value[k] is not None)
     if dropped:
         notes.append(f"json: fields {', '.join(dropped)} are not plain values, ignored")
+    if fields.get("caption") is not None and not isinstance(value["caption"], str):  # `true` is not the text "True"
+        notes.append(f"json: caption is a {type(value['caption']).__name__}, not text, ignored")
+        fields["caption"] = None
     return {k: v for k, v in fields.items() if v is not None}, notes
 
 

@@ -10,9 +10,19 @@ from typing import Any
 import faiss
 import numpy as np
 
-from clip_hpc.ann.core import DEFAULT_WEIGHTS, combine_parts, mmr, normalise_rows, rerank, search_index, set_nprobe
+from clip_hpc.ann.core import (
+    DEFAULT_WEIGHTS,
+    combine_parts,
+    mmr,
+    normalise_rows,
+    rerank,
+    search_index,
+    set_nprobe,
+    unit_vector,
+)
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir, IndexInfo
+from clip_hpc.index.defaults import check_refine_factor
 from clip_hpc.ingest.images import as_query_image
 from clip_hpc.model.encoders import Encoder, ModelEncoder
 from clip_hpc.search.records import MAX_K, PREFILTER_LIMIT, Filters, Hit, MetaFilters, UnknownIdError
@@ -61,8 +71,7 @@ class SearchEngine:
         recorded_factor = self.info.refine_factor
         self.refine_factor = (10 if recorded_factor is None else int(recorded_factor)) if self.refine else 0
         if refine_factor is not None:  # another point of the recall/latency trade than the self-check chose
-            if refine_factor < 1:
-                raise UserError("--refine-factor must be at least 1")
+            check_refine_factor(refine_factor)
             self.refine_factor = int(refine_factor) if self.refine else 0
         self.tier, self.exact_factor = self._open_tier(files)
         self.encoder = encoder or default_encoder(self.info, model_name, pretrained, device)
@@ -286,7 +295,7 @@ class SearchEngine:
         if image_vectors:
             parts["image"] = normalise_rows(np.concatenate(image_vectors)).mean(axis=0)
         if vector is not None:
-            parts["vector"] = self._check_queries(np.asarray(vector, dtype=np.float32)[None, :])[0]
+            parts["vector"] = unit_vector(self._check_queries(vector, dtype=np.float64)[0])  # 1e38, 1e-40 are fine
         if len(positive_ids):
             parts["positive"] = self.vectors_for_ids(positive_ids).mean(axis=0)
         if not parts:
@@ -295,9 +304,9 @@ class SearchEngine:
             parts["negative"] = self.vectors_for_ids(negative_ids).mean(axis=0)
         return parts
 
-    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+    def _check_queries(self, queries: Any, dtype: type = np.float32) -> np.ndarray:
         try:
-            queries = np.asarray(queries, dtype=np.float32)
+            queries = np.asarray(queries, dtype=dtype)
         except (TypeError, ValueError):
             raise UserError("the query vector must be a list of numbers") from None
         if queries.ndim == 1:

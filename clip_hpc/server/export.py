@@ -14,10 +14,17 @@ from starlette.exceptions import HTTPException
 from clip_hpc.server.image_source import ImageSource
 
 
+def entry_name(image_id: int, name: str) -> str:
+    """`images/<id>_<name>` with only the name's last part (a tar member may be named `..\\..\\evil.jpg`), and no
+    leading dots: no entry an unzip could place outside its folder or hide."""
+    last = name.replace("\\", "/").rsplit("/", 1)[-1].lstrip(".")
+    return f"images/{image_id}_{last or 'image'}"
+
+
 def build_zip(items: Sequence[tuple[int, ImageSource, float | None]], read: Callable[[int, ImageSource], bytes]) -> str:
-    """`images/<id>_<name>` plus `metadata.json` (id, path, score, file), in a temporary file the caller deletes.
-    A tar member's or object's bytes come from `read` (`ServedImages.read`: checked against what was embedded,
-    HTTP errors for what cannot be sent), a tar member's by offset, exactly as stored in the tar.
+    """`images/<id>_<name>` (`entry_name`) plus `metadata.json` (id, indexed path, score, file), in a temporary file
+    the caller deletes. A tar member's or object's bytes come from `read` (`ServedImages.read`: checked against what
+    was embedded, HTTP errors for what cannot be sent), a tar member's by offset, exactly as stored in the tar.
 
     Images are stored, not deflated: they are compressed already, and the ZIP may be large.
     """
@@ -27,7 +34,7 @@ def build_zip(items: Sequence[tuple[int, ImageSource, float | None]], read: Call
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             for image_id, source, score in items:
-                name = f"images/{image_id}_{source.name}"
+                name = entry_name(image_id, source.name)
                 if source.member is None and not source.remote:
                     try:
                         zf.write(source.path, name)
@@ -35,7 +42,7 @@ def build_zip(items: Sequence[tuple[int, ImageSource, float | None]], read: Call
                         raise HTTPException(404, f"image {image_id} cannot be read ({exc.strerror or exc})") from None
                 else:
                     zf.writestr(name, read(image_id, source))
-                metadata.append({"id": image_id, "path": str(source.path), "score": score, "file": name})
+                metadata.append({"id": image_id, "path": source.indexed_path, "score": score, "file": name})
             zf.writestr("metadata.json", json.dumps(metadata, indent=2), compress_type=zipfile.ZIP_DEFLATED)
     except BaseException:
         os.unlink(tmp)  # no half-written export left in /tmp, whatever went wrong

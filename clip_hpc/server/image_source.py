@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clip_hpc.formats.input_identity import check_content, check_stat
-from clip_hpc.formats.tar_member import split_member_line
+from clip_hpc.formats.tar_member import SEPARATOR, split_member_line
 from clip_hpc.ingest.object_store import is_url
 from clip_hpc.ingest.tars import Member, read_indexed_member
 
@@ -32,6 +32,11 @@ class ImageSource:
     @property
     def media_type(self) -> str:
         return mimetypes.guess_type(self.name)[0] or "application/octet-stream"
+
+    @property
+    def indexed_path(self) -> str:
+        """The path as meta.sqlite records it: `TAR::MEMBER` for a tar member."""
+        return f"{self.path}{SEPARATOR}{self.member_name}" if self.member is not None else str(self.path)
 
     @property
     def remote(self) -> bool:

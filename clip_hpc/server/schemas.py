@@ -7,16 +7,25 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import Path as FastAPIPath
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from clip_hpc.search.records import MAX_K, Hit
 
 MAX_IDS = 1000
 MAX_THUMB = 512
 
-ImageId = Annotated[int, Field(ge=0, le=2**62)]
 PathId = Annotated[int, FastAPIPath(ge=0, le=2**62)]
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def not_a_boolean(value: object) -> object:
+    """pydantic reads `true` as 1.0 for a float: `min_similarity: true` would filter at 1.0, without a word."""
+    if isinstance(value, bool):
+        raise ValueError("a number, not true or false")
+    return value
+
+
+Finite = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(not_a_boolean)]
+ImageId = Annotated[int, Field(ge=0, le=2**62), BeforeValidator(not_a_boolean)]
 WeightKey = Literal["text", "image", "vector", "positive", "negative"]
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clip_hpc.errors import UserError
 from clip_hpc.formats.connection import (
     LOOPBACK,
     ConnectionInfo,
@@ -19,7 +20,7 @@ from clip_hpc.formats.connection import (
     ssh_command,
     write_connection_file,
 )
-from clip_hpc.formats.index_dir import IndexDir
+from clip_hpc.formats.index_dir import IndexDir, IndexInfo
 from clip_hpc.search.engine import SearchEngine, default_encoder
 from clip_hpc.server.app import create_app
 from clip_hpc.server.auth import resolve_token
@@ -65,6 +66,18 @@ def _tune_malloc() -> None:
         pass
 
 
+def check_recorded_model(info: IndexInfo, model_name: str | None, pretrained: str | None) -> None:
+    """A model or weights other than index.json's would encode every query into another space, without a word
+    (clip-hpc-demo and clip-hpc-tiny are both 128-d): refused here, where a user named one (`serve --model`)."""
+    for flag, asked, recorded in (("--model", model_name, info.model), ("--pretrained", pretrained, info.pretrained)):
+        if asked is not None and recorded is not None and asked != recorded:
+            raise UserError(
+                f"the index was built with {info.model} (pretrained {info.pretrained}), not {flag} {asked}: its "
+                "queries would be encoded by another model; leave the option out, or pass --other-model to serve "
+                "it anyway"
+            )
+
+
 def load_engine(
     index_dir: str,
     *,
@@ -75,11 +88,15 @@ def load_engine(
     text_cache_size: int = 1024,
     batching: BatchSettings | None = DEFAULT_BATCHING,
     full_context: bool = False,
+    other_model: bool = False,
 ) -> ServedEngine:
     """The engine with its model loaded now (not on the first user's query), shared by every request thread;
     torch uses as many threads as this job has CPUs, all on the runtime's one compute thread (compute.py), which
-    also loads the model. index.json is read once, here. `batching=None`, `full_context`: the old design."""
+    also loads the model. index.json is read once, here. `batching=None`, `full_context`: the old design.
+    A `model` or `pretrained` other than index.json's is refused unless `other_model`."""
     info = IndexDir(index_dir).check_integrity()  # a damaged index stops here: before binding, no connection file
+    if not other_model:
+        check_recorded_model(info, model, pretrained)
     model_encoder = default_encoder(info, model, pretrained, device)
     model_encoder.full_context = full_context
     runtime = ServingRuntime.start(batching)
@@ -151,6 +168,7 @@ def serve(
     full_context: bool = False,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     max_connections: int | None = None,
+    other_model: bool = False,
 ) -> int:
     """Load once, bind, announce (connection file, ssh command, URL), then serve until a stop signal."""
     if uds:  # a socket path or an address that cannot work fails now, not after the model and index have loaded
@@ -168,6 +186,7 @@ def serve(
         nprobe=nprobe,
         batching=batching,
         full_context=full_context,
+        other_model=other_model,
     )
     token = resolve_token()
     app = create_app(served, token, max_upload_bytes=int(max_upload_mb * 2**20))
