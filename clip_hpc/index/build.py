@@ -17,6 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from clip_hpc.ann.refine import check_refine_factor
 from clip_hpc.cluster.collective import from_root, on_every_rank
 from clip_hpc.cluster.jobenv import job_env
 from clip_hpc.cluster.world import World
@@ -25,7 +26,6 @@ from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.caption_view import emb_view
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.index.choose import choose_index_key, choose_train_size, is_fast_scan, ivf_lists
-from clip_hpc.index.defaults import check_refine_factor
 from clip_hpc.index.ranks import choose_lists, deserialize, merge_in_memory, merge_on_disk, my_units, serialize
 from clip_hpc.index.rerank_tier import check_tier_choice, start_codes, train_tier, wants_tier
 from clip_hpc.index.selfcheck import RECALL_QUERIES

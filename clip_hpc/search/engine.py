@@ -20,9 +20,9 @@ from clip_hpc.ann.core import (
     set_nprobe,
     unit_vector,
 )
+from clip_hpc.ann.refine import check_refine_factor
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir, IndexInfo
-from clip_hpc.index.defaults import check_refine_factor
 from clip_hpc.ingest.images import as_query_image
 from clip_hpc.model.encoders import Encoder, ModelEncoder
 from clip_hpc.search.records import MAX_K, PREFILTER_LIMIT, Filters, Hit, MetaFilters, UnknownIdError
