@@ -60,7 +60,7 @@ def test_r7_zip_entries_keep_only_the_last_name_part_and_metadata_names_the_memb
     with tarfile.open(tar) as tf:
         members = {m.name: Member(m.offset_data, m.size) for m in tf.getmembers()}
     sources = [ImageSource(tar, os.path.basename(n), members[n], n) for n in names]
-    zipped = build_zip([(i + 1, source, None) for i, source in enumerate(sources)])
+    zipped = build_zip([(i + 1, source, None) for i, source in enumerate(sources)], lambda _id, src: src.read_bytes())
     try:
         with zipfile.ZipFile(zipped) as zf:
             entries = zf.namelist()
