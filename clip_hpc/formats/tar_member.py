@@ -25,11 +25,12 @@ def member_line(tar: str, member: str) -> str:
     return f"{tar}{SEPARATOR}{member}"
 
 
-def loose_line(path: str) -> str:
-    """The input line of a loose file or object: its path, unless the path reads as a tar member's line (`t.tar::m.jpg`
-    beside `t.tar`): then a line of its own that no member has (members end in an image suffix), which embed
-    records as a failure (`refusal`). A line's syntax never makes two inputs one."""
-    return path + REFUSED if _candidates(path) else path
+def loose_line(path: str, is_file: Callable[[str], bool] = os.path.isfile) -> str:
+    """The input line of a loose file or object: its path, unless `split_member_line` would read it as a member of
+    a tar that `is_file` (`t.tar::m.jpg` beside `t.tar`): then a line of its own that no member has (members end in
+    an image suffix), which embed records as a failure (`refusal`). A line's syntax never makes two inputs one; a
+    folder merely named `d::x.tar::y/` beside no such tar keeps its files."""
+    return path + REFUSED if any(is_file(path[:at]) for at in _candidates(path)) else path
 
 
 def refusal(line: str) -> str | None:

@@ -165,9 +165,14 @@ def list_inputs(inputs: Sequence[str | os.PathLike] = (), file_list: str | os.Pa
     samples: dict[str, TarSample] = {}
     paths = list_images(inputs, file_list)
     remote = _index_remote_tars([p for p in paths if is_url(p) and is_tar_path(p)])
+    listed = set(paths)
+
+    def is_file(path: str) -> bool:  # an object is a file when it was listed; a local path when it is one
+        return path in listed or (not is_url(path) and os.path.isfile(path))
+
     for path in paths:
         if not is_tar_path(path):
-            lines.append(loose_line(path))
+            lines.append(loose_line(path, is_file))
             continue
         for sample in remote[path] if path in remote else index_tar(path):
             lines.append(sample.line)
