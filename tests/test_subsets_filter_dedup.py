@@ -12,6 +12,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.subsets import FilterOptions
 from clip_hpc.subsets.dedup import spherical_kmeans
 from clip_hpc.subsets.dedup_core import duplicates_in, unit_rows
+from clip_hpc.subsets.subset_dedup import units_holding
 from subsets_fixtures import Source, mixed_source  # noqa: F401  (the fixture)
 from test_subsets_filter import kept_scores, run_filter
 
@@ -69,3 +70,10 @@ def test_filter_dedup_drops_exactly_the_lower_id_duplicates(mixed_source: Source
 def test_filter_dedup_refuses_a_threshold_that_is_not_a_cosine(dedup: float) -> None:
     with pytest.raises(UserError, match="--dedup"):
         FilterOptions("e", "o", texts=("x",), threshold=0.1, dedup=dedup).check()
+
+
+def test_only_the_units_that_hold_kept_ids_are_read_again() -> None:
+    spans = [(0, 0, 7), (1, 8, 15), (2, 16, 23), (4, 32, 39)]  # unit 3 had no rows
+    assert units_holding(np.array([3, 17], np.int64), spans) == [0, 2]
+    assert units_holding(np.array([8, 15, 39], np.int64), spans) == [1, 4]  # the ends of a span count
+    assert units_holding(np.array([24, 30], np.int64), spans) == []

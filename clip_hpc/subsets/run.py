@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -148,9 +149,13 @@ def merge_parts(options: FilterOptions, plan: Plan) -> Merged | None:
     if any(not out.part_path(u).exists() for u in plan.shards):
         return None
     top, tables, rows, scanned = plan.settings.top, [], 0, 0
+    spans: list[tuple[int, int, int]] = []  # (unit, lowest id, highest id) of each part with rows, for --dedup
     for unit in sorted(plan.shards):
         table, n = out.read_part(unit)
         tables.append(table)
+        if len(table):
+            ids = table.column("id")
+            spans.append((unit, pc.min(ids).as_py(), pc.max(ids).as_py()))
         rows, scanned = rows + len(table), scanned + n
         if top is not None and rows > 4 * top:  # a few top-Ns in memory at most, however many units
             tables = [select_results(tables, top)]
@@ -158,9 +163,7 @@ def merge_parts(options: FilterOptions, plan: Plan) -> Merged | None:
     results, duplicates = select_results(tables, top), 0
     if plan.settings.dedup is not None:
         emb = EmbDir(options.source)
-        results, duplicates = drop_duplicates(
-            results, emb, sorted(plan.shards), plan.queries.positives.shape[1], plan.settings.dedup
-        )
+        results, duplicates = drop_duplicates(results, emb, spans, plan.queries.positives.shape[1], plan.settings.dedup)
     return Merged(scanned, len(results), duplicates, write_outputs(out, results, options.to))
 
 

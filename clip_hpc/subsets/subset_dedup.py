@@ -22,15 +22,26 @@ def partition_count(n: int) -> int:
     return 1 if n <= ONE_PARTITION_UP_TO else max(2, round(math.sqrt(n)))
 
 
+def units_holding(ascending_ids: np.ndarray, spans: Sequence[tuple[int, int, int]]) -> list[int]:
+    """The units of `spans` (unit, lowest id, highest id) whose id range holds one of `ascending_ids`: the only
+    shards the subset's vectors are read from again (a small subset of a large set reads a few, not all)."""
+    return [
+        unit
+        for unit, lo, hi in spans
+        if np.searchsorted(ascending_ids, lo) < np.searchsorted(ascending_ids, hi, side="right")
+    ]
+
+
 def drop_duplicates(
-    results: pa.Table, emb: EmbDir, units: Sequence[int], dim: int, threshold: float, seed: int = 0
+    results: pa.Table, emb: EmbDir, spans: Sequence[tuple[int, int, int]], dim: int, threshold: float, seed: int = 0
 ) -> tuple[pa.Table, int]:
-    """`results` without every row whose image is a near-duplicate of a lower id in `results`; how many went."""
+    """`results` without every row whose image is a near-duplicate of a lower id in `results`; how many went.
+    `spans` are the parts' (unit, lowest id, highest id), to re-read only the shards that hold the subset."""
     ids = np.asarray(results.column("id").to_numpy(), dtype=np.int64)
     if len(ids) < 2:
         return results, 0
     ascending = np.sort(ids)
-    vectors, _ = rows_with_ids(emb, list(units), ascending, dim)
+    vectors, _ = rows_with_ids(emb, units_holding(ascending, spans), ascending, dim)
     rng = np.random.default_rng(seed)
     sample = vectors[rng.choice(len(vectors), min(len(vectors), KMEANS_SAMPLE), replace=False)]
     centroids = spherical_kmeans(sample, partition_count(len(ids)), seed)
