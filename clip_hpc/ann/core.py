@@ -34,6 +34,27 @@ def unit_vector(values: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
+RERANK_BLOCK_ROWS = 64  # x 512 dims = torch's 32,768-element grain: each block converts on one thread, in cache
+
+
+def exact_scores(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """float32 dot products of stored (float16) rows with one query, a cache-sized block at a time. numpy's
+    float16 cast is ~3x slower than torch's, and one large torch cast or BLAS call spreads over threads that, on a
+    busy node, cost 5-10x the work (2,000 rows: 1-4 ms this way, 11-20 ms as one call, at load 7 on 2 cores)."""
+    import torch
+
+    source = torch.from_numpy(np.ascontiguousarray(rows))
+    target = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
+    out = torch.empty(len(source), dtype=torch.float32)
+    block = torch.empty((min(RERANK_BLOCK_ROWS, len(source)), source.shape[1]), dtype=torch.float32)
+    for lo in range(0, len(source), RERANK_BLOCK_ROWS):
+        part = source[lo : lo + RERANK_BLOCK_ROWS]
+        converted = block[: len(part)]
+        converted.copy_(part)
+        torch.mv(converted, target, out=out[lo : lo + len(part)])
+    return out.numpy()
+
+
 def rerank(queries: np.ndarray, cand_ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact re-rank of candidate ids (-1 = none) by dot product with their full vectors; returns (scores, ids)."""
     m = len(queries)
@@ -43,7 +64,7 @@ def rerank(queries: np.ndarray, cand_ids: np.ndarray, vectors: np.ndarray, k: in
         cand = np.unique(cand_ids[i][cand_ids[i] >= 0])  # sorted: friendlier to the memory map
         if not len(cand):
             continue
-        exact = np.asarray(vectors[cand], dtype=np.float32) @ queries[i].astype(np.float32)
+        exact = exact_scores(vectors[cand], queries[i])
         top = np.argsort(-exact, kind="stable")[:k]
         scores[i, : len(top)], ids[i, : len(top)] = exact[top], cand[top]
     return scores, ids
