@@ -31,6 +31,7 @@ def test_a_set_loads_normalised_with_its_pairs(tmp_path):
     images = _write_set(tmp_path, texts=100)
     real = load_real_set(tmp_path)
     assert real.images.shape == images.shape and np.allclose(np.linalg.norm(real.images, axis=1), 1, atol=1e-5)
+    assert real.image_stats.norm_mean > 10 and real.text_stats is not None  # the stats are of the stored rows
     assert real.texts is not None and real.pairs is not None and real.texts.shape == (100, 32)
     # each caption sits nearest its own image (the synthetic texts are their image plus noise)
     assert np.mean(np.argmax(real.texts @ real.images.T, axis=1) == real.pairs) > 0.9

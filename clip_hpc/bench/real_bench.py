@@ -20,7 +20,7 @@ import numpy as np
 
 from clip_hpc.ann.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.bench.heldout import VectorQueriesOnly
-from clip_hpc.bench.real_sets import HeldOutSplit, load_real_set, split_held_out, vector_stats
+from clip_hpc.bench.real_sets import HeldOutSplit, load_real_set, split_held_out
 from clip_hpc.devdata.synthetic_vectors import write_emb_dir
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.index.build import build_index
@@ -156,8 +156,8 @@ def run_real_bench(
     result = measure(split, index_dir, timed, default_threads)
     return {
         "set": str(folder),
-        "images": asdict(vector_stats(real.images)),
-        "texts": asdict(vector_stats(real.texts)) if real.texts is not None else None,
+        "images": asdict(real.image_stats),
+        "texts": asdict(real.text_stats) if real.text_stats is not None else None,
         "indexed": len(split.base),
         "held_out_image_queries": len(split.image_queries),
         "held_out_text_queries": len(split.text_queries),

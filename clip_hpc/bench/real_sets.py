@@ -22,12 +22,27 @@ STATS_SAMPLE = 2000  # rows drawn for the mean pairwise cosine
 
 
 @dataclass(frozen=True)
+class VectorStats:
+    """What says a set looks like CLIP output: norms before normalising, and the mean pairwise cosine."""
+
+    n: int
+    dim: int
+    norm_min: float
+    norm_mean: float
+    norm_max: float
+    mean_pairwise_cosine: float
+
+
+@dataclass(frozen=True)
 class RealSet:
-    """Unit-norm image embeddings, and caption embeddings with the image row each describes (or none)."""
+    """Unit-norm image embeddings, and caption embeddings with the image row each describes (or none); the stats
+    are of the files as stored, before normalising."""
 
     images: np.ndarray
     texts: np.ndarray | None
     pairs: np.ndarray | None
+    image_stats: VectorStats
+    text_stats: VectorStats | None
 
 
 @dataclass(frozen=True)
@@ -41,18 +56,6 @@ class HeldOutSplit:
     text_queries: np.ndarray
     text_targets: np.ndarray
     text_source: str  # "captions" (real pairs) or "synthetic text-like" (clip_hpc.ann.text_queries)
-
-
-@dataclass(frozen=True)
-class VectorStats:
-    """What says a set looks like CLIP output: norms before normalising, and the mean pairwise cosine."""
-
-    n: int
-    dim: int
-    norm_min: float
-    norm_mean: float
-    norm_max: float
-    mean_pairwise_cosine: float
 
 
 def _load_matrix(path: Path) -> np.ndarray:
@@ -92,12 +95,12 @@ def load_real_set(folder: str | Path) -> RealSet:
         raise UserError(f"{folder}: no images.npy (a --real set is a folder with images.npy, texts.npy, pairs.npy)")
     images = _load_matrix(folder / "images.npy")
     if not (folder / "texts.npy").is_file():
-        return RealSet(normalise_rows(images), None, None)
+        return RealSet(normalise_rows(images), None, None, vector_stats(images), None)
     texts = _load_matrix(folder / "texts.npy")
     if texts.shape[1] != images.shape[1]:
         raise UserError(f"{folder}: texts are {texts.shape[1]}-d, images {images.shape[1]}-d")
     pairs = _load_pairs(folder, len(texts), len(images))
-    return RealSet(normalise_rows(images), normalise_rows(texts), pairs)
+    return RealSet(normalise_rows(images), normalise_rows(texts), pairs, vector_stats(images), vector_stats(texts))
 
 
 def vector_stats(vectors: np.ndarray, seed: int = 0) -> VectorStats:
