@@ -6,6 +6,12 @@ the same vectors at its default memory budget and at ours. Prints JSON (one obje
 
     bench_index.py [--sizes 500000,1000000] [--seeds 3,1] [--ranks 1] [--keys OPQ32,IVF2048,PQ32]
                    [--no-autofaiss] [--work DIR]
+    bench_index.py --real DIR [--real DIR2] [--json OUT.json] [--image-queries 1000] [--text-queries 1000]
+
+--real DIR: a folder of real embeddings (images.npy, optional texts.npy and pairs.npy; clip_hpc.bench.real_sets),
+kept outside the project. Held-out images and captions no build sees; the default index (built as `clip-hpc index`
+builds it) against exact IndexFlatIP, interleaved in this process at 1 and default FAISS threads
+(clip_hpc.bench.real_bench).
 
 The data is clip_hpc.bench.heldout's mixture with drawn parameters (cluster count, spread, latent rank, noise); the
 queries are its text-like groups (cosine 0.25-0.45 to their image, gap directions tilted into the data) and
@@ -32,6 +38,7 @@ import numpy as np
 
 from clip_hpc.ann.ground_truth import exact_top_k, recall_at_k
 from clip_hpc.bench.heldout import VectorQueriesOnly, heldout_mixture_params, heldout_queries
+from clip_hpc.bench.real_bench import real_table, run_real_bench
 from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
 from clip_hpc.search.engine import SearchEngine
 
@@ -272,6 +279,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_real(args: argparse.Namespace) -> None:
+    """--real: each set's default index against exact search; JSON to --json (when given), tables printed."""
+    results = []
+    for folder in args.real:
+        with tempfile.TemporaryDirectory(prefix="bench-real-", dir=args.work) as work:
+            result = run_real_bench(
+                folder,
+                Path(work),
+                image_queries=args.image_queries,
+                text_queries=args.text_queries,
+                timed=args.timed,
+            )
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, faiss {faiss.__version__}")
+    for result in results:
+        print("\n" + real_table(result))
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--autofaiss-child":
         return autofaiss_child(*sys.argv[2:])
@@ -290,7 +318,14 @@ def main() -> None:
     ap.add_argument("--no-autofaiss", dest="autofaiss", action="store_false")
     ap.add_argument("--autofaiss-timeout", type=float, default=3600.0, help="seconds autofaiss may take per size")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--real", type=Path, action="append", default=[], help="a real embedding set folder (repeatable)")
+    ap.add_argument("--json", type=Path, default=None, help="--real: write the results here as JSON")
+    ap.add_argument("--image-queries", type=int, default=1000, help="--real: held-out images (never indexed)")
+    ap.add_argument("--text-queries", type=int, default=1000, help="--real: held-out caption (or text-like) queries")
+    ap.add_argument("--timed", type=int, default=400, help="--real: queries timed one at a time, per method")
     args = ap.parse_args()
+    if args.real:
+        return bench_real(args)
     args.ranks = [int(r) for r in args.ranks.split(",") if r]
     args.keys = [k for k in args.keys.split(";") if k]
     args.serve_factors = [int(f) for f in args.serve_factors.split(",") if f]
