@@ -200,3 +200,23 @@ def test_a_micro_batch_of_mixed_k_is_one_tier_call_and_each_row_what_it_gets_alo
             assert [h.id for h in batched[i]] == [h.id for h in alone] and len(alone) == k
     finally:
         engine.close()
+
+
+def test_a_pq_tier_scores_as_its_decoded_codes_do(tiered):
+    """The leaner tier a tight --max-ram chooses (8-bit PQ, d/8 bytes) goes through the same scorer."""
+    _, _, rows, queries = tiered
+    from clip_hpc.index.rerank_tier import train_tier
+
+    sample = rows[rows.any(axis=1)][:5_000]
+    trained = train_tier(sample, f"PQ{DIM // 8}")
+    codes = trained.sa_encode(rows)
+    scorer = TierScorer(trained, codes, 2)
+    cand = np.random.default_rng(6).choice(len(rows), (2, 2 * MIN_PART), replace=False)
+    try:
+        got = scorer.best(queries[:2], cand, 20)
+    finally:
+        scorer.close()
+    decoded = trained.sa_decode(codes[cand.ravel()]).reshape(*cand.shape, DIM)
+    score = np.einsum("qcd,qd->qc", decoded, queries[:2])
+    for i in range(2):
+        assert len(set(cand[i][np.argsort(-score[i])[:20]]) & set(got[i])) >= 19
