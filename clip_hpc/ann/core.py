@@ -132,6 +132,8 @@ def search_index_rows(
     """`search_index(..., widen=True)` of each row with its own k, as a batch: the codes searched once per distinct
     k (k sets the candidate count), the tier once for every row (a server micro-batch is one tier call), each
     row cut back to the candidates it would keep alone; (scores, ids) of each row."""
+    if not ks:
+        return []
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     factor = refine_factor if vectors is not None else 0
     found: list[tuple[np.ndarray, np.ndarray]] = [(np.empty(0), np.empty(0, dtype=np.int64))] * len(ks)
