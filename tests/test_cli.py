@@ -59,7 +59,8 @@ def test_index_ends_with_a_summary_of_numbers_or_one_json_document(emb_dir, tmp_
     assert len(lines) == 1 and "{" not in lines[0], lines
     number = r"(\d+(?:\.\d+)?)"
     found = re.fullmatch(
-        rf"(.+): {number} vectors, (\S+) nprobe {number}, {number} B/vector, built in {number} s on "
+        rf"(.+): {number} vectors, (\S+) nprobe {number}, RAM {number} B/vector, disk {number} B/vector, built in "
+        rf"{number} s on "
         rf"1 rank\(s\); recall@10 {number} served \(in-distribution {number}, text-like {number}"
         r"(?:, captions [\d.]+)?(?:, below the [\d.]+ target)?\)",
         lines[0],
@@ -71,7 +72,8 @@ def test_index_ends_with_a_summary_of_numbers_or_one_json_document(emb_dir, tmp_
         str(info["n"]),
         info["index_key"],
         str(info["nprobe"]),
-        str(info["bytes_per_vector"]),
+        str(info["ram_bytes_per_vector"]),
+        str(info["disk_bytes_per_vector"]),
         str(info["timings"]["total_s"]),
         f"{info['recall']['served']:.4f}",
         f"{info['recall']['in_distribution'][label]:.4f}",

@@ -11,7 +11,7 @@ import pytest
 from clip_hpc.ann.core import normalise_rows, rerank, set_nprobe
 from clip_hpc.ann.ground_truth import exact_top_k, hit_positions
 from clip_hpc.ann.text_queries import text_like_groups
-from clip_hpc.ann.tier import load_tier
+from clip_hpc.ann.tier import MIN_PART, TierScorer, load_tier
 from clip_hpc.bench.heldout import VectorQueriesOnly, heldout_mixture_params
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.tier_codes import copy_codes, create_codes, write_codes
@@ -151,3 +151,72 @@ def test_a_search_time_refine_factor_overrides_the_recorded_one(tiered):
 
     with pytest.raises(UserError, match="refine-factor"):
         SearchEngine(root / "index", encoder=VectorQueriesOnly(DIM), refine_factor=0)
+
+
+def test_the_scorer_keeps_the_tiers_best_on_any_number_of_threads(tiered):
+    """TierScorer's pick is the brute-force top of the decoded codes, the same on one thread and on several (a
+    query's candidates cut into parts), with -1 padding ignored and short rows padded with -1."""
+    root, _, rows, queries = tiered
+    files = IndexDir(root / "index")
+    codes = np.load(files.tier_codes_path)
+    rng = np.random.default_rng(5)
+    cand = np.stack([rng.choice(len(rows), 3 * MIN_PART, replace=False) for _ in range(4)])
+    cand[1, 100:] = -1  # a short row
+    one = TierScorer.load(files.tier_path, files.tier_codes_path, 1)
+    three = TierScorer.load(files.tier_path, files.tier_codes_path, 3)
+    try:
+        assert three.parts_for(3 * MIN_PART) == 3 and one.parts_for(3 * MIN_PART) == 1
+        got_one, got_three = one.best(queries[:4], cand, 50), three.best(queries[:4], cand, 50)
+    finally:
+        three.close()
+    np.testing.assert_array_equal(got_one, got_three)
+    assert (got_one[1, :50] >= 0).all() and set(got_one[1]) <= set(cand[1, :100])
+    short = one.best(queries[:1], cand[1:2, :30], 50)
+    assert (short[0, :30] >= 0).all() and (short[0, 30:] == -1).all()
+    decoded = one.trained.sa_decode(codes[np.maximum(cand, 0)].reshape(-1, DIM // 2)).reshape(*cand.shape, DIM)
+    score = np.where(cand >= 0, np.einsum("qcd,qd->qc", decoded, queries[:4]), -np.inf)
+    for i in range(4):
+        top = set(cand[i][np.argsort(-score[i], kind="stable")[:50]])
+        assert len(top & set(got_one[i])) >= 49  # a boundary tie in 4-bit scores may go either way
+
+
+def test_a_micro_batch_of_mixed_k_is_one_tier_call_and_each_row_what_it_gets_alone(tiered):
+    root, _, _, queries = tiered
+    engine = SearchEngine(root / "index", encoder=VectorQueriesOnly(DIM))
+    calls = []
+    best = engine.tier.best
+
+    def counted(*args, **kw):
+        calls.append(len(args[0]))
+        return best(*args, **kw)
+
+    try:
+        engine.tier.best = counted
+        ks = [10, 3, 25, 10, 1, 3]
+        batched = engine.search_batch(queries[: len(ks)], ks)
+        assert calls == [len(ks)]
+        for i, k in enumerate(ks):
+            alone = engine.search_vectors(queries[i], k)[0]
+            assert [h.id for h in batched[i]] == [h.id for h in alone] and len(alone) == k
+    finally:
+        engine.close()
+
+
+def test_a_pq_tier_scores_as_its_decoded_codes_do(tiered):
+    """The leaner tier a tight --max-ram chooses (8-bit PQ, d/8 bytes) goes through the same scorer."""
+    _, _, rows, queries = tiered
+    from clip_hpc.index.rerank_tier import train_tier
+
+    sample = rows[rows.any(axis=1)][:5_000]
+    trained = train_tier(sample, f"PQ{DIM // 8}")
+    codes = trained.sa_encode(rows)
+    scorer = TierScorer(trained, codes, 2)
+    cand = np.random.default_rng(6).choice(len(rows), (2, 2 * MIN_PART), replace=False)
+    try:
+        got = scorer.best(queries[:2], cand, 20)
+    finally:
+        scorer.close()
+    decoded = trained.sa_decode(codes[cand.ravel()]).reshape(*cand.shape, DIM)
+    score = np.einsum("qcd,qd->qc", decoded, queries[:2])
+    for i in range(2):
+        assert len(set(cand[i][np.argsort(-score[i])[:20]]) & set(got[i])) >= 19

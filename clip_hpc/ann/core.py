@@ -10,6 +10,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from clip_hpc.ann.tier import TierScorer
 from clip_hpc.errors import UserError
 
 MIN_RERANK_K = 10
@@ -123,19 +124,87 @@ def search_index(
     refine_factor: int = 0,
     selector: faiss.IDSelector | None = None,
     widen: bool = False,
-    tier: faiss.IndexRefine | None = None,
+    tier: TierScorer | None = None,
     exact_factor: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The served search: k×refine_factor candidates from FAISS, re-ranked exactly when refine_factor > 0; with a
-    re-rank tier (an IndexRefine over `index`), the tier re-scores them in RAM and only its best k×exact_factor
-    are re-ranked exactly. `widen` (the engine, not the recall self-check, which measures nprobe as it is) fills
-    short result lists."""
+    re-rank tier, the tier re-scores them in RAM and only its best k×exact_factor are re-ranked exactly. `widen`
+    (the engine, not the recall self-check, which measures nprobe as it is) fills short result lists."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    # k < 10 still re-ranks as many candidates as k = 10 does, so the self-measured recall@10 holds for it too
-    n_cand = max(k, MIN_RERANK_K) * refine_factor if refine_factor and vectors is not None else k
-    n_cand = max(k, min(n_cand, max(index.ntotal, 1)))
-    if tier is not None and exact_factor and refine_factor and vectors is not None:
-        return _search_tiered(index, tier, vectors, queries, k, n_cand, exact_factor, selector, widen)
+    n_cand = candidate_count(index, k, refine_factor if vectors is not None else 0)
+    scores, ids = search_candidates(index, queries, n_cand, min(k, index.ntotal), selector=selector, widen=widen)
+    if not (refine_factor and vectors is not None):
+        return scores[:, :k], ids[:, :k]
+    if tier is not None and exact_factor:
+        ids = tier.best(queries, ids, tier_keep(k, exact_factor, n_cand))
+    return rerank(queries, ids, vectors, k)
+
+
+def search_index_rows(
+    index: faiss.Index,
+    vectors: np.ndarray | None,
+    queries: np.ndarray,
+    ks: list[int],
+    *,
+    refine_factor: int = 0,
+    tier: TierScorer | None = None,
+    exact_factor: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`search_index(..., widen=True)` of each row with its own k, as a batch: the codes searched once per distinct
+    k (k sets the candidate count), the tier once for every row (a server micro-batch is one tier call), each
+    row cut back to the candidates it would keep alone; (scores, ids) of each row."""
+    if not ks:
+        return []
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    factor = refine_factor if vectors is not None else 0
+    found: list[tuple[np.ndarray, np.ndarray]] = [(np.empty(0), np.empty(0, dtype=np.int64))] * len(ks)
+    for k in sorted(set(ks)):
+        rows = [i for i, row_k in enumerate(ks) if row_k == k]
+        n_cand = candidate_count(index, k, factor)
+        scores, ids = search_candidates(index, queries[rows], n_cand, min(k, index.ntotal), widen=True)
+        for at, i in enumerate(rows):
+            found[i] = (scores[at], ids[at])
+    if vectors is None or not factor:
+        return [(scores[:k], ids[:k]) for k, (scores, ids) in zip(ks, found)]
+    cands = [ids for _, ids in found]
+    if tier is not None and exact_factor:
+        keeps = [tier_keep(k, exact_factor, len(c)) for k, c in zip(ks, cands)]
+        padded = np.full((len(ks), max(len(c) for c in cands)), -1, dtype=np.int64)
+        for i, c in enumerate(cands):
+            padded[i, : len(c)] = c
+        kept = tier.best(queries, padded, max(keeps))
+        cands = [row[:keep] for row, keep in zip(kept, keeps)]
+    return [_rerank_one(queries[i], c, vectors, k) for i, (k, c) in enumerate(zip(ks, cands))]
+
+
+def _rerank_one(query: np.ndarray, cand: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores, ids = rerank(query[None, :], cand[None, :], vectors, k)
+    return scores[0], ids[0]
+
+
+def candidate_count(index: faiss.Index, k: int, refine_factor: int) -> int:
+    """Candidates a query takes from the codes: k×refine_factor, and k < 10 re-ranks as many as k = 10 does (so
+    the self-measured recall@10 holds for it too); never more than the index holds."""
+    n_cand = max(k, MIN_RERANK_K) * refine_factor if refine_factor else k
+    return max(k, min(n_cand, max(index.ntotal, 1)))
+
+
+def tier_keep(k: int, exact_factor: int, n_cand: int) -> int:
+    """How many of a query's candidates the tier hands to the exact re-rank."""
+    return max(k, min(max(k, MIN_RERANK_K) * exact_factor, n_cand))
+
+
+def search_candidates(
+    index: faiss.Index,
+    queries: np.ndarray,
+    n_cand: int,
+    wanted: int,
+    *,
+    selector: faiss.IDSelector | None = None,
+    widen: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The codes' best `n_cand` of every query (ids -1 where lists run dry); with `widen`, rows holding fewer than
+    `wanted` are searched again over every list."""
     params = None
     if selector is not None:
         ivf = faiss.try_extract_index_ivf(index)
@@ -147,43 +216,8 @@ def search_index(
     found = ivf_search(index, queries, n_cand) if params is None else None
     scores, ids = found if found is not None else index.search(queries, n_cand, params=params)
     if widen:
-        scores, ids = _widen_if_short(index, queries, n_cand, min(k, index.ntotal), selector, scores, ids)
-    if refine_factor and vectors is not None:
-        return rerank(queries, ids, vectors, k)
-    return scores[:, :k], ids[:, :k]
-
-
-def _search_tiered(
-    index: faiss.Index,
-    tier: faiss.IndexRefine,
-    vectors: np.ndarray,
-    queries: np.ndarray,
-    k: int,
-    n_cand: int,
-    exact_factor: int,
-    selector: faiss.IDSelector | None,
-    widen: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Codes -> n_cand candidates -> the tier's best k×exact_factor -> exact re-rank of those."""
-    n_exact = max(k, min(max(k, MIN_RERANK_K) * exact_factor, n_cand))
-    ivf = faiss.try_extract_index_ivf(index)
-
-    def run(rows: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:  # nprobe: unused without IVF
-        base = (
-            faiss.SearchParametersIVF(sel=selector, nprobe=int(nprobe))
-            if ivf is not None
-            else faiss.SearchParameters(sel=selector)
-        )
-        params = faiss.IndexRefineSearchParameters(k_factor=n_cand / n_exact, base_index_params=base)
-        return tier.search(np.ascontiguousarray(rows), n_exact, params=params)
-
-    scores, ids = run(queries, ivf.nprobe if ivf is not None else 0)
-    if widen and ivf is not None and ivf.nprobe < ivf.nlist:
-        short = np.flatnonzero((ids >= 0).sum(axis=1) < min(k, index.ntotal))
-        if len(short):
-            ids = ids.copy()
-            ids[short] = run(queries[short], ivf.nlist)[1]
-    return rerank(queries, ids, vectors, k)
+        scores, ids = _widen_if_short(index, queries, n_cand, wanted, selector, scores, ids)
+    return scores, ids
 
 
 def ivf_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:

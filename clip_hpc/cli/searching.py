@@ -11,6 +11,7 @@ import sys
 
 from clip_hpc.errors import UserError
 from clip_hpc.index.defaults import train_size_help
+from clip_hpc.index.memory import DEFAULT_MAX_RAM_TEXT, TIER_CODES, parse_size
 from clip_hpc.ingest.text import argv_text, one_line  # search text in (cp1252 if not UTF-8), hits out (escaped)
 from clip_hpc.server.token_env import TOKEN_ENV
 
@@ -32,6 +33,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             print(f"clip-hpc index: {idle}", file=sys.stderr)
         return 0
     require_posix(args.out)
+    max_ram = parse_size(args.max_ram)
     use_threads(faiss_threads=job_env().cpus)  # FAISS's OpenMP would take the node's cores, not the job's
     with tempfile.TemporaryDirectory(
         prefix=".clip-hpc-import-", dir=os.path.dirname(os.path.abspath(args.out))
@@ -68,6 +70,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
                 vectors=args.vectors or "images",
                 rerank_tier=args.rerank_tier,
+                max_ram=max_ram,
             )
     if not world().is_root:  # every rank built it; one reports
         return 0
@@ -128,10 +131,19 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--rerank-tier",
-        choices=("auto", "on", "off"),
+        choices=("auto", "on", "off", *TIER_CODES),
         default="auto",
-        help="a 4-bit copy of every vector in RAM (d/2 bytes) that re-scores the candidates before the "
-        "exact re-rank; auto: from 50,000 vectors, kept only where the self-check finds it pays",
+        help="a 4-bit copy of every vector in RAM (SQ4, d/2 bytes) that re-scores the candidates before the "
+        "exact re-rank; auto: from 50,000 vectors, SQ4 if it fits --max-ram, else 8-bit PQ (PQ: d/8 bytes), "
+        "else none, kept only where the self-check finds it pays; on: SQ4; SQ8 (d bytes), SQ4, PQ: that code",
+    )
+    p.add_argument(
+        "--max-ram",
+        default=DEFAULT_MAX_RAM_TEXT,
+        metavar="SIZE",
+        help=f"RAM the served index may hold: inverted lists, centroids, ids and the re-rank tier, not vectors.npy "
+        f"(read from disk); e.g. 512M, 16G, 2GiB (binary units). The tier's code is chosen within it; an index "
+        f"that cannot fit is an error (default {DEFAULT_MAX_RAM_TEXT}, autofaiss's max_index_memory_usage)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(

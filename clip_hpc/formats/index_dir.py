@@ -75,7 +75,10 @@ class IndexInfo:
     timings: dict[str, float] = field(default_factory=dict)
     recall: dict[str, Any] = field(default_factory=dict)
     index_bytes: int | None = None
-    bytes_per_vector: float | None = None
+    bytes_per_vector: float | None = None  # index.faiss (and on-disk lists) per vector
+    max_ram: int | None = None  # the --max-ram budget the build chose its tier within
+    ram_bytes_per_vector: float | None = None  # what serving holds in RAM: index, lists, tier (not vectors.npy)
+    disk_bytes_per_vector: float | None = None  # every file of the INDEX_DIR, vectors.npy and meta.sqlite included
     faiss_version: str | None = None
     ranks: int = 1  # processes that added vectors (a many-rank build merges their lists)
     lists: str = "memory"  # inverted lists in index.faiss ("memory") or in lists.ivfdata ("disk")

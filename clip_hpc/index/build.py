@@ -26,8 +26,9 @@ from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.caption_view import emb_view
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
 from clip_hpc.index.choose import choose_index_key, choose_train_size, is_fast_scan, ivf_lists
+from clip_hpc.index.memory import DEFAULT_MAX_RAM, choose_tier_code, tier_key
 from clip_hpc.index.ranks import choose_lists, deserialize, merge_in_memory, merge_on_disk, my_units, serialize
-from clip_hpc.index.rerank_tier import check_tier_choice, start_codes, train_tier, wants_tier
+from clip_hpc.index.rerank_tier import TIER_FROM, check_tier_choice, may_tier, start_codes, train_tier
 from clip_hpc.index.selfcheck import RECALL_QUERIES
 from clip_hpc.index.stages import add, checked_set, finish, make_index, n_rows, now, train, unit_counts, write_vectors
 
@@ -46,6 +47,8 @@ class BuildOptions:
     progress: bool = True
     vectors: str = "images"
     rerank_tier: str = "auto"
+    max_ram: int = DEFAULT_MAX_RAM
+    tier_from: int = TIER_FROM
 
 
 @dataclass
@@ -83,6 +86,15 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
     refine = (key.split(",")[-1].strip() != "Flat") if o.refine is None else o.refine
     is_ivf = faiss.try_extract_index_ivf(index) is not None
     check_tier_choice(o.rerank_tier, key, is_ivf, bool(refine), o.refine_factor)
+    tier = choose_tier_code(
+        o.rerank_tier,
+        key,
+        n,
+        n_rows(summary),
+        dim,
+        o.max_ram,
+        may_tier=may_tier(o.rerank_tier, n, is_ivf, bool(refine), o.tier_from),
+    )
     mode = ("disk" if on_disk else "memory") if is_ivf else "memory"
     info = IndexInfo(
         index_key=key,
@@ -104,13 +116,15 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
         ranks=world.size if is_ivf else 1,
         lists=mode,
         vectors=o.vectors,
+        max_ram=o.max_ram,
+        tier={"key": tier_key(tier.code, dim)} if tier.code else None,  # until the self-check keeps it or not
     )
     start = time.perf_counter()
     with tmp.open_metadata(readonly=False) as meta:
         write_vectors(tmp, emb, units, info.n_rows, dim, meta, o.progress)
     timings["vectors_s"] = round(time.perf_counter() - start, 3)
     sample_ids = emb.sample_ids(summary.shards, max(info.train_size, RECALL_QUERIES), np.random.default_rng(o.seed))
-    index = _train_with_tier(tmp, index, info, sample_ids, o, world.local_rank, is_ivf, n)
+    index = _train_with_tier(tmp, index, info, sample_ids, o.progress, world.local_rank)
     return BuildPlan(str(tmp.root), units, serialize(index), mode, info.to_dict(), sample_ids[:RECALL_QUERIES])
 
 
@@ -119,19 +133,17 @@ def _train_with_tier(
     index: faiss.Index,
     info: IndexInfo,
     sample_ids: np.ndarray,
-    options: BuildOptions,
+    progress: bool,
     local_rank: int,
-    is_ivf: bool,
-    n: int,
 ) -> faiss.Index:
-    """Train the index on the first `info.train_size` sample ids, and the re-rank tier when it is wanted."""
+    """Train the index on the first `info.train_size` sample ids, and the re-rank tier when the plan has one."""
     vectors = tmp.open_vectors()
     sample = np.asarray(vectors[np.sort(sample_ids[: info.train_size])], dtype=np.float32) if info.train_size else None
     del vectors
-    index = train(index, sample, options.progress, info.timings, local_rank, info.index_key)
-    if sample is not None and wants_tier(options.rerank_tier, n, is_ivf, info.refine):
+    index = train(index, sample, progress, info.timings, local_rank, info.index_key)
+    if sample is not None and info.tier is not None:
         start = time.perf_counter()
-        tier = train_tier(sample)
+        tier = train_tier(sample, info.tier["key"])
         faiss.write_index(tier, str(tmp.tier_path))
         start_codes(tier, tmp.tier_codes_path, info.n_rows)
         info.timings["tier_train_s"] = round(time.perf_counter() - start, 3)
@@ -206,9 +218,13 @@ def build_index(
     world: World | None = None,
     vectors: str = "images",
     rerank_tier: str = "auto",
+    max_ram: int = DEFAULT_MAX_RAM,
+    tier_from: int = TIER_FROM,
 ) -> IndexInfo:
     """EMB_DIR -> INDEX_DIR (see the module docstring) on every rank of `world` (default: this job's), over the
     image or the caption embeddings (`vectors`, formats/caption_view.py); returns index.json, on every rank.
+    `max_ram`: bytes the served index may hold in RAM (index/memory.py); `tier_from`: vectors from which
+    `rerank_tier="auto"` considers a tier.
     `index --update` is index/update.py."""
     check_refine_factor(refine_factor)
     options = BuildOptions(
@@ -222,6 +238,8 @@ def build_index(
         progress=progress,
         vectors=vectors,
         rerank_tier=rerank_tier,
+        max_ram=max_ram,
+        tier_from=tier_from,
     )
     world = job_world(world)
     with full_disk_is_a_user_error(out, "clip-hpc index"):  # the temporary directory is gone by then

@@ -3,6 +3,7 @@ the IVF codes and the exact float16 rows of vectors.npy. On data where the 32-by
 badly, the true top 10 hide among 10,000-50,000 candidates; re-reading that many 1 KiB rows costs ~2 µs each, while
 the tier re-scores them in RAM and hands only its best 20-500 to the exact re-rank (FAISS's IndexRefine over
 IndexScalarQuantizer). The self-check decides whether it pays (index.json `tier`); where it does not, it is removed.
+Under a tight --max-ram the code is leaner (8-bit PQ, d/8 bytes) or there is none; `--rerank-tier SQ8` asks for d.
 This is the build side; loading and refining over the tier (the query side) is in `clip_hpc.ann.tier`.
 """
 
@@ -16,22 +17,27 @@ import numpy as np
 from clip_hpc.ann.tier import EXACT_FACTORS
 from clip_hpc.errors import UserError
 from clip_hpc.formats.tier_codes import create_codes, write_codes
+from clip_hpc.index.choose import KMEANS_ITERATIONS, PQ_TRAIN_PER_CENTROID
+from clip_hpc.index.memory import TIER_CODES
 
-TIER_KEY = "SQ4"
-TIER_FROM = 50_000  # vectors: below, re-ranking a few thousand exact rows is cheap and the tier is not built
+TIER_KEY = "SQ4"  # the default code; the RAM budget may choose another (index/memory.py)
+TIER_FROM = 50_000  # vectors: below, auto builds no tier (re-ranking a few thousand exact rows is cheap)
+TIER_CHOICES = ("auto", "on", "off", *TIER_CODES)
 
 
-def wants_tier(choice: str, n: int, is_ivf: bool, refine: bool) -> bool:
-    """--rerank-tier auto|on|off: auto builds it for IVF indexes of TIER_FROM vectors or more that re-rank."""
-    if choice not in ("auto", "on", "off"):
+def may_tier(choice: str, n: int, is_ivf: bool, refine: bool, tier_from: int = TIER_FROM) -> bool:
+    """--rerank-tier auto|on|off|SQ8|SQ4|PQ: whether this index can take a tier at all (IVF, re-ranked; auto from
+    `tier_from` vectors); the RAM budget then picks its code (index/memory.py), or none."""
+    if choice not in TIER_CHOICES:
         raise ValueError(choice)
-    return refine and is_ivf and (choice == "on" or (choice == "auto" and n >= TIER_FROM))
+    return refine and is_ivf and choice != "off" and (choice != "auto" or n >= tier_from)
 
 
 def check_tier_choice(choice: str, key: str, is_ivf: bool, refine: bool, refine_factor: int | None) -> None:
-    """An explicit `--rerank-tier on` that could never be honoured is a one-line error, not a build without one."""
+    """An explicit `--rerank-tier on` (or a named code) that could never be honoured is a one-line error, not a
+    build without one."""
     least = min(EXACT_FACTORS) + 1  # the tier hands the exact re-rank fewer rows than it was given
-    if choice != "on":
+    if choice in ("auto", "off"):
         return
     if not is_ivf:
         why = f"{key} has no inverted lists (the tier re-scores an IVF index's candidates); use an IVF key"
@@ -43,12 +49,17 @@ def check_tier_choice(choice: str, key: str, is_ivf: bool, refine: bool, refine_
         )
     else:
         return
-    raise UserError(f"--rerank-tier on cannot be honoured: {why}, or leave --rerank-tier at auto")
+    raise UserError(f"--rerank-tier {choice} cannot be honoured: {why}, or leave --rerank-tier at auto")
 
 
-def train_tier(sample: np.ndarray) -> faiss.IndexScalarQuantizer:
-    """The scalar quantizer's per-dimension ranges, from the build's training sample (seconds, not minutes)."""
-    tier = faiss.index_factory(sample.shape[1], TIER_KEY, faiss.METRIC_INNER_PRODUCT)
+def train_tier(sample: np.ndarray, key: str = TIER_KEY) -> faiss.Index:
+    """The scalar quantizer's per-dimension ranges (or a PQ tier's codebooks), from the build's training sample
+    (seconds, not minutes)."""
+    tier = faiss.index_factory(sample.shape[1], key, faiss.METRIC_INNER_PRODUCT)
+    inner = faiss.downcast_index(tier)  # `tier` keeps the object alive
+    if isinstance(inner, faiss.IndexPQ):  # as the index's own codebooks (index/stages.py): fewer points and
+        inner.pq.cp.max_points_per_centroid, inner.pq.cp.niter = PQ_TRAIN_PER_CENTROID, KMEANS_ITERATIONS
+        inner.do_polysemous_training = False  # it only reorders codes for Hamming filtering, which is not used
     tier.train(np.ascontiguousarray(sample, dtype=np.float32))
     return tier
 

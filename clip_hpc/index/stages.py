@@ -31,6 +31,7 @@ from clip_hpc.index.defaults import TRAIN_PER_LIST
 from clip_hpc.index.gpu_train import pretrain_coarse_quantizer
 from clip_hpc.index.rerank_tier import TIER_KEY, encode_into
 from clip_hpc.index.selfcheck import SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE, self_check
+from clip_hpc.index.summary import served_footprint
 
 
 # --- FAISS objects ---------------------------------------------------------------------------------------------
@@ -255,8 +256,9 @@ def finish(
     info.nprobe, info.recall, info.refine_factor = check.nprobe, check.to_dict(), check.refine_factor
     if tier is not None and not check.tier_exact_factor:
         tmp.remove_tier()  # it does not pay on this data: neither RAM nor disk keeps it
+    key = (info.tier or {}).get("key", TIER_KEY)  # the plan's (or, on --update, the index's own) tier code
     info.tier = (
-        {"key": TIER_KEY, "code_bytes": int(tier.sa_code_size()), "exact_factor": check.tier_exact_factor}
+        {"key": key, "code_bytes": int(tier.sa_code_size()), "exact_factor": check.tier_exact_factor}
         if tier is not None and tmp.has_tier()
         else None
     )
@@ -267,6 +269,9 @@ def finish(
     tmp.record_files(info)  # and where the lists went (--update of on-disk lists once left "disk" and none)
     info.n = int(index.ntotal)
     info.bytes_per_vector = round(info.index_bytes / max(1, info.n), 2)
+    footprint = served_footprint(info.files)
+    info.ram_bytes_per_vector = round(footprint.ram / max(1, info.n), 2)
+    info.disk_bytes_per_vector = round(footprint.disk / max(1, info.n), 2)
     timings["total_s"] = round(time.perf_counter() - started, 3)
     info.faiss_version = faiss.__version__
     tmp.write_info(info)

@@ -6,11 +6,28 @@ needs the served configuration's figure per family, not the nested dicts, so thi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from clip_hpc.formats.index_dir import IndexInfo
+from clip_hpc.formats.index_dir import INDEX_FILE, IVFDATA_FILE, TIER_CODES_FILE, TIER_FILE, IndexInfo
 
 FAMILIES = (("in_distribution", "in-distribution"), ("off_distribution", "text-like"), ("captions", "captions"))
+
+
+RESIDENT_FILES = (INDEX_FILE, IVFDATA_FILE, TIER_FILE, TIER_CODES_FILE)  # what `serve` loads (or maps and reads
+# at every query: on-disk lists); vectors.npy is read a few rows a query, meta.sqlite a row a hit
+
+
+class Footprint(NamedTuple):
+    """Bytes of an INDEX_DIR: what serving holds in RAM, and everything on disk."""
+
+    ram: int
+    disk: int
+
+
+def served_footprint(files: dict[str, dict[str, Any]]) -> Footprint:
+    """From index.json's `files` records (name -> {"bytes": ...}): the RAM-resident files' bytes, and all of them."""
+    sizes = {name: int(record.get("bytes", 0)) for name, record in files.items()}
+    return Footprint(sum(sizes.get(name, 0) for name in RESIDENT_FILES), sum(sizes.values()))
 
 
 def served_recall(recall: dict[str, Any], refine: bool) -> dict[str, float]:
@@ -26,12 +43,14 @@ def served_recall(recall: dict[str, Any], refine: bool) -> dict[str, float]:
 
 
 def summary_line(info: IndexInfo, out: str, *, updated: bool = False) -> str:
-    """`OUT: N vectors, KEY nprobe P, B B/vector, built in S s on R rank(s); recall@10 X served (...)`."""
+    """`OUT: N vectors, KEY nprobe P, RAM R B/vector, disk D B/vector, built in S s on R rank(s); recall@10 X
+    served (...)`: RAM is what serving holds (index, lists, tier), disk every file (vectors.npy too)."""
     timings = info.updates[-1].get("timings", {}) if updated and info.updates else info.timings
     took = timings.get("total_s")
     verb = "last update took" if updated else "built in"
     head = (
-        f"{out}: {info.n} vectors, {info.index_key} nprobe {info.nprobe}, {info.bytes_per_vector} B/vector, "
+        f"{out}: {info.n} vectors, {info.index_key} nprobe {info.nprobe}, RAM {info.ram_bytes_per_vector} B/vector, "
+        f"disk {info.disk_bytes_per_vector} B/vector, "
         f"{verb} {took if took is not None else '?'} s on {info.ranks} rank(s)"
     )
     served = info.recall.get("served")

@@ -17,10 +17,13 @@ from clip_hpc.ann.core import (
     normalise_rows,
     rerank,
     search_index,
+    search_index_rows,
     set_nprobe,
     unit_vector,
 )
 from clip_hpc.ann.refine import check_refine_factor
+from clip_hpc.ann.tier import TierScorer
+from clip_hpc.cluster.jobenv import job_env
 from clip_hpc.errors import UserError
 from clip_hpc.formats.index_dir import IndexDir, IndexInfo
 from clip_hpc.ingest.images import as_query_image
@@ -51,6 +54,7 @@ class SearchEngine:
         nprobe: int | None = None,
         refine: bool | None = None,
         refine_factor: int | None = None,
+        tier_threads: int | None = None,
     ) -> None:
         """`info`: index.json as `IndexDir.check_integrity` returned it, if the caller checked already (`serve` does,
         for the model), else checked and read here.
@@ -73,23 +77,24 @@ class SearchEngine:
         if refine_factor is not None:  # another point of the recall/latency trade than the self-check chose
             check_refine_factor(refine_factor)
             self.refine_factor = int(refine_factor) if self.refine else 0
-        self.tier, self.exact_factor = self._open_tier(files)
+        self.tier, self.exact_factor = self._open_tier(files, tier_threads)
         self.encoder = encoder or default_encoder(self.info, model_name, pretrained, device)
         if int(self.encoder.dim) != self.dim:
             raise UserError(f"the encoder gives {self.encoder.dim}-d vectors, the index holds {self.dim}-d")
 
-    def _open_tier(self, files: IndexDir) -> tuple[Any, int]:
-        """The re-rank tier (in RAM) over the index, when index.json records one that pays and refine is on."""
+    def _open_tier(self, files: IndexDir, threads: int | None) -> tuple[TierScorer | None, int]:
+        """The re-rank tier (in RAM), when index.json records one that pays and refine is on; it scores a query's
+        candidates on `threads` threads (default: this job's CPUs)."""
         factor = int((self.info.tier or {}).get("exact_factor") or 0)
         if not (self.refine and factor and files.has_tier()):
             return None, 0
-        from clip_hpc.ann.tier import load_tier, refine_over
-
-        self._tier_codes = load_tier(files.tier_path, files.tier_codes_path)
-        return refine_over(self.index, self._tier_codes), factor
+        threads = threads if threads is not None else job_env().cpus
+        return TierScorer.load(files.tier_path, files.tier_codes_path, threads), factor
 
     def close(self) -> None:
         self.meta.close()
+        if self.tier is not None:
+            self.tier.close()
 
     # --- ids ---
     def path_of(self, id: int) -> str | None:
@@ -151,30 +156,29 @@ class SearchEngine:
     def search_batch(
         self, queries: np.ndarray, ks: Sequence[int], min_scores: Sequence[float | None] | None = None
     ) -> list[list[Hit]]:
-        """Several unfiltered queries (the server's micro-batches): one FAISS call per distinct k, and row i gets
-        exactly what `search_vectors(queries[i], ks[i], min_score=min_scores[i])` gives."""
+        """Several unfiltered queries (the server's micro-batches): one code search per distinct k, one tier call for
+        them all, and row i gets exactly what `search_vectors(queries[i], ks[i], min_score=min_scores[i])` gives."""
         queries = self._check_queries(queries)
         ks = [self._check_k(k) for k in ks]
         min_scores = list(min_scores) if min_scores is not None else [None] * len(ks)
         if not len(ks) == len(min_scores) == len(queries):
             raise ValueError("search_batch needs one k and one min_score per query")
-        out: list[list[Hit]] = [[] for _ in ks]
-        for k in sorted(set(ks)):  # k decides how many candidates are re-ranked: a k of its own, a call of its own
-            rows = [i for i, row_k in enumerate(ks) if row_k == k]
-            scores, ids = search_index(
-                self.index,
-                self.vectors,
-                queries[rows],
-                k,
-                refine_factor=self.refine_factor,
-                widen=True,
-                tier=self.tier,
-                exact_factor=self.exact_factor,
-            )
-            for i, hits in zip(rows, self._hits(scores, ids, None)):
-                floor = min_scores[i]
-                out[i] = [hit for hit in hits if floor is None or (hit.score is not None and hit.score >= floor)]
-        return out
+        found = search_index_rows(
+            self.index,
+            self.vectors,
+            queries,
+            ks,
+            refine_factor=self.refine_factor,
+            tier=self.tier,
+            exact_factor=self.exact_factor,
+        )
+        scores = [row_scores for row_scores, _ in found]
+        ids = [row_ids for _, row_ids in found]
+        hits = self._hits(scores, ids, None)
+        return [
+            [hit for hit in row if floor is None or (hit.score is not None and hit.score >= floor)]
+            for row, floor in zip(hits, min_scores)
+        ]
 
     def search_text(self, text: str, k: int = 10, **filters: Any) -> list[Hit]:
         if not text or not text.strip():
@@ -345,8 +349,10 @@ class SearchEngine:
             exact_factor=self.exact_factor,
         )
 
-    def _hits(self, scores: np.ndarray, ids: np.ndarray, min_score: float | None) -> list[list[Hit]]:
-        found = [int(i) for i in np.unique(ids) if i >= 0]
+    def _hits(
+        self, scores: np.ndarray | Sequence[np.ndarray], ids: np.ndarray | Sequence[np.ndarray], min_score: float | None
+    ) -> list[list[Hit]]:
+        found = sorted({int(i) for row in ids for i in row if i >= 0})
         paths, captions = self.meta.paths_of(found), self.meta.captions_of(found)
         out = []
         for row_scores, row_ids in zip(scores, ids):
