@@ -127,3 +127,14 @@ def test_an_index_over_the_budget_is_one_line_naming_both(emb, tmp_path):
     assert not (tmp_path / "index").exists()
     bad = run_cli("index", emb, "--out", tmp_path / "index", "--max-ram", "lots", "--quiet")
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "--max-ram" in bad.stderr
+
+
+def test_no_budget_given_never_refuses_an_index_larger_than_the_default() -> None:
+    """A billion-vector build that ran before --max-ram existed still runs: without a budget the default only
+    chooses the tier (none beyond it); a budget given explicitly is enforced."""
+    key, n, dim = "IVF65536_HNSW32,PQ64x4fs", 1_000_000_000, 512
+    assert choose_tier_code("auto", key, n, n, dim, None, may_tier=True).code is None
+    with pytest.raises(UserError, match="--max-ram"):
+        choose_tier_code("auto", key, n, n, dim, DEFAULT_MAX_RAM, may_tier=True)
+    small = choose_tier_code("auto", "IVF1024,PQ64x4fs", 100_000, 100_000, dim, None, may_tier=True)
+    assert small.code == "SQ4"

@@ -33,7 +33,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             print(f"clip-hpc index: {idle}", file=sys.stderr)
         return 0
     require_posix(args.out)
-    max_ram = parse_size(args.max_ram)
+    max_ram = parse_size(args.max_ram) if args.max_ram is not None else None
     use_threads(faiss_threads=job_env().cpus)  # FAISS's OpenMP would take the node's cores, not the job's
     with tempfile.TemporaryDirectory(
         prefix=".clip-hpc-import-", dir=os.path.dirname(os.path.abspath(args.out))
@@ -139,11 +139,12 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-ram",
-        default=DEFAULT_MAX_RAM_TEXT,
+        default=None,
         metavar="SIZE",
         help=f"RAM the served index may hold: inverted lists, centroids, ids and the re-rank tier, not vectors.npy "
         f"(read from disk); e.g. 512M, 16G, 2GiB (binary units). The tier's code is chosen within it; an index "
-        f"that cannot fit is an error (default {DEFAULT_MAX_RAM_TEXT}, autofaiss's max_index_memory_usage)",
+        f"that cannot fit a given budget is an error. Default: the tier is chosen within {DEFAULT_MAX_RAM_TEXT} "
+        "(autofaiss's max_index_memory_usage), and an index larger than that is built without a tier, not refused",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(

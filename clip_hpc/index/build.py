@@ -47,7 +47,7 @@ class BuildOptions:
     progress: bool = True
     vectors: str = "images"
     rerank_tier: str = "auto"
-    max_ram: int = DEFAULT_MAX_RAM
+    max_ram: int | None = None  # None: DEFAULT_MAX_RAM for the tier, never a refusal
     tier_from: int = TIER_FROM
 
 
@@ -116,7 +116,7 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
         ranks=world.size if is_ivf else 1,
         lists=mode,
         vectors=o.vectors,
-        max_ram=o.max_ram,
+        max_ram=o.max_ram if o.max_ram is not None else DEFAULT_MAX_RAM,
         tier={"key": tier_key(tier.code, dim)} if tier.code else None,  # until the self-check keeps it or not
     )
     start = time.perf_counter()
@@ -218,7 +218,7 @@ def build_index(
     world: World | None = None,
     vectors: str = "images",
     rerank_tier: str = "auto",
-    max_ram: int = DEFAULT_MAX_RAM,
+    max_ram: int | None = None,
     tier_from: int = TIER_FROM,
 ) -> IndexInfo:
     """EMB_DIR -> INDEX_DIR (see the module docstring) on every rank of `world` (default: this job's), over the

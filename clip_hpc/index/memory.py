@@ -116,13 +116,18 @@ class TierChoice(NamedTuple):
 
 
 def choose_tier_code(
-    wanted: str, key: str, n: int, n_rows: int, dim: int, max_ram: int, *, may_tier: bool
+    wanted: str, key: str, n: int, n_rows: int, dim: int, max_ram: int | None, *, may_tier: bool
 ) -> TierChoice:
     """The richest tier code that fits `max_ram` with the index (auto: SQ4, then PQ; a named code or `on`: that
     one or SQ4, or a one-line error). `may_tier`: the index can take a tier at all (IVF, re-ranked, enough
     vectors for auto). An index that does not fit even without a tier is a one-line error naming the least it
-    needs."""
+    needs. No budget given (None): the default one chooses the tier, and an index beyond it is built without one
+    (a billion vectors need ~40G with no tier: a default must not refuse what ran before it existed)."""
     base = estimate_ram(key, n, dim)
+    if max_ram is None:
+        if base is not None and base.total > DEFAULT_MAX_RAM:
+            return TierChoice(None, base)
+        max_ram = DEFAULT_MAX_RAM
     if base is not None and base.total > max_ram:
         raise UserError(
             f"{key} over {n:,} vectors needs at least {format_size(base.total)} of RAM when served "
