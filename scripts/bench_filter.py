@@ -12,7 +12,10 @@ same vectors: `clip-hpc export` writes its layout, its own `clip_index` builds t
 vector (see CLIP_RETRIEVAL); nothing else of its code is changed. Skipped, saying why, when it is not importable.
 
     python scripts/bench_filter.py [-n 1000000] [--dim 512] [--queries 16] [--shard-size 50000] [--ranks 1,2]
-        [--repeat 3] [--clip-retrieval /work/data/cr --cr-keep 2000]
+        [--repeat 3] [--baseline DIR] [--clip-retrieval /work/data/cr --cr-keep 2000]
+
+`--baseline DIR`: another version's package, e.g. `git archive 2adb143 clip_hpc | tar -x -C DIR`, filtered in each
+round beside this one (old against new on the same shards, the same load).
 """
 
 from __future__ import annotations
@@ -122,13 +125,15 @@ def read_rate(emb: Path, ranks: int) -> float:
     return float(proc.stdout.split("BENCH")[1])
 
 
-def run_filter(emb: Path, out: Path, ranks: int, texts: list[str], threshold: float) -> dict:
-    """One fresh `clip-hpc filter` under mpiexec with these text queries; its timings and counts from filter.json."""
+def run_filter(emb: Path, out: Path, ranks: int, texts: list[str], threshold: float, code: str | None = None) -> dict:
+    """One fresh `clip-hpc filter` under mpiexec with these text queries; its timings and counts from filter.json.
+    `code`: a folder holding another version's clip_hpc package, run instead of this one (first on PYTHONPATH)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     subprocess.run(
         [str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "clip-hpc"), "filter", str(emb), "--out", str(out),
          *[a for t in texts for a in ("--text", t)], "--threshold", repr(threshold), "--quiet", "--device", "cpu"],
-        check=True,
+        check=True, env=env if code else None,
     )  # fmt: skip
     report = json.loads((out / "filter.json").read_text())
     return {
@@ -155,22 +160,28 @@ def scan_rows(emb: Path, tmp: Path, args: argparse.Namespace) -> list[dict]:
         for attempt in range(args.repeat):
             read = read_rate(emb, ranks)
             scan = run_filter(emb, tmp / f"out-{ranks}-{attempt}", ranks, texts, args.threshold)
-            rows.append(
-                {"ranks": ranks, "queries": args.queries, "n": args.n, "dim": args.dim, "read_vectors_per_s": read,
-                 **scan, "ratio": scan["scan_vectors_per_s"] / read}
-            )  # fmt: skip
+            row = {"ranks": ranks, "queries": args.queries, "n": args.n, "dim": args.dim, "read_vectors_per_s": read,
+                   **scan, "ratio": scan["scan_vectors_per_s"] / read}  # fmt: skip
+            if args.baseline:
+                out = tmp / f"baseline-{ranks}-{attempt}"
+                rate = run_filter(emb, out, ranks, texts, args.threshold, args.baseline)["scan_vectors_per_s"]
+                row |= {"baseline_scan_vectors_per_s": rate, "baseline_ratio": rate / read}
+            rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
+    baseline = any("baseline_ratio" in r for r in rows)
     lines = [
-        "| ranks | queries | vectors | read only (vec/s) | filter scan (vec/s) | filter / read |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| ranks | queries | vectors | read only (vec/s) | filter scan (vec/s) | filter / read |"
+        + (" baseline scan (vec/s) | baseline / read |" if baseline else ""),
+        "|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if baseline else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r['ranks']} | {r['queries']} | {r['n']:,} | {r['read_vectors_per_s']:,.0f} | "
             f"{r['scan_vectors_per_s']:,.0f} | {r['ratio']:.2f} |"
+            + (f" {r['baseline_scan_vectors_per_s']:,.0f} | {r['baseline_ratio']:.2f} |" if baseline else "")
         )
     return "\n".join(lines)
 
@@ -273,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", default="1,2", help="'' for none (only the clip-retrieval comparison)")
     ap.add_argument("--repeat", type=int, default=1, help="read-only and filter runs, alternating, per rank count")
     ap.add_argument("--threshold", type=float, default=0.2)
+    ap.add_argument(
+        "--baseline", metavar="DIR", help="also run the clip_hpc package in DIR (another version) each round"
+    )
     ap.add_argument("--clip-retrieval", metavar="DIR", default=None, help="run clip-retrieval's filter beside ours")
     ap.add_argument("--cr-keep", type=int, default=2000, help="the comparison's threshold keeps this many exactly")
     args = ap.parse_args(argv)
