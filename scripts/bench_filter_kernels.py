@@ -81,11 +81,26 @@ def variants(shards: list[Path], stored: list[np.ndarray], queries: np.ndarray) 
         "alt: queries @ block.T (torch)": each(lambda e: blocks(e, 1024, lambda b: torch.from_numpy(queries) @ b.T)),
         "alt: numpy BLAS products (np.dot)": each(lambda e: blocks(e, 1024, lambda b: np.dot(b.numpy(), queries.T))),
         "alt: faiss IndexFlatIP(queries) k=1": each(lambda e: blocks(e, 1024, lambda b: flat.search(b.numpy(), 1))),  # type: ignore[call-arg]  # faiss has no stubs
+        "alt: bfloat16 conversion + products + max": each(_bfloat16(queries)),
         "pipeline: read ahead + score (scan_unit's loop)": lambda: [
             score_rows(c.embeddings, queries, none) for _, c in read_ahead([str(p) for p in shards])
         ]
         and None,
     }  # fmt: skip
+
+
+def _bfloat16(queries: np.ndarray) -> Callable[[np.ndarray], object]:
+    """A bfloat16 pre-filter's cost (AVX512-BF16 products): blocks converted to bfloat16, multiplied, maxima."""
+    transposed = torch.from_numpy(queries).T.contiguous().bfloat16()
+
+    def run(e: np.ndarray) -> None:
+        source, buffer = torch.from_numpy(e), torch.empty((1024, e.shape[1]), dtype=torch.bfloat16)
+        for lo in range(0, len(source), 1024):
+            block = source[lo : lo + 1024]
+            buffer[: len(block)].copy_(block)
+            torch.mm(buffer[: len(block)], transposed).amax(dim=1)
+
+    return run
 
 
 def _numpy_conversion(e: np.ndarray) -> None:
