@@ -25,13 +25,17 @@ def url_of(path: str, meta: str) -> str:
 
 def read_ahead(shards: Sequence[str]) -> Iterator[tuple[str, ScanColumns]]:
     """Each shard's scan columns, the next one read by a thread while the caller scores this one (torch's products
-    release the GIL): the scan then costs about the larger of reading and scoring, not their sum."""
+    release the GIL): the scan then costs about the larger of reading and scoring, not their sum. Two vector
+    buffers take turns, so a shard's `embeddings` are overwritten once the caller has moved on to the next one
+    (scan_unit keeps none of them)."""
     with ThreadPoolExecutor(1) as pool:
+        spare: np.ndarray | None = None
         pending = pool.submit(read_scan_columns, shards[0]) if shards else None
         for i, shard in enumerate(shards):
             columns = pending.result()  # type: ignore[union-attr]  # set whenever shards is not empty
-            pending = pool.submit(read_scan_columns, shards[i + 1]) if i + 1 < len(shards) else None
+            pending = pool.submit(read_scan_columns, shards[i + 1], spare) if i + 1 < len(shards) else None
             yield shard, columns
+            spare = columns.embeddings if columns.embeddings.base is None else columns.embeddings.base
 
 
 def scan_unit(
