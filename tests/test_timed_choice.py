@@ -15,8 +15,9 @@ from clip_hpc.index.build import build_index
 from clip_hpc.index.choose import FLAT_BELOW
 from clip_hpc.index.selfcheck import off_distribution_queries
 from clip_hpc.index.timed_choice import EXACT_LABEL, Timed, choose, dominates, faiss_threads, frontier, measure
+from clip_hpc.index.update import update_index
 from clip_hpc.search.engine import SearchEngine
-from index_fixtures import synthetic_emb_dir
+from index_fixtures import synthetic, synthetic_emb_dir
 
 
 def test_only_settings_no_other_one_beats_in_every_respect_are_timed():
@@ -78,7 +79,7 @@ def test_past_the_sample_the_exact_scan_is_scaled_and_built_whole_only_where_it_
 def just_above_flat(tmp_path_factory):
     """N just above FLAT_BELOW at d=32: the auto key is IVF-PQ, and a one-thread exact scan of 10k rows is faster."""
     root = tmp_path_factory.mktemp("timed")
-    emb, vectors = synthetic_emb_dir(root / "emb", FLAT_BELOW + 500, shard_size=2_500, failed_every=97)
+    emb, vectors = synthetic_emb_dir(root / "emb", FLAT_BELOW + 500, shard_size=500, failed_every=97)
     return root, emb, vectors
 
 
@@ -103,6 +104,10 @@ def test_where_exact_search_is_faster_the_default_serves_it_and_records_the_time
         assert recall_at_k(found, exact_top_k(queries, stored, 10), 10) == 1.0
     finally:
         engine.close()
+    more, labels = synthetic.gaussian_mixture(300, vectors.shape[1], 20, latent=8, seed=5)  # --update adds to it
+    synthetic.write_emb_dir(emb, more, labels, 500, first_id=len(vectors))
+    updated = update_index(emb, root / "auto", progress=False)
+    assert updated.index_key == "Flat" and updated.n == info.n + 300 and updated.recall["served"] == 1.0
 
 
 def test_a_named_key_is_kept_and_served_at_its_fastest_setting_that_holds_the_bound(just_above_flat):
