@@ -164,25 +164,25 @@ def measure(
     in its rows); where that comes within EXACT_FULL_MARGIN of the best approximate time and exact serving is
     allowed, the whole scan is built and timed again beside the best approximate setting. Returns the choice,
     and the whole exact index when it was built (what is served when exact wins)."""
-    sampled = len(vectors) > sample_rows
+    sampled, timed_queries = len(vectors) > sample_rows, max(0, len(queries) - TIMING_WARMUP)
     flat = exact_flat(vectors, sample_rows if sampled else None)
     runners = {label: runner for label, (runner, _) in approximate.items()}
     p50 = per_query_p50({**runners, EXACT_LABEL: flat_runner(flat, k)}, queries)
     timed = [Timed(label, p50[label], bound, "approximate") for label, (_, bound) in approximate.items()]
     if not sampled:
         candidates = [*timed, Timed(EXACT_LABEL, p50[EXACT_LABEL], 1.0, EXACT_LABEL)]
-        return TimedChoice(candidates, choose(candidates, exact_allowed), exact_allowed), flat
+        return TimedChoice(candidates, choose(candidates, exact_allowed), exact_allowed, queries=timed_queries), flat
     scaled = round(p50[EXACT_LABEL] * n_total / max(1, flat.ntotal), 4)
     timed.append(Timed(EXACT_LABEL, scaled, 1.0, "exact_scaled"))
     best = min((t for t in timed if t.kind == "approximate"), key=lambda t: t.p50_ms)
     if not exact_allowed or scaled > EXACT_FULL_MARGIN * best.p50_ms:
-        return TimedChoice(timed, best.label, exact_allowed), None
+        return TimedChoice(timed, best.label, exact_allowed, queries=timed_queries), None
     del flat
     whole = exact_flat(vectors)
     again = per_query_p50({best.label: runners[best.label], EXACT_LABEL: flat_runner(whole, k)}, queries)
     timed = [Timed(t.label, again[t.label], t.bound, t.kind) if t.label == best.label else t for t in timed]
     timed.append(Timed(EXACT_LABEL, again[EXACT_LABEL], 1.0, EXACT_LABEL))
-    return TimedChoice(timed, choose(timed, exact_allowed), exact_allowed), whole
+    return TimedChoice(timed, choose(timed, exact_allowed), exact_allowed, queries=timed_queries), whole
 
 
 def served_runner(
