@@ -61,6 +61,7 @@ class BuildPlan:
     lists: str
     info: dict[str, Any]
     query_ids: np.ndarray
+    exact_allowed: bool = False  # every choice left to the build: exact search may be served where it is faster
 
 
 def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOptions, world: World) -> BuildPlan:
@@ -125,7 +126,23 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
     timings["vectors_s"] = round(time.perf_counter() - start, 3)
     sample_ids = emb.sample_ids(summary.shards, max(info.train_size, RECALL_QUERIES), np.random.default_rng(o.seed))
     index = _train_with_tier(tmp, index, info, sample_ids, o.progress, world.local_rank)
-    return BuildPlan(str(tmp.root), units, serialize(index), mode, info.to_dict(), sample_ids[:RECALL_QUERIES])
+    flat_bytes = n * dim * 4  # exact search serves IndexFlatIP: float32 rows in RAM, within the budget
+    exact_allowed = mode == "memory" and _all_left_to_the_build(o) and flat_bytes <= (info.max_ram or DEFAULT_MAX_RAM)
+    return BuildPlan(
+        str(tmp.root), units, serialize(index), mode, info.to_dict(), sample_ids[:RECALL_QUERIES], exact_allowed
+    )
+
+
+def _all_left_to_the_build(o: BuildOptions) -> bool:
+    """No key, nprobe, refine factor, lists or tier asked for: the build may serve exact search instead of its
+    index when that is no slower (a key or setting the user named is what they get)."""
+    return (
+        o.index_key in (None, "", "auto")
+        and o.nprobe is None
+        and o.refine_factor is None
+        and o.lists == "auto"
+        and o.rerank_tier in ("auto", "off")
+    )
 
 
 def _train_with_tier(
@@ -187,7 +204,7 @@ def merge_and_finish(
     elif info.ranks > 1:
         own = merge_in_memory(own, [tmp.part_path(r) for r in range(1, info.ranks)])
     timings["merge_s"] = round(time.perf_counter() - start, 3)
-    return finish(tmp, out, own, info, plan.query_ids, nprobe, timings, started).to_dict()
+    return finish(tmp, out, own, info, plan.query_ids, nprobe, timings, started, plan.exact_allowed).to_dict()
 
 
 def job_world(world: World | None = None) -> World:

@@ -31,10 +31,16 @@ class RecallReport:
     sweep_budget_hit: bool
     ground_truth_s: float
     captions_fallback: str | None = None  # why the captions could not be encoded here, when they could not
+    timing: dict[str, Any] | None = None  # the measured times the setting was chosen by (index/timed_choice.py)
     families: dict[str, FamilyFigures] = field(default_factory=dict)  # in_distribution, off_distribution, captions
     served: float = 0.0
     served_bound: float = 0.0
     target_met: bool = False
+    exact_index: Any = field(default=None, repr=False, compare=False)  # the exact scan to serve, when it won
+
+    @property
+    def serves_exact(self) -> bool:
+        return self.exact_index is not None
 
     def to_dict(self) -> dict[str, Any]:
         """The `recall` of index.json: the fields in order, captions_fallback only when set, the families inline."""
@@ -58,6 +64,8 @@ class RecallReport:
         }
         if self.captions_fallback:
             out["captions_fallback"] = self.captions_fallback
+        if self.timing is not None:
+            out["timing"] = self.timing
         out.update(self.families)
         out.update(served=self.served, served_bound=self.served_bound, target_met=self.target_met)
         return out

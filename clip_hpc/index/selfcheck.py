@@ -20,11 +20,20 @@ import faiss
 import numpy as np
 
 from clip_hpc.ann.core import normalise_rows, search_index, set_nprobe
-from clip_hpc.ann.ground_truth import ABSENT, RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
+from clip_hpc.ann.ground_truth import RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
 from clip_hpc.ann.text_queries import caption_queries, text_like_groups
 from clip_hpc.ann.tier import EXACT_FACTORS, refine_over
 from clip_hpc.index.recall_report import FamilyFigures, RecallReport
-from clip_hpc.index.tuning import TARGET_RECALL, probe_ladder, recall_lower_bound, recall_prediction_bound, sweep
+from clip_hpc.index.tier_recall import tier_ranks, tier_scores
+from clip_hpc.index.timed_choice import Setting, TimedChoice, frontier, measure, served_runner, timing_queries
+from clip_hpc.index.tuning import (
+    TARGET_RECALL,
+    Sweep,
+    probe_ladder,
+    recall_lower_bound,
+    recall_prediction_bound,
+    sweep,
+)
 
 RECALL_QUERIES = 800  # indexed vectors sampled: half tune, half report (each also the base of text-like groups)
 TEXT_GROUPS = 10  # text-like gap groups per half, each with its own direction
@@ -38,6 +47,7 @@ TIER_BYTE_COST = 1.5  # a tier code byte re-scored in RAM (SQ4 via IndexRefine),
 FAST_SCAN_BYTE_COST = 0.25  # a fast-scan 4-bit code byte costs a quarter of an 8-bit one (1M: 10 ms vs 39 a query)
 SWEEP_BUDGET_MIN_S = 60.0  # the nprobe sweep stops after max(this, SWEEP_BUDGET_SHARE x the rest of the build)
 SWEEP_BUDGET_SHARE = 0.5
+SWEEP_COST_SLACK = 2.0  # settings up to this many times the modelled cost of the best are priced, then timed
 SELF_CHECK_SALT = 0x5E1F_C4EC  # default_rng(seed + 1) drew offsets equal to the synthetic data's cluster centres
 
 
@@ -74,42 +84,6 @@ def serving_cost(
     rows = exact_factor if tier_bytes and exact_factor else factor
     tier = TIER_BYTE_COST * factor * RECALL_K * tier_bytes if tier_bytes and exact_factor else 0.0
     return nprobe * list_size * code_size + tier + RERANK_BYTE_COST * rows * RECALL_K * dim * 2
-
-
-def tier_ranks(found: np.ndarray, scores: np.ndarray, positions: np.ndarray, prefixes: list[int]) -> np.ndarray:
-    """For each query, true top-k id and candidate prefix length C: how many of the first C candidates the tier
-    scores above that id (a large number where the id is not among them). The tier hands its best E to the exact
-    re-rank, so the id survives (C, E) when this is below E. `scores[i, j]` is the tier's score of `found[i, j]`."""
-    out = np.full((len(prefixes), *positions.shape), ABSENT, dtype=np.int64)
-    cols = np.asarray(prefixes) - 1
-    for i in range(len(found)):
-        present = np.flatnonzero(positions[i] < found.shape[1])
-        if not len(present):
-            continue
-        mine = scores[i, positions[i, present]]
-        above = np.cumsum(scores[i][None, :] > mine[:, None], axis=1)[:, np.minimum(cols, found.shape[1] - 1)]
-        inside = positions[i, present][:, None] <= cols[None, :]
-        out[:, i, present] = np.where(inside, above, out[:, i, present].T).T
-    return out
-
-
-def tier_scores(index: faiss.Index, tier: faiss.Index, queries: np.ndarray, found: np.ndarray) -> np.ndarray:
-    """The tier's score of every candidate in `found` (the index's own list at its nprobe; -inf where -1), from
-    FAISS's IndexRefine over the same candidates, re-scored and mapped back to their places."""
-    refine = refine_over(index, tier)
-    got_scores, got_ids = refine.search(
-        np.ascontiguousarray(queries, dtype=np.float32),
-        found.shape[1],
-        params=faiss.IndexRefineSearchParameters(k_factor=1.0),
-    )
-    out = np.full(found.shape, -np.inf, dtype=np.float32)
-    for i in range(len(found)):
-        order = np.argsort(got_ids[i], kind="stable")
-        ids = got_ids[i][order]
-        at = np.minimum(np.searchsorted(ids, found[i]), len(ids) - 1)
-        ok = (ids[at] == found[i]) & (found[i] >= 0)
-        out[i, ok] = got_scores[i][order][at[ok]]
-    return out
 
 
 def _family_spans(families: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, dict[str, list[tuple[int, int]]]]:
@@ -299,6 +273,37 @@ def _served_figures(
     return report
 
 
+def _timed_setting(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    tier: faiss.Index | None,
+    tuned: Sweep,
+    cost: _Costs,
+    queries: np.ndarray,
+    exact_allowed: bool,
+) -> tuple[TimedChoice, Setting | None, faiss.Index | None]:
+    """The settings that hold the bound (the sweep's fallback when none does), timed beside exact search: the
+    fastest setting, or None and the exact index when exact search is the fastest and allowed."""
+    assert tuned.best is not None  # sweep always chooses a pair
+    meeting = [s for s, b in tuned.bounds.items() if b >= TARGET_RECALL] or [tuned.best]
+    by_label = {_label(p, c): (p, c) for p, c in frontier(meeting, cost)}
+    refined = refine_over(index, tier) if tier is not None and any(c[1] for _, c in by_label.values()) else None
+    approximate = {
+        label: (served_runner(index, vectors, refined, *s, RECALL_K), tuned.bounds[s]) for label, s in by_label.items()
+    }
+    choice, flat = measure(
+        approximate, vectors, timing_queries(queries), n_total=index.ntotal, k=RECALL_K, exact_allowed=exact_allowed
+    )
+    return (choice, None, flat) if choice.exact_wins else (choice, by_label[choice.chosen], None)
+
+
+def _exact_bound(flat: faiss.Index, vectors: np.ndarray, tune: CheckQueries) -> tuple[_Recall, float]:
+    """The exact scan's recall and its bound on the tuning half, as any setting's (1, but for what ties leave)."""
+    recall, recorded = _Recall(flat, vectors, None, [(0, 0)]), dict[str, float]()
+    bound = _tuning_bounds(recall, tune, [1], RECALL_K, RECALL_K, recorded)(1, [(0, 0)])((0, 0))
+    return recall, bound
+
+
 def self_check(
     index: faiss.Index,
     vectors: np.ndarray,
@@ -312,14 +317,17 @@ def self_check(
     pretrained: str | None = None,
     budget_s: float | None = None,
     tier: faiss.Index | None = None,
+    exact_allowed: bool = False,
 ) -> RecallReport:
     """Recall@10 of the served configuration against exact search, for three query families: indexed vectors,
     synthetic text-like groups (one gap direction each, cosine to their image 0.45 down to 0.25) and the built-in
     captions through the index's own text tower (when its weights load here). Half of every family tunes nprobe
-    and the refine factor jointly (the cheapest pair whose 3-sigma bounds, and for the gap groups the prediction
-    bound of a fresh group, all reach TARGET_RECALL); the other half, never seen by tuning, gives the figures.
-    The exact top 10 is searched once for both halves; each nprobe is one search at the largest candidate count,
-    which prices every refine factor (`hit_positions`); the sweep stops after `budget_s` and says so."""
+    and the refine factor jointly (the settings whose 3-sigma bounds, and for the gap groups the prediction
+    bound of a fresh group, all reach TARGET_RECALL); the fastest of them by measured time wins
+    (index/timed_choice.py), or, where `exact_allowed`, exact search when it is no slower (`exact_index`); the
+    other half, never seen by tuning, gives the figures. The exact top 10 is searched once for both halves; each
+    nprobe is one search at the largest candidate count, which prices every refine factor (`hit_positions`); the
+    sweep stops after `budget_s` and says so."""
     started = time.perf_counter()
     rng = np.random.default_rng([seed, SELF_CHECK_SALT])  # a stream of its own: never the one data came from
     text = caption_queries(model, pretrained, int(vectors.shape[1])) if model else None
@@ -337,9 +345,15 @@ def self_check(
     tuning: dict[str, float] = {}
     bound_of = _tuning_bounds(recall, tune, probes, n_cand, cost.longest, tuning)
     budget = budget_s if budget_s is not None else math.inf
-    tuned = sweep(bound_of, probes, configs, cost, deadline=time.perf_counter() + budget)
-    assert tuned.best is not None  # sweep always chooses a pair
-    nprobe, (factor, exact_factor) = tuned.best
+    tuned = sweep(bound_of, probes, configs, cost, deadline=time.perf_counter() + budget, slack=SWEEP_COST_SLACK)
+    choice, setting, flat = (
+        (None, tuned.best, None)
+        if cost.ivf is None
+        else _timed_setting(index, vectors, tier if tiered else None, tuned, cost, tune.queries, exact_allowed)
+    )
+    if flat is not None:  # exact search won: it is what is served, and what the figures measure
+        recall, tuning["exact"] = _exact_bound(flat, vectors, tune)
+    nprobe, (factor, exact_factor) = setting or (1, (0, 0))
     shown_factor = factor or refine_factor or REFINE_FACTORS[0]  # refine numbers are shown even when it is off
     report = RecallReport(
         k=RECALL_K,
@@ -347,7 +361,7 @@ def self_check(
         nprobe=nprobe,
         refine_factor=shown_factor,
         tier_exact_factor=exact_factor or None,
-        tier_code_bytes=tier_bytes or None,
+        tier_code_bytes=(tier_bytes or None) if flat is None else None,
         tuning_queries=int(len(tune.queries)),
         queries=int(len(served.queries)),
         off_directions=len(served.spans["text_like"]),
@@ -359,12 +373,14 @@ def self_check(
         sweep_budget_hit=tuned.budget_hit,
         ground_truth_s=round(truth_s, 3),
         captions_fallback=text.reason if text is not None and text.reason else None,
+        timing=None if choice is None else choice.to_dict(),
+        exact_index=flat,
     )
     served_recall = recall.at(served, nprobe, RECALL_K * max(shown_factor, 1))
     report.families = _served_figures(served_recall, served, (shown_factor, exact_factor))
     label = "refine" if factor else "no_refine"
     report.served = round(min(figures[label] for figures in report.families.values()), 4)
-    report.served_bound = tuning[_label(nprobe, (factor, exact_factor))]
+    report.served_bound = tuning["exact" if flat is not None else _label(nprobe, (factor, exact_factor))]
     report.target_met = report.served_bound >= TARGET_RECALL and report.served >= TARGET_RECALL
     set_nprobe(index, nprobe)
     return report

@@ -234,8 +234,11 @@ def finish(
     nprobe: int | None,
     timings: dict[str, Any],
     started: float,
+    exact_allowed: bool = False,
 ) -> IndexInfo:
-    """Self-check, save the index and index.json into `tmp`, then swap `tmp` in as `out`."""
+    """Self-check, save the index and index.json into `tmp`, then swap `tmp` in as `out`; where `exact_allowed`
+    and the self-check measured exact search no slower than every setting of the index, a Flat index of the
+    same rows is saved instead (`serve_exact`)."""
     start = time.perf_counter()
     vectors = tmp.open_vectors()
     budget = max(SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE * (start - started))  # a stated share of the build
@@ -252,8 +255,11 @@ def finish(
         pretrained=info.pretrained,
         budget_s=budget,
         tier=tier,
+        exact_allowed=exact_allowed,
     )
     info.nprobe, info.recall, info.refine_factor = check.nprobe, check.to_dict(), check.refine_factor
+    if check.serves_exact:
+        index = serve_exact(info, check.exact_index)
     if tier is not None and not check.tier_exact_factor:
         tmp.remove_tier()  # it does not pay on this data: neither RAM nor disk keeps it
     key = (info.tier or {}).get("key", TIER_KEY)  # the plan's (or, on --update, the index's own) tier code
@@ -277,6 +283,14 @@ def finish(
     tmp.write_info(info)
     tmp.swap_in(out)
     return info
+
+
+def serve_exact(info: IndexInfo, flat: faiss.Index) -> faiss.Index:
+    """The exact scan in place of the index built: a Flat key, no re-rank, as a build below FLAT_BELOW serves;
+    index.json's `recall.timing` keeps the times and the key it was measured against."""
+    info.recall["timing"]["built_key"] = info.index_key
+    info.index_key, info.refine, info.train_size = "Flat", False, 0
+    return flat
 
 
 def checked_set(emb: EmbDir) -> EmbSummary:

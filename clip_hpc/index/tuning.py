@@ -48,18 +48,20 @@ def sweep(
     cost: Callable[[int, Any], float],
     deadline: float,
     target: float = TARGET_RECALL,
+    slack: float = 1.0,
 ) -> Sweep:
     """nprobe from small to large, every factor still cheaper than the best pair priced from one search each
     (`bound_of(probe, live)(factor)`); the cheapest pair reaching `target` wins; stops once a wider nprobe alone
     costs more than that pair, or at `deadline` (perf_counter seconds) after at least one nprobe, saying so (and
     then, if nothing reached the target yet, prices the widest nprobe before it stops).
     None reaching it: the cheapest within FALLBACK_SLACK of the best bound (the tier at a hair's less recall
-    than re-reading 50,000 rows, on data where nothing reaches the target)."""
+    than re-reading 50,000 rows, on data where nothing reaches the target). With `slack` > 1, settings up to
+    `slack` x the best pair's cost are priced too (the measured time, not this cost, chooses among them)."""
     out = Sweep()
     queue = list(probes)
     while queue:
         probe = queue.pop(0)
-        live = [f for f in factors if out.best is None or cost(probe, f) < cost(*out.best)]
+        live = [f for f in factors if out.best is None or cost(probe, f) < slack * cost(*out.best)]
         if not live:
             break
         if out.probes and time.perf_counter() > deadline and not out.budget_hit:
