@@ -61,6 +61,15 @@ class TierScorer:
         """The tier of an INDEX_DIR, its codes read whole into RAM."""
         return cls(faiss.read_index(str(trained_path)), np.load(codes_path), threads)
 
+    @classmethod
+    def of_index(cls, tier: faiss.Index, threads: int = 1) -> TierScorer:
+        """The scorer over a tier loaded whole (`load_tier`), as the self-check holds it: its codes copied out
+        once, and an empty trained copy for the scratch indexes."""
+        codes = faiss.vector_to_array(tier.codes).reshape(int(tier.ntotal), int(tier.sa_code_size()))
+        trained = faiss.clone_index(tier)
+        trained.reset()
+        return cls(trained, codes, threads)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

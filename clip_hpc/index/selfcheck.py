@@ -22,7 +22,7 @@ import numpy as np
 from clip_hpc.ann.core import normalise_rows, search_index, set_nprobe
 from clip_hpc.ann.ground_truth import RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
 from clip_hpc.ann.text_queries import caption_queries, text_like_groups
-from clip_hpc.ann.tier import EXACT_FACTORS, refine_over
+from clip_hpc.ann.tier import EXACT_FACTORS, TierScorer
 from clip_hpc.index.recall_report import FamilyFigures, RecallReport
 from clip_hpc.index.tier_recall import tier_ranks, tier_scores
 from clip_hpc.index.timed_choice import Setting, TimedChoice, frontier, measure, served_runner, timing_queries
@@ -287,7 +287,8 @@ def _timed_setting(
     assert tuned.best is not None  # sweep always chooses a pair
     meeting = [s for s, b in tuned.bounds.items() if b >= TARGET_RECALL] or [tuned.best]
     by_label = {_label(p, c): (p, c) for p, c in frontier(meeting, cost)}
-    refined = refine_over(index, tier) if tier is not None and any(c[1] for _, c in by_label.values()) else None
+    tiered = tier is not None and any(c[1] for _, c in by_label.values())
+    refined = TierScorer.of_index(tier) if tier is not None and tiered else None  # as the engine serves it
     approximate = {
         label: (served_runner(index, vectors, refined, *s, RECALL_K), tuned.bounds[s]) for label, s in by_label.items()
     }

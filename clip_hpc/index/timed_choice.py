@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 from clip_hpc.ann.core import search_index, set_nprobe
+from clip_hpc.ann.tier import TierScorer
 
 TIMING_QUERIES = 24  # single queries timed per candidate (after TIMING_WARMUP untimed ones)
 TIMING_WARMUP = 2
@@ -186,7 +187,7 @@ def measure(
 
 
 def served_runner(
-    index: faiss.Index, vectors: np.ndarray, refined: faiss.Index | None, probe: int, config: tuple[int, int], k: int
+    index: faiss.Index, vectors: np.ndarray, refined: TierScorer | None, probe: int, config: tuple[int, int], k: int
 ) -> Runner:
     """One query through the served search at (nprobe, (refine factor, tier exact factor)), as the engine runs it."""
     factor, exact_factor = config
