@@ -58,6 +58,7 @@ class BuildPlan:
     lists: str
     info: dict[str, Any]
     query_ids: np.ndarray
+    tier_asked: bool = False  # --rerank-tier on: kept even where the self-check finds it does not pay
 
 
 def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOptions, world: World) -> BuildPlan:
@@ -111,7 +112,15 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
     timings["vectors_s"] = round(time.perf_counter() - start, 3)
     sample_ids = emb.sample_ids(summary.shards, max(info.train_size, RECALL_QUERIES), np.random.default_rng(o.seed))
     index = _train_with_tier(tmp, index, info, sample_ids, o, world.local_rank, is_ivf, n)
-    return BuildPlan(str(tmp.root), units, serialize(index), mode, info.to_dict(), sample_ids[:RECALL_QUERIES])
+    return BuildPlan(
+        str(tmp.root),
+        units,
+        serialize(index),
+        mode,
+        info.to_dict(),
+        sample_ids[:RECALL_QUERIES],
+        tier_asked=o.rerank_tier == "on",
+    )
 
 
 def _train_with_tier(
@@ -175,7 +184,7 @@ def merge_and_finish(
     elif info.ranks > 1:
         own = merge_in_memory(own, [tmp.part_path(r) for r in range(1, info.ranks)])
     timings["merge_s"] = round(time.perf_counter() - start, 3)
-    return finish(tmp, out, own, info, plan.query_ids, nprobe, timings, started).to_dict()
+    return finish(tmp, out, own, info, plan.query_ids, nprobe, timings, started, plan.tier_asked).to_dict()
 
 
 def job_world(world: World | None = None) -> World:

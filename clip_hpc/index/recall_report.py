@@ -31,6 +31,7 @@ class RecallReport:
     sweep_budget_hit: bool
     ground_truth_s: float
     captions_fallback: str | None = None  # why the captions could not be encoded here, when they could not
+    tier_pays: bool | None = None  # --rerank-tier on only: whether the self-check would have chosen the tier too
     families: dict[str, FamilyFigures] = field(default_factory=dict)  # in_distribution, off_distribution, captions
     served: float = 0.0
     served_bound: float = 0.0
@@ -58,6 +59,8 @@ class RecallReport:
         }
         if self.captions_fallback:
             out["captions_fallback"] = self.captions_fallback
+        if self.tier_pays is not None:
+            out["tier_pays"] = self.tier_pays
         out.update(self.families)
         out.update(served=self.served, served_bound=self.served_bound, target_met=self.target_met)
         return out

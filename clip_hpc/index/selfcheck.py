@@ -24,7 +24,13 @@ from clip_hpc.ann.ground_truth import ABSENT, RECALL_K, Truth, exact_truth, tie_
 from clip_hpc.ann.text_queries import caption_queries, text_like_groups
 from clip_hpc.ann.tier import EXACT_FACTORS, refine_over
 from clip_hpc.index.recall_report import FamilyFigures, RecallReport
-from clip_hpc.index.tuning import TARGET_RECALL, probe_ladder, recall_lower_bound, recall_prediction_bound, sweep
+from clip_hpc.index.tuning import (
+    TARGET_RECALL,
+    probe_ladder,
+    recall_lower_bound,
+    recall_prediction_bound,
+    sweep_keeping,
+)
 
 RECALL_QUERIES = 800  # indexed vectors sampled: half tune, half report (each also the base of text-like groups)
 TEXT_GROUPS = 10  # text-like gap groups per half, each with its own direction
@@ -312,6 +318,7 @@ def self_check(
     pretrained: str | None = None,
     budget_s: float | None = None,
     tier: faiss.Index | None = None,
+    keep_tier: bool = False,
 ) -> RecallReport:
     """Recall@10 of the served configuration against exact search, for three query families: indexed vectors,
     synthetic text-like groups (one gap direction each, cosine to their image 0.45 down to 0.25) and the built-in
@@ -319,7 +326,8 @@ def self_check(
     and the refine factor jointly (the cheapest pair whose 3-sigma bounds, and for the gap groups the prediction
     bound of a fresh group, all reach TARGET_RECALL); the other half, never seen by tuning, gives the figures.
     The exact top 10 is searched once for both halves; each nprobe is one search at the largest candidate count,
-    which prices every refine factor (`hit_positions`); the sweep stops after `budget_s` and says so."""
+    which prices every refine factor (`hit_positions`); the sweep stops after `budget_s` and says so. `keep_tier`
+    (an explicit --rerank-tier on) serves with the tier even where it does not pay, and says so (`tier_pays`)."""
     started = time.perf_counter()
     rng = np.random.default_rng([seed, SELF_CHECK_SALT])  # a stream of its own: never the one data came from
     text = caption_queries(model, pretrained, int(vectors.shape[1])) if model else None
@@ -337,7 +345,8 @@ def self_check(
     tuning: dict[str, float] = {}
     bound_of = _tuning_bounds(recall, tune, probes, n_cand, cost.longest, tuning)
     budget = budget_s if budget_s is not None else math.inf
-    tuned = sweep(bound_of, probes, configs, cost, deadline=time.perf_counter() + budget)
+    with_tier = (lambda config: bool(config[1])) if keep_tier and tiered else None
+    tuned, pays = sweep_keeping(bound_of, probes, configs, cost, budget, keep=with_tier)
     assert tuned.best is not None  # sweep always chooses a pair
     nprobe, (factor, exact_factor) = tuned.best
     shown_factor = factor or refine_factor or REFINE_FACTORS[0]  # refine numbers are shown even when it is off
@@ -359,6 +368,7 @@ def self_check(
         sweep_budget_hit=tuned.budget_hit,
         ground_truth_s=round(truth_s, 3),
         captions_fallback=text.reason if text is not None and text.reason else None,
+        tier_pays=None if with_tier is None else pays,
     )
     served_recall = recall.at(served, nprobe, RECALL_K * max(shown_factor, 1))
     report.families = _served_figures(served_recall, served, (shown_factor, exact_factor))

@@ -5,6 +5,7 @@ finishing (self-check, save, swap in)."""
 from __future__ import annotations
 
 import datetime as _dt
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from clip_hpc.index.choose import (
 )
 from clip_hpc.index.defaults import TRAIN_PER_LIST
 from clip_hpc.index.gpu_train import pretrain_coarse_quantizer
-from clip_hpc.index.rerank_tier import TIER_KEY, encode_into
+from clip_hpc.index.rerank_tier import encode_into, tier_record, tier_warning
 from clip_hpc.index.selfcheck import SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE, self_check
 
 
@@ -233,9 +234,13 @@ def finish(
     nprobe: int | None,
     timings: dict[str, Any],
     started: float,
+    tier_asked: bool = False,
 ) -> IndexInfo:
-    """Self-check, save the index and index.json into `tmp`, then swap `tmp` in as `out`."""
+    """Self-check, save the index and index.json into `tmp`, then swap `tmp` in as `out`. A tier asked for
+    (`tier_asked`: --rerank-tier on, now or when the index being updated was built) is kept where it does not pay,
+    with a warning."""
     start = time.perf_counter()
+    tier_asked = tier_asked or (info.tier or {}).get("asked") == "on"
     vectors = tmp.open_vectors()
     budget = max(SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE * (start - started))  # a stated share of the build
     tier = load_tier(tmp.tier_path, tmp.tier_codes_path) if tmp.has_tier() else None
@@ -251,15 +256,18 @@ def finish(
         pretrained=info.pretrained,
         budget_s=budget,
         tier=tier,
+        keep_tier=tier_asked,
     )
     info.nprobe, info.recall, info.refine_factor = check.nprobe, check.to_dict(), check.refine_factor
     if tier is not None and not check.tier_exact_factor:
         tmp.remove_tier()  # it does not pay on this data: neither RAM nor disk keeps it
     info.tier = (
-        {"key": TIER_KEY, "code_bytes": int(tier.sa_code_size()), "exact_factor": check.tier_exact_factor}
+        tier_record(int(tier.sa_code_size()), int(check.tier_exact_factor or 0), tier_asked, check.tier_pays)
         if tier is not None and tmp.has_tier()
         else None
     )
+    if tier is not None and check.tier_pays is False:
+        print(tier_warning(kept=tmp.has_tier()), file=sys.stderr)
     del tier
     timings["recall_s"] = round(time.perf_counter() - start, 3)
     del vectors
