@@ -5,7 +5,7 @@ objects and loose files beside `T.tar` (and one with no such tar), sidecar capti
 true, 42, null, a list) through the text tower (`--captions`), every pixel mode just under and just over the pixel
 limit, then files and objects added, deleted and replaced before `embed --append` and `index --update`. What is
 served is byte for byte what was indexed or a JSON 4xx (409 replaced, 404 deleted), the ZIP export's names are
-plain, and every input ends embedded or recorded with a reason. About 60 s on 2 cores (one rank, no workers)."""
+plain, and every input ends embedded or recorded with a reason. About 52 s on 2 cores (one rank, no workers)."""
 
 from __future__ import annotations
 
