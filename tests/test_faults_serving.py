@@ -117,6 +117,17 @@ def test_seen_a_boolean_where_a_number_belongs_is_refused(routes_app, body):
     assert got.status_code == 422 and "not true or false" in got.json()["error"], got.text
 
 
+@pytest.mark.parametrize("field", ["k", "diversity"])
+@pytest.mark.parametrize("value", [True, False])
+def test_leftover_a_boolean_k_or_diversity_is_a_422_naming_the_field(routes_app, field, value):
+    """`k: true` was read as k=1 (and `diversity: true` as 1.0): one result, without a word."""
+    got = routes_app.client.post("/api/search", json={"text": "a red square", field: value})
+    assert got.status_code == 422, got.text
+    assert field in got.json()["error"] and "not true or false" in got.json()["error"], got.text
+    export = routes_app.client.post("/api/export", json={"ids": [0], "scores": [value]})
+    assert export.status_code == 422 and "scores" in export.json()["error"], export.text
+
+
 @pytest.mark.parametrize("value", ["-inf", "nan", "-1e400"])
 def test_seen_min_similarity_minus_inf_is_one_clear_line(value):
     proc = run_cli("search", "/nonexistent-index", "cat", "--min-similarity", value)

@@ -17,6 +17,19 @@ from clip_hpc.server.token_env import TOKEN_ENV
 
 
 # --- index, search ----------------------------------------------------------------------------------------------
+def build_only_flags(args: argparse.Namespace) -> list[str]:
+    """The build choices given beside --update, which adds to the index as it was trained and would ignore them."""
+    given = {
+        "--index-key": args.index_key not in (None, "", "auto"),
+        "--train-size": args.train_size is not None,
+        "--refine-factor": args.refine_factor is not None,
+        "--lists": args.lists != "auto",
+        "--rerank-tier": args.rerank_tier != "auto",
+        "--max-ram": args.max_ram is not None,
+    }
+    return [flag for flag, is_given in given.items() if is_given]
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -27,6 +40,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     from clip_hpc.index.update import update_index
     from clip_hpc.ingest.object_store import require_posix
 
+    if args.update and (ignored := build_only_flags(args)):
+        raise UserError(
+            f"--update adds to the index as it was built and cannot honour {', '.join(ignored)}: leave "
+            f"{'it' if len(ignored) == 1 else 'them'} out, or build a new index (another --out)"
+        )
     idle = idle_without_mpi(world())
     if idle:  # exit 0: srun --kill-on-bad-exit would take rank 0's build down with a failing rank
         if world().rank == 1:  # one line for the job, not one per idle rank
@@ -114,7 +132,12 @@ def add_index(sub: argparse._SubParsersAction) -> None:
         help="candidates per result taken from the codes (default: the cheapest that reaches recall@10 "
         ">= 0.95, with nprobe)",
     )
-    p.add_argument("--update", action="store_true", help="add units not yet indexed, without retraining")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="add units not yet indexed, without retraining (with --nprobe, --refine/--no-refine, --vectors; the "
+        "other build choices are refused)",
+    )
     p.add_argument(
         "--lists",
         choices=("auto", "memory", "disk"),

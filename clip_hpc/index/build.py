@@ -62,6 +62,7 @@ class BuildPlan:
     info: dict[str, Any]
     query_ids: np.ndarray
     exact_allowed: bool = False  # every choice left to the build: exact search may be served where it is faster
+    tier_asked: bool = False  # --rerank-tier on: kept even where the self-check finds it does not pay
 
 
 def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOptions, world: World) -> BuildPlan:
@@ -129,7 +130,14 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
     flat_bytes = n * dim * 4  # exact search serves IndexFlatIP: float32 rows in RAM, within the budget
     exact_allowed = mode == "memory" and _all_left_to_the_build(o) and flat_bytes <= (info.max_ram or DEFAULT_MAX_RAM)
     return BuildPlan(
-        str(tmp.root), units, serialize(index), mode, info.to_dict(), sample_ids[:RECALL_QUERIES], exact_allowed
+        str(tmp.root),
+        units,
+        serialize(index),
+        mode,
+        info.to_dict(),
+        sample_ids[:RECALL_QUERIES],
+        exact_allowed,
+        tier_asked=o.rerank_tier not in ("auto", "off"),
     )
 
 
@@ -204,7 +212,9 @@ def merge_and_finish(
     elif info.ranks > 1:
         own = merge_in_memory(own, [tmp.part_path(r) for r in range(1, info.ranks)])
     timings["merge_s"] = round(time.perf_counter() - start, 3)
-    return finish(tmp, out, own, info, plan.query_ids, nprobe, timings, started, plan.exact_allowed).to_dict()
+    return finish(
+        tmp, out, own, info, plan.query_ids, nprobe, timings, started, plan.exact_allowed, plan.tier_asked
+    ).to_dict()
 
 
 def job_world(world: World | None = None) -> World:

@@ -32,6 +32,7 @@ class RecallReport:
     ground_truth_s: float
     captions_fallback: str | None = None  # why the captions could not be encoded here, when they could not
     timing: dict[str, Any] | None = None  # the measured times the setting was chosen by (index/timed_choice.py)
+    tier_pays: bool | None = None  # --rerank-tier on only: whether the self-check would have chosen the tier too
     families: dict[str, FamilyFigures] = field(default_factory=dict)  # in_distribution, off_distribution, captions
     served: float = 0.0
     served_bound: float = 0.0
@@ -66,6 +67,8 @@ class RecallReport:
             out["captions_fallback"] = self.captions_fallback
         if self.timing is not None:
             out["timing"] = self.timing
+        if self.tier_pays is not None:
+            out["tier_pays"] = self.tier_pays
         out.update(self.families)
         out.update(served=self.served, served_bound=self.served_bound, target_met=self.target_met)
         return out

@@ -10,6 +10,7 @@ This is the build side; loading and refining over the tier (the query side) is i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -72,3 +73,23 @@ def encode_into(tier: faiss.Index, codes_path: Path, ids: np.ndarray, vectors: n
 def start_codes(tier: faiss.Index, codes_path: Path, n_rows: int) -> None:
     """An empty tier_codes.npy of one row per global id, for the ranks to fill."""
     create_codes(codes_path, n_rows, int(tier.sa_code_size()))
+
+
+def tier_record(key: str, code_bytes: int, exact_factor: int, asked_on: bool, pays: bool | None) -> dict[str, Any]:
+    """index.json's `tier`; after an explicit `--rerank-tier on` also that it was asked for (so `--update` keeps it)
+    and whether the self-check would have chosen it by itself."""
+    asked = {"asked": "on", "pays": bool(pays)} if asked_on else {}
+    return {"key": key, "code_bytes": code_bytes, "exact_factor": exact_factor, **asked}
+
+
+def tier_warning(kept: bool) -> str:
+    """The line `clip-hpc index` prints when an explicit `--rerank-tier on` does not pay on this data."""
+    if kept:
+        return (
+            "clip-hpc index: warning: --rerank-tier on: kept as asked, but the self-check found the tier does not pay "
+            "on this data (the same recall costs less without it); leave --rerank-tier at auto to drop it"
+        )
+    return (
+        "clip-hpc index: warning: --rerank-tier on: no setting with the tier reached the recall the exact re-rank "
+        "alone does on this data; the index has no tier"
+    )

@@ -32,7 +32,7 @@ from clip_hpc.index.tuning import (
     probe_ladder,
     recall_lower_bound,
     recall_prediction_bound,
-    sweep,
+    sweep_keeping,
 )
 
 RECALL_QUERIES = 800  # indexed vectors sampled: half tune, half report (each also the base of text-like groups)
@@ -281,11 +281,13 @@ def _timed_setting(
     cost: _Costs,
     queries: np.ndarray,
     exact_allowed: bool,
+    keep: Callable[[Config], bool] | None = None,
 ) -> tuple[TimedChoice, Setting | None, faiss.Index | None]:
     """The settings that hold the bound (the sweep's fallback when none does), timed beside exact search: the
     fastest setting, or None and the exact index when exact search is the fastest and allowed."""
     assert tuned.best is not None  # sweep always chooses a pair
-    meeting = [s for s, b in tuned.bounds.items() if b >= TARGET_RECALL] or [tuned.best]
+    meeting = [s for s, b in tuned.bounds.items() if b >= TARGET_RECALL and (keep is None or keep(s[1]))]
+    meeting = meeting or [tuned.best]  # the sweep's own choice (with `keep`, one that keeps the tier)
     by_label = {_label(p, c): (p, c) for p, c in frontier(meeting, cost)}
     tiered = tier is not None and any(c[1] for _, c in by_label.values())
     refined = TierScorer.of_index(tier) if tier is not None and tiered else None  # as the engine serves it
@@ -319,6 +321,7 @@ def self_check(
     budget_s: float | None = None,
     tier: faiss.Index | None = None,
     exact_allowed: bool = False,
+    keep_tier: bool = False,
 ) -> RecallReport:
     """Recall@10 of the served configuration against exact search, for three query families: indexed vectors,
     synthetic text-like groups (one gap direction each, cosine to their image 0.45 down to 0.25) and the built-in
@@ -328,7 +331,8 @@ def self_check(
     (index/timed_choice.py), or, where `exact_allowed`, exact search when it is no slower (`exact_index`); the
     other half, never seen by tuning, gives the figures. The exact top 10 is searched once for both halves; each
     nprobe is one search at the largest candidate count, which prices every refine factor (`hit_positions`); the
-    sweep stops after `budget_s` and says so."""
+    sweep stops after `budget_s` and says so. `keep_tier`
+    (an explicit --rerank-tier on) serves with the tier even where it does not pay, and says so (`tier_pays`)."""
     started = time.perf_counter()
     rng = np.random.default_rng([seed, SELF_CHECK_SALT])  # a stream of its own: never the one data came from
     text = caption_queries(model, pretrained, int(vectors.shape[1])) if model else None
@@ -346,11 +350,14 @@ def self_check(
     tuning: dict[str, float] = {}
     bound_of = _tuning_bounds(recall, tune, probes, n_cand, cost.longest, tuning)
     budget = budget_s if budget_s is not None else math.inf
-    tuned = sweep(bound_of, probes, configs, cost, deadline=time.perf_counter() + budget, slack=SWEEP_COST_SLACK)
+    with_tier = (lambda config: bool(config[1])) if keep_tier and tiered else None
+    tuned, pays = sweep_keeping(bound_of, probes, configs, cost, budget, keep=with_tier, slack=SWEEP_COST_SLACK)
     choice, setting, flat = (
         (None, tuned.best, None)
         if cost.ivf is None
-        else _timed_setting(index, vectors, tier if tiered else None, tuned, cost, tune.queries, exact_allowed)
+        else _timed_setting(
+            index, vectors, tier if tiered else None, tuned, cost, tune.queries, exact_allowed, with_tier
+        )
     )
     if flat is not None:  # exact search won: it is what is served, and what the figures measure
         recall, tuning["exact"] = _exact_bound(flat, vectors, tune)
@@ -376,6 +383,7 @@ def self_check(
         captions_fallback=text.reason if text is not None and text.reason else None,
         timing=None if choice is None else choice.to_dict(),
         exact_index=flat,
+        tier_pays=None if with_tier is None else pays,
     )
     served_recall = recall.at(served, nprobe, RECALL_K * max(shown_factor, 1))
     report.families = _served_figures(served_recall, served, (shown_factor, exact_factor))

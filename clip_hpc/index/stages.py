@@ -5,6 +5,7 @@ finishing (self-check, save, swap in)."""
 from __future__ import annotations
 
 import datetime as _dt
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from clip_hpc.index.choose import (
 )
 from clip_hpc.index.defaults import TRAIN_PER_LIST
 from clip_hpc.index.gpu_train import pretrain_coarse_quantizer
-from clip_hpc.index.rerank_tier import TIER_KEY, encode_into
+from clip_hpc.index.rerank_tier import TIER_KEY, encode_into, tier_record, tier_warning
 from clip_hpc.index.selfcheck import SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE, self_check
 from clip_hpc.index.summary import served_footprint
 
@@ -235,11 +236,14 @@ def finish(
     timings: dict[str, Any],
     started: float,
     exact_allowed: bool = False,
+    tier_asked: bool = False,
 ) -> IndexInfo:
     """Self-check, save the index and index.json into `tmp`, then swap `tmp` in as `out`; where `exact_allowed`
     and the self-check measured exact search no slower than every setting of the index, a Flat index of the
-    same rows is saved instead (`serve_exact`)."""
+    same rows is saved instead (`serve_exact`). A tier asked for (`tier_asked`: --rerank-tier on or a named code,
+    now or when the index being updated was built) is kept where it does not pay, with a warning."""
     start = time.perf_counter()
+    tier_asked = tier_asked or (info.tier or {}).get("asked") == "on"
     vectors = tmp.open_vectors()
     budget = max(SWEEP_BUDGET_MIN_S, SWEEP_BUDGET_SHARE * (start - started))  # a stated share of the build
     tier = load_tier(tmp.tier_path, tmp.tier_codes_path) if tmp.has_tier() else None
@@ -255,7 +259,8 @@ def finish(
         pretrained=info.pretrained,
         budget_s=budget,
         tier=tier,
-        exact_allowed=exact_allowed,
+        exact_allowed=exact_allowed and not tier_asked,
+        keep_tier=tier_asked,
     )
     info.nprobe, info.recall, info.refine_factor = check.nprobe, check.to_dict(), check.refine_factor
     if check.serves_exact:
@@ -264,10 +269,12 @@ def finish(
         tmp.remove_tier()  # it does not pay on this data: neither RAM nor disk keeps it
     key = (info.tier or {}).get("key", TIER_KEY)  # the plan's (or, on --update, the index's own) tier code
     info.tier = (
-        {"key": key, "code_bytes": int(tier.sa_code_size()), "exact_factor": check.tier_exact_factor}
+        tier_record(key, int(tier.sa_code_size()), int(check.tier_exact_factor or 0), tier_asked, check.tier_pays)
         if tier is not None and tmp.has_tier()
         else None
     )
+    if tier is not None and check.tier_pays is False:
+        print(tier_warning(kept=tmp.has_tier()), file=sys.stderr)
     del tier
     timings["recall_s"] = round(time.perf_counter() - start, 3)
     del vectors

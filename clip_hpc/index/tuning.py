@@ -86,3 +86,31 @@ def probe_ladder(nlist: int) -> list[int]:
     """1, 2, 4, ... up to every list."""
     ladder = [1 << i for i in range(max(1, nlist).bit_length()) if (1 << i) < nlist]
     return ladder + [nlist]
+
+
+KEEP_PENALTY = 1e30  # added to the cost of a pair `sweep_keeping` must not choose while another reaches the target
+
+
+def sweep_keeping(
+    bound_of: Callable[[int, list[Any]], Callable[[Any], float]],
+    probes: list[int],
+    factors: list[Any],
+    cost: Callable[[int, Any], float],
+    deadline_s: float,
+    keep: Callable[[Any], bool] | None = None,
+    slack: float = 1.0,
+) -> tuple[Sweep, bool]:
+    """`sweep`, and whether its choice satisfies `keep` by itself. With `keep` (an explicit `--rerank-tier on`) and a
+    cheapest pair without it, a second sweep in which the other pairs cost KEEP_PENALTY more chooses the cheapest
+    pair with it (the others are still priced: the tier's bounds are held against the exact re-rank's)."""
+    tuned = sweep(bound_of, probes, factors, cost, deadline=time.perf_counter() + deadline_s, slack=slack)
+    assert tuned.best is not None  # sweep always chooses a pair
+    if keep is None or keep(tuned.best[1]) or not any(keep(f) for f in factors):
+        return tuned, True
+
+    def kept_cost(probe: int, factor: Any) -> float:
+        return cost(probe, factor) + (0.0 if keep(factor) else KEEP_PENALTY)
+
+    kept = sweep(bound_of, probes, factors, kept_cost, deadline=time.perf_counter() + deadline_s, slack=slack)
+    kept.budget_hit = kept.budget_hit or tuned.budget_hit
+    return kept, False

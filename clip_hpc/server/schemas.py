@@ -26,6 +26,8 @@ def not_a_boolean(value: object) -> object:
 
 Finite = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(not_a_boolean)]
 ImageId = Annotated[int, Field(ge=0, le=2**62), BeforeValidator(not_a_boolean)]
+ResultCount = Annotated[int, Field(ge=1, le=MAX_K), BeforeValidator(not_a_boolean)]  # `k: true` was k=1
+Fraction = Annotated[float, Field(ge=0.0, le=1.0), BeforeValidator(not_a_boolean)]
 WeightKey = Literal["text", "image", "vector", "positive", "negative"]
 
 
@@ -49,9 +51,9 @@ class SearchRequest(BaseModel):
     positive_ids: list[ImageId] = Field(default_factory=list, max_length=MAX_IDS)
     negative_ids: list[ImageId] = Field(default_factory=list, max_length=MAX_IDS)
     weights: dict[WeightKey, Finite] | None = None
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: ResultCount = 10
     min_score: Finite | None = None
-    diversity: float = Field(0.0, ge=0.0, le=1.0)
+    diversity: Fraction = 0.0
     filters: Filters | None = None
     return_vector: bool = Field(False, description="add the query vector searched with to the response")
 
