@@ -89,7 +89,7 @@ def timing_queries(split: HeldOutSplit, n: int) -> np.ndarray:
 
 
 def claimed_recall(info_recall: dict[str, Any], refine: bool) -> dict[str, Any]:
-    """index.json's self-check figures for the served configuration, and the bound it chose by."""
+    """The self-check figures in index.json for the served configuration, and the bound it chose by."""
     return {
         "served": info_recall.get("served"),
         "served_bound": info_recall.get("served_bound"),
@@ -178,7 +178,7 @@ def run_real_bench(
 
 
 def claim_gap(claimed: float | None, served: dict[str, Any]) -> dict[str, float | None]:
-    """index.json's served recall minus the held-out recall per family (positive: the claim is too high)."""
+    """The served recall in index.json minus the held-out recall per family (positive: the claim is too high)."""
     if claimed is None:
         return {"images": None, "text": None}
     return {

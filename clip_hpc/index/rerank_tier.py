@@ -78,8 +78,8 @@ def start_codes(tier: faiss.Index, codes_path: Path, n_rows: int) -> None:
 
 
 def tier_record(key: str, code_bytes: int, exact_factor: int, asked_on: bool, pays: bool | None) -> dict[str, Any]:
-    """index.json's `tier`; after an explicit `--rerank-tier on` also that it was asked for (so `--update` keeps it)
-    and whether the self-check would have chosen it by itself."""
+    """The `tier` record of index.json; after an explicit `--rerank-tier on` also that it was asked for (so
+    `--update` keeps it) and whether the self-check would have chosen it by itself."""
     asked = {"asked": "on", "pays": bool(pays)} if asked_on else {}
     return {"key": key, "code_bytes": code_bytes, "exact_factor": exact_factor, **asked}
 

@@ -282,10 +282,13 @@ def _timed_setting(
     queries: np.ndarray,
     exact_allowed: bool,
     keep: Callable[[Config], bool] | None = None,
-) -> tuple[TimedChoice, Setting | None, faiss.Index | None]:
+) -> tuple[TimedChoice | None, Setting | None, faiss.Index | None]:
     """The settings that hold the bound (the sweep's fallback when none does), timed beside exact search: the
-    fastest setting, or None and the exact index when exact search is the fastest and allowed."""
+    fastest setting, or None and the exact index when exact search is the fastest and allowed. A Flat index has
+    one setting, nothing to time."""
     assert tuned.best is not None  # sweep always chooses a pair
+    if cost.ivf is None:
+        return None, tuned.best, None
     meeting = [s for s, b in tuned.bounds.items() if b >= TARGET_RECALL and (keep is None or keep(s[1]))]
     meeting = meeting or [tuned.best]  # the sweep's own choice (with `keep`, one that keeps the tier)
     by_label = {_label(p, c): (p, c) for p, c in frontier(meeting, cost)}
@@ -331,8 +334,8 @@ def self_check(
     (index/timed_choice.py), or, where `exact_allowed`, exact search when it is no slower (`exact_index`); the
     other half, never seen by tuning, gives the figures. The exact top 10 is searched once for both halves; each
     nprobe is one search at the largest candidate count, which prices every refine factor (`hit_positions`); the
-    sweep stops after `budget_s` and says so. `keep_tier`
-    (an explicit --rerank-tier on) serves with the tier even where it does not pay, and says so (`tier_pays`)."""
+    sweep stops after `budget_s` and says so. `keep_tier` (an explicit --rerank-tier on) serves with the tier even
+    where it does not pay, and says so (`tier_pays`)."""
     started = time.perf_counter()
     rng = np.random.default_rng([seed, SELF_CHECK_SALT])  # a stream of its own: never the one data came from
     text = caption_queries(model, pretrained, int(vectors.shape[1])) if model else None
@@ -352,12 +355,8 @@ def self_check(
     budget = budget_s if budget_s is not None else math.inf
     with_tier = (lambda config: bool(config[1])) if keep_tier and tiered else None
     tuned, pays = sweep_keeping(bound_of, probes, configs, cost, budget, keep=with_tier, slack=SWEEP_COST_SLACK)
-    choice, setting, flat = (
-        (None, tuned.best, None)
-        if cost.ivf is None
-        else _timed_setting(
-            index, vectors, tier if tiered else None, tuned, cost, tune.queries, exact_allowed, with_tier
-        )
+    choice, setting, flat = _timed_setting(
+        index, vectors, tier if tiered else None, tuned, cost, tune.queries, exact_allowed, with_tier
     )
     if flat is not None:  # exact search won: it is what is served, and what the figures measure
         recall, tuning["exact"] = _exact_bound(flat, vectors, tune)
@@ -385,11 +384,23 @@ def self_check(
         exact_index=flat,
         tier_pays=None if with_tier is None else pays,
     )
-    served_recall = recall.at(served, nprobe, RECALL_K * max(shown_factor, 1))
-    report.families = _served_figures(served_recall, served, (shown_factor, exact_factor))
-    label = "refine" if factor else "no_refine"
-    report.served = round(min(figures[label] for figures in report.families.values()), 4)
-    report.served_bound = tuning["exact" if flat is not None else _label(nprobe, (factor, exact_factor))]
-    report.target_met = report.served_bound >= TARGET_RECALL and report.served >= TARGET_RECALL
+    bound = tuning["exact" if flat is not None else _label(nprobe, (factor, exact_factor))]
+    _add_served_figures(report, recall.at(served, nprobe, RECALL_K * max(shown_factor, 1)), served, bool(factor), bound)
     set_nprobe(index, nprobe)
     return report
+
+
+def _add_served_figures(
+    report: RecallReport,
+    served_recall: Callable[[Config], np.ndarray],
+    served: CheckQueries,
+    refined: bool,
+    bound: float,
+) -> None:
+    """The reporting half's figures per family at the served setting (`refined`: re-ranked), the lowest of them
+    as `served`, and whether it and the tuning half's `bound` both reach the target."""
+    report.families = _served_figures(served_recall, served, (report.refine_factor, report.tier_exact_factor or 0))
+    label = "refine" if refined else "no_refine"
+    report.served = round(min(figures[label] for figures in report.families.values()), 4)
+    report.served_bound = bound
+    report.target_met = bound >= TARGET_RECALL and report.served >= TARGET_RECALL
