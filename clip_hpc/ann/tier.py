@@ -54,6 +54,7 @@ class TierScorer:
         self.trained, self.codes, self.threads = trained, codes, max(1, int(threads))
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
+        self._owner: faiss.Index | None = None  # what `codes` views, when it is not an array of its own
         self._lock = threading.Lock()
 
     @classmethod
@@ -63,12 +64,16 @@ class TierScorer:
 
     @classmethod
     def of_index(cls, tier: faiss.Index, threads: int = 1) -> TierScorer:
-        """The scorer over a tier loaded whole (`load_tier`), as the self-check holds it: its codes copied out
-        once, and an empty trained copy for the scratch indexes."""
-        codes = faiss.vector_to_array(tier.codes).reshape(int(tier.ntotal), int(tier.sa_code_size()))
+        """The scorer over a tier loaded whole (`load_tier`), as the self-check holds it: its codes seen in place
+        (a copy would hold them twice: 256 MB a million vectors at SQ4), and an empty trained copy for the scratch
+        indexes. The scorer keeps `tier` alive, and with it the memory its codes view."""
+        size = int(tier.ntotal) * int(tier.sa_code_size())
+        codes = faiss.rev_swig_ptr(tier.codes.data(), size).reshape(int(tier.ntotal), int(tier.sa_code_size()))
         trained = faiss.clone_index(tier)
         trained.reset()
-        return cls(trained, codes, threads)
+        scorer = cls(trained, codes, threads)
+        scorer._owner = tier
+        return scorer
 
     def close(self) -> None:
         if self._pool is not None:

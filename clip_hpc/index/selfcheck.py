@@ -293,7 +293,7 @@ def _timed_setting(
     meeting = meeting or [tuned.best]  # the sweep's own choice (with `keep`, one that keeps the tier)
     by_label = {_label(p, c): (p, c) for p, c in frontier(meeting, cost)}
     tiered = tier is not None and any(c[1] for _, c in by_label.values())
-    refined = TierScorer.of_index(tier) if tier is not None and tiered else None  # as the engine serves it
+    refined = TierScorer.of_index(tier) if tiered else None  # as the engine serves it
     approximate = {
         label: (served_runner(index, vectors, refined, *s, RECALL_K), tuned.bounds[s]) for label, s in by_label.items()
     }
