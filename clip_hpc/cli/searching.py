@@ -157,8 +157,9 @@ def add_index(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "on", "off", *TIER_CODES),
         default="auto",
         help="a 4-bit copy of every vector in RAM (SQ4, d/2 bytes) that re-scores the candidates before the "
-        "exact re-rank; auto: from 50,000 vectors, SQ4 if it fits --max-ram, else 8-bit PQ (PQ: d/8 bytes), "
-        "else none, kept only where the self-check finds it pays; on: SQ4; SQ8 (d bytes), SQ4, PQ: that code",
+        "exact re-rank; auto: wherever the auto key has inverted lists (from 10,000 vectors), SQ4 if it fits "
+        "--max-ram, else 8-bit PQ (PQ: d/8 bytes), else none, kept only where the self-check finds it pays; on: "
+        "SQ4; SQ8 (d bytes), SQ4, PQ: that code",
     )
     p.add_argument(
         "--max-ram",
