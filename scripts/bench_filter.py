@@ -2,7 +2,10 @@
 """`clip-hpc filter`'s exact scan rate against the I/O limit: the rate of only reading the same float16 shards
 (h5py, whole `embeddings` datasets), side by side in one run, on 1 and (with --ranks 1,2) 2 MPI ranks, `--repeat`
 times each, alternating (the machine is shared: compare the ratios). Both read from the page cache (a warm-up read
-comes first), so the limit is the machine's, not the disk's. Prints a JSON document, then markdown tables.
+comes first), so the limit is the machine's memory, not the disk's. With `--cold` the shards' pages are evicted
+(posix_fadvise DONTNEED) before every read-only and every filter run, so both read from the disk: the I/O limit of
+a job whose shards do not fit in the node's page cache (every filter over a large collection). Prints a JSON
+document, then markdown tables.
 
 With `--clip-retrieval DIR` (a folder holding the clip_retrieval package, e.g. from `pip install --no-deps --target
 DIR clip-retrieval clip-anytorch`; "" for the environment's) it also runs clip-retrieval's `filter` beside ours on the
@@ -12,7 +15,7 @@ same vectors: `clip-hpc export` writes its layout, its own `clip_index` builds t
 vector (see CLIP_RETRIEVAL); nothing else of its code is changed. Skipped, saying why, when it is not importable.
 
     python scripts/bench_filter.py [-n 1000000] [--dim 512] [--queries 16] [--shard-size 50000] [--ranks 1,2]
-        [--repeat 3] [--baseline DIR] [--clip-retrieval /work/data/cr --cr-keep 2000]
+        [--repeat 3] [--cold] [--baseline DIR] [--clip-retrieval /work/data/cr --cr-keep 2000]
 
 `--baseline DIR`: another version's package, e.g. `git archive 2adb143 clip_hpc | tar -x -C DIR`, filtered in each
 round beside this one (old against new on the same shards, the same load).
@@ -146,6 +149,16 @@ def run_filter(emb: Path, out: Path, ranks: int, texts: list[str], threshold: fl
     }
 
 
+def evict(emb: Path) -> None:
+    """Drop the shards from the page cache, so the next read comes from the disk (--cold)."""
+    for path in sorted((emb / "shards").glob("shard-*.h5")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def warm(emb: Path) -> None:
     for path in sorted((emb / "shards").glob("shard-*.h5")):
         with h5py.File(path, "r") as f:
@@ -158,12 +171,17 @@ def scan_rows(emb: Path, tmp: Path, args: argparse.Namespace) -> list[dict]:
     rows = []
     for ranks in map(int, args.ranks.split(",")):
         for attempt in range(args.repeat):
+            before_each = evict if args.cold else warm
+            before_each(emb)
             read = read_rate(emb, ranks)
+            before_each(emb)
             scan = run_filter(emb, tmp / f"out-{ranks}-{attempt}", ranks, texts, args.threshold)
-            row = {"ranks": ranks, "queries": args.queries, "n": args.n, "dim": args.dim, "read_vectors_per_s": read,
+            row = {"ranks": ranks, "cache": "cold" if args.cold else "warm", "queries": args.queries, "n": args.n,
+                   "dim": args.dim, "read_vectors_per_s": read,
                    **scan, "ratio": scan["scan_vectors_per_s"] / read}  # fmt: skip
             if args.baseline:
                 out = tmp / f"baseline-{ranks}-{attempt}"
+                before_each(emb)
                 rate = run_filter(emb, out, ranks, texts, args.threshold, args.baseline)["scan_vectors_per_s"]
                 row |= {"baseline_scan_vectors_per_s": rate, "baseline_ratio": rate / read}
             rows.append(row)
@@ -173,13 +191,13 @@ def scan_rows(emb: Path, tmp: Path, args: argparse.Namespace) -> list[dict]:
 def table(rows: list[dict]) -> str:
     baseline = any("baseline_ratio" in r for r in rows)
     lines = [
-        "| ranks | queries | vectors | read only (vec/s) | filter scan (vec/s) | filter / read |"
+        "| ranks | page cache | queries | vectors | read only (vec/s) | filter scan (vec/s) | filter / read |"
         + (" baseline scan (vec/s) | baseline / read |" if baseline else ""),
-        "|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if baseline else ""),
+        "|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if baseline else ""),
     ]
     for r in rows:
         lines.append(
-            f"| {r['ranks']} | {r['queries']} | {r['n']:,} | {r['read_vectors_per_s']:,.0f} | "
+            f"| {r['ranks']} | {r['cache']} | {r['queries']} | {r['n']:,} | {r['read_vectors_per_s']:,.0f} | "
             f"{r['scan_vectors_per_s']:,.0f} | {r['ratio']:.2f} |"
             + (f" {r['baseline_scan_vectors_per_s']:,.0f} | {r['baseline_ratio']:.2f} |" if baseline else "")
         )
@@ -284,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", default="1,2", help="'' for none (only the clip-retrieval comparison)")
     ap.add_argument("--repeat", type=int, default=1, help="read-only and filter runs, alternating, per rank count")
     ap.add_argument("--threshold", type=float, default=0.2)
+    ap.add_argument("--cold", action="store_true", help="evict the shards from the page cache before every run")
     ap.add_argument(
         "--baseline", metavar="DIR", help="also run the clip_hpc package in DIR (another version) each round"
     )

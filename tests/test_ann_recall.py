@@ -16,8 +16,14 @@ from clip_hpc.ann.ground_truth import (
     recall_per_query,
     tie_aware_positions,
 )
-from clip_hpc.index.selfcheck import off_distribution_groups, off_distribution_queries
-from clip_hpc.index.tuning import probe_ladder, recall_lower_bound, recall_prediction_bound, sweep
+from clip_hpc.ann.text_queries import off_distribution_groups, off_distribution_queries
+from clip_hpc.index.tuning import (
+    group_prediction_bound,
+    probe_ladder,
+    recall_lower_bound,
+    recall_prediction_bound,
+    sweep,
+)
 from index_fixtures import synthetic
 
 
@@ -109,6 +115,48 @@ def test_prediction_bound_is_set_by_the_spread_between_groups():
     steady, spread = np.array([0.97] * 8), np.array([0.99, 0.95, 0.99, 0.95, 0.99, 0.95, 0.99, 0.95])
     assert recall_prediction_bound(steady) == pytest.approx(0.97)
     assert recall_prediction_bound(spread) < 0.95 < spread.mean()  # a fresh direction may land below the target
+
+
+def test_with_the_groups_cosines_only_the_spread_the_cosine_does_not_explain_bounds_a_fresh_direction():
+    cosines = np.array([0.45, 0.40, 0.35, 0.30, 0.25] * 2)  # the self-check's schedule: two directions a cosine
+    trend = 0.99 - 3.0 * (0.45 - cosines) ** 2  # recall falls with the cosine, steeper at the end, every direction
+    assert recall_prediction_bound(trend) < 0.95  # read as spread between directions, it sinks the bound
+    assert recall_prediction_bound(trend, cosines=cosines) == pytest.approx(trend.mean())
+    noisy = trend + np.array([0.02, -0.02] * 5)  # the two directions of each cosine differ by 0.04
+    spread2 = 10 * 0.02**2 / 5  # about each cosine's own mean, on 10 - 5 d.f.
+    bound = recall_prediction_bound(noisy, cosines=cosines)
+    assert bound == pytest.approx(noisy.mean() - 2.015 * np.sqrt(spread2 + spread2 / 10))
+    assert recall_prediction_bound(noisy) < bound < noisy.mean() - 2 * np.sqrt(spread2)
+    # what the group means vary by from their few sampled queries is not a direction's: only the rest counts
+    loose = recall_prediction_bound(noisy, cosines=cosines, sampling_var=spread2 / 2)
+    assert loose == pytest.approx(noisy.mean() - 2.015 * np.sqrt(spread2 / 2 + spread2 / 10))
+    assert recall_prediction_bound(noisy, cosines=cosines, sampling_var=1.0) == pytest.approx(
+        noisy.mean() - 2.015 * np.sqrt(spread2 / 10)  # never below the mean's own uncertainty
+    )
+    assert recall_prediction_bound(noisy, cosines=np.full(10, 0.3)) == recall_prediction_bound(noisy)  # no trend
+
+
+def test_with_no_cosine_repeated_the_trend_is_a_straight_line():
+    cosines = np.linspace(0.45, 0.25, 10)
+    line = 0.99 - 0.3 * (0.45 - cosines)
+    assert recall_prediction_bound(line, cosines=cosines) == pytest.approx(line.mean())
+    noisy = line + np.array([0.01, -0.01] * 5)
+    residual = noisy - np.polyval(np.polyfit(cosines, noisy, 1), cosines)
+    spread2 = (residual**2).sum() / 8
+    assert recall_prediction_bound(noisy, cosines=cosines) == pytest.approx(
+        noisy.mean() - 1.860 * np.sqrt(spread2 + spread2 / 10)
+    )
+
+
+def test_a_group_bound_takes_the_sampling_variance_from_the_groups_own_queries():
+    rng = np.random.default_rng(0)
+    cosines = [0.45, 0.40, 0.35, 0.30, 0.25] * 2
+    groups = [rng.choice([0.8, 0.9, 1.0], size=40) for _ in cosines]
+    means = np.array([g.mean() for g in groups])
+    noise = np.mean([g.var(ddof=1) / 40 for g in groups])
+    expected = recall_prediction_bound(means, cosines=cosines, sampling_var=noise)
+    assert group_prediction_bound(groups, cosines) == pytest.approx(expected)
+    assert group_prediction_bound(groups, cosines) >= recall_prediction_bound(means, cosines=cosines)
 
 
 def test_off_distribution_groups_use_one_direction_each():

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from clip_hpc.ann.ground_truth import exact_top_k, recall_at_k
+from clip_hpc.ann.text_queries import off_distribution_queries
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.shard import ShardBatch
 from clip_hpc.index.build import build_index
 from clip_hpc.index.choose import choose_index_key, choose_train_size, ivf_lists
-from clip_hpc.index.selfcheck import off_distribution_queries
 from clip_hpc.index.update import update_index
 from clip_hpc.search.engine import SearchEngine
 from conftest import make_images, run_cli

@@ -10,10 +10,11 @@ import faiss
 import numpy as np
 import pytest
 
+from clip_hpc.ann.graph import GRAPH_LABEL, graph_key
 from clip_hpc.ann.ground_truth import exact_top_k, recall_at_k
+from clip_hpc.ann.text_queries import off_distribution_queries
 from clip_hpc.index.build import build_index
 from clip_hpc.index.choose import FLAT_BELOW
-from clip_hpc.index.selfcheck import off_distribution_queries
 from clip_hpc.index.timed_choice import EXACT_LABEL, Timed, choose, dominates, faiss_threads, frontier, measure
 from clip_hpc.index.update import update_index
 from clip_hpc.search.engine import SearchEngine
@@ -85,7 +86,9 @@ def just_above_flat(tmp_path_factory):
 
 def test_where_exact_search_is_faster_the_default_serves_it_and_records_the_times(just_above_flat):
     root, emb, vectors = just_above_flat
-    info = build_index(emb, root / "auto", progress=False)
+    room = 2 << 20  # float32 rows fit (1.3 MB), the HNSW graph (4.2 MB) does not: exact search against the IVF
+    info = build_index(emb, root / "auto", progress=False, max_ram=room)
+    assert not any(label.startswith(GRAPH_LABEL) for label in info.recall["tuning_lower_bounds"])
     timing = json.loads((root / "auto" / "index.json").read_text())["recall"]["timing"]
     assert timing["chosen"] == EXACT_LABEL and timing["built_key"].startswith("IVF") and timing["exact_allowed"]
     times = {c["label"]: c["p50_ms"] for c in timing["candidates"]}
@@ -108,6 +111,35 @@ def test_where_exact_search_is_faster_the_default_serves_it_and_records_the_time
     synthetic.write_emb_dir(emb, more, labels, 500, first_id=len(vectors))
     updated = update_index(emb, root / "auto", progress=False)
     assert updated.index_key == "Flat" and updated.n == info.n + 300 and updated.recall["served"] == 1.0
+
+
+def test_the_default_times_the_graph_beside_the_ivf_settings_and_exact_search_and_serves_the_fastest(just_above_flat):
+    root, emb, vectors = just_above_flat
+    info = build_index(emb, root / "with-graph", progress=False)
+    timing = info.recall["timing"]
+    graphs = [c for c in timing["candidates"] if c["label"].startswith(GRAPH_LABEL)]
+    assert len(graphs) == 1 and graphs[0]["bound"] >= 0.95  # the least efSearch whose bound reaches the target
+    ef = int(graphs[0]["label"].split("efSearch")[1])
+    assert info.recall["tuning_lower_bounds"][graphs[0]["label"]] == graphs[0]["bound"]
+    assert all(b < 0.95 for label, b in info.recall["tuning_lower_bounds"].items() if "efSearch" in label
+               and int(label.split("efSearch")[1]) < ef)  # fmt: skip
+    times = {c["label"]: c["p50_ms"] for c in timing["candidates"]}
+    assert times[timing["chosen"]] == min(times.values())
+    replaced = {EXACT_LABEL: "Flat", graphs[0]["label"]: graph_key()}
+    if timing["chosen"] in replaced:  # the index built gives way to the scan or the graph, which won the clock
+        assert info.index_key == replaced[timing["chosen"]] and timing["built_key"].startswith("IVF")
+    else:
+        assert info.index_key.startswith("IVF")
+    assert (info.index_key == graph_key()) == (info.nprobe == ef and timing["chosen"] == graphs[0]["label"])
+    rng = np.random.default_rng(11)
+    queries = off_distribution_queries(vectors[rng.choice(len(vectors), 100, replace=False)], rng)
+    engine = SearchEngine(root / "with-graph")
+    try:
+        found = np.array([[h.id for h in row] for row in engine.search_vectors(queries, 10)])
+        stored = np.asarray(engine.vectors, dtype=np.float32)
+    finally:
+        engine.close()
+    assert recall_at_k(found, exact_top_k(queries, stored, 10), 10) >= 0.93
 
 
 def test_a_named_key_is_kept_and_served_at_its_fastest_setting_that_holds_the_bound(just_above_flat):

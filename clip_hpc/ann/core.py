@@ -10,6 +10,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from clip_hpc.ann.graph import graph_of
 from clip_hpc.ann.tier import TierScorer
 from clip_hpc.errors import UserError
 
@@ -110,9 +111,13 @@ def combine_parts(parts: dict[str, np.ndarray], weights: dict[str, float]) -> np
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    """Through any wrapper (IDMap, PreTransform); a no-op for indexes without inverted lists."""
+    """The search width, through any wrapper (IDMap, PreTransform): an IVF index's nprobe, an HNSW graph's
+    efSearch (the same knob: how much of the index a query visits; index.json's `nprobe` holds either); a no-op
+    for a flat scan."""
     if faiss.try_extract_index_ivf(index) is not None:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+    elif graph_of(index) is not None:
+        faiss.ParameterSpace().set_index_parameter(index, "efSearch", int(nprobe))
 
 
 def search_index(
@@ -207,10 +212,12 @@ def search_candidates(
     `wanted` are searched again over every list."""
     params = None
     if selector is not None:
-        ivf = faiss.try_extract_index_ivf(index)
+        ivf, graph = faiss.try_extract_index_ivf(index), graph_of(index)
         params = (
             faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
             if ivf is not None
+            else faiss.SearchParametersHNSW(sel=selector, efSearch=graph.hnsw.efSearch)
+            if graph is not None
             else faiss.SearchParameters(sel=selector)
         )
     found = ivf_search(index, queries, n_cand) if params is None else None

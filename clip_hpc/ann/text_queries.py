@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clip_hpc.ann.core import normalise_rows
+
 GAP_WEIGHT = 0.9
 TEXT_COSINES = (0.45, 0.40, 0.35, 0.30, 0.25)  # cosine of a query to its own image, strongest gap last
 TEXT_NOISES = (0.2, 0.4, 0.6)  # norm of the per-query noise, cycled over the groups
@@ -135,3 +137,25 @@ def text_like_groups(
         cosine = cosines[i % len(cosines)]
         out.append((cosine, text_like(part, direction, cosine, noises[i % len(noises)], rng)))
     return out
+
+
+OFF_DIRECTIONS = 8  # offset directions in the off-distribution set, one group of queries each
+OFF_NOISES = (0.2, 0.3, 0.5)  # per-query noise, cycled over the groups
+
+
+def off_distribution_queries(
+    queries: np.ndarray, rng: np.random.Generator, offset_norm: float = 1.0, noise: float = 0.3
+) -> np.ndarray:
+    """A stand-in for text queries against image vectors: one constant offset (the "modality gap") plus noise."""
+    dim = queries.shape[1]
+    offset = normalise_rows(rng.standard_normal((dim,)))[None, :] * offset_norm
+    jitter = rng.standard_normal(queries.shape).astype(np.float32) * (noise / math.sqrt(dim))
+    return normalise_rows(queries + offset + jitter)
+
+
+def off_distribution_groups(
+    queries: np.ndarray, rng: np.random.Generator, directions: int = OFF_DIRECTIONS
+) -> list[np.ndarray]:
+    """The queries cut into `directions` groups, each shifted by its own random offset, with noise levels cycled."""
+    groups = np.array_split(np.asarray(queries, dtype=np.float32), max(1, min(directions, len(queries))))
+    return [off_distribution_queries(g, rng, noise=OFF_NOISES[i % len(OFF_NOISES)]) for i, g in enumerate(groups)]

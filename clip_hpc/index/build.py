@@ -17,6 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from clip_hpc.ann.graph import GRAPH_MAX, graph_bytes
 from clip_hpc.ann.refine import check_refine_factor
 from clip_hpc.cluster.collective import from_root, on_every_rank
 from clip_hpc.cluster.jobenv import job_env
@@ -25,7 +26,7 @@ from clip_hpc.cluster.world import world as current_world
 from clip_hpc.errors import UserError, full_disk_is_a_user_error
 from clip_hpc.formats.caption_view import emb_view
 from clip_hpc.formats.index_dir import ROW_LAYOUT, IndexDir, IndexInfo
-from clip_hpc.index.choose import choose_index_key, choose_train_size, is_fast_scan, ivf_lists
+from clip_hpc.index.choose import FLAT_BELOW, choose_index_key, choose_train_size, is_fast_scan, ivf_lists
 from clip_hpc.index.memory import DEFAULT_MAX_RAM, choose_tier_code, tier_key
 from clip_hpc.index.ranks import choose_lists, deserialize, merge_in_memory, merge_on_disk, my_units, serialize
 from clip_hpc.index.rerank_tier import TIER_FROM, check_tier_choice, may_tier, start_codes, train_tier
@@ -62,6 +63,7 @@ class BuildPlan:
     info: dict[str, Any]
     query_ids: np.ndarray
     exact_allowed: bool = False  # every choice left to the build: exact search may be served where it is faster
+    graph_allowed: bool = False  # ... and an HNSW graph, where it fits the RAM budget and N <= GRAPH_MAX
     tier_asked: bool = False  # --rerank-tier on: kept even where the self-check finds it does not pay
 
 
@@ -128,7 +130,9 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
     sample_ids = emb.sample_ids(summary.shards, max(info.train_size, RECALL_QUERIES), np.random.default_rng(o.seed))
     index = _train_with_tier(tmp, index, info, sample_ids, o.progress, world.local_rank)
     flat_bytes = n * dim * 4  # exact search serves IndexFlatIP: float32 rows in RAM, within the budget
-    exact_allowed = mode == "memory" and _all_left_to_the_build(o) and flat_bytes <= (info.max_ram or DEFAULT_MAX_RAM)
+    budget = info.max_ram or DEFAULT_MAX_RAM
+    exact_allowed = mode == "memory" and _all_left_to_the_build(o) and flat_bytes <= budget
+    graph_allowed = exact_allowed and FLAT_BELOW <= n <= GRAPH_MAX and graph_bytes(n, dim) <= budget
     return BuildPlan(
         str(tmp.root),
         units,
@@ -137,6 +141,7 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
         info.to_dict(),
         sample_ids[:RECALL_QUERIES],
         exact_allowed,
+        graph_allowed,
         tier_asked=o.rerank_tier not in ("auto", "off"),
     )
 
@@ -213,7 +218,17 @@ def merge_and_finish(
         own = merge_in_memory(own, [tmp.part_path(r) for r in range(1, info.ranks)])
     timings["merge_s"] = round(time.perf_counter() - start, 3)
     return finish(
-        tmp, out, own, info, plan.query_ids, nprobe, timings, started, plan.exact_allowed, plan.tier_asked
+        tmp,
+        out,
+        own,
+        info,
+        plan.query_ids,
+        nprobe,
+        timings,
+        started,
+        plan.exact_allowed,
+        plan.tier_asked,
+        plan.graph_allowed,
     ).to_dict()
 
 

@@ -37,11 +37,8 @@ class RecallReport:
     served: float = 0.0
     served_bound: float = 0.0
     target_met: bool = False
-    exact_index: Any = field(default=None, repr=False, compare=False)  # the exact scan to serve, when it won
-
-    @property
-    def serves_exact(self) -> bool:
-        return self.exact_index is not None
+    replacement: Any = field(default=None, repr=False, compare=False)  # the exact scan or the graph, when it won
+    replacement_key: str | None = None  # its factory key ("Flat", "HNSW32,Flat"), what index.json then records
 
     def to_dict(self) -> dict[str, Any]:
         """The `recall` of index.json: the fields in order, captions_fallback only when set, the families inline."""

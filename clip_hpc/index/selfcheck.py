@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 from clip_hpc.ann.core import normalise_rows, search_index, set_nprobe
+from clip_hpc.ann.graph import EF_LADDER, build_graph, graph_key, graph_label, graph_of
 from clip_hpc.ann.ground_truth import RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
 from clip_hpc.ann.text_queries import caption_queries, text_like_groups
 from clip_hpc.ann.tier import EXACT_FACTORS, TierScorer
@@ -29,16 +30,14 @@ from clip_hpc.index.timed_choice import Setting, TimedChoice, frontier, measure,
 from clip_hpc.index.tuning import (
     TARGET_RECALL,
     Sweep,
+    group_prediction_bound,
     probe_ladder,
     recall_lower_bound,
-    recall_prediction_bound,
     sweep_keeping,
 )
 
 RECALL_QUERIES = 800  # indexed vectors sampled: half tune, half report (each also the base of text-like groups)
 TEXT_GROUPS = 10  # text-like gap groups per half, each with its own direction
-OFF_DIRECTIONS = 8  # offset directions in the off-distribution set, one group of queries each
-OFF_NOISES = (0.2, 0.3, 0.5)  # per-query noise, cycled over the groups
 REFINE_FACTORS = (10, 25, 50, 100, 200, 500, 1000, 2000, 3000, 5000)  # candidates per result re-ranked exactly (1 KiB
 # rows at d=512). Past 200 only for data where the 32-byte code ranks text-like queries badly (many small clusters:
 # at 300k, nprobe all, x200 gave 0.887, x500 0.955, x1000 0.980): recall first, at the latency bench_index shows.
@@ -49,24 +48,6 @@ SWEEP_BUDGET_MIN_S = 60.0  # the nprobe sweep stops after max(this, SWEEP_BUDGET
 SWEEP_BUDGET_SHARE = 0.5
 SWEEP_COST_SLACK = 2.0  # settings up to this many times the modelled cost of the best are priced, then timed
 SELF_CHECK_SALT = 0x5E1F_C4EC  # default_rng(seed + 1) drew offsets equal to the synthetic data's cluster centres
-
-
-def off_distribution_queries(
-    queries: np.ndarray, rng: np.random.Generator, offset_norm: float = 1.0, noise: float = 0.3
-) -> np.ndarray:
-    """A stand-in for text queries against image vectors: one constant offset (the "modality gap") plus noise."""
-    dim = queries.shape[1]
-    offset = normalise_rows(rng.standard_normal((dim,)))[None, :] * offset_norm
-    jitter = rng.standard_normal(queries.shape).astype(np.float32) * (noise / math.sqrt(dim))
-    return normalise_rows(queries + offset + jitter)
-
-
-def off_distribution_groups(
-    queries: np.ndarray, rng: np.random.Generator, directions: int = OFF_DIRECTIONS
-) -> list[np.ndarray]:
-    """The queries cut into `directions` groups, each shifted by its own random offset, with noise levels cycled."""
-    groups = np.array_split(np.asarray(queries, dtype=np.float32), max(1, min(directions, len(queries))))
-    return [off_distribution_queries(g, rng, noise=OFF_NOISES[i % len(OFF_NOISES)]) for i, g in enumerate(groups)]
 
 
 def serving_cost(
@@ -112,6 +93,7 @@ def _query_families(
     return families, [c for c, _ in text]
 
 
+GraphCandidate = tuple[faiss.Index, int, float]  # the HNSW graph, its efSearch, the bound it reached
 Config = tuple[int, int]  # (refine factor: candidates per result from the codes, the tier's exact factor or 0)
 
 
@@ -235,7 +217,7 @@ def _tuning_bounds(
                 # does)
             per_query = recall_at(config)
             spans = tune.spans
-            bounds = [recall_prediction_bound(np.array([per_query[a:b].mean() for a, b in spans["text_like"]]))]
+            bounds = [group_prediction_bound([per_query[a:b] for a, b in spans["text_like"]], tune.cosines)]
             bounds += [
                 recall_lower_bound(per_query[a:b])
                 for name in ("in_distribution", "captions")
@@ -282,10 +264,11 @@ def _timed_setting(
     queries: np.ndarray,
     exact_allowed: bool,
     keep: Callable[[Config], bool] | None = None,
+    graph: GraphCandidate | None = None,
 ) -> tuple[TimedChoice | None, Setting | None, faiss.Index | None]:
-    """The settings that hold the bound (the sweep's fallback when none does), timed beside exact search: the
-    fastest setting, or None and the exact index when exact search is the fastest and allowed. A Flat index has
-    one setting, nothing to time."""
+    """The settings that hold the bound (the sweep's fallback when none does), timed beside exact search and the
+    `graph` candidate (its index, efSearch and bound): the fastest setting, and the index to serve instead of the
+    one built where exact search (no setting) or the graph won. A Flat index has one setting, nothing to time."""
     assert tuned.best is not None  # sweep always chooses a pair
     if cost.ivf is None:
         return None, tuned.best, None
@@ -297,10 +280,30 @@ def _timed_setting(
     approximate = {
         label: (served_runner(index, vectors, refined, *s, RECALL_K), tuned.bounds[s]) for label, s in by_label.items()
     }
+    if graph is not None:
+        approximate[graph_label(graph[1])] = (
+            served_runner(graph[0], vectors, None, graph[1], (0, 0), RECALL_K),
+            graph[2],
+        )
     choice, flat = measure(
         approximate, vectors, timing_queries(queries), n_total=index.ntotal, k=RECALL_K, exact_allowed=exact_allowed
     )
-    return (choice, None, flat) if choice.exact_wins else (choice, by_label[choice.chosen], None)
+    if choice.exact_wins:
+        return choice, None, flat
+    if graph is not None and choice.chosen == graph_label(graph[1]):
+        return choice, (graph[1], (0, 0)), graph[0]
+    return choice, by_label[choice.chosen], None
+
+
+def _graph_candidate(vectors: np.ndarray, tune: CheckQueries, tuning: dict[str, float]) -> GraphCandidate | None:
+    """The rows' HNSW graph, the least efSearch whose tuning bounds (recorded) reach the target, and that bound."""
+    graph = build_graph(vectors)
+    bound_of = _tuning_bounds(_Recall(graph, vectors, None, [(0, 0)]), tune, [1], RECALL_K, RECALL_K, {})
+    for ef in EF_LADDER:
+        tuning[graph_label(ef)] = bound = bound_of(ef, [(0, 0)])((0, 0))
+        if bound >= TARGET_RECALL:
+            return graph, ef, bound
+    return None
 
 
 def _exact_bound(flat: faiss.Index, vectors: np.ndarray, tune: CheckQueries) -> tuple[_Recall, float]:
@@ -325,13 +328,15 @@ def self_check(
     tier: faiss.Index | None = None,
     exact_allowed: bool = False,
     keep_tier: bool = False,
+    graph_allowed: bool = False,
 ) -> RecallReport:
     """Recall@10 of the served configuration against exact search, for three query families: indexed vectors,
     synthetic text-like groups (one gap direction each, cosine to their image 0.45 down to 0.25) and the built-in
     captions through the index's own text tower (when its weights load here). Half of every family tunes nprobe
     and the refine factor jointly (the settings whose 3-sigma bounds, and for the gap groups the prediction
     bound of a fresh group, all reach TARGET_RECALL); the fastest of them by measured time wins
-    (index/timed_choice.py), or, where `exact_allowed`, exact search when it is no slower (`exact_index`); the
+    (index/timed_choice.py), or, where `exact_allowed`, exact search when it is no slower, or where
+    `graph_allowed`, an HNSW graph when it is faster (`replacement`); the
     other half, never seen by tuning, gives the figures. The exact top 10 is searched once for both halves; each
     nprobe is one search at the largest candidate count, which prices every refine factor (`hit_positions`); the
     sweep stops after `budget_s` and says so. `keep_tier` (an explicit --rerank-tier on) serves with the tier even
@@ -349,18 +354,24 @@ def self_check(
     tier_bytes = int(tier.sa_code_size()) if tier is not None and tiered else 0
     cost = _Costs.of(index, int(vectors.shape[1]), tier_bytes, n_cand)
     recall = _Recall(index, vectors, tier, configs)
-    probes = [1] if cost.ivf is None else [int(nprobe)] if nprobe else probe_ladder(cost.ivf.nlist)
+    ladder = probe_ladder(cost.ivf.nlist) if cost.ivf is not None else list(EF_LADDER) if graph_of(index) else [1]
+    probes = [int(nprobe)] if nprobe and len(ladder) > 1 else ladder  # a graph's is efSearch; a flat scan has none
     tuning: dict[str, float] = {}
     bound_of = _tuning_bounds(recall, tune, probes, n_cand, cost.longest, tuning)
     budget = budget_s if budget_s is not None else math.inf
     with_tier = (lambda config: bool(config[1])) if keep_tier and tiered else None
     tuned, pays = sweep_keeping(bound_of, probes, configs, cost, budget, keep=with_tier, slack=SWEEP_COST_SLACK)
-    choice, setting, flat = _timed_setting(
-        index, vectors, tier if tiered else None, tuned, cost, tune.queries, exact_allowed, with_tier
+    graph = _graph_candidate(vectors, tune, tuning) if graph_allowed and cost.ivf is not None else None
+    choice, setting, replacement = _timed_setting(
+        index, vectors, tier if tiered else None, tuned, cost, tune.queries, exact_allowed, with_tier, graph
     )
-    if flat is not None:  # exact search won: it is what is served, and what the figures measure
-        recall, tuning["exact"] = _exact_bound(flat, vectors, tune)
+    if replacement is not None:  # exact search or the graph won: it is what is served, and what the figures measure
+        if setting is None:
+            recall, tuning["exact"] = _exact_bound(replacement, vectors, tune)
+        else:
+            recall = _Recall(replacement, vectors, None, [(0, 0)])
     nprobe, (factor, exact_factor) = setting or (1, (0, 0))
+    label = "exact" if setting is None else graph_label(nprobe) if replacement is not None else None
     shown_factor = factor or refine_factor or REFINE_FACTORS[0]  # refine numbers are shown even when it is off
     report = RecallReport(
         k=RECALL_K,
@@ -368,7 +379,7 @@ def self_check(
         nprobe=nprobe,
         refine_factor=shown_factor,
         tier_exact_factor=exact_factor or None,
-        tier_code_bytes=(tier_bytes or None) if flat is None else None,
+        tier_code_bytes=(tier_bytes or None) if replacement is None else None,
         tuning_queries=int(len(tune.queries)),
         queries=int(len(served.queries)),
         off_directions=len(served.spans["text_like"]),
@@ -381,12 +392,14 @@ def self_check(
         ground_truth_s=round(truth_s, 3),
         captions_fallback=text.reason if text is not None and text.reason else None,
         timing=None if choice is None else choice.to_dict(),
-        exact_index=flat,
+        replacement=replacement,
+        replacement_key=None if replacement is None else "Flat" if setting is None else graph_key(),
         tier_pays=None if with_tier is None else pays,
     )
-    bound = tuning["exact" if flat is not None else _label(nprobe, (factor, exact_factor))]
-    _add_served_figures(report, recall.at(served, nprobe, RECALL_K * max(shown_factor, 1)), served, bool(factor), bound)
-    set_nprobe(index, nprobe)
+    bound = tuning[label or _label(nprobe, (factor, exact_factor))]
+    wide = RECALL_K if replacement is not None else RECALL_K * max(shown_factor, 1)  # a graph's k sets its width
+    _add_served_figures(report, recall.at(served, nprobe, wide), served, bool(factor), bound)
+    set_nprobe(index if replacement is None else replacement, nprobe)
     return report
 
 

@@ -237,11 +237,13 @@ def finish(
     started: float,
     exact_allowed: bool = False,
     tier_asked: bool = False,
+    graph_allowed: bool = False,
 ) -> IndexInfo:
     """Self-check, save the index and index.json into `tmp`, then swap `tmp` in as `out`; where `exact_allowed`
-    and the self-check measured exact search no slower than every setting of the index, a Flat index of the
-    same rows is saved instead (`serve_exact`). A tier asked for (`tier_asked`: --rerank-tier on or a named code,
-    now or when the index being updated was built) is kept where it does not pay, with a warning."""
+    and the self-check measured exact search (or, where `graph_allowed`, an HNSW graph) faster than every setting
+    of the index, that index of the same rows is saved instead (`serve_replacement`). A tier asked for
+    (`tier_asked`: --rerank-tier on or a named code, now or when the index being updated was built) is kept where
+    it does not pay, with a warning."""
     start = time.perf_counter()
     tier_asked = tier_asked or (info.tier or {}).get("asked") == "on"
     vectors = tmp.open_vectors()
@@ -260,11 +262,12 @@ def finish(
         budget_s=budget,
         tier=tier,
         exact_allowed=exact_allowed and not tier_asked,
+        graph_allowed=graph_allowed and not tier_asked,
         keep_tier=tier_asked,
     )
     info.nprobe, info.recall, info.refine_factor = check.nprobe, check.to_dict(), check.refine_factor
-    if check.serves_exact:
-        index = serve_exact(info, check.exact_index)
+    if check.replacement is not None:
+        index = serve_replacement(info, check.replacement, check.replacement_key or "Flat")
     if tier is not None and not check.tier_exact_factor:
         tmp.remove_tier()  # it does not pay on this data: neither RAM nor disk keeps it
     key = (info.tier or {}).get("key", TIER_KEY)  # the plan's (or, on --update, the index's own) tier code
@@ -292,12 +295,12 @@ def finish(
     return info
 
 
-def serve_exact(info: IndexInfo, flat: faiss.Index) -> faiss.Index:
-    """The exact scan in place of the index built: a Flat key, no re-rank, as a build below FLAT_BELOW serves;
-    index.json's `recall.timing` keeps the times and the key it was measured against."""
+def serve_replacement(info: IndexInfo, index: faiss.Index, key: str) -> faiss.Index:
+    """The exact scan or the HNSW graph in place of the index built: its key, no re-rank (both score the rows
+    exactly); index.json's `recall.timing` keeps the times and the key it was measured against."""
     info.recall["timing"]["built_key"] = info.index_key
-    info.index_key, info.refine, info.train_size = "Flat", False, 0
-    return flat
+    info.index_key, info.refine, info.train_size = key, False, 0
+    return index
 
 
 def checked_set(emb: EmbDir) -> EmbSummary:

@@ -16,6 +16,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from clip_hpc.ann.graph import build_graph, graph_of
 from clip_hpc.cluster.collective import from_root
 from clip_hpc.cluster.world import World
 from clip_hpc.errors import UserError, full_disk_is_a_user_error
@@ -119,12 +120,16 @@ def _update(
             )
             timings["vectors_s"] = round(time.perf_counter() - start, 3)
             index = current.open_index(writable=True)
+            n_before = int(index.ntotal) - len(stale)
             if len(stale):  # indexed before, failed in the unit's new shard: its old vector must not be found
-                index.remove_ids(faiss.IDSelectorBatch(stale))
                 meta.remove(stale)
-            n_before = int(index.ntotal)
             _carry_tier(current, tmp, info.n_rows)
-            index = add(index, emb, changed, progress, timings, known=known, tier_dir=tmp)
+            if graph_of(index) is not None:  # a graph cannot drop a node: built anew from the rows just written
+                index = build_graph(tmp.open_vectors())  # (stale rows zeroed, so left out; seconds at GRAPH_MAX)
+            else:
+                if len(stale):
+                    index.remove_ids(faiss.IDSelectorBatch(stale))
+                index = add(index, emb, changed, progress, timings, known=known, tier_dir=tmp)
             timings["train_s"] = 0
         if info.lists == "disk":  # they were read into memory to add to them: back out to disk
             index = lists_to_disk(index, tmp.ivfdata_path)
