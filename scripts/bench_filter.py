@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """`clip-hpc filter`'s exact scan rate against the I/O limit: the rate of only reading the same float16 shards
-(h5py, whole `embeddings` datasets), side by side in one run, on 1 and (with --ranks 1,2) 2 MPI ranks, `--repeat`
-times each, alternating (the machine is shared: compare the ratios). Both read from the page cache (a warm-up read
-comes first), so the limit is the machine's memory, not the disk's. With `--cold` the shards' pages are evicted
-(posix_fadvise DONTNEED) before every read-only and every filter run, so both read from the disk: the I/O limit of
-a job whose shards do not fit in the node's page cache (every filter over a large collection). Prints a JSON
-document, then markdown tables.
+(the scan's own reader, `subsets.scan.read_ahead`, with nothing scored), side by side in one run, on 1 and (with
+--ranks 1,2) 2 MPI ranks, `--repeat` times each, alternating (the machine is shared: compare the ratios). Both
+read from the page cache (a warm-up read comes first), so the limit is the machine's memory, not the disk's. With
+`--cold` the shards' pages are evicted (fsync, then posix_fadvise DONTNEED) before every read-only and every filter
+run, so both read from the disk: the I/O limit of a job whose shards do not fit in the node's page cache (every
+filter over a large collection). Prints a JSON document, then markdown tables.
 
 With `--clip-retrieval DIR` (a folder holding the clip_retrieval package, e.g. from `pip install --no-deps --target
 DIR clip-retrieval clip-anytorch`; "" for the environment's) it also runs clip-retrieval's `filter` beside ours on the
@@ -42,18 +42,18 @@ from clip_hpc.formats.emb_dir import EmbDir
 BIN = Path(sys.executable).parent
 MODEL = {512: "ViT-B-32", 128: "clip-hpc-tiny"}  # a model of each dimension, random weights: queries need no download
 READ_ONLY = """
-import sys, time, h5py
+import sys, time
 from pathlib import Path
 from clip_hpc.cluster.collective import wait_for_all
+from clip_hpc.subsets.scan import read_ahead
 from clip_hpc.cluster.world import world
 w = world()
 shards = sorted(Path(sys.argv[1]).glob("shard-*.h5"))
 mine = [p for p in shards if int(p.stem.split("-")[1]) % w.size == w.rank]
 wait_for_all(w)
 t0, rows = time.perf_counter(), 0
-for path in mine:
-    with h5py.File(path, "r") as f:
-        rows += len(f["embeddings"][...])
+for _, columns in read_ahead([str(p) for p in mine]):  # the scan's own reader, nothing scored
+    rows += len(columns.embeddings)
 seconds = w.gather((rows, time.perf_counter() - t0))
 if w.is_root:
     print("BENCH", sum(r for r, _ in seconds) / max(s for _, s in seconds))
@@ -154,6 +154,7 @@ def evict(emb: Path) -> None:
     for path in sorted((emb / "shards").glob("shard-*.h5")):
         fd = os.open(path, os.O_RDONLY)
         try:
+            os.fsync(fd)  # dirty pages (a source just written) are not dropped until written back
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

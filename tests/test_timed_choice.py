@@ -131,15 +131,20 @@ def test_the_default_times_the_graph_beside_the_ivf_settings_and_exact_search_an
     else:
         assert info.index_key.startswith("IVF")
     assert (info.index_key == graph_key()) == (info.nprobe == ef and timing["chosen"] == graphs[0]["label"])
-    rng = np.random.default_rng(11)
+    assert held_out_recall(root / "with-graph", vectors, seed=11) >= 0.93
+
+
+def held_out_recall(index_dir, vectors: np.ndarray, seed: int) -> float:
+    """Served recall@10 of 100 text-like queries the self-check never saw, against exact search of the stored rows."""
+    rng = np.random.default_rng(seed)
     queries = off_distribution_queries(vectors[rng.choice(len(vectors), 100, replace=False)], rng)
-    engine = SearchEngine(root / "with-graph")
+    engine = SearchEngine(index_dir)
     try:
         found = np.array([[h.id for h in row] for row in engine.search_vectors(queries, 10)])
         stored = np.asarray(engine.vectors, dtype=np.float32)
     finally:
         engine.close()
-    assert recall_at_k(found, exact_top_k(queries, stored, 10), 10) >= 0.93
+    return recall_at_k(found, exact_top_k(queries, stored, 10), 10)
 
 
 def test_a_named_key_is_kept_and_served_at_its_fastest_setting_that_holds_the_bound(just_above_flat):
@@ -152,12 +157,4 @@ def test_a_named_key_is_kept_and_served_at_its_fastest_setting_that_holds_the_bo
     assert chosen["p50_ms"] == min(c["p50_ms"] for c in approx) and chosen["bound"] >= 0.95
     assert chosen["label"].startswith(f"nprobe{info.nprobe},refine{info.refine_factor}")
     assert chosen["bound"] == info.recall["served_bound"] and info.recall["target_met"]
-    rng = np.random.default_rng(7)  # the claim against queries the self-check never saw
-    queries = off_distribution_queries(vectors[rng.choice(len(vectors), 100, replace=False)], rng)
-    engine = SearchEngine(root / "named")
-    try:
-        found = np.array([[h.id for h in row] for row in engine.search_vectors(queries, 10)])
-        stored = np.asarray(engine.vectors, dtype=np.float32)
-    finally:
-        engine.close()
-    assert recall_at_k(found, exact_top_k(queries, stored, 10), 10) >= 0.93
+    assert held_out_recall(root / "named", vectors, seed=7) >= 0.93  # the claim against queries it never saw

@@ -42,7 +42,9 @@ RERANK_BLOCK_ROWS = 64  # x 512 dims = torch's 32,768-element grain: each block 
 def exact_scores(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
     """float32 dot products of stored (float16) rows with one query, a cache-sized block at a time. numpy's
     float16 cast is ~3x slower than torch's, and one large torch cast or BLAS call spreads over threads that, on a
-    busy node, cost 5-10x the work (2,000 rows: 1-4 ms this way, 11-20 ms as one call, at load 7 on 2 cores)."""
+    busy node, cost 5-10x the work (2,000 rows: 1-4 ms this way, 11-20 ms as one call, at load 7 on 2 cores). The
+    filter scan's `subsets.scoring._block_products` is the same idea for many queries; through it, this one query
+    took 1.7x as long (0.65 against 0.38 ms for 2,000 rows: a generator and two more small torch calls a block)."""
     import torch
 
     source = torch.from_numpy(np.ascontiguousarray(rows))

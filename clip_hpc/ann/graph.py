@@ -16,7 +16,7 @@ import numpy as np
 GRAPH_M = 32  # links per node (64 on the bottom layer): FAISS's recommended 32 for 512-d CLIP vectors
 GRAPH_EF_CONSTRUCTION = 80  # build-time search width; 40 (FAISS's default) lost recall on text-like queries
 GRAPH_MAX = 250_000  # above this the graph's build (~35 s at 200k on 2 cores) and 2.3 KB/vector outweigh IVF's
-EF_LADDER = (16, 32, 64, 128, 256, 512, 1024)  # efSearch values the self-check prices, cheapest first
+EF_LADDER = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)  # efSearch values the self-check prices, cheapest first
 GRAPH_LABEL = "graph"
 
 

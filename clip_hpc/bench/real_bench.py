@@ -25,6 +25,7 @@ from clip_hpc.devdata.synthetic_vectors import write_emb_dir
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.index.build import build_index
 from clip_hpc.index.summary import served_recall
+from clip_hpc.index.timed_choice import faiss_threads
 from clip_hpc.search.engine import SearchEngine
 
 K = 10
@@ -67,14 +68,14 @@ def engine_search(engine: SearchEngine) -> Search:
 def interleaved_latency(searches: dict[str, Search], queries: np.ndarray, threads: int) -> dict[str, Latency]:
     """p50/p99 ms of one query at a time, every method on each query in turn (the order alternating), so that
     load from elsewhere on the machine falls on all of them alike."""
-    faiss.omp_set_num_threads(threads)
     names = list(searches)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for i, q in enumerate(queries):
-        for name in names if i % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            searches[name](q[None, :], K)
-            times[name].append((time.perf_counter() - start) * 1e3)
+    with faiss_threads(threads):
+        for i, q in enumerate(queries):
+            for name in names if i % 2 == 0 else names[::-1]:
+                start = time.perf_counter()
+                searches[name](q[None, :], K)
+                times[name].append((time.perf_counter() - start) * 1e3)
     return {
         name: Latency(round(float(np.percentile(t, 50)), 3), round(float(np.percentile(t, 99)), 3))
         for name, t in times.items()
@@ -114,7 +115,6 @@ def measure(split: HeldOutSplit, index_dir: Path, timed: int, default_threads: i
         queries = timing_queries(split, timed)
         one = interleaved_latency(searches, queries, 1)
         many = interleaved_latency(searches, queries, default_threads)
-        faiss.omp_set_num_threads(default_threads)
         exact_images = exact_top_k(split.image_queries, held16, K)
         exact_texts = exact_top_k(split.text_queries, held16, K)
         rows = [

@@ -5,7 +5,7 @@ path string would cost more than the products)."""
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -41,24 +41,43 @@ def _open(path: str | os.PathLike) -> h5py.File:
 
 
 def read_scan_columns(path: str | os.PathLike, into: np.ndarray | None = None) -> ScanColumns:
-    """The vectors of a contiguous dataset (how `write_shard` stores them) come by one plain file read at the
-    offset HDF5 reports: unlike h5py, it lets go of the GIL, so the scan scores one shard while a thread reads the
-    next. Any other layout is read by h5py. `into`, a spare array of the same dtype and width with room for the
-    rows, is read into (its first rows are returned) rather than a new array: a fresh 50 MB array costs its page
-    faults, about as much CPU time again as the read itself."""
+    """The contiguous datasets (how `write_shard` stores them) come by plain file reads at the offsets HDF5 reports:
+    unlike h5py, they let go of the GIL, so the scan scores one shard while a thread reads the next (from a cold
+    disk, h5py reading the ids held the GIL through the read: the scan then waited as long as a read alone took).
+    Any other layout is read by h5py. `into`, a spare array of the same dtype and width with room for the rows, is
+    read into (its first rows are returned) rather than a new array: a fresh 50 MB array costs its page faults,
+    about as much CPU time again as the read itself."""
     with _open(path) as f:
-        similarity = f["similarity"][...].astype(np.float32) if "similarity" in f else None
-        ids, stored = f["ids"][...], f["embeddings"]
-        offset = stored.id.get_offset() if stored.size else None
-        if offset is None:
-            return ScanColumns(ids, stored[...], similarity)
-        embeddings = _room(into, stored.shape, stored.dtype)
+        names = ["ids", "embeddings"] + (["similarity"] if "similarity" in f else [])
+        spans = {name: _span(f[name]) for name in names}
+        early = {name: f[name][...] for name, span in spans.items() if span is None}  # not contiguous: h5py
     with open(path, "rb") as raw:
-        raw.seek(offset)
-        got = raw.readinto(embeddings.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy arrays are buffers
-    if got != embeddings.nbytes:
-        raise ShardError(f"{path}: truncated shard ({got} of {embeddings.nbytes} bytes of embeddings)")
-    return ScanColumns(ids, embeddings, similarity)
+        read = {name: early.get(name) for name in names}
+        for name, span in spans.items():
+            if span is not None:
+                offset, shape, dtype = span
+                room = _room(into, shape, dtype) if name == "embeddings" else np.empty(shape, dtype)
+                read[name] = _read_at(raw, path, offset, room)
+    similarity = read.get("similarity")
+    return ScanColumns(
+        np.asarray(read["ids"]),
+        np.asarray(read["embeddings"]),
+        None if similarity is None else similarity.astype(np.float32),
+    )
+
+
+def _span(dataset: h5py.Dataset) -> tuple[int, tuple[int, ...], np.dtype] | None:
+    """(file offset, shape, dtype) of a contiguous, non-empty dataset of numbers; None for any other (h5py reads it)."""
+    offset = dataset.id.get_offset() if dataset.size and dataset.dtype.kind in "fiu" else None
+    return None if offset is None else (int(offset), tuple(dataset.shape), dataset.dtype)
+
+
+def _read_at(raw: Any, path: str | os.PathLike, offset: int, room: np.ndarray) -> np.ndarray:
+    raw.seek(offset)
+    got = raw.readinto(room.reshape(-1).view(np.uint8))
+    if got != room.nbytes:
+        raise ShardError(f"{path}: truncated shard ({got} of {room.nbytes} bytes at offset {offset})")
+    return room
 
 
 def _room(spare: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -14,6 +14,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -108,12 +109,15 @@ def scan_units(options: FilterOptions, plan: Plan, w: World) -> StepStats:
     bar = _bar(options, w, sum(plan.rows[u] for u in todo), "vec", f"filter rank {w.rank}")
     pa.array(np.zeros(1))  # pyarrow imports pandas on first use (a second): not inside the timed scan
     t0, rows = time.perf_counter(), 0
-    with one_cpu_thread(device is None):
+    with one_cpu_thread(device is None), ThreadPoolExecutor(1) as writer:  # a part's fsync waits behind the reads
+        written = []
         for unit, (shard, columns) in zip(todo, read_ahead([plan.shards[u] for u in todo])):
             table, n = scan_unit(shard, columns, plan.queries, plan.settings, device)
-            out.write_part(unit, table, n)
+            written.append(writer.submit(out.write_part, unit, table, n))
             rows += n
             bar.update(n)
+        for part in written:
+            part.result()  # an error writing a part stops the rank, as it did inline
     bar.close()
     return StepStats(len(todo), len(mine) - len(todo), rows, time.perf_counter() - t0)
 
