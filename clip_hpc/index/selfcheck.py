@@ -19,11 +19,12 @@ from typing import Any
 import faiss
 import numpy as np
 
-from clip_hpc.ann.core import normalise_rows, search_index, set_nprobe
+from clip_hpc.ann.core import search_index, set_nprobe
 from clip_hpc.ann.graph import EF_LADDER, build_graph, graph_key, graph_label, graph_of
-from clip_hpc.ann.ground_truth import RECALL_K, Truth, exact_truth, tie_aware_positions, true_neighbours
-from clip_hpc.ann.text_queries import caption_queries, text_like_groups
+from clip_hpc.ann.ground_truth import RECALL_K, tie_aware_positions, true_neighbours
+from clip_hpc.ann.text_queries import caption_queries
 from clip_hpc.ann.tier import EXACT_FACTORS, TierScorer
+from clip_hpc.index.check_queries import CheckQueries, check_queries
 from clip_hpc.index.recall_report import FamilyFigures, RecallReport
 from clip_hpc.index.tier_recall import tier_ranks, tier_scores
 from clip_hpc.index.timed_choice import Setting, TimedChoice, frontier, measure, served_runner, timing_queries
@@ -37,7 +38,6 @@ from clip_hpc.index.tuning import (
 )
 
 RECALL_QUERIES = 800  # indexed vectors sampled: half tune, half report (each also the base of text-like groups)
-TEXT_GROUPS = 10  # text-like gap groups per half, each with its own direction
 REFINE_FACTORS = (10, 25, 50, 100, 200, 500, 1000, 2000, 3000, 5000)  # candidates per result re-ranked exactly (1 KiB
 # rows at d=512). Past 200 only for data where the 32-byte code ranks text-like queries badly (many small clusters:
 # at 300k, nprobe all, x200 gave 0.887, x500 0.955, x1000 0.980): recall first, at the latency bench_index shows.
@@ -67,70 +67,12 @@ def serving_cost(
     return nprobe * list_size * code_size + tier + RERANK_BYTE_COST * rows * RECALL_K * dim * 2
 
 
-def _family_spans(families: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, dict[str, list[tuple[int, int]]]]:
-    """All query groups stacked into one matrix, and each family's (start, stop) rows per group."""
-    parts: list[np.ndarray] = []
-    spans: dict[str, list[tuple[int, int]]] = {}
-    at = 0
-    for name, groups in families.items():
-        spans[name] = []
-        for group in groups:
-            parts.append(group)
-            spans[name].append((at, at + len(group)))
-            at += len(group)
-    return np.concatenate(parts), spans
-
-
-def _query_families(
-    vectors: np.ndarray, ids: np.ndarray, captions: np.ndarray | None, rng: np.random.Generator
-) -> tuple[dict[str, list[np.ndarray]], list[float]]:
-    """in_distribution (indexed vectors), text_like (gap groups, cosines 0.45-0.25), captions (if any)."""
-    images = normalise_rows(np.asarray(vectors[np.sort(ids)], dtype=np.float32))
-    text = text_like_groups(images, rng, TEXT_GROUPS)
-    families = {"in_distribution": [images], "text_like": [q for _, q in text]}
-    if captions is not None and len(captions):
-        families["captions"] = [normalise_rows(captions)]
-    return families, [c for c, _ in text]
-
-
 GraphCandidate = tuple[faiss.Index, int, float]  # the HNSW graph, its efSearch, the bound it reached
 Config = tuple[int, int]  # (refine factor: candidates per result from the codes, the tier's exact factor or 0)
 
 
 def _label(probe: int, config: Config) -> str:
     return f"nprobe{probe},refine{config[0]}" + (f",tier{config[1]}" if config[1] else "")
-
-
-@dataclass
-class CheckQueries:
-    """One half of the self-check's queries (tuning or reporting): every family stacked, each family's row spans,
-    the exact top 10 of every row, and the text-like groups' target cosines."""
-
-    queries: np.ndarray
-    spans: dict[str, list[tuple[int, int]]]
-    truth: Truth
-    cosines: list[float]
-
-
-def _check_queries(
-    vectors: np.ndarray, query_ids: np.ndarray, rng: np.random.Generator, caption_vectors: np.ndarray | None
-) -> tuple[CheckQueries, CheckQueries]:
-    """The tuning and the reporting halves of every family, with one exact search for both."""
-    ids = np.asarray(query_ids)
-    halves = []
-    for half in range(2):  # one query id (a 1-vector index) serves both halves: an empty half's recall is NaN
-        step = slice(half, None, 2) if len(ids) > 1 else slice(None)
-        caps = None if caption_vectors is None else caption_vectors[half::2]
-        halves.append(_query_families(vectors, ids[step], caps, rng))
-    (tune_families, tune_cosines), (report_families, report_cosines) = halves
-    tune_queries, tune_spans = _family_spans(tune_families)
-    report_queries, report_spans = _family_spans(report_families)
-    truth = exact_truth(np.concatenate([tune_queries, report_queries]), vectors, RECALL_K)  # one pass for all
-    cut = len(tune_queries)
-    return (
-        CheckQueries(tune_queries, tune_spans, truth.rows(slice(0, cut)), tune_cosines),
-        CheckQueries(report_queries, report_spans, truth.rows(slice(cut, None)), report_cosines),
-    )
 
 
 class _Recall:
@@ -334,19 +276,17 @@ def self_check(
     synthetic text-like groups (one gap direction each, cosine to their image 0.45 down to 0.25) and the built-in
     captions through the index's own text tower (when its weights load here). Half of every family tunes nprobe
     and the refine factor jointly (the settings whose 3-sigma bounds, and for the gap groups the prediction
-    bound of a fresh group, all reach TARGET_RECALL); the fastest of them by measured time wins
-    (index/timed_choice.py), or, where `exact_allowed`, exact search when it is no slower, or where
-    `graph_allowed`, an HNSW graph when it is faster (`replacement`); the
-    other half, never seen by tuning, gives the figures. The exact top 10 is searched once for both halves; each
-    nprobe is one search at the largest candidate count, which prices every refine factor (`hit_positions`); the
-    sweep stops after `budget_s` and says so. `keep_tier` (an explicit --rerank-tier on) serves with the tier even
-    where it does not pay, and says so (`tier_pays`)."""
+    bound of a fresh group, all reach TARGET_RECALL); the fastest by measured time wins (index/timed_choice.py),
+    or exact search (`exact_allowed`) or an HNSW graph (`graph_allowed`) that is faster (`replacement`); the other
+    half, never seen by tuning, gives the figures. The exact top 10 is searched once for both halves; each nprobe
+    is one search at the largest candidate count, which prices every refine factor (`hit_positions`); the sweep
+    stops after `budget_s` and says so. `keep_tier` (an explicit --rerank-tier on) serves with the tier even where
+    it does not pay, and says so (`tier_pays`)."""
     started = time.perf_counter()
     rng = np.random.default_rng([seed, SELF_CHECK_SALT])  # a stream of its own: never the one data came from
     text = caption_queries(model, pretrained, int(vectors.shape[1])) if model else None
-    tune, served = _check_queries(vectors, query_ids, rng, text.vectors if text is not None else None)
+    tune, served = check_queries(vectors, query_ids, rng, text.vectors if text is not None else None)
     truth_s = time.perf_counter() - started
-
     f1s = [refine_factor] if refine and refine_factor else list(REFINE_FACTORS) if refine else [0]
     tiered = tier is not None and refine
     configs = [(f, 0) for f in f1s] + ([(f, e) for f in f1s for e in EXACT_FACTORS if e < f] if tiered else [])
@@ -354,8 +294,7 @@ def self_check(
     tier_bytes = int(tier.sa_code_size()) if tier is not None and tiered else 0
     cost = _Costs.of(index, int(vectors.shape[1]), tier_bytes, n_cand)
     recall = _Recall(index, vectors, tier, configs)
-    ladder = probe_ladder(cost.ivf.nlist) if cost.ivf is not None else list(EF_LADDER) if graph_of(index) else [1]
-    probes = [int(nprobe)] if nprobe and len(ladder) > 1 else ladder  # a graph's is efSearch; a flat scan has none
+    probes = _search_widths(index, cost, nprobe)
     tuning: dict[str, float] = {}
     bound_of = _tuning_bounds(recall, tune, probes, n_cand, cost.longest, tuning)
     budget = budget_s if budget_s is not None else math.inf
@@ -365,13 +304,8 @@ def self_check(
     choice, setting, replacement = _timed_setting(
         index, vectors, tier if tiered else None, tuned, cost, tune.queries, exact_allowed, with_tier, graph
     )
-    if replacement is not None:  # exact search or the graph won: it is what is served, and what the figures measure
-        if setting is None:
-            recall, tuning["exact"] = _exact_bound(replacement, vectors, tune)
-        else:
-            recall = _Recall(replacement, vectors, None, [(0, 0)])
+    recall, label = _measured(recall, replacement, setting, vectors, tune, tuning)
     nprobe, (factor, exact_factor) = setting or (1, (0, 0))
-    label = "exact" if setting is None else graph_label(nprobe) if replacement is not None else None
     shown_factor = factor or refine_factor or REFINE_FACTORS[0]  # refine numbers are shown even when it is off
     report = RecallReport(
         k=RECALL_K,
@@ -401,6 +335,31 @@ def self_check(
     _add_served_figures(report, recall.at(served, nprobe, wide), served, bool(factor), bound)
     set_nprobe(index if replacement is None else replacement, nprobe)
     return report
+
+
+def _search_widths(index: faiss.Index, cost: _Costs, nprobe: int | None) -> list[int]:
+    """The widths the sweep prices: `nprobe` when given, else every nprobe's ladder (IVF) or efSearch's (a graph);
+    a flat scan has none."""
+    ladder = probe_ladder(cost.ivf.nlist) if cost.ivf is not None else list(EF_LADDER) if graph_of(index) else [1]
+    return [int(nprobe)] if nprobe and len(ladder) > 1 else ladder
+
+
+def _measured(
+    recall: _Recall,
+    replacement: faiss.Index | None,
+    setting: Setting | None,
+    vectors: np.ndarray,
+    tune: CheckQueries,
+    tuning: dict[str, float],
+) -> tuple[_Recall, str | None]:
+    """What the figures measure, and the label of its bound: the index built (None: its setting's), or the exact
+    scan or the graph that won the clock."""
+    if replacement is None:
+        return recall, None
+    if setting is None:
+        recall, tuning["exact"] = _exact_bound(replacement, vectors, tune)
+        return recall, "exact"
+    return _Recall(replacement, vectors, None, [(0, 0)]), graph_label(setting[0])
 
 
 def _add_served_figures(
