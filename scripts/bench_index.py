@@ -7,6 +7,7 @@ the same vectors at its default memory budget and at ours. Prints JSON (one obje
     bench_index.py [--sizes 500000,1000000] [--seeds 3,1] [--ranks 1] [--keys OPQ32,IVF2048,PQ32]
                    [--no-autofaiss] [--work DIR]
     bench_index.py --real DIR [--real DIR2] [--json OUT.json] [--image-queries 1000] [--text-queries 1000]
+                   [--graph-candidate]
 
 --real DIR: a folder of real embeddings (images.npy, optional texts.npy and pairs.npy; clip_hpc.bench.real_sets),
 kept outside the project. Held-out images and captions no build sees; the default index (built as `clip-hpc index`
@@ -290,6 +291,7 @@ def bench_real(args: argparse.Namespace) -> None:
                 image_queries=args.image_queries,
                 text_queries=args.text_queries,
                 timed=args.timed,
+                graph_candidate=args.graph_candidate,
             )
         print(json.dumps(result), flush=True)
         results.append(result)
@@ -323,6 +325,7 @@ def main() -> None:
     ap.add_argument("--image-queries", type=int, default=1000, help="--real: held-out images (never indexed)")
     ap.add_argument("--text-queries", type=int, default=1000, help="--real: held-out caption (or text-like) queries")
     ap.add_argument("--timed", type=int, default=400, help="--real: queries timed one at a time, per method")
+    ap.add_argument("--graph-candidate", action="store_true", help="--real: build with index --graph-candidate")
     args = ap.parse_args()
     if args.real:
         return bench_real(args)

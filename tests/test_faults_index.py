@@ -132,6 +132,7 @@ def test_leftover_rerank_tier_on_that_does_not_pay_is_kept_and_said(tmp_path, ca
         (("--refine-factor", "50"), "--refine-factor: leave it out"),
         (("--index-key", "IVF16,PQ8", "--rerank-tier", "on", "--lists", "disk"), "--index-key, --lists, --rerank-tier"),
         (("--train-size", "500"), "--train-size"),
+        (("--graph-candidate", "--max-ram", "1G"), "--max-ram, --graph-candidate: leave them out"),
     ],
 )
 def test_leftover_update_refuses_the_build_only_flags_it_cannot_honour(small_emb, tmp_path, options, named):

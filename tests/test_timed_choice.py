@@ -86,9 +86,8 @@ def just_above_flat(tmp_path_factory):
 
 def test_where_exact_search_is_faster_the_default_serves_it_and_records_the_times(just_above_flat):
     root, emb, vectors = just_above_flat
-    room = 2 << 20  # float32 rows fit (1.3 MB), the HNSW graph (4.2 MB) does not: exact search against the IVF
-    info = build_index(emb, root / "auto", progress=False, max_ram=room)
-    assert not any(label.startswith(GRAPH_LABEL) for label in info.recall["tuning_lower_bounds"])
+    info = build_index(emb, root / "auto", progress=False)
+    assert not any(label.startswith(GRAPH_LABEL) for label in info.recall["tuning_lower_bounds"])  # opt-in only
     timing = json.loads((root / "auto" / "index.json").read_text())["recall"]["timing"]
     assert timing["chosen"] == EXACT_LABEL and timing["built_key"].startswith("IVF") and timing["exact_allowed"]
     times = {c["label"]: c["p50_ms"] for c in timing["candidates"]}
@@ -113,9 +112,11 @@ def test_where_exact_search_is_faster_the_default_serves_it_and_records_the_time
     assert updated.index_key == "Flat" and updated.n == info.n + 300 and updated.recall["served"] == 1.0
 
 
-def test_the_default_times_the_graph_beside_the_ivf_settings_and_exact_search_and_serves_the_fastest(just_above_flat):
+def test_graph_candidate_times_the_graph_beside_the_ivf_settings_and_exact_search_and_serves_the_fastest(
+    just_above_flat,
+):
     root, emb, vectors = just_above_flat
-    info = build_index(emb, root / "with-graph", progress=False)
+    info = build_index(emb, root / "with-graph", progress=False, graph_candidate=True)
     timing = info.recall["timing"]
     graphs = [c for c in timing["candidates"] if c["label"].startswith(GRAPH_LABEL)]
     assert len(graphs) == 1 and graphs[0]["bound"] >= 0.95  # the least efSearch whose bound reaches the target
@@ -132,6 +133,9 @@ def test_the_default_times_the_graph_beside_the_ivf_settings_and_exact_search_an
         assert info.index_key.startswith("IVF")
     assert (info.index_key == graph_key()) == (info.nprobe == ef and timing["chosen"] == graphs[0]["label"])
     assert held_out_recall(root / "with-graph", vectors, seed=11) >= 0.93
+    room = 2 << 20  # float32 rows fit (1.3 MB), the HNSW graph (4.2 MB) does not: no graph in the running
+    tight = build_index(emb, root / "graph-no-room", progress=False, graph_candidate=True, max_ram=room)
+    assert not any(label.startswith(GRAPH_LABEL) for label in tight.recall["tuning_lower_bounds"])
 
 
 def held_out_recall(index_dir, vectors: np.ndarray, seed: int) -> float:

@@ -98,11 +98,12 @@ def claimed_recall(info_recall: dict[str, Any], refine: bool) -> dict[str, Any]:
     }
 
 
-def build_default(split: HeldOutSplit, work: Path) -> Path:
-    """`clip-hpc index` with every default over the indexed rows (ids 0..n-1, float16 shards as `embed` writes)."""
+def build_default(split: HeldOutSplit, work: Path, graph_candidate: bool = False) -> Path:
+    """`clip-hpc index` with every default over the indexed rows (ids 0..n-1, float16 shards as `embed` writes),
+    and `--graph-candidate` when asked."""
     emb = write_emb_dir(work / "emb", split.base, np.zeros(len(split.base), dtype=np.int64), shard_size=50_000)
     out = work / "index"
-    build_index(emb, out, progress=False)
+    build_index(emb, out, progress=False, graph_candidate=graph_candidate)
     return out
 
 
@@ -143,13 +144,20 @@ def measure(split: HeldOutSplit, index_dir: Path, timed: int, default_threads: i
 
 
 def run_real_bench(
-    folder: Path, work: Path, *, image_queries: int, text_queries: int, timed: int, seed: int = 0
+    folder: Path,
+    work: Path,
+    *,
+    image_queries: int,
+    text_queries: int,
+    timed: int,
+    seed: int = 0,
+    graph_candidate: bool = False,
 ) -> dict[str, Any]:
     """Load, split, build with the defaults, measure; one JSON-ready record."""
     real = load_real_set(folder)
     split = split_held_out(real, image_queries, text_queries, seed)
     started = time.perf_counter()
-    index_dir = build_default(split, work)
+    index_dir = build_default(split, work, graph_candidate)
     build_s = round(time.perf_counter() - started, 2)
     default_threads = faiss.omp_get_max_threads()
     info = IndexDir(index_dir).load_info()
@@ -162,6 +170,7 @@ def run_real_bench(
         "held_out_image_queries": len(split.image_queries),
         "held_out_text_queries": len(split.text_queries),
         "text_source": split.text_source,
+        "graph_candidate": graph_candidate,
         "default_threads": default_threads,
         "index": {
             "index_key": info.index_key,

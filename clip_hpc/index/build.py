@@ -49,6 +49,7 @@ class BuildOptions:
     vectors: str = "images"
     rerank_tier: str = "auto"
     max_ram: int | None = None  # None: DEFAULT_MAX_RAM for the tier, never a refusal
+    graph_candidate: bool = False  # also time an HNSW graph (ann/graph.py); opt-in, see its docstring
     tier_from: int = TIER_FROM
 
 
@@ -132,7 +133,9 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
     flat_bytes = n * dim * 4  # exact search serves IndexFlatIP: float32 rows in RAM, within the budget
     budget = info.max_ram or DEFAULT_MAX_RAM
     exact_allowed = mode == "memory" and _all_left_to_the_build(o) and flat_bytes <= budget
-    graph_allowed = exact_allowed and FLAT_BELOW <= n <= GRAPH_MAX and graph_bytes(n, dim) <= budget
+    graph_allowed = (
+        o.graph_candidate and exact_allowed and FLAT_BELOW <= n <= GRAPH_MAX and graph_bytes(n, dim) <= budget
+    )
     return BuildPlan(
         str(tmp.root),
         units,
@@ -262,11 +265,12 @@ def build_index(
     rerank_tier: str = "auto",
     max_ram: int | None = None,
     tier_from: int = TIER_FROM,
+    graph_candidate: bool = False,
 ) -> IndexInfo:
     """EMB_DIR -> INDEX_DIR (see the module docstring) on every rank of `world` (default: this job's), over the
     image or the caption embeddings (`vectors`, formats/caption_view.py); returns index.json, on every rank.
     `max_ram`: bytes the served index may hold in RAM (index/memory.py); `tier_from`: vectors from which
-    `rerank_tier="auto"` considers a tier.
+    `rerank_tier="auto"` considers a tier; `graph_candidate`: also time an HNSW graph (opt-in, ann/graph.py).
     `index --update` is index/update.py."""
     check_refine_factor(refine_factor)
     options = BuildOptions(
@@ -282,6 +286,7 @@ def build_index(
         rerank_tier=rerank_tier,
         max_ram=max_ram,
         tier_from=tier_from,
+        graph_candidate=graph_candidate,
     )
     world = job_world(world)
     with full_disk_is_a_user_error(out, "clip-hpc index"):  # the temporary directory is gone by then

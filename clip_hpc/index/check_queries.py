@@ -11,7 +11,7 @@ from clip_hpc.ann.core import normalise_rows
 from clip_hpc.ann.ground_truth import RECALL_K, Truth, exact_truth
 from clip_hpc.ann.text_queries import text_like_groups
 
-TEXT_GROUPS = 10  # text-like gap groups per half, each with its own direction
+TEXT_GROUPS = 20  # text-like gap groups per half, each with its own direction (4 a cosine: 15 d.f. for the bound)
 
 
 def _family_spans(families: dict[str, list[np.ndarray]]) -> tuple[np.ndarray, dict[str, list[tuple[int, int]]]]:
