@@ -76,6 +76,8 @@ def test_text_emb_of_an_export_is_read_so_a_caption_index_builds_from_it(tmp_pat
     with index_dir.open_metadata() as meta:
         assert meta.all_ids() == np.flatnonzero(captioned).tolist()
         assert meta.captions_of([1]) == {1: "caption 1"}
+        some = meta.all_ids()[:5] + [10**9]  # and one id no row has
+        assert meta.paths_and_captions(some) == (meta.paths_of(some), meta.captions_of(some))  # one query, the same
         assert abs(meta.similarities_of([1])[1] - similarity[1]) < 1e-3
     vectors = np.asarray(index_dir.open_vectors(), np.float32)
     assert np.array_equal(vectors[captioned], text[captioned].astype(np.float32))

@@ -217,6 +217,23 @@ class MetadataStore:
         """The non-empty captions of `ids` ({} for a meta.sqlite written before captions)."""
         return self._column_of("caption", ids) if "caption" in self.columns else {}
 
+    def paths_and_captions(self, ids: Iterable[int]) -> tuple[dict[int, str], dict[int, str]]:
+        """`paths_of` and `captions_of` in one query per 500 ids: a search's hits cost one round trip, not two."""
+        if "caption" not in self.columns:
+            return self.paths_of(ids), {}
+        ids = [int(i) for i in ids]
+        paths: dict[int, str] = {}
+        captions: dict[int, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for id, path, caption in self._rows(f"SELECT id, path, caption FROM images WHERE id IN ({marks})", chunk):
+                if path is not None:
+                    paths[id] = path
+                if caption:
+                    captions[id] = caption
+        return paths, captions
+
     def ids_with_prefix(self, prefix: str, limit: int | None = None) -> list[int]:
         """Ids whose path starts with `prefix`, by a range scan on the path index (no LIKE escaping issues)."""
         return self.ids_matching(path_prefix=prefix, limit=limit)

@@ -353,7 +353,7 @@ class SearchEngine:
         self, scores: np.ndarray | Sequence[np.ndarray], ids: np.ndarray | Sequence[np.ndarray], min_score: float | None
     ) -> list[list[Hit]]:
         found = sorted({int(i) for row in ids for i in row if i >= 0})
-        paths, captions = self.meta.paths_of(found), self.meta.captions_of(found)
+        paths, captions = self.meta.paths_and_captions(found)
         out = []
         for row_scores, row_ids in zip(scores, ids):
             out.append(
