@@ -172,14 +172,8 @@ def add_index(sub: argparse._SubParsersAction) -> None:
         f"that cannot fit a given budget is an error. Default: the tier is chosen within {DEFAULT_MAX_RAM_TEXT} "
         "(autofaiss's max_index_memory_usage), and an index larger than that is built without a tier, not refused",
     )
-    p.add_argument(
-        "--graph-candidate",
-        action="store_true",
-        help="experimental: from 10,000 to 250,000 vectors, with everything else left to the build, also time an "
-        "HNSW graph (HNSW32,Flat, ~2.3 KB a vector of RAM) beside the IVF settings and exact search, and serve it "
-        "if it is the fastest at the recall target; index.json's nprobe is then its efSearch. Off by default: on "
-        "a 100k synthetic set held-out text-like recall fell to 0.934 where the self-check bounded 0.95",
-    )
+    graph = "experimental: also time an HNSW graph (HNSW32,Flat, ~2.3 KB/vector of RAM; 10k-250k vectors) and serve "
+    p.add_argument("--graph-candidate", action="store_true", help=graph + "it where fastest (docs/indexing.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--json",
