@@ -187,8 +187,8 @@ def run_real_bench(
 
 
 def claim_gap(claimed: dict[str, float], served: dict[str, Any]) -> dict[str, float | None]:
-    """index.json's recall per family minus the held-out recall (positive: the claim is too high): in-distribution
-    against held-out images, captions (else text-like) against held-out text queries."""
+    """The recall the index claims per family minus the held-out recall (positive: the claim is too high):
+    in-distribution against held-out images, captions (else text-like) against held-out text queries."""
     text = claimed.get("captions", claimed.get("text-like"))
     images = claimed.get("in-distribution")
     return {
