@@ -16,6 +16,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from clip_hpc.ann.rows import add_embedded_rows
+
 GRAPH_M = 32  # links per node (64 on the bottom layer): FAISS's recommended 32 for 512-d CLIP vectors
 GRAPH_EF_CONSTRUCTION = 80  # build-time search width; 40 (FAISS's default) lost recall on text-like queries
 GRAPH_MAX = 250_000  # above this the graph's build (~35 s at 200k on 2 cores) and 2.3 KB/vector outweigh IVF's
@@ -39,10 +41,7 @@ def build_graph(vectors: np.ndarray, chunk: int = 65_536) -> faiss.Index:
     graph = faiss.IndexHNSWFlat(int(vectors.shape[1]), GRAPH_M, faiss.METRIC_INNER_PRODUCT)
     graph.hnsw.efConstruction = GRAPH_EF_CONSTRUCTION
     index = faiss.IndexIDMap(graph)
-    for lo in range(0, len(vectors), chunk):
-        block = np.asarray(vectors[lo : lo + chunk], dtype=np.float32)
-        keep = np.flatnonzero(block.any(axis=1))
-        index.add_with_ids(np.ascontiguousarray(block[keep]), (keep + lo).astype(np.int64))
+    add_embedded_rows(index, vectors, chunk=chunk)
     return index
 
 

@@ -192,15 +192,17 @@ class MetadataStore:
 
     def _column_of(self, column: str, ids: Iterable[int]) -> dict[int, Any]:
         """id -> `column` for the `ids` present where it is not NULL, one query per 500 ids."""
+        return dict(self._rows_of_ids(f"id, {column}", ids, f"AND {column} IS NOT NULL"))  # SQLite's values, typed
+
+    def _rows_of_ids(self, columns: str, ids: Iterable[int], where: str = "") -> list[tuple]:
+        """`SELECT columns FROM images` for the `ids` present, one query per 500 ids (SQLite's parameter limit)."""
         ids = [int(i) for i in ids]
-        out: dict[int, Any] = {}  # SQLite's values, as the column's type says
+        rows: list[tuple] = []
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            out.update(
-                self._rows(f"SELECT id, {column} FROM images WHERE id IN ({marks}) AND {column} IS NOT NULL", chunk)
-            )
-        return out
+            rows += self._rows(f"SELECT {columns} FROM images WHERE id IN ({marks}) {where}", chunk)
+        return rows
 
     def record(self, id: int) -> dict | None:
         """The columns every meta.sqlite has (`FIRST_COLUMNS`), cheaper than `full_record`."""
@@ -221,18 +223,8 @@ class MetadataStore:
         """`paths_of` and `captions_of` in one query per 500 ids: a search's hits cost one round trip, not two."""
         if "caption" not in self.columns:
             return self.paths_of(ids), {}
-        ids = [int(i) for i in ids]
-        paths: dict[int, str] = {}
-        captions: dict[int, str] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for id, path, caption in self._rows(f"SELECT id, path, caption FROM images WHERE id IN ({marks})", chunk):
-                if path is not None:
-                    paths[id] = path
-                if caption:
-                    captions[id] = caption
-        return paths, captions
+        rows = self._rows_of_ids("id, path, caption", ids)
+        return {i: p for i, p, _ in rows if p is not None}, {i: c for i, _, c in rows if c}
 
     def ids_with_prefix(self, prefix: str, limit: int | None = None) -> list[int]:
         """Ids whose path starts with `prefix`, by a range scan on the path index (no LIKE escaping issues)."""

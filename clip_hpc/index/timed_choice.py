@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 from clip_hpc.ann.core import search_index, set_nprobe
+from clip_hpc.ann.rows import add_embedded_rows
 from clip_hpc.ann.tier import TierScorer
 
 TIMING_QUERIES = 24  # single queries timed per candidate (after TIMING_WARMUP untimed ones)
@@ -114,11 +115,7 @@ def exact_flat(vectors: np.ndarray, rows: int | None = None, chunk: int = 65_536
     """What exact serving is: IndexFlatIP over the float32 of vectors.npy's rows (the first `rows` of them), in
     an IDMap of their global ids; all-zero rows (never embedded, or removed) are left out, as the index leaves them."""
     flat = faiss.IndexIDMap(faiss.IndexFlatIP(int(vectors.shape[1])))
-    stop = len(vectors) if rows is None else min(rows, len(vectors))
-    for lo in range(0, stop, chunk):
-        block = np.asarray(vectors[lo : min(lo + chunk, stop)], dtype=np.float32)
-        keep = np.flatnonzero(block.any(axis=1))
-        flat.add_with_ids(np.ascontiguousarray(block[keep]), (keep + lo).astype(np.int64))
+    add_embedded_rows(flat, vectors, rows, chunk)
     return flat
 
 

@@ -117,7 +117,8 @@ def scan_units(options: FilterOptions, plan: Plan, w: World) -> StepStats:
             rows += n
             bar.update(n)
         for part in written:
-            part.result()  # an error writing a part stops the rank, as it did inline
+            part.result()  # an error writing a part stops the rank once the scan is through (it stopped at once when
+            # the parts were written inline); the parts written before it stand, so a re-run skips their units
     bar.close()
     return StepStats(len(todo), len(mine) - len(todo), rows, time.perf_counter() - t0)
 
