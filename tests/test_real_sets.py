@@ -104,6 +104,11 @@ def test_interleaved_latency_times_every_method_and_flat_search_is_exact():
     latency = interleaved_latency({"a": search, "b": search}, vectors[:20], threads=1)
     assert faiss.omp_get_max_threads() == before  # FAISS's threads as they were
     assert set(latency) == {"a", "b"} and all(0 < v.p50_ms <= v.p99_ms for v in latency.values())
+    calls: list[str] = []
+    recording = {name: (lambda q, k, name=name: calls.append(name)) for name in ("a", "b")}
+    timed = interleaved_latency(recording, vectors[:6], threads=1, block=3)  # type: ignore[arg-type]
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3  # a block each in turn, the order alternating
+    assert set(timed) == {"a", "b"}
     held_out = {"recall_images": 0.995, "recall_text": 0.95}
     claims = {"in-distribution": 0.99, "text-like": 0.97}
     assert claim_gap(claims, held_out) == {"images": -0.005, "text": 0.02}  # each family against its own claim

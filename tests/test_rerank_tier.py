@@ -16,7 +16,7 @@ from clip_hpc.bench.heldout import VectorQueriesOnly, heldout_mixture_params
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.tier_codes import copy_codes, create_codes, write_codes
 from clip_hpc.index.build import build_index
-from clip_hpc.index.selfcheck import tier_ranks, tier_scores
+from clip_hpc.index.tier_recall import tier_ranks, tier_scores
 from clip_hpc.index.update import update_index
 from clip_hpc.search.engine import SearchEngine
 from index_fixtures import synthetic

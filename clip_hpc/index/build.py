@@ -17,6 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from clip_hpc.ann.fine_ivf import FINE_MAX, fine_bytes
 from clip_hpc.ann.graph import GRAPH_MAX, graph_bytes
 from clip_hpc.ann.refine import check_refine_factor
 from clip_hpc.cluster.collective import from_root, on_every_rank
@@ -65,6 +66,7 @@ class BuildPlan:
     query_ids: np.ndarray
     exact_allowed: bool = False  # every choice left to the build: exact search may be served where it is faster
     graph_allowed: bool = False  # ... and an HNSW graph, where it fits the RAM budget and N <= GRAPH_MAX
+    fine_allowed: bool = False  # ... and IVF-SQ8 in the same lists, where a tier may be used and it fits the budget
     tier_asked: bool = False  # --rerank-tier on: kept even where the self-check finds it does not pay
 
 
@@ -130,11 +132,8 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
     timings["vectors_s"] = round(time.perf_counter() - start, 3)
     sample_ids = emb.sample_ids(summary.shards, max(info.train_size, RECALL_QUERIES), np.random.default_rng(o.seed))
     index = _train_with_tier(tmp, index, info, sample_ids, o.progress, world.local_rank)
-    flat_bytes = n * dim * 4  # exact search serves IndexFlatIP: float32 rows in RAM, within the budget
-    budget = info.max_ram or DEFAULT_MAX_RAM
-    exact_allowed = mode == "memory" and _all_left_to_the_build(o) and flat_bytes <= budget
-    graph_allowed = (
-        o.graph_candidate and exact_allowed and FLAT_BELOW <= n <= GRAPH_MAX and graph_bytes(n, dim) <= budget
+    exact_allowed, graph_allowed, fine_allowed = _others_allowed(
+        o, n, dim, nlist or 0, mode == "memory", info.max_ram or DEFAULT_MAX_RAM
     )
     return BuildPlan(
         str(tmp.root),
@@ -145,8 +144,19 @@ def plan(tmp: IndexDir, emb_dir: str | os.PathLike, out: Path, options: BuildOpt
         sample_ids[:RECALL_QUERIES],
         exact_allowed,
         graph_allowed,
+        fine_allowed,
         tier_asked=o.rerank_tier not in ("auto", "off"),
     )
+
+
+def _others_allowed(o: BuildOptions, n: int, dim: int, nlist: int, in_memory: bool, budget: int) -> tuple[bool, ...]:
+    """Whether exact search, the HNSW graph and IVF-SQ8 may be served in place of the index built: every choice left
+    to the build, lists in memory, and each within the RAM budget (exact search: the float32 rows); the graph only
+    when asked for, IVF-SQ8 (d-byte codes) only where a tier may be used (not --rerank-tier off)."""
+    exact = in_memory and _all_left_to_the_build(o) and n * dim * 4 <= budget
+    graph = o.graph_candidate and exact and FLAT_BELOW <= n <= GRAPH_MAX and graph_bytes(n, dim) <= budget
+    fine = exact and nlist > 0 and o.rerank_tier == "auto" and n <= FINE_MAX and fine_bytes(n, dim, nlist) <= budget
+    return exact, graph, fine
 
 
 def _all_left_to_the_build(o: BuildOptions) -> bool:
@@ -232,6 +242,7 @@ def merge_and_finish(
         plan.exact_allowed,
         plan.tier_asked,
         plan.graph_allowed,
+        plan.fine_allowed,
     ).to_dict()
 
 

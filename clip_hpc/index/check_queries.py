@@ -49,6 +49,7 @@ class CheckQueries:
     spans: dict[str, list[tuple[int, int]]]
     truth: Truth
     cosines: list[float]
+    own: np.ndarray  # per row: the id of the indexed vector it is (in-distribution), else -1; left out of both
 
 
 def check_queries(
@@ -56,17 +57,29 @@ def check_queries(
 ) -> tuple[CheckQueries, CheckQueries]:
     """The tuning and the reporting halves of every family, with one exact search for both."""
     ids = np.asarray(query_ids)
-    halves = []
+    halves, half_ids = [], []
     for half in range(2):  # one query id (a 1-vector index) serves both halves: an empty half's recall is NaN
         step = slice(half, None, 2) if len(ids) > 1 else slice(None)
         caps = None if caption_vectors is None else caption_vectors[half::2]
+        half_ids.append(np.sort(ids[step]))
         halves.append(_query_families(vectors, ids[step], caps, rng))
     (tune_families, tune_cosines), (report_families, report_cosines) = halves
     tune_queries, tune_spans = _family_spans(tune_families)
     report_queries, report_spans = _family_spans(report_families)
-    truth = exact_truth(np.concatenate([tune_queries, report_queries]), vectors, RECALL_K)  # one pass for all
+    tune_own = _own_ids(len(tune_queries), tune_spans, half_ids[0])
+    report_own = _own_ids(len(report_queries), report_spans, half_ids[1])
+    own = np.concatenate([tune_own, report_own])
+    truth = exact_truth(np.concatenate([tune_queries, report_queries]), vectors, RECALL_K, own=own)  # one pass
     cut = len(tune_queries)
     return (
-        CheckQueries(tune_queries, tune_spans, truth.rows(slice(0, cut)), tune_cosines),
-        CheckQueries(report_queries, report_spans, truth.rows(slice(cut, None)), report_cosines),
+        CheckQueries(tune_queries, tune_spans, truth.rows(slice(0, cut)), tune_cosines, tune_own),
+        CheckQueries(report_queries, report_spans, truth.rows(slice(cut, None)), report_cosines, report_own),
     )
+
+
+def _own_ids(rows: int, spans: dict[str, list[tuple[int, int]]], ids: np.ndarray) -> np.ndarray:
+    """Each stacked row's own id: the in-distribution rows are the indexed vectors `ids` (sorted), the rest -1."""
+    own = np.full(rows, -1, dtype=np.int64)
+    (start, stop), *_ = spans["in_distribution"]
+    own[start:stop] = np.asarray(ids, dtype=np.int64)
+    return own

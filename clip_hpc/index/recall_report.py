@@ -38,7 +38,8 @@ class RecallReport:
     served_bound: float = 0.0
     target_met: bool = False
     replacement: Any = field(default=None, repr=False, compare=False)  # the exact scan or the graph, when it won
-    replacement_key: str | None = None  # its factory key ("Flat", "HNSW32,Flat"), what index.json then records
+    replacement_key: str | None = None  # its factory key ("Flat", "HNSW32,Flat", "IVF512,SQ8"): index.json's then
+    replacement_refines: bool = False  # it is served with the re-rank from the float16 rows (`refine_factor`)
 
     def to_dict(self) -> dict[str, Any]:
         """The `recall` of index.json: the fields in order, captions_fallback only when set, the families inline."""

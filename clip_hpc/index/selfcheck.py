@@ -19,21 +19,28 @@ from typing import Any
 import faiss
 import numpy as np
 
-from clip_hpc.ann.core import search_index, set_nprobe
-from clip_hpc.ann.graph import EF_LADDER, build_graph, graph_key, graph_label, graph_of
-from clip_hpc.ann.ground_truth import RECALL_K, tie_aware_positions, true_neighbours
+from clip_hpc.ann.core import set_nprobe
+from clip_hpc.ann.graph import EF_LADDER, graph_of
+from clip_hpc.ann.ground_truth import RECALL_K
 from clip_hpc.ann.text_queries import caption_queries
 from clip_hpc.ann.tier import EXACT_FACTORS, TierScorer
+from clip_hpc.index.candidates import Replacement, fine_candidate, graph_candidate
 from clip_hpc.index.check_queries import CheckQueries, check_queries
 from clip_hpc.index.recall_report import FamilyFigures, RecallReport
-from clip_hpc.index.tier_recall import tier_ranks, tier_scores
-from clip_hpc.index.timed_choice import Setting, TimedChoice, frontier, measure, served_runner, timing_queries
+from clip_hpc.index.setting_recall import Config, SettingRecall, setting_label, tuning_bounds
+from clip_hpc.index.timed_choice import (
+    EXACT_LABEL,
+    Setting,
+    TimedChoice,
+    frontier,
+    measure,
+    served_runner,
+    timing_queries,
+)
 from clip_hpc.index.tuning import (
     TARGET_RECALL,
     Sweep,
-    group_prediction_bound,
     probe_ladder,
-    recall_lower_bound,
     sweep_keeping,
 )
 
@@ -65,43 +72,6 @@ def serving_cost(
     rows = exact_factor if tier_bytes and exact_factor else factor
     tier = TIER_BYTE_COST * factor * RECALL_K * tier_bytes if tier_bytes and exact_factor else 0.0
     return nprobe * list_size * code_size + tier + RERANK_BYTE_COST * rows * RECALL_K * dim * 2
-
-
-GraphCandidate = tuple[faiss.Index, int, float]  # the HNSW graph, its efSearch, the bound it reached
-Config = tuple[int, int]  # (refine factor: candidates per result from the codes, the tier's exact factor or 0)
-
-
-def _label(probe: int, config: Config) -> str:
-    return f"nprobe{probe},refine{config[0]}" + (f",tier{config[1]}" if config[1] else "")
-
-
-class _Recall:
-    """Per-query recall@10 of any (refine factor, tier exact factor) at an nprobe, from one search at the largest
-    candidate count (`hit_positions` prices every refine factor; the tier re-scores the candidates once)."""
-
-    def __init__(self, index: faiss.Index, vectors: np.ndarray, tier: faiss.Index | None, configs: list[Config]):
-        self.index, self.vectors, self.tier, self.configs = index, vectors, tier, configs
-
-    def at(self, checked: CheckQueries, probe: int, n: int) -> Callable[[Config], np.ndarray]:
-        set_nprobe(self.index, probe)
-        n = min(n, max(1, self.index.ntotal))  # more candidates than vectors is memory, never recall
-        found = search_index(self.index, None, checked.queries, max(RECALL_K, n))[1]
-        pos = tie_aware_positions(found, checked.truth, checked.queries, self.vectors)
-        ranks: dict[int, np.ndarray] = {}
-
-        def recall(config: Config) -> np.ndarray:
-            factor, exact_factor = config
-            hit = pos < RECALL_K * max(factor, 1)
-            if exact_factor and self.tier is not None:
-                c = min(RECALL_K * factor, found.shape[1])
-                if not ranks:
-                    prefixes = sorted({min(RECALL_K * f, found.shape[1]) for f, e in self.configs if e})
-                    scores = tier_scores(self.index, self.tier, checked.queries, found)
-                    ranks.update(zip(prefixes, tier_ranks(found, scores, pos, prefixes)))
-                hit &= ranks[c] < RECALL_K * exact_factor
-            return hit.sum(axis=1) / true_neighbours(checked.truth.ids)
-
-        return recall
 
 
 @dataclass
@@ -136,46 +106,6 @@ class _Costs:
         )
 
 
-def _tuning_bounds(
-    recall: _Recall, tune: CheckQueries, probes: list[int], n_cand: int, longest: int, tuning: dict[str, float]
-) -> Callable[[int, list[Config]], Callable[[Config], float]]:
-    """`sweep`'s bound_of: the lowest of the text-like prediction bound and the other families' 3-sigma bounds on
-    the tuning half, each recorded in `tuning` under its label."""
-
-    def bound_of(probe: int, live: list[Config]) -> Callable[[Config], float]:
-        widest = RECALL_K * max(max(f for f, _ in live), 1)  # candidates the settings still worth pricing need
-        recall_at = recall.at(tune, probe, min(n_cand, probe * longest, widest))
-        exact: dict[int, float] = {}
-
-        def bound(config: Config) -> float:
-            factor, exact_factor = config
-            if (
-                exact_factor
-                and exact.get(factor, 0.0) < TARGET_RECALL
-                and (probe != probes[-1] or factor < max(exact, default=0))
-            ):
-                return 0.0  # the tier only loses recall against the exact re-rank of the same candidates: priced
-                # where that reaches the target, or at the widest nprobe and factor (the best there is when nothing
-                # does)
-            per_query = recall_at(config)
-            spans = tune.spans
-            bounds = [group_prediction_bound([per_query[a:b] for a, b in spans["text_like"]], tune.cosines)]
-            bounds += [
-                recall_lower_bound(per_query[a:b])
-                for name in ("in_distribution", "captions")
-                for a, b in spans.get(name, [])
-            ]
-            value = round(min(bounds), 4)
-            tuning[_label(probe, config)] = value
-            if not exact_factor:
-                exact[factor] = value
-            return value
-
-        return bound
-
-    return bound_of
-
-
 def _served_figures(
     served_recall: Callable[[Config], np.ndarray], checked: CheckQueries, config: Config
 ) -> dict[str, FamilyFigures]:
@@ -206,52 +136,40 @@ def _timed_setting(
     queries: np.ndarray,
     exact_allowed: bool,
     keep: Callable[[Config], bool] | None = None,
-    graph: GraphCandidate | None = None,
-) -> tuple[TimedChoice | None, Setting | None, faiss.Index | None]:
+    others: tuple[Replacement, ...] = (),
+) -> tuple[TimedChoice | None, Setting | None, Replacement | None]:
     """The settings that hold the bound (the sweep's fallback when none does), timed beside exact search and the
-    `graph` candidate (its index, efSearch and bound): the fastest setting, and the index to serve instead of the
-    one built where exact search (no setting) or the graph won. A Flat index has one setting, nothing to time."""
+    `others` (indexes of the same rows at their own setting): the fastest setting, and what to serve instead of
+    the index built where exact search (the flat index, no setting) or another index won. A Flat index has one
+    setting, nothing to time."""
     assert tuned.best is not None  # sweep always chooses a pair
     if cost.ivf is None:
         return None, tuned.best, None
     meeting = [s for s, b in tuned.bounds.items() if b >= TARGET_RECALL and (keep is None or keep(s[1]))]
     meeting = meeting or [tuned.best]  # the sweep's own choice (with `keep`, one that keeps the tier)
-    by_label = {_label(p, c): (p, c) for p, c in frontier(meeting, cost)}
+    by_label = {setting_label(p, c): (p, c) for p, c in frontier(meeting, cost)}
     tiered = tier is not None and any(c[1] for _, c in by_label.values())
     refined = TierScorer.of_index(tier) if tiered else None  # as the engine serves it
     approximate = {
         label: (served_runner(index, vectors, refined, *s, RECALL_K), tuned.bounds[s]) for label, s in by_label.items()
     }
-    if graph is not None:
-        approximate[graph_label(graph[1])] = (
-            served_runner(graph[0], vectors, None, graph[1], (0, 0), RECALL_K),
-            graph[2],
-        )
+    for other in others:
+        approximate[other.label] = (served_runner(other.index, vectors, None, *other.setting, RECALL_K), other.bound)
     choice, flat = measure(
         approximate, vectors, timing_queries(queries), n_total=index.ntotal, k=RECALL_K, exact_allowed=exact_allowed
     )
     if choice.exact_wins:
-        return choice, None, flat
-    if graph is not None and choice.chosen == graph_label(graph[1]):
-        return choice, (graph[1], (0, 0)), graph[0]
+        return choice, None, Replacement(EXACT_LABEL, flat, 1, 0, 1.0, "Flat")
+    for other in others:
+        if choice.chosen == other.label:
+            return choice, other.setting, other
     return choice, by_label[choice.chosen], None
 
 
-def _graph_candidate(vectors: np.ndarray, tune: CheckQueries, tuning: dict[str, float]) -> GraphCandidate | None:
-    """The rows' HNSW graph, the least efSearch whose tuning bounds (recorded) reach the target, and that bound."""
-    graph = build_graph(vectors)
-    bound_of = _tuning_bounds(_Recall(graph, vectors, None, [(0, 0)]), tune, [1], RECALL_K, RECALL_K, {})
-    for ef in EF_LADDER:
-        tuning[graph_label(ef)] = bound = bound_of(ef, [(0, 0)])((0, 0))
-        if bound >= TARGET_RECALL:
-            return graph, ef, bound
-    return None
-
-
-def _exact_bound(flat: faiss.Index, vectors: np.ndarray, tune: CheckQueries) -> tuple[_Recall, float]:
+def _exact_bound(flat: faiss.Index, vectors: np.ndarray, tune: CheckQueries) -> tuple[SettingRecall, float]:
     """The exact scan's recall and its bound on the tuning half, as any setting's (1, but for what ties leave)."""
-    recall, recorded = _Recall(flat, vectors, None, [(0, 0)]), dict[str, float]()
-    bound = _tuning_bounds(recall, tune, [1], RECALL_K, RECALL_K, recorded)(1, [(0, 0)])((0, 0))
+    recall, recorded = SettingRecall(flat, vectors, None, [(0, 0)]), dict[str, float]()
+    bound = tuning_bounds(recall, tune, [1], RECALL_K, RECALL_K, recorded)(1, [(0, 0)])((0, 0))
     return recall, bound
 
 
@@ -271,17 +189,18 @@ def self_check(
     exact_allowed: bool = False,
     keep_tier: bool = False,
     graph_allowed: bool = False,
+    fine_allowed: bool = False,
 ) -> RecallReport:
     """Recall@10 of the served configuration against exact search, for three query families: indexed vectors,
     synthetic text-like groups (one gap direction each, cosine to their image 0.45 down to 0.25) and the built-in
     captions through the index's own text tower (when its weights load here). Half of every family tunes nprobe
     and the refine factor jointly (the settings whose 3-sigma bounds, and for the gap groups the prediction
     bound of a fresh group, all reach TARGET_RECALL); the fastest by measured time wins (index/timed_choice.py),
-    or exact search (`exact_allowed`) or an HNSW graph (`graph_allowed`) that is faster (`replacement`); the other
-    half, never seen by tuning, gives the figures. The exact top 10 is searched once for both halves; each nprobe
-    is one search at the largest candidate count, which prices every refine factor (`hit_positions`); the sweep
-    stops after `budget_s` and says so. `keep_tier` (an explicit --rerank-tier on) serves with the tier even where
-    it does not pay, and says so (`tier_pays`)."""
+    or exact search (`exact_allowed`), an HNSW graph (`graph_allowed`) or IVF-SQ8 in the same lists (`fine_allowed`)
+    that is faster (`replacement`); the other half, never seen by tuning, gives the figures. The exact top 10 is
+    searched once for both halves; each nprobe is one search at the largest candidate count, which prices every
+    refine factor (`hit_positions`); the sweep stops after `budget_s` and says so. `keep_tier` (an explicit
+    --rerank-tier on) serves with the tier even where it does not pay, and says so (`tier_pays`)."""
     started = time.perf_counter()
     rng = np.random.default_rng([seed, SELF_CHECK_SALT])  # a stream of its own: never the one data came from
     text = caption_queries(model, pretrained, int(vectors.shape[1])) if model else None
@@ -292,19 +211,17 @@ def self_check(
     configs = [(f, 0) for f in f1s] + ([(f, e) for f in f1s for e in EXACT_FACTORS if e < f] if tiered else [])
     n_cand = int(min(max(1, index.ntotal), RECALL_K * max(max(f1s), 1)))
     tier_bytes = int(tier.sa_code_size()) if tier is not None and tiered else 0
-    cost = _Costs.of(index, int(vectors.shape[1]), tier_bytes, n_cand)
-    recall = _Recall(index, vectors, tier, configs)
-    probes = _search_widths(index, cost, nprobe)
-    tuning: dict[str, float] = {}
-    bound_of = _tuning_bounds(recall, tune, probes, n_cand, cost.longest, tuning)
-    budget = budget_s if budget_s is not None else math.inf
+    cost, tuning = _Costs.of(index, int(vectors.shape[1]), tier_bytes, n_cand), dict[str, float]()
+    recall, probes = SettingRecall(index, vectors, tier, configs), _search_widths(index, cost, nprobe)
+    bound_of = tuning_bounds(recall, tune, probes, n_cand, cost.longest, tuning)
     with_tier = (lambda config: bool(config[1])) if keep_tier and tiered else None
+    budget = budget_s if budget_s is not None else math.inf
     tuned, pays = sweep_keeping(bound_of, probes, configs, cost, budget, keep=with_tier, slack=SWEEP_COST_SLACK)
-    graph = _graph_candidate(vectors, tune, tuning) if graph_allowed and cost.ivf is not None else None
-    choice, setting, replacement = _timed_setting(
-        index, vectors, tier if tiered else None, tuned, cost, tune.queries, exact_allowed, with_tier, graph
+    others = _other_indexes(index, vectors, tune, tuning, cost, graph_allowed, fine_allowed)  # graph, IVF-SQ8
+    choice, setting, won = _timed_setting(
+        index, vectors, tier if tiered else None, tuned, cost, tune.queries, exact_allowed, with_tier, others
     )
-    recall, label = _measured(recall, replacement, setting, vectors, tune, tuning)
+    recall, label = _measured(recall, won, vectors, tune, tuning)
     nprobe, (factor, exact_factor) = setting or (1, (0, 0))
     shown_factor = factor or refine_factor or REFINE_FACTORS[0]  # refine numbers are shown even when it is off
     report = RecallReport(
@@ -313,7 +230,7 @@ def self_check(
         nprobe=nprobe,
         refine_factor=shown_factor,
         tier_exact_factor=exact_factor or None,
-        tier_code_bytes=(tier_bytes or None) if replacement is None else None,
+        tier_code_bytes=(tier_bytes or None) if won is None else None,
         tuning_queries=int(len(tune.queries)),
         queries=int(len(served.queries)),
         off_directions=len(served.spans["text_like"]),
@@ -326,14 +243,15 @@ def self_check(
         ground_truth_s=round(truth_s, 3),
         captions_fallback=text.reason if text is not None and text.reason else None,
         timing=None if choice is None else choice.to_dict(),
-        replacement=replacement,
-        replacement_key=None if replacement is None else "Flat" if setting is None else graph_key(),
+        replacement=None if won is None else won.index,
+        replacement_key=None if won is None else won.key,
+        replacement_refines=won is not None and won.factor > 0,
         tier_pays=None if with_tier is None else pays,
     )
-    bound = tuning[label or _label(nprobe, (factor, exact_factor))]
-    wide = RECALL_K if replacement is not None else RECALL_K * max(shown_factor, 1)  # a graph's k sets its width
+    bound = tuning[label or setting_label(nprobe, (factor, exact_factor))]
+    wide = RECALL_K * max(factor if won is not None else shown_factor, 1)  # a graph's k sets its width
     _add_served_figures(report, recall.at(served, nprobe, wide), served, bool(factor), bound)
-    set_nprobe(index if replacement is None else replacement, nprobe)
+    set_nprobe(index if won is None else won.index, nprobe)
     return report
 
 
@@ -344,22 +262,37 @@ def _search_widths(index: faiss.Index, cost: _Costs, nprobe: int | None) -> list
     return [int(nprobe)] if nprobe and len(ladder) > 1 else ladder
 
 
-def _measured(
-    recall: _Recall,
-    replacement: faiss.Index | None,
-    setting: Setting | None,
+def _other_indexes(
+    index: faiss.Index,
     vectors: np.ndarray,
     tune: CheckQueries,
     tuning: dict[str, float],
-) -> tuple[_Recall, str | None]:
+    cost: _Costs,
+    graph_allowed: bool,
+    fine_allowed: bool,
+) -> tuple[Replacement, ...]:
+    """The indexes of the same rows allowed beside an IVF index, each at its cheapest setting that reaches the
+    target (none where no setting does)."""
+    if cost.ivf is None:
+        return ()
+    found = (
+        graph_candidate(vectors, tune, tuning) if graph_allowed else None,
+        fine_candidate(index, vectors, tune, tuning) if fine_allowed else None,
+    )
+    return tuple(other for other in found if other is not None)
+
+
+def _measured(
+    recall: SettingRecall, won: Replacement | None, vectors: np.ndarray, tune: CheckQueries, tuning: dict[str, float]
+) -> tuple[SettingRecall, str | None]:
     """What the figures measure, and the label of its bound: the index built (None: its setting's), or the exact
-    scan or the graph that won the clock."""
-    if replacement is None:
+    scan or the other index that won the clock."""
+    if won is None:
         return recall, None
-    if setting is None:
-        recall, tuning["exact"] = _exact_bound(replacement, vectors, tune)
-        return recall, "exact"
-    return _Recall(replacement, vectors, None, [(0, 0)]), graph_label(setting[0])
+    if won.label == EXACT_LABEL:
+        recall, tuning[EXACT_LABEL] = _exact_bound(won.index, vectors, tune)
+        return recall, EXACT_LABEL
+    return SettingRecall(won.index, vectors, None, [won.setting[1]]), won.label
 
 
 def _add_served_figures(

@@ -238,6 +238,7 @@ def finish(
     exact_allowed: bool = False,
     tier_asked: bool = False,
     graph_allowed: bool = False,
+    fine_allowed: bool = False,
 ) -> IndexInfo:
     """Self-check, save the index and index.json into `tmp`, then swap `tmp` in as `out`; where `exact_allowed`
     and the self-check measured exact search (or, where `graph_allowed`, an HNSW graph) faster than every setting
@@ -263,11 +264,12 @@ def finish(
         tier=tier,
         exact_allowed=exact_allowed and not tier_asked,
         graph_allowed=graph_allowed and not tier_asked,
+        fine_allowed=fine_allowed and not tier_asked,
         keep_tier=tier_asked,
     )
     info.nprobe, info.recall, info.refine_factor = check.nprobe, check.to_dict(), check.refine_factor
     if check.replacement is not None:
-        index = serve_replacement(info, check.replacement, check.replacement_key or "Flat")
+        index = serve_replacement(info, check.replacement, check.replacement_key or "Flat", check.replacement_refines)
     if tier is not None and not check.tier_exact_factor:
         tmp.remove_tier()  # it does not pay on this data: neither RAM nor disk keeps it
     key = (info.tier or {}).get("key", TIER_KEY)  # the plan's (or, on --update, the index's own) tier code
@@ -295,11 +297,12 @@ def finish(
     return info
 
 
-def serve_replacement(info: IndexInfo, index: faiss.Index, key: str) -> faiss.Index:
-    """The exact scan or the HNSW graph in place of the index built: its key, no re-rank (both score the rows
-    exactly); index.json's `recall.timing` keeps the times and the key it was measured against."""
+def serve_replacement(info: IndexInfo, index: faiss.Index, key: str, refines: bool = False) -> faiss.Index:
+    """The exact scan, the HNSW graph or IVF-SQ8 in place of the index built: its key, and the re-rank from the
+    float16 rows only where the self-check chose one (`refines`; the first two score the rows exactly); index.json's
+    `recall.timing` keeps the times and the key it was measured against."""
     info.recall["timing"]["built_key"] = info.index_key
-    info.index_key, info.refine, info.train_size = key, False, 0
+    info.index_key, info.refine, info.train_size = key, refines, 0
     return index
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 TARGET_RECALL = 0.95
+IMAGE_TARGET = 0.99  # image queries (in-distribution, new images of the indexed kind): cheap to hold, and a
+# search by example is expected to be near exact; their bound counts against this, text-like ones against 0.95
 PREDICTION_Z = 2.0  # t(0.95, 7 d.f.)·√(1 + 1/8): a one-sided 95% prediction bound for a 9th group of 8
 FALLBACK_SLACK = 0.005
 T95 = (
