@@ -58,8 +58,11 @@ def list_coverage(ivf: faiss.IndexIVF, vectors: np.ndarray, tune: CheckQueries, 
     rank = np.full(truth.shape, np.iinfo(np.int64).max)
     for j in range(probed.shape[1]):
         rank[(home == probed[:, j : j + 1]) & (rank > j)] = j
-    present = np.maximum((truth >= 0).sum(axis=1), 1)
-    return np.stack([((rank < p) & (truth >= 0)).sum(axis=1) / present for p in probes], axis=1)
+    present = (truth >= 0).sum(axis=1)
+    shares = [
+        np.where(present > 0, ((rank < p) & (truth >= 0)).sum(axis=1) / np.maximum(present, 1), 1.0) for p in probes
+    ]
+    return np.stack(shares, axis=1)  # a query with nothing to find (alone in its index) finds all of it
 
 
 def fine_candidate(
