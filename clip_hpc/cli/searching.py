@@ -160,8 +160,9 @@ def add_index(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="a 4-bit copy of every vector in RAM (SQ4, d/2 bytes) that re-scores the candidates before the "
         "exact re-rank; auto: wherever the auto key has inverted lists (from 10,000 vectors), SQ4 if it fits "
-        "--max-ram, else 8-bit PQ (PQ: d/8 bytes), else none, kept only where the self-check finds it pays; on: "
-        "SQ4; SQ8 (d bytes), SQ4, PQ: that code",
+        "--max-ram, else 8-bit PQ (PQ: d/8 bytes), else none, kept only where the self-check finds it pays; auto also "
+        "times SQ8 codes in the same lists (IVF-SQ8, d bytes; up to 250,000 vectors, within --max-ram) and serves them "
+        "where fastest; off: neither; on: SQ4; SQ8 (d bytes), SQ4, PQ: that code",
     )
     p.add_argument(
         "--max-ram",
