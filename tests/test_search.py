@@ -7,7 +7,16 @@ import pytest
 from PIL import Image
 
 import clip_hpc.search.engine as search_mod
-from clip_hpc.ann.core import combine_parts, ivf_search, mmr, normalise_rows, rerank
+from clip_hpc.ann.core import (
+    RERANK_BLOCK_ROWS,
+    SMALL_RERANK_ROWS,
+    combine_parts,
+    exact_scores,
+    ivf_search,
+    mmr,
+    normalise_rows,
+    rerank,
+)
 from clip_hpc.errors import UserError
 from clip_hpc.formats.shard import ShardBatch
 from clip_hpc.index.build import build_index
@@ -27,6 +36,16 @@ def test_rerank_orders_candidates_by_exact_dot_product():
     np.testing.assert_allclose(scores, [[0.7, 0.2, 0.1]], rtol=1e-3)
     scores, ids = rerank(query, np.array([[3, -1, -1]]), vectors, k=2)
     assert ids.tolist() == [[3, -1]] and scores[0, 1] == -np.inf
+
+
+@pytest.mark.parametrize("n", [1, SMALL_RERANK_ROWS, SMALL_RERANK_ROWS + 1, 3 * RERANK_BLOCK_ROWS + 5])
+def test_exact_scores_are_the_float32_dot_products_of_the_stored_rows_at_any_count(n):
+    rng = np.random.default_rng(n)
+    rows = rng.standard_normal((n, 64)).astype(np.float16)  # numpy up to SMALL_RERANK_ROWS, torch blocks beyond
+    query = rng.standard_normal(64).astype(np.float32)
+    scores = exact_scores(rows, query)
+    assert scores.dtype == np.float32 and scores.shape == (n,)
+    np.testing.assert_allclose(scores, rows.astype(np.float64) @ query.astype(np.float64), rtol=1e-5, atol=1e-4)
 
 
 def test_mmr_without_diversity_is_relevance_order_and_with_it_skips_duplicates():
