@@ -189,6 +189,12 @@ def test_the_default_serves_sq8_in_the_built_lists_where_fastest_and_an_update_k
     try:
         assert isinstance(faiss.downcast_index(engine.index), faiss.IndexIVFScalarQuantizer)
         assert engine.nprobe == info.nprobe and engine.refine_factor == (factor if factor else 0)
+        prefix = "synthetic/c00003/"  # a filtered search keeps to the selector in the SQ8 lists
+        hits = engine.search_vectors(vectors[:3], 10, path_prefix=prefix)
+        assert all(len(row) == 10 and all(h.path.startswith(prefix) for h in row) for row in hits)
+        batch = engine.search_batch(vectors[:4], [10, 3, 10, 25])  # the server's micro-batch: as each alone
+        alone = [engine.search_vectors(vectors[i : i + 1], k)[0] for i, k in enumerate([10, 3, 10, 25])]
+        assert [[h.id for h in row] for row in batch] == [[h.id for h in row] for row in alone]
     finally:
         engine.close()
     assert held_out_recall(root / "auto", vectors, seed=13) >= 0.93
