@@ -15,7 +15,7 @@ from clip_hpc.ann.fine_ivf import FINE_REFINE, build_fine_ivf, fine_key, fine_la
 from clip_hpc.ann.graph import EF_LADDER, build_graph, graph_key, graph_label
 from clip_hpc.ann.ground_truth import RECALL_K
 from clip_hpc.index.check_queries import CheckQueries
-from clip_hpc.index.setting_recall import SettingRecall, family_bound, tuning_bounds
+from clip_hpc.index.setting_recall import SettingRecall, family_bound, longest_list, tuning_bounds
 from clip_hpc.index.timed_choice import Setting
 from clip_hpc.index.tuning import TARGET_RECALL
 
@@ -80,15 +80,13 @@ def fine_candidate(
     if not ladder:
         return None
     fine = build_fine_ivf(index, vectors)
-    ivf = faiss.extract_index_ivf(fine)
-    longest = max(1, max(ivf.get_list_size(i) for i in range(ivf.nlist)))
     configs = [(factor, 0) for factor in FINE_REFINE]
     recall = SettingRecall(fine, vectors, None, configs)
-    bound_of = tuning_bounds(recall, tune, ladder, RECALL_K * max(FINE_REFINE), longest, {})
+    bound_of = tuning_bounds(recall, tune, ladder, RECALL_K * max(FINE_REFINE), longest_list(fine), {})
     for probe in ladder:
         bounds = bound_of(probe, configs)
         for factor, _ in configs:
             tuning[fine_label(probe, factor)] = bound = bounds((factor, 0))
             if bound >= TARGET_RECALL:
-                return Replacement(fine_label(probe, factor), fine, probe, factor, bound, fine_key(int(ivf.nlist)))
+                return Replacement(fine_label(probe, factor), fine, probe, factor, bound, fine_key(int(built.nlist)))
     return None

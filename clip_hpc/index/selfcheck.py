@@ -27,7 +27,7 @@ from clip_hpc.ann.tier import EXACT_FACTORS, TierScorer
 from clip_hpc.index.candidates import Replacement, fine_candidate, graph_candidate
 from clip_hpc.index.check_queries import CheckQueries, check_queries
 from clip_hpc.index.recall_report import FamilyFigures, RecallReport
-from clip_hpc.index.setting_recall import Config, SettingRecall, setting_label, tuning_bounds
+from clip_hpc.index.setting_recall import Config, SettingRecall, longest_list, setting_label, tuning_bounds
 from clip_hpc.index.timed_choice import (
     EXACT_LABEL,
     Setting,
@@ -88,9 +88,7 @@ class _Costs:
     @classmethod
     def of(cls, index: faiss.Index, dim: int, tier_bytes: int, n_cand: int) -> _Costs:
         ivf = faiss.try_extract_index_ivf(index)
-        longest = (
-            max(1, max((ivf.get_list_size(i) for i in range(ivf.nlist)), default=1)) if ivf is not None else n_cand
-        )
+        longest = longest_list(ivf) if ivf is not None else n_cand
         fast = ivf is not None and "FastScan" in type(faiss.downcast_index(ivf)).__name__
         return cls(ivf, dim, tier_bytes, longest, FAST_SCAN_BYTE_COST if fast else 1.0)
 

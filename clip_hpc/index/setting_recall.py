@@ -21,6 +21,11 @@ FAMILY_MARGIN = {"in_distribution": IMAGE_TARGET - TARGET_RECALL}  # a family's 
 Config = tuple[int, int]  # (refine factor: candidates per result from the codes, the tier's exact factor or 0)
 
 
+def longest_list(ivf: faiss.IndexIVF) -> int:
+    """The most vectors one inverted list holds (at least 1): nprobe lists never hold more than nprobe x this."""
+    return max(1, max((ivf.get_list_size(i) for i in range(ivf.nlist)), default=1))
+
+
 def setting_label(probe: int, config: Config) -> str:
     return f"nprobe{probe},refine{config[0]}" + (f",tier{config[1]}" if config[1] else "")
 
