@@ -33,11 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from clip_hpc.devdata.synthetic_vectors import gaussian_mixture, write_emb_dir
-from clip_hpc.formats.emb_dir import EmbDir
+from clip_hpc.bench.filter_rates import evict, make_filter_source, warm
 
 BIN = Path(sys.executable).parent
 MODEL = {512: "ViT-B-32", 128: "clip-hpc-tiny"}  # a model of each dimension, random weights: queries need no download
@@ -110,11 +108,7 @@ print("BENCH", json.dumps({"seconds": seconds, "index": read_index(index_dir + "
 
 
 def make_source(root: Path, n: int, dim: int, shard_size: int) -> Path:
-    vectors, labels = gaussian_mixture(n, dim, clusters=100, seed=0)
-    emb = write_emb_dir(root / "emb", vectors, labels, shard_size, model=MODEL[dim], pretrained="none")
-    manifest = EmbDir(emb).write_manifest(-(-n // shard_size), shard_size)
-    assert manifest is not None
-    return emb
+    return make_filter_source(root, n, dim, shard_size, MODEL[dim])
 
 
 def read_rate(emb: Path, ranks: int) -> float:
@@ -147,23 +141,6 @@ def run_filter(emb: Path, out: Path, ranks: int, texts: list[str], threshold: fl
         "kept": report["counts"]["kept"],
         "wall_s": time.perf_counter() - t0,
     }
-
-
-def evict(emb: Path) -> None:
-    """Drop the shards from the page cache, so the next read comes from the disk (--cold)."""
-    for path in sorted((emb / "shards").glob("shard-*.h5")):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages (a source just written) are not dropped until written back
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def warm(emb: Path) -> None:
-    for path in sorted((emb / "shards").glob("shard-*.h5")):
-        with h5py.File(path, "r") as f:
-            f["embeddings"][...]
 
 
 def scan_rows(emb: Path, tmp: Path, args: argparse.Namespace) -> list[dict]:

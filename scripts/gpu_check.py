@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Every GPU path of the project, timed and checked, in one command: environment, embed (end to end on loose files
-and tars, decode-only, model-only in bf16, GPU vs CPU fp32), the device JPEG route, IVF training on the GPU, and
-serving with --device cuda. Prints one JSON document and a table; writes the JSON to --out after every stage, so a
-run cut short still leaves what it measured.
+"""Every GPU path of the project, timed and checked, in one command: environment, the filter's exact scan against the
+read-only rate, embed (end to end on loose files and tars, decode-only, model-only in bf16, GPU vs CPU fp32), the
+device JPEG route, IVF training on the GPU, and serving with --device cuda. Prints one JSON document and a table;
+writes the JSON to --out after every stage, so a run cut short still leaves what it measured.
 
     python scripts/gpu_check.py --out FILE [--dry-run] [--images 3000] [--vectors 1000000]
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from clip_hpc.bench import gpu_index_check
+from clip_hpc.bench import filter_rates, gpu_index_check
 
 PHOTO_SIZES = [(640, 480), (800, 600), (1024, 768), (480, 640), (1280, 960), (1600, 1200)]
 SERVE_CLIENTS = (1, 8, 32)
@@ -56,6 +56,9 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
             "requests": 24,
             "model_seconds": 1.0,
             "queries": 100,
+            "filter_vectors": 20_000,
+            "filter_shard_size": 5_000,
+            "filter_rounds": 1,
         }
     if not cuda:
         raise SystemExit("gpu_check: torch sees no CUDA device; run with --dry-run on a machine without one")
@@ -72,6 +75,9 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "requests": 320,
         "model_seconds": 8.0,
         "queries": 500,
+        "filter_vectors": 1_000_000,
+        "filter_shard_size": 50_000,
+        "filter_rounds": 2,
     }
 
 
@@ -327,6 +333,10 @@ def table(result: dict[str, Any]) -> str:
         "environment": lambda x: (
             f"torch {x['torch']}, CUDA {x['cuda']}, {x['gpu']}, faiss {x['faiss']} ({x['faiss_gpus']} GPUs)"
         ),
+        "filter": lambda x: (
+            "scan / read-only, median: warm {warm}, cold {cold} (goal 0.8); ".format(**x["median_ratio"])
+            + f"top {x['top_check']['rows']} equal to the CPU scan's: {x['checks']['top_rows_equal_cpu']}"
+        ),
         "embed": lambda x: (
             ", ".join(f"{k} {v['img_per_s']} img/s" for k, v in x["end_to_end"].items())
             + f"; decode-only CPU {x['decode_only_cpu_workers_img_per_s']}, "
@@ -364,7 +374,7 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU (see above)")
     ap.add_argument("--images", type=int, default=0, help="generated JPEGs (default 3000; dry run 48)")
     ap.add_argument("--vectors", type=int, default=0, help="vectors for the training check (default 1M; dry 20k)")
-    ap.add_argument("--stages", default="environment,embed,gpu_decode,index,serve")
+    ap.add_argument("--stages", default="environment,filter,embed,gpu_decode,index,serve")
     args = ap.parse_args()
     p = plan(args)
     result: dict[str, Any] = {"dry_run": args.dry_run, "plan": p, "stages": {}, "ok": True}
@@ -376,6 +386,7 @@ def main() -> int:
         result["images_s"] = round(time.perf_counter() - t0, 1)
         steps: dict[str, Callable[[], dict[str, Any]]] = {
             "environment": lambda: stage_environment(p, work),
+            "filter": lambda: filter_rates.stage_filter(p, work),
             "embed": lambda: stage_embed(p, work, images),
             "gpu_decode": lambda: stage_gpu_decode(p, work, images),
             "index": lambda: gpu_index_check.stage_index(p, work),

@@ -19,7 +19,7 @@ from clip_hpc.index.gpu_train import DEVICE_ENV, kmeans_device, pretrain_coarse_
 from clip_hpc.index.stages import make_index
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("environment", "embed", "gpu_decode", "index", "serve")
+STAGES = ("environment", "filter", "embed", "gpu_decode", "index", "serve")
 
 
 def numbers(stage: dict) -> list[float]:
@@ -65,6 +65,7 @@ def test_dry_run_has_every_stage_with_numbers_and_passing_checks(tmp_path: Path)
     assert all(r["img_per_s"] > 0 for r in embed["end_to_end"].values())
     assert [r["clients"] for r in result["stages"]["serve"]["load"]] == [1, 8, 32]
     assert result["stages"]["index"]["build"]["timings"]["kmeans_torch_s"] > 0  # the build took the torch path
+    assert [r["cache"] for r in result["stages"]["filter"]["rounds"]] == ["warm", "cold"]
     assert "| serve |" in proc.stdout
 
 
