@@ -5,7 +5,9 @@
 read from the page cache (a warm-up read comes first), so the limit is the machine's memory, not the disk's. With
 `--cold` the shards' pages are evicted (fsync, then posix_fadvise DONTNEED) before every read-only and every filter
 run, so both read from the disk: the I/O limit of a job whose shards do not fit in the node's page cache (every
-filter over a large collection). Prints a JSON document, then markdown tables.
+filter over a large collection); the read-only runs then start reading as long after the eviction as the filter's
+scan does (see scan_rows). Each filter run is set against the mean of the two read-only runs around it. Prints a
+JSON document, then markdown tables.
 
 With `--clip-retrieval DIR` (a folder holding the clip_retrieval package, e.g. from `pip install --no-deps --target
 DIR clip-retrieval clip-anytorch`; "" for the environment's) it also runs clip-retrieval's `filter` beside ours on the
@@ -48,6 +50,7 @@ from clip_hpc.cluster.world import world
 w = world()
 shards = sorted(Path(sys.argv[1]).glob("shard-*.h5"))
 mine = [p for p in shards if int(p.stem.split("-")[1]) % w.size == w.rank]
+time.sleep(float(sys.argv[2]))  # as long after the eviction as the filter's scan starts (see scan_rows)
 wait_for_all(w)
 t0, rows = time.perf_counter(), 0
 for _, columns in read_ahead([str(p) for p in mine]):  # the scan's own reader, nothing scored
@@ -111,10 +114,11 @@ def make_source(root: Path, n: int, dim: int, shard_size: int) -> Path:
     return make_filter_source(root, n, dim, shard_size, MODEL[dim])
 
 
-def read_rate(emb: Path, ranks: int) -> float:
-    """Vectors per second of only reading every shard's embeddings, split across `ranks` like the scan is."""
+def read_rate(emb: Path, ranks: int, settle: float = 0.0) -> float:
+    """Vectors per second of only reading every shard's embeddings, split across `ranks` like the scan is, the
+    read starting `settle` seconds after the process does."""
     proc = subprocess.run(
-        [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-c", READ_ONLY, str(emb / "shards")],
+        [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-c", READ_ONLY, str(emb / "shards"), str(settle)],
         capture_output=True,
         text=True,
         check=True,
@@ -144,24 +148,40 @@ def run_filter(emb: Path, out: Path, ranks: int, texts: list[str], threshold: fl
 
 
 def scan_rows(emb: Path, tmp: Path, args: argparse.Namespace) -> list[dict]:
-    """Read-only and filter, alternating, `repeat` times for each number of ranks."""
+    """Read-only, filter, read-only again, `repeat` times for each number of ranks. The filter is set against the
+    mean of the reads that bracket it: from the disk of a shared VM the read rate drifts 2x from run to run, and the
+    two reads say by how much it moved while the filter ran (`read_spread`).
+
+    With --cold each read-only run waits, after the eviction, as long as the filter's model load takes (`settle_s`,
+    from an unrecorded first filter run) before it reads. On this VM memory freed by the eviction goes back to the
+    host within seconds, and a read that starts later refills the page cache from fresh host pages: 0.9-1.1 M
+    vectors/s against 1.1-1.4 M starting at once, alternating (2026-12-07). Without the wait the filter, whose
+    scan starts only once its model is loaded, was set against a read it could not have had."""
     texts = [f"a photo of thing number {i}" for i in range(args.queries)]
+    before_each = evict if args.cold else warm
+    settle = 0.0
+    if args.cold:
+        before_each(emb)
+        settle = run_filter(emb, tmp / "out-settle", 1, texts, args.threshold)["plan_s"]
     rows = []
     for ranks in map(int, args.ranks.split(",")):
         for attempt in range(args.repeat):
-            before_each = evict if args.cold else warm
             before_each(emb)
-            read = read_rate(emb, ranks)
+            read = read_rate(emb, ranks, settle)
             before_each(emb)
             scan = run_filter(emb, tmp / f"out-{ranks}-{attempt}", ranks, texts, args.threshold)
+            before_each(emb)
+            after = read_rate(emb, ranks, settle)
+            mean = (read + after) / 2
             row = {"ranks": ranks, "cache": "cold" if args.cold else "warm", "queries": args.queries, "n": args.n,
-                   "dim": args.dim, "read_vectors_per_s": read,
-                   **scan, "ratio": scan["scan_vectors_per_s"] / read}  # fmt: skip
+                   "dim": args.dim, "settle_s": settle, "read_vectors_per_s": mean, "read_before": read,
+                   "read_after": after, "read_spread": abs(read - after) / mean, **scan,
+                   "ratio": scan["scan_vectors_per_s"] / mean}  # fmt: skip
             if args.baseline:
                 out = tmp / f"baseline-{ranks}-{attempt}"
                 before_each(emb)
                 rate = run_filter(emb, out, ranks, texts, args.threshold, args.baseline)["scan_vectors_per_s"]
-                row |= {"baseline_scan_vectors_per_s": rate, "baseline_ratio": rate / read}
+                row |= {"baseline_scan_vectors_per_s": rate, "baseline_ratio": rate / mean}
             rows.append(row)
     return rows
 
@@ -169,13 +189,14 @@ def scan_rows(emb: Path, tmp: Path, args: argparse.Namespace) -> list[dict]:
 def table(rows: list[dict]) -> str:
     baseline = any("baseline_ratio" in r for r in rows)
     lines = [
-        "| ranks | page cache | queries | vectors | read only (vec/s) | filter scan (vec/s) | filter / read |"
-        + (" baseline scan (vec/s) | baseline / read |" if baseline else ""),
-        "|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if baseline else ""),
+        "| ranks | page cache | queries | vectors | read only before / after (vec/s) | filter scan (vec/s) | "
+        "filter / mean read |" + (" baseline scan (vec/s) | baseline / read |" if baseline else ""),
+        "|---:|---|---:|---:|---|---:|---:|" + ("---:|---:|" if baseline else ""),
     ]
     for r in rows:
         lines.append(
-            f"| {r['ranks']} | {r['cache']} | {r['queries']} | {r['n']:,} | {r['read_vectors_per_s']:,.0f} | "
+            f"| {r['ranks']} | {r['cache']} | {r['queries']} | {r['n']:,} | {r['read_before']:,.0f} / "
+            f"{r['read_after']:,.0f} | "
             f"{r['scan_vectors_per_s']:,.0f} | {r['ratio']:.2f} |"
             + (f" {r['baseline_scan_vectors_per_s']:,.0f} | {r['baseline_ratio']:.2f} |" if baseline else "")
         )
