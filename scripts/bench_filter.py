@@ -152,11 +152,12 @@ def scan_rows(emb: Path, tmp: Path, args: argparse.Namespace) -> list[dict]:
     mean of the reads that bracket it: from the disk of a shared VM the read rate drifts 2x from run to run, and the
     two reads say by how much it moved while the filter ran (`read_spread`).
 
-    With --cold each read-only run waits, after the eviction, as long as the filter's model load takes (`settle_s`,
-    from an unrecorded first filter run) before it reads. On this VM memory freed by the eviction goes back to the
-    host within seconds, and a read that starts later refills the page cache from fresh host pages: 0.9-1.1 M
-    vectors/s against 1.1-1.4 M starting at once, alternating (2026-12-07). Without the wait the filter, whose
-    scan starts only once its model is loaded, was set against a read it could not have had."""
+    With --cold each read-only run waits, after the eviction, as long as the filter's model load takes
+    (`settle_s`, from an unrecorded first filter run) before it reads. This VM's balloon device reports free pages,
+    so memory freed by the eviction goes back to the host within seconds, and a read that starts later refills the
+    page cache from fresh host pages: 0.9-1.1 M vectors/s against 1.1-1.4 M starting at once, alternating
+    (2026-12-07). Without the wait the filter, whose scan starts only once its model is loaded, was set against a
+    read it could not have had."""
     texts = [f"a photo of thing number {i}" for i in range(args.queries)]
     before_each = evict if args.cold else warm
     settle = 0.0
