@@ -35,6 +35,7 @@ from clip_hpc.subsets.out_dir import RESULTS_FILE, OutDir
 from clip_hpc.subsets.outputs import select_results, write_outputs, write_report
 from clip_hpc.subsets.queries import QueryVectors, encode_queries
 from clip_hpc.subsets.scan import read_ahead, scan_unit
+from clip_hpc.subsets.scoring import pinned_buffers
 from clip_hpc.subsets.subset_dedup import drop_duplicates
 from clip_hpc.subsets.tars import Sample, tar_numbers, write_tar
 
@@ -108,10 +109,12 @@ def scan_units(options: FilterOptions, plan: Plan, w: World) -> StepStats:
     todo = [u for u in mine if not out.part_path(u).exists()]
     bar = _bar(options, w, sum(plan.rows[u] for u in todo), "vec", f"filter rank {w.rank}")
     pa.array(np.zeros(1))  # pyarrow imports pandas on first use (a second): not inside the timed scan
+    dim = plan.queries.positives.shape[1]
+    pinned = pinned_buffers(max(plan.rows[u] for u in todo), dim) if device is not None and todo else None
     t0, rows = time.perf_counter(), 0
     with one_cpu_thread(device is None), ThreadPoolExecutor(1) as writer:  # a part's fsync waits behind the reads
         written = []
-        for unit, (shard, columns) in zip(todo, read_ahead([plan.shards[u] for u in todo])):
+        for unit, (shard, columns) in zip(todo, read_ahead([plan.shards[u] for u in todo], pinned)):
             table, n = scan_unit(shard, columns, plan.queries, plan.settings, device)
             written.append(writer.submit(out.write_part, unit, table, n))
             rows += n

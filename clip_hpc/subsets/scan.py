@@ -23,19 +23,24 @@ def url_of(path: str, meta: str) -> str:
     return meta_key_url(meta)[1] or (path if is_url(path) else "")
 
 
-def read_ahead(shards: Sequence[str]) -> Iterator[tuple[str, ScanColumns]]:
+def read_ahead(
+    shards: Sequence[str], buffers: tuple[np.ndarray, np.ndarray] | None = None
+) -> Iterator[tuple[str, ScanColumns]]:
     """Each shard's scan columns, the next one read by a thread while the caller scores this one (torch's products
     release the GIL): the scan then costs about the larger of reading and scoring, not their sum. Two vector
     buffers take turns, so a shard's `embeddings` are overwritten once the caller has moved on to the next one
-    (scan_unit keeps none of them)."""
+    (scan_unit keeps none of them). `buffers`: the two to use from the first shard on (a GPU scan's pinned pair);
+    by default the first two shards' own arrays."""
     with ThreadPoolExecutor(1) as pool:
-        spare: np.ndarray | None = None
-        pending = pool.submit(read_scan_columns, shards[0]) if shards else None
+        turns: list[np.ndarray | None] = list(buffers) if buffers is not None else [None, None]
+        pending = pool.submit(read_scan_columns, shards[0], turns[0]) if shards else None
         for i, shard in enumerate(shards):
             columns = pending.result()  # type: ignore[union-attr]  # set whenever shards is not empty
-            pending = pool.submit(read_scan_columns, shards[i + 1], spare) if i + 1 < len(shards) else None
+            if buffers is None:  # the array this shard came in is its turn's buffer from now on
+                got = columns.embeddings
+                turns[i % 2] = got if got.base is None else got.base
+            pending = pool.submit(read_scan_columns, shards[i + 1], turns[(i + 1) % 2]) if i + 1 < len(shards) else None
             yield shard, columns
-            spare = columns.embeddings if columns.embeddings.base is None else columns.embeddings.base
 
 
 def scan_unit(

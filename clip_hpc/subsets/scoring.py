@@ -52,6 +52,18 @@ def score_rows(
     return Scored(score.numpy(), query.numpy().astype(np.int32), negative.numpy())
 
 
+def pinned_buffers(rows: int, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Two float16 host arrays in page-locked memory for a GPU scan to read shards into: the device copies a pinned
+    block by DMA, where a pageable one goes through a staging copy on the CPU first. None without CUDA."""
+    import torch
+
+    try:
+        first, second = (torch.empty((rows, dim), dtype=torch.float16, pin_memory=True) for _ in range(2))
+    except RuntimeError:  # no CUDA driver or device: page-locked memory is a CUDA allocation
+        return None
+    return first.numpy(), second.numpy()  # each array keeps its tensor, and so the pinned memory, alive
+
+
 def _block_products(
     rows: torch.Tensor, queries: torch.Tensor, step: int, device: str | None
 ) -> Iterator[tuple[int, torch.Tensor]]:
