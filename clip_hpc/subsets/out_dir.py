@@ -46,6 +46,13 @@ SCHEMA = pa.schema(
 )
 
 
+def read_parquet(path: Path) -> pa.Table:
+    """A parquet file read through a Python file object: pyarrow's own path handling takes only UTF-8 names, and a
+    directory name argv hands over may hold any bytes (surrogate escapes)."""
+    with open(path, "rb") as f:
+        return pq.read_table(f)
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
@@ -84,6 +91,8 @@ class OutDir:
         if recorded_path.exists():
             try:
                 recorded: dict[str, Any] = json.loads(recorded_path.read_text())
+                if not isinstance(recorded, dict):
+                    raise ValueError(f"a JSON {type(recorded).__name__}")
             except ValueError:
                 raise UserError(f"{recorded_path} is unreadable; remove it or use a new --out") from None
             differ = settings.differences(recorded)
@@ -111,10 +120,10 @@ class OutDir:
         """A part and how many rows its unit held; a part that cannot be read is a one-line error."""
         path = self.part_path(unit)
         try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise UserError(f"{path}: unreadable part ({exc}); remove it and re-run") from None
-        return table.select(SCHEMA.names).cast(SCHEMA), int((table.schema.metadata or {})[ROWS_KEY])
+            table = read_parquet(path)
+            return table.select(SCHEMA.names).cast(SCHEMA), int((table.schema.metadata or {})[ROWS_KEY])
+        except (OSError, pa.ArrowException, KeyError, ValueError) as exc:  # not parquet, a column or the count missing
+            raise UserError(f"{path}: unreadable part ({exc!r}); remove it and re-run") from None
 
     def done_units(self) -> set[int]:
         return {int(p.stem.split("-")[1]) for p in self.parts.glob("unit-*.parquet")} if self.parts.is_dir() else set()

@@ -22,7 +22,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from clip_hpc.cluster.collective import all_or_none, from_root
@@ -31,7 +30,7 @@ from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.subsets.options import FilterOptions, FilterResult, Settings
-from clip_hpc.subsets.out_dir import RESULTS_FILE, OutDir
+from clip_hpc.subsets.out_dir import RESULTS_FILE, OutDir, read_parquet
 from clip_hpc.subsets.outputs import select_results, write_outputs, write_report
 from clip_hpc.subsets.queries import QueryVectors, encode_queries
 from clip_hpc.subsets.scan import read_ahead, scan_unit
@@ -76,6 +75,11 @@ def plan_exact(options: FilterOptions) -> Plan:
     manifest = emb.load_manifest()
     if manifest is None or manifest.model is None:
         raise UserError(f"{emb.root} has no manifest.json: not every unit is embedded yet (finish clip-hpc embed)")
+    if options.min_caption_similarity is not None and not manifest.n_captioned:
+        raise UserError(
+            f"{emb.root} holds no caption embeddings (embedded without embed --captions, or no image had a caption): "
+            "--min-caption-similarity would keep nothing"
+        )
     settings = Settings.of(options, manifest.inputs_sha256, manifest.model, str(manifest.pretrained), exact=True)
     out = OutDir(options.out)
     out.claim(settings)
@@ -176,7 +180,7 @@ def write_tars(options: FilterOptions, w: World) -> StepStats:
     """This rank's tars that do not exist yet, from results.parquet (the same on every rank); ranks that cannot talk
     leave every tar to the one that merged (the last to finish its scan)."""
     out = OutDir(options.out)
-    results = pq.read_table(out.path(RESULTS_FILE))
+    results = read_parquet(out.path(RESULTS_FILE))
     per_tar = options.samples_per_tar
     rank, size = (w.rank, w.size) if w.coordinated else (0, 1)
     mine = tar_numbers(len(results), per_tar, rank, size)

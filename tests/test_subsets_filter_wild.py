@@ -1,0 +1,80 @@
+"""`clip-hpc filter` against inputs nobody designed for: bad query arguments, damaged output directories, shards
+changed after the manifest, unusable vectors and source images gone or changed before `--to tars`. In process
+(`filter_subset`), on a small EMB_DIR of random unit vectors with the tiny model's dimension."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_hpc.devdata.synthetic_vectors import write_emb_dir
+from clip_hpc.errors import UserError
+from clip_hpc.formats.emb_dir import EmbDir
+from clip_hpc.subsets.options import FilterOptions
+from clip_hpc.subsets.run import filter_subset
+
+N, DIM, UNIT = 24, 128, 8  # clip-hpc-tiny's dimension; 3 units
+
+
+def options(source: Path, out: Path, **changes) -> FilterOptions:
+    given = {"texts": ("a photo",), "threshold": -1.0, "progress": False, "device": "cpu", **changes}
+    return FilterOptions(source=str(source), out=str(out), **given)
+
+
+@pytest.fixture
+def synthetic(tmp_path) -> Path:
+    """24 random unit vectors in 3 whole units, recorded as made by clip-hpc-tiny, with a manifest."""
+    vectors = np.random.default_rng(3).standard_normal((N, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    emb = write_emb_dir(tmp_path / "emb", vectors, np.zeros(N, int), UNIT, model="clip-hpc-tiny")
+    assert EmbDir(emb).write_manifest(N // UNIT, UNIT) is not None
+    return emb
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"texts": ("",)}, "--text is empty"),
+        ({"texts": ("a cat", " \t\n")}, "--text is empty"),
+        ({"negatives": (" ",)}, "--negative is empty"),
+        ({"threshold": 1.5}, r"--threshold is a cosine in \[-1, 1\], not 1.5"),
+        ({"threshold": -1.01}, r"--threshold is a cosine in \[-1, 1\], not -1.01"),
+        ({"min_caption_similarity": 2.0}, r"--min-caption-similarity is a cosine in \[-1, 1\], not 2.0"),
+    ],
+)
+def test_queries_that_cannot_select_are_refused_in_one_line(tmp_path, changes, message):
+    with pytest.raises(UserError, match=message):
+        options(tmp_path, tmp_path / "out", **changes).check()
+
+
+def test_caption_similarity_on_an_emb_dir_without_captions_is_refused(synthetic, tmp_path):
+    with pytest.raises(UserError, match="no caption embeddings .*embed --captions"):
+        filter_subset(options(synthetic, tmp_path / "out", min_caption_similarity=0.2))
+
+
+@pytest.mark.parametrize("recorded", ["[1, 2]", "null", '"text"'])
+def test_a_damaged_settings_file_is_a_one_line_error(synthetic, tmp_path, recorded):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "filter-settings.json").write_text(recorded)
+    with pytest.raises(UserError, match="filter-settings.json is unreadable"):
+        filter_subset(options(synthetic, out))
+
+
+def test_an_out_dir_named_in_bytes_that_are_not_utf8_and_a_part_without_its_count(synthetic, tmp_path):
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/out-\xff\xfe"))  # a Latin-1 name, as argv hands it over
+    first = filter_subset(options(synthetic, out, to=("urls",)))
+    assert first.n_kept == N and (out / "results.parquet").exists()
+    part = out / "parts" / "unit-000001.parquet"
+    with open(part, "rb") as f:
+        table = pq.read_table(f)
+    with open(part, "wb") as f:
+        pq.write_table(table.replace_schema_metadata(None), f)  # a part from elsewhere: no n_scanned
+    with pytest.raises(UserError, match="unit-000001.parquet: unreadable part"):
+        filter_subset(options(synthetic, out, to=("urls",)))
