@@ -78,3 +78,41 @@ def test_an_out_dir_named_in_bytes_that_are_not_utf8_and_a_part_without_its_coun
         pq.write_table(table.replace_schema_metadata(None), f)  # a part from elsewhere: no n_scanned
     with pytest.raises(UserError, match="unit-000001.parquet: unreadable part"):
         filter_subset(options(synthetic, out, to=("urls",)))
+
+
+def rewrite(emb: Path, unit: int, change) -> None:
+    """Shard `unit` rewritten after the manifest was written, with `change` applied to its datasets and attrs."""
+    import h5py
+
+    with h5py.File(EmbDir(emb).shard_path(unit), "r+") as f:
+        change(f)
+
+
+def _replace(f, name: str, values: np.ndarray) -> None:
+    del f[name]
+    f.create_dataset(name, data=values)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f: f["ids"].write_direct(np.arange(8, dtype=np.int64)), r"ids outside \[8, 16\)"),
+        (lambda f: f["ids"].write_direct(np.arange(15, 7, -1, dtype=np.int64)), "ids are not strictly ascending"),
+        (lambda f: _replace(f, "embeddings", f["embeddings"][:, :64]), "64-dim vectors, the manifest says 128"),
+        (lambda f: _replace(f, "ids", f["ids"][:5]), "5 ids for 8 vectors"),
+        (lambda f: f.attrs.__setitem__("version", 2), "unsupported shard version 2"),
+    ],
+    ids=["ids-of-another-unit", "ids-descending", "other-dim", "rows-disagree", "newer-version"],
+)
+def test_a_shard_changed_after_the_manifest_is_named_not_scanned(synthetic, tmp_path, change, message):
+    rewrite(synthetic, 1, change)
+    with pytest.raises(UserError, match=f"shard-000001.h5: .*{message}"):
+        filter_subset(options(synthetic, tmp_path / "out"))
+
+
+def test_a_shard_with_other_rows_than_the_manifest_lists_is_named(synthetic, tmp_path):
+    manifest = json.loads((synthetic / "manifest.json").read_text())
+    manifest["shards"][2]["n"] = 7  # the unit was embedded again (one image failed) after the manifest
+    (synthetic / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="shard-000002.h5: 8 vectors, the manifest lists 7"):
+        filter_subset(options(synthetic, tmp_path / "out"))

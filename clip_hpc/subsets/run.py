@@ -29,6 +29,8 @@ from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
+from clip_hpc.formats.shard import ShardError
+from clip_hpc.formats.shard_columns import scan_problem
 from clip_hpc.subsets.options import FilterOptions, FilterResult, Settings
 from clip_hpc.subsets.out_dir import RESULTS_FILE, OutDir, read_parquet
 from clip_hpc.subsets.outputs import select_results, write_outputs, write_report
@@ -46,6 +48,8 @@ class Plan:
     queries: QueryVectors
     shards: dict[int, str]  # unit -> its shard file
     rows: dict[int, int]  # unit -> its embedded rows
+    unit_size: int  # ids per unit: unit u holds ids in [u * unit_size, (u + 1) * unit_size)
+    dim: int
 
 
 class StepStats(NamedTuple):
@@ -98,6 +102,8 @@ def plan_exact(options: FilterOptions) -> Plan:
         queries,
         {e.unit: str(emb.shard_path(e.unit)) for e in manifest.shards},
         {e.unit: e.n for e in manifest.shards},
+        manifest.unit_size,
+        int(manifest.dim or 0),
     )
 
 
@@ -116,6 +122,9 @@ def scan_units(options: FilterOptions, plan: Plan, w: World) -> StepStats:
     with one_cpu_thread(device is None), ThreadPoolExecutor(1) as writer:  # a part's fsync waits behind the reads
         written = []
         for unit, (shard, columns) in zip(todo, read_ahead([plan.shards[u] for u in todo])):
+            problem = scan_problem(columns, unit * plan.unit_size, plan.unit_size, plan.rows[unit], plan.dim)
+            if problem:
+                raise ShardError(f"{shard}: {problem}: it changed after the manifest; re-run clip-hpc embed")
             table, n = scan_unit(shard, columns, plan.queries, plan.settings, device)
             written.append(writer.submit(out.write_part, unit, table, n))
             rows += n
