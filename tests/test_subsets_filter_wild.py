@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +118,52 @@ def test_a_shard_with_other_rows_than_the_manifest_lists_is_named(synthetic, tmp
     (synthetic / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="shard-000002.h5: 8 vectors, the manifest lists 7"):
         filter_subset(options(synthetic, tmp_path / "out"))
+
+
+@pytest.fixture
+def with_files(tmp_path) -> tuple[Path, list[Path]]:
+    """6 image files, as embed records them (path and stat identity), with random vectors: 2 units of 3."""
+    from PIL import Image
+
+    from clip_hpc.formats.input_identity import stat_identity
+    from clip_hpc.formats.shard import ShardBatch
+
+    files = [tmp_path / "images" / f"img{i}.png" for i in range(6)]
+    files[0].parent.mkdir()
+    for i, path in enumerate(files):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(path)
+    vectors = np.random.default_rng(4).standard_normal((6, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    emb = EmbDir(tmp_path / "emb")
+    emb.write_inputs([str(p) for p in files])
+    for unit in range(2):
+        ids = list(range(3 * unit, 3 * unit + 3))
+        attrs = {"model": "clip-hpc-tiny", "pretrained": "none", "unit_size": 3}
+        identities = [stat_identity(files[i].stat()) for i in ids]
+        batch = ShardBatch(vectors[ids].astype(np.float16), ids, [str(files[i]) for i in ids], attrs=attrs)
+        emb.write_shard(unit, replace(batch, identities=identities))
+    assert emb.write_manifest(2, 3) is not None
+    return emb.root, files
+
+
+def test_tars_skip_and_record_images_gone_or_changed_since_embed(with_files, tmp_path):
+    emb, files = with_files
+    originals = [p.read_bytes() for p in files]
+    files[1].unlink()
+    files[4].write_bytes(b"other bytes now")  # replaced: its size and mtime are not the embedded file's
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/out \xff"))  # spaces and a non-UTF-8 name too
+    result = filter_subset(options(emb, out, to=("tars",), samples_per_tar=2))
+    assert (result.n_kept, result.n_tars, result.n_samples_skipped) == (6, 3, 2)
+    with open(out / "skipped.parquet", "rb") as f:
+        skipped = pq.read_table(f).to_pydict()
+    assert skipped["id"] == [1, 4] and skipped["path"] == [str(files[1]), str(files[4])]
+    assert "No such file" in skipped["reason"][0] and "changed after it was indexed" in skipped["reason"][1]
+    found = {}
+    for number in range(3):
+        with tarfile.open(out / "tars" / f"{number:05d}.tar") as tar:
+            found.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})  # type: ignore[union-attr]
+    images = {name: data for name, data in found.items() if name.endswith(".png")}
+    assert images == {f"{i:09d}.png": originals[i] for i in (0, 2, 3, 5)}  # keys stay the rows'
+    assert json.loads((out / "filter.json").read_text())["counts"]["samples_skipped"] == 2
+    again = filter_subset(options(emb, out, to=("tars",), samples_per_tar=2))  # a resume counts them again
+    assert (again.n_tars_skipped, again.n_samples_skipped) == (3, 2)

@@ -25,6 +25,7 @@ class RowDetails(NamedTuple):
     paths: list[str]
     captions: list[str]
     meta: list[str]
+    identities: list[str]
     offsets: np.ndarray
     sizes: np.ndarray
 
@@ -145,4 +146,6 @@ def read_row_details(path: str | os.PathLike, positions: np.ndarray) -> RowDetai
         def ints(name: str) -> np.ndarray:
             return np.asarray(_rows(f[name], positions), np.int64) if name in f and n else np.full(n, -1)
 
-        return RowDetails(text("paths"), text("captions"), text("meta"), ints("offsets"), ints("sizes"))
+        return RowDetails(
+            text("paths"), text("captions"), text("meta"), text("identities"), ints("offsets"), ints("sizes")
+        )

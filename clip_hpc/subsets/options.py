@@ -115,7 +115,8 @@ class FilterResult:
     n_units_skipped: int
     n_duplicates: int = 0  # dropped by --dedup
     n_tars: int = 0
-    n_tars_skipped: int = 0
+    n_tars_skipped: int = 0  # tars a killed run had written already
+    n_samples_skipped: int = 0  # images left out of the tars: gone or changed since embed (skipped.parquet)
     timings: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     complete: bool = True  # False on a rank that cannot talk to the others and finished before them

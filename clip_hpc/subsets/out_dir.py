@@ -4,6 +4,8 @@ scanned unit (written atomically: present means whole), the merged outputs and t
     DIR/filter-settings.json   what the parts were made with (a re-run with other settings is refused)
     DIR/parts/unit-000123.parquet   the rows of unit 123 that passed (top-N: its best N), n_scanned in its metadata
     DIR/results.parquet, paths.txt, members.txt, urls.parquet, filter.json, tars/00000.tar ...
+    DIR/tars/00000.skipped.json   the samples tar 0 lacks (image gone or changed since embed), with why
+    DIR/skipped.parquet   every tar's skipped samples (id, path, reason), gathered by rank 0
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ PATHS_FILE = "paths.txt"
 MEMBERS_FILE = "members.txt"
 URLS_FILE = "urls.parquet"
 REPORT_FILE = "filter.json"
+SKIPPED_FILE = "skipped.parquet"
 PARTS_DIR = "parts"
 TARS_DIR = "tars"
 ROWS_KEY = b"n_scanned"
@@ -42,6 +45,7 @@ SCHEMA = pa.schema(
         ("query", pa.int32()),
         ("offset", pa.int64()),
         ("size", pa.int64()),
+        ("identity", pa.string()),  # what embed read (formats/input_identity.py): --to tars skips a changed image
     ]
 )
 
@@ -121,6 +125,8 @@ class OutDir:
         path = self.part_path(unit)
         try:
             table = read_parquet(path)
+            if "identity" not in table.column_names:  # a part from before identities: nothing to check
+                table = table.append_column("identity", pa.array([""] * len(table), pa.string()))
             return table.select(SCHEMA.names).cast(SCHEMA), int((table.schema.metadata or {})[ROWS_KEY])
         except (OSError, pa.ArrowException, KeyError, ValueError) as exc:  # not parquet, a column or the count missing
             raise UserError(f"{path}: unreadable part ({exc!r}); remove it and re-run") from None

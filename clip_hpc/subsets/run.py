@@ -27,17 +27,18 @@ from tqdm import tqdm
 from clip_hpc.cluster.collective import all_or_none, from_root
 from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
+from clip_hpc.formats.atomic import atomic_write_bytes
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.shard import ShardError
 from clip_hpc.formats.shard_columns import scan_problem
 from clip_hpc.subsets.options import FilterOptions, FilterResult, Settings
-from clip_hpc.subsets.out_dir import RESULTS_FILE, OutDir, read_parquet
+from clip_hpc.subsets.out_dir import RESULTS_FILE, SKIPPED_FILE, OutDir, parquet_bytes, read_parquet
 from clip_hpc.subsets.outputs import select_results, write_outputs, write_report
 from clip_hpc.subsets.queries import QueryVectors, encode_queries
 from clip_hpc.subsets.scan import read_ahead, scan_unit
 from clip_hpc.subsets.subset_dedup import drop_duplicates
-from clip_hpc.subsets.tars import Sample, tar_numbers, write_tar
+from clip_hpc.subsets.tars import Sample, Skipped, gather_skipped, tar_numbers, write_tar
 
 
 @dataclass(frozen=True)
@@ -199,10 +200,21 @@ def write_tars(options: FilterOptions, w: World) -> StepStats:
     t0 = time.perf_counter()
     for number in todo:
         rows = results.slice(number * per_tar, per_tar).to_pylist()  # one tar's rows in memory at a time
-        samples = [Sample(r["id"], r["path"], r["url"], r["caption"], r["score"], r["offset"], r["size"]) for r in rows]
+        samples = [Sample(*(r[name] for name in Sample._fields)) for r in rows]
         write_tar(out.tar_path(number), samples, number * per_tar, lambda: bar.update(1))
     bar.close()
     return StepStats(len(todo), len(mine) - len(todo), n_samples, time.perf_counter() - t0)
+
+
+def record_skipped(out: OutDir, n_tars: int) -> int:
+    """Rank 0: every tar's skipped samples in skipped.parquet (none: no file), counted; a resumed run counts those
+    of the tars an earlier run wrote too."""
+    skipped = gather_skipped([out.tar_path(t) for t in range(n_tars)])
+    out.path(SKIPPED_FILE).unlink(missing_ok=True)
+    if skipped:
+        table = pa.table({name: [getattr(s, name) for s in skipped] for name in Skipped._fields})
+        atomic_write_bytes(out.path(SKIPPED_FILE), parquet_bytes(table))
+    return len(skipped)
 
 
 def _total(per_rank: list[StepStats] | None) -> StepStats:
@@ -238,6 +250,7 @@ def report(options: FilterOptions, settings: Settings, result: FilterResult, w: 
             "units_skipped": result.n_units_skipped,
             "tars": result.n_tars,
             "tars_skipped": result.n_tars_skipped,
+            "samples_skipped": result.n_samples_skipped,
         },
         "timings": result.timings,
         "outputs": result.files,
@@ -296,6 +309,9 @@ def finish(
         t_tars = time.perf_counter()
         tars = _total(w.gather(all_or_none(w, lambda: write_tars(options, w))))
         result.n_tars, result.n_tars_skipped = tars.done + tars.skipped, tars.skipped
+        result.n_samples_skipped = from_root(w, lambda: record_skipped(OutDir(options.out), result.n_tars))
+        if result.n_samples_skipped:
+            result.files.append(SKIPPED_FILE)
         timings["tars_s"] = time.perf_counter() - t_tars
         timings["tar_images_per_s"] = tars.items / tars.seconds if tars.seconds else 0.0
         result.files.append("tars/")

@@ -58,6 +58,7 @@ def scan_unit(
             "query": scored.query[passing],
             "offset": details.offsets,
             "size": details.sizes,
+            "identity": details.identities,
         },
         schema=SCHEMA,
     )
