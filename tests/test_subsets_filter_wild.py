@@ -167,3 +167,22 @@ def test_tars_skip_and_record_images_gone_or_changed_since_embed(with_files, tmp
     assert json.loads((out / "filter.json").read_text())["counts"]["samples_skipped"] == 2
     again = filter_subset(options(emb, out, to=("tars",), samples_per_tar=2))  # a resume counts them again
     assert (again.n_tars_skipped, again.n_samples_skipped) == (3, 2)
+
+
+def _no_direction(f) -> None:
+    """Rows 0-2 of a shard (ids 8-10) hold a zero vector, a vector with one infinite component, and NaN."""
+    vectors = f["embeddings"][...]
+    vectors[0:3] = 0
+    vectors[1, 0], vectors[2, :] = np.inf, np.nan
+    f["embeddings"].write_direct(vectors)
+
+
+@pytest.mark.parametrize("keep", [{"threshold": -1.0}, {"threshold": None, "top": 100}], ids=["threshold", "top"])
+def test_vectors_without_a_direction_are_never_kept_and_are_counted(synthetic, tmp_path, keep):
+    rewrite(synthetic, 1, _no_direction)
+    result = filter_subset(options(synthetic, tmp_path / "out", **keep))
+    with open(tmp_path / "out" / "results.parquet", "rb") as f:
+        ids = pq.read_table(f).column("id").to_pylist()
+    assert ids == [i for i in range(N) if i not in (8, 9, 10)] and result.n_kept == N - 3
+    report = json.loads((tmp_path / "out" / "filter.json").read_text())
+    assert report["counts"]["unusable_vectors"] == 3 and report["unusable_ids"] == [8, 9, 10]

@@ -117,6 +117,8 @@ class FilterResult:
     n_tars: int = 0
     n_tars_skipped: int = 0  # tars a killed run had written already
     n_samples_skipped: int = 0  # images left out of the tars: gone or changed since embed (skipped.parquet)
+    n_unusable: int = 0  # rows never kept: their stored vector has no direction (zero, NaN, infinite, not unit)
+    unusable_ids: list[int] = field(default_factory=list)  # the first of them
     timings: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     complete: bool = True  # False on a rank that cannot talk to the others and finished before them

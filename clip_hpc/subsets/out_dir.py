@@ -13,8 +13,9 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +34,7 @@ SKIPPED_FILE = "skipped.parquet"
 PARTS_DIR = "parts"
 TARS_DIR = "tars"
 ROWS_KEY = b"n_scanned"
+UNUSABLE_KEY = b"unusable_ids"  # a JSON list: the unit's rows left out for having no direction (absent: none)
 
 # One row of a part and of results.parquet; offset/size locate a tar member's bytes (-1: a loose file or URL).
 SCHEMA = pa.schema(
@@ -61,6 +63,14 @@ def parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
+
+
+class Part(NamedTuple):
+    """One unit's part: its passing rows, how many rows the unit held, and the ids left out as unusable."""
+
+    table: pa.Table
+    n_scanned: int
+    unusable: list[int]
 
 
 class OutDir:
@@ -116,18 +126,21 @@ class OutDir:
                 if temp_writer_gone(stale):
                     stale.unlink(missing_ok=True)
 
-    def write_part(self, unit: int, table: pa.Table, n_scanned: int) -> None:
-        table = table.replace_schema_metadata({ROWS_KEY: str(n_scanned).encode()})
+    def write_part(self, unit: int, table: pa.Table, n_scanned: int, unusable: Sequence[int] = ()) -> None:
+        metadata = {ROWS_KEY: str(n_scanned).encode(), UNUSABLE_KEY: json.dumps([int(i) for i in unusable]).encode()}
+        table = table.replace_schema_metadata(metadata)
         atomic_write_bytes(self.part_path(unit), parquet_bytes(table))
 
-    def read_part(self, unit: int) -> tuple[pa.Table, int]:
-        """A part and how many rows its unit held; a part that cannot be read is a one-line error."""
+    def read_part(self, unit: int) -> Part:
+        """A part, how many rows its unit held and its unusable ids; a part that cannot be read is a one-line error."""
         path = self.part_path(unit)
         try:
             table = read_parquet(path)
             if "identity" not in table.column_names:  # a part from before identities: nothing to check
                 table = table.append_column("identity", pa.array([""] * len(table), pa.string()))
-            return table.select(SCHEMA.names).cast(SCHEMA), int((table.schema.metadata or {})[ROWS_KEY])
+            metadata = table.schema.metadata or {}
+            unusable = [int(i) for i in json.loads(metadata.get(UNUSABLE_KEY, b"[]"))]
+            return Part(table.select(SCHEMA.names).cast(SCHEMA), int(metadata[ROWS_KEY]), unusable)
         except (OSError, pa.ArrowException, KeyError, ValueError) as exc:  # not parquet, a column or the count missing
             raise UserError(f"{path}: unreadable part ({exc!r}); remove it and re-run") from None
 

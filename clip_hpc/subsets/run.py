@@ -41,6 +41,9 @@ from clip_hpc.subsets.subset_dedup import drop_duplicates
 from clip_hpc.subsets.tars import Sample, Skipped, gather_skipped, tar_numbers, write_tar
 
 
+UNUSABLE_LISTED = 1000  # ids of unusable rows filter.json lists (all are counted)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What rank 0 found and every rank scans with."""
@@ -126,8 +129,8 @@ def scan_units(options: FilterOptions, plan: Plan, w: World) -> StepStats:
             problem = scan_problem(columns, unit * plan.unit_size, plan.unit_size, plan.rows[unit], plan.dim)
             if problem:
                 raise ShardError(f"{shard}: {problem}: it changed after the manifest; re-run clip-hpc embed")
-            table, n = scan_unit(shard, columns, plan.queries, plan.settings, device)
-            written.append(writer.submit(out.write_part, unit, table, n))
+            table, n, unusable = scan_unit(shard, columns, plan.queries, plan.settings, device)
+            written.append(writer.submit(out.write_part, unit, table, n, unusable))
             rows += n
             bar.update(n)
         for part in written:
@@ -153,12 +156,15 @@ def one_cpu_thread(on_cpu: bool) -> Iterator[None]:
 
 
 class Merged(NamedTuple):
-    """Rank 0's merge: rows scanned, rows kept, near-duplicates dropped (--dedup), the files written."""
+    """Rank 0's merge: rows scanned, rows kept, near-duplicates dropped (--dedup), the files written, and the rows
+    left out as unusable (no direction): how many, and the first `UNUSABLE_LISTED` of their ids."""
 
     scanned: int
     kept: int
     duplicates: int
     files: list[str]
+    unusable: int
+    unusable_ids: list[int]
 
 
 def merge_parts(options: FilterOptions, plan: Plan) -> Merged | None:
@@ -167,11 +173,13 @@ def merge_parts(options: FilterOptions, plan: Plan) -> Merged | None:
     out = OutDir(options.out)
     if any(not out.part_path(u).exists() for u in plan.shards):
         return None
-    top, tables, rows, scanned = plan.settings.top, [], 0, 0
+    top, tables, rows, scanned, unusable, unusable_ids = plan.settings.top, [], 0, 0, 0, []
     spans: list[tuple[int, int, int]] = []  # (unit, lowest id, highest id) of each part with rows, for --dedup
     for unit in sorted(plan.shards):
-        table, n = out.read_part(unit)
+        table, n, unusable_here = out.read_part(unit)
         tables.append(table)
+        unusable += len(unusable_here)
+        unusable_ids.extend(unusable_here[: max(0, UNUSABLE_LISTED - len(unusable_ids))])
         if len(table):
             ids = table.column("id")
             spans.append((unit, pc.min(ids).as_py(), pc.max(ids).as_py()))
@@ -183,7 +191,8 @@ def merge_parts(options: FilterOptions, plan: Plan) -> Merged | None:
     if plan.settings.dedup is not None:
         emb = EmbDir(options.source)
         results, duplicates = drop_duplicates(results, emb, spans, plan.queries.positives.shape[1], plan.settings.dedup)
-    return Merged(scanned, len(results), duplicates, write_outputs(out, results, options.to))
+    files = write_outputs(out, results, options.to)
+    return Merged(scanned, len(results), duplicates, files, unusable, unusable_ids)
 
 
 def write_tars(options: FilterOptions, w: World) -> StepStats:
@@ -251,7 +260,9 @@ def report(options: FilterOptions, settings: Settings, result: FilterResult, w: 
             "tars": result.n_tars,
             "tars_skipped": result.n_tars_skipped,
             "samples_skipped": result.n_samples_skipped,
+            "unusable_vectors": result.n_unusable,
         },
+        "unusable_ids": result.unusable_ids,
         "timings": result.timings,
         "outputs": result.files,
     }
@@ -290,6 +301,8 @@ def filter_subset(options: FilterOptions, w: World | None = None) -> FilterResul
         scan.skipped,
         n_duplicates=merged.duplicates,
         files=merged.files,
+        n_unusable=merged.unusable,
+        unusable_ids=merged.unusable_ids,
     )
     timings = {
         "plan_s": t_plan - t0,
