@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -126,7 +127,7 @@ class OutDir:
                 if temp_writer_gone(stale):
                     stale.unlink(missing_ok=True)
 
-    def write_part(self, unit: int, table: pa.Table, n_scanned: int, unusable: Sequence[int] = ()) -> None:
+    def write_part(self, unit: int, table: pa.Table, n_scanned: int, unusable: Sequence[int] | np.ndarray = ()) -> None:
         metadata = {ROWS_KEY: str(n_scanned).encode(), UNUSABLE_KEY: json.dumps([int(i) for i in unusable]).encode()}
         table = table.replace_schema_metadata(metadata)
         atomic_write_bytes(self.part_path(unit), parquet_bytes(table))

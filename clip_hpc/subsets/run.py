@@ -40,7 +40,6 @@ from clip_hpc.subsets.scan import read_ahead, scan_unit
 from clip_hpc.subsets.subset_dedup import drop_duplicates
 from clip_hpc.subsets.tars import Sample, Skipped, gather_skipped, tar_numbers, write_tar
 
-
 UNUSABLE_LISTED = 1000  # ids of unusable rows filter.json lists (all are counted)
 
 
@@ -173,7 +172,8 @@ def merge_parts(options: FilterOptions, plan: Plan) -> Merged | None:
     out = OutDir(options.out)
     if any(not out.part_path(u).exists() for u in plan.shards):
         return None
-    top, tables, rows, scanned, unusable, unusable_ids = plan.settings.top, [], 0, 0, 0, []
+    top, tables, rows, scanned, unusable = plan.settings.top, [], 0, 0, 0
+    unusable_ids: list[int] = []
     spans: list[tuple[int, int, int]] = []  # (unit, lowest id, highest id) of each part with rows, for --dedup
     for unit in sorted(plan.shards):
         table, n, unusable_here = out.read_part(unit)

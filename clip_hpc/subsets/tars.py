@@ -126,5 +126,7 @@ def gather_skipped(tars: Sequence[Path]) -> list[Skipped]:
     for tar in tars:
         listed = skipped_path(tar)
         if listed.exists():
-            found.extend(Skipped(int(s["id"]), str(s["path"]), str(s["reason"])) for s in json.loads(listed.read_text()))
+            found.extend(
+                Skipped(int(s["id"]), str(s["path"]), str(s["reason"])) for s in json.loads(listed.read_text())
+            )
     return found
