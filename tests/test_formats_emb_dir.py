@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir, Manifest, file_sha256
 from clip_hpc.formats.shard import ShardBatch, ShardError, read_shard, write_shard
 
@@ -168,6 +169,13 @@ def test_manifest_only_when_every_unit_is_whole(tmp_path):
     assert on_disk == manifest.to_dict() and emb.load_manifest() == manifest
     assert on_disk["shards"][1] == {"file": "shard-000001.h5", "unit": 1, "n": 4, "n_failed": 1}
     assert on_disk["format"] == "clip-hpc-shard-manifest" and Manifest.from_dict(on_disk) == manifest
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "[]", "null", '{"shards": [{"unit": 0}]}', "\udcff"])
+def test_a_damaged_manifest_is_a_one_line_error(tmp_path, text):
+    (tmp_path / "manifest.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(UserError, match="manifest.json: unreadable manifest .*re-run clip-hpc embed"):
+        EmbDir(tmp_path).load_manifest()
 
 
 def test_shard_set_check_rejects_mixed_models(tmp_path):

@@ -60,6 +60,15 @@ def test_pairs_above_is_exact_in_small_blocks_and_counts_each_pair_once():
     assert len(partial.left) == sum(1 for a, b in want if {a, b} & set(ids[:100].tolist()))
 
 
+@pytest.mark.parametrize("dim", [64, 512])
+def test_threshold_one_finds_every_exact_duplicate(dim):
+    """Identical stored rows: their float32 cosine lands a few ulps either side of 1.0, by where they sit."""
+    base = np.random.default_rng(dim).standard_normal((100, dim)).astype(np.float16)
+    vectors = np.concatenate([base, base, np.random.default_rng(1).standard_normal((50, dim)).astype(np.float16)])
+    pairs = core.pairs_above(vectors, np.arange(len(vectors)), len(vectors), 1.0, block_floats=2_000)
+    assert sorted(zip(pairs.left.tolist(), pairs.right.tolist())) == [(i, i + 100) for i in range(100)]
+
+
 def test_union_find_groups_chains_and_stars_under_their_lowest_id():
     pairs = core.Pairs(np.array([7, 3, 9, 20, 21]), np.array([9, 7, 12, 30, 30]), np.zeros(5, np.float32))
     groups = core.group_duplicates(pairs)

@@ -46,7 +46,7 @@ def test_merge_keeps_the_global_top_in_id_order():
         n = len(ids)
         return pa.table(
             {"id": ids, "path": [f"p{i}" for i in ids], "url": [""] * n, "caption": [""] * n, "score": scores,
-             "query": [0] * n, "offset": [-1] * n, "size": [-1] * n},
+             "query": [0] * n, "offset": [-1] * n, "size": [-1] * n, "identity": [""] * n},
             schema=SCHEMA,
         )  # fmt: skip
 

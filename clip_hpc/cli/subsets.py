@@ -45,6 +45,18 @@ def cmd_filter(args: argparse.Namespace) -> int:
             f"in {result.timings.get('total_s', 0.0):.1f} s -> {result.out}",
             file=sys.stderr,
         )
+        if result.n_unusable:
+            print(
+                f"clip-hpc filter: {result.n_unusable} stored vectors have no direction (zero, NaN or infinite: "
+                "re-embed their units) and were never kept; their ids are in filter.json",
+                file=sys.stderr,
+            )
+        if result.n_samples_skipped:
+            print(
+                f"clip-hpc filter: {result.n_samples_skipped} images are not in the tars (gone, unreadable or changed "
+                f"since embed): listed with the reason in {result.out}/skipped.parquet",
+                file=sys.stderr,
+            )
         if "members.txt" in result.files:
             print(
                 "clip-hpc filter: tar members are in members.txt (TARPATH::MEMBER), which `embed --file-list` "

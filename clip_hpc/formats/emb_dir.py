@@ -368,6 +368,17 @@ class EmbDir:
         return manifest
 
     def load_manifest(self) -> Manifest | None:
+        """The manifest, or None before one is written; a damaged one (bit-rot, a hand edit) is a one-line error,
+        not a traceback: embed rewrites it once every unit checks whole."""
         if not self.manifest_path.exists():
             return None
-        return Manifest.from_dict(json.loads(self.manifest_path.read_text()))
+        try:
+            data = json.loads(self.manifest_path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            return Manifest.from_dict(data)
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            raise UserError(
+                f"{self.manifest_path}: unreadable manifest ({exc}); re-run clip-hpc embed with the same arguments "
+                "to rewrite it"
+            ) from None

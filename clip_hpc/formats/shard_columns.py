@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
-from clip_hpc.formats.shard import FORMAT, ShardError
+from clip_hpc.formats.shard import FORMAT, VERSION, ShardError
 
 
 class ScanColumns(NamedTuple):
@@ -25,6 +25,7 @@ class RowDetails(NamedTuple):
     paths: list[str]
     captions: list[str]
     meta: list[str]
+    identities: list[str]
     offsets: np.ndarray
     sizes: np.ndarray
 
@@ -37,6 +38,10 @@ def _open(path: str | os.PathLike) -> h5py.File:
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise ShardError(f"{path}: not a clip-hpc shard")
+    version = str(f.attrs.get("version"))
+    if version != str(VERSION):  # another layout: its datasets may mean something else
+        f.close()
+        raise ShardError(f"{path}: unsupported shard version {version}")
     return f
 
 
@@ -64,6 +69,25 @@ def read_scan_columns(path: str | os.PathLike, into: np.ndarray | None = None) -
         np.asarray(read["embeddings"]),
         None if similarity is None else similarity.astype(np.float32),
     )
+
+
+def scan_problem(columns: ScanColumns, first_id: int, unit_size: int, n: int, dim: int) -> str | None:
+    """Pure: why a shard's scan columns are not the unit the manifest listed (ids in [first_id, first_id +
+    unit_size), strictly ascending, `n` rows of `dim`), or None. The scan reads shards by offset, without
+    `shard_check`, so a shard replaced or damaged after the manifest would otherwise pass: its rows scored under
+    another unit's ids, duplicated in the results, or a shape error deep in the products."""
+    ids, embeddings = columns.ids, columns.embeddings
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        return f"{embeddings.shape[-1] if embeddings.ndim else 0}-dim vectors, the manifest says {dim}"
+    if len(ids) != len(embeddings) or (columns.similarity is not None and len(columns.similarity) != len(ids)):
+        return f"{len(ids)} ids for {len(embeddings)} vectors"
+    if len(ids) != n:
+        return f"{len(ids)} vectors, the manifest lists {n}"
+    if len(ids) and (ids.min() < first_id or ids.max() >= first_id + unit_size):
+        return f"ids outside [{first_id}, {first_id + unit_size})"
+    if np.any(np.diff(ids) <= 0):
+        return "ids are not strictly ascending"
+    return None
 
 
 def _span(dataset: h5py.Dataset) -> tuple[int, tuple[int, ...], np.dtype] | None:
@@ -122,4 +146,6 @@ def read_row_details(path: str | os.PathLike, positions: np.ndarray) -> RowDetai
         def ints(name: str) -> np.ndarray:
             return np.asarray(_rows(f[name], positions), np.int64) if name in f and n else np.full(n, -1)
 
-        return RowDetails(text("paths"), text("captions"), text("meta"), ints("offsets"), ints("sizes"))
+        return RowDetails(
+            text("paths"), text("captions"), text("meta"), text("identities"), ints("offsets"), ints("sizes")
+        )

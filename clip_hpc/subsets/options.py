@@ -37,12 +37,16 @@ class FilterOptions:
             raise UserError("give at least one positive query: --text T or --image PATH")
         if (self.threshold is None) == (self.top is None):
             raise UserError("give exactly one of --threshold S or --top N")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise UserError(f"--threshold must be a number, not {self.threshold}")
+        for flag, texts in (("--text", self.texts), ("--negative", self.negatives)):
+            if any(not text.strip() for text in texts):  # the tokenizer's start and end alone: a query of nothing
+                raise UserError(f"{flag} is empty: give the words to look for")
+        for flag, value in (("--threshold", self.threshold), ("--min-caption-similarity", self.min_caption_similarity)):
+            if value is not None and not math.isfinite(value):
+                raise UserError(f"{flag} must be a number, not {value}")
+            if value is not None and not -1.0 <= value <= 1.0:  # no cosine lies outside: nothing or everything kept
+                raise UserError(f"{flag} is a cosine in [-1, 1], not {value}")
         if self.top is not None and self.top < 1:
             raise UserError(f"--top must be at least 1, not {self.top}")
-        if self.min_caption_similarity is not None and not math.isfinite(self.min_caption_similarity):
-            raise UserError(f"--min-caption-similarity must be a number, not {self.min_caption_similarity}")
         if self.dedup is not None and not -1.0 < self.dedup <= 1.0:
             raise UserError(f"--dedup must be a cosine in (-1, 1], not {self.dedup}")
         if self.samples_per_tar < 1:
@@ -111,7 +115,10 @@ class FilterResult:
     n_units_skipped: int
     n_duplicates: int = 0  # dropped by --dedup
     n_tars: int = 0
-    n_tars_skipped: int = 0
+    n_tars_skipped: int = 0  # tars a killed run had written already
+    n_samples_skipped: int = 0  # images left out of the tars: gone or changed since embed (skipped.parquet)
+    n_unusable: int = 0  # rows never kept: their stored vector has no direction (zero, NaN, infinite, not unit)
+    unusable_ids: list[int] = field(default_factory=list)  # the first of them
     timings: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     complete: bool = True  # False on a rank that cannot talk to the others and finished before them

@@ -67,6 +67,7 @@ def preview_table(files: IndexDir, queries: QueryVectors, settings: Settings) ->
             "query": scored.query[passing],
             "offset": [int(r["offset"]) if r.get("offset") is not None else -1 for r in records],
             "size": [int(r["size"]) if r.get("size") is not None else -1 for r in records],
+            "identity": [str(r.get("identity") or "") for r in records],
         },
         schema=SCHEMA,
     )

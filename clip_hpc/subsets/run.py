@@ -22,22 +22,26 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from clip_hpc.cluster.collective import all_or_none, from_root
 from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
+from clip_hpc.formats.atomic import atomic_write_bytes
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
+from clip_hpc.formats.shard import ShardError
+from clip_hpc.formats.shard_columns import scan_problem
 from clip_hpc.subsets.options import FilterOptions, FilterResult, Settings
-from clip_hpc.subsets.out_dir import RESULTS_FILE, OutDir
+from clip_hpc.subsets.out_dir import RESULTS_FILE, SKIPPED_FILE, OutDir, parquet_bytes, read_parquet
 from clip_hpc.subsets.outputs import select_results, write_outputs, write_report
 from clip_hpc.subsets.queries import QueryVectors, encode_queries
 from clip_hpc.subsets.scan import read_ahead, scan_unit
 from clip_hpc.subsets.scoring import pinned_buffers
 from clip_hpc.subsets.subset_dedup import drop_duplicates
-from clip_hpc.subsets.tars import Sample, tar_numbers, write_tar
+from clip_hpc.subsets.tars import Sample, Skipped, gather_skipped, tar_numbers, write_tar
+
+UNUSABLE_LISTED = 1000  # ids of unusable rows filter.json lists (all are counted)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class Plan:
     queries: QueryVectors
     shards: dict[int, str]  # unit -> its shard file
     rows: dict[int, int]  # unit -> its embedded rows
+    unit_size: int  # ids per unit: unit u holds ids in [u * unit_size, (u + 1) * unit_size)
+    dim: int
 
 
 class StepStats(NamedTuple):
@@ -77,6 +83,11 @@ def plan_exact(options: FilterOptions) -> Plan:
     manifest = emb.load_manifest()
     if manifest is None or manifest.model is None:
         raise UserError(f"{emb.root} has no manifest.json: not every unit is embedded yet (finish clip-hpc embed)")
+    if options.min_caption_similarity is not None and not manifest.n_captioned:
+        raise UserError(
+            f"{emb.root} holds no caption embeddings (embedded without embed --captions, or no image had a caption): "
+            "--min-caption-similarity would keep nothing"
+        )
     settings = Settings.of(options, manifest.inputs_sha256, manifest.model, str(manifest.pretrained), exact=True)
     out = OutDir(options.out)
     out.claim(settings)
@@ -95,6 +106,8 @@ def plan_exact(options: FilterOptions) -> Plan:
         queries,
         {e.unit: str(emb.shard_path(e.unit)) for e in manifest.shards},
         {e.unit: e.n for e in manifest.shards},
+        manifest.unit_size,
+        int(manifest.dim or 0),
     )
 
 
@@ -115,8 +128,11 @@ def scan_units(options: FilterOptions, plan: Plan, w: World) -> StepStats:
     with one_cpu_thread(device is None), ThreadPoolExecutor(1) as writer:  # a part's fsync waits behind the reads
         written = []
         for unit, (shard, columns) in zip(todo, read_ahead([plan.shards[u] for u in todo], pinned)):
-            table, n = scan_unit(shard, columns, plan.queries, plan.settings, device)
-            written.append(writer.submit(out.write_part, unit, table, n))
+            problem = scan_problem(columns, unit * plan.unit_size, plan.unit_size, plan.rows[unit], plan.dim)
+            if problem:
+                raise ShardError(f"{shard}: {problem}: it changed after the manifest; re-run clip-hpc embed")
+            table, n, unusable = scan_unit(shard, columns, plan.queries, plan.settings, device)
+            written.append(writer.submit(out.write_part, unit, table, n, unusable))
             rows += n
             bar.update(n)
         for part in written:
@@ -142,12 +158,15 @@ def one_cpu_thread(on_cpu: bool) -> Iterator[None]:
 
 
 class Merged(NamedTuple):
-    """Rank 0's merge: rows scanned, rows kept, near-duplicates dropped (--dedup), the files written."""
+    """Rank 0's merge: rows scanned, rows kept, near-duplicates dropped (--dedup), the files written, and the rows
+    left out as unusable (no direction): how many, and the first `UNUSABLE_LISTED` of their ids."""
 
     scanned: int
     kept: int
     duplicates: int
     files: list[str]
+    unusable: int
+    unusable_ids: list[int]
 
 
 def merge_parts(options: FilterOptions, plan: Plan) -> Merged | None:
@@ -156,11 +175,14 @@ def merge_parts(options: FilterOptions, plan: Plan) -> Merged | None:
     out = OutDir(options.out)
     if any(not out.part_path(u).exists() for u in plan.shards):
         return None
-    top, tables, rows, scanned = plan.settings.top, [], 0, 0
+    top, tables, rows, scanned, unusable = plan.settings.top, [], 0, 0, 0
+    unusable_ids: list[int] = []
     spans: list[tuple[int, int, int]] = []  # (unit, lowest id, highest id) of each part with rows, for --dedup
     for unit in sorted(plan.shards):
-        table, n = out.read_part(unit)
+        table, n, unusable_here = out.read_part(unit)
         tables.append(table)
+        unusable += len(unusable_here)
+        unusable_ids.extend(unusable_here[: max(0, UNUSABLE_LISTED - len(unusable_ids))])
         if len(table):
             ids = table.column("id")
             spans.append((unit, pc.min(ids).as_py(), pc.max(ids).as_py()))
@@ -172,14 +194,15 @@ def merge_parts(options: FilterOptions, plan: Plan) -> Merged | None:
     if plan.settings.dedup is not None:
         emb = EmbDir(options.source)
         results, duplicates = drop_duplicates(results, emb, spans, plan.queries.positives.shape[1], plan.settings.dedup)
-    return Merged(scanned, len(results), duplicates, write_outputs(out, results, options.to))
+    files = write_outputs(out, results, options.to)
+    return Merged(scanned, len(results), duplicates, files, unusable, unusable_ids)
 
 
 def write_tars(options: FilterOptions, w: World) -> StepStats:
     """This rank's tars that do not exist yet, from results.parquet (the same on every rank); ranks that cannot talk
     leave every tar to the one that merged (the last to finish its scan)."""
     out = OutDir(options.out)
-    results = pq.read_table(out.path(RESULTS_FILE))
+    results = read_parquet(out.path(RESULTS_FILE))
     per_tar = options.samples_per_tar
     rank, size = (w.rank, w.size) if w.coordinated else (0, 1)
     mine = tar_numbers(len(results), per_tar, rank, size)
@@ -189,10 +212,21 @@ def write_tars(options: FilterOptions, w: World) -> StepStats:
     t0 = time.perf_counter()
     for number in todo:
         rows = results.slice(number * per_tar, per_tar).to_pylist()  # one tar's rows in memory at a time
-        samples = [Sample(r["id"], r["path"], r["url"], r["caption"], r["score"], r["offset"], r["size"]) for r in rows]
+        samples = [Sample(*(r[name] for name in Sample._fields)) for r in rows]
         write_tar(out.tar_path(number), samples, number * per_tar, lambda: bar.update(1))
     bar.close()
     return StepStats(len(todo), len(mine) - len(todo), n_samples, time.perf_counter() - t0)
+
+
+def record_skipped(out: OutDir, n_tars: int) -> int:
+    """Rank 0: every tar's skipped samples in skipped.parquet (none: no file), counted; a resumed run counts those
+    of the tars an earlier run wrote too."""
+    skipped = gather_skipped([out.tar_path(t) for t in range(n_tars)])
+    out.path(SKIPPED_FILE).unlink(missing_ok=True)
+    if skipped:
+        table = pa.table({name: [getattr(s, name) for s in skipped] for name in Skipped._fields})
+        atomic_write_bytes(out.path(SKIPPED_FILE), parquet_bytes(table))
+    return len(skipped)
 
 
 def _total(per_rank: list[StepStats] | None) -> StepStats:
@@ -228,7 +262,10 @@ def report(options: FilterOptions, settings: Settings, result: FilterResult, w: 
             "units_skipped": result.n_units_skipped,
             "tars": result.n_tars,
             "tars_skipped": result.n_tars_skipped,
+            "samples_skipped": result.n_samples_skipped,
+            "unusable_vectors": result.n_unusable,
         },
+        "unusable_ids": result.unusable_ids,
         "timings": result.timings,
         "outputs": result.files,
     }
@@ -267,6 +304,8 @@ def filter_subset(options: FilterOptions, w: World | None = None) -> FilterResul
         scan.skipped,
         n_duplicates=merged.duplicates,
         files=merged.files,
+        n_unusable=merged.unusable,
+        unusable_ids=merged.unusable_ids,
     )
     timings = {
         "plan_s": t_plan - t0,
@@ -286,6 +325,9 @@ def finish(
         t_tars = time.perf_counter()
         tars = _total(w.gather(all_or_none(w, lambda: write_tars(options, w))))
         result.n_tars, result.n_tars_skipped = tars.done + tars.skipped, tars.skipped
+        result.n_samples_skipped = from_root(w, lambda: record_skipped(OutDir(options.out), result.n_tars))
+        if result.n_samples_skipped:
+            result.files.append(SKIPPED_FILE)
         timings["tars_s"] = time.perf_counter() - t_tars
         timings["tar_images_per_s"] = tars.items / tars.seconds if tars.seconds else 0.0
         result.files.append("tars/")

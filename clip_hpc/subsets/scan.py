@@ -15,7 +15,7 @@ from clip_hpc.ingest.object_store import is_url
 from clip_hpc.subsets.options import Settings
 from clip_hpc.subsets.out_dir import SCHEMA
 from clip_hpc.subsets.queries import QueryVectors
-from clip_hpc.subsets.scoring import best_first, kept, score_rows
+from clip_hpc.subsets.scoring import Scored, best_first, kept, no_direction, score_rows
 
 
 def url_of(path: str, meta: str) -> str:
@@ -43,15 +43,30 @@ def read_ahead(
             yield shard, columns
 
 
+def passing_rows(columns: ScanColumns, scored: Scored, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the rows kept (for --top the unit's best `top`), ascending, and of the rows whose vector has no
+    direction (`no_direction`), which are never kept. Only the candidates' norms are computed: the rows that pass,
+    and those whose score is not a number; for --top the best are re-chosen until none of them is unusable."""
+    passing = np.flatnonzero(kept(scored, settings.threshold, columns.similarity, settings.min_caption_similarity))
+    unusable = [np.setdiff1d(np.flatnonzero(~np.isfinite(scored.score)), passing)]  # NaN: never passes
+    while True:
+        chosen = passing
+        if settings.top is not None:
+            chosen = passing[best_first(scored.score[passing], columns.ids[passing], settings.top)]
+        bad = chosen[no_direction(columns.embeddings, chosen)]
+        if not len(bad):
+            return np.sort(chosen), np.sort(np.concatenate(unusable))
+        unusable.append(bad)
+        passing = np.setdiff1d(passing, bad)
+
+
 def scan_unit(
     shard: str | os.PathLike, columns: ScanColumns, queries: QueryVectors, settings: Settings, device: str | None
-) -> tuple[pa.Table, int]:
+) -> tuple[pa.Table, int, np.ndarray]:
     """The unit's passing rows (for --top its best `top`, which is all a global top-N can need of it), described,
-    in id order; and how many rows were scanned."""
+    in id order; how many rows were scanned; and the ids of the rows left out for having no direction."""
     scored = score_rows(columns.embeddings, queries.positives, queries.negatives, device)
-    passing = np.flatnonzero(kept(scored, settings.threshold, columns.similarity, settings.min_caption_similarity))
-    if settings.top is not None:
-        passing = np.sort(passing[best_first(scored.score[passing], columns.ids[passing], settings.top)])
+    passing, unusable = passing_rows(columns, scored, settings)
     details = read_row_details(shard, passing)
     table = pa.table(
         {
@@ -63,7 +78,8 @@ def scan_unit(
             "query": scored.query[passing],
             "offset": details.offsets,
             "size": details.sizes,
+            "identity": details.identities,
         },
         schema=SCHEMA,
     )
-    return table, len(columns.ids)
+    return table, len(columns.ids), columns.ids[unusable]
