@@ -69,6 +69,18 @@ def test_threshold_one_finds_every_exact_duplicate(dim):
     assert sorted(zip(pairs.left.tolist(), pairs.right.tolist())) == [(i, i + 100) for i in range(100)]
 
 
+def test_copies_are_compared_once_and_joined_to_their_lowest_id_in_their_primary_partition():
+    x = np.random.default_rng(3).standard_normal((20, 32)).astype(np.float16)  # 10 primaries, then 10 border copies
+    x[[5, 8]] = x[2]  # three copies among the primaries
+    x[15] = x[12]  # two among the border copies: joined in their own primary partition, not here
+    ids = np.arange(100, 120)
+    pairs = core.pairs_above(x, ids, 10, 0.99)
+    got = sorted(zip(pairs.left.tolist(), pairs.right.tolist(), pairs.similarity.tolist()))
+    assert got == [(102, 105, 1.0), (102, 108, 1.0)]  # not (105, 108): one pair per copy, to the lowest id
+    keep, n_primary, _ = core.collapse_copies(x, ids, 10)
+    assert keep.tolist() == [0, 1, 2, 3, 4, 6, 7, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19] and n_primary == 8
+
+
 def test_union_find_groups_chains_and_stars_under_their_lowest_id():
     pairs = core.Pairs(np.array([7, 3, 9, 20, 21]), np.array([9, 7, 12, 30, 30]), np.zeros(5, np.float32))
     groups = core.group_duplicates(pairs)
@@ -219,6 +231,30 @@ def test_an_error_on_one_rank_stops_every_rank(planted, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "rank 1 failed: Is a directory" in lines[0] and "unit-000001-0000.vec" in lines[0]
     assert not (out / "dedup.json").exists()
+
+
+def test_a_vector_stored_two_thousand_times_is_one_group_without_drawing_every_partition(tmp_path):
+    """A placeholder image thousands of times in web data: its copies are compared once (before, 2000 copies were
+    ~2M pairs, and 6,000 alone drew every centroid: 77 partitions each, 1.9 GB), and the groups stay exact."""
+    rng = np.random.default_rng(9)
+    others, labels = with_near_duplicates(1000, 64, fraction=0.05, clusters=3, seed=6)
+    copies = np.repeat(others[:1], 2000, axis=0)
+    order = rng.permutation(3000)  # the copies spread over every shard
+    vectors = np.concatenate([others, copies])[order]
+    emb = write_emb_dir(tmp_path / "emb", vectors, np.concatenate([labels, labels[:1].repeat(2000)])[order], 700)
+    proc = dedup(emb, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    stored = core.unit_rows(vectors.astype(np.float16))
+    cosines = stored @ stored.T
+    left, right = np.nonzero(np.triu(cosines >= THRESHOLD, k=1))  # exact all-pairs, without pairs_above
+    groups = core.group_duplicates(core.Pairs(left.astype(np.int64), right.astype(np.int64), cosines[left, right]))
+    found = table(tmp_path / "out")
+    assert found["id"] == groups.ids.tolist() and found["duplicate_of"] == groups.kept.tolist()
+    kept = dict(zip(found["id"], found["duplicate_of"]))
+    copy_ids = np.flatnonzero((order == 0) | (order >= 1000))  # ids are row positions
+    assert len({kept.get(i, i) for i in copy_ids.tolist()}) == 1, "every copy in one group"
+    record = json.loads((tmp_path / "out" / "dedup.json").read_text())
+    assert record["counts"]["pairs"] < 10 * 3000  # the copies joined by one pair each, not 2000 * 1999 / 2
 
 
 def test_a_corrupt_shard_is_named(tmp_path):

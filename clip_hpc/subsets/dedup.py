@@ -160,8 +160,9 @@ def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> np.ndarray:
     rng = np.random.default_rng(settings.seed)
     picks = np.sort(rng.choice(plan.n_vectors, settings.sample, replace=False))
     sample = core.unit_rows(rows_at(emb, plan.units, picks))[rng.permutation(len(picks))]  # any prefix: uniform
+    sample = sample[core.distinct_rows(sample)[1]]  # a vector stored a thousand times would draw many centroids
     best: tuple[float, np.ndarray] | None = None
-    for k in partition_candidates(plan.n_vectors, settings.partitions):
+    for k in sorted({min(k, len(sample)) for k in partition_candidates(plan.n_vectors, settings.partitions)}):
         centroids = spherical_kmeans(sample[: SAMPLE_PER_PARTITION * k], k, settings.seed)
         assignment = core.assign_in_chunks(sample, centroids, settings.threshold, ASSIGN_CHUNK)
         cost = core.estimated_cost(assignment, k, plan.n_vectors)

@@ -93,11 +93,37 @@ def assign_in_chunks(vectors: np.ndarray, centroids: np.ndarray, threshold: floa
     return Assignment(*(np.concatenate(column) for column in zip(*parts)))
 
 
+def distinct_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position of each row's copy set's first row, whether each row is that first one): rows are copies when their
+    stored bytes are equal. Web data holds one placeholder image thousands of times, every copy the same vector."""
+    rows = np.ascontiguousarray(vectors)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel() if rows.size else rows[:, 0]
+    _, first, label = np.unique(keys, return_index=True, return_inverse=True)
+    source = first[label.ravel()]
+    return source, source == np.arange(len(rows))
+
+
+def collapse_copies(vectors: np.ndarray, ids: np.ndarray, n_primary: int) -> tuple[np.ndarray, int, Pairs]:
+    """The positions left to compare (the lowest id of every set of copies; primaries still first), how many of
+    them are primaries, and the pairs joining every other copy to that one (cosine 1). m copies then cost m - 1
+    pairs and one row, not m(m - 1)/2 pairs: every pair a copy makes with another row is its set's pair, and the
+    groups are the same. Copies have the same nearest centroid, so a set is all primaries or all border copies."""
+    order = np.lexsort((ids, np.arange(len(ids)) >= n_primary))  # primaries first, each part by id
+    source, first = distinct_rows(vectors[order])
+    keep = np.sort(order[first])
+    copies = ~first & (order < n_primary)[source]  # a border copy's set is joined in its own primary partition
+    chain = _ordered(ids[order[source[copies]]], ids[order[copies]], np.ones(int(copies.sum()), np.float32))
+    return keep, int(np.count_nonzero(keep < n_primary)), chain
+
+
 def pairs_above(
     vectors: np.ndarray, ids: np.ndarray, n_primary: int, threshold: float, block_floats: int = BLOCK_FLOATS
 ) -> Pairs:
     """Every pair (i, j) with cos >= `threshold` where i is one of the first `n_primary` rows (the partition's
-    primaries) and j any later row: each pair once, in blocks of at most `block_floats` similarities."""
+    primaries) and j any later row: each pair once, in blocks of at most `block_floats` similarities. Copies (equal
+    stored rows) are compared once, through their lowest id (`collapse_copies`)."""
+    keep, n_primary, chain = collapse_copies(vectors, ids, n_primary)
+    vectors, ids = vectors[keep], ids[keep]
     rows = unit_rows(vectors)
     n = len(rows)
     threshold = min(threshold, 1.0 - IDENTICAL_SLACK)
@@ -110,9 +136,10 @@ def pairs_above(
         r, c = np.nonzero(block >= threshold)
         found.append((start + r, start + c, block[r, c]))
     if not found:
-        return _ordered(ids[:0], ids[:0], np.zeros(0, np.float32))
+        return chain
     i, j, sim = (np.concatenate(parts) for parts in zip(*found))
-    return _ordered(ids[i], ids[j], sim.astype(np.float32))
+    compared = _ordered(ids[i], ids[j], sim.astype(np.float32))
+    return Pairs(*(np.concatenate([a, b]) for a, b in zip(compared, chain)))
 
 
 def _ordered(a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> Pairs:
