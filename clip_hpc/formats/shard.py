@@ -309,20 +309,26 @@ def _read_captions(f: h5py.File, shard: Shard, with_embeddings: bool) -> None:
 NORM_TOLERANCE = 0.02  # float16 storage rounds a unit vector's norm by well under 1e-2
 
 
+def not_unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """Pure: per row, whether it is no finite unit vector (NaN, infinite, or a norm off by more than the tolerance):
+    a row without a direction, which no cosine can be taken with."""
+    rows = np.asarray(embeddings, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        norms = np.linalg.norm(rows, axis=1) if len(rows) else np.zeros(0, np.float32)
+        return ~(np.abs(norms - 1.0) <= NORM_TOLERANCE)  # NaN and inf norms fail too
+
+
 def embedding_problem(embeddings: np.ndarray) -> str | None:
     """Pure: what is wrong with stored embeddings (bit-rot, a bad writer), or None: finite and unit norm."""
-    if not len(embeddings):
+    off = not_unit_rows(embeddings)
+    if not off.any():
         return None
     rows = np.asarray(embeddings, dtype=np.float32)
     finite = np.isfinite(rows).all(axis=1)
     if not finite.all():
         return f"{int((~finite).sum())} embeddings hold NaN or infinite values (first row {int(np.argmin(finite))})"
-    norms = np.linalg.norm(rows, axis=1)
-    off = np.abs(norms - 1.0) > NORM_TOLERANCE
-    if off.any():
-        first = int(np.argmax(off))
-        return f"{int(off.sum())} embeddings are not unit length (row {first} has norm {norms[first]:.4g})"
-    return None
+    first = int(np.argmax(off))
+    return f"{int(off.sum())} embeddings are not unit length (row {first} has norm {np.linalg.norm(rows[first]):.4g})"
 
 
 def read_shard_for_index(path: str | os.PathLike) -> Shard:

@@ -122,8 +122,7 @@ def scan_units(options: FilterOptions, plan: Plan, w: World) -> StepStats:
     todo = [u for u in mine if not out.part_path(u).exists()]
     bar = _bar(options, w, sum(plan.rows[u] for u in todo), "vec", f"filter rank {w.rank}")
     pa.array(np.zeros(1))  # pyarrow imports pandas on first use (a second): not inside the timed scan
-    dim = plan.queries.positives.shape[1]
-    pinned = pinned_buffers(max(plan.rows[u] for u in todo), dim) if device is not None and todo else None
+    pinned = pinned_buffers(max(plan.rows[u] for u in todo), plan.dim) if device is not None and todo else None
     t0, rows = time.perf_counter(), 0
     with one_cpu_thread(device is None), ThreadPoolExecutor(1) as writer:  # a part's fsync waits behind the reads
         written = []

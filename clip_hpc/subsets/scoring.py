@@ -106,13 +106,10 @@ def kept(
 
 def no_direction(embeddings: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Pure: which of `rows` hold no usable direction (not finite, or not unit length: a zero vector has no cosine,
-    yet scores 0 and would pass a threshold <= 0 or fill a --top); by the tolerance the index build checks with."""
-    from clip_hpc.formats.shard import NORM_TOLERANCE
+    yet scores 0 and would pass a threshold <= 0 or fill a --top); the index build's own check, row by row."""
+    from clip_hpc.formats.shard import not_unit_rows
 
-    vectors = np.asarray(embeddings[rows], np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
-        norms = np.linalg.norm(vectors, axis=1) if len(vectors) else np.zeros(0, np.float32)
-        return ~(np.abs(norms - 1.0) <= NORM_TOLERANCE)  # NaN and inf norms fail too
+    return not_unit_rows(embeddings[rows])
 
 
 def best_first(scores: np.ndarray, ids: np.ndarray, n: int | None = None) -> np.ndarray:
