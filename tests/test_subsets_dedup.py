@@ -69,6 +69,24 @@ def test_threshold_one_finds_every_exact_duplicate(dim):
     assert sorted(zip(pairs.left.tolist(), pairs.right.tolist())) == [(i, i + 100) for i in range(100)]
 
 
+@pytest.mark.parametrize("threshold", [1.0, 1.0 - 2e-6])
+def test_no_pair_below_a_threshold_near_one(threshold):
+    """Rows a hair apart (cosine 1 - 1e-6 .. 1 - 1e-5, not equal bytes) are not identical: at a threshold near 1 no
+    reported pair is below it (before, every threshold above 1 - 1e-5 was compared at 1 - 1e-5)."""
+    rng = np.random.default_rng(5)
+    base = core.unit_rows(rng.standard_normal((200, 64)).astype(np.float32))
+    nudge = rng.standard_normal(base.shape).astype(np.float32)
+    near = core.unit_rows(
+        base + nudge / np.linalg.norm(nudge, axis=1, keepdims=True) * rng.uniform(2e-3, 4e-3, (200, 1))
+    )
+    vectors = np.concatenate([base, near]).astype(np.float16)
+    cos = core.row_cosines(vectors[:200], vectors[200:])
+    assert ((cos < 1.0 - 1e-6) & (cos >= 1.0 - 1e-5)).sum() > 100  # the hair-apart pairs are there
+    pairs = core.pairs_above(vectors, np.arange(400), 400, threshold, block_floats=4_000)
+    assert (pairs.similarity >= np.float32(threshold)).all()
+    assert len(pairs.left) < 50
+
+
 def test_copies_are_compared_once_and_joined_to_their_lowest_id_in_their_primary_partition():
     x = np.random.default_rng(3).standard_normal((20, 32)).astype(np.float16)  # 10 primaries, then 10 border copies
     x[[5, 8]] = x[2]  # three copies among the primaries

@@ -15,9 +15,6 @@ import numpy as np
 
 ROUNDING_SLACK = 1e-4  # float32 dot products of 512-d unit vectors err by ~1e-6; the margin is widened by far more
 BLOCK_FLOATS = 1 << 23  # one block of a similarity matrix: 8M float32 = 32 MiB
-# Identical stored rows have a float32 cosine a few ulps either side of 1.0, by where they sit in a block; a threshold
-# is never asked for above 1 - this, so --threshold 1.0 (identical vectors only) finds every one of them.
-IDENTICAL_SLACK = 1e-5
 
 
 class Assignment(NamedTuple):
@@ -121,12 +118,12 @@ def pairs_above(
 ) -> Pairs:
     """Every pair (i, j) with cos >= `threshold` where i is one of the first `n_primary` rows (the partition's
     primaries) and j any later row: each pair once, in blocks of at most `block_floats` similarities. Copies (equal
-    stored rows) are compared once, through their lowest id (`collapse_copies`)."""
+    stored rows) are compared once, through their lowest id (`collapse_copies`), and joined at cosine 1 exactly:
+    their float32 product lands a few ulps either side of 1.0, so at `threshold` 1.0 a product would miss some."""
     keep, n_primary, chain = collapse_copies(vectors, ids, n_primary)
     vectors, ids = vectors[keep], ids[keep]
     rows = unit_rows(vectors)
     n = len(rows)
-    threshold = min(threshold, 1.0 - IDENTICAL_SLACK)
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     step = max(1, min(n_primary, block_floats // max(1, n)))
     for start in range(0, n_primary, step):
