@@ -99,6 +99,54 @@ def test_copies_are_compared_once_and_joined_to_their_lowest_id_in_their_primary
     assert keep.tolist() == [0, 1, 2, 3, 4, 6, 7, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19] and n_primary == 8
 
 
+def test_spanning_edges_keep_the_components_without_a_cycle():
+    rng = np.random.default_rng(4)
+    n = 500
+    left, right = rng.integers(0, n, 3000), rng.integers(0, n, 3000)  # repeats, self-loops, many cycles
+    picked = core.spanning_edges(n, left, right)
+    all_roots = core.union_find_roots(n, left, right)
+    assert np.array_equal(core.union_find_roots(n, left[picked], right[picked]), all_roots)
+    assert len(picked) == n - len(np.unique(all_roots)), "a forest: one edge fewer than members, per component"
+    assert len(core.spanning_edges(n, left[:0], right[:0])) == 0
+
+
+def test_joining_pairs_keep_the_groups_of_every_pair_in_a_forest_and_count_every_pair():
+    x, _ = with_near_duplicates(600, 32, fraction=0.2, clusters=2, seed=8)
+    ids = np.random.default_rng(1).permutation(10_000)[:600]
+    every = core.pairs_above(x, ids, len(x), 0.9, block_floats=3_000)
+    got = core.joining_pairs(x, ids, len(x), 0.9, block_floats=3_000)  # blocks of five rows
+    assert got.found == len(every.left) > 100
+    groups, joined = core.group_duplicates(every), core.group_duplicates(got.pairs)
+    assert np.array_equal(joined.ids, groups.ids) and np.array_equal(joined.kept, groups.kept)
+    assert len(got.pairs.left) == len(groups.ids), "one pair per member but the kept one"
+    assert set(zip(got.pairs.left.tolist(), got.pairs.right.tolist())) <= set(
+        zip(every.left.tolist(), every.right.tolist())
+    )
+    assert (got.pairs.similarity >= np.float32(0.9)).all()
+
+
+def test_thousands_of_near_copies_hold_one_pair_each():
+    """A placeholder re-encoded: 3,000 rows a hair apart (not equal bytes) make 4.5 M pairs >= S, kept as 2,999."""
+    rng = np.random.default_rng(2)
+    near = perturbed(
+        np.repeat(rng.standard_normal((1, 64)).astype(np.float32), 3000, axis=0), rng.uniform(0.99, 1.0, 3000), rng
+    )
+    got = core.joining_pairs(near.astype(np.float16), np.arange(3000), 3000, 0.95)
+    assert got.found == 3000 * 2999 // 2
+    assert len(got.pairs.left) == 2999 and core.group_duplicates(got.pairs).n_groups == 1
+
+
+def test_each_pair_is_counted_in_one_partition_only():
+    """A pair whose ends have different nearest partitions is found in both: only the lower id's one counts it."""
+    x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+    x[1] = x[0] + 0.01
+    ids = np.array([7, 3])
+    in_sevens = core.joining_pairs(x, ids, 1, 0.9)  # 7 primary, 3 a border member
+    in_threes = core.joining_pairs(x[::-1], ids[::-1], 1, 0.9)  # 3 primary, 7 a border member
+    assert (in_sevens.found, in_threes.found) == (0, 1)
+    assert len(in_sevens.pairs.left) == len(in_threes.pairs.left) == 1
+
+
 def test_union_find_groups_chains_and_stars_under_their_lowest_id():
     pairs = core.Pairs(np.array([7, 3, 9, 20, 21]), np.array([9, 7, 12, 30, 30]), np.zeros(5, np.float32))
     groups = core.group_duplicates(pairs)
@@ -273,6 +321,30 @@ def test_a_vector_stored_two_thousand_times_is_one_group_without_drawing_every_p
     assert len({kept.get(i, i) for i in copy_ids.tolist()}) == 1, "every copy in one group"
     record = json.loads((tmp_path / "out" / "dedup.json").read_text())
     assert record["counts"]["pairs"] < 10 * 3000  # the copies joined by one pair each, not 2000 * 1999 / 2
+
+
+def test_two_thousand_near_copies_draw_one_partition_not_dozens(tmp_path):
+    """A placeholder re-encoded: 2,000 rows a hair apart (cosine 0.985-0.999 to one source, no two equal). Before,
+    they drew a centroid per 50 of them and each joined every one of those partitions (29 memberships per vector,
+    2 M pairs held); the k-means sample is now cut to 50 rows a group, and each partition keeps a forest of pairs."""
+    rng = np.random.default_rng(9)
+    others, labels = with_near_duplicates(1000, 64, fraction=0.05, clusters=3, seed=6)
+    source = core.unit_rows(rng.standard_normal((1, 64)).astype(np.float32))
+    near = perturbed(np.repeat(source, 2000, axis=0), rng.uniform(0.985, 0.999, 2000), rng)
+    order = rng.permutation(3000)
+    vectors = np.concatenate([others, near])[order]
+    emb = write_emb_dir(tmp_path / "emb", vectors, np.concatenate([labels, labels[:1].repeat(2000)])[order], 700)
+    proc = dedup(emb, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    stored = core.unit_rows(vectors.astype(np.float16))
+    cosines = stored @ stored.T
+    left, right = np.nonzero(np.triu(cosines >= THRESHOLD, k=1))  # exact all-pairs, without pairs_above
+    groups = core.group_duplicates(core.Pairs(left.astype(np.int64), right.astype(np.int64), cosines[left, right]))
+    found = table(tmp_path / "out")
+    assert found["id"] == groups.ids.tolist() and found["duplicate_of"] == groups.kept.tolist()
+    record = json.loads((tmp_path / "out" / "dedup.json").read_text())
+    assert abs(record["counts"]["pairs"] - len(left)) <= len(left) // 1000  # every pair counted once (float32 ulps)
+    assert record["partitioning"]["replication"] < 6
 
 
 def test_a_corrupt_shard_is_named(tmp_path):

@@ -37,8 +37,11 @@ from clip_hpc.subsets.dedup_output import (
 from clip_hpc.subsets.dedup_work import ASSIGN_CHUNK, PartitionReader, WorkDir, sort_unit
 
 T = TypeVar("T")
-SAMPLE_PER_PARTITION = 50  # k-means training points per centroid (FAISS asks for at least 39)
+SAMPLE_PER_PARTITION = 50  # k-means training points per centroid
+KMEANS_LEAST_PER_PARTITION = 39  # FAISS warns below this
 KMEANS_ITERATIONS = 10  # better centroids only make it faster, never more exact
+THIN_AT_LEAST = 0.01  # near-copies in the k-means sample worth a second training without them
+THIN_ABOVE = 4.0  # memberships per vector that make a search for them worth it (2.2 on 200k ordinary vectors)
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,11 @@ class RunPlan(NamedTuple):
 def partition_candidates(n_vectors: int, requested: int | None) -> list[int]:
     """The k-means sizes to try: the requested one, else about sqrt(n) and twice that (at least 39 vectors each).
     Too few partitions for the data's clusters put many vectors near borders; too many split clusters; which one
-    fits is only seen once trained, so both are trained on the sample and the cheaper kept (`core.estimated_cost`)."""
+    fits is only seen once trained, so both are trained on the sample and the cheaper kept (`core.estimated_cost`);
+    when the sample holds near-copies, both are trained again without them (`without_near_copies`)."""
     if requested is not None:
         return [min(requested, n_vectors)]
-    most = max(1, n_vectors // 39)
+    most = max(1, n_vectors // KMEANS_LEAST_PER_PARTITION)
     root = max(1, min(round(n_vectors**0.5), most))
     return sorted({root, min(2 * root, most)})
 
@@ -152,7 +156,9 @@ def make_plan(options: DedupOptions) -> RunPlan:
 
 def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> np.ndarray:
     """Rank 0: the centroids of an unfinished run, else those of the candidate k-means (`partition_candidates`,
-    each trained on a seeded uniform sample) whose partitions cost least on that sample."""
+    each trained on a seeded uniform sample) whose partitions cost least on that sample. When the best leaves more
+    than `THIN_ABOVE` memberships per vector, the sizes are trained again on the sample cut by
+    `without_near_copies` and compete too."""
     found = work.read_centroids()
     if found is not None:
         return found
@@ -161,16 +167,50 @@ def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> np.ndarray:
     picks = np.sort(rng.choice(plan.n_vectors, settings.sample, replace=False))
     sample = core.unit_rows(rows_at(emb, plan.units, picks))[rng.permutation(len(picks))]  # any prefix: uniform
     sample = sample[core.distinct_rows(sample)[1]]  # a vector stored a thousand times would draw many centroids
-    best: tuple[float, np.ndarray] | None = None
-    for k in sorted({min(k, len(sample)) for k in partition_candidates(plan.n_vectors, settings.partitions)}):
-        centroids = spherical_kmeans(sample[: SAMPLE_PER_PARTITION * k], k, settings.seed)
-        assignment = core.assign_in_chunks(sample, centroids, settings.threshold, ASSIGN_CHUNK)
-        cost = core.estimated_cost(assignment, k, plan.n_vectors)
-        if best is None or cost < best[0]:
-            best = (cost, centroids)
-    assert best is not None  # there is always a candidate
-    work.write_centroids(best[1])
-    return best[1]
+    threshold, seed = settings.threshold, settings.seed
+    sizes = sorted({min(k, len(sample)) for k in partition_candidates(plan.n_vectors, settings.partitions)})
+    trained = (spherical_kmeans(sample[: SAMPLE_PER_PARTITION * k], k, seed) for k in sizes)
+    best = min((Candidate.of(centroids, sample, plan) for centroids in trained), key=by_cost)
+    thinned = without_near_copies(sample, best.centroids, threshold) if best.replication > THIN_ABOVE else None
+    if thinned is not None:
+        fewer = sorted({max(1, min(k, len(thinned) // KMEANS_LEAST_PER_PARTITION)) for k in sizes})
+        trained = (spherical_kmeans(thinned[: SAMPLE_PER_PARTITION * k], k, seed) for k in fewer)
+        best = min([best, *(Candidate.of(centroids, sample, plan) for centroids in trained)], key=by_cost)
+    work.write_centroids(best.centroids)
+    return best.centroids
+
+
+def by_cost(candidate: Candidate) -> float:
+    return candidate.cost  # min() keeps the first of equal costs: the smaller k, the sample as it came
+
+
+class Candidate(NamedTuple):
+    """A k-means result scored on the whole sample: its estimated cost and its memberships per vector."""
+
+    cost: float
+    replication: float
+    centroids: np.ndarray
+
+    @classmethod
+    def of(cls, centroids: np.ndarray, sample: np.ndarray, plan: RunPlan) -> Candidate:
+        assignment = core.assign_in_chunks(sample, centroids, plan.settings.threshold, ASSIGN_CHUNK)
+        cost = core.estimated_cost(assignment, len(centroids), plan.n_vectors, plan.dim)
+        return cls(cost, len(assignment.rows) / max(1, len(sample)), centroids)
+
+
+def without_near_copies(sample: np.ndarray, centroids: np.ndarray, threshold: float) -> np.ndarray | None:
+    """The sample with each of its duplicate groups cut to `SAMPLE_PER_PARTITION` rows (what draws about one
+    centroid), when that removes at least `THIN_AT_LEAST` of it; else None. A placeholder re-encoded thousands of
+    times (its copies a hair apart, not equal) draws a centroid per 50 copies, and every copy then joins all those
+    partitions; trained on the cut sample, the candidates compete with the others on the whole sample."""
+    groups = core.duplicates_in(sample, np.arange(len(sample)), centroids, threshold)
+    order = np.lexsort((groups.ids, groups.kept))
+    kept, ids = groups.kept[order], groups.ids[order]
+    first = np.searchsorted(kept, kept)  # where each duplicate's group starts in `order`
+    extra = ids[np.arange(len(ids)) - first >= SAMPLE_PER_PARTITION - 1]  # the kept row is one of the 50
+    if len(extra) < THIN_AT_LEAST * len(sample):
+        return None
+    return np.delete(sample, extra, axis=0)
 
 
 def spherical_kmeans(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -221,15 +261,15 @@ def find_pairs(work: WorkDir, reader: PartitionReader, partitions: list[int], th
         if p in done:
             continue
         members = reader.members(p)
-        work.write_pairs(p, core.pairs_above(members.vectors, members.ids, members.n_primary, threshold))
+        work.write_pairs(p, core.joining_pairs(members.vectors, members.ids, members.n_primary, threshold))
     return len(done)
 
 
 def merge(work: WorkDir, emb: EmbDir, plan: RunPlan, draft: DedupResult) -> DedupResult:
     """Rank 0: every partition's pairs, once each, grouped; similarities to the kept ids; the outputs; work gone."""
     start = time.perf_counter()
-    pairs = core.unique_pairs(core.Pairs(*(np.concatenate(c) for c in zip(*work.iter_pairs(draft.partitions.count)))))
-    groups = core.group_duplicates(pairs)
+    parts = list(work.iter_pairs(draft.partitions.count))
+    groups = core.group_duplicates(core.Pairs(*(np.concatenate(c) for c in zip(*(part.pairs for part in parts)))))
     needed = np.union1d(groups.ids, groups.kept)
     vectors, paths = rows_with_ids(emb, plan.units, needed, plan.dim)
     similarity = core.row_cosines(
@@ -237,7 +277,9 @@ def merge(work: WorkDir, emb: EmbDir, plan: RunPlan, draft: DedupResult) -> Dedu
     )
     draft.timings["merge"] = time.perf_counter() - start
     draft.timings["total"] = sum(draft.timings.values())
-    result = replace(draft, counts=DedupCounts(plan.n_vectors, len(groups.ids), groups.n_groups, len(pairs.left)))
+    result = replace(
+        draft, counts=DedupCounts(plan.n_vectors, len(groups.ids), groups.n_groups, sum(part.found for part in parts))
+    )
     write_outputs(result, groups, similarity, paths)
     work.remove()
     return result

@@ -2,13 +2,15 @@
 
 - `border_margin` / `assign_partitions`: which k-means partitions a vector joins, so that no pair with cosine >= S
   is split by a partition border (the proof is in `assign_partitions`' docstring).
-- `pairs_above`: every pair of one partition with cosine >= S, in float32 matrix blocks of bounded size.
+- `pairs_above`: every pair of one partition with cosine >= S, in float32 matrix blocks of bounded size;
+  `joining_pairs` keeps only a spanning forest of them, and counts them.
 - `group_duplicates`: connected components of the pairs (a vectorised union-find), each kept as its lowest id.
 - `balance`: partitions spread over ranks by their cost.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -113,6 +115,29 @@ def collapse_copies(vectors: np.ndarray, ids: np.ndarray, n_primary: int) -> tup
     return keep, int(np.count_nonzero(keep < n_primary)), chain
 
 
+class PartitionPairs(NamedTuple):
+    """What one partition contributes: a spanning forest of its pairs >= S (the same groups in at most one pair per
+    member), and how many pairs >= S it counts (each pair of the whole set is counted in exactly one partition)."""
+
+    pairs: Pairs
+    found: int
+
+
+def _block_pairs(
+    rows: np.ndarray, n_primary: int, threshold: float, block_floats: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(i, j, cosine) of every pair >= `threshold` with i among the first `n_primary` unit rows and j > i, one
+    float32 similarity block of at most `block_floats` at a time."""
+    n = len(rows)
+    step = max(1, min(n_primary, block_floats // max(1, n)))
+    for start in range(0, n_primary, step):
+        stop = min(n_primary, start + step)
+        block = rows[start:stop] @ rows[start:].T  # row r of the block is vector start + r; column c is start + c
+        block[np.tril_indices(stop - start, m=n - start)] = -np.inf  # j <= i: the pair's other order, or itself
+        r, c = np.nonzero(block >= threshold)
+        yield start + r, start + c, block[r, c]
+
+
 def pairs_above(
     vectors: np.ndarray, ids: np.ndarray, n_primary: int, threshold: float, block_floats: int = BLOCK_FLOATS
 ) -> Pairs:
@@ -121,17 +146,8 @@ def pairs_above(
     stored rows) are compared once, through their lowest id (`collapse_copies`), and joined at cosine 1 exactly:
     their float32 product lands a few ulps either side of 1.0, so at `threshold` 1.0 a product would miss some."""
     keep, n_primary, chain = collapse_copies(vectors, ids, n_primary)
-    vectors, ids = vectors[keep], ids[keep]
-    rows = unit_rows(vectors)
-    n = len(rows)
-    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    step = max(1, min(n_primary, block_floats // max(1, n)))
-    for start in range(0, n_primary, step):
-        stop = min(n_primary, start + step)
-        block = rows[start:stop] @ rows[start:].T  # row r of the block is vector start + r; column c is start + c
-        block[np.tril_indices(stop - start, m=n - start)] = -np.inf  # j <= i: the pair's other order, or itself
-        r, c = np.nonzero(block >= threshold)
-        found.append((start + r, start + c, block[r, c]))
+    ids = ids[keep]
+    found = list(_block_pairs(unit_rows(vectors[keep]), n_primary, threshold, block_floats))
     if not found:
         return chain
     i, j, sim = (np.concatenate(parts) for parts in zip(*found))
@@ -139,18 +155,49 @@ def pairs_above(
     return Pairs(*(np.concatenate([a, b]) for a, b in zip(compared, chain)))
 
 
+def joining_pairs(
+    vectors: np.ndarray, ids: np.ndarray, n_primary: int, threshold: float, block_floats: int = BLOCK_FLOATS
+) -> PartitionPairs:
+    """`pairs_above`, kept only where a pair joins two groups apart so far (a spanning forest, block by block): a
+    partition of m near-copies holds m - 1 pairs, not m(m - 1)/2, whatever their number. The count is of every
+    pair found, each counted in the nearest partition of its lower id (both ends' nearest partitions find it)."""
+    keep, n_primary, chain = collapse_copies(vectors, ids, n_primary)
+    ids = ids[keep]
+    label = np.arange(len(ids))  # each row's group so far, named by its lowest position
+    forest, found = [chain], len(chain.left)
+    for i, j, sim in _block_pairs(unit_rows(vectors[keep]), n_primary, threshold, block_floats):
+        found += int(np.count_nonzero((j < n_primary) | (ids[i] < ids[j])))
+        picked = spanning_edges(len(ids), label[i], label[j])
+        if len(picked):
+            forest.append(_ordered(ids[i[picked]], ids[j[picked]], sim[picked].astype(np.float32)))
+            label = union_find_roots(len(ids), label[i[picked]], label[j[picked]])[label]
+    return PartitionPairs(Pairs(*(np.concatenate(column) for column in zip(*forest))), found)
+
+
+def spanning_edges(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Positions of edges that span the same components of 0..n-1 as all of them, without a cycle (Boruvka: each
+    component takes its lowest-numbered edge out; with every edge numbered apart these never close a cycle)."""
+    label = np.arange(n)
+    alive = np.flatnonzero(left != right)
+    chosen = [alive[:0]]
+    while len(alive):
+        a, b = label[left[alive]], label[right[alive]]
+        apart = a != b
+        alive, a, b = alive[apart], a[apart], b[apart]
+        if not len(alive):
+            break
+        first = np.full(n, len(left), dtype=np.int64)
+        np.minimum.at(first, a, alive)
+        np.minimum.at(first, b, alive)
+        picked = np.unique(first[first < len(left)])
+        chosen.append(picked)
+        label = union_find_roots(n, label[left[picked]], label[right[picked]])[label]
+    return np.sort(np.concatenate(chosen))
+
+
 def _ordered(a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> Pairs:
     a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
     return Pairs(np.minimum(a, b), np.maximum(a, b), sim)
-
-
-def unique_pairs(pairs: Pairs) -> Pairs:
-    """The pairs without repeats (a pair near a border is found in every partition both ends joined), by id."""
-    if not len(pairs.left):
-        return pairs
-    keys = np.stack([pairs.left, pairs.right], axis=1)
-    _, first = np.unique(keys, axis=0, return_index=True)
-    return Pairs(pairs.left[first], pairs.right[first], pairs.similarity[first])
 
 
 def union_find_roots(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -183,8 +230,10 @@ def duplicates_in(vectors: np.ndarray, ids: np.ndarray, centroids: np.ndarray, t
     found = [_ordered(ids[:0], ids[:0], np.zeros(0, np.float32))]
     for part in np.split(np.arange(len(partitions)), np.flatnonzero(np.diff(partitions)) + 1):
         if len(part) > 1:
-            found.append(pairs_above(rows[members[part]], ids[members[part]], int(primary[part].sum()), threshold))
-    return group_duplicates(unique_pairs(Pairs(*(np.concatenate(column) for column in zip(*found)))))
+            found.append(
+                joining_pairs(rows[members[part]], ids[members[part]], int(primary[part].sum()), threshold).pairs
+            )
+    return group_duplicates(Pairs(*(np.concatenate(column) for column in zip(*found))))
 
 
 def group_duplicates(pairs: Pairs) -> Groups:
@@ -200,13 +249,15 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", unit_rows(a), unit_rows(b)).astype(np.float32)
 
 
-def estimated_cost(sample: Assignment, k: int, n_vectors: int) -> float:
+def estimated_cost(sample: Assignment, k: int, n_vectors: int, dim: int) -> float:
     """Dot products a partitioning will cost on `n_vectors`, from a sample's assignment: assigning every vector
-    (n k) plus comparing each partition's primaries with its members (sum of P T, scaled from the sample)."""
+    (n k), comparing each partition's primaries with its members (sum of P T, scaled from the sample), and each
+    membership counted as `dim` more, for its 2 dim bytes written and read back (measured: ~500 at dim 512)."""
     n_sample = int(np.count_nonzero(sample.primary))
     primaries = np.bincount(sample.partitions[sample.primary], minlength=k).astype(np.float64)
     members = np.bincount(sample.partitions, minlength=k).astype(np.float64)
-    return float(n_vectors) * k + float(primaries @ members) * (n_vectors / max(1, n_sample)) ** 2
+    scale = n_vectors / max(1, n_sample)
+    return float(n_vectors) * k + float(primaries @ members) * scale**2 + float(members.sum()) * scale * dim
 
 
 def balance(costs: np.ndarray, n_ranks: int) -> np.ndarray:

@@ -7,7 +7,8 @@ lets a killed job resume (per EMB_DIR unit for the assignment, per partition for
                                 by partition, primaries first in each (a chunk bounds the memory at any replication)
     work/assign/unit-U-C.npz    their ids and the partition offsets
     work/assign/unit-U.json     written after every chunk of unit U: the unit is done, with this many chunks
-    work/pairs/part-P.npz       partition P's pairs >= the threshold; the partition is done once it exists
+    work/pairs/forest-P.npz     partition P's spanning forest of pairs >= the threshold and its count of them
+                                (`joining_pairs`); the partition is done once it exists
 
 Every file is written under a temporary name and renamed (`atomic_write_bytes`). The files depend on the EMB_DIR and
 the settings only, not on the number of ranks, so a resumed job may have another size.
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json
-from clip_hpc.subsets.dedup_core import Assignment, Pairs
+from clip_hpc.subsets.dedup_core import Assignment, Pairs, PartitionPairs
 
 ASSIGN_CHUNK = 16384  # rows assigned and written at a time: the similarity matrices and copies stay small
 Piece = tuple[int, int]  # (unit, chunk)
@@ -85,7 +86,7 @@ class WorkDir:
         return self.root / "assign" / f"unit-{unit:06d}.json"
 
     def pairs_path(self, partition: int) -> Path:
-        return self.root / "pairs" / f"part-{partition:06d}.npz"
+        return self.root / "pairs" / f"forest-{partition:06d}.npz"
 
     def read_settings(self) -> dict[str, Any] | None:
         return json.loads(self.settings_path.read_text()) if self.settings_path.exists() else None
@@ -136,16 +137,17 @@ class WorkDir:
     def pairs_done(self, partition: int) -> bool:
         return self.pairs_path(partition).exists()
 
-    def write_pairs(self, partition: int, pairs: Pairs) -> None:
+    def write_pairs(self, partition: int, found: PartitionPairs) -> None:
+        pairs, count = found.pairs, np.array(found.found, np.int64)
         atomic_write_bytes(
             self.pairs_path(partition),
-            npz_bytes(left=pairs.left, right=pairs.right, similarity=pairs.similarity),
+            npz_bytes(left=pairs.left, right=pairs.right, similarity=pairs.similarity, found=count),
         )
 
-    def iter_pairs(self, partitions: int) -> Iterator[Pairs]:
+    def iter_pairs(self, partitions: int) -> Iterator[PartitionPairs]:
         for p in range(partitions):
             with np.load(self.pairs_path(p)) as f:
-                yield Pairs(f["left"], f["right"], f["similarity"])
+                yield PartitionPairs(Pairs(f["left"], f["right"], f["similarity"]), int(f["found"]))
 
 
 class PartitionReader:
