@@ -2,6 +2,10 @@
 """Benchmark `clip-hpc dedup` against exact all-pairs search: wall time and peak memory (max RSS of the process).
 
 bench_dedup.py --sizes 50000 1000000 --exact-sizes 50000 [--threshold 0.95] [--work DIR] [--json F] [--markdown F]
+bench_dedup.py --real SET_DIR [SET_DIR ...] --sizes [--threshold 0.9]     real CLIP image embeddings, each against exact
+
+A real set is a folder with images.npy (`clip_hpc.bench.real_sets`, as for bench_index.py --real), kept outside
+the project; every row is deduplicated and compared with exact all-pairs search.
 
 Each size is an EMB_DIR of synthetic clustered 512-d vectors (float16 shards, one cluster per 1000 vectors) with 5%
 planted near-duplicates (clip_hpc.devdata.near_duplicates). Both methods run in a child process of their own, and
@@ -63,6 +67,21 @@ def make_child(n: int, emb: str) -> None:
     write_emb_dir(Path(emb), vectors, labels, SHARD_SIZE)
 
 
+def make_real_child(folder: str, emb: str) -> None:
+    """A real set's image rows as an EMB_DIR (its row order; one label, as the rows carry none)."""
+    from clip_hpc.bench.real_sets import load_real_set
+
+    images = load_real_set(folder).images
+    write_emb_dir(Path(emb), images, np.zeros(len(images), np.int64), SHARD_SIZE)
+
+
+def real_emb_dir(folder: Path, root: Path) -> Path:
+    emb = root / f"emb-{folder.name}"
+    if not (emb / "inputs.txt").exists():
+        subprocess.run([sys.executable, __file__, "--make-real-child", str(folder), str(emb)], check=True)
+    return emb
+
+
 def exact_child(emb_dir: str, threshold: float, out: str) -> None:
     """All pairs >= threshold of the whole EMB_DIR in float32 blocks (`pairs_above` with every row a primary)."""
     from clip_hpc.formats.emb_dir import EmbDir
@@ -91,17 +110,20 @@ def compare(exact_npz: Path, dedup_dir: Path) -> dict:
     return {"exact_pairs": len(left), "pair_recall": round(found / max(1, len(left)), 5), "same_groups": bool(same)}
 
 
-def bench_size(n: int, exact: bool, args: argparse.Namespace) -> dict:
-    emb = make_emb_dir(n, args.work)
-    out = args.work / f"dedup-{n}"
+def bench_size(n: int | Path, exact: bool, args: argparse.Namespace) -> dict:
+    """One synthetic size, or one real set's folder."""
+    emb = real_emb_dir(n, args.work) if isinstance(n, Path) else make_emb_dir(n, args.work)
+    name = n.name if isinstance(n, Path) else str(n)
+    out = args.work / f"dedup-{name}"
     shutil.rmtree(out, ignore_errors=True)
     threads = {"OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
-    row: dict = {"n": n, "dedup": run_measured([str(BIN / "clip-hpc"), "dedup", str(emb), "--threshold",
-                                                str(args.threshold), "--out", str(out)], threads)}  # fmt: skip
+    command = [str(BIN / "clip-hpc"), "dedup", str(emb), "--threshold", str(args.threshold), "--out", str(out)]
+    command += ["--border", args.border]
+    row: dict = {"n": n_vectors(emb), "set": name, "dedup": run_measured(command, threads)}
     record = json.loads((out / "dedup.json").read_text())
     row["dedup"].update(counts=record["counts"], partitioning=record["partitioning"], timings=record["timings"])
     if exact:
-        npz = args.work / f"exact-{n}.npz"
+        npz = args.work / f"exact-{name}.npz"
         cmd = [sys.executable, __file__, "--exact-child", str(emb), str(npz), "--threshold", str(args.threshold)]
         row["exact"] = run_measured(cmd, threads)
         row["agreement"] = compare(npz, out)
@@ -109,28 +131,37 @@ def bench_size(n: int, exact: bool, args: argparse.Namespace) -> dict:
     return row
 
 
+def n_vectors(emb: Path) -> int:
+    from clip_hpc.formats.emb_dir import EmbDir
+
+    return sum(len(shard.ids) for shard in EmbDir(emb).iter_shards())
+
+
 def markdown(rows: list[dict], machine: str) -> str:
     lines = [
         f"Machine: {machine}",
         "",
-        "| vectors | method | wall s | CPU s | peak RSS MiB | pairs >= S | duplicates | groups | partitions | "
-        "memberships per vector | agreement with exact |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| set | vectors | method | wall s | CPU s | peak RSS MiB | pairs >= S | duplicates | groups | partitions | "
+        "memberships per vector | margin / exact margin | agreement with exact |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         d, c, p = row["dedup"], row["dedup"]["counts"], row["dedup"]["partitioning"]
         agree = row.get("agreement")
         verdict = f"pair recall {agree['pair_recall']}, same groups: {agree['same_groups']}" if agree else ""
         lines.append(
-            f"| {row['n']:,} | dedup | {d['seconds']} | {d['cpu_seconds']} | {d['peak_rss_mib']} | {c['pairs']:,} "
+            f"| {row.get('set', '')} | {row['n']:,} | dedup | {d['seconds']} | {d['cpu_seconds']} "
+            f"| {d['peak_rss_mib']} | {c['pairs']:,} "
             f"| {c['duplicates']:,} "
-            f"| {c['groups']:,} | {p['count']} | {p['replication']} | {verdict} |"
+            f"| {c['groups']:,} | {p['count']} | {p['replication']} "
+            f"| {p['margin']:.3f} / {p.get('exact_margin') or p['margin']:.3f} | {verdict} |"
         )
         if "exact" in row:
             e = row["exact"]
             lines.append(
-                f"| {row['n']:,} | exact all-pairs | {e['seconds']} | {e['cpu_seconds']} | {e['peak_rss_mib']} | "
-                f"{agree['exact_pairs']:,} | | | | | |"
+                f"| {row.get('set', '')} | {row['n']:,} | exact all-pairs | {e['seconds']} | {e['cpu_seconds']} "
+                f"| {e['peak_rss_mib']} | "
+                f"{agree['exact_pairs']:,} | | | | | | |"
             )
     return "\n".join(lines) + "\n"
 
@@ -147,25 +178,39 @@ def machine(threads: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[50_000, 1_000_000])
+    parser.add_argument("--real", type=Path, nargs="*", default=[], help="real set folders (images.npy), each exact")
     parser.add_argument("--exact-sizes", type=int, nargs="*", default=[50_000])
     parser.add_argument("--threshold", type=float, default=0.95)
+    parser.add_argument("--border", choices=["auto", "exact"], default="auto", help="dedup's --border")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="BLAS/FAISS threads per process")
     parser.add_argument("--work", type=Path, default=Path("bench-dedup"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--exact-child", nargs=2, metavar=("EMB_DIR", "OUT_NPZ"), help=argparse.SUPPRESS)
     parser.add_argument("--make-child", nargs=2, metavar=("N", "EMB_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--make-real-child", nargs=2, metavar=("SET_DIR", "EMB_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make_child:
         make_child(int(args.make_child[0]), args.make_child[1])
+        return
+    if args.make_real_child:
+        make_real_child(*args.make_real_child)
         return
     if args.exact_child:
         exact_child(args.exact_child[0], args.threshold, args.exact_child[1])
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = [bench_size(n, n in args.exact_sizes, args) for n in sorted(set(args.sizes) | set(args.exact_sizes))]
-    result = {"threshold": args.threshold, "dim": DIM, "machine": machine(args.threads), "rows": rows}
+    sizes = sorted(set(args.sizes) | set(args.exact_sizes)) if args.sizes or not args.real else []
+    rows = [bench_size(n, n in args.exact_sizes, args) for n in sizes]
+    rows += [bench_size(folder, True, args) for folder in args.real]
+    result = {
+        "threshold": args.threshold,
+        "border": args.border,
+        "dim": DIM,
+        "machine": machine(args.threads),
+        "rows": rows,
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(rows, result["machine"])

@@ -34,7 +34,8 @@ def test_border_margin_keeps_every_pair_in_the_nearest_partition_of_one_end():
     y = perturbed(x, rng.uniform(0.9, 1.0, len(x)), rng)  # partners at cosine 0.9..1, many across a border
     for threshold in (0.9, 0.95, 0.99):
         pair = np.einsum("ij,ij->i", x, y) >= threshold
-        ax, ay = core.assign_partitions(x, centroids, threshold), core.assign_partitions(y, centroids, threshold)
+        margin = core.border_margin(threshold)
+        ax, ay = core.assign_partitions(x, centroids, margin), core.assign_partitions(y, centroids, margin)
         home = ax.partitions[ax.primary][np.argsort(ax.rows[ax.primary])]  # x's nearest partition
         joined = set(zip(ay.rows.tolist(), ay.partitions.tolist()))
         assert all((i, int(home[i])) in joined for i in np.flatnonzero(pair))
@@ -110,11 +111,14 @@ def test_spanning_edges_keep_the_components_without_a_cycle():
     assert len(core.spanning_edges(n, left[:0], right[:0])) == 0
 
 
+ALL_PRIMARY = core.Border(0, np.eye(1, 64, dtype=np.float32), 0.0)  # one partition: no border member to ask about
+
+
 def test_joining_pairs_keep_the_groups_of_every_pair_in_a_forest_and_count_every_pair():
     x, _ = with_near_duplicates(600, 32, fraction=0.2, clusters=2, seed=8)
     ids = np.random.default_rng(1).permutation(10_000)[:600]
     every = core.pairs_above(x, ids, len(x), 0.9, block_floats=3_000)
-    got = core.joining_pairs(x, ids, len(x), 0.9, block_floats=3_000)  # blocks of five rows
+    got = core.joining_pairs(x, ids, len(x), 0.9, ALL_PRIMARY, block_floats=3_000)  # blocks of five rows
     assert got.found == len(every.left) > 100
     groups, joined = core.group_duplicates(every), core.group_duplicates(got.pairs)
     assert np.array_equal(joined.ids, groups.ids) and np.array_equal(joined.kept, groups.kept)
@@ -131,20 +135,26 @@ def test_thousands_of_near_copies_hold_one_pair_each():
     near = perturbed(
         np.repeat(rng.standard_normal((1, 64)).astype(np.float32), 3000, axis=0), rng.uniform(0.99, 1.0, 3000), rng
     )
-    got = core.joining_pairs(near.astype(np.float16), np.arange(3000), 3000, 0.95)
+    got = core.joining_pairs(near.astype(np.float16), np.arange(3000), 3000, 0.95, ALL_PRIMARY)
     assert got.found == 3000 * 2999 // 2
     assert len(got.pairs.left) == 2999 and core.group_duplicates(got.pairs).n_groups == 1
 
 
 def test_each_pair_is_counted_in_one_partition_only():
-    """A pair whose ends have different nearest partitions is found in both: only the lower id's one counts it."""
-    x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
-    x[1] = x[0] + 0.01
-    ids = np.array([7, 3])
-    in_sevens = core.joining_pairs(x, ids, 1, 0.9)  # 7 primary, 3 a border member
-    in_threes = core.joining_pairs(x[::-1], ids[::-1], 1, 0.9)  # 3 primary, 7 a border member
-    assert (in_sevens.found, in_threes.found) == (0, 1)
-    assert len(in_sevens.pairs.left) == len(in_threes.pairs.left) == 1
+    """x (id 7) nearest centroid 0, y (id 3) nearest 1, at cosine 0.999. At the exact margin each joins the other's
+    partition, both find the pair and only y's (the lower id's) counts it. At a margin that lets y join 0 but not
+    x join 1, only partition 0 finds it, and it counts it there."""
+    centroids = np.eye(2, 16, dtype=np.float32)
+    x, y = core.unit_rows(np.array([[1.0, 0.9], [0.95, 1.0]], np.float32) @ centroids)
+    exact = core.border_margin(0.9)
+    in_zero = core.joining_pairs(np.stack([x, y]), np.array([7, 3]), 1, 0.9, core.Border(0, centroids, exact))
+    in_one = core.joining_pairs(np.stack([y, x]), np.array([3, 7]), 1, 0.9, core.Border(1, centroids, exact))
+    assert (in_zero.found, in_one.found) == (0, 1)
+    assert len(in_zero.pairs.left) == len(in_one.pairs.left) == 1, "both keep the pair for the groups"
+    narrow = core.Border(0, centroids, 0.04)  # y's gap 0.036 < 0.04 sqrt 2 < x's gap 0.074
+    assert core.assign_partitions(y[None], centroids, 0.04).partitions.tolist() == [0, 1]
+    assert core.assign_partitions(x[None], centroids, 0.04).partitions.tolist() == [0]
+    assert core.joining_pairs(np.stack([x, y]), np.array([7, 3]), 1, 0.9, narrow).found == 1
 
 
 def test_union_find_groups_chains_and_stars_under_their_lowest_id():
@@ -177,6 +187,9 @@ def exact_groups(vectors: np.ndarray) -> tuple[core.Pairs, core.Groups]:
     return pairs, core.group_duplicates(pairs)
 
 
+SPLIT = ("--partitions", "55")  # 3,000 vectors cost least as one partition (all pairs); these test the split
+
+
 def dedup(emb: Path, out: Path, *extra: str, ranks: int = 1) -> subprocess.CompletedProcess:
     args = [str(BIN / "clip-hpc"), "dedup", str(emb), "--threshold", str(THRESHOLD), "--out", str(out), *extra]
     if ranks > 1:
@@ -191,7 +204,7 @@ def table(out: Path) -> dict[str, list]:
 @pytest.fixture(scope="module")
 def one_rank(planted, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dedup") / "one"
-    proc = dedup(planted[0], out)
+    proc = dedup(planted[0], out, *SPLIT)
     assert proc.returncode == 0, proc.stderr
     assert "duplicates in" in proc.stdout and proc.stderr == ""
     return out
@@ -218,16 +231,28 @@ def test_dedup_finds_the_pairs_of_exact_search_and_groups_them(planted, one_rank
         "groups": groups.n_groups,
         "pairs": len(pairs.left),
     }
-    assert record["threshold"] == THRESHOLD and record["partitions"] is None  # chosen: about sqrt(3000) or twice
-    assert record["partitioning"]["count"] in (55, 76)
+    assert record["threshold"] == THRESHOLD and record["partitions"] == record["partitioning"]["count"] == 55
+    border = record["partitioning"]
+    assert record["border"] == "auto" and border["exact_margin"] == core.border_margin(THRESHOLD)
+    assert 0 < border["margin"] <= border["exact_margin"] and border["calibration_pairs"] >= 1000  # 2x its need
     assert set(record["timings"]) >= {"kmeans", "assign", "pairs", "merge", "total"}
     assert record["resumed"] == {"units": 0, "partitions": 0}
     assert not (one_rank / "work").exists(), "the work files are removed once the outputs are whole"
 
 
+def test_by_default_a_small_set_is_one_partition_all_pairs(planted, one_rank, tmp_path):
+    """3,000 vectors: all pairs (4.5 M products) cost less than 55 partitions with their borders: one is chosen."""
+    proc = dedup(planted[0], tmp_path / "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert table(tmp_path / "auto") == table(one_rank)
+    record = json.loads((tmp_path / "auto" / "dedup.json").read_text())
+    assert record["partitions"] is None and record["partitioning"]["count"] == 1
+    assert record["partitioning"]["replication"] == 1.0
+
+
 @pytest.mark.mpi
 def test_two_ranks_give_the_same_output(planted, one_rank, tmp_path):
-    proc = dedup(planted[0], tmp_path / "two", ranks=2)
+    proc = dedup(planted[0], tmp_path / "two", *SPLIT, ranks=2)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("duplicates in") == 1, "one rank reports for the job"
     assert table(tmp_path / "two") == table(one_rank)
@@ -237,12 +262,29 @@ def test_two_ranks_give_the_same_output(planted, one_rank, tmp_path):
 
 def test_rerun_says_done_and_refuses_other_settings(planted, one_rank):
     before = (one_rank / "duplicates.parquet").stat().st_mtime_ns
-    again = dedup(planted[0], one_rank)
+    again = dedup(planted[0], one_rank, *SPLIT)
     assert again.returncode == 0 and "already done" in again.stdout
     assert (one_rank / "duplicates.parquet").stat().st_mtime_ns == before
     other = dedup(planted[0], one_rank, "--partitions", "7")
     assert other.returncode == 2 and other.stderr.count("\n") == 1
-    assert "--partitions auto" in other.stderr and "--partitions 7" in other.stderr
+    assert "--partitions 55" in other.stderr and "--partitions 7" in other.stderr
+    exact = dedup(planted[0], one_rank, *SPLIT, "--border", "exact")
+    assert exact.returncode == 2 and "--border auto" in exact.stderr and "--border exact" in exact.stderr
+
+
+def test_the_exact_border_gives_the_same_groups_and_a_record_from_before_it_reads_as_exact(planted, one_rank, tmp_path):
+    out = tmp_path / "exact"
+    proc = dedup(planted[0], out, *SPLIT, "--border", "exact")
+    assert proc.returncode == 0, proc.stderr
+    assert table(out) == table(one_rank)
+    record = json.loads((out / "dedup.json").read_text())
+    auto = json.loads((one_rank / "dedup.json").read_text())
+    assert record["partitioning"]["margin"] == core.border_margin(THRESHOLD) and record["border"] == "exact"
+    assert record["partitioning"]["replication"] >= auto["partitioning"]["replication"]
+    del record["border"]  # as written before --border existed: those runs used the exact margin
+    (out / "dedup.json").write_text(json.dumps(record))
+    again = dedup(planted[0], out, *SPLIT, "--border", "exact")
+    assert again.returncode == 0 and "already done" in again.stdout
 
 
 def test_an_interrupted_run_resumes_from_its_work_files(planted, one_rank, tmp_path):
@@ -250,11 +292,12 @@ def test_an_interrupted_run_resumes_from_its_work_files(planted, one_rank, tmp_p
     from clip_hpc.subsets.dedup import DedupOptions, assign_units, centroids_for, dedup_embeddings, make_plan
     from clip_hpc.subsets.dedup_work import WorkDir
 
-    options = DedupOptions(planted[0], tmp_path / "out", THRESHOLD)
+    options = DedupOptions(planted[0], tmp_path / "out", THRESHOLD, partitions=55)
     plan = make_plan(options)  # what a killed run left: its settings, centroids and the first two units assigned
     work, emb = WorkDir(options.out), EmbDir(options.emb_dir)
-    assign_units(work, emb, plan.units[:2], centroids_for(work, emb, plan), plan)
-    other = dedup(planted[0], options.out, "--seed", "3")
+    centroids, border = centroids_for(work, emb, plan)
+    assign_units(work, emb, plan.units[:2], centroids, border.margin)
+    other = dedup(planted[0], options.out, *SPLIT, "--seed", "3")
     assert other.returncode == 2 and "an unfinished dedup" in other.stderr and "--seed 0" in other.stderr
     result = dedup_embeddings(options, World())
     assert result.resumed.units == 2 and result.resumed.partitions == 0, "units done before are not redone"
@@ -292,7 +335,7 @@ def test_an_error_on_one_rank_stops_every_rank(planted, tmp_path):
     out = tmp_path / "out"
     blocked = out / "work" / "assign" / "unit-000001-0000.vec"  # rank 1 assigns unit 1: only it cannot write there
     blocked.mkdir(parents=True)
-    proc = dedup(planted[0], out, ranks=2)
+    proc = dedup(planted[0], out, *SPLIT, ranks=2)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "rank 1 failed: Is a directory" in lines[0] and "unit-000001-0000.vec" in lines[0]
@@ -334,7 +377,7 @@ def test_two_thousand_near_copies_draw_one_partition_not_dozens(tmp_path):
     order = rng.permutation(3000)
     vectors = np.concatenate([others, near])[order]
     emb = write_emb_dir(tmp_path / "emb", vectors, np.concatenate([labels, labels[:1].repeat(2000)])[order], 700)
-    proc = dedup(emb, tmp_path / "out")
+    proc = dedup(emb, tmp_path / "out", *SPLIT)
     assert proc.returncode == 0, proc.stderr
     stored = core.unit_rows(vectors.astype(np.float16))
     cosines = stored @ stored.T

@@ -25,6 +25,7 @@ from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.subsets import dedup_core as core
+from clip_hpc.subsets.dedup_margin import Calibration, calibrated_margin
 from clip_hpc.subsets.dedup_output import (
     DedupCounts,
     DedupResult,
@@ -41,6 +42,7 @@ SAMPLE_PER_PARTITION = 50  # k-means training points per centroid
 KMEANS_LEAST_PER_PARTITION = 39  # FAISS warns below this
 KMEANS_ITERATIONS = 10  # better centroids only make it faster, never more exact
 THIN_AT_LEAST = 0.01  # near-copies in the k-means sample worth a second training without them
+BORDERS = ("auto", "exact")
 THIN_ABOVE = 4.0  # memberships per vector that make a search for them worth it (2.2 on 200k ordinary vectors)
 
 
@@ -53,6 +55,7 @@ class DedupOptions:
     threshold: float
     partitions: int | None = None
     seed: int = 0
+    border: str = "auto"  # "auto": the margin the sample's pairs need (`dedup_margin`); "exact": sqrt(2 - 2S)
 
 
 class RunPlan(NamedTuple):
@@ -65,15 +68,16 @@ class RunPlan(NamedTuple):
 
 
 def partition_candidates(n_vectors: int, requested: int | None) -> list[int]:
-    """The k-means sizes to try: the requested one, else about sqrt(n) and twice that (at least 39 vectors each).
-    Too few partitions for the data's clusters put many vectors near borders; too many split clusters; which one
-    fits is only seen once trained, so both are trained on the sample and the cheaper kept (`core.estimated_cost`);
-    when the sample holds near-copies, both are trained again without them (`without_near_copies`)."""
+    """The k-means sizes to try: the requested one, else one partition (all pairs), about sqrt(n) and twice that
+    (at least 39 vectors each). Too few partitions for the data's clusters put many vectors near borders; too many
+    split clusters; which one fits is only seen once trained, so all are trained on the sample and the cheapest
+    kept (`core.estimated_cost`). One partition wins where borders would hold most vectors anyway (47k real photos
+    at S = 0.9: 59 memberships per vector, 6x the time of all pairs); it runs on one rank."""
     if requested is not None:
         return [min(requested, n_vectors)]
     most = max(1, n_vectors // KMEANS_LEAST_PER_PARTITION)
     root = max(1, min(round(n_vectors**0.5), most))
-    return sorted({root, min(2 * root, most)})
+    return sorted({1, root, min(2 * root, most)})
 
 
 def dedup_embeddings(options: DedupOptions, w: World | None = None) -> DedupResult:
@@ -86,23 +90,29 @@ def dedup_embeddings(options: DedupOptions, w: World | None = None) -> DedupResu
     if plan.done is not None:
         return plan.done
     work, emb = WorkDir(options.out), EmbDir(options.emb_dir)
-    centroids = _timed(timings, "kmeans", lambda: from_root(w, lambda: centroids_for(work, emb, plan)))
+    centroids, border = _timed(timings, "kmeans", lambda: from_root(w, lambda: centroids_for(work, emb, plan)))
     k = len(centroids)
     mine = plan.units[w.rank :: w.size]
     units_done = _timed(
-        timings, "assign", lambda: on_every_rank(w, lambda: assign_units(work, emb, mine, centroids, plan))
+        timings, "assign", lambda: on_every_rank(w, lambda: assign_units(work, emb, mine, centroids, border.margin))
     )
     reader = all_or_none(w, lambda: PartitionReader(work, plan.units, plan.dim, plan.dtype))
     primary, total = reader.sizes()
     owner = core.balance(primary * total, w.size)
     todo = [p for p in range(k) if owner[p] == w.rank]
     threshold = plan.settings.threshold
-    parts_done = _timed(timings, "pairs", lambda: on_every_rank(w, lambda: find_pairs(work, reader, todo, threshold)))
+    parts_done = _timed(
+        timings,
+        "pairs",
+        lambda: on_every_rank(w, lambda: find_pairs(work, reader, todo, threshold, centroids, border.margin)),
+    )
     draft = DedupResult(
         out=options.out,
         settings=plan.settings,
         counts=DedupCounts(plan.n_vectors, 0, 0, 0),
-        partitions=PartitionStats(k, int(total.sum()), int(total.max()), core.border_margin(threshold)),
+        partitions=PartitionStats(
+            k, int(total.sum()), int(total.max()), border.margin, core.border_margin(threshold), border.pairs
+        ),
         ranks=w.size,
         timings=timings,
         resumed=Resumed(sum(units_done), sum(parts_done)),
@@ -122,6 +132,8 @@ def make_plan(options: DedupOptions) -> RunPlan:
     """Rank 0: the EMB_DIR is whole, DIR is either finished with these settings, unfinished with these, or new."""
     if not 0.0 < options.threshold <= 1.0:
         raise UserError(f"--threshold is a cosine similarity in (0, 1], not {options.threshold}")
+    if options.border not in BORDERS:
+        raise UserError(f"--border is one of {', '.join(BORDERS)}, not {options.border!r}")
     if options.partitions is not None and options.partitions < 1:
         raise UserError(f"--partitions must be at least 1, not {options.partitions}")
     if options.out.exists() and not options.out.is_dir():
@@ -135,6 +147,7 @@ def make_plan(options: DedupOptions) -> RunPlan:
         threshold=float(options.threshold),
         partitions=None if options.partitions is None else min(options.partitions, summary.n_embedded),
         seed=options.seed,
+        border=options.border,
         sample=min(summary.n_embedded, SAMPLE_PER_PARTITION * k),
         emb_dir=str(emb.root),
         inputs_sha256=emb.inputs_sha256(),
@@ -154,11 +167,11 @@ def make_plan(options: DedupOptions) -> RunPlan:
     return plan
 
 
-def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> np.ndarray:
-    """Rank 0: the centroids of an unfinished run, else those of the candidate k-means (`partition_candidates`,
-    each trained on a seeded uniform sample) whose partitions cost least on that sample. When the best leaves more
-    than `THIN_ABOVE` memberships per vector, the sizes are trained again on the sample cut by
-    `without_near_copies` and compete too."""
+def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> tuple[np.ndarray, Calibration]:
+    """Rank 0: the centroids and border of an unfinished run, else those of the candidate k-means
+    (`partition_candidates`, each trained on a seeded uniform sample, its border from `border_for`) whose
+    partitions cost least on that sample. When the best leaves more than `THIN_ABOVE` memberships per vector, the
+    sizes are trained again on the sample cut by `without_near_copies` and compete too."""
     found = work.read_centroids()
     if found is not None:
         return found
@@ -167,17 +180,26 @@ def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> np.ndarray:
     picks = np.sort(rng.choice(plan.n_vectors, settings.sample, replace=False))
     sample = core.unit_rows(rows_at(emb, plan.units, picks))[rng.permutation(len(picks))]  # any prefix: uniform
     sample = sample[core.distinct_rows(sample)[1]]  # a vector stored a thousand times would draw many centroids
-    threshold, seed = settings.threshold, settings.seed
+    seed = settings.seed
     sizes = sorted({min(k, len(sample)) for k in partition_candidates(plan.n_vectors, settings.partitions)})
     trained = (spherical_kmeans(sample[: SAMPLE_PER_PARTITION * k], k, seed) for k in sizes)
     best = min((Candidate.of(centroids, sample, plan) for centroids in trained), key=by_cost)
-    thinned = without_near_copies(sample, best.centroids, threshold) if best.replication > THIN_ABOVE else None
-    if thinned is not None:
-        fewer = sorted({max(1, min(k, len(thinned) // KMEANS_LEAST_PER_PARTITION)) for k in sizes})
-        trained = (spherical_kmeans(thinned[: SAMPLE_PER_PARTITION * k], k, seed) for k in fewer)
-        best = min([best, *(Candidate.of(centroids, sample, plan) for centroids in trained)], key=by_cost)
-    work.write_centroids(best.centroids)
-    return best.centroids
+    if best.replication > THIN_ABOVE:
+        thinned = without_near_copies(sample, best.centroids, settings.threshold, best.border.margin)
+        if thinned is not None:
+            fewer = sorted({max(1, min(k, len(thinned) // KMEANS_LEAST_PER_PARTITION)) for k in sizes if k > 1})
+            trained = (spherical_kmeans(thinned[: SAMPLE_PER_PARTITION * k], k, seed) for k in fewer)
+            best = min([best, *(Candidate.of(centroids, sample, plan) for centroids in trained)], key=by_cost)
+    work.write_centroids(best.centroids, best.border)
+    return best.centroids, best.border
+
+
+def border_for(sample: np.ndarray, centroids: np.ndarray, settings: DedupSettings) -> Calibration:
+    """--border exact: sqrt(2 - 2S), which loses no pair; auto: what the sample's pairs need (`dedup_margin`).
+    One partition has no border."""
+    if settings.border == "exact" or len(centroids) == 1:
+        return Calibration(core.border_margin(settings.threshold), 0, settings.threshold)
+    return calibrated_margin(sample, centroids, settings.threshold)
 
 
 def by_cost(candidate: Candidate) -> float:
@@ -185,25 +207,30 @@ def by_cost(candidate: Candidate) -> float:
 
 
 class Candidate(NamedTuple):
-    """A k-means result scored on the whole sample: its estimated cost and its memberships per vector."""
+    """A k-means result with its border, scored on the whole sample: its estimated cost and its memberships per
+    vector."""
 
     cost: float
     replication: float
     centroids: np.ndarray
+    border: Calibration
 
     @classmethod
     def of(cls, centroids: np.ndarray, sample: np.ndarray, plan: RunPlan) -> Candidate:
-        assignment = core.assign_in_chunks(sample, centroids, plan.settings.threshold, ASSIGN_CHUNK)
+        border = border_for(sample, centroids, plan.settings)
+        assignment = core.assign_in_chunks(sample, centroids, border.margin, ASSIGN_CHUNK)
         cost = core.estimated_cost(assignment, len(centroids), plan.n_vectors, plan.dim)
-        return cls(cost, len(assignment.rows) / max(1, len(sample)), centroids)
+        return cls(cost, len(assignment.rows) / max(1, len(sample)), centroids, border)
 
 
-def without_near_copies(sample: np.ndarray, centroids: np.ndarray, threshold: float) -> np.ndarray | None:
+def without_near_copies(
+    sample: np.ndarray, centroids: np.ndarray, threshold: float, margin: float
+) -> np.ndarray | None:
     """The sample with each of its duplicate groups cut to `SAMPLE_PER_PARTITION` rows (what draws about one
     centroid), when that removes at least `THIN_AT_LEAST` of it; else None. A placeholder re-encoded thousands of
     times (its copies a hair apart, not equal) draws a centroid per 50 copies, and every copy then joins all those
     partitions; trained on the cut sample, the candidates compete with the others on the whole sample."""
-    groups = core.duplicates_in(sample, np.arange(len(sample)), centroids, threshold)
+    groups = core.duplicates_in(sample, np.arange(len(sample)), centroids, threshold, margin)
     order = np.lexsort((groups.ids, groups.kept))
     kept, ids = groups.kept[order], groups.ids[order]
     first = np.searchsorted(kept, kept)  # where each duplicate's group starts in `order`
@@ -237,9 +264,9 @@ def rows_at(emb: EmbDir, units: list[int], positions: np.ndarray) -> np.ndarray:
     return np.concatenate(picked)
 
 
-def assign_units(work: WorkDir, emb: EmbDir, units: list[int], centroids: np.ndarray, plan: RunPlan) -> int:
+def assign_units(work: WorkDir, emb: EmbDir, units: list[int], centroids: np.ndarray, margin: float) -> int:
     """This rank's units, each written once; how many an interrupted run had done already (they are skipped)."""
-    threshold, k = plan.settings.threshold, len(centroids)
+    k = len(centroids)
     done = [unit for unit in units if work.unit_done(unit)]
     for unit in units:
         if unit in done:
@@ -248,20 +275,27 @@ def assign_units(work: WorkDir, emb: EmbDir, units: list[int], centroids: np.nda
         chunks = range(0, len(shard.ids), ASSIGN_CHUNK)
         for chunk, start in enumerate(chunks):
             vectors, ids = shard.embeddings[start : start + ASSIGN_CHUNK], shard.ids[start : start + ASSIGN_CHUNK]
-            assignment = core.assign_partitions(core.unit_rows(vectors), centroids, threshold)
+            assignment = core.assign_partitions(core.unit_rows(vectors), centroids, margin)
             work.write_piece((unit, chunk), *sort_unit(ids, vectors, assignment, k))
         work.finish_unit(unit, len(chunks))
     return len(done)
 
 
-def find_pairs(work: WorkDir, reader: PartitionReader, partitions: list[int], threshold: float) -> int:
+def find_pairs(
+    work: WorkDir,
+    reader: PartitionReader,
+    partitions: list[int],
+    threshold: float,
+    centroids: np.ndarray,
+    margin: float,
+) -> int:
     """This rank's partitions, each written once; how many an interrupted run had done already (they are skipped)."""
     done = [p for p in partitions if work.pairs_done(p)]
     for p in partitions:
         if p in done:
             continue
-        members = reader.members(p)
-        work.write_pairs(p, core.joining_pairs(members.vectors, members.ids, members.n_primary, threshold))
+        members, border = reader.members(p), core.Border(p, centroids, margin)
+        work.write_pairs(p, core.joining_pairs(members.vectors, members.ids, members.n_primary, threshold, border))
     return len(done)
 
 

@@ -57,14 +57,14 @@ def border_margin(threshold: float) -> float:
     return float(np.sqrt(max(0.0, 2.0 - 2.0 * threshold)))
 
 
-def border_allowance(centroids: np.ndarray, threshold: float) -> np.ndarray:
+def border_allowance(centroids: np.ndarray, margin: float) -> np.ndarray:
     """(k, k): how much less similar than its nearest centroid a a vector may be to centroid b and still join b,
-    m |a - b| (see `assign_partitions`), widened by the rounding slack."""
+    margin |a - b| (see `assign_partitions`), widened by the rounding slack."""
     spacing = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (centroids @ centroids.T)))
-    return (border_margin(threshold) * spacing + ROUNDING_SLACK).astype(np.float32)
+    return (margin * spacing + ROUNDING_SLACK).astype(np.float32)
 
 
-def assign_partitions(vectors: np.ndarray, centroids: np.ndarray, threshold: float) -> Assignment:
+def assign_partitions(vectors: np.ndarray, centroids: np.ndarray, margin: float) -> Assignment:
     """Each unit row joins its nearest centroid a, and also every other centroid b with
     `<v, a - b> <= m |a - b|` (m = `border_margin`): v lies within m of the bisector between cells a and b.
 
@@ -73,21 +73,22 @@ def assign_partitions(vectors: np.ndarray, centroids: np.ndarray, threshold: flo
     x's nearest, so <x, b - a> <= 0; Cauchy-Schwarz with |y - x| <= m). So x and y always meet in x's nearest
     partition, with x a primary there; `pairs_above` compares each primary with every member. This is the
     brief's bound |cos(x,c) - cos(y,c)| <= m applied along the direction b - a; it is never looser than a flat
-    margin of 2m on the cosine (|a - b| <= 2) and much tighter between nearby centroids."""
+    margin of 2m on the cosine (|a - b| <= 2) and much tighter between nearby centroids. `margin` is m for that
+    guarantee (`border_margin`), or less (`dedup_margin.calibrated_margin`: what the data's pairs need)."""
     sims = vectors @ centroids.T  # (n, k)
     nearest = np.argmax(sims, axis=1)
     best = sims[np.arange(len(sims)), nearest]
-    near_border = (best[:, None] - sims) <= border_allowance(centroids, threshold)[nearest]
+    near_border = (best[:, None] - sims) <= border_allowance(centroids, margin)[nearest]
     near_border[np.arange(len(sims)), nearest] = True
     rows, partitions = np.nonzero(near_border)
     return Assignment(rows.astype(np.int64), partitions.astype(np.int64), partitions == nearest[rows])
 
 
-def assign_in_chunks(vectors: np.ndarray, centroids: np.ndarray, threshold: float, chunk: int) -> Assignment:
+def assign_in_chunks(vectors: np.ndarray, centroids: np.ndarray, margin: float, chunk: int) -> Assignment:
     """`assign_partitions` of `chunk` rows at a time, so the (rows x partitions) matrices stay small."""
     parts = []
     for start in range(0, len(vectors), chunk):
-        part = assign_partitions(vectors[start : start + chunk], centroids, threshold)
+        part = assign_partitions(vectors[start : start + chunk], centroids, margin)
         parts.append(part._replace(rows=part.rows + start))
     return Assignment(*(np.concatenate(column) for column in zip(*parts)))
 
@@ -123,17 +124,24 @@ class PartitionPairs(NamedTuple):
     found: int
 
 
-def _block_pairs(
-    rows: np.ndarray, n_primary: int, threshold: float, block_floats: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(i, j, cosine) of every pair >= `threshold` with i among the first `n_primary` unit rows and j > i, one
-    float32 similarity block of at most `block_floats` at a time."""
+def similarity_blocks(rows: np.ndarray, n_primary: int, block_floats: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, block): the cosines of primaries start.. with every row from start on, at most `block_floats` of
+    them, each pair once (j <= i is -inf: the pair's other order, or the row itself)."""
     n = len(rows)
     step = max(1, min(n_primary, block_floats // max(1, n)))
     for start in range(0, n_primary, step):
         stop = min(n_primary, start + step)
         block = rows[start:stop] @ rows[start:].T  # row r of the block is vector start + r; column c is start + c
-        block[np.tril_indices(stop - start, m=n - start)] = -np.inf  # j <= i: the pair's other order, or itself
+        block[np.tril_indices(stop - start, m=n - start)] = -np.inf
+        yield start, block
+
+
+def block_pairs(
+    rows: np.ndarray, n_primary: int, threshold: float, block_floats: int = BLOCK_FLOATS
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(i, j, cosine) of every pair >= `threshold` with i among the first `n_primary` unit rows and j > i, one
+    block (`similarity_blocks`) at a time."""
+    for start, block in similarity_blocks(rows, n_primary, block_floats):
         r, c = np.nonzero(block >= threshold)
         yield start + r, start + c, block[r, c]
 
@@ -147,7 +155,7 @@ def pairs_above(
     their float32 product lands a few ulps either side of 1.0, so at `threshold` 1.0 a product would miss some."""
     keep, n_primary, chain = collapse_copies(vectors, ids, n_primary)
     ids = ids[keep]
-    found = list(_block_pairs(unit_rows(vectors[keep]), n_primary, threshold, block_floats))
+    found = list(block_pairs(unit_rows(vectors[keep]), n_primary, threshold, block_floats))
     if not found:
         return chain
     i, j, sim = (np.concatenate(parts) for parts in zip(*found))
@@ -155,23 +163,55 @@ def pairs_above(
     return Pairs(*(np.concatenate([a, b]) for a, b in zip(compared, chain)))
 
 
+class Border(NamedTuple):
+    """Which partition is compared, with every centroid and the margin: what tells whether a pair found here is
+    found in its other end's nearest partition too (with a margin under `border_margin` it may not be)."""
+
+    partition: int
+    centroids: np.ndarray
+    margin: float
+
+
 def joining_pairs(
-    vectors: np.ndarray, ids: np.ndarray, n_primary: int, threshold: float, block_floats: int = BLOCK_FLOATS
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    n_primary: int,
+    threshold: float,
+    border: Border,
+    block_floats: int = BLOCK_FLOATS,
 ) -> PartitionPairs:
     """`pairs_above`, kept only where a pair joins two groups apart so far (a spanning forest, block by block): a
     partition of m near-copies holds m - 1 pairs, not m(m - 1)/2, whatever their number. The count is of every
-    pair found, each counted in the nearest partition of its lower id (both ends' nearest partitions find it)."""
+    pair found, each once: where both ends' nearest partitions find it, in its lower id's (`counted_here`)."""
     keep, n_primary, chain = collapse_copies(vectors, ids, n_primary)
-    ids = ids[keep]
+    ids, rows = ids[keep], unit_rows(vectors[keep])
     label = np.arange(len(ids))  # each row's group so far, named by its lowest position
     forest, found = [chain], len(chain.left)
-    for i, j, sim in _block_pairs(unit_rows(vectors[keep]), n_primary, threshold, block_floats):
-        found += int(np.count_nonzero((j < n_primary) | (ids[i] < ids[j])))
+    for i, j, sim in block_pairs(rows, n_primary, threshold, block_floats):
+        found += int(np.count_nonzero(counted_here(rows, ids, n_primary, i, j, border)))
         picked = spanning_edges(len(ids), label[i], label[j])
         if len(picked):
             forest.append(_ordered(ids[i[picked]], ids[j[picked]], sim[picked].astype(np.float32)))
             label = union_find_roots(len(ids), label[i[picked]], label[j[picked]])[label]
     return PartitionPairs(Pairs(*(np.concatenate(column) for column in zip(*forest))), found)
+
+
+def counted_here(
+    rows: np.ndarray, ids: np.ndarray, n_primary: int, i: np.ndarray, j: np.ndarray, border: Border
+) -> np.ndarray:
+    """Which pairs (primary i, later member j) this partition counts. Two primaries: only here. Primary x with a
+    border member y (nearest b): the pair is also found in b when x joined b there (`assign_partitions`' test), and
+    then only the lower id's partition counts it; otherwise only here does."""
+    counted = (j < n_primary) | (ids[i] < ids[j])
+    rest = np.flatnonzero(~counted)
+    if len(rest):
+        x, y = rows[i[rest]], rows[j[rest]]
+        centroids, a = border.centroids, border.partition
+        b = np.argmax(y @ centroids.T, axis=1)
+        gap = np.einsum("ij,ij->i", x, centroids[a] - centroids[b])  # <x, a> - <x, b>
+        spacing = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (centroids @ centroids[a])))[b]  # as `border_allowance`
+        counted[rest] = gap > border.margin * spacing + ROUNDING_SLACK  # x did not join b: found only here
+    return counted
 
 
 def spanning_edges(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -220,19 +260,22 @@ def union_find_roots(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         np.minimum.at(parent, high, low)  # union: each root hooks under the lowest root it touches
 
 
-def duplicates_in(vectors: np.ndarray, ids: np.ndarray, centroids: np.ndarray, threshold: float) -> Groups:
+def duplicates_in(
+    vectors: np.ndarray, ids: np.ndarray, centroids: np.ndarray, threshold: float, margin: float | None = None
+) -> Groups:
     """The duplicate groups of one in-memory set (a filter's subset): the same partitions with border copies and
-    exact pairs per partition as `clip-hpc dedup`, without files or ranks."""
+    exact pairs per partition as `clip-hpc dedup`, without files or ranks; `margin` None: `border_margin`."""
     rows = unit_rows(vectors)
-    assignment = assign_in_chunks(rows, centroids, threshold, chunk=16_384)
+    margin = border_margin(threshold) if margin is None else margin
+    assignment = assign_in_chunks(rows, centroids, margin, chunk=16_384)
     order = np.lexsort((~assignment.primary, assignment.partitions))  # each partition's primaries first
     members, partitions, primary = (column[order] for column in assignment)
     found = [_ordered(ids[:0], ids[:0], np.zeros(0, np.float32))]
     for part in np.split(np.arange(len(partitions)), np.flatnonzero(np.diff(partitions)) + 1):
         if len(part) > 1:
-            found.append(
-                joining_pairs(rows[members[part]], ids[members[part]], int(primary[part].sum()), threshold).pairs
-            )
+            border = Border(int(partitions[part[0]]), centroids, margin)
+            n_primary = int(primary[part].sum())
+            found.append(joining_pairs(rows[members[part]], ids[members[part]], n_primary, threshold, border).pairs)
     return group_duplicates(Pairs(*(np.concatenate(column) for column in zip(*found))))
 
 
@@ -251,13 +294,15 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def estimated_cost(sample: Assignment, k: int, n_vectors: int, dim: int) -> float:
     """Dot products a partitioning will cost on `n_vectors`, from a sample's assignment: assigning every vector
-    (n k), comparing each partition's primaries with its members (sum of P T, scaled from the sample), and each
-    membership counted as `dim` more, for its 2 dim bytes written and read back (measured: ~500 at dim 512)."""
+    (n k), comparing each partition's primaries with its later members (sum of P T - P^2 / 2, scaled from the
+    sample; one partition is all pairs, n^2 / 2), and each membership counted as `dim` more, for its 2 dim bytes
+    written and read back (measured: ~500 at dim 512)."""
     n_sample = int(np.count_nonzero(sample.primary))
     primaries = np.bincount(sample.partitions[sample.primary], minlength=k).astype(np.float64)
     members = np.bincount(sample.partitions, minlength=k).astype(np.float64)
     scale = n_vectors / max(1, n_sample)
-    return float(n_vectors) * k + float(primaries @ members) * scale**2 + float(members.sum()) * scale * dim
+    compared = float(primaries @ members - primaries @ primaries / 2) * scale**2
+    return float(n_vectors) * k + compared + float(members.sum()) * scale * dim
 
 
 def balance(costs: np.ndarray, n_ranks: int) -> np.ndarray:

@@ -21,7 +21,14 @@ VERSION = 1
 DUPLICATES_FILE = "duplicates.parquet"
 RECORD_FILE = "dedup.json"
 # The settings a re-run must share with the run that made DIR, and the flag that sets each.
-COMPARED = {"threshold": "--threshold", "partitions": "--partitions", "seed": "--seed", "inputs_sha256": "EMB_DIR"}
+COMPARED = {
+    "threshold": "--threshold",
+    "partitions": "--partitions",
+    "seed": "--seed",
+    "border": "--border",
+    "inputs_sha256": "EMB_DIR",
+}
+BEFORE_BORDER = {"border": "exact"}  # what a run recorded before --border existed did
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class DedupSettings:
     threshold: float
     partitions: int | None  # None: chosen by the run (`partition_candidates`); the count is in `PartitionStats`
     seed: int
+    border: str  # "auto" or "exact" (`dedup.border_for`)
     sample: int
     emb_dir: str
     inputs_sha256: str
@@ -38,6 +46,7 @@ class DedupSettings:
     def refuse_other(self, recorded: dict[str, Any], what: str) -> None:
         """UserError when `recorded` (a finished or unfinished run's settings) differs from these."""
         mine = asdict(self)
+        recorded = {**BEFORE_BORDER, **recorded}
         differ = [key for key in COMPARED if recorded.get(key) != mine[key]]
         if not differ:
             return
@@ -72,7 +81,9 @@ class PartitionStats:
     count: int
     memberships: int
     largest: int
-    margin: float
+    margin: float  # the border margin used: `exact_margin`, or less with --border auto
+    exact_margin: float = 0.0  # sqrt(2 - 2S), the margin that loses no pair
+    calibration_pairs: int = 0  # the sample pairs an auto margin rests on (0: exact)
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,8 @@ class DedupResult:
 
     @classmethod
     def from_json(cls, out: Path, data: dict[str, Any]) -> DedupResult:
-        settings = DedupSettings(**{k: data[k] for k in DedupSettings.__dataclass_fields__})
+        recorded = {**BEFORE_BORDER, **data}
+        settings = DedupSettings(**{k: recorded[k] for k in DedupSettings.__dataclass_fields__})
         partitions = {k: v for k, v in data["partitioning"].items() if k in PartitionStats.__dataclass_fields__}
         return cls(
             out=out,

@@ -2,7 +2,7 @@
 lets a killed job resume (per EMB_DIR unit for the assignment, per partition for the pairs).
 
     work/settings.json          the run's settings; a re-run with others is refused
-    work/centroids.npy          the k-means centroids (spherical), written once by rank 0
+    work/partitions.npz         the k-means centroids (spherical) and the border margin, written once by rank 0
     work/assign/unit-U-C.vec    chunk C of unit U: its memberships' rows as stored (float16 or float32), sorted
                                 by partition, primaries first in each (a chunk bounds the memory at any replication)
     work/assign/unit-U-C.npz    their ids and the partition offsets
@@ -27,6 +27,7 @@ import numpy as np
 
 from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json
 from clip_hpc.subsets.dedup_core import Assignment, Pairs, PartitionPairs
+from clip_hpc.subsets.dedup_margin import Calibration
 
 ASSIGN_CHUNK = 16384  # rows assigned and written at a time: the similarity matrices and copies stay small
 Piece = tuple[int, int]  # (unit, chunk)
@@ -76,7 +77,7 @@ class WorkDir:
 
     @property
     def centroids_path(self) -> Path:
-        return self.root / "centroids.npy"
+        return self.root / "partitions.npz"
 
     def piece_paths(self, piece: Piece) -> tuple[Path, Path]:
         name = self.root / "assign" / f"unit-{piece[0]:06d}-{piece[1]:04d}"
@@ -100,13 +101,16 @@ class WorkDir:
         shutil.rmtree(self.root, ignore_errors=True)
 
     # --- centroids ---
-    def read_centroids(self) -> np.ndarray | None:
-        return np.load(self.centroids_path) if self.centroids_path.exists() else None
+    def read_centroids(self) -> tuple[np.ndarray, Calibration] | None:
+        if not self.centroids_path.exists():
+            return None
+        with np.load(self.centroids_path) as f:
+            border = Calibration(float(f["margin"]), int(f["pairs"]), float(f["floor"]))
+            return f["centroids"], border
 
-    def write_centroids(self, centroids: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        np.save(buffer, centroids.astype(np.float32))
-        atomic_write_bytes(self.centroids_path, buffer.getvalue())
+    def write_centroids(self, centroids: np.ndarray, border: Calibration) -> None:
+        numbers = {name: np.array(value) for name, value in border._asdict().items()}
+        atomic_write_bytes(self.centroids_path, npz_bytes(centroids=centroids.astype(np.float32), **numbers))
 
     # --- per unit, in chunks ---
     def unit_done(self, unit: int) -> bool:

@@ -1,0 +1,73 @@
+"""How wide a border `clip-hpc dedup --border auto` gives its partitions: what the data's own pairs need, measured on
+the k-means sample, rather than the worst case (pure: numpy in, numpy out).
+
+The exact margin m = sqrt(2 - 2S) assumes a pair's two ends lie apart exactly along the line between two centroids.
+Real CLIP pairs never do: on 47k real photos (Chinese-CLIP ViT-B-16, S = 0.95) the pairs split by a border needed at
+most 0.23 m, while m itself put every vector in 129 partitions (docs/subsets.md, "The border"). So the sample's most
+similar pairs are found exactly, each split pair's need is taken (`required_margins`), and the margin is twice the
+largest, never more than m.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from clip_hpc.subsets.dedup_core import BLOCK_FLOATS, block_pairs, border_margin, similarity_blocks
+
+CALIBRATION_ROWS = 20_000  # sample rows whose pairs are searched exactly: 2e8 products
+CALIBRATION_PAIRS = 1_000  # at least this many pairs: below the threshold too, when the rows hold fewer above it
+CALIBRATION_SAFETY = 2.0  # the margin over the largest need seen (on real photos the largest of all pairs was 1.75x)
+
+
+class Calibration(NamedTuple):
+    """The margin chosen, the sample pairs it rests on, and their least cosine (the threshold, or lower when the
+    rows held fewer than `CALIBRATION_PAIRS` pairs above it: those pairs lie further apart, so need more)."""
+
+    margin: float
+    pairs: int
+    floor: float
+
+
+def required_margins(sims: np.ndarray, centroids: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Per pair (rows `left[p]`, `right[p]`, their cosines to the centroids in `sims`): the least margin at which
+    the pair meets in the nearest partition of one end; 0 when both ends have the same nearest. Row y (nearest b)
+    joins a when <y, b> - <y, a> <= margin |a - b| (`assign_partitions`), so y needs that difference over |a - b|."""
+    nearest = np.argmax(sims, axis=1)
+    a, b = nearest[left], nearest[right]
+    spacing = np.linalg.norm(centroids[a] - centroids[b], axis=1)
+    split = a != b
+    spacing[~split] = 1.0
+    right_needs = (sims[right, b] - sims[right, a]) / spacing
+    left_needs = (sims[left, a] - sims[left, b]) / spacing
+    return np.where(split, np.minimum(left_needs, right_needs), 0.0)
+
+
+def pair_floor(rows: np.ndarray, threshold: float, least: int, block_floats: int = BLOCK_FLOATS) -> float:
+    """The threshold, or the cosine of the `least`-th most similar pair of `rows` when that is lower."""
+    top = np.empty(0, np.float32)
+    for _, block in similarity_blocks(rows, len(rows), block_floats):
+        values = block[block > (top.min() if len(top) >= least else -np.inf)]  # -inf: a pair's other order
+        top = np.concatenate([top, values])
+        if len(top) > least:
+            top = np.partition(top, len(top) - least)[-least:]
+    return float(min(threshold, top.min())) if len(top) else threshold
+
+
+def calibrated_margin(rows: np.ndarray, centroids: np.ndarray, threshold: float) -> Calibration:
+    """The margin the pairs of the first `CALIBRATION_ROWS` unit `rows` (a uniform sample) need with `centroids`,
+    times `CALIBRATION_SAFETY`, at most `border_margin(threshold)`; that margin itself when the rows hold fewer than
+    `CALIBRATION_PAIRS` pairs in all (too few to say)."""
+    exact = border_margin(threshold)
+    rows = rows[:CALIBRATION_ROWS]
+    floor = pair_floor(rows, threshold, CALIBRATION_PAIRS)
+    sims = rows @ centroids.T
+    worst, count = 0.0, 0
+    for left, right, _ in block_pairs(rows, len(rows), floor):
+        count += len(left)
+        if len(left):
+            worst = max(worst, float(required_margins(sims, centroids, left, right).max()))
+    if count < CALIBRATION_PAIRS:
+        return Calibration(exact, count, floor)
+    return Calibration(min(exact, CALIBRATION_SAFETY * worst), count, floor)

@@ -1,0 +1,65 @@
+"""`clip_hpc.subsets.dedup_margin`: the border an auto dedup gives its partitions, from the sample's own pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clip_hpc.devdata.near_duplicates import with_near_duplicates
+from clip_hpc.subsets import dedup_core as core
+from clip_hpc.subsets import dedup_margin as margin
+
+
+def test_required_margins_is_what_assign_partitions_needs_to_join_the_pair():
+    """Two centroids; each pair's need, found by trying margins, equals the computed one."""
+    rng = np.random.default_rng(0)
+    centroids = core.unit_rows(rng.standard_normal((2, 16)).astype(np.float32))
+    rows = core.unit_rows(rng.standard_normal((40, 16)).astype(np.float32))
+    sims = rows @ centroids.T
+    left, right = np.arange(0, 40, 2), np.arange(1, 40, 2)
+    needs = margin.required_margins(sims, centroids, left, right)
+    nearest = sims.argmax(axis=1)
+    for p, (i, j) in enumerate(zip(left, right)):
+        if nearest[i] == nearest[j]:
+            assert needs[p] == 0.0
+            continue
+        tried = np.linspace(0.0, 2.0, 4001)
+        meets = [_meet(rows[[i, j]], centroids, m) for m in tried]
+        first = tried[int(np.argmax(meets))]
+        assert abs(first - needs[p]) <= 1e-3 + core.ROUNDING_SLACK * 10, (p, first, needs[p])
+
+
+def _meet(pair: np.ndarray, centroids: np.ndarray, m: float) -> bool:
+    """Whether the two rows share a partition in which one of them is a primary, at margin m (no rounding slack)."""
+    sims = pair @ centroids.T
+    nearest = sims.argmax(axis=1)
+    allowance = m * np.linalg.norm(centroids[0] - centroids[1])
+    joins = sims[:, nearest[::-1]].diagonal()  # each row's cosine to the other's nearest centroid
+    return bool(((sims.max(axis=1) - joins) <= allowance).any())
+
+
+def test_pair_floor_is_the_threshold_or_lower_when_there_are_few_pairs_above_it():
+    rows = core.unit_rows(np.random.default_rng(1).standard_normal((300, 8)).astype(np.float32))
+    cosines = (rows @ rows.T)[np.triu_indices(300, 1)]
+    tenth = float(np.sort(cosines)[-10])
+    assert tenth < 0.99 and margin.pair_floor(rows, 0.99, 10, block_floats=700) == tenth  # blocks of 2-3 rows
+    assert margin.pair_floor(rows, 0.5, 10) == 0.5  # more than 10 pairs above 0.5: the threshold itself
+    assert margin.pair_floor(rows, -0.99, 10) == -0.99  # thousands above: the threshold itself
+    assert margin.pair_floor(rows[:3], 0.9, 10) == float(np.sort((rows[:3] @ rows[:3].T)[np.triu_indices(3, 1)])[0])
+
+
+def test_the_calibrated_margin_covers_twice_the_sample_pairs_needs_and_never_exceeds_the_exact_one():
+    vectors, _ = with_near_duplicates(3000, 64, fraction=0.1, clusters=5, seed=3)
+    rows = core.unit_rows(vectors)
+    centroids = core.unit_rows(rows[np.random.default_rng(2).choice(3000, 40, replace=False)])
+    got = margin.calibrated_margin(rows, centroids, 0.9)
+    exact = core.border_margin(0.9)
+    assert got.pairs >= margin.CALIBRATION_PAIRS and got.floor <= 0.9
+    pairs = core.pairs_above(rows, np.arange(3000), 3000, got.floor)
+    worst = margin.required_margins(rows @ centroids.T, centroids, pairs.left, pairs.right).max()
+    assert got.margin == min(exact, margin.CALIBRATION_SAFETY * worst) and 0 < got.margin < exact
+
+
+def test_too_few_pairs_to_say_gives_the_exact_margin():
+    rows = core.unit_rows(np.random.default_rng(4).standard_normal((30, 16)).astype(np.float32))  # 435 pairs in all
+    got = margin.calibrated_margin(rows, rows[:3], 0.95)
+    assert got.margin == core.border_margin(0.95) and got.pairs == 435
