@@ -14,10 +14,10 @@ def test_required_margins_is_what_assign_partitions_needs_to_join_the_pair():
     rng = np.random.default_rng(0)
     centroids = core.unit_rows(rng.standard_normal((2, 16)).astype(np.float32))
     rows = core.unit_rows(rng.standard_normal((40, 16)).astype(np.float32))
-    sims = rows @ centroids.T
+    nearest = margin.nearest_centroids(rows, centroids, chunk=7)
+    assert np.array_equal(nearest, (rows @ centroids.T).argmax(axis=1))
     left, right = np.arange(0, 40, 2), np.arange(1, 40, 2)
-    needs = margin.required_margins(sims, centroids, left, right)
-    nearest = sims.argmax(axis=1)
+    needs = margin.required_margins(rows, nearest, centroids, left, right)
     for p, (i, j) in enumerate(zip(left, right)):
         if nearest[i] == nearest[j]:
             assert needs[p] == 0.0
@@ -50,16 +50,19 @@ def test_pair_floor_is_the_threshold_or_lower_when_there_are_few_pairs_above_it(
 def test_the_calibrated_margin_covers_twice_the_sample_pairs_needs_and_never_exceeds_the_exact_one():
     vectors, _ = with_near_duplicates(3000, 64, fraction=0.1, clusters=5, seed=3)
     rows = core.unit_rows(vectors)
-    centroids = core.unit_rows(rows[np.random.default_rng(2).choice(3000, 40, replace=False)])
-    got = margin.calibrated_margin(rows, centroids, 0.9)
+    pick = np.random.default_rng(2).choice(3000, 60, replace=False)
+    sets = [core.unit_rows(rows[pick[:40]]), core.unit_rows(rows[pick[40:]])]  # 40 and 20 centroids, one search
     exact = core.border_margin(0.9)
-    assert got.pairs >= margin.CALIBRATION_PAIRS and got.floor <= 0.9
-    pairs = core.pairs_above(rows, np.arange(3000), 3000, got.floor)
-    worst = margin.required_margins(rows @ centroids.T, centroids, pairs.left, pairs.right).max()
-    assert got.margin == min(exact, margin.CALIBRATION_SAFETY * worst) and 0 < got.margin < exact
+    got = margin.calibrated_margins(rows, sets, 0.9)
+    assert len(got) == 2 and got[0].pairs == got[1].pairs >= margin.CALIBRATION_PAIRS and got[0].floor <= 0.9
+    pairs = core.pairs_above(rows, np.arange(3000), 3000, got[0].floor)
+    for centroids, border in zip(sets, got):
+        nearest = margin.nearest_centroids(rows, centroids)
+        worst = margin.required_margins(rows, nearest, centroids, pairs.left, pairs.right).max()
+        assert border.margin == min(exact, margin.CALIBRATION_SAFETY * worst) and 0 < border.margin < exact
 
 
 def test_too_few_pairs_to_say_gives_the_exact_margin():
     rows = core.unit_rows(np.random.default_rng(4).standard_normal((30, 16)).astype(np.float32))  # 435 pairs in all
-    got = margin.calibrated_margin(rows, rows[:3], 0.95)
+    (got,) = margin.calibrated_margins(rows, [rows[:3]], 0.95)
     assert got.margin == core.border_margin(0.95) and got.pairs == 435

@@ -25,7 +25,7 @@ from clip_hpc.cluster.world import World, world
 from clip_hpc.errors import UserError
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.subsets import dedup_core as core
-from clip_hpc.subsets.dedup_margin import Calibration, calibrated_margin
+from clip_hpc.subsets.dedup_margin import Calibration, calibrated_margins
 from clip_hpc.subsets.dedup_output import (
     DedupCounts,
     DedupResult,
@@ -169,7 +169,7 @@ def make_plan(options: DedupOptions) -> RunPlan:
 
 def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> tuple[np.ndarray, Calibration]:
     """Rank 0: the centroids and border of an unfinished run, else those of the candidate k-means
-    (`partition_candidates`, each trained on a seeded uniform sample, its border from `border_for`) whose
+    (`partition_candidates`, each trained on a seeded uniform sample, its border from `borders_for`) whose
     partitions cost least on that sample. When the best leaves more than `THIN_ABOVE` memberships per vector, the
     sizes are trained again on the sample cut by `without_near_copies` and compete too."""
     found = work.read_centroids()
@@ -182,24 +182,34 @@ def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> tuple[np.ndarray
     sample = sample[core.distinct_rows(sample)[1]]  # a vector stored a thousand times would draw many centroids
     seed = settings.seed
     sizes = sorted({min(k, len(sample)) for k in partition_candidates(plan.n_vectors, settings.partitions)})
-    trained = (spherical_kmeans(sample[: SAMPLE_PER_PARTITION * k], k, seed) for k in sizes)
-    best = min((Candidate.of(centroids, sample, plan) for centroids in trained), key=by_cost)
+    best = cheapest([spherical_kmeans(sample[: SAMPLE_PER_PARTITION * k], k, seed) for k in sizes], sample, plan)
     if best.replication > THIN_ABOVE:
         thinned = without_near_copies(sample, best.centroids, settings.threshold, best.border.margin)
         if thinned is not None:
             fewer = sorted({max(1, min(k, len(thinned) // KMEANS_LEAST_PER_PARTITION)) for k in sizes if k > 1})
-            trained = (spherical_kmeans(thinned[: SAMPLE_PER_PARTITION * k], k, seed) for k in fewer)
-            best = min([best, *(Candidate.of(centroids, sample, plan) for centroids in trained)], key=by_cost)
+            trained = [spherical_kmeans(thinned[: SAMPLE_PER_PARTITION * k], k, seed) for k in fewer]
+            best = min([best, cheapest(trained, sample, plan)], key=by_cost)
     work.write_centroids(best.centroids, best.border)
     return best.centroids, best.border
 
 
-def border_for(sample: np.ndarray, centroids: np.ndarray, settings: DedupSettings) -> Calibration:
+def cheapest(trained: list[np.ndarray], sample: np.ndarray, plan: RunPlan) -> Candidate:
+    """Of the trained centroid sets, each with its border (`borders_for`), the one that costs least on the sample;
+    a tie goes to the first (the smaller k)."""
+    borders = borders_for(sample, trained, plan.settings)
+    return min((Candidate.of(c, border, sample, plan) for c, border in zip(trained, borders)), key=by_cost)
+
+
+def borders_for(sample: np.ndarray, trained: list[np.ndarray], settings: DedupSettings) -> list[Calibration]:
     """--border exact: sqrt(2 - 2S), which loses no pair; auto: what the sample's pairs need (`dedup_margin`).
     One partition has no border."""
-    if settings.border == "exact" or len(centroids) == 1:
-        return Calibration(core.border_margin(settings.threshold), 0, settings.threshold)
-    return calibrated_margin(sample, centroids, settings.threshold)
+    exact = Calibration(core.border_margin(settings.threshold), 0, settings.threshold)
+    split = [i for i, centroids in enumerate(trained) if len(centroids) > 1]
+    borders = [exact] * len(trained)
+    if settings.border == "auto" and split:
+        for i, border in zip(split, calibrated_margins(sample, [trained[i] for i in split], settings.threshold)):
+            borders[i] = border
+    return borders
 
 
 def by_cost(candidate: Candidate) -> float:
@@ -216,8 +226,7 @@ class Candidate(NamedTuple):
     border: Calibration
 
     @classmethod
-    def of(cls, centroids: np.ndarray, sample: np.ndarray, plan: RunPlan) -> Candidate:
-        border = border_for(sample, centroids, plan.settings)
+    def of(cls, centroids: np.ndarray, border: Calibration, sample: np.ndarray, plan: RunPlan) -> Candidate:
         assignment = core.assign_in_chunks(sample, centroids, border.margin, ASSIGN_CHUNK)
         cost = core.estimated_cost(assignment, len(centroids), plan.n_vectors, plan.dim)
         return cls(cost, len(assignment.rows) / max(1, len(sample)), centroids, border)

@@ -30,17 +30,24 @@ class Calibration(NamedTuple):
     floor: float
 
 
-def required_margins(sims: np.ndarray, centroids: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Per pair (rows `left[p]`, `right[p]`, their cosines to the centroids in `sims`): the least margin at which
-    the pair meets in the nearest partition of one end; 0 when both ends have the same nearest. Row y (nearest b)
-    joins a when <y, b> - <y, a> <= margin |a - b| (`assign_partitions`), so y needs that difference over |a - b|."""
-    nearest = np.argmax(sims, axis=1)
+def nearest_centroids(rows: np.ndarray, centroids: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Each row's nearest centroid, `chunk` rows at a time (a (rows, k) matrix at a billion vectors' k is GBs)."""
+    return np.concatenate([np.argmax(rows[lo : lo + chunk] @ centroids.T, axis=1) for lo in range(0, len(rows), chunk)])
+
+
+def required_margins(
+    rows: np.ndarray, nearest: np.ndarray, centroids: np.ndarray, left: np.ndarray, right: np.ndarray
+) -> np.ndarray:
+    """Per pair (rows `left[p]`, `right[p]`; `nearest`: each row's nearest centroid): the least margin at which the
+    pair meets in the nearest partition of one end; 0 when both ends have the same nearest. Row y (nearest b) joins
+    a when <y, b - a> <= margin |a - b| (`assign_partitions`), so y needs <y, b - a> / |a - b|."""
     a, b = nearest[left], nearest[right]
-    spacing = np.linalg.norm(centroids[a] - centroids[b], axis=1)
+    towards = centroids[b] - centroids[a]
+    spacing = np.linalg.norm(towards, axis=1)
     split = a != b
     spacing[~split] = 1.0
-    right_needs = (sims[right, b] - sims[right, a]) / spacing
-    left_needs = (sims[left, a] - sims[left, b]) / spacing
+    right_needs = np.einsum("ij,ij->i", rows[right], towards) / spacing
+    left_needs = -np.einsum("ij,ij->i", rows[left], towards) / spacing
     return np.where(split, np.minimum(left_needs, right_needs), 0.0)
 
 
@@ -55,19 +62,21 @@ def pair_floor(rows: np.ndarray, threshold: float, least: int, block_floats: int
     return float(min(threshold, top.min())) if len(top) else threshold
 
 
-def calibrated_margin(rows: np.ndarray, centroids: np.ndarray, threshold: float) -> Calibration:
-    """The margin the pairs of the first `CALIBRATION_ROWS` unit `rows` (a uniform sample) need with `centroids`,
-    times `CALIBRATION_SAFETY`, at most `border_margin(threshold)`; that margin itself when the rows hold fewer than
-    `CALIBRATION_PAIRS` pairs in all (too few to say)."""
+def calibrated_margins(rows: np.ndarray, centroid_sets: list[np.ndarray], threshold: float) -> list[Calibration]:
+    """For each set of centroids, the margin the pairs of the first `CALIBRATION_ROWS` unit `rows` (a uniform
+    sample) need, times `CALIBRATION_SAFETY`, at most `border_margin(threshold)`; that margin itself when the rows
+    hold fewer than `CALIBRATION_PAIRS` pairs in all (too few to say). One search of the rows' pairs serves every
+    set."""
     exact = border_margin(threshold)
     rows = rows[:CALIBRATION_ROWS]
     floor = pair_floor(rows, threshold, CALIBRATION_PAIRS)
-    sims = rows @ centroids.T
-    worst, count = 0.0, 0
+    nearest = [nearest_centroids(rows, centroids) for centroids in centroid_sets]
+    worst, count = np.zeros(len(centroid_sets)), 0
     for left, right, _ in block_pairs(rows, len(rows), floor):
         count += len(left)
-        if len(left):
-            worst = max(worst, float(required_margins(sims, centroids, left, right).max()))
+        for s, centroids in enumerate(centroid_sets):
+            if len(left):
+                worst[s] = max(worst[s], float(required_margins(rows, nearest[s], centroids, left, right).max()))
     if count < CALIBRATION_PAIRS:
-        return Calibration(exact, count, floor)
-    return Calibration(min(exact, CALIBRATION_SAFETY * worst), count, floor)
+        return [Calibration(exact, count, floor) for _ in centroid_sets]
+    return [Calibration(min(exact, CALIBRATION_SAFETY * float(w)), count, floor) for w in worst]
