@@ -11,7 +11,8 @@ import pytest
 from clip_hpc.errors import UserError
 from clip_hpc.subsets import FilterOptions
 from clip_hpc.subsets.dedup import spherical_kmeans
-from clip_hpc.subsets.dedup_core import duplicates_in, unit_rows
+from clip_hpc.subsets.dedup_core import border_margin, duplicates_in, unit_rows
+from clip_hpc.subsets.dedup_margin import calibrated_margins
 from clip_hpc.subsets.subset_dedup import units_holding
 from subsets_fixtures import Source, mixed_source  # noqa: F401  (the fixture)
 from test_subsets_filter import kept_scores, run_filter
@@ -44,9 +45,12 @@ def test_duplicates_in_equals_all_pairs_across_many_partitions() -> None:
     order = np.argsort(ids)
     for k in (1, 12):  # one partition (exact all-pairs), and many with border copies
         centroids = spherical_kmeans(unit_rows(vectors[order]), k, seed=0)
-        groups = duplicates_in(vectors[order], ids[order], centroids, 0.97)
-        assert set(groups.ids.tolist()) == expected, k
-        assert (groups.kept < groups.ids).all()
+        (auto,) = calibrated_margins(unit_rows(vectors), [centroids], 0.97)  # what filter --dedup uses
+        assert auto.margin <= border_margin(0.97)
+        for margin in (None, auto.margin):  # None: the exact border
+            groups = duplicates_in(vectors[order], ids[order], centroids, 0.97, margin)
+            assert set(groups.ids.tolist()) == expected, (k, margin)
+            assert (groups.kept < groups.ids).all()
 
 
 def test_filter_dedup_drops_exactly_the_lower_id_duplicates(mixed_source: Source, tmp_path) -> None:

@@ -1,5 +1,6 @@
 """`clip-hpc filter --dedup S`: the subset's near-duplicates dropped on rank 0 after the merge, by the same
-partitions and exact pairs as `clip-hpc dedup`, keeping each group's lowest id (what `dedup` keeps too)."""
+partitions, border (`--border auto`) and exact pairs as `clip-hpc dedup`, keeping each group's lowest id (what
+`dedup` keeps too)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pyarrow as pa
 
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.subsets.dedup import rows_with_ids, spherical_kmeans
-from clip_hpc.subsets.dedup_core import duplicates_in
+from clip_hpc.subsets.dedup_core import duplicates_in, unit_rows
+from clip_hpc.subsets.dedup_margin import calibrated_margins
 
 ONE_PARTITION_UP_TO = 20_000  # rows: below, exact all-pairs in one partition costs less than training k-means
 KMEANS_SAMPLE = 65_536
@@ -45,6 +47,7 @@ def drop_duplicates(
     rng = np.random.default_rng(seed)
     sample = vectors[rng.choice(len(vectors), min(len(vectors), KMEANS_SAMPLE), replace=False)]
     centroids = spherical_kmeans(sample, partition_count(len(ids)), seed)
-    groups = duplicates_in(vectors, ascending, centroids, threshold)
+    margin = calibrated_margins(unit_rows(sample), [centroids], threshold)[0].margin if len(centroids) > 1 else 0.0
+    groups = duplicates_in(vectors, ascending, centroids, threshold, margin)
     keep = ~np.isin(ids, groups.ids)
     return results.filter(pa.array(keep)), int(np.count_nonzero(~keep))
