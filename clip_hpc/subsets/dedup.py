@@ -1,13 +1,15 @@
 """`clip-hpc dedup`: semantic deduplication of an EMB_DIR, as SemDeDup does it, on every rank of a job.
 
-1. rank 0 checks the EMB_DIR and trains spherical k-means on a sample (FAISS);
+1. rank 0 checks the EMB_DIR, trains spherical k-means on a sample (FAISS) and sets the border margin;
 2. every rank assigns its units' vectors to their nearest partition and to every partition within the border
-   margin (`dedup_core.assign_partitions`: no pair >= S is split), written per unit under DIR/work;
+   margin (`dedup_core.assign_partitions`), written per unit under DIR/work;
 3. partitions are spread over the ranks by cost; each rank finds its partitions' pairs >= S exactly;
 4. rank 0 merges the pairs, groups them (union-find) and writes duplicates.parquet and dedup.json.
 
-A step that fails on any rank fails on every rank (`cluster.collective`). The partitioning only decides the speed:
-the pairs found are exactly those an all-pairs search finds, whatever the partitions and the number of ranks.
+A step that fails on any rank fails on every rank (`cluster.collective`). With `--border exact` the partitioning
+only decides the speed: the pairs found are exactly those an all-pairs search finds, whatever the partitions and
+the number of ranks. `--border auto` (the default) narrows the margin to twice what the sample's pairs need
+(`dedup_margin`): on real CLIP photos a fortieth of the memberships, every pair still found there.
 """
 
 from __future__ import annotations
