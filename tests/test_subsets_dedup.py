@@ -305,6 +305,29 @@ def test_an_interrupted_run_resumes_from_its_work_files(planted, one_rank, tmp_p
     assert table(options.out) == table(one_rank) and not result.already_done
 
 
+@pytest.mark.parametrize("damage", ["older", "unreadable"])
+def test_work_files_of_an_older_version_or_damaged_are_refused_in_one_line(planted, tmp_path, damage):
+    """A work dir left by a dedup from before --border (work/centroids.npy, settings without "border", units
+    assigned to 55 partitions) must not be resumed: this version trains other centroids (here one partition) and
+    would mix them with the old units' files (before: a ValueError traceback, or silently wrong partitions)."""
+    from clip_hpc.subsets.dedup import DedupOptions, assign_units, make_plan, rows_at, spherical_kmeans
+    from clip_hpc.subsets.dedup_work import WorkDir
+
+    out = tmp_path / "out"
+    plan = make_plan(DedupOptions(planted[0], out, THRESHOLD, border="exact"))
+    work, emb = WorkDir(out), EmbDir(planted[0])
+    centroids = spherical_kmeans(core.unit_rows(rows_at(emb, plan.units, np.arange(2750))), 55, 0)
+    assign_units(work, emb, plan.units[:2], centroids, core.border_margin(THRESHOLD))
+    np.save(work.root / "centroids.npy", centroids)
+    settings = json.loads(work.settings_path.read_text())
+    del settings["border"]
+    work.settings_path.write_text(json.dumps(settings) if damage == "older" else '{"threshold": 0.9')
+    proc = dedup(planted[0], out, "--border", "exact")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot resume" in proc.stderr and "remove it" in proc.stderr
+    assert not (out / "dedup.json").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
