@@ -157,6 +157,26 @@ def test_each_pair_is_counted_in_one_partition_only():
     assert core.joining_pairs(np.stack([x, y]), np.array([7, 3]), 1, 0.9, narrow).found == 1
 
 
+def test_counting_border_pairs_at_a_low_threshold_stays_within_a_few_blocks():
+    """S = 0.01: half of all pairs qualify, and each primary-border pair whose count is asked about took two dim-long
+    rows at once for the whole block (2,500 rows at dim 128: 700 MiB; 8 GB a block at dim 512)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    rows = core.unit_rows(rng.standard_normal((2500, 128)).astype(np.float32))
+    centroids = core.unit_rows(rng.standard_normal((2, 128)).astype(np.float32))
+    nearest = np.argmax(rows @ centroids.T, axis=1)
+    rows, n_primary = rows[np.argsort(nearest, kind="stable")], int(np.count_nonzero(nearest == 0))
+    ids, border = rng.permutation(2500), core.Border(0, centroids, core.border_margin(0.01))
+    tracemalloc.start()
+    got = core.joining_pairs(rows.astype(np.float16), ids, n_primary, 0.01, border)  # one block
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 48 * core.BLOCK_FLOATS, f"{peak / 2**20:.0f} MiB"  # 12 blocks of float32
+    small = core.joining_pairs(rows.astype(np.float16), ids, n_primary, 0.01, border, block_floats=50_000)
+    assert got.found == small.found > 500_000
+
+
 def test_union_find_groups_chains_and_stars_under_their_lowest_id():
     pairs = core.Pairs(np.array([7, 3, 9, 20, 21]), np.array([9, 7, 12, 30, 30]), np.zeros(5, np.float32))
     groups = core.group_duplicates(pairs)
@@ -303,6 +323,29 @@ def test_an_interrupted_run_resumes_from_its_work_files(planted, one_rank, tmp_p
     assert result.resumed.units == 2 and result.resumed.partitions == 0, "units done before are not redone"
     assert json.loads((options.out / "dedup.json").read_text())["resumed"] == {"units": 2, "partitions": 0}
     assert table(options.out) == table(one_rank) and not result.already_done
+
+
+@pytest.mark.parametrize("damage", ["older", "unreadable"])
+def test_work_files_of_an_older_version_or_damaged_are_refused_in_one_line(planted, tmp_path, damage):
+    """A work dir left by a dedup from before --border (work/centroids.npy, settings without "border", units
+    assigned to 55 partitions) must not be resumed: this version trains other centroids (here one partition) and
+    would mix them with the old units' files (before: a ValueError traceback, or silently wrong partitions)."""
+    from clip_hpc.subsets.dedup import DedupOptions, assign_units, make_plan, rows_at, spherical_kmeans
+    from clip_hpc.subsets.dedup_work import WorkDir
+
+    out = tmp_path / "out"
+    plan = make_plan(DedupOptions(planted[0], out, THRESHOLD, border="exact"))
+    work, emb = WorkDir(out), EmbDir(planted[0])
+    centroids = spherical_kmeans(core.unit_rows(rows_at(emb, plan.units, np.arange(2750))), 55, 0)
+    assign_units(work, emb, plan.units[:2], centroids, core.border_margin(THRESHOLD))
+    np.save(work.root / "centroids.npy", centroids)
+    settings = json.loads(work.settings_path.read_text())
+    del settings["border"]
+    work.settings_path.write_text(json.dumps(settings) if damage == "older" else '{"threshold": 0.9')
+    proc = dedup(planted[0], out, "--border", "exact")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot resume" in proc.stderr and "remove it" in proc.stderr
+    assert not (out / "dedup.json").exists()
 
 
 @pytest.mark.parametrize(

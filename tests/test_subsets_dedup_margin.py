@@ -66,3 +66,20 @@ def test_too_few_pairs_to_say_gives_the_exact_margin():
     rows = core.unit_rows(np.random.default_rng(4).standard_normal((30, 16)).astype(np.float32))  # 435 pairs in all
     (got,) = margin.calibrated_margins(rows, [rows[:3]], 0.95)
     assert got.margin == core.border_margin(0.95) and got.pairs == 435
+
+
+def test_calibration_memory_stays_within_a_few_blocks_at_a_low_threshold():
+    """At S = 0.01 half of all pairs qualify; each pair's need takes three dim-long rows. Before, a block's pairs
+    were all taken at once: dim times the block (here 1.5 GB; 20k rows at dim 128: 4.3 GB)."""
+    import tracemalloc
+
+    rows = core.unit_rows(np.random.default_rng(6).standard_normal((2000, 128)).astype(np.float32))
+    sets = [rows[:40], rows[40:100]]
+    tracemalloc.start()
+    got = margin.calibrated_margins(rows, sets, 0.01)  # 2M pairs: one block of BLOCK_FLOATS
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got[0].pairs > 900_000 and max(got).margin <= core.border_margin(0.01)
+    assert peak < 48 * core.BLOCK_FLOATS, f"{peak / 2**20:.0f} MiB"  # 12 blocks of float32
+    small = margin.calibrated_margins(rows, sets, 0.01, block_floats=1 << 16)  # blocks of 32 rows, the same
+    assert small == got

@@ -203,14 +203,15 @@ def counted_here(
     border member y (nearest b): the pair is also found in b when x joined b there (`assign_partitions`' test), and
     then only the lower id's partition counts it; otherwise only here does."""
     counted = (j < n_primary) | (ids[i] < ids[j])
-    rest = np.flatnonzero(~counted)
-    if len(rest):
+    centroids, a = border.centroids, border.partition
+    spacing = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (centroids @ centroids[a])))  # as `border_allowance`
+    unsure = np.flatnonzero(~counted)
+    step = max(1, BLOCK_FLOATS // max(rows.shape[1], len(centroids)))  # rows of dim floats: a block's pairs are GBs
+    for rest in (unsure[lo : lo + step] for lo in range(0, len(unsure), step)):
         x, y = rows[i[rest]], rows[j[rest]]
-        centroids, a = border.centroids, border.partition
         b = np.argmax(y @ centroids.T, axis=1)
         gap = np.einsum("ij,ij->i", x, centroids[a] - centroids[b])  # <x, a> - <x, b>
-        spacing = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (centroids @ centroids[a])))[b]  # as `border_allowance`
-        counted[rest] = gap > border.margin * spacing + ROUNDING_SLACK  # x did not join b: found only here
+        counted[rest] = gap > border.margin * spacing[b] + ROUNDING_SLACK  # x did not join b: found only here
     return counted
 
 

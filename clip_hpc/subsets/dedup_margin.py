@@ -62,21 +62,37 @@ def pair_floor(rows: np.ndarray, threshold: float, least: int, block_floats: int
     return float(min(threshold, top.min())) if len(top) else threshold
 
 
-def calibrated_margins(rows: np.ndarray, centroid_sets: list[np.ndarray], threshold: float) -> list[Calibration]:
+def calibrated_margins(
+    rows: np.ndarray, centroid_sets: list[np.ndarray], threshold: float, block_floats: int = BLOCK_FLOATS
+) -> list[Calibration]:
     """For each set of centroids, the margin the pairs of the first `CALIBRATION_ROWS` unit `rows` (a uniform
     sample) need, times `CALIBRATION_SAFETY`, at most `border_margin(threshold)`; that margin itself when the rows
     hold fewer than `CALIBRATION_PAIRS` pairs in all (too few to say). One search of the rows' pairs serves every
     set."""
     exact = border_margin(threshold)
     rows = rows[:CALIBRATION_ROWS]
-    floor = pair_floor(rows, threshold, CALIBRATION_PAIRS)
+    floor = pair_floor(rows, threshold, CALIBRATION_PAIRS, block_floats)
     nearest = [nearest_centroids(rows, centroids) for centroids in centroid_sets]
     worst, count = np.zeros(len(centroid_sets)), 0
-    for left, right, _ in block_pairs(rows, len(rows), floor):
+    for left, right, _ in block_pairs(rows, len(rows), floor, block_floats):
         count += len(left)
         for s, centroids in enumerate(centroid_sets):
-            if len(left):
-                worst[s] = max(worst[s], float(required_margins(rows, nearest[s], centroids, left, right).max()))
+            worst[s] = max(worst[s], largest_need(rows, nearest[s], centroids, left, right, block_floats))
     if count < CALIBRATION_PAIRS:
         return [Calibration(exact, count, floor) for _ in centroid_sets]
     return [Calibration(min(exact, CALIBRATION_SAFETY * float(w)), count, floor) for w in worst]
+
+
+def largest_need(
+    rows: np.ndarray, nearest: np.ndarray, centroids: np.ndarray, left: np.ndarray, right: np.ndarray, floats: int
+) -> float:
+    """The largest `required_margins` of the pairs whose ends have different nearest centroids (0 if none), in
+    chunks of `floats` // dim pairs: each pair takes three dim-long rows, so a block's millions of pairs at a low
+    threshold were GBs at once (20k rows, S = 0.01, dim 128: 4.3 GB)."""
+    split = np.flatnonzero(nearest[left] != nearest[right])
+    step = max(1, floats // max(1, rows.shape[1]))
+    worst = 0.0
+    for lo in range(0, len(split), step):
+        part = split[lo : lo + step]
+        worst = max(worst, float(required_margins(rows, nearest, centroids, left[part], right[part]).max()))
+    return worst

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from clip_hpc.errors import UserError
 from clip_hpc.formats.atomic import atomic_write_bytes, atomic_write_json
 from clip_hpc.subsets.dedup_core import Assignment, Pairs, PartitionPairs
 from clip_hpc.subsets.dedup_margin import Calibration
@@ -90,7 +91,21 @@ class WorkDir:
         return self.root / "pairs" / f"forest-{partition:06d}.npz"
 
     def read_settings(self) -> dict[str, Any] | None:
-        return json.loads(self.settings_path.read_text()) if self.settings_path.exists() else None
+        """The unfinished run's settings, or None; UserError for work files this version cannot resume: damaged, or
+        written before --border (work/centroids.npy, pairs/part-P.npz: other centroids and pair files, which a
+        resume would mix with new ones)."""
+        if not self.settings_path.exists():
+            return None
+        try:
+            settings = json.loads(self.settings_path.read_text())
+        except (ValueError, OSError) as exc:
+            settings = exc
+        if not isinstance(settings, dict) or "border" not in settings or (self.root / "centroids.npy").exists():
+            raise UserError(
+                f"{self.root} holds work files this clip-hpc dedup cannot resume (damaged, or from an older "
+                "version): remove it and re-run, or use a new --out"
+            )
+        return settings
 
     def start(self, settings: dict[str, Any]) -> None:
         for sub in ("assign", "pairs"):
