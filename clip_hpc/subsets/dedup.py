@@ -188,7 +188,7 @@ def centroids_for(work: WorkDir, emb: EmbDir, plan: RunPlan) -> tuple[np.ndarray
     if best.replication > THIN_ABOVE:
         thinned = without_near_copies(sample, best.centroids, settings.threshold, best.border.margin)
         if thinned is not None:
-            fewer = sorted({max(1, min(k, len(thinned) // KMEANS_LEAST_PER_PARTITION)) for k in sizes if k > 1})
+            fewer = sorted({min(k, len(thinned)) for k in sizes if k > 1})  # the same k, but for fewer rows than k
             trained = [spherical_kmeans(thinned[: SAMPLE_PER_PARTITION * k], k, seed) for k in fewer]
             best = min([best, cheapest(trained, sample, plan)], key=by_cost)
     work.write_centroids(best.centroids, best.border)
@@ -257,7 +257,9 @@ def spherical_kmeans(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
         return core.unit_rows(sample.mean(axis=0, keepdims=True))
     import faiss
 
-    kmeans = faiss.Kmeans(sample.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, verbose=False)
+    kmeans = faiss.Kmeans(  # a cut sample (`without_near_copies`) may hold fewer than FAISS's 39 rows a centroid
+        sample.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1
+    )
     kmeans.train(sample)
     if kmeans.centroids is None:  # only before training, by FAISS's types
         raise UserError("k-means training produced no centroids")
