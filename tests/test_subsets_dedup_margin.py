@@ -83,3 +83,11 @@ def test_calibration_memory_stays_within_a_few_blocks_at_a_low_threshold():
     assert peak < 48 * core.BLOCK_FLOATS, f"{peak / 2**20:.0f} MiB"  # 12 blocks of float32
     small = margin.calibrated_margins(rows, sets, 0.01, block_floats=1 << 16)  # blocks of 32 rows, the same
     assert small == got
+
+
+def test_first_partners_keeps_each_left_rows_first_pairs_only():
+    left = np.array([0, 0, 0, 0, 2, 5, 5, 5])
+    right = np.array([1, 3, 4, 9, 3, 6, 7, 8])
+    kept_left, kept_right = margin.first_partners(left, right, 2)
+    assert kept_left.tolist() == [0, 0, 2, 5, 5] and kept_right.tolist() == [1, 3, 3, 6, 7]
+    assert margin.first_partners(left[:0], right[:0], 2)[0].size == 0

@@ -18,6 +18,7 @@ from clip_hpc.subsets.dedup_core import BLOCK_FLOATS, block_pairs, border_margin
 
 CALIBRATION_ROWS = 20_000  # sample rows whose pairs are searched exactly: 2e8 products
 CALIBRATION_PAIRS = 1_000  # at least this many pairs: below the threshold too, when the rows hold fewer above it
+PAIRS_PER_ROW = 32  # a row's first partners whose needs are taken: a group of near-copies has millions of pairs
 CALIBRATION_SAFETY = 2.0  # the margin over the largest need seen (on real photos the largest of all pairs was 1.75x)
 
 
@@ -66,9 +67,9 @@ def calibrated_margins(
     rows: np.ndarray, centroid_sets: list[np.ndarray], threshold: float, block_floats: int = BLOCK_FLOATS
 ) -> list[Calibration]:
     """For each set of centroids, the margin the pairs of the first `CALIBRATION_ROWS` unit `rows` (a uniform
-    sample) need, times `CALIBRATION_SAFETY`, at most `border_margin(threshold)`; that margin itself when the rows
-    hold fewer than `CALIBRATION_PAIRS` pairs in all (too few to say). One search of the rows' pairs serves every
-    set."""
+    sample) need (each row's first `PAIRS_PER_ROW`), times `CALIBRATION_SAFETY`, at most `border_margin(threshold)`;
+    that margin itself when the rows hold fewer than `CALIBRATION_PAIRS` pairs in all (too few to say). One search
+    of the rows' pairs serves every set."""
     exact = border_margin(threshold)
     rows = rows[:CALIBRATION_ROWS]
     floor = pair_floor(rows, threshold, CALIBRATION_PAIRS, block_floats)
@@ -76,11 +77,21 @@ def calibrated_margins(
     worst, count = np.zeros(len(centroid_sets)), 0
     for left, right, _ in block_pairs(rows, len(rows), floor, block_floats):
         count += len(left)
+        left, right = first_partners(left, right, PAIRS_PER_ROW)
         for s, centroids in enumerate(centroid_sets):
             worst[s] = max(worst[s], largest_need(rows, nearest[s], centroids, left, right, block_floats))
     if count < CALIBRATION_PAIRS:
         return [Calibration(exact, count, floor) for _ in centroid_sets]
     return [Calibration(min(exact, CALIBRATION_SAFETY * float(w)), count, floor) for w in worst]
+
+
+def first_partners(left: np.ndarray, right: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs less all but the first `most` of each left row (`left` ascending, as `block_pairs` gives it):
+    ordinary rows have a few partners and keep them all; 16,000 near-copies in the rows had 128 M pairs, and taking
+    the need of each cost minutes (the margin they set is the same from 32 of each)."""
+    rank = np.arange(len(left)) - np.searchsorted(left, left)
+    keep = rank < most
+    return left[keep], right[keep]
 
 
 def largest_need(
