@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -385,21 +386,34 @@ def test_an_error_on_one_rank_stops_every_rank(planted, tmp_path):
     assert not (out / "dedup.json").exists()
 
 
+def with_a_group(tmp_path: Path, group_of: Callable[[np.ndarray], np.ndarray]) -> tuple[Path, np.ndarray, np.ndarray]:
+    """1,000 clustered 64-d vectors and the rows `group_of` them, shuffled over shards of 700: (EMB_DIR, the
+    vectors in id order, each id's position before the shuffle)."""
+    others, labels = with_near_duplicates(1000, 64, fraction=0.05, clusters=3, seed=6)
+    group = group_of(others)
+    order = np.random.default_rng(9).permutation(len(others) + len(group))  # the group spread over every shard
+    vectors = np.concatenate([others, group])[order]
+    emb = write_emb_dir(tmp_path / "emb", vectors, np.concatenate([labels, labels[:1].repeat(len(group))])[order], 700)
+    return emb, vectors, order
+
+
+def dense_groups(vectors: np.ndarray) -> tuple[int, core.Groups]:
+    """Exact all-pairs search in one matrix, without `pairs_above`: how many pairs >= THRESHOLD, and their groups."""
+    stored = core.unit_rows(vectors.astype(np.float16))
+    cosines = stored @ stored.T
+    left, right = np.nonzero(np.triu(cosines >= THRESHOLD, k=1))
+    return len(left), core.group_duplicates(
+        core.Pairs(left.astype(np.int64), right.astype(np.int64), cosines[left, right])
+    )
+
+
 def test_a_vector_stored_two_thousand_times_is_one_group_without_drawing_every_partition(tmp_path):
     """A placeholder image thousands of times in web data: its copies are compared once (before, 2000 copies were
     ~2M pairs, and 6,000 alone drew every centroid: 77 partitions each, 1.9 GB), and the groups stay exact."""
-    rng = np.random.default_rng(9)
-    others, labels = with_near_duplicates(1000, 64, fraction=0.05, clusters=3, seed=6)
-    copies = np.repeat(others[:1], 2000, axis=0)
-    order = rng.permutation(3000)  # the copies spread over every shard
-    vectors = np.concatenate([others, copies])[order]
-    emb = write_emb_dir(tmp_path / "emb", vectors, np.concatenate([labels, labels[:1].repeat(2000)])[order], 700)
+    emb, vectors, order = with_a_group(tmp_path, lambda others: np.repeat(others[:1], 2000, axis=0))
     proc = dedup(emb, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
-    stored = core.unit_rows(vectors.astype(np.float16))
-    cosines = stored @ stored.T
-    left, right = np.nonzero(np.triu(cosines >= THRESHOLD, k=1))  # exact all-pairs, without pairs_above
-    groups = core.group_duplicates(core.Pairs(left.astype(np.int64), right.astype(np.int64), cosines[left, right]))
+    _, groups = dense_groups(vectors)
     found = table(tmp_path / "out")
     assert found["id"] == groups.ids.tolist() and found["duplicate_of"] == groups.kept.tolist()
     kept = dict(zip(found["id"], found["duplicate_of"]))
@@ -414,24 +428,18 @@ def test_two_thousand_near_copies_draw_one_partition_not_dozens(tmp_path):
     they drew a centroid per 50 of them and each joined every one of those partitions (29 memberships per vector at
     the exact border, 2 M pairs held); the k-means sample is now cut to 50 rows a group, and each partition keeps a
     forest of pairs."""
-    rng = np.random.default_rng(9)
-    others, labels = with_near_duplicates(1000, 64, fraction=0.05, clusters=3, seed=6)
+    rng = np.random.default_rng(5)
     source = core.unit_rows(rng.standard_normal((1, 64)).astype(np.float32))
     near = perturbed(np.repeat(source, 2000, axis=0), rng.uniform(0.985, 0.999, 2000), rng)
-    order = rng.permutation(3000)
-    vectors = np.concatenate([others, near])[order]
-    emb = write_emb_dir(tmp_path / "emb", vectors, np.concatenate([labels, labels[:1].repeat(2000)])[order], 700)
+    emb, vectors, _ = with_a_group(tmp_path, lambda others: near)
     proc = dedup(emb, tmp_path / "out", *SPLIT, "--border", "exact")  # the auto border alone keeps them apart
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", "no FAISS warning: the cut sample trains the 55 partitions asked for"
-    stored = core.unit_rows(vectors.astype(np.float16))
-    cosines = stored @ stored.T
-    left, right = np.nonzero(np.triu(cosines >= THRESHOLD, k=1))  # exact all-pairs, without pairs_above
-    groups = core.group_duplicates(core.Pairs(left.astype(np.int64), right.astype(np.int64), cosines[left, right]))
+    n_pairs, groups = dense_groups(vectors)
     found = table(tmp_path / "out")
     assert found["id"] == groups.ids.tolist() and found["duplicate_of"] == groups.kept.tolist()
     record = json.loads((tmp_path / "out" / "dedup.json").read_text())
-    assert abs(record["counts"]["pairs"] - len(left)) <= len(left) // 1000  # every pair counted once (float32 ulps)
+    assert abs(record["counts"]["pairs"] - n_pairs) <= n_pairs // 1000  # every pair counted once (float32 ulps)
     assert record["partitioning"]["replication"] < 10 and record["partitioning"]["count"] == 55  # 29 before
 
 
