@@ -91,3 +91,17 @@ def test_first_partners_keeps_each_left_rows_first_pairs_only():
     kept_left, kept_right = margin.first_partners(left, right, 2)
     assert kept_left.tolist() == [0, 0, 2, 5, 5] and kept_right.tolist() == [1, 3, 3, 6, 7]
     assert margin.first_partners(left[:0], right[:0], 2)[0].size == 0
+
+
+def test_two_equal_centroids_need_no_margin_and_hide_no_other_need():
+    """k-means on degenerate data can return one centroid twice; a pair split between the twins needs nothing (a
+    NaN there used to hide the other pairs' needs from the max)."""
+    rng = np.random.default_rng(6)
+    twin = core.unit_rows(rng.standard_normal((1, 8)).astype(np.float32))
+    other = core.unit_rows(rng.standard_normal((1, 8)).astype(np.float32))
+    centroids = np.concatenate([twin, twin, other])
+    rows = core.unit_rows(rng.standard_normal((6, 8)).astype(np.float32))
+    nearest = np.array([0, 1, 0, 2, 1, 2])
+    needs = margin.required_margins(rows, nearest, centroids, np.array([0, 2, 4]), np.array([1, 3, 5]))
+    assert np.isfinite(needs).all() and needs[0] == 0.0
+    assert needs[1] == margin.required_margins(rows, nearest, centroids, np.array([2]), np.array([3]))[0] != 0.0

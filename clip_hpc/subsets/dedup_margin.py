@@ -45,7 +45,7 @@ def required_margins(
     a, b = nearest[left], nearest[right]
     towards = centroids[b] - centroids[a]
     spacing = np.linalg.norm(towards, axis=1)
-    split = a != b
+    split = (a != b) & (spacing > 0)  # two equal centroids (k-means on degenerate data): a row joins both at once
     spacing[~split] = 1.0
     right_needs = np.einsum("ij,ij->i", rows[right], towards) / spacing
     left_needs = -np.einsum("ij,ij->i", rows[left], towards) / spacing
