@@ -54,11 +54,13 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     }
 
 
-def make_emb_dir(n: int, root: Path) -> Path:
-    """In a child process, so this one stays small: a child's peak RSS starts from its parent's at the fork."""
-    emb = root / f"emb-{n}"
+def make_emb_dir(n: int | Path, root: Path) -> Path:
+    """`n` synthetic vectors, or a real set's folder, as an EMB_DIR under `root` (made once, then reused); in a child
+    process, so this one stays small: a child's peak RSS starts from its parent's at the fork."""
+    name, child = (n.name, "--make-real-child") if isinstance(n, Path) else (str(n), "--make-child")
+    emb = root / f"emb-{name}"
     if not (emb / "inputs.txt").exists():
-        subprocess.run([sys.executable, __file__, "--make-child", str(n), str(emb)], check=True)
+        subprocess.run([sys.executable, __file__, child, str(n), str(emb)], check=True)
     return emb
 
 
@@ -73,13 +75,6 @@ def make_real_child(folder: str, emb: str) -> None:
 
     images = load_real_set(folder).images
     write_emb_dir(Path(emb), images, np.zeros(len(images), np.int64), SHARD_SIZE)
-
-
-def real_emb_dir(folder: Path, root: Path) -> Path:
-    emb = root / f"emb-{folder.name}"
-    if not (emb / "inputs.txt").exists():
-        subprocess.run([sys.executable, __file__, "--make-real-child", str(folder), str(emb)], check=True)
-    return emb
 
 
 def exact_child(emb_dir: str, threshold: float, out: str) -> None:
@@ -112,15 +107,16 @@ def compare(exact_npz: Path, dedup_dir: Path) -> dict:
 
 def bench_size(n: int | Path, exact: bool, args: argparse.Namespace) -> dict:
     """One synthetic size, or one real set's folder."""
-    emb = real_emb_dir(n, args.work) if isinstance(n, Path) else make_emb_dir(n, args.work)
+    emb = make_emb_dir(n, args.work)
     name = n.name if isinstance(n, Path) else str(n)
     out = args.work / f"dedup-{name}"
     shutil.rmtree(out, ignore_errors=True)
     threads = {"OPENBLAS_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     command = [str(BIN / "clip-hpc"), "dedup", str(emb), "--threshold", str(args.threshold), "--out", str(out)]
     command += ["--border", args.border]
-    row: dict = {"n": n_vectors(emb), "set": name, "dedup": run_measured(command, threads)}
+    row: dict = {"set": name, "dedup": run_measured(command, threads)}
     record = json.loads((out / "dedup.json").read_text())
+    row["n"] = record["counts"]["vectors"]
     row["dedup"].update(counts=record["counts"], partitioning=record["partitioning"], timings=record["timings"])
     if exact:
         npz = args.work / f"exact-{name}.npz"
@@ -129,12 +125,6 @@ def bench_size(n: int | Path, exact: bool, args: argparse.Namespace) -> dict:
         row["agreement"] = compare(npz, out)
     print(json.dumps(row), flush=True)
     return row
-
-
-def n_vectors(emb: Path) -> int:
-    from clip_hpc.formats.emb_dir import EmbDir
-
-    return sum(len(shard.ids) for shard in EmbDir(emb).iter_shards())
 
 
 def markdown(rows: list[dict], machine: str) -> str:

@@ -57,11 +57,15 @@ def border_margin(threshold: float) -> float:
     return float(np.sqrt(max(0.0, 2.0 - 2.0 * threshold)))
 
 
+def centroid_spacing(centroids: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """|a - b| from unit centroid(s) `of` to every centroid, by the cosine: sqrt(2 - 2 <a, b>)."""
+    return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (of @ centroids.T)))
+
+
 def border_allowance(centroids: np.ndarray, margin: float) -> np.ndarray:
     """(k, k): how much less similar than its nearest centroid a a vector may be to centroid b and still join b,
     margin |a - b| (see `assign_partitions`), widened by the rounding slack."""
-    spacing = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (centroids @ centroids.T)))
-    return (margin * spacing + ROUNDING_SLACK).astype(np.float32)
+    return (margin * centroid_spacing(centroids, centroids) + ROUNDING_SLACK).astype(np.float32)
 
 
 def assign_partitions(vectors: np.ndarray, centroids: np.ndarray, margin: float) -> Assignment:
@@ -74,7 +78,7 @@ def assign_partitions(vectors: np.ndarray, centroids: np.ndarray, margin: float)
     partition, with x a primary there; `pairs_above` compares each primary with every member. This is the
     brief's bound |cos(x,c) - cos(y,c)| <= m applied along the direction b - a; it is never looser than a flat
     margin of 2m on the cosine (|a - b| <= 2) and much tighter between nearby centroids. `margin` is m for that
-    guarantee (`border_margin`), or less (`dedup_margin.calibrated_margin`: what the data's pairs need)."""
+    guarantee (`border_margin`), or less (`dedup_margin.calibrated_margins`: what the data's pairs need)."""
     sims = vectors @ centroids.T  # (n, k)
     nearest = np.argmax(sims, axis=1)
     best = sims[np.arange(len(sims)), nearest]
@@ -204,7 +208,7 @@ def counted_here(
     then only the lower id's partition counts it; otherwise only here does."""
     counted = (j < n_primary) | (ids[i] < ids[j])
     centroids, a = border.centroids, border.partition
-    spacing = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * (centroids @ centroids[a])))  # as `border_allowance`
+    spacing = centroid_spacing(centroids, centroids[a])  # as `border_allowance` measures it
     unsure = np.flatnonzero(~counted)
     step = max(1, BLOCK_FLOATS // max(rows.shape[1], len(centroids)))  # rows of dim floats: a block's pairs are GBs
     for rest in (unsure[lo : lo + step] for lo in range(0, len(unsure), step)):

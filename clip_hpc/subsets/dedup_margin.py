@@ -3,7 +3,7 @@ the k-means sample, rather than the worst case (pure: numpy in, numpy out).
 
 The exact margin m = sqrt(2 - 2S) assumes a pair's two ends lie apart exactly along the line between two centroids.
 Real CLIP pairs never do: on 47k real photos (Chinese-CLIP ViT-B-16, S = 0.95) the pairs split by a border needed at
-most 0.23 m, while m itself put every vector in 129 partitions (docs/subsets.md, "The border"). So the sample's most
+most 0.23 m, while m itself put every vector in 127 partitions (docs/subsets.md, "The border"). So the sample's most
 similar pairs are found exactly, each split pair's need is taken (`required_margins`), and the margin is twice the
 largest, never more than m.
 """

@@ -38,7 +38,7 @@ class DedupSettings:
     threshold: float
     partitions: int | None  # None: chosen by the run (`partition_candidates`); the count is in `PartitionStats`
     seed: int
-    border: str  # "auto" or "exact" (`dedup.border_for`)
+    border: str  # "auto" or "exact" (`dedup.borders_for`)
     sample: int
     emb_dir: str
     inputs_sha256: str
