@@ -6,8 +6,10 @@ read from the page cache (a warm-up read comes first), so the limit is the machi
 `--cold` the shards' pages are evicted (fsync, then posix_fadvise DONTNEED) before every read-only and every filter
 run, so both read from the disk: the I/O limit of a job whose shards do not fit in the node's page cache (every
 filter over a large collection); the read-only runs then start reading as long after the eviction as the filter's
-scan does (see scan_rows). Each filter run is set against the mean of the two read-only runs around it. Prints a
-JSON document, then markdown tables.
+scan does (see scan_rows). Each filter run is set against the mean of the two read-only runs around it.
+`--page-cache use,bypass` runs every case with each way of reading (`clip-hpc filter --page-cache`), the read-only
+runs reading the same way: through the page cache, or what it lacks straight from the disk. Prints a JSON document,
+then markdown tables.
 
 With `--clip-retrieval DIR` (a folder holding the clip_retrieval package, e.g. from `pip install --no-deps --target
 DIR clip-retrieval clip-anytorch`; "" for the environment's) it also runs clip-retrieval's `filter` beside ours on the
@@ -17,7 +19,7 @@ same vectors: `clip-hpc export` writes its layout, its own `clip_index` builds t
 vector (see CLIP_RETRIEVAL); nothing else of its code is changed. Skipped, saying why, when it is not importable.
 
     python scripts/bench_filter.py [-n 1000000] [--dim 512] [--queries 16] [--shard-size 50000] [--ranks 1,2]
-        [--repeat 3] [--cold] [--baseline DIR] [--clip-retrieval /work/data/cr --cr-keep 2000]
+        [--repeat 3] [--cold] [--page-cache use,bypass] [--baseline DIR] [--clip-retrieval DIR --cr-keep 2000]
 
 `--baseline DIR`: another version's package, e.g. `git archive 2adb143 clip_hpc | tar -x -C DIR`, filtered in each
 round beside this one (old against new on the same shards, the same load).
@@ -53,7 +55,7 @@ mine = [p for p in shards if int(p.stem.split("-")[1]) % w.size == w.rank]
 time.sleep(float(sys.argv[2]))  # as long after the eviction as the filter's scan starts (see scan_rows)
 wait_for_all(w)
 t0, rows = time.perf_counter(), 0
-for _, columns in read_ahead([str(p) for p in mine]):  # the scan's own reader, nothing scored
+for _, columns in read_ahead([str(p) for p in mine], None, sys.argv[3] == "bypass"):  # the scan's reader alone
     rows += len(columns.embeddings)
 seconds = w.gather((rows, time.perf_counter() - t0))
 if w.is_root:
@@ -114,11 +116,21 @@ def make_source(root: Path, n: int, dim: int, shard_size: int) -> Path:
     return make_filter_source(root, n, dim, shard_size, MODEL[dim])
 
 
-def read_rate(emb: Path, ranks: int, settle: float = 0.0) -> float:
+def read_rate(emb: Path, ranks: int, settle: float = 0.0, page_cache: str = "use") -> float:
     """Vectors per second of only reading every shard's embeddings, split across `ranks` like the scan is, the
-    read starting `settle` seconds after the process does."""
+    read starting `settle` seconds after the process does, through the page cache or ("bypass") around it."""
     proc = subprocess.run(
-        [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-c", READ_ONLY, str(emb / "shards"), str(settle)],
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            str(ranks),
+            sys.executable,
+            "-c",
+            READ_ONLY,
+            str(emb / "shards"),
+            str(settle),
+            page_cache,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -126,14 +138,18 @@ def read_rate(emb: Path, ranks: int, settle: float = 0.0) -> float:
     return float(proc.stdout.split("BENCH")[1])
 
 
-def run_filter(emb: Path, out: Path, ranks: int, texts: list[str], threshold: float, code: str | None = None) -> dict:
+def run_filter(
+    emb: Path, out: Path, ranks: int, texts: list[str], threshold: float, code: str | None = None, page_cache: str = ""
+) -> dict:
     """One fresh `clip-hpc filter` under mpiexec with these text queries; its timings and counts from filter.json.
-    `code`: a folder holding another version's clip_hpc package, run instead of this one (first on PYTHONPATH)."""
+    `code`: a folder holding another version's clip_hpc package, run instead of this one (first on PYTHONPATH).
+    `page_cache`: its --page-cache ("": the default, the only choice a version from before the option has)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     subprocess.run(
         [str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "clip-hpc"), "filter", str(emb), "--out", str(out),
-         *[a for t in texts for a in ("--text", t)], "--threshold", repr(threshold), "--quiet", "--device", "cpu"],
+         *[a for t in texts for a in ("--text", t)], "--threshold", repr(threshold), "--quiet", "--device", "cpu",
+         *(["--page-cache", page_cache] if page_cache else [])],
         check=True, env=env if code else None,
     )  # fmt: skip
     report = json.loads((out / "filter.json").read_text())
@@ -165,38 +181,39 @@ def scan_rows(emb: Path, tmp: Path, args: argparse.Namespace) -> list[dict]:
         before_each(emb)
         settle = run_filter(emb, tmp / "out-settle", 1, texts, args.threshold)["plan_s"]
     rows = []
-    for ranks in map(int, args.ranks.split(",")):
-        for attempt in range(args.repeat):
+    cases = [(r, m, a) for r in map(int, args.ranks.split(",")) for a in range(args.repeat) for m in args.page_cache]
+    for ranks, mode, attempt in cases:  # the ways of reading alternate within a repeat
+        before_each(emb)
+        read = read_rate(emb, ranks, settle, mode)
+        before_each(emb)
+        scan = run_filter(emb, tmp / f"out-{ranks}-{mode}-{attempt}", ranks, texts, args.threshold, None, mode)
+        before_each(emb)
+        after = read_rate(emb, ranks, settle, mode)
+        mean = (read + after) / 2
+        row = {"ranks": ranks, "cache": "cold" if args.cold else "warm", "page_cache": mode, "queries": args.queries,
+               "n": args.n, "dim": args.dim, "settle_s": settle, "read_vectors_per_s": mean, "read_before": read,
+               "read_after": after, "read_spread": abs(read - after) / mean, **scan,
+               "ratio": scan["scan_vectors_per_s"] / mean}  # fmt: skip
+        if args.baseline:
+            out = tmp / f"baseline-{ranks}-{mode}-{attempt}"
             before_each(emb)
-            read = read_rate(emb, ranks, settle)
-            before_each(emb)
-            scan = run_filter(emb, tmp / f"out-{ranks}-{attempt}", ranks, texts, args.threshold)
-            before_each(emb)
-            after = read_rate(emb, ranks, settle)
-            mean = (read + after) / 2
-            row = {"ranks": ranks, "cache": "cold" if args.cold else "warm", "queries": args.queries, "n": args.n,
-                   "dim": args.dim, "settle_s": settle, "read_vectors_per_s": mean, "read_before": read,
-                   "read_after": after, "read_spread": abs(read - after) / mean, **scan,
-                   "ratio": scan["scan_vectors_per_s"] / mean}  # fmt: skip
-            if args.baseline:
-                out = tmp / f"baseline-{ranks}-{attempt}"
-                before_each(emb)
-                rate = run_filter(emb, out, ranks, texts, args.threshold, args.baseline)["scan_vectors_per_s"]
-                row |= {"baseline_scan_vectors_per_s": rate, "baseline_ratio": rate / mean}
-            rows.append(row)
+            rate = run_filter(emb, out, ranks, texts, args.threshold, args.baseline)["scan_vectors_per_s"]
+            row |= {"baseline_scan_vectors_per_s": rate, "baseline_ratio": rate / mean}
+        rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     baseline = any("baseline_ratio" in r for r in rows)
     lines = [
-        "| ranks | page cache | queries | vectors | read only before / after (vec/s) | filter scan (vec/s) | "
+        "| ranks | page cache | reads | queries | vectors | read only before / after (vec/s) | filter scan (vec/s) | "
         "filter / mean read |" + (" baseline scan (vec/s) | baseline / read |" if baseline else ""),
-        "|---:|---|---:|---:|---|---:|---:|" + ("---:|---:|" if baseline else ""),
+        "|---:|---|---|---:|---:|---|---:|---:|" + ("---:|---:|" if baseline else ""),
     ]
     for r in rows:
         lines.append(
-            f"| {r['ranks']} | {r['cache']} | {r['queries']} | {r['n']:,} | {r['read_before']:,.0f} / "
+            f"| {r['ranks']} | {r['cache']} | {r['page_cache']} | {r['queries']} | {r['n']:,} | "
+            f"{r['read_before']:,.0f} / "
             f"{r['read_after']:,.0f} | "
             f"{r['scan_vectors_per_s']:,.0f} | {r['ratio']:.2f} |"
             + (f" {r['baseline_scan_vectors_per_s']:,.0f} | {r['baseline_ratio']:.2f} |" if baseline else "")
@@ -303,6 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="read-only and filter runs, alternating, per rank count")
     ap.add_argument("--threshold", type=float, default=0.2)
     ap.add_argument("--cold", action="store_true", help="evict the shards from the page cache before every run")
+    ap.add_argument(
+        "--page-cache",
+        type=lambda v: v.split(","),
+        default=["use"],
+        help="the filter's --page-cache choices to run, comma-separated (use, bypass); the read-only runs read alike",
+    )
     ap.add_argument(
         "--baseline", metavar="DIR", help="also run the clip_hpc package in DIR (another version) each round"
     )

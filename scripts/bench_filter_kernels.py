@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from clip_hpc.formats.shard_columns import read_scan_columns  # noqa: E402
+from clip_hpc.formats.span_read import scratch  # noqa: E402
 from clip_hpc.subsets.scan import read_ahead  # noqa: E402
 from clip_hpc.subsets.scoring import score_rows  # noqa: E402
 
@@ -58,7 +59,7 @@ def variants(shards: list[Path], stored: list[np.ndarray], queries: np.ndarray) 
     flat = faiss.IndexFlatIP(queries.shape[1])
     flat.add(queries)  # type: ignore[call-arg]  # faiss has no stubs
     transposed, none = torch.from_numpy(queries).T.contiguous(), np.zeros((0, queries.shape[1]), np.float32)
-    spare = np.empty_like(stored[0])
+    spare = scratch(stored[0].nbytes)  # the uint8 buffer the scan reads a shard into
 
     def each(fn: Callable[[np.ndarray], object]) -> Callable[[], None]:
         return lambda: [fn(e) for e in stored] and None

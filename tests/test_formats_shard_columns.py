@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from clip_hpc.formats.shard import ShardBatch, ShardError, write_shard
-from clip_hpc.formats.shard_columns import read_scan_columns
+from clip_hpc.formats.shard_columns import backing_buffer, read_scan_columns
+from clip_hpc.formats.span_read import scratch
 
 
 def shard(tmp_path, n: int, dim: int = 16, *, captions: bool = False):
@@ -29,7 +30,7 @@ def test_the_columns_equal_what_h5py_reads_and_a_spare_buffer_is_reused(tmp_path
     with h5py.File(path, "r") as f:
         ids, vectors = f["ids"][...], f["embeddings"][...]
         similarity = f["similarity"][...].astype(np.float32) if captions else None
-    spare = np.zeros((500, 16), np.float16)
+    spare = scratch(500 * 16 * 2)
     got = read_scan_columns(path, into=spare)
     np.testing.assert_array_equal(got.ids, ids)
     np.testing.assert_array_equal(got.embeddings, vectors)
@@ -39,7 +40,8 @@ def test_the_columns_equal_what_h5py_reads_and_a_spare_buffer_is_reused(tmp_path
         assert got.similarity.dtype == np.float32
     else:
         assert got.similarity is None
-    assert not np.shares_memory(read_scan_columns(path, into=np.zeros((10, 16), np.float16)).embeddings, spare)
+    assert not np.shares_memory(read_scan_columns(path, into=scratch(10 * 16 * 2)).embeddings, spare)
+    assert backing_buffer(got.embeddings) is spare  # the reader's next turn reads into it again
 
 
 def test_an_empty_shard_and_a_truncated_one(tmp_path):
@@ -51,5 +53,6 @@ def test_an_empty_shard_and_a_truncated_one(tmp_path):
         end = f["embeddings"].id.get_offset() + f["embeddings"].id.get_storage_size()
     cut = tmp_path / "cut.h5"
     cut.write_bytes(data[: end - 100])  # the header is whole, the vectors are not
-    with pytest.raises(ShardError, match=r"cut\.h5: (unreadable|truncated) shard"):  # HDF5 checks its end first
-        read_scan_columns(cut)
+    for around in (False, True):
+        with pytest.raises(ShardError, match=r"cut\.h5: (unreadable|truncated) shard"):  # HDF5 checks its end first
+            read_scan_columns(cut, around_cache=around)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from clip_hpc.bench.filter_rates import evict
 from clip_hpc.cluster.world import World
 from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.ingest.images import decode_image
@@ -134,10 +135,12 @@ def test_two_ranks_give_brute_force_and_write_the_tars(mixed_source: Source, mod
     threshold = between_scores(mixed_source, positives, 0.3)
     texts = [a for t in TEXTS for a in ("--text", t)]
     common = [*texts, "--negative", NEGATIVE[0], "--quiet", "--to", "tars", "--samples-per-tar", "5"]
-    runs = [
-        ["filter", str(mixed_source.emb), "--out", str(tmp_path / "thr"), "--threshold", str(threshold), *common],
+    runs = [  # the first reads the shards around the page cache, from the disk: they are evicted first
+        ["filter", str(mixed_source.emb), "--out", str(tmp_path / "thr"), "--threshold", str(threshold), *common]
+        + ["--page-cache", "bypass"],
         ["filter", str(mixed_source.emb), "--out", str(tmp_path / "top"), "--top", "11", *common],
     ]
+    evict(mixed_source.emb)
     proc = subprocess.run(
         [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-c", TWO_RUNS, json.dumps(runs)],
         capture_output=True,

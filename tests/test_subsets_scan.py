@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clip_hpc.formats.shard import ShardBatch, write_shard
+from clip_hpc.formats.span_read import scratch
 from clip_hpc.subsets.scan import read_ahead
 from clip_hpc.subsets.scoring import pinned_buffers
 
@@ -32,7 +33,7 @@ def stored(path: str) -> np.ndarray:
 @pytest.mark.parametrize("given", [False, True])
 def test_every_shard_arrives_whole_and_two_buffers_take_turns(tmp_path, given):
     paths = shards(tmp_path, [40, 25, 40, 0, 33, 20])  # an empty shard does not cost the pair a buffer
-    pair = (np.zeros((40, 8), np.float16), np.zeros((40, 8), np.float16)) if given else None
+    pair = (scratch(40 * 8 * 2), scratch(40 * 8 * 2)) if given else None
     seen = []
     for i, (path, columns) in enumerate(read_ahead(paths, pair)):
         assert path == paths[i]
@@ -47,7 +48,7 @@ def test_every_shard_arrives_whole_and_two_buffers_take_turns(tmp_path, given):
 
 def test_a_pair_too_small_for_a_shard_gives_that_shard_its_own_array(tmp_path):
     paths = shards(tmp_path, [10, 30])
-    pair = (np.zeros((10, 8), np.float16), np.zeros((10, 8), np.float16))
+    pair = (scratch(10 * 8 * 2), scratch(10 * 8 * 2))
     got = [
         (c.embeddings.copy(), np.shares_memory(c.embeddings, pair[i]))
         for i, (_, c) in enumerate(read_ahead(paths, pair))
@@ -59,4 +60,4 @@ def test_a_pair_too_small_for_a_shard_gives_that_shard_its_own_array(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 def test_without_cuda_there_is_no_pinned_pair_and_the_scan_reads_into_its_own():
-    assert pinned_buffers(100, 8) is None
+    assert pinned_buffers(100 * 8 * 2) is None

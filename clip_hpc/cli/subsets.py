@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from clip_hpc.formats.span_read import PAGE_CACHE_CHOICES
 from clip_hpc.subsets.options import DEFAULT_SAMPLES_PER_TAR, OUTPUT_KINDS
 
 
@@ -31,6 +32,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
             dedup=args.dedup,
             samples_per_tar=args.samples_per_tar,
             device=args.device,
+            page_cache=args.page_cache,
             progress=not args.quiet,
         ),
         w,
@@ -94,5 +96,12 @@ def add_filter(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", action="append", default=[], choices=OUTPUT_KINDS, help="also write: tars, urls")
     p.add_argument("--samples-per-tar", type=int, default=DEFAULT_SAMPLES_PER_TAR)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--page-cache",
+        default="auto",
+        choices=PAGE_CACHE_CHOICES,
+        help="read the shards through the page cache (use) or what it lacks straight from the disk (bypass, O_DIRECT: "
+        "less CPU, nothing cached for the next run); auto: bypass when the vectors exceed half the memory",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_filter)

@@ -5,12 +5,13 @@ path string would cost more than the products)."""
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 
 from clip_hpc.formats.shard import FORMAT, VERSION, ShardError
+from clip_hpc.formats.span_read import read_span
 
 
 class ScanColumns(NamedTuple):
@@ -45,24 +46,30 @@ def _open(path: str | os.PathLike) -> h5py.File:
     return f
 
 
-def read_scan_columns(path: str | os.PathLike, into: np.ndarray | None = None) -> ScanColumns:
+def read_scan_columns(
+    path: str | os.PathLike, into: np.ndarray | None = None, around_cache: bool = False
+) -> ScanColumns:
     """The contiguous datasets (how `write_shard` stores them) come by plain file reads at the offsets HDF5 reports:
     unlike h5py, they let go of the GIL, so the scan scores one shard while a thread reads the next (from a cold
     disk, h5py reading the ids held the GIL through the read: the scan then waited as long as a read alone took).
-    Any other layout is read by h5py. `into`, a spare array of the same dtype and width with room for the rows, is
-    read into (its first rows are returned) rather than a new array: a fresh 50 MB array costs its page faults,
-    about as much CPU time again as the read itself."""
+    Any other layout is read by h5py. The vectors are read into `into`, a spare uint8 buffer (`span_read.scratch`),
+    when it has room: a fresh 50 MB array costs its page faults, about as much CPU time again as the read itself;
+    `around_cache` reads what the page cache lacks around it (`span_read.read_span`)."""
     with _open(path) as f:
         names = ["ids", "embeddings"] + (["similarity"] if "similarity" in f else [])
         spans = {name: _span(f[name]) for name in names}
-        early = {name: f[name][...] for name, span in spans.items() if span is None}  # not contiguous: h5py
-    with open(path, "rb") as raw:
-        read = {name: early.get(name) for name in names}
-        for name, span in spans.items():
-            if span is not None:
-                offset, shape, dtype = span
-                room = _room(into, shape, dtype) if name == "embeddings" else np.empty(shape, dtype)
-                read[name] = _read_at(raw, path, offset, room)
+        read = {name: f[name][...] for name, span in spans.items() if span is None}  # not contiguous: h5py
+    for name, span in spans.items():
+        if span is not None:
+            offset, shape, dtype = span
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            spare, around = (into, around_cache) if name == "embeddings" else (None, False)
+            raw = read_span(path, offset, nbytes, spare, around)
+            if len(raw) != nbytes:
+                raise ShardError(f"{path}: truncated shard ({len(raw)} of {nbytes} bytes at offset {offset})")
+            if raw.ctypes.data % dtype.itemsize:  # an odd offset: numpy and torch want the values aligned
+                raw = raw.copy()
+            read[name] = raw.view(dtype).reshape(shape)
     similarity = read.get("similarity")
     return ScanColumns(
         np.asarray(read["ids"]),
@@ -96,24 +103,10 @@ def _span(dataset: h5py.Dataset) -> tuple[int, tuple[int, ...], np.dtype] | None
     return None if offset is None else (int(offset), tuple(dataset.shape), dataset.dtype)
 
 
-def _read_at(raw: Any, path: str | os.PathLike, offset: int, room: np.ndarray) -> np.ndarray:
-    raw.seek(offset)
-    got = raw.readinto(room.reshape(-1).view(np.uint8))
-    if got != room.nbytes:
-        raise ShardError(f"{path}: truncated shard ({got} of {room.nbytes} bytes at offset {offset})")
-    return room
-
-
-def _room(spare: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """The first rows of `spare` when it can hold an array of `shape` and `dtype` (C-contiguous), else a new array."""
-    fits = (
-        spare is not None
-        and spare.dtype == dtype
-        and spare.flags.c_contiguous
-        and spare.shape[1:] == shape[1:]
-        and len(spare) >= shape[0]
-    )
-    return spare[: shape[0]] if fits else np.empty(shape, dtype)  # type: ignore[index]  # fits implies not None
+def backing_buffer(embeddings: np.ndarray) -> np.ndarray:
+    """The buffer a shard's vectors were read into, to read another shard into once they are done with."""
+    base = embeddings.base
+    return base if isinstance(base, np.ndarray) else embeddings
 
 
 def _text(values: np.ndarray) -> list[str]:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from clip_hpc.errors import UserError
+from clip_hpc.formats.span_read import PAGE_CACHE_CHOICES
 
 OUTPUT_KINDS = ("tars", "urls")
 DEFAULT_SAMPLES_PER_TAR = 10_000
@@ -29,6 +30,9 @@ class FilterOptions:
     to: tuple[str, ...] = ()
     samples_per_tar: int = DEFAULT_SAMPLES_PER_TAR
     device: str = "auto"
+    page_cache: str = (
+        "auto"  # read the shards through it, around it (O_DIRECT), or (auto) around it when they outsize it
+    )
     progress: bool = True
 
     def check(self) -> None:
@@ -51,6 +55,8 @@ class FilterOptions:
             raise UserError(f"--dedup must be a cosine in (-1, 1], not {self.dedup}")
         if self.samples_per_tar < 1:
             raise UserError(f"--samples-per-tar must be at least 1, not {self.samples_per_tar}")
+        if self.page_cache not in PAGE_CACHE_CHOICES:
+            raise UserError(f"--page-cache {self.page_cache}: choose from {', '.join(PAGE_CACHE_CHOICES)}")
         unknown = [kind for kind in self.to if kind not in OUTPUT_KINDS]
         if unknown:
             raise UserError(f"--to {unknown[0]}: choose from {', '.join(OUTPUT_KINDS)}")

@@ -32,6 +32,7 @@ from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.shard import ShardError
 from clip_hpc.formats.shard_columns import scan_problem
+from clip_hpc.formats.span_read import goes_around_cache, node_memory
 from clip_hpc.subsets.options import FilterOptions, FilterResult, Settings
 from clip_hpc.subsets.out_dir import RESULTS_FILE, SKIPPED_FILE, OutDir, parquet_bytes, read_parquet
 from clip_hpc.subsets.outputs import select_results, write_outputs, write_report
@@ -122,11 +123,13 @@ def scan_units(options: FilterOptions, plan: Plan, w: World) -> StepStats:
     todo = [u for u in mine if not out.part_path(u).exists()]
     bar = _bar(options, w, sum(plan.rows[u] for u in todo), "vec", f"filter rank {w.rank}")
     pa.array(np.zeros(1))  # pyarrow imports pandas on first use (a second): not inside the timed scan
-    pinned = pinned_buffers(max(plan.rows[u] for u in todo), plan.dim) if device is not None and todo else None
+    widest = 2 * plan.dim * max((plan.rows[u] for u in todo), default=0)  # float16 bytes of the largest shard
+    pinned = pinned_buffers(widest) if device is not None and todo else None
+    around = goes_around_cache(options.page_cache, 2 * plan.dim * sum(plan.rows.values()), node_memory())
     t0, rows = time.perf_counter(), 0
     with one_cpu_thread(device is None), ThreadPoolExecutor(1) as writer:  # a part's fsync waits behind the reads
         written = []
-        for unit, (shard, columns) in zip(todo, read_ahead([plan.shards[u] for u in todo], pinned)):
+        for unit, (shard, columns) in zip(todo, read_ahead([plan.shards[u] for u in todo], pinned, around)):
             problem = scan_problem(columns, unit * plan.unit_size, plan.unit_size, plan.rows[unit], plan.dim)
             if problem:
                 raise ShardError(f"{shard}: {problem}: it changed after the manifest; re-run clip-hpc embed")

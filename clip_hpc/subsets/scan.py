@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 
 from clip_hpc.formats.shard import meta_key_url
-from clip_hpc.formats.shard_columns import ScanColumns, read_row_details, read_scan_columns
+from clip_hpc.formats.shard_columns import ScanColumns, backing_buffer, read_row_details, read_scan_columns
 from clip_hpc.ingest.object_store import is_url
 from clip_hpc.subsets.options import Settings
 from clip_hpc.subsets.out_dir import SCHEMA
@@ -24,22 +24,26 @@ def url_of(path: str, meta: str) -> str:
 
 
 def read_ahead(
-    shards: Sequence[str], buffers: tuple[np.ndarray, np.ndarray] | None = None
+    shards: Sequence[str], buffers: tuple[np.ndarray, np.ndarray] | None = None, around_cache: bool = False
 ) -> Iterator[tuple[str, ScanColumns]]:
     """Each shard's scan columns, the next one read by a thread while the caller scores this one (torch's products
     release the GIL): the scan then costs about the larger of reading and scoring, not their sum. Two vector
     buffers take turns, so a shard's `embeddings` are overwritten once the caller has moved on to the next one
-    (scan_unit keeps none of them). `buffers`: the two to use from the first shard on (a GPU scan's pinned pair);
-    by default the first two shards' own arrays."""
+    (scan_unit keeps none of them). `buffers`: the two (uint8, `span_read.scratch`) to use from the first shard on
+    (a GPU scan's pinned pair); by default those the first two shards were read into. `around_cache`: see
+    `span_read.read_span`."""
     with ThreadPoolExecutor(1) as pool:
         turns: list[np.ndarray | None] = list(buffers) if buffers is not None else [None, None]
-        pending = pool.submit(read_scan_columns, shards[0], turns[0]) if shards else None
+
+        def read(i: int) -> Future[ScanColumns]:
+            return pool.submit(read_scan_columns, shards[i], turns[i % 2], around_cache)
+
+        pending = read(0) if shards else None
         for i, shard in enumerate(shards):
             columns = pending.result()  # type: ignore[union-attr]  # set whenever shards is not empty
-            if buffers is None:  # the array this shard came in is its turn's buffer from now on
-                got = columns.embeddings
-                turns[i % 2] = got if got.base is None else got.base
-            pending = pool.submit(read_scan_columns, shards[i + 1], turns[(i + 1) % 2]) if i + 1 < len(shards) else None
+            if buffers is None:  # the buffer this shard came in is its turn's from now on
+                turns[i % 2] = backing_buffer(columns.embeddings)
+            pending = read(i + 1) if i + 1 < len(shards) else None
             yield shard, columns
 
 

@@ -52,13 +52,17 @@ def score_rows(
     return Scored(score.numpy(), query.numpy().astype(np.int32), negative.numpy())
 
 
-def pinned_buffers(rows: int, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Two float16 host arrays in page-locked memory for a GPU scan to read shards into: the device copies a pinned
-    block by DMA, where a pageable one goes through a staging copy on the CPU first. None without CUDA."""
+def pinned_buffers(nbytes: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Two host buffers in page-locked memory, each with room to read `nbytes` of float16 vectors into
+    (`span_read.scratch`), for a GPU scan: the device copies a pinned block by DMA, where a pageable one goes through
+    a staging copy on the CPU first. None without CUDA."""
     import torch
 
+    from clip_hpc.formats.span_read import room_for
+
+    size = room_for(nbytes)
     try:
-        first, second = (torch.empty((rows, dim), dtype=torch.float16, pin_memory=True) for _ in range(2))
+        first, second = (torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2))
     except RuntimeError:  # no CUDA driver or device: page-locked memory is a CUDA allocation
         return None
     return first.numpy(), second.numpy()  # each array keeps its tensor, and so the pinned memory, alive
