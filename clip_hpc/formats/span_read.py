@@ -1,7 +1,7 @@
 """One contiguous span of a file read into a reused buffer: from the page cache what it holds, and the rest either
 through it (a plain read) or around it (O_DIRECT). A scan over more shards than memory holds gains nothing from
-caching them, and the cache's page copies cost CPU time: a cold 2-rank filter on 2 cores spent 1.2-2.0 s of CPU per
-1.5 M vectors reading through the cache and 0.2 s reading around it, time its scorers then had (docs/subsets.md)."""
+caching them, and the cache's page copies cost CPU time: a cold 2-rank filter on 2 cores spent 1.1-2.0 s of CPU per
+1.5 M vectors reading through the cache and 0.1-0.4 s reading around it, time its scorers then had (docs/subsets.md)."""
 
 from __future__ import annotations
 
