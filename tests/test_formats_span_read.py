@@ -148,3 +148,17 @@ def test_auto_goes_around_the_cache_only_for_more_than_half_the_memory():
     with pytest.raises(ValueError, match="one of auto, use, bypass"):
         goes_around_cache("direct", 1, 100)
     assert 0 < node_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_without_linuxs_calls_every_read_goes_through_the_cache(tmp_path, monkeypatch):
+    """macOS has no preadv, RWF_NOWAIT, O_DIRECT nor posix_fadvise: a notebook's filter there reads plainly."""
+    import clip_hpc.formats.span_read as span_read
+
+    path, data = a_file(tmp_path, 300 * PAGE)
+    evict(path)
+    monkeypatch.setattr(span_read, "CAN_GO_AROUND", False)
+    for name in ("preadv", "RWF_NOWAIT", "O_DIRECT", "posix_fadvise"):
+        monkeypatch.delattr(os, name)  # a call to any of them would fail
+    assert read_span(path, 77, 299 * PAGE, around_cache=True).tobytes() == data[77 : 77 + 299 * PAGE]
+    monkeypatch.undo()
+    assert cached_share(path) == 1

@@ -6,11 +6,13 @@ caching them, and the cache's page copies cost CPU time: a cold 2-rank filter on
 from __future__ import annotations
 
 import errno
+import io
 import os
 
 import numpy as np
 
 PAGE = 4096  # O_DIRECT wants file offsets, lengths and memory aligned to the device's block; a page covers them all
+CAN_GO_AROUND = all(hasattr(os, name) for name in ("preadv", "RWF_NOWAIT", "O_DIRECT", "posix_fadvise"))  # Linux
 PROBE = 1 << 20  # bytes asked of the page cache at a time
 PAGE_CACHE_CHOICES = ("auto", "use", "bypass")
 _NOT_HERE = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system without RWF_NOWAIT or O_DIRECT
@@ -42,32 +44,31 @@ def read_span(
     """Bytes [offset, offset + nbytes) of `path` as uint8, a view into `spare` where it has room (`scratch`), else into
     a new array; fewer only where the file ends first (the caller says what a short read means). `around_cache`:
     what the page cache does not hold is read straight from the disk, and left out of the cache; where the file
-    system cannot do that, through the cache."""
+    system or the OS (not Linux) cannot do that, through the cache."""
     into = scratch(nbytes, spare)
     start = offset - offset % PAGE
     pad = -into.ctypes.data % PAGE
     window = into[pad : pad + -(-(offset + nbytes - start) // PAGE) * PAGE]  # page-aligned, whole pages
     skip = offset - start
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if around_cache:  # the cache probe must not start the kernel's read-ahead (8 MB on a virtio disk here)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        done = _cached(fd, window[skip : skip + nbytes], offset) if around_cache else 0
-        if done < nbytes and around_cache:
+    around = around_cache and CAN_GO_AROUND
+    with open(path, "rb", buffering=0) as f:
+        if around:  # the cache probe must not start the kernel's read-ahead (8 MB on a virtio disk here)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        done = _cached(f.fileno(), window[skip : skip + nbytes], offset) if around else 0
+        if done < nbytes and around:
             done = max(done, _direct(path, window, start, offset + done) - offset)
         if done < nbytes:
-            done += _read_all(fd, window[skip + done : skip + nbytes], offset + done)
-    finally:
-        os.close(fd)
+            done += _read_all(f, window[skip + done : skip + nbytes], offset + done)
     return window[skip : skip + min(done, nbytes)]
 
 
-def _read_all(fd: int, view: np.ndarray, pos: int) -> int:
-    """Bytes read into `view` from `pos` until it is full or the file ends."""
+def _read_all(f: io.FileIO, view: np.ndarray, pos: int) -> int:
+    """Bytes read into `view` from `pos` until it is full or the file ends (any OS: a plain read)."""
+    f.seek(pos)
     got = 0
     while got < len(view):
-        n = os.preadv(fd, [view[got:].data], pos + got)
-        if n == 0:
+        n = f.readinto(view[got:].data)
+        if not n:
             break
         got += n
     return got
