@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clip_hpc.formats.span_read import PAGE, PROBE, goes_around_cache, node_memory, read_span, room_for, scratch
+from clip_hpc.formats.span_read import PAGE, PROBE, node_memory, read_span, room_for, scratch
 
 
 def a_file(folder: Path, size: int = 5 * PAGE + 123) -> tuple[Path, bytes]:
@@ -142,11 +142,7 @@ def test_a_spare_with_room_is_read_into_and_one_without_is_not(tmp_path):
         assert scratch(2 * PAGE, wrong) is not wrong
 
 
-def test_auto_goes_around_the_cache_only_for_more_than_half_the_memory():
-    assert not goes_around_cache("auto", 50, 100) and goes_around_cache("auto", 51, 100)
-    assert goes_around_cache("bypass", 1, 100) and not goes_around_cache("use", 10**12, 100)
-    with pytest.raises(ValueError, match="one of auto, use, bypass"):
-        goes_around_cache("direct", 1, 100)
+def test_the_memory_a_cache_can_use_is_at_most_the_machines():
     assert 0 < node_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

@@ -10,6 +10,7 @@ import torch
 
 from clip_hpc.formats.shard import ShardBatch, write_shard
 from clip_hpc.formats.span_read import scratch
+from clip_hpc.subsets.options import goes_around_cache
 from clip_hpc.subsets.scan import read_ahead
 from clip_hpc.subsets.scoring import pinned_buffers
 
@@ -61,3 +62,10 @@ def test_a_pair_too_small_for_a_shard_gives_that_shard_its_own_array(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 def test_without_cuda_there_is_no_pinned_pair_and_the_scan_reads_into_its_own():
     assert pinned_buffers(100 * 8 * 2) is None
+
+
+def test_auto_reads_around_the_cache_only_for_more_than_half_the_memory():
+    assert not goes_around_cache("auto", 50, 100) and goes_around_cache("auto", 51, 100)
+    assert goes_around_cache("bypass", 1, 100) and not goes_around_cache("use", 10**12, 100)
+    with pytest.raises(ValueError, match="one of auto, use, bypass"):
+        goes_around_cache("direct", 1, 100)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clip_hpc.formats.span_read import PAGE_CACHE_CHOICES
-from clip_hpc.subsets.options import DEFAULT_SAMPLES_PER_TAR, OUTPUT_KINDS
+from clip_hpc.subsets.options import DEFAULT_SAMPLES_PER_TAR, OUTPUT_KINDS, PAGE_CACHE_CHOICES
 
 
 def cmd_filter(args: argparse.Namespace) -> int:

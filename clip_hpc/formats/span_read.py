@@ -14,7 +14,6 @@ import numpy as np
 PAGE = 4096  # O_DIRECT wants file offsets, lengths and memory aligned to the device's block; a page covers them all
 CAN_GO_AROUND = all(hasattr(os, name) for name in ("preadv", "RWF_NOWAIT", "O_DIRECT", "posix_fadvise"))  # Linux
 PROBE = 1 << 20  # bytes asked of the page cache at a time
-PAGE_CACHE_CHOICES = ("auto", "use", "bypass")
 _NOT_HERE = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system without RWF_NOWAIT or O_DIRECT
 
 
@@ -118,15 +117,6 @@ def _direct(path: str | os.PathLike, window: np.ndarray, start: int, pos: int) -
     finally:
         os.close(fd)
     return max(pos, first + got)
-
-
-def goes_around_cache(choice: str, nbytes: int, memory: int) -> bool:
-    """Whether a scan of `nbytes` reads around the page cache: `choice` "bypass" or "use", or "auto": when the bytes
-    exceed half the memory, which then cannot keep them for the next run anyway (a scan of them evicts its own
-    start), where a smaller collection stays cached for the next query."""
-    if choice not in PAGE_CACHE_CHOICES:
-        raise ValueError(f"page cache choice {choice!r}: one of {', '.join(PAGE_CACHE_CHOICES)}")
-    return choice == "bypass" or (choice == "auto" and 2 * nbytes > memory)
 
 
 def node_memory() -> int:

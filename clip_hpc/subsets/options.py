@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from clip_hpc.errors import UserError
-from clip_hpc.formats.span_read import PAGE_CACHE_CHOICES
 
 OUTPUT_KINDS = ("tars", "urls")
+PAGE_CACHE_CHOICES = ("auto", "use", "bypass")
 DEFAULT_SAMPLES_PER_TAR = 10_000
 
 
@@ -128,3 +128,12 @@ class FilterResult:
     timings: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     complete: bool = True  # False on a rank that cannot talk to the others and finished before them
+
+
+def goes_around_cache(choice: str, nbytes: int, memory: int) -> bool:
+    """Whether a scan of `nbytes` reads around the page cache: `choice` "bypass" or "use", or "auto": when the bytes
+    exceed half the memory, which then cannot keep them for the next run anyway (a scan of them evicts its own
+    start), where a smaller collection stays cached for the next query."""
+    if choice not in PAGE_CACHE_CHOICES:
+        raise ValueError(f"page cache choice {choice!r}: one of {', '.join(PAGE_CACHE_CHOICES)}")
+    return choice == "bypass" or (choice == "auto" and 2 * nbytes > memory)

@@ -32,8 +32,8 @@ from clip_hpc.formats.emb_dir import EmbDir
 from clip_hpc.formats.index_dir import IndexDir
 from clip_hpc.formats.shard import ShardError
 from clip_hpc.formats.shard_columns import scan_problem
-from clip_hpc.formats.span_read import goes_around_cache, node_memory
-from clip_hpc.subsets.options import FilterOptions, FilterResult, Settings
+from clip_hpc.formats.span_read import node_memory
+from clip_hpc.subsets.options import FilterOptions, FilterResult, Settings, goes_around_cache
 from clip_hpc.subsets.out_dir import RESULTS_FILE, SKIPPED_FILE, OutDir, parquet_bytes, read_parquet
 from clip_hpc.subsets.outputs import select_results, write_outputs, write_report
 from clip_hpc.subsets.queries import QueryVectors, encode_queries
