@@ -80,9 +80,10 @@ def _cached(fd: int, view: np.ndarray, pos: int) -> int:
     got, ask = 0, PAGE
     try:
         while got < len(view):
-            n = os.preadv(fd, [view[got : got + ask].data], pos + got, os.RWF_NOWAIT)
+            asked = min(ask, len(view) - got)
+            n = os.preadv(fd, [view[got : got + asked].data], pos + got, os.RWF_NOWAIT)
             got += n
-            if n < min(ask, len(view) - got + n):  # a page the cache lacks, or the end of the file
+            if n < asked:  # a page the cache lacks, or the end of the file
                 break
             ask = PROBE
     except BlockingIOError:  # the next page is not in the cache

@@ -98,8 +98,8 @@ class WorkDir:
             return None
         try:
             settings = json.loads(self.settings_path.read_text())
-        except (ValueError, OSError) as exc:
-            settings = exc
+        except (ValueError, OSError):
+            settings = None  # damaged: refused below, as an older version's are
         if not isinstance(settings, dict) or "border" not in settings or (self.root / "centroids.npy").exists():
             raise UserError(
                 f"{self.root} holds work files this clip-hpc dedup cannot resume (damaged, or from an older "

@@ -30,9 +30,7 @@ class FilterOptions:
     to: tuple[str, ...] = ()
     samples_per_tar: int = DEFAULT_SAMPLES_PER_TAR
     device: str = "auto"
-    page_cache: str = (
-        "auto"  # read the shards through it, around it (O_DIRECT), or (auto) around it when they outsize it
-    )
+    page_cache: str = "auto"  # shards read through it ("use"), around it ("bypass"), or auto (`goes_around_cache`)
     progress: bool = True
 
     def check(self) -> None:

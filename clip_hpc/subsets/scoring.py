@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from clip_hpc.formats.span_read import room_for
+
 if TYPE_CHECKING:
     import torch
 
@@ -58,11 +60,8 @@ def pinned_buffers(nbytes: int) -> tuple[np.ndarray, np.ndarray] | None:
     a staging copy on the CPU first. None without CUDA."""
     import torch
 
-    from clip_hpc.formats.span_read import room_for
-
-    size = room_for(nbytes)
     try:
-        first, second = (torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2))
+        first, second = (torch.empty(room_for(nbytes), dtype=torch.uint8, pin_memory=True) for _ in range(2))
     except RuntimeError:  # no CUDA driver or device: page-locked memory is a CUDA allocation
         return None
     return first.numpy(), second.numpy()  # each array keeps its tensor, and so the pinned memory, alive
